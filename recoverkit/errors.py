@@ -1,0 +1,115 @@
+"""One error hierarchy for recoverkit.
+
+Every error is a :class:`RecoverkitError` and also the builtin exception a caller would
+expect, so ``except FileNotFoundError`` and ``except RecoverkitError`` both work. Messages
+name what is wrong: the file, the tensor, and the expected versus found values.
+
+This module sits at the bottom of the layering: it imports nothing from recoverkit, and the
+native bindings raise these classes directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "RecoverkitError",
+    "CheckpointNotFoundError",
+    "IntegrityError",
+    "IncompatibleCheckpointError",
+    "CheckpointLockedError",
+    "EncodeError",
+    "PickleNotAllowedError",
+    "PoolExhaustedError",
+    "CopyError",
+    "CommitError",
+    "CommitTimeoutError",
+    "StorageError",
+    "RankFailure",
+    "ConfigError",
+]
+
+
+class RecoverkitError(Exception):
+    """Base class of every error recoverkit raises."""
+
+
+class CheckpointNotFoundError(RecoverkitError, FileNotFoundError):
+    """No checkpoint (or no such step) exists where one was asked for."""
+
+
+class IntegrityError(RecoverkitError, ValueError):
+    """Bytes read back do not match their checksum, or a file is truncated or malformed.
+
+    Attributes:
+        path: the file that is damaged, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class IncompatibleCheckpointError(RecoverkitError, ValueError):
+    """A checkpoint is valid but does not fit what it is being restored into
+    (a foreign format, a newer format version, a missing key, a shape or dtype mismatch)."""
+
+
+class CheckpointLockedError(RecoverkitError, BlockingIOError):
+    """Another live writer holds the run lock on this checkpoint root."""
+
+
+class EncodeError(RecoverkitError, TypeError):
+    """A value in the state cannot be encoded without pickle (names the path and type)."""
+
+
+class PickleNotAllowedError(RecoverkitError, PermissionError):
+    """A checkpoint holds pickled objects and ``allow_pickle=True`` was not given on load."""
+
+
+class PoolExhaustedError(RecoverkitError, MemoryError):
+    """The staging pool has no free range large enough for a request."""
+
+
+class CopyError(RecoverkitError, RuntimeError):
+    """A copy submitted to the copy engine failed."""
+
+
+class StorageError(RecoverkitError, OSError):
+    """A storage operation failed; ``errno`` and ``filename`` are set when the OS gave them."""
+
+
+class ConfigError(RecoverkitError, ValueError):
+    """An option is invalid; the message names the option and the allowed values."""
+
+
+class CommitError(RecoverkitError, RuntimeError):
+    """A checkpoint could not be committed; the previous committed step is untouched.
+
+    Attributes:
+        step: the step whose commit failed.
+        failures: rank -> description, for every rank that reported a failure.
+    """
+
+    def __init__(
+        self, message: str, *, step: int | None = None, failures: Mapping[int, str] | None = None
+    ) -> None:
+        self.step = step
+        self.failures = dict(failures or {})
+        if self.failures:
+            detail = "; ".join(f"rank {r}: {why}" for r, why in sorted(self.failures.items()))
+            message = f"{message} ({detail})"
+        super().__init__(message)
+
+
+class CommitTimeoutError(CommitError, TimeoutError):
+    """A rank did not report within the commit timeout (dead or stuck)."""
+
+
+class RankFailure(RecoverkitError, RuntimeError):
+    """One or more ranks failed; ``failures`` maps each rank to what went wrong."""
+
+    def __init__(self, message: str, *, failures: Mapping[int, str]) -> None:
+        self.failures = dict(failures)
+        detail = "; ".join(f"rank {r}: {why}" for r, why in sorted(self.failures.items()))
+        super().__init__(f"{message} ({detail})")

@@ -1,0 +1,1 @@
+"""The on-disk format: manifest schema, segment layout, zarr layout, checksums."""

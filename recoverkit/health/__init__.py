@@ -1,0 +1,1 @@
+"""recoverkit.health (grows with later capabilities)."""

@@ -1,0 +1,1 @@
+"""recoverkit.recovery (grows with later capabilities)."""

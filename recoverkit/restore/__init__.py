@@ -1,0 +1,1 @@
+"""Reading committed steps back: planning reads, resharding, verifying."""

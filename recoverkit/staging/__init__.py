@@ -1,0 +1,1 @@
+"""recoverkit.staging (grows with later capabilities)."""

@@ -1,0 +1,1 @@
+"""Storage tiers, the commit protocol, discovery, retention and the run lock."""

@@ -1,0 +1,189 @@
+"""Tier 2: node-local disk, one segment file per rank per step.
+
+The commit protocol on a POSIX file system:
+
+1. ``prepare``: create ``ROOT/.tmp-step-N-<id>/`` (never selectable).
+2. ``write_rank``: each rank writes ``rank-R.seg`` with its object blob and tensor bytes at
+   aligned offsets and fsyncs it.
+3. ``commit``: write ``manifest.json`` into the temporary directory and fsync it, fsync the
+   directory, rename it to ``ROOT/step-N`` (the atomic commit point), fsync ``ROOT``, then
+   write ``latest`` through a temporary file, rename it and fsync ``ROOT`` again.
+
+A step directory without a manifest cannot exist under its final name, so listing
+``step-*`` directories that hold ``manifest.json`` lists exactly the committed steps.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+
+from ..errors import CheckpointNotFoundError, IntegrityError
+from ..format.checksum import crc32c, crc32c_ptr
+from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
+from ..format.segment import plan_offsets, segment_name
+from .base import RankPayload, RankRecords, Tier
+from .faults import FaultInjector
+from .fs import LocalFS
+from .layout import LATEST, TMP_PREFIX, TRASH_PREFIX, parse_step_dirname, step_dirname
+
+__all__ = ["LocalTier"]
+
+
+class LocalTier(Tier):
+    """Segment files in a directory on a local (or shared POSIX) file system.
+
+    Example:
+        >>> import tempfile
+        >>> tier = LocalTier(tempfile.mkdtemp())
+        >>> tier.steps()
+        []
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        fs: LocalFS | None = None,
+        faults: FaultInjector | None = None,
+        direct_io: bool = False,
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.fs = fs or LocalFS()
+        self.faults = faults or FaultInjector()
+        self.direct_io = direct_io
+
+    # ----------------------------------------------------------------- writing
+    def prepare(self, step: int) -> str:
+        self.fs.makedirs(self.root)
+        staging = os.path.join(self.root, f"{TMP_PREFIX}{step_dirname(step)}-{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(staging)
+        return staging
+
+    def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
+        self.fs.makedirs(staging)  # other ranks may reach a shared directory first
+        name = segment_name(payload.rank)
+        blob = memoryview(payload.blob)
+        sizes = [len(blob)] + [int(s.data.numel()) for s in payload.shards]
+        offsets, end = plan_offsets(sizes)
+        blob_ptr = _buffer_address(payload.blob)
+        items = [(offsets[0], blob_ptr, len(blob))]
+        items += [(off, int(s.data.data_ptr()), int(s.data.numel())) for off, s in zip(offsets[1:], payload.shards)]
+        self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io)
+        shards = []
+        for off, s in zip(offsets[1:], payload.shards):
+            n = int(s.data.numel())
+            crc = s.crc32c if s.crc32c is not None else crc32c_ptr(int(s.data.data_ptr()), n)
+            shards.append((s.key, ShardRecord(payload.rank, name, off, n, crc, s.offsets, s.shape)))
+        blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crc32c(payload.blob))
+        return RankRecords(payload.rank, blob_rec, shards, {name: end})
+
+    def commit(self, step: int, staging: str, manifest: Manifest) -> None:
+        self.faults.reached("before_manifest", step=step)
+        self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
+        self.fs.fsync_dir(staging)
+        self.faults.reached("after_manifest", step=step)
+        final = self._step_dir(step)
+        if self.fs.exists(final):
+            warnings.warn(f"{final}: replacing an existing committed step {step}", stacklevel=3)
+            self._unpublish(final)
+        self.fs.rename(staging, final)
+        self.fs.fsync_dir(self.root)
+        self.faults.reached("after_rename", step=step)
+        self._write_latest(step)
+        self.faults.reached("after_latest", step=step)
+
+    def abort(self, staging: str) -> None:
+        self.fs.remove_tree(staging)
+
+    def _write_latest(self, step: int) -> None:
+        tmp = os.path.join(self.root, f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}")
+        self.fs.write_file(tmp, (step_dirname(step) + "\n").encode())
+        self.fs.replace(tmp, os.path.join(self.root, LATEST))
+        self.fs.fsync_dir(self.root)
+
+    # ----------------------------------------------------------------- reading
+    def steps(self) -> list[int]:
+        if not self.fs.is_dir(self.root):
+            return []
+        found = []
+        for name in self.fs.listdir(self.root):
+            step = parse_step_dirname(name)
+            if step is not None and self.fs.size(os.path.join(self.root, name, MANIFEST_NAME)) is not None:
+                found.append(step)
+        return sorted(found)
+
+    def latest_hint(self) -> int | None:
+        """The step ``latest`` names (a hint; discovery scans and verifies)."""
+        try:
+            text = self.fs.read_file(os.path.join(self.root, LATEST)).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return parse_step_dirname(text)
+
+    def manifest(self, step: int) -> Manifest:
+        where = self._step_dir(step)
+        path = os.path.join(where, MANIFEST_NAME)
+        try:
+            data = self.fs.read_file(path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{where}: no committed step {step} (no {MANIFEST_NAME})") from None
+        manifest = Manifest.from_bytes(data, path=path)
+        if manifest.step != step:
+            raise IntegrityError(f"{path}: manifest is for step {manifest.step}, directory says {step}", path=path)
+        manifest.check_files({f: self.fs.size(os.path.join(where, f)) for f in manifest.files}, where=where)
+        return manifest
+
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
+        by_file: dict[str, list[tuple[int, int, int, int]]] = {}
+        for rec, ptr in requests:
+            by_file.setdefault(rec.file, []).append((rec.offset, ptr, rec.nbytes, rec.crc32c))
+        where = self._step_dir(step)
+        for name, items in by_file.items():
+            self.fs.read_segment(os.path.join(where, name), items)
+
+    def delete(self, step: int) -> None:
+        self._unpublish(self._step_dir(step))
+
+    def _unpublish(self, path: str) -> None:
+        """Make a step unselectable with one rename, then delete its bytes."""
+        trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+        self.fs.rename(path, trash)
+        self.fs.fsync_dir(self.root)
+        self.fs.remove_tree(trash)
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of interrupted saves and deletes (writer only, under the lock)."""
+        removed = []
+        if not self.fs.is_dir(self.root):
+            return removed
+        for name in self.fs.listdir(self.root):
+            if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                path = os.path.join(self.root, name)
+                if self.fs.is_dir(path):
+                    self.fs.remove_tree(path)
+                else:
+                    self.fs.remove(path)
+                removed.append(name)
+        return removed
+
+    def step_path(self, step: int) -> str:
+        return self._step_dir(step)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.root, step_dirname(step))
+
+    def describe(self, step: int) -> str:
+        return self._step_dir(step)
+
+
+def _buffer_address(data: bytes) -> int:
+    import ctypes
+
+    if not data:
+        return 0
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
