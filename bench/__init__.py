@@ -1,0 +1,1 @@
+"""Benchmarks: runnable scenarios (python -m bench.NAME) measured against baselines."""

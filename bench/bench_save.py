@@ -1,0 +1,178 @@
+"""Save and restore of a whole training state vs torch.save / torch.load and the disk.
+
+On the same state (default 1 GiB: a model's float32 parameters plus AdamW's two moments),
+in one run:
+
+* recoverkit ``Checkpointer.save`` (fsync'ed, committed) vs ``torch.save`` (page cache only,
+  as users call it) and ``torch.save`` + ``fsync`` (the same durability as recoverkit);
+* the disk's limit: the same bytes through plain ``os.write`` + ``fsync``;
+* ``Checkpointer.restore`` (every byte CRC-verified, applied to live objects) vs
+  ``torch.load`` + ``load_state_dict``.
+
+Run: ``python -m bench.bench_save [--smoke] [--size-mib 1024] [--reps 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
+
+from .machine import describe, median, write_result
+
+
+def _state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    # parameters + 2 AdamW moments = 3x parameter bytes
+    per_param_mib = max(1, total_mib // 3 // 8)
+    torch.manual_seed(0)
+    side = int((per_param_mib * 2**20 / 4) ** 0.5)
+    model = torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return model, opt
+
+
+def _nbytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for s in opt.state.values():
+        n += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
+    return n
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_caches() -> None:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError:
+        pass
+
+
+def _plain_write(path: str, tensors: list[torch.Tensor]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for t in tensors:
+            mv = memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+            while mv:
+                mv = mv[os.write(fd, mv[: 64 << 20]) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(size_mib: int = 1024, reps: int = 3, workdir: str | None = None) -> dict[str, Any]:
+    model, opt = _state(size_mib)
+    nbytes = _nbytes(model, opt)
+    tensors = list(model.parameters()) + [v for s in opt.state.values() for v in s.values() if v.dim() > 0]
+    base = tempfile.mkdtemp(prefix="rk-bench-save-", dir=workdir)
+    times: dict[str, list[float]] = {k: [] for k in (
+        "recoverkit_save", "torch_save", "torch_save_fsync", "plain_write_fsync",
+        "recoverkit_restore", "torch_load")}
+    try:
+        opts = CheckpointOptions(retention=RetentionPolicy(keep_last=1))
+        with Checkpointer(os.path.join(base, "rk"), options=opts) as ckpt:
+            for rep in range(reps):
+                state = {"model": model, "optimizer": opt}
+                t = time.perf_counter()
+                ckpt.save(rep, state)
+                times["recoverkit_save"].append(time.perf_counter() - t)
+
+                path = os.path.join(base, "torch.pt")
+                t = time.perf_counter()
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+                times["torch_save"].append(time.perf_counter() - t)
+                _fsync_file(path)
+                os.unlink(path)
+                t = time.perf_counter()
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+                _fsync_file(path)
+                times["torch_save_fsync"].append(time.perf_counter() - t)
+
+                t = time.perf_counter()
+                _plain_write(os.path.join(base, "plain.bin"), tensors)
+                times["plain_write_fsync"].append(time.perf_counter() - t)
+                os.unlink(os.path.join(base, "plain.bin"))
+
+                _drop_caches()
+                t = time.perf_counter()
+                ckpt.restore(state)
+                times["recoverkit_restore"].append(time.perf_counter() - t)
+                _drop_caches()
+                t = time.perf_counter()
+                sd = torch.load(path, weights_only=True)
+                model.load_state_dict(sd["model"])
+                opt.load_state_dict(sd["optimizer"])
+                times["torch_load"].append(time.perf_counter() - t)
+                del sd
+                os.unlink(path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    med = {k: median(v) for k, v in times.items()}
+    gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
+    return {
+        "scenario": "save_restore",
+        "machine": describe(workdir or tempfile.gettempdir()),
+        "bytes": nbytes,
+        "reps": reps,
+        "seconds_median": med,
+        "seconds_all": times,
+        "gb_per_s": gbps,
+        "ratios": {
+            "save_vs_torch_save": med["recoverkit_save"] / med["torch_save"],
+            "save_vs_torch_save_fsync": med["recoverkit_save"] / med["torch_save_fsync"],
+            "save_vs_disk_limit": med["plain_write_fsync"] / med["recoverkit_save"],
+            "restore_vs_torch_load": med["recoverkit_restore"] / med["torch_load"],
+        },
+        "targets": {"save_vs_torch_save": "<= 0.6"},
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    med, g = r["seconds_median"], r["gb_per_s"]
+    lines = [
+        f"state: {r['bytes'] / 2**30:.2f} GiB, median of {r['reps']}",
+        "",
+        "| operation | seconds | GB/s |",
+        "|---|---:|---:|",
+    ]
+    for k in med:
+        lines.append(f"| {k} | {med[k]:.3f} | {g[k]:.2f} |")
+    lines.append("")
+    for k, v in r["ratios"].items():
+        lines.append(f"- {k}: {v:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/save_restore.json")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args(argv)
+    r = run(8 if a.smoke else a.size_mib, 1 if a.smoke else a.reps, a.workdir)
+    print(table(r))
+    if not a.smoke:
+        write_result(a.out, r)
+    return r
+
+
+if __name__ == "__main__":
+    main()
