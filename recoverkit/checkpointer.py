@@ -1,48 +1,53 @@
 """The Checkpointer: a thin sequencer of the save and restore stages.
 
-save:    capture -> flatten -> encode objects -> contiguous byte views -> tier.write_rank
-         -> commit (manifest last, atomic rename, ``latest``) -> retention
-restore: discover newest verifying step -> read + verify every byte -> check the target
-         fits -> apply (model, optimizers, schedulers, RNG, data position, plain values)
+save:        plan (capture, flatten, classify, encode) -> contiguous bytes -> two-phase
+             commit on the local tier -> retention
+save_async:  plan -> stage into the host pool (lazy copies guarded by the optimizers'
+             pre-step hooks) -> background: commit on each tier the policy names
+restore:     newest step on the fastest tier that holds it (host snapshot -> local ->
+             persistent) -> read + verify every byte -> check the targets fit -> apply
 
-Each stage lives in its own module; this one only orders them, times them and turns
-failures into the error the user sees.
+Each stage lives in its own module; this one orders them, times them and turns failures
+into the error the user sees.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ._native import engine
 from .config import CheckpointOptions
-from .errors import (
-    CheckpointNotFoundError,
-    CommitError,
-    IntegrityError,
-)
+from .dist.commit import CommitRequest, commit_step
+from .dist.coordinator import Coordinator, default_coordinator
+from .dist.sharded import unwrap
+from .errors import CheckpointNotFoundError, CommitError, IntegrityError
 from .format.manifest import Manifest, TensorRecord
+from .restore.apply import apply_restored, target_shards
 from .restore.reader import read_state
-from .state import RNGState, apply, capture, dtype_name, encode, flatten, to_bytes_view
-from .storage.base import RankPayload, ShardData
-from .storage.discovery import CheckpointSkippedWarning, apply_retention, candidates
+from .staging.handle import SaveHandle
+from .staging.plan import SavePlan, plan_save
+from .staging.sync import stage_now
+from .storage.base import RankPayload, ReadableTier, Tier
+from .storage.discovery import CheckpointSkippedWarning, apply_retention
 from .storage.faults import FaultInjector
 from .storage.fs import LocalFS
 from .storage.local import LocalTier
 from .storage.lock import RunLock
 
-__all__ = ["Checkpointer", "SaveResult", "RNG_KEY"]
-
-#: Key under which the random states are stored when ``capture_rng`` is on.
-RNG_KEY = "__rng__"
+__all__ = ["Checkpointer", "SaveResult"]
 
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What one save did and how long each stage took (seconds)."""
+    """What one blocking save did and how long each stage took (seconds)."""
 
     step: int
     path: str
@@ -59,7 +64,9 @@ class Checkpointer:
         options: :class:`~recoverkit.CheckpointOptions`.
         fs: file-system operations (inject a ``FaultyFS`` to test failures).
         faults: a :class:`~recoverkit.storage.faults.FaultInjector` told of every phase.
-        run_id: identifies the run in every manifest (random if not given).
+        run_id: identifies the run in every manifest (agreed across ranks if not given).
+        coordinator: how ranks agree on commits (default: the torch.distributed store).
+        persistent: a tier 3 store (default: built from ``options.tiers.persistent_url``).
 
     Example:
         >>> import tempfile, torch
@@ -70,6 +77,8 @@ class Checkpointer:
         1
     """
 
+    _instances = 0  # Checkpointers built in this process (the same order on every rank)
+
     def __init__(
         self,
         root: str,
@@ -78,149 +87,208 @@ class Checkpointer:
         fs: LocalFS | None = None,
         faults: FaultInjector | None = None,
         run_id: str | None = None,
+        coordinator: Coordinator | None = None,
+        persistent: Tier | None = None,
     ) -> None:
         self.options = options or CheckpointOptions()
         self.faults = faults or FaultInjector()
         self.tier = LocalTier(root, fs=fs, faults=self.faults, direct_io=self.options.direct_io)
         self.root = self.tier.root
-        self.run_id = run_id or uuid.uuid4().hex
-        self.rank = 0
-        self.world_size = 1
+        self.coordinator = coordinator or default_coordinator()
+        self.rank = self.coordinator.rank
+        self.world_size = self.coordinator.world_size
+        self.run_id = run_id or self._agree_run_id()
+        self.tiers: dict[str, Tier] = {"local": self.tier}
+        if persistent is None and self.options.tiers.persistent_url:
+            from .storage.zarr_tier import ZarrTier
+
+            persistent = ZarrTier(self.options.tiers.persistent_url, options=self.options.tiers, faults=self.faults)
+        if persistent is not None:
+            self.tiers["persistent"] = persistent
+        self._seq = 0
+        self._commit_lock = threading.Lock()
+        self._pipeline: Any = None
         self._lock: RunLock | None = None
-        fs_ = self.tier.fs
-        fs_.makedirs(self.root)
-        fs_.check_writable(self.root)  # an unwritable root fails here, before step 1
-        if self.options.lock:
-            self._lock = RunLock(self.root).acquire()
-        self.tier.cleanup()
+        self.tier.fs.makedirs(self.root)
+        self.tier.fs.check_writable(self.root)  # an unwritable root fails here, before step 1
+        if self.rank == 0:  # the root's writer: fences other jobs, clears interrupted saves
+            if self.options.lock:
+                self._lock = RunLock(self.root).acquire()
+            self.tier.cleanup()
+
+    def _agree_run_id(self) -> str:
+        proposal = {"run_id": uuid.uuid4().hex} if self.rank == 0 else None
+        key = f"run-id/{Checkpointer._instances}"
+        Checkpointer._instances += 1
+        return str(self.coordinator.broadcast(key, proposal, timeout_s=self.options.commit_timeout_s)["run_id"])
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveResult:
-        """Save ``state`` as ``step`` and return once it is committed.
+        """Save ``state`` as ``step`` to the local tier; return once it is committed.
 
         ``state`` maps names to Stateful objects (modules, optimizers, schedulers, samplers,
-        anything with ``state_dict``/``load_state_dict``), tensors and plain values.
+        anything with ``state_dict``/``load_state_dict``), tensors, ShardedTensors and plain
+        values. In a multi-rank job every rank calls ``save`` with the same step.
         """
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        _check_step(step)
+        self.wait()  # earlier async saves commit first, in the same order on every rank
         t = _Timer()
-        captured = self._capture(state)
-        skeleton, refs = flatten(captured)
-        blob = encode(skeleton, allow_pickle=self.options.allow_pickle)
+        plan = self._plan(state)
         t.lap("capture")
-        shards: list[ShardData] = []
-        records: dict[str, TensorRecord] = {}
-        keep_alive = []
-        for ref in refs:
-            src = ref.tensor.detach()
-            if ref.alias_of is not None:
-                records[ref.key] = TensorRecord(ref.key, dtype_name(src.dtype), tuple(src.shape), alias_of=ref.alias_of)
-                continue
-            if src.device.type != "cpu":
-                src = src.to("cpu")
-            src = src.contiguous()
-            keep_alive.append(src)
-            shape = tuple(src.shape)
-            shards.append(ShardData(ref.key, dtype_name(src.dtype), shape, (0,) * len(shape), shape, to_bytes_view(src)))
+        shards = [stage_now(p) for p in plan.shards]
         t.lap("stage")
-        manifest, deleted = self._commit(step, RankPayload(self.rank, blob, shards), records, t, user_meta or {})
-        del keep_alive
-        return SaveResult(step, self.tier.step_path(step), manifest.nbytes, t.laps, tuple(deleted))
+        payload = RankPayload(self.rank, plan.blob, shards)
+        self._commit(self.tier, step, payload, plan.aliases, user_meta or {})
+        t.lap("commit")
+        deleted = self._retain(self.tier, step)
+        t.lap("retention")
+        nbytes = len(plan.blob) + sum(int(s.data.numel()) for s in shards)
+        return SaveResult(step, self.tier.step_path(step), nbytes, t.laps, tuple(deleted))
 
-    def _capture(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        if RNG_KEY in state:
-            raise ValueError(f"{RNG_KEY!r} is reserved for the random states")
-        captured = capture(state)
-        if self.options.capture_rng:
-            captured[RNG_KEY] = RNGState().state_dict()
-        return captured
+    def save_async(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveHandle:
+        """Start saving ``state`` as ``step`` and return at once.
+
+        Parameters and optimizer state are copied to host memory while training goes on;
+        each optimizer's next ``step()`` waits only for its own tensors' copies. Then the
+        step drains to the tiers ``options.tiers`` names. Call :meth:`before_update` before
+        changing saved tensors outside an optimizer.
+        """
+        _check_step(step)
+        plan = self._plan(state)
+        optimizers = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer)]
+        return self._pipeline_().submit(step, plan, optimizers, user_meta or {})
+
+    def before_update(self) -> None:
+        """Wait for every pending copy; call before mutating saved tensors by hand."""
+        if self._pipeline is not None:
+            self._pipeline.guard.before_update()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until every ``save_async`` so far is settled (committed or failed)."""
+        return self._pipeline is None or self._pipeline.flush(timeout_s)
+
+    @property
+    def skipped_saves(self) -> int:
+        """Saves skipped because the staging pool was full."""
+        return 0 if self._pipeline is None else self._pipeline.skipped
+
+    def _plan(self, state: Mapping[str, Any]) -> SavePlan:
+        return plan_save(
+            state,
+            rank=self.rank,
+            world_size=self.world_size,
+            capture_rng=self.options.capture_rng,
+            allow_pickle=self.options.allow_pickle,
+            piece_bytes=self.options.piece_bytes,
+        )
+
+    def _pipeline_(self) -> Any:
+        if self._pipeline is None:
+            from .staging.pipeline import AsyncPipeline
+
+            self._pipeline = AsyncPipeline(
+                options=self.options, engine=engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain
+            )
+        return self._pipeline
+
+    def _commit_and_retain(
+        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
+    ) -> None:
+        self._commit(tier, step, payload, aliases, user_meta)
+        self._retain(tier, step)
 
     def _commit(
-        self,
-        step: int,
-        payload: RankPayload,
-        aliases: dict[str, TensorRecord],
-        t: _Timer,
-        user_meta: Mapping[str, Any],
-    ) -> tuple[Manifest, list[int]]:
-        staging = None
-        try:
-            staging = self.tier.prepare(step)
-            self.faults.reached("before_data", step=step, rank=self.rank)
-            rank_records = self.tier.write_rank(staging, payload)
-            self.faults.reached("after_data", step=step, rank=self.rank)
-            t.lap("write")
-            tensors: dict[str, TensorRecord] = {}
-            dtypes = {s.key: (s.dtype, s.global_shape) for s in payload.shards}
-            for key, shard in rank_records.shards:
-                dtype, shape = dtypes[key]
-                prev = tensors.get(key)
-                tensors[key] = TensorRecord(key, dtype, shape, (prev.shards if prev else ()) + (shard,))
-            tensors.update(aliases)
-            manifest = Manifest(
-                step=step,
-                run_id=self.run_id,
-                world_size=self.world_size,
-                tensors=tensors,
-                blobs=(rank_records.blob,),
-                files=rank_records.files,
-                pickled=self.options.allow_pickle,
-                user_meta=dict(user_meta),
-            )
-            self.tier.commit(step, staging, manifest)
-            t.lap("commit")
-        except BaseException as e:
-            if staging is not None:
-                try:
-                    self.tier.abort(staging)
-                except OSError as cleanup_error:
-                    warnings.warn(f"could not remove {staging}: {cleanup_error}", stacklevel=3)
-            if isinstance(e, Exception):
-                raise CommitError(f"saving step {step} to {self.root} failed: {e}", step=step) from e
-            raise
+        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
+    ) -> Manifest | None:
+        with self._commit_lock:
+            request = CommitRequest(step, self.run_id, payload, aliases, self.options.allow_pickle, user_meta, self._seq)
+            self._seq += 1
+            try:
+                return commit_step(tier, self.coordinator, request, faults=self.faults, timeout_s=self.options.commit_timeout_s)
+            except CommitError as e:
+                cause = e.__cause__ or next(iter(e.failures.values()), "")
+                raise CommitError(
+                    f"saving step {step} to {tier.describe(step)} failed: {cause}", step=step, failures=e.failures
+                ) from (e.__cause__ or e)
+
+    def _retain(self, tier: Tier, step: int) -> list[int]:
+        if self.rank != 0:
+            return []
         self.faults.reached("retention", step=step, rank=self.rank)
-        deleted = apply_retention(self.tier, self.options.retention)
-        t.lap("retention")
-        return manifest, deleted
+        return apply_retention(tier, self.options.retention)
 
     # --------------------------------------------------------------- restore
     def restore(self, state: MutableMapping[str, Any], step: int | None = None) -> int:
         """Restore ``state`` in place from ``step`` (default: the newest valid step).
 
-        Every byte is verified before anything is applied; a damaged newest step is skipped
-        with a :class:`CheckpointSkippedWarning` and the previous one is used. Returns the
-        step restored. Raises CheckpointNotFoundError when no valid step exists.
+        Looks in the host snapshots, then the local tier, then the persistent tier, and
+        takes the newest step from the fastest tier that holds it. Every byte is verified
+        before anything is applied; a damaged step is skipped with a
+        :class:`CheckpointSkippedWarning` and the next candidate is used. ShardedTensor
+        targets receive their region of the saved global tensor, whatever sharding saved
+        it. Returns the step restored; raises CheckpointNotFoundError if none is valid.
         """
+        self.wait()
+        sharded = target_shards(state)
         failures = []
-        for s, manifest in candidates(self.tier, step=step):
+        for tier, s, manifest in self._candidates(step):
             try:
-                captured = read_state(self.tier, s, manifest, rank=self.rank, allow_pickle=self.options.allow_pickle)
+                captured = read_state(tier, s, manifest, rank=self.rank, allow_pickle=self.options.allow_pickle, sharded=sharded)
             except (IntegrityError, OSError) as e:
-                if step is not None:
-                    raise
-                warnings.warn(f"skipping {self.tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
-                failures.append(f"step {s}: {e}")
+                warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
+                failures.append((e, f"{tier.describe(s)}: {e}"))
                 continue
-            self._apply(state, captured, s)
+            apply_restored(state, captured, restore_rng=self.options.capture_rng)
             return s
-        detail = f" ({'; '.join(failures)})" if failures else ""
-        raise CheckpointNotFoundError(f"{self.root}: no valid checkpoint to restore{detail}")
+        if step is not None and failures:
+            raise failures[-1][0]
+        detail = f" ({'; '.join(f for _, f in failures)})" if failures else ""
+        where = f"step {step}" if step is not None else "checkpoint"
+        raise CheckpointNotFoundError(f"{self.root}: no valid {where} to restore{detail}")
 
-    def _apply(self, state: MutableMapping[str, Any], captured: dict[str, Any], step: int) -> None:
-        rng = captured.pop(RNG_KEY, None)
-        apply(state, captured)
-        if rng is not None and self.options.capture_rng:
-            RNGState().load_state_dict(rng)
+    def _readable(self) -> list[ReadableTier]:
+        tiers: list[ReadableTier] = []
+        if self._pipeline is not None and self.world_size == 1:
+            from .staging.host_tier import HostTier
+
+            tiers.append(HostTier(self._pipeline, run_id=self.run_id))
+        tiers.append(self.tier)
+        if "persistent" in self.tiers:
+            tiers.append(self.tiers["persistent"])
+        return tiers
+
+    def _candidates(self, step: int | None) -> Iterator[tuple[ReadableTier, int, Manifest]]:
+        """(tier, step, manifest) newest step first, fastest tier first within a step.
+
+        A step whose manifest fails is skipped with a warning; when ``step`` was asked for
+        explicitly and no tier has a valid manifest of it, that fault is raised.
+        """
+        tiers = self._readable()
+        held = sorted({(s, i) for i, t in enumerate(tiers) for s in t.steps() if step is None or s == step}, key=lambda x: (-x[0], x[1]))
+        error: Exception | None = None
+        yielded = False
+        for s, i in held:
+            tier = tiers[i]
+            try:
+                manifest = tier.manifest(s)
+            except (IntegrityError, OSError, ValueError) as e:
+                warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=3)
+                error = e
+                continue
+            yielded = True
+            yield tier, s, manifest
+        if step is not None and not yielded and error is not None:
+            raise error
 
     # ------------------------------------------------------------- discovery
     def latest(self) -> int | None:
-        """The newest committed step whose manifest and files verify, or None."""
-        for s, _ in candidates(self.tier):
+        """The newest step on any tier whose manifest and files verify, or None."""
+        for _, s, _ in self._candidates(None):
             return s
         return None
 
     def steps(self) -> list[int]:
-        """All committed steps, ascending."""
+        """Steps committed on the local tier, ascending."""
         return self.tier.steps()
 
     def manifest(self, step: int) -> Manifest:
@@ -228,6 +296,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
+        """Flush pending saves, stop the pipeline and release the run lock."""
+        if self._pipeline is not None:
+            self._pipeline.flush()
+            self._pipeline.close()
+            self._pipeline = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -237,6 +310,11 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_step(step: int) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
 
 
 class _Timer:
@@ -249,4 +327,3 @@ class _Timer:
         self.laps[name] = now - self.last
         self.last = now
         self.laps["total"] = now - self.t0
-

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["RetentionPolicy", "CheckpointOptions"]
+__all__ = ["RetentionPolicy", "TierPolicy", "StagingPolicy", "CheckpointOptions"]
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -56,6 +56,80 @@ class RetentionPolicy:
         return self.keep_every is not None and step % self.keep_every == 0
 
 
+_COMPRESSIONS = ("none", "zstd", "blosc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierPolicy:
+    """What goes where, and how often.
+
+    Every ``save_async`` is staged in host memory (tier 1) and the newest ``host_keep``
+    snapshots stay there. A step is also written to node-local disk (tier 2) when
+    ``step % local_every == 0`` and to the persistent zarr store (tier 3, any tensorstore
+    kvstore URL) when ``persistent_url`` is set and ``step % persistent_every == 0``.
+
+    Example:
+        >>> p = TierPolicy(local_every=10, persistent_url="file:///ckpt/zarr", persistent_every=100)
+        >>> p.tiers_for(200), p.tiers_for(30), p.tiers_for(5)
+        (('local', 'persistent'), ('local',), ())
+    """
+
+    host_keep: int = 1
+    local_every: int = 1
+    persistent_url: str | None = None
+    persistent_every: int = 10
+    compression: str = "none"
+    compression_level: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("host_keep", "local_every", "persistent_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.compression not in _COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {_COMPRESSIONS}, got {self.compression!r}")
+
+    def tiers_for(self, step: int) -> tuple[str, ...]:
+        out = []
+        if self.local_every and step % self.local_every == 0:
+            out.append("local")
+        if self.persistent_url and self.persistent_every and step % self.persistent_every == 0:
+            out.append("persistent")
+        return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagingPolicy:
+    """The host staging pool of the lazy path and what happens when it is full.
+
+    Attributes:
+        budget_bytes: size of the staging pool (allocated once, reused across saves).
+        when_full: ``"wait"`` for older snapshots to drain (at most ``wait_timeout_s``,
+            then the save is skipped) or ``"skip"`` the new save at once. Skips are
+            counted and logged, never silent.
+        eager_bytes: tensors up to this size, and every tensor no optimizer in the state
+            mutates (buffers such as BatchNorm statistics), are copied during the call.
+        copy_threads: threads of the native copy engine.
+        lock_memory: ``mlock`` the pool so it is never swapped out.
+    """
+
+    budget_bytes: int = 2 << 30
+    when_full: str = "wait"
+    wait_timeout_s: float = 60.0
+    eager_bytes: int = 1 << 20
+    copy_threads: int = 2
+    lock_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget_bytes, int) or self.budget_bytes < 4096:
+            raise ConfigError(f"budget_bytes must be an integer >= 4096, got {self.budget_bytes!r}")
+        if self.when_full not in ("wait", "skip"):
+            raise ConfigError(f"when_full must be 'wait' or 'skip', got {self.when_full!r}")
+        _positive("wait_timeout_s", self.wait_timeout_s)
+        if not isinstance(self.copy_threads, int) or self.copy_threads < 1:
+            raise ConfigError(f"copy_threads must be an integer >= 1, got {self.copy_threads!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointOptions:
     """How a :class:`~recoverkit.Checkpointer` saves and restores.
@@ -65,26 +139,28 @@ class CheckpointOptions:
             accept such checkpoints on load. Off by default: loading never runs code.
         capture_rng: save and restore Python, NumPy, torch CPU and CUDA random states.
         retention: which committed steps survive garbage collection after each commit.
+        tiers: which tiers ``save_async`` writes each step to (:class:`TierPolicy`).
+        staging: the host staging pool of ``save_async`` (:class:`StagingPolicy`).
         lock: hold a run lock on the root so a second writer fails fast.
         direct_io: write segment files with O_DIRECT where the file system allows it.
-        io_threads: threads of the copy engine that checksums and stages tensors.
         commit_timeout_s: how long the commit waits for every rank before it fails.
-        verify_on_restore: verify every byte's checksum on restore (never turn off for
-            untrusted checkpoints).
+        piece_bytes: the largest region written under one checksum; a resharded restore
+            reads and verifies whole pieces, so this bounds its temporary memory.
     """
 
     allow_pickle: bool = False
     capture_rng: bool = True
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    tiers: TierPolicy = field(default_factory=TierPolicy)
+    staging: StagingPolicy = field(default_factory=StagingPolicy)
     lock: bool = True
     direct_io: bool = False
-    io_threads: int = 2
     commit_timeout_s: float = 300.0
-    verify_on_restore: bool = True
+    piece_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.retention, RetentionPolicy):
             raise ConfigError(f"retention must be a RetentionPolicy, got {type(self.retention).__name__}")
-        if not isinstance(self.io_threads, int) or isinstance(self.io_threads, bool) or self.io_threads < 1:
-            raise ConfigError(f"io_threads must be an integer >= 1, got {self.io_threads!r}")
         _positive("commit_timeout_s", self.commit_timeout_s)
+        if not isinstance(self.piece_bytes, int) or self.piece_bytes < 4096:
+            raise ConfigError(f"piece_bytes must be an integer >= 4096, got {self.piece_bytes!r}")

@@ -1,67 +1,126 @@
 """Read a committed step back into a state tree (tensors on CPU), verifying every byte.
 
-This is the read half of the data flow: manifest -> this rank's object blob -> the tensors
-its tree refers to -> ``unflatten``. Every region is read straight into the destination
-tensor's memory and checked against its CRC-32C by the engine; nothing is applied to live
-objects here (see :func:`recoverkit.state.apply`), so a fault found while reading leaves
-the training state untouched.
+manifest -> this rank's object blob -> for each tensor the tree refers to, the region this
+rank needs -> ``unflatten``. A region is assembled from the saved pieces that overlap it:
+a piece that lands contiguously in the destination is read straight into it; any other is
+read into a bounded temporary and its overlap copied. The engine checks every piece's
+CRC-32C as it reads. Nothing is applied to live objects here, so a fault found while
+reading leaves the training state untouched.
+
+Rank-local tensors of a multi-rank step live under ``rank-RRRRR/``; a rank that did not
+exist when the step was saved (the world grew) reads rank 0's local state.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from ..dist.sharded import ShardedTensor, local_prefix
 from ..errors import IncompatibleCheckpointError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, to_bytes_view, unflatten
 from ..storage.base import Tier
 
-__all__ = ["read_state", "read_tensors", "tensor_leaves"]
+__all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank"]
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
+
+
+def blob_rank(manifest: Manifest, rank: int) -> int:
+    """Whose object state ``rank`` restores: its own, or rank 0's if it did not exist."""
+    if any(b.rank == rank for b in manifest.blobs):
+        return rank
+    warnings.warn(
+        f"step {manifest.step} was saved by {manifest.world_size} rank(s); rank {rank} restores "
+        "rank 0's local state (random streams, data position)",
+        stacklevel=3,
+    )
+    return 0
 
 
 def read_state(
-    tier: Tier, step: int, manifest: Manifest, *, rank: int = 0, allow_pickle: bool = False
+    tier: Tier,
+    step: int,
+    manifest: Manifest,
+    *,
+    rank: int = 0,
+    allow_pickle: bool = False,
+    sharded: Mapping[str, ShardedTensor] | None = None,
 ) -> Any:
-    """Read rank ``rank``'s whole state tree of ``step`` (tensors materialized on CPU)."""
-    blob_rec = manifest.blob_for(rank)
+    """Read rank ``rank``'s state tree of ``step``.
+
+    ``sharded`` maps tensor keys to the ShardedTensors the restoring rank holds; for those
+    only the rank's region is read, and the tree gets a new ShardedTensor in their place.
+    """
+    src = blob_rank(manifest, rank)
+    blob_rec = manifest.blob_for(src)
     blob = bytearray(blob_rec.nbytes)
     tier.read(step, [(blob_rec, _address(blob))])
     skeleton = decode(bytes(blob), allow_pickle=allow_pickle)
-    keys = sorted(set(tensor_leaves(skeleton)))
-    tensors = read_tensors(tier, step, manifest, keys)
-    return unflatten(skeleton, tensors)
-
-
-def read_tensors(tier: Tier, step: int, manifest: Manifest, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Materialize the global tensors named by ``keys`` (aliases come back as one object)."""
-    out: dict[str, torch.Tensor] = {}
-    requests: list[tuple[ShardRecord | BlobRecord, int]] = []
-    scatter: list[tuple[torch.Tensor, torch.Tensor, ShardRecord]] = []
-    for key in keys:
-        base = _resolve(manifest, key)
-        if base.key in out:
-            out[key] = out[base.key]
+    sharded = sharded or {}
+    values: dict[str, Any] = {}
+    for key in sorted(set(tensor_leaves(skeleton))):
+        rec = _resolve(manifest, key, src)
+        if rec.key in values:
+            values[key] = values[rec.key]
             continue
-        tensor = torch.empty(base.shape, dtype=dtype_from_name(base.dtype))
-        for shard in base.shards:
-            if tuple(shard.shape) == tuple(base.shape):
-                requests.append((shard, _tensor_address(tensor, shard.nbytes)))
-            else:
-                part = torch.empty(shard.shape, dtype=tensor.dtype)
-                requests.append((shard, _tensor_address(part, shard.nbytes)))
-                scatter.append((tensor, part, shard))
-        out[base.key] = tensor
-        out[key] = tensor
-    tier.read(step, requests)
-    for tensor, part, shard in scatter:
-        region = tensor
-        for dim, (o, n) in enumerate(zip(shard.offsets, shard.shape)):
-            region = region.narrow(dim, o, n)
-        region.copy_(part)
+        if key in sharded:
+            target = sharded[key]
+            if tuple(target.global_shape) != rec.shape:
+                raise IncompatibleCheckpointError(
+                    f"step {step}: {key!r} has global shape {list(rec.shape)}, the target expects "
+                    f"{list(target.global_shape)}"
+                )
+            box = (tuple(target.offsets), tuple(target.local.shape))
+            values[key] = ShardedTensor(read_region(tier, step, rec, box), rec.shape, box[0])
+        else:
+            values[key] = read_region(tier, step, rec, ((0,) * len(rec.shape), rec.shape))
+        values[rec.key] = values[key]
+    return unflatten(skeleton, values)
+
+
+def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Tensor:
+    """The region ``box`` of tensor ``rec``, from the pieces that overlap it."""
+    dtype = dtype_from_name(rec.dtype)
+    out = torch.empty(box[1], dtype=dtype)
+    if out.numel() == 0:
+        return out
+    itemsize = out.element_size()
+    row_bytes = out[0].numel() * itemsize if out.dim() else itemsize
+    direct: list[tuple[ShardRecord | BlobRecord, int]] = []
+    staged: list[tuple[ShardRecord, torch.Tensor]] = []
+    covered = 0
+    out_bytes = to_bytes_view(out)
+    for shard in rec.shards:
+        inter = _intersect((shard.offsets, shard.shape), box)
+        if inter is None:
+            continue
+        covered += _numel(inter[1])
+        if out.dim() and shard.shape[1:] == box[1][1:] and shard.offsets[1:] == box[0][1:] and inter[1] == shard.shape:
+            start = (shard.offsets[0] - box[0][0]) * row_bytes
+            direct.append((shard, int(out_bytes.data_ptr()) + start))
+        elif out.dim() == 0:
+            direct.append((shard, int(out_bytes.data_ptr())))
+        else:
+            part = torch.empty(shard.shape, dtype=dtype)
+            staged.append((shard, part))
+    if covered != out.numel():
+        raise IncompatibleCheckpointError(
+            f"step {step}: the saved shards of {rec.key!r} cover {covered} of the {out.numel()} elements "
+            f"of region offsets={list(box[0])} shape={list(box[1])}"
+        )
+    _check_sizes(rec, itemsize)
+    tier.read(step, direct)
+    for shard, part in staged:  # bounded: one piece at a time
+        tier.read(step, [(shard, int(to_bytes_view(part).data_ptr()))])
+        inter = _intersect((shard.offsets, shard.shape), box)
+        assert inter is not None
+        _narrow(out, inter, box[0]).copy_(_narrow(part, inter, shard.offsets))
     return out
 
 
@@ -78,22 +137,40 @@ def tensor_leaves(tree: Any) -> Iterator[str]:
             yield from tensor_leaves(v)
 
 
-def _resolve(manifest: Manifest, key: str) -> TensorRecord:
-    rec = manifest.tensors.get(key)
-    seen = set()
+def _resolve(manifest: Manifest, key: str, rank: int) -> TensorRecord:
+    rec = manifest.tensors.get(f"{local_prefix(rank)}/{key}") or manifest.tensors.get(key)
+    seen: set[str] = set()
     while rec is not None and rec.alias_of is not None and rec.key not in seen:
         seen.add(rec.key)
         rec = manifest.tensors.get(rec.alias_of)
     if rec is None or rec.alias_of is not None:
         raise IncompatibleCheckpointError(f"step {manifest.step}: tensor {key!r} is not in the manifest")
-    covered = sum(s.nbytes for s in rec.shards)
-    expected = _numel(rec.shape) * torch.empty((), dtype=dtype_from_name(rec.dtype)).element_size()
-    if covered != expected:
-        raise IncompatibleCheckpointError(
-            f"step {manifest.step}: tensor {key!r} shards hold {covered} bytes, shape "
-            f"{list(rec.shape)} of {rec.dtype} needs {expected}"
-        )
     return rec
+
+
+def _check_sizes(rec: TensorRecord, itemsize: int) -> None:
+    for s in rec.shards:
+        if s.nbytes != _numel(s.shape) * itemsize:
+            raise IncompatibleCheckpointError(
+                f"{rec.key!r}: a shard of shape {list(s.shape)} ({rec.dtype}) records {s.nbytes} bytes"
+            )
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    offs, shape = [], []
+    for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1]):
+        lo, hi = max(ao, bo), min(ao + an, bo + bn)
+        if hi <= lo:
+            return None
+        offs.append(lo)
+        shape.append(hi - lo)
+    return tuple(offs), tuple(shape)
+
+
+def _narrow(t: torch.Tensor, box: Box, origin: tuple[int, ...]) -> torch.Tensor:
+    for dim, (o, n) in enumerate(zip(box[0], box[1])):
+        t = t.narrow(dim, o - origin[dim], n)
+    return t
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -101,13 +178,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _tensor_address(t: torch.Tensor, nbytes: int) -> int:
-    view = to_bytes_view(t)
-    if view.numel() != nbytes:
-        raise IncompatibleCheckpointError(f"region of {nbytes} bytes does not fit a {view.numel()}-byte tensor")
-    return int(view.data_ptr())
 
 
 def _address(buf: bytearray) -> int:

@@ -5,7 +5,8 @@ files), a persistent store (zarr via tensorstore). One implementation per module
 
 Call order for one step, and which rank calls what::
 
-    coordinator (rank 0):  staging = tier.prepare(step)    -> shared with every rank
+    every rank:            its shard layout -> coordinator     (only if tier.needs_layout)
+    coordinator (rank 0):  staging = tier.prepare(step, layout) -> shared with every rank
     every rank:            records = tier.write_rank(staging, payload)   (durable on return)
     coordinator:           tier.commit(step, staging, manifest)  if every rank succeeded
                            tier.abort(staging)                   otherwise
@@ -19,12 +20,31 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..format.manifest import BlobRecord, Manifest, ShardRecord
 
-__all__ = ["ShardData", "RankPayload", "RankRecords", "Tier"]
+__all__ = ["ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """A shard's place without its bytes: what the coordinator needs to lay out a step."""
+
+    key: str
+    dtype: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.dtype, list(self.global_shape), list(self.offsets), list(self.shape)]
+
+    @classmethod
+    def from_json(cls, d: list[Any]) -> ShardMeta:
+        return cls(str(d[0]), str(d[1]), tuple(d[2]), tuple(d[3]), tuple(d[4]))
 
 
 @dataclass
@@ -51,6 +71,9 @@ class RankPayload:
     rank: int
     blob: bytes
     shards: list[ShardData] = field(default_factory=list)
+    #: set when this rank cannot contribute (e.g. its save was skipped): it still takes
+    #: part in the commit and reports this, so the step fails on every rank alike
+    error: BaseException | None = None
 
 
 @dataclass
@@ -62,15 +85,58 @@ class RankRecords:
     shards: list[tuple[str, ShardRecord]]
     files: dict[str, int]
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "blob": self.blob.to_json(),
+            "shards": [[k, s.to_json()] for k, s in self.shards],
+            "files": self.files,
+        }
 
-class Tier(ABC):
-    """A storage level that holds committed steps."""
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RankRecords:
+        return cls(
+            rank=int(d["rank"]),
+            blob=BlobRecord.from_json(d["blob"]),
+            shards=[(str(k), ShardRecord.from_json(s)) for k, s in d["shards"]],
+            files={str(k): int(v) for k, v in d["files"].items()},
+        )
+
+
+class ReadableTier(ABC):
+    """A place committed steps can be restored from."""
 
     name: str
 
     @abstractmethod
-    def prepare(self, step: int) -> str:
-        """Coordinator: create the step's staging area; return its id for every rank."""
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (cheap: does not verify data)."""
+
+    @abstractmethod
+    def manifest(self, step: int) -> Manifest:
+        """The step's verified manifest; raises IntegrityError / CheckpointNotFoundError."""
+
+    @abstractmethod
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
+        """Read each record's bytes into the buffer at the paired pointer, verifying CRCs."""
+
+    def describe(self, step: int) -> str:
+        """Where the step lives, for messages."""
+        return f"{self.name} step {step}"
+
+
+class Tier(ReadableTier):
+    """A storage level that steps are committed to (see the module docstring for the order)."""
+
+    #: whether ``prepare`` needs every rank's shard layout (gathered before it is called)
+    needs_layout: bool = False
+
+    @abstractmethod
+    def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
+        """Coordinator: create the step's staging area; return its id for every rank.
+
+        ``layout`` lists every rank's shards when ``needs_layout`` is set.
+        """
 
     @abstractmethod
     def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
@@ -85,21 +151,5 @@ class Tier(ABC):
         """Coordinator: remove an uncommitted staging area."""
 
     @abstractmethod
-    def steps(self) -> list[int]:
-        """Committed steps, ascending (cheap: does not verify data)."""
-
-    @abstractmethod
-    def manifest(self, step: int) -> Manifest:
-        """The step's verified manifest; raises IntegrityError / CheckpointNotFoundError."""
-
-    @abstractmethod
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
-        """Read each record's bytes into the buffer at the paired pointer, verifying CRCs."""
-
-    @abstractmethod
     def delete(self, step: int) -> None:
         """Remove a committed step (unselectable first, then its data)."""
-
-    def describe(self, step: int) -> str:
-        """Where the step lives, for messages."""
-        return f"{self.name} step {step}"

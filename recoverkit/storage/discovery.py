@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from ..config import RetentionPolicy
 from ..errors import IncompatibleCheckpointError, IntegrityError
 from ..format.manifest import Manifest
-from .base import Tier
+from .base import ReadableTier, Tier
 
 __all__ = ["CheckpointSkippedWarning", "candidates", "newest_valid", "apply_retention"]
 
@@ -27,7 +27,7 @@ class CheckpointSkippedWarning(UserWarning):
     """A committed-looking step was skipped because it is damaged or foreign."""
 
 
-def candidates(tier: Tier, *, step: int | None = None) -> Iterator[tuple[int, Manifest]]:
+def candidates(tier: ReadableTier, *, step: int | None = None) -> Iterator[tuple[int, Manifest]]:
     """Yield ``(step, manifest)`` for steps whose manifest verifies, newest first.
 
     With ``step`` given, only that step is considered and its fault is raised, not skipped.
@@ -46,7 +46,7 @@ def candidates(tier: Tier, *, step: int | None = None) -> Iterator[tuple[int, Ma
         yield s, manifest
 
 
-def newest_valid(tier: Tier) -> int | None:
+def newest_valid(tier: ReadableTier) -> int | None:
     """The newest step whose manifest and files verify, or None."""
     for s, _ in candidates(tier):
         return s

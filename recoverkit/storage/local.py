@@ -24,7 +24,7 @@ from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.segment import plan_offsets, segment_name
-from .base import RankPayload, RankRecords, Tier
+from .base import RankPayload, RankRecords, ShardMeta, Tier
 from .faults import FaultInjector
 from .fs import LocalFS
 from .layout import LATEST, TMP_PREFIX, TRASH_PREFIX, parse_step_dirname, step_dirname
@@ -58,7 +58,7 @@ class LocalTier(Tier):
         self.direct_io = direct_io
 
     # ----------------------------------------------------------------- writing
-    def prepare(self, step: int) -> str:
+    def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
         self.fs.makedirs(self.root)
         staging = os.path.join(self.root, f"{TMP_PREFIX}{step_dirname(step)}-{uuid.uuid4().hex[:8]}")
         self.fs.makedirs(staging)
@@ -92,9 +92,16 @@ class LocalTier(Tier):
             warnings.warn(f"{final}: replacing an existing committed step {step}", stacklevel=3)
             self._unpublish(final)
         self.fs.rename(staging, final)
-        self.fs.fsync_dir(self.root)
+        try:
+            self.fs.fsync_dir(self.root)
+        except OSError:
+            self._unpublish(final)  # the rename may not be durable: never report it committed
+            raise
         self.faults.reached("after_rename", step=step)
-        self._write_latest(step)
+        try:
+            self._write_latest(step)
+        except OSError as e:  # the step is committed; `latest` is only a hint
+            warnings.warn(f"{self.root}/{LATEST}: could not point it at step {step}: {e}", stacklevel=3)
         self.faults.reached("after_latest", step=step)
 
     def abort(self, staging: str) -> None:

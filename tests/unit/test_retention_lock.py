@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from recoverkit.config import CheckpointOptions, RetentionPolicy
+from recoverkit.config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
 from recoverkit.errors import CheckpointLockedError, ConfigError
 from recoverkit.storage.lock import RunLock
 
@@ -41,8 +41,8 @@ def test_bad_policy_is_rejected(kwargs):
 
 
 def test_bad_options_are_rejected():
-    with pytest.raises(ConfigError, match="io_threads"):
-        CheckpointOptions(io_threads=0)
+    with pytest.raises(ConfigError, match="piece_bytes"):
+        CheckpointOptions(piece_bytes=10)
     with pytest.raises(ConfigError, match="commit_timeout_s"):
         CheckpointOptions(commit_timeout_s=-1)
 
@@ -74,3 +74,14 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
                 time.sleep(0.05)
     finally:
         proc.kill()
+
+
+def test_tier_and_staging_policies_validate():
+    assert TierPolicy(local_every=2).tiers_for(4) == ("local",)
+    assert TierPolicy(local_every=0).tiers_for(4) == ()
+    with pytest.raises(ConfigError, match="compression"):
+        TierPolicy(compression="lz77")
+    with pytest.raises(ConfigError, match="when_full"):
+        StagingPolicy(when_full="drop")
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        StagingPolicy(budget_bytes=1)

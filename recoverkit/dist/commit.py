@@ -1,0 +1,164 @@
+"""The two-phase commit of one step to one tier, across every rank.
+
+::
+
+    rank 0                       every rank                        rank 0
+    tier.prepare ──broadcast──►  tier.write_rank (durable) ──gather──►  all ok? manifest last,
+                                                                        tier.commit : tier.abort
+                 ◄────────────────────────── broadcast outcome ──────────────┘
+
+A rank that fails reports its error; a rank that dies or hangs is named by the gather's
+timeout. Either way the coordinator aborts (the staging area is removed, nothing becomes
+selectable) and every live rank raises the same :class:`CommitError` naming each failed
+rank. Only when every rank's data is durable does the manifest get written, last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .coordinator import Coordinator
+from ..errors import CommitError, CommitTimeoutError
+from ..format.manifest import Manifest, TensorRecord
+from ..storage.base import RankPayload, RankRecords, ShardMeta, Tier
+from ..storage.faults import FaultInjector
+
+__all__ = ["CommitRequest", "commit_step"]
+
+
+@dataclass
+class CommitRequest:
+    """What one rank brings to the commit of ``step``."""
+
+    step: int
+    run_id: str
+    payload: RankPayload
+    aliases: Mapping[str, TensorRecord]
+    pickled: bool = False
+    user_meta: Mapping[str, Any] | None = None
+    #: how many saves this run made before this one (the same on every rank): keys the
+    #: exchange so a step saved twice never reads the first attempt's answers
+    seq: int = 0
+
+
+def commit_step(
+    tier: Tier, coordinator: Coordinator, request: CommitRequest, *, faults: FaultInjector, timeout_s: float
+) -> Manifest | None:
+    """Run the commit protocol on this rank; rank 0 returns the manifest, others None."""
+    rank, step = coordinator.rank, request.step
+    key = f"{request.run_id}/{tier.name}/{request.seq}"
+    if request.seq > 0:  # every rank has read the previous save's outcome by now
+        coordinator.forget(f"{request.run_id}/{tier.name}/{request.seq - 1}")
+    layout: list[ShardMeta] = []
+    if tier.needs_layout:
+        mine = [ShardMeta(s.key, s.dtype, s.global_shape, s.offsets, s.shape).to_json() for s in request.payload.shards]
+        gathered = coordinator.gather(f"{key}/layout", {"shards": mine}, timeout_s=timeout_s)
+        layout = [ShardMeta.from_json(m) for rep in (gathered or []) for m in rep["shards"]]
+    prep: dict[str, Any] | None = None
+    if rank == 0:
+        try:
+            prep = {"ok": True, "staging": tier.prepare(step, layout)}
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            prep = {"ok": False, "error": _describe(e)}
+    prep = coordinator.broadcast(f"{key}/prepare", prep, timeout_s=timeout_s)
+    if not prep["ok"]:
+        raise CommitError(f"step {step}: could not prepare {tier.name} tier", step=step, failures={0: prep["error"]})
+    staging = prep["staging"]
+
+    local_error: BaseException | None = None
+    try:
+        faults.reached("before_data", step=step, rank=rank)
+        if request.payload.error is not None:
+            raise request.payload.error
+        records = tier.write_rank(staging, request.payload)
+        faults.reached("after_data", step=step, rank=rank)
+        report = {"ok": True, "records": records.to_json(), "meta": _meta(request)}
+    except Exception as e:  # noqa: BLE001 - reported to the coordinator
+        local_error = e
+        report = {"ok": False, "error": _describe(e)}
+
+    manifest = None
+    if rank == 0:
+        outcome, manifest = _decide(tier, coordinator, request, staging, report, key, faults, timeout_s)
+        coordinator.broadcast(f"{key}/outcome", outcome, timeout_s=timeout_s)
+    else:
+        coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
+        outcome = coordinator.broadcast(f"{key}/outcome", None, timeout_s=timeout_s)
+    if not outcome["ok"]:
+        failures = {int(r): why for r, why in outcome["failures"].items()}
+        raise CommitError(f"step {step} was not committed to the {tier.name} tier", step=step, failures=failures) from local_error
+    return manifest
+
+
+def _decide(
+    tier: Tier,
+    coordinator: Coordinator,
+    request: CommitRequest,
+    staging: str,
+    report: dict[str, Any],
+    key: str,
+    faults: FaultInjector,
+    timeout_s: float,
+) -> tuple[dict[str, Any], Manifest | None]:
+    """Rank 0: gather every report, then commit or abort."""
+    try:
+        reports = coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
+        assert reports is not None
+        failures = {r: rep["error"] for r, rep in enumerate(reports) if not rep["ok"]}
+    except CommitTimeoutError as e:
+        reports, failures = [], dict(e.failures)
+    manifest = None
+    if not failures:
+        try:
+            manifest = _manifest(request, reports, coordinator.world_size)
+            tier.commit(request.step, staging, manifest)
+        except Exception as e:  # noqa: BLE001 - becomes the outcome every rank raises
+            failures = {0: _describe(e)}
+            manifest = None
+    if failures:
+        try:
+            tier.abort(staging)
+        except Exception as e:  # noqa: BLE001 - leftovers are removed at the next start-up
+            failures.setdefault(0, f"abort failed too: {_describe(e)}")
+        return {"ok": False, "failures": {str(r): why for r, why in failures.items()}}, None
+    return {"ok": True}, manifest
+
+
+def _meta(request: CommitRequest) -> dict[str, Any]:
+    return {
+        "tensors": {s.key: [s.dtype, list(s.global_shape)] for s in request.payload.shards},
+        "aliases": {k: t.to_json() for k, t in request.aliases.items()},
+    }
+
+
+def _manifest(request: CommitRequest, reports: list[dict[str, Any]], world_size: int) -> Manifest:
+    tensors: dict[str, TensorRecord] = {}
+    blobs = []
+    files: dict[str, int] = {}
+    for rep in reports:
+        records = RankRecords.from_json(rep["records"])
+        meta = rep["meta"]["tensors"]
+        blobs.append(records.blob)
+        files.update(records.files)
+        for k, shard in records.shards:
+            dtype, shape = meta[k]
+            prev = tensors.get(k)
+            tensors[k] = TensorRecord(k, dtype, tuple(shape), (prev.shards if prev else ()) + (shard,))
+        for k, t in rep["meta"]["aliases"].items():
+            tensors.setdefault(k, TensorRecord.from_json(k, t))
+    return Manifest(
+        step=request.step,
+        run_id=request.run_id,
+        world_size=world_size,
+        tensors=dict(sorted(tensors.items())),
+        blobs=tuple(sorted(blobs, key=lambda b: b.rank)),
+        files=files,
+        pickled=request.pickled,
+        user_meta=dict(request.user_meta or {}),
+    )
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,73 @@
+"""Apply a verified, fully read state tree to the live objects.
+
+Runs only after every byte was read and verified (``restore.reader``). ``state.apply``
+checks that every target fits before it changes anything; ShardedTensor regions are
+copied into the targets' local tensors only after that succeeded; the random streams are
+restored last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+
+from ..dist.sharded import ShardedTensor, unwrap
+from ..errors import IncompatibleCheckpointError
+from ..staging.plan import RNG_KEY
+from ..state import RNGState, apply, capture
+
+__all__ = ["apply_restored", "target_shards"]
+
+
+def target_shards(state: MutableMapping[str, Any]) -> dict[str, ShardedTensor]:
+    """Every ShardedTensor the targets hold, under the key the save planner gives it."""
+    found: dict[str, ShardedTensor] = {}
+    for name, obj in state.items():
+        _walk(capture({name: unwrap(obj)})[name], name, found)
+    return found
+
+
+def _walk(tree: Any, path: str, found: dict[str, ShardedTensor]) -> None:
+    if isinstance(tree, ShardedTensor):
+        found[path] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _walk(v, f"{path}/{k}", found)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _walk(v, f"{path}/{i}", found)
+
+
+def apply_restored(state: MutableMapping[str, Any], captured: dict[str, Any], *, restore_rng: bool) -> None:
+    """Load ``captured`` into ``state``; every check happens before the first change."""
+    rng = captured.pop(RNG_KEY, None)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    captured = {k: _swap_shards(state.get(k), v, copies) for k, v in captured.items()}
+    targets = {k: unwrap(v) for k, v in state.items()}
+    apply(targets, captured)
+    for dst, src in copies:
+        dst.copy_(src)
+    for k, v in targets.items():  # plain values were replaced in `targets`
+        if not hasattr(state[k], "load_state_dict") and not isinstance(state[k], ShardedTensor):
+            state[k] = v
+    if rng is not None and restore_rng:
+        RNGState().load_state_dict(rng)
+
+
+def _swap_shards(target: Any, restored: Any, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Put the target's own ShardedTensor in the tree and note the copy to make later."""
+    if isinstance(restored, ShardedTensor):
+        if not isinstance(target, ShardedTensor):
+            return restored
+        if target.local.shape != restored.local.shape or target.local.dtype != restored.local.dtype:
+            raise IncompatibleCheckpointError(
+                f"saved shard {list(restored.local.shape)} {restored.local.dtype} does not fit the target "
+                f"{list(target.local.shape)} {target.local.dtype}"
+            )
+        copies.append((target.local, restored.local))
+        return target
+    if isinstance(target, dict) and isinstance(restored, dict):
+        return {k: _swap_shards(target.get(k), v, copies) for k, v in restored.items()}
+    return restored

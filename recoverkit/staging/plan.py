@@ -1,0 +1,143 @@
+"""Plan a rank's part of a save: what it writes, under which keys, in which pieces.
+
+capture -> (ShardedTensor leaves noted) -> flatten per entry -> classify each tensor:
+
+* rank-local tensors (world > 1, entries that differ per rank, RNG) are stored under
+  ``rank-RRRRR/<key>``; a world of one uses plain keys;
+* replicated tensors are written by one owner rank (:func:`~recoverkit.dist.sharded.assign_owners`);
+* sharded tensors are written by every rank at their global offsets.
+
+Every written region is split along dim 0 into pieces of at most ``piece_bytes`` so a
+resharded restore reads (and verifies) only pieces that overlap what it needs. The plan
+holds references to the live tensors; staging (sync or lazy) turns them into bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..dist.sharded import ShardedTensor, assign_owners, ddp_param_ids, is_replicated_entry, local_prefix, unwrap
+from ..format.manifest import TensorRecord
+from ..state import RNGState, capture, dtype_name, encode, flatten
+
+__all__ = ["RNG_KEY", "PlannedShard", "SavePlan", "plan_save", "split_rows"]
+
+#: Key under which the random states are stored when ``capture_rng`` is on.
+RNG_KEY = "__rng__"
+
+
+@dataclass
+class PlannedShard:
+    """A region of a (global) tensor that this rank writes, still pointing at live memory."""
+
+    key: str
+    source: torch.Tensor  # this region of the live tensor (any device; maybe non-contiguous)
+    dtype: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    kind: str  # "local" | "replicated" | "sharded"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel() * self.source.element_size()
+
+
+@dataclass
+class SavePlan:
+    blob: bytes
+    shards: list[PlannedShard] = field(default_factory=list)
+    aliases: dict[str, TensorRecord] = field(default_factory=dict)
+
+
+def plan_save(
+    state: Mapping[str, Any],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    capture_rng: bool = True,
+    allow_pickle: bool = False,
+    piece_bytes: int = 64 << 20,
+) -> SavePlan:
+    """Build this rank's :class:`SavePlan` for ``state``."""
+    if RNG_KEY in state:
+        raise ValueError(f"{RNG_KEY!r} is reserved for the random states")
+    entries = dict(state)
+    if capture_rng:
+        entries[RNG_KEY] = RNGState()
+    ddp = ddp_param_ids(list(entries.values())) if world_size > 1 else set()
+    skeleton: dict[str, Any] = {}
+    plan = SavePlan(blob=b"")
+    replicated: list[tuple[str, torch.Tensor]] = []
+    for name, obj in entries.items():
+        repl = world_size > 1 and name != RNG_KEY and is_replicated_entry(obj, ddp)
+        sharded: dict[int, ShardedTensor] = {}
+        captured = _note_sharded(capture({name: unwrap(obj)})[name], sharded)
+        sub, refs = flatten(captured, prefix=name)
+        skeleton[name] = sub
+        for ref in refs:
+            t = ref.tensor.detach()
+            if ref.alias_of is not None:
+                plan.aliases[ref.key] = TensorRecord(ref.key, dtype_name(t.dtype), tuple(t.shape), alias_of=ref.alias_of)
+            elif id(ref.tensor) in sharded:
+                s = sharded[id(ref.tensor)]
+                plan.shards += split_rows(ref.key, t, s.global_shape, s.offsets, "sharded", piece_bytes)
+            elif repl:
+                replicated.append((ref.key, t))
+            else:
+                key = f"{local_prefix(rank)}/{ref.key}" if world_size > 1 else ref.key
+                plan.shards += split_rows(key, t, tuple(t.shape), (0,) * t.dim(), "local", piece_bytes)
+    owners = assign_owners([(k, t.numel() * t.element_size()) for k, t in replicated], world_size)
+    for key, t in replicated:
+        if owners[key] == rank:
+            plan.shards += split_rows(key, t, tuple(t.shape), (0,) * t.dim(), "replicated", piece_bytes)
+    plan.blob = encode(skeleton, allow_pickle=allow_pickle)
+    return plan
+
+
+def split_rows(
+    key: str,
+    t: torch.Tensor,
+    global_shape: tuple[int, ...],
+    offsets: tuple[int, ...],
+    kind: str,
+    piece_bytes: int,
+) -> list[PlannedShard]:
+    """Split ``t`` (this rank's region at ``offsets``) along dim 0 into bounded pieces.
+
+    Example:
+        >>> [p.offsets for p in split_rows("k", torch.zeros(10, 4), (10, 4), (0, 0), "local", 64)]
+        [(0, 0), (4, 0), (8, 0)]
+    """
+    dtype = dtype_name(t.dtype)
+    row_bytes = (t[0].numel() if t.dim() and t.shape[0] else t.numel()) * t.element_size()
+    if t.dim() == 0 or t.shape[0] <= 1 or t.numel() * t.element_size() <= piece_bytes or row_bytes == 0:
+        return [PlannedShard(key, t, dtype, global_shape, offsets, kind)]
+    rows = max(1, piece_bytes // row_bytes)
+    return [
+        PlannedShard(key, t[a : a + rows], dtype, global_shape, (offsets[0] + a,) + tuple(offsets[1:]), kind)
+        for a in range(0, t.shape[0], rows)
+    ]
+
+
+def _note_sharded(tree: Any, found: dict[int, ShardedTensor]) -> Any:
+    """Replace ShardedTensor nodes by their local tensors, remembering their placement."""
+    if isinstance(tree, ShardedTensor):
+        found[id(tree.local)] = tree
+        return tree.local
+    if isinstance(tree, dict):
+        return type(tree)((k, _note_sharded(v, found)) for k, v in tree.items()) if type(tree) is not dict else {
+            k: _note_sharded(v, found) for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [_note_sharded(v, found) for v in tree]
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
+        return tuple(_note_sharded(v, found) for v in tree)
+    return tree
