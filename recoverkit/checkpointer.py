@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._native import engine
+from ._native import engine as default_engine
 from .config import CheckpointOptions
 from .dist.commit import CommitRequest, commit_step
 from .dist.coordinator import Coordinator, default_coordinator
@@ -67,6 +67,7 @@ class Checkpointer:
         run_id: identifies the run in every manifest (agreed across ranks if not given).
         coordinator: how ranks agree on commits (default: the torch.distributed store).
         persistent: a tier 3 store (default: built from ``options.tiers.persistent_url``).
+        engine: the copy/IO engine of the lazy path (default: native, or the fallback).
 
     Example:
         >>> import tempfile, torch
@@ -89,7 +90,9 @@ class Checkpointer:
         run_id: str | None = None,
         coordinator: Coordinator | None = None,
         persistent: Tier | None = None,
+        engine: Any = None,
     ) -> None:
+        self.engine = engine or default_engine
         self.options = options or CheckpointOptions()
         self.faults = faults or FaultInjector()
         self.tier = LocalTier(root, fs=fs, faults=self.faults, direct_io=self.options.direct_io)
@@ -187,7 +190,7 @@ class Checkpointer:
             from .staging.pipeline import AsyncPipeline
 
             self._pipeline = AsyncPipeline(
-                options=self.options, engine=engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain
+                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain
             )
         return self._pipeline
 

@@ -1,0 +1,178 @@
+"""save_async: returns at once, copies lazily, never reads a tensor after the optimizer changed it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from recoverkit import Checkpointer, CheckpointOptions
+from recoverkit._native import engine as real_engine
+from recoverkit.config import StagingPolicy, TierPolicy
+from tests.models import Trainer, params_equal
+
+
+class DelayedEngine:
+    """The real engine, with every copy started ``delay_s`` late (a slow device-to-host link)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.copies_landed_at: list[float] = []
+        for name in ("StagingPool", "crc32c", "crc32c_ptr", "BACKEND"):
+            setattr(self, name, getattr(real_engine, name))
+
+    def CopyEngine(self, threads: int):  # noqa: N802 - mirrors the engine's class name
+        inner = real_engine.CopyEngine(threads)
+        outer = self
+
+        class _Delayed:
+            def submit(self, src, dst, n, *, crc=True):
+                return _Handle(inner, src, dst, n, outer)
+
+            def close(self):
+                inner.close()
+
+        return _Delayed()
+
+
+class _Handle:
+    def __init__(self, inner, src, dst, n, outer):
+        self._done = threading.Event()
+        self._crc = None
+
+        def run():
+            time.sleep(outer.delay_s)
+            self._crc = inner.submit(src, dst, n, crc=True).result(None)
+            outer.copies_landed_at.append(time.perf_counter())
+            self._done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait(self, timeout_s=None):
+        return self._done.wait(timeout_s)
+
+    def done(self):
+        return self._done.is_set()
+
+    def result(self, timeout_s=None):
+        if not self._done.wait(timeout_s):
+            raise TimeoutError("copy not done")
+        return self._crc
+
+
+def _opts(**staging):
+    return CheckpointOptions(
+        tiers=TierPolicy(local_every=1, host_keep=1),
+        staging=StagingPolicy(budget_bytes=64 << 20, eager_bytes=1024, **staging),
+    )
+
+
+def test_save_async_snapshot_is_isolated_from_later_training(root):
+    trainer = Trainer(seed=3)
+    for _ in range(2):
+        trainer.train_step()
+    with Checkpointer(root, options=_opts()) as ckpt:
+        trainer_state = trainer.state()
+        handle = ckpt.save_async(2, trainer_state)
+        expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        for _ in range(3):
+            trainer.train_step()  # mutates the parameters the snapshot is copying
+        assert handle.wait(60)
+        assert handle.staged.is_set() and handle.durable["local"].is_set()
+        assert handle.metrics["bytes"] > 0 and handle.metrics["call_s"] >= 0
+        assert "prestep_wait_s" in handle.metrics and "durable_s/local" in handle.metrics
+        fresh = Trainer(seed=99)
+        ckpt.restore(fresh.state(), step=2)
+    got = fresh.model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_prestep_hook_waits_for_slow_copies(root):
+    trainer = Trainer(seed=4)
+    trainer.train_step()
+    slow = DelayedEngine(delay_s=0.4)
+    started: list[float] = []
+    with Checkpointer(root, options=_opts(), engine=slow) as ckpt:
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        t0 = time.perf_counter()
+        handle = ckpt.save_async(1, trainer.state())
+        call_s = time.perf_counter() - t0
+        trainer.optimizer.register_step_pre_hook(lambda *a: started.append(time.perf_counter()))
+        trainer.train_step()  # the optimizer step must wait for the delayed copies
+        assert handle.wait(60)
+        assert handle.metrics["prestep_wait_s"] > 0.1
+        fresh = Trainer(seed=5)
+        ckpt.restore(fresh.state(), step=1)
+    assert call_s < 0.4  # the call itself did not wait for the lazy copies
+    lazy_landed = sorted(slow.copies_landed_at)[-1]
+    assert started and started[0] >= lazy_landed
+    assert all(torch.equal(fresh.model.state_dict()[k], before[k]) for k in before)
+
+
+def test_buffers_are_copied_eagerly(root):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(16, 8))
+    with Checkpointer(root, options=_opts()) as ckpt:
+        handle = ckpt.save_async(1, {"model": model, "opt": opt})
+        saved_mean = model[1].running_mean.clone()
+        model(torch.randn(16, 8) * 5)  # the forward pass changes the running statistics
+        assert not torch.equal(model[1].running_mean, saved_mean)
+        handle.wait(60)
+        target = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        ckpt.restore({"model": target, "opt": torch.optim.SGD(target.parameters(), lr=0.1)}, step=1)
+    assert torch.equal(target[1].running_mean, saved_mean)
+
+
+def test_full_pool_skips_and_counts(root):
+    trainer = Trainer(seed=6)
+    slow = DelayedEngine(delay_s=0.5)
+    need = sum(p.numel() * 4 for p in trainer.model.parameters())
+    opts = CheckpointOptions(
+        tiers=TierPolicy(local_every=1, host_keep=0),
+        staging=StagingPolicy(budget_bytes=need + (256 << 10), eager_bytes=1024, when_full="skip"),
+    )
+    with Checkpointer(root, options=opts, engine=slow) as ckpt:
+        first = ckpt.save_async(1, {"model": trainer.model})
+        second = ckpt.save_async(2, {"model": trainer.model})  # pool still busy with step 1
+        assert second.skipped and ckpt.skipped_saves == 1
+        assert first.wait(60)
+        with pytest.raises(Exception, match="staging pool full"):
+            second.wait(60)
+        assert ckpt.steps() == [1]
+        third = ckpt.save_async(3, {"model": trainer.model})  # space again
+        assert third.wait(60) and not third.skipped
+        assert ckpt.steps() == [1, 3]
+
+
+def test_host_snapshot_is_restored_first(root):
+    trainer = Trainer(seed=8)
+    trainer.train_step()
+    opts = CheckpointOptions(tiers=TierPolicy(local_every=0, host_keep=2), staging=StagingPolicy(budget_bytes=32 << 20))
+    with Checkpointer(root, options=opts) as ckpt:
+        ckpt.save_async(1, trainer.state()).wait(60)
+        assert ckpt.steps() == []  # host only: nothing on disk
+        expected = Trainer(seed=8)
+        expected.train_step()
+        trainer.train_step()
+        fresh = Trainer(seed=1)
+        assert ckpt.restore(fresh.state()) == 1
+        assert params_equal(fresh.model, expected.model)
+
+
+def test_before_update_waits_for_manual_mutation(root):
+    t = torch.arange(1 << 16, dtype=torch.float32)
+    opt = torch.optim.SGD([torch.nn.Parameter(t)], lr=0.1)
+    param = opt.param_groups[0]["params"][0]
+    slow = DelayedEngine(delay_s=0.3)
+    with Checkpointer(root, options=_opts(), engine=slow) as ckpt:
+        handle = ckpt.save_async(1, {"opt": opt, "p": param})
+        ckpt.before_update()
+        with torch.no_grad():
+            param.mul_(0)
+        handle.wait(60)
+        target = {"opt": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1 << 16))], lr=0.1), "p": torch.zeros(1 << 16)}
+        ckpt.restore(target, step=1)
+    assert torch.equal(target["p"], torch.arange(1 << 16, dtype=torch.float32))
