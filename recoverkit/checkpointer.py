@@ -209,9 +209,8 @@ class Checkpointer:
             try:
                 return commit_step(tier, self.coordinator, request, faults=self.faults, timeout_s=self.options.commit_timeout_s)
             except CommitError as e:
-                cause = e.__cause__ or next(iter(e.failures.values()), "")
                 raise CommitError(
-                    f"saving step {step} to {tier.describe(step)} failed: {cause}", step=step, failures=e.failures
+                    f"saving step {step} to {tier.describe(step)} failed", step=step, failures=e.failures
                 ) from (e.__cause__ or e)
 
     def _retain(self, tier: Tier, step: int) -> list[int]:

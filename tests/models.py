@@ -36,7 +36,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
 
 def params_equal(a: nn.Module, b: nn.Module) -> bool:

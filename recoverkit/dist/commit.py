@@ -81,7 +81,8 @@ def commit_step(
 
     manifest = None
     if rank == 0:
-        outcome, manifest = _decide(tier, coordinator, request, staging, report, key, faults, timeout_s)
+        outcome, manifest, commit_error = _decide(tier, coordinator, request, staging, report, key, timeout_s)
+        local_error = local_error or commit_error
         coordinator.broadcast(f"{key}/outcome", outcome, timeout_s=timeout_s)
     else:
         coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
@@ -99,9 +100,8 @@ def _decide(
     staging: str,
     report: dict[str, Any],
     key: str,
-    faults: FaultInjector,
     timeout_s: float,
-) -> tuple[dict[str, Any], Manifest | None]:
+) -> tuple[dict[str, Any], Manifest | None, BaseException | None]:
     """Rank 0: gather every report, then commit or abort."""
     try:
         reports = coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
@@ -110,20 +110,21 @@ def _decide(
     except CommitTimeoutError as e:
         reports, failures = [], dict(e.failures)
     manifest = None
+    error: BaseException | None = None
     if not failures:
         try:
             manifest = _manifest(request, reports, coordinator.world_size)
             tier.commit(request.step, staging, manifest)
         except Exception as e:  # noqa: BLE001 - becomes the outcome every rank raises
             failures = {0: _describe(e)}
-            manifest = None
+            manifest, error = None, e
     if failures:
         try:
             tier.abort(staging)
         except Exception as e:  # noqa: BLE001 - leftovers are removed at the next start-up
             failures.setdefault(0, f"abort failed too: {_describe(e)}")
-        return {"ok": False, "failures": {str(r): why for r, why in failures.items()}}, None
-    return {"ok": True}, manifest
+        return {"ok": False, "failures": {str(r): why for r, why in failures.items()}}, None, error
+    return {"ok": True}, manifest, None
 
 
 def _meta(request: CommitRequest) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from ..dist.sharded import ShardedTensor, local_prefix
 from ..errors import IncompatibleCheckpointError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
-from ..state import TensorLeaf, decode, dtype_from_name, to_bytes_view, unflatten
+from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
 from ..storage.base import Tier
 
 __all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank"]
@@ -87,7 +87,7 @@ def read_state(
 def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Tensor:
     """The region ``box`` of tensor ``rec``, from the pieces that overlap it."""
     dtype = dtype_from_name(rec.dtype)
-    out = torch.empty(box[1], dtype=dtype)
+    out = _empty(box[1], dtype)
     if out.numel() == 0:
         return out
     itemsize = out.element_size()
@@ -107,7 +107,7 @@ def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Ten
         elif out.dim() == 0:
             direct.append((shard, int(out_bytes.data_ptr())))
         else:
-            part = torch.empty(shard.shape, dtype=dtype)
+            part = _empty(shard.shape, dtype)
             staged.append((shard, part))
     if covered != out.numel():
         raise IncompatibleCheckpointError(
@@ -171,6 +171,11 @@ def _narrow(t: torch.Tensor, box: Box, origin: tuple[int, ...]) -> torch.Tensor:
     for dim, (o, n) in enumerate(zip(box[0], box[1])):
         t = t.narrow(dim, o - origin[dim], n)
     return t
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialized memory for any storable dtype (bit-packed and float4 kinds included)."""
+    return from_bytes(torch.empty(_numel(shape) * dtype.itemsize, dtype=torch.uint8), dtype, shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -38,7 +38,6 @@ class StepGuard:
         self._pending: list[HostSnapshot] = []
         self._lock = threading.Lock()
         self._hooks: dict[int, Any] = {}
-        self.wait_s: dict[int, float] = {}  # step -> seconds the training loop waited
 
     def watch(self, opt: torch.optim.Optimizer) -> None:
         """Install the pre-step hook on ``opt`` (once)."""
@@ -70,7 +69,7 @@ class StepGuard:
                 continue
             t0 = time.perf_counter()
             snap.wait_storages(storages)
-            self.wait_s[snap.step] = self.wait_s.get(snap.step, 0.0) + time.perf_counter() - t0
+            snap.charge_wait(time.perf_counter() - t0)
 
     def before_update(self) -> None:
         """Wait for every pending copy (call before mutating saved tensors by hand)."""
@@ -79,7 +78,7 @@ class StepGuard:
         for snap in pending:
             t0 = time.perf_counter()
             snap.wait_all()
-            self.wait_s[snap.step] = self.wait_s.get(snap.step, 0.0) + time.perf_counter() - t0
+            snap.charge_wait(time.perf_counter() - t0)
 
     def close(self) -> None:
         for h in self._hooks.values():

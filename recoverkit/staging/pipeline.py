@@ -69,6 +69,8 @@ class AsyncPipeline:
         handle = SaveHandle(step, tiers=tiers)
         snap: HostSnapshot | None = HostSnapshot(step, plan, self.pool, self.copier)
         assert snap is not None
+        handle.metrics["prestep_wait_s"] = 0.0
+        snap.metrics = handle.metrics
         if not self._allocate(snap, plan):
             self.skipped += 1
             handle.skipped = True
@@ -145,7 +147,6 @@ class AsyncPipeline:
             except BaseException as e:  # noqa: BLE001 - reported through the commit
                 failure = e
             handle.metrics["staging_s"] = time.perf_counter() - t0
-            handle.metrics["prestep_wait_s"] = self.guard.wait_s.pop(snap.step, 0.0)
         else:
             failure = PoolExhaustedError(f"step {handle.step} skipped on rank {self.rank}: staging pool full")
         handle.staged.set()

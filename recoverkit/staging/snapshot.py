@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from ..errors import CopyError, PoolExhaustedError
+from ..format.checksum import crc32c_ptr
 from ..format.segment import align_up
+from ..state import to_bytes_view
 from ..storage.base import RankPayload, ShardData
 from .plan import PlannedShard, SavePlan
 
@@ -55,6 +57,12 @@ class HostSnapshot:
         self._lock = threading.Lock()
         self.released = False
         self.nbytes = len(plan.blob) + sum(p.nbytes for p in plan.shards)
+        self.metrics: dict[str, Any] = {"prestep_wait_s": 0.0}  # the handle's metrics
+
+    def charge_wait(self, seconds: float) -> None:
+        """Account time the training loop spent waiting for this snapshot's copies."""
+        with self._lock:
+            self.metrics["prestep_wait_s"] = self.metrics.get("prestep_wait_s", 0.0) + seconds
 
     @staticmethod
     def footprint(plan: SavePlan, alignment: int) -> int:
@@ -75,9 +83,11 @@ class HostSnapshot:
         self._entries = taken
 
     def start_copies(self, lazy_storages: set[int], eager_bytes: int) -> float:
-        """Copy eager shards now and submit lazy ones; return seconds spent copying eagerly."""
+        """Copy eager shards now (in this thread) and submit lazy ones to the engine.
+
+        Returns the seconds spent copying eagerly.
+        """
         t0 = time.perf_counter()
-        eager = []
         for e in self._entries:
             src = e.shard.source
             lazy = (
@@ -85,18 +95,18 @@ class HostSnapshot:
                 and e.nbytes > eager_bytes
                 and src.is_contiguous()
                 and src.device.type == "cpu"
+                and not src.is_conj()
+                and not src.is_neg()
             )
-            if not lazy:
-                src = src.detach()
-                if src.device.type != "cpu":
-                    src = src.to("cpu")
-                src = src.contiguous()
-            e.source = src
-            e.handle = self._engine.submit(int(src.data_ptr()), self._pool.address(e.offset), e.nbytes, crc=True)
-            if not lazy:
-                eager.append(e)
-        for e in eager:
-            self._finish(e, None)
+            if lazy:
+                e.source = src  # referenced until the copy lands
+                e.handle = self._engine.submit(int(src.data_ptr()), self._pool.address(e.offset), e.nbytes, crc=True)
+                continue
+            src = src.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+            if e.nbytes:
+                dst = torch.frombuffer(self._pool.view(e.offset, e.nbytes), dtype=torch.uint8)
+                dst.copy_(to_bytes_view(src))
+            e.crc = crc32c_ptr(self._pool.address(e.offset), e.nbytes) if e.nbytes else 0
         return time.perf_counter() - t0
 
     def wait_storages(self, storages: set[int], timeout_s: float | None = None) -> None:

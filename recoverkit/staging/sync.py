@@ -19,5 +19,5 @@ def stage_now(p: PlannedShard) -> ShardData:
     src = p.source
     if src.device.type != "cpu":
         src = src.to("cpu")
-    src = src.contiguous()
+    src = src.resolve_conj().resolve_neg().contiguous()
     return ShardData(p.key, p.dtype, p.global_shape, p.offsets, tuple(src.shape), to_bytes_view(src))

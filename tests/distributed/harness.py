@@ -42,6 +42,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+    queue.close()
+    queue.join_thread()  # the result is fully in the pipe before the process ends
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -16,10 +16,11 @@ def _save_two(root):
     model = torch.nn.Linear(64, 64)
     with Checkpointer(root) as ckpt:
         ckpt.save(1, {"model": model})
+        at_step_1 = model.weight.detach().clone()
         with torch.no_grad():
             model.weight.add_(1.0)
         ckpt.save(2, {"model": model})
-    return model
+    return at_step_1
 
 
 def _seg(root, step=2):
@@ -56,7 +57,7 @@ def test_flipped_data_byte_falls_back_to_previous_step(root):
     with pytest.warns(CheckpointSkippedWarning, match=r"step-000000002.*crc|checksum"):
         step, model = _restore(root)
     assert step == 1
-    assert torch.equal(model.weight, saved.weight - 1.0)
+    assert torch.equal(model.weight, saved)
     with pytest.raises(IntegrityError, match="rank-00000.seg"):
         _restore(root, step=2)  # asked for explicitly: the fault is raised, not skipped
 

@@ -11,6 +11,8 @@ import torch
 from recoverkit import Checkpointer, CheckpointOptions
 from recoverkit._native import engine as real_engine
 from recoverkit.config import StagingPolicy, TierPolicy
+from recoverkit.staging.plan import plan_save
+from recoverkit.staging.snapshot import HostSnapshot
 from tests.models import Trainer, params_equal
 
 
@@ -129,20 +131,21 @@ def test_buffers_are_copied_eagerly(root):
 def test_full_pool_skips_and_counts(root):
     trainer = Trainer(seed=6)
     slow = DelayedEngine(delay_s=0.5)
-    need = sum(p.numel() * 4 for p in trainer.model.parameters())
+    state = {"model": trainer.model, "optimizer": trainer.optimizer}  # params: copied lazily
+    one_snapshot = HostSnapshot.footprint(plan_save(state), 4096)
     opts = CheckpointOptions(
         tiers=TierPolicy(local_every=1, host_keep=0),
-        staging=StagingPolicy(budget_bytes=need + (256 << 10), eager_bytes=1024, when_full="skip"),
+        staging=StagingPolicy(budget_bytes=one_snapshot * 3 // 2, eager_bytes=1024, when_full="skip"),
     )
     with Checkpointer(root, options=opts, engine=slow) as ckpt:
-        first = ckpt.save_async(1, {"model": trainer.model})
-        second = ckpt.save_async(2, {"model": trainer.model})  # pool still busy with step 1
+        first = ckpt.save_async(1, state)
+        second = ckpt.save_async(2, state)  # pool still busy with step 1
         assert second.skipped and ckpt.skipped_saves == 1
         assert first.wait(60)
         with pytest.raises(Exception, match="staging pool full"):
             second.wait(60)
         assert ckpt.steps() == [1]
-        third = ckpt.save_async(3, {"model": trainer.model})  # space again
+        third = ckpt.save_async(3, state)  # space again
         assert third.wait(60) and not third.skipped
         assert ckpt.steps() == [1, 3]
 

@@ -1,0 +1,278 @@
+"""The data position: which samples the run has consumed, so a resume continues exactly.
+
+Save data flow: the data position is one more Stateful entry of the state that ``capture``
+records (rank-local in a multi-rank world); restore puts it back before the loop goes on.
+
+:class:`ResumableSampler` yields a deterministic permutation per epoch (seeded with
+``seed + epoch``) and counts how many indices of the epoch it has handed out.
+:class:`DataPosition` counts what the training loop has actually *consumed*. The two differ
+as soon as a ``DataLoader`` prefetches:
+
+* The DataLoader draws indices from its sampler in the **main process**, also with
+  ``num_workers > 0``; workers only receive lists of indices. To keep the workers busy it
+  draws ``prefetch_factor * num_workers`` batches ahead, so the sampler's own position runs
+  ahead of the loop by up to that many batches. Saving the sampler alone would skip those
+  samples on resume.
+* What the loop consumed is exactly ``sum(len(batch))`` over the batches it received (the
+  sampler's order is fixed, and batches arrive in sampler order even with several
+  workers). :meth:`DataPosition.advance` adds that up; its state is the sampler's state
+  with ``epoch``/``index`` replaced by the consumed position. Loading it rewinds the
+  sampler, so the next iteration starts at the first unconsumed sample.
+
+So, with a DataLoader, register the :class:`DataPosition` (not the sampler) in the state::
+
+    sampler = ResumableSampler(dataset, seed=0)
+    position = DataPosition(sampler)
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=4)
+    state = {"model": model, "optimizer": opt, "data": position}
+    ckpt.restore(state)                       # if a checkpoint exists
+    for epoch in range(position.epoch, epochs):
+        sampler.set_epoch(epoch)              # the current epoch keeps its position
+        for batch in loader:
+            train_step(batch)
+            position.advance(len(batch))      # after the step the batch was used in
+            ckpt.save(step, state)
+
+Without prefetching (``num_workers=0``, or iterating the sampler directly) the sampler's
+own position equals what was consumed, and the sampler can be registered directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from ..errors import IncompatibleCheckpointError
+
+__all__ = ["ResumableSampler", "DataPosition"]
+
+_INT_KEYS = ("epoch", "index", "seed", "length", "num_replicas")
+
+
+class ResumableSampler(Sampler[int]):
+    """A random (or sequential) sampler that resumes mid-epoch exactly.
+
+    Args:
+        data_source_or_len: the dataset (anything with ``len``) or its length.
+        shuffle: a fresh permutation per epoch from ``torch.Generator().manual_seed(seed +
+            epoch)``; otherwise ``0, 1, 2, ...``.
+        seed: the base seed.
+        drop_last: with ``num_replicas > 1``, drop the tail so every replica gets
+            ``len // num_replicas`` samples (otherwise the permutation is padded by wrapping,
+            as ``DistributedSampler`` does). No effect with one replica.
+        num_replicas: ranks that split each epoch's permutation (rank ``r`` takes positions
+            ``r, r + num_replicas, ...``).
+        rank: this rank.
+
+    Iterating yields the rest of the current epoch from ``index``; iterating again once an
+    epoch is finished starts the next one, unless :meth:`set_epoch` named the epoch to
+    iterate. ``index`` counts the indices handed out, raised as each one is yielded. A
+    finished epoch is saved as the start of the next one, so a resumed
+    ``for epoch in range(saved["epoch"], epochs)`` loop neither repeats nor skips an epoch.
+
+    Example:
+        >>> s = ResumableSampler(6, seed=1)
+        >>> it = iter(s); first = [next(it), next(it)]
+        >>> saved = s.state_dict()
+        >>> rest = list(it)
+        >>> s2 = ResumableSampler(6); s2.load_state_dict(saved)
+        >>> list(s2) == rest
+        True
+    """
+
+    def __init__(
+        self,
+        data_source_or_len: Sized | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        n = data_source_or_len if isinstance(data_source_or_len, int) else len(data_source_or_len)
+        if n < 0 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"need length >= 0 and 0 <= rank < num_replicas, got {n}, {rank}, {num_replicas}"
+            )
+        self.length = n
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.index = 0
+        self._generation = 0  # bumped when the position is moved; stale iterators stop
+        self._pinned = False  # set_epoch named the epoch the next iteration yields
+        self._cached: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        """Indices per epoch for this rank (a whole epoch, wherever the position is)."""
+        return self._num_samples(self.drop_last)
+
+    def _num_samples(self, drop_last: bool) -> int:
+        if self.num_replicas == 1:
+            return self.length
+        if drop_last:
+            return self.length // self.num_replicas
+        return math.ceil(self.length / self.num_replicas)
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``, in the order they are yielded."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.length, generator=g).tolist()
+        else:
+            perm = list(range(self.length))
+        total = len(self) * self.num_replicas
+        if total > len(perm) and perm:
+            perm = (perm * math.ceil(total / len(perm)))[:total]
+        order = perm[self.rank : total : self.num_replicas]
+        self._cached = (epoch, order)
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        if len(self) and self.index >= len(self) and not self._pinned:
+            self.epoch, self.index = self.epoch + 1, 0
+        self._pinned = False
+        self._generation += 1
+        return self._run(self._generation, self.order(self.epoch))
+
+    def _run(self, generation: int, order: list[int]) -> Iterator[int]:
+        while self._generation == generation and self.index < len(order):
+            i = order[self.index]
+            self.index += 1
+            yield i
+
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate ``epoch`` next: from its start, or, if it is the current epoch, from the
+        current position (a resumed loop calls this; a finished epoch then yields nothing)."""
+        if epoch != self.epoch:
+            self.epoch, self.index = int(epoch), 0
+            self._generation += 1
+        self._pinned = True
+
+    def resume_point(self, epoch: int, index: int) -> tuple[int, int]:
+        """``(epoch, index)`` as saved: the end of an epoch becomes the start of the next."""
+        n = self._num_samples(self.drop_last)
+        return (epoch + 1, 0) if n and index >= n else (epoch, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "index", "seed", "shuffle", "length", "num_replicas", "drop_last"}``."""
+        epoch, index = self.resume_point(self.epoch, self.index)
+        return {
+            "epoch": epoch,
+            "index": index,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "length": self.length,
+            "num_replicas": self.num_replicas,
+            "drop_last": self.drop_last,
+        }
+
+    def validate_state_dict(self, state_dict: Any) -> None:
+        """Raise :class:`IncompatibleCheckpointError` unless ``state_dict`` fits this sampler."""
+        if not isinstance(state_dict, dict):
+            raise IncompatibleCheckpointError(
+                f"sampler state must be a dict, got {type(state_dict).__name__}"
+            )
+        sd = {"num_replicas": 1, "drop_last": False, **state_dict}
+        missing = [k for k in ("epoch", "index", "seed", "shuffle", "length") if k not in sd]
+        if (
+            missing
+            or any(type(sd[k]) is not int for k in _INT_KEYS)
+            or any(type(sd[k]) is not bool for k in ("shuffle", "drop_last"))
+        ):
+            raise IncompatibleCheckpointError(
+                f"sampler state is malformed (missing {missing}): {state_dict!r}"
+            )
+        if sd["length"] != self.length or sd["num_replicas"] != self.num_replicas:
+            raise IncompatibleCheckpointError(
+                f"sampler state is for {sd['length']} samples over {sd['num_replicas']} replica(s); this "
+                f"sampler has {self.length} over {self.num_replicas}"
+            )
+        if not 0 <= sd["index"] <= self._num_samples(bool(sd["drop_last"])) or sd["epoch"] < 0:
+            raise IncompatibleCheckpointError(
+                f"sampler position epoch={sd['epoch']} index={sd['index']} is out of range"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the saved epoch and index, with the saved seed, shuffle and drop_last."""
+        self.validate_state_dict(state_dict)
+        self.seed, self.shuffle = state_dict["seed"], bool(state_dict["shuffle"])
+        self.drop_last = bool(state_dict.get("drop_last", False))
+        self.epoch, self.index = state_dict["epoch"], state_dict["index"]
+        self._generation += 1
+        self._pinned = False
+        self._cached = None
+
+
+class DataPosition:
+    """What the training loop consumed; the exact resume point with a prefetching DataLoader.
+
+    Args:
+        sampler: the loader's :class:`ResumableSampler`, rewound on load. Without one, the
+            position is only counted (``epoch`` via :meth:`set_epoch`), for loops that skip
+            ahead themselves.
+
+    Example:
+        >>> sampler = ResumableSampler(10, seed=3)
+        >>> position = DataPosition(sampler)
+        >>> batch = [i for _, i in zip(range(4), sampler)]  # the loader drew 4 ...
+        >>> position.advance(2)                              # ... the loop used 2
+        >>> sampler.index, position.state_dict()["index"]
+        (4, 2)
+    """
+
+    def __init__(self, sampler: ResumableSampler | None = None) -> None:
+        self.sampler = sampler
+        self.epoch = sampler.epoch if sampler is not None else 0
+        self.index = sampler.index if sampler is not None else 0
+
+    def advance(self, n: int) -> None:
+        """Record that the loop consumed ``n`` more samples (``len(batch)``)."""
+        if self.sampler is not None and self.sampler.epoch != self.epoch:
+            self.epoch, self.index = self.sampler.epoch, 0  # the loader started the next epoch
+        self.index += int(n)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (when there is no sampler to follow); the current epoch is kept."""
+        if epoch != self.epoch:
+            self.epoch, self.index = int(epoch), 0
+
+    def rewind(self) -> None:
+        """Move the sampler back to the consumed position (e.g. after leaving a loop early)."""
+        if self.sampler is not None:
+            self.sampler.load_state_dict(self.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state with ``epoch`` and ``index`` set to what was consumed."""
+        if self.sampler is None:
+            return {"epoch": self.epoch, "index": self.index}
+        epoch, index = self.sampler.resume_point(self.epoch, self.index)
+        return {**self.sampler.state_dict(), "epoch": epoch, "index": index}
+
+    def validate_state_dict(self, state_dict: Any) -> None:
+        """Raise :class:`IncompatibleCheckpointError` unless ``state_dict`` can be loaded."""
+        if self.sampler is not None:
+            self.sampler.validate_state_dict(state_dict)
+        elif not isinstance(state_dict, dict) or any(
+            type(state_dict.get(k)) is not int for k in ("epoch", "index")
+        ):
+            raise IncompatibleCheckpointError(
+                f"data position needs int 'epoch' and 'index', got {state_dict!r}"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the consumed position and rewind the sampler to it."""
+        self.validate_state_dict(state_dict)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state_dict)
+        self.epoch, self.index = state_dict["epoch"], state_dict["index"]
