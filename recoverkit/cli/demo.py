@@ -59,7 +59,7 @@ def run_demo(root: str, *, steps: int = 60, save_every: int = 5, kill_at: int = 
         if ev["event"] == "step":
             if ev["save_s"]:
                 stalls.append(ev["save_s"])
-                echo(f"  step {ev['step']:4d}  loss {ev['loss']:.4f}  checkpoint saved in {ev['save_s'] * 1e3:.1f} ms")
+                echo(f"  step {ev['step']:4d}  loss {ev['loss']:.4f}  training stalled {ev['save_s'] * 1e3:.2f} ms by the step {ev['step'] - 1} checkpoint")
             if ev["step"] == kill_at:
                 proc.send_signal(signal.SIGKILL)
                 killed_t = time.perf_counter()
@@ -110,7 +110,7 @@ def demo(root: str | None, steps: int, save_every: int, kill_at: int) -> None:
         click.echo(f"  steps lost             {r.steps_lost}")
         click.echo(f"  time to recover        {r.recover_s:.2f} s (kill -> first step after restart)")
         if stall_ms:
-            click.echo(f"  save stall (median)    {stall_ms[len(stall_ms) // 2]:.1f} ms over {len(stall_ms)} saves")
+            click.echo(f"  save stall (median)    {stall_ms[len(stall_ms) // 2]:.2f} ms over {len(stall_ms)} lazy saves (call + pre-step wait)")
         verdict = "identical to" if r.identical else "DIFFERENT from"
         click.echo(f"  final model            {verdict} the failure-free run (sha256 {r.fingerprint_reference[:16]})")
         if not r.identical:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpointer import Checkpointer
+from ..config import CheckpointOptions, StagingPolicy
 from ..errors import CheckpointNotFoundError
 
 VOCAB, SEQ = 61, 12
@@ -68,13 +69,14 @@ def run(root: str, steps: int, save_every: int) -> None:
     data = torch.Generator().manual_seed(1)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": GeneratorState(data), "step": 0}
     t0 = time.perf_counter()
-    with Checkpointer(root) as ckpt:
+    with Checkpointer(root, options=CheckpointOptions(staging=StagingPolicy(budget_bytes=64 << 20))) as ckpt:
         try:
             restored = ckpt.restore(state)
             _emit(event="restored", step=restored, seconds=time.perf_counter() - t0)
         except CheckpointNotFoundError:
             _emit(event="fresh", step=0)
         step = state["step"]
+        pending = None  # the last save_async: its stall is known once the next step ran
         while step < steps:
             model.train()
             tokens = torch.randint(0, VOCAB, (8, SEQ + 1), generator=data)
@@ -85,10 +87,13 @@ def run(root: str, steps: int, save_every: int) -> None:
             sched.step()
             step += 1
             stall = 0.0
+            if pending is not None:  # call + the wait the optimizer's pre-step hook just did
+                stall = pending.metrics["call_s"] + pending.metrics["prestep_wait_s"]
+                pending = None
             if step % save_every == 0:
                 state["step"] = step
-                stall = ckpt.save(step, state).timings_s["total"]
-            _emit(event="step", step=step, loss=float(loss), save_s=stall, t=time.perf_counter())
+                pending = ckpt.save_async(step, state)
+            _emit(event="step", step=step, loss=float(loss.detach()), save_s=stall, t=time.perf_counter())
     _emit(event="done", step=step, fingerprint=fingerprint(model))
 
 
