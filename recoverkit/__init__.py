@@ -11,7 +11,8 @@ Example:
 """
 
 from .checkpointer import Checkpointer, SaveResult
-from .config import CheckpointOptions, RetentionPolicy
+from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
+from .dist.sharded import ShardedTensor, replicated
 from .errors import (
     CheckpointLockedError,
     CheckpointNotFoundError,
@@ -20,13 +21,19 @@ from .errors import (
     IntegrityError,
     RecoverkitError,
 )
+from .session import protect
 from .state import ResumableSampler, Stateful
 
 __all__ = [
+    "protect",
     "Checkpointer",
     "SaveResult",
     "CheckpointOptions",
     "RetentionPolicy",
+    "TierPolicy",
+    "StagingPolicy",
+    "ShardedTensor",
+    "replicated",
     "Stateful",
     "ResumableSampler",
     "RecoverkitError",

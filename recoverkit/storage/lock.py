@@ -1,10 +1,16 @@
 """The run lock: one writer per checkpoint root.
 
-The writer of a root holds an exclusive ``flock`` on ``ROOT/.lock`` for as long as its
-Checkpointer lives. The kernel drops the lock when the holder dies (SIGKILL included), so a
-restarted job takes it over at once, while a second live writer on the same root gets a
-:class:`~recoverkit.errors.CheckpointLockedError` naming the holder instead of interleaving
-checkpoints with it. Readers (restore, the CLI) never take the lock.
+The writer of a root holds an exclusive POSIX record lock (``lockf``) on ``ROOT/.lock`` for
+as long as its Checkpointer lives. The kernel drops the lock when the holder dies (SIGKILL
+included), so a restarted job takes it over at once, while a second live writer on the same
+root gets a :class:`~recoverkit.errors.CheckpointLockedError` naming the holder instead of
+interleaving checkpoints with it. Readers (restore, the CLI) never take the lock.
+
+Why ``lockf`` and not ``flock``: a ``flock`` belongs to the open file, which forked children
+(DataLoader workers) share, so a SIGKILLed trainer's workers would keep its lock for seconds
+after it died. A POSIX lock belongs to the process and is not inherited by ``fork``. As POSIX
+locks never conflict within one process, a registry fences a second writer in the same
+process.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import fcntl
 import json
 import os
 import socket
+import threading
 
 from ..errors import CheckpointLockedError
 from .layout import LOCK
 
 __all__ = ["RunLock"]
+
+_HELD: set[str] = set()  # lock files this process holds
+_HELD_LOCK = threading.Lock()
 
 
 class RunLock:
@@ -34,10 +44,26 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        key = os.path.realpath(self.path)
+        with _HELD_LOCK:
+            if key in _HELD:
+                raise CheckpointLockedError(
+                    f"{self.path}: another writer holds this checkpoint root (pid {os.getpid()}, this "
+                    "process); two writers on one root would interleave checkpoints"
+                )
+            _HELD.add(key)
+        try:
+            return self._acquire()
+        except BaseException:
+            with _HELD_LOCK:
+                _HELD.discard(key)
+            raise
+
+    def _acquire(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             holder = _read_holder(fd)
             os.close(fd)
             raise CheckpointLockedError(
@@ -55,9 +81,11 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            with _HELD_LOCK:
+                _HELD.discard(os.path.realpath(self.path))
 
     @property
     def held(self) -> bool:

@@ -85,3 +85,22 @@ def test_tier_and_staging_policies_validate():
         StagingPolicy(when_full="drop")
     with pytest.raises(ConfigError, match="budget_bytes"):
         StagingPolicy(budget_bytes=1)
+
+
+def test_lock_is_not_kept_by_forked_children_of_a_killed_holder(tmp_path):
+    # DataLoader workers are forked children: they must not keep a dead trainer's lock
+    code = (
+        "import os,sys,time; from recoverkit.storage.lock import RunLock; RunLock(sys.argv[1]).acquire()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n    time.sleep(30); os._exit(0)\n"
+        "print(pid, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        os.kill(child, 0)  # the forked child is still alive...
+        RunLock(str(tmp_path)).acquire().release()  # ...and the lock is free all the same
+    finally:
+        os.kill(child, signal.SIGKILL)
