@@ -1,6 +1,7 @@
 """A training job under recoverkit.protect, run as a subprocess by the tests.
 
-python -m tests.integrations.protect_worker ROOT STEPS SAVE_EVERY [NAN_AT]
+python -m tests.integrations.protect_worker ROOT STEPS SAVE_EVERY [NAN_AT [DIE_AT]]
+(DIE_AT: SIGKILL itself after that step on a torchrun first attempt)
 Prints one JSON line per event: {"event": "start", "resumed": ...}, {"event": "step", ...},
 {"event": "done", "fingerprint": ...}.
 """
@@ -8,6 +9,8 @@ Prints one JSON line per event: {"event": "start", "resumed": ...}, {"event": "s
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 import torch
@@ -32,7 +35,7 @@ class Tokens(Dataset):
         return self.data[i]
 
 
-def main(root: str, steps: int, save_every: int, nan_at: int = -1) -> None:
+def main(root: str, steps: int, save_every: int, nan_at: int = -1, die_at: int = -1) -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -57,6 +60,8 @@ def main(root: str, steps: int, save_every: int, nan_at: int = -1) -> None:
             opt.step()
             sched.step()
             print(json.dumps({"event": "step", "step": run.step + 1, "first": batch[0, :3].tolist()}), flush=True)
+            if run.step + 1 == die_at and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash on the first attempt only
     print(json.dumps({"event": "done", "step": run.step, "fingerprint": fingerprint(model), "skip": run.counters.skip}), flush=True)
 
 
