@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from ..dist.sharded import ShardedTensor, assign_owners, ddp_param_ids, is_replicated_entry, local_prefix, unwrap
+from ..dist.sharded import (
+    ShardedTensor,
+    assign_owners,
+    ddp_param_ids,
+    is_replicated_entry,
+    local_prefix,
+    unwrap,
+)
 from ..format.manifest import TensorRecord
 from ..state import RNGState, capture, dtype_name, encode, flatten
 

@@ -1,0 +1,38 @@
+// Segment files: many host buffers written to one file at given offsets with pwrite (or
+// O_DIRECT through an aligned bounce buffer), fsync'ed, every return code checked; and read
+// back with each item's CRC-32C verified. These calls block; the bindings release the GIL
+// around them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace recoverkit {
+
+struct WriteItem {
+  uint64_t file_offset;
+  const void* src;
+  uint64_t nbytes;
+};
+
+struct ReadItem {
+  uint64_t file_offset;
+  void* dst;
+  uint64_t nbytes;
+  int64_t expected_crc;  // -1: do not check
+};
+
+// Creates/truncates `path` (mode 0644), writes every item at its offset, sizes the file to
+// max(offset + nbytes) (gaps read as zeros), fsyncs when asked. Items must not overlap
+// (InvalidArgument). direct: O_DIRECT where the file system supports it, else buffered.
+// Throws OsError(errno, path) on any failed system call.
+void write_segment(const std::string& path, const std::vector<WriteItem>& items, bool direct,
+                   bool fsync_file);
+
+// Reads every item into its destination and returns the CRC-32C of each. Throws
+// IntegrityFailure for a file too short or a checksum mismatch, OsError otherwise.
+std::vector<uint32_t> read_segment(const std::string& path, const std::vector<ReadItem>& items);
+
+}  // namespace recoverkit
