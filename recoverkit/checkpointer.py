@@ -27,6 +27,7 @@ from ._native import engine as default_engine
 from .config import CheckpointOptions
 from .dist.commit import CommitRequest, commit_step
 from .dist.coordinator import Coordinator, default_coordinator
+from .dist.dtensor import prepare_optimizer_state
 from .dist.sharded import unwrap
 from .errors import CheckpointNotFoundError, CommitError, IntegrityError
 from .format.manifest import Manifest, TensorRecord
@@ -231,17 +232,25 @@ class Checkpointer:
         it. Returns the step restored; raises CheckpointNotFoundError if none is valid.
         """
         self.wait()
-        sharded = target_shards(state)
-        failures = []
-        for tier, s, manifest in self._candidates(step):
-            try:
-                captured = read_state(tier, s, manifest, rank=self.rank, allow_pickle=self.options.allow_pickle, sharded=sharded)
-            except (IntegrityError, OSError) as e:
-                warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
-                failures.append((e, f"{tier.describe(s)}: {e}"))
-                continue
-            apply_restored(state, captured, restore_rng=self.options.capture_rng)
-            return s
+        # Optimizers over DTensors get their state tensors first, so the restore fills them
+        # in place with the right placements; undone if nothing gets restored.
+        prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
+        try:
+            sharded = target_shards(state)
+            failures = []
+            for tier, s, manifest in self._candidates(step):
+                try:
+                    captured = read_state(tier, s, manifest, rank=self.rank, allow_pickle=self.options.allow_pickle, sharded=sharded)
+                except (IntegrityError, OSError) as e:
+                    warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
+                    failures.append((e, f"{tier.describe(s)}: {e}"))
+                    continue
+                apply_restored(state, captured, restore_rng=self.options.capture_rng)
+                prepared = []
+                return s
+        finally:
+            for o in prepared:
+                o.state.clear()
         if step is not None and failures:
             raise failures[-1][0]
         detail = f" ({'; '.join(f for _, f in failures)})" if failures else ""

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .coordinator import Coordinator
 from ..errors import CommitError, CommitTimeoutError
 from ..format.manifest import Manifest, TensorRecord
 from ..storage.base import RankPayload, RankRecords, ShardMeta, Tier
 from ..storage.faults import FaultInjector
+from .coordinator import Coordinator
 
 __all__ = ["CommitRequest", "commit_step"]
 

@@ -43,6 +43,7 @@ class Coordinator(ABC):
 
     def forget(self, key: str) -> None:
         """Drop what ``key`` stored (best effort; called once a step is settled)."""
+        return None
 
 
 class LocalCoordinator(Coordinator):

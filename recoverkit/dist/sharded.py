@@ -1,8 +1,9 @@
 """How a rank's tensors relate to the world: rank-local, replicated, or a shard.
 
 * **Sharded**: a :class:`ShardedTensor` (explicit shard metadata: the local tensor, the
-  global shape and this rank's offsets, as ZeRO-style flat partitions have) or a DTensor.
-  Saved under its global key with its offsets; restored into any other sharding.
+  global shape and this rank's offsets, as ZeRO-style flat partitions have) or a DTensor
+  (``dist.dtensor``). Saved under its global key with its offsets; restored into any
+  other sharding.
 * **Replicated**: every tensor of an entry that is the same on every rank (a DDP module,
   an optimizer over only DDP parameters, or an entry wrapped in :func:`replicated`).
   Written once, by one owner rank; owners are spread over the ranks by bytes.
@@ -35,6 +36,8 @@ class ShardedTensor:
     local: torch.Tensor
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
+    write: bool = True
+    """False on ranks that hold a replica of a region another rank writes (e.g. HSDP)."""
 
     def __post_init__(self) -> None:
         self.global_shape = tuple(int(d) for d in self.global_shape)

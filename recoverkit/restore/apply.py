@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..dist.dtensor import as_sharded, is_dtensor, local_of
 from ..dist.sharded import ShardedTensor, unwrap
 from ..errors import IncompatibleCheckpointError
 from ..staging.plan import RNG_KEY
@@ -30,7 +31,9 @@ def target_shards(state: MutableMapping[str, Any]) -> dict[str, ShardedTensor]:
 
 
 def _walk(tree: Any, path: str, found: dict[str, ShardedTensor]) -> None:
-    if isinstance(tree, ShardedTensor):
+    if is_dtensor(tree):
+        found[path] = as_sharded(tree)
+    elif isinstance(tree, ShardedTensor):
         found[path] = tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
@@ -44,7 +47,7 @@ def apply_restored(state: MutableMapping[str, Any], captured: dict[str, Any], *,
     """Load ``captured`` into ``state``; every check happens before the first change."""
     rng = captured.pop(RNG_KEY, None)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    captured = {k: _swap_shards(state.get(k), v, copies) for k, v in captured.items()}
+    captured = {k: _swap_shards(_target_tree(state, k), v, copies) for k, v in captured.items()}
     targets = {k: unwrap(v) for k, v in state.items()}
     apply(targets, captured)
     for dst, src in copies:
@@ -56,17 +59,28 @@ def apply_restored(state: MutableMapping[str, Any], captured: dict[str, Any], *,
         RNGState().load_state_dict(rng)
 
 
+def _target_tree(state: MutableMapping[str, Any], name: str) -> Any:
+    """The live tree of entry ``name``: its state dict (DTensors and all), or its value."""
+    if name not in state:
+        return None
+    return capture({name: unwrap(state[name])})[name]
+
+
 def _swap_shards(target: Any, restored: Any, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """Put the target's own ShardedTensor in the tree and note the copy to make later."""
     if isinstance(restored, ShardedTensor):
-        if not isinstance(target, ShardedTensor):
+        if is_dtensor(target):
+            local = local_of(target)
+        elif isinstance(target, ShardedTensor):
+            local = target.local
+        else:
             return restored
-        if target.local.shape != restored.local.shape or target.local.dtype != restored.local.dtype:
+        if local.shape != restored.local.shape or local.dtype != restored.local.dtype:
             raise IncompatibleCheckpointError(
                 f"saved shard {list(restored.local.shape)} {restored.local.dtype} does not fit the target "
-                f"{list(target.local.shape)} {target.local.dtype}"
+                f"{list(local.shape)} {local.dtype}"
             )
-        copies.append((target.local, restored.local))
+        copies.append((local, restored.local))
         return target
     if isinstance(target, dict) and isinstance(restored, dict):
         return {k: _swap_shards(target.get(k), v, copies) for k, v in restored.items()}

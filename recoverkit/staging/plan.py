@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..dist.dtensor import as_sharded, is_dtensor
 from ..dist.sharded import (
     ShardedTensor,
     assign_owners,
@@ -95,7 +96,8 @@ def plan_save(
                 plan.aliases[ref.key] = TensorRecord(ref.key, dtype_name(t.dtype), tuple(t.shape), alias_of=ref.alias_of)
             elif id(ref.tensor) in sharded:
                 s = sharded[id(ref.tensor)]
-                plan.shards += split_rows(ref.key, t, s.global_shape, s.offsets, "sharded", piece_bytes)
+                if s.write:
+                    plan.shards += split_rows(ref.key, t, s.global_shape, s.offsets, "sharded", piece_bytes)
             elif repl:
                 replicated.append((ref.key, t))
             else:
@@ -136,6 +138,8 @@ def split_rows(
 
 def _note_sharded(tree: Any, found: dict[int, ShardedTensor]) -> Any:
     """Replace ShardedTensor nodes by their local tensors, remembering their placement."""
+    if is_dtensor(tree):
+        tree = as_sharded(tree)
     if isinstance(tree, ShardedTensor):
         found[id(tree.local)] = tree
         return tree.local

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..dist.dtensor import local_of
 from ..errors import CopyError, PoolExhaustedError
 from ..format.checksum import crc32c_ptr
 from ..format.segment import align_up
@@ -29,8 +30,9 @@ __all__ = ["HostSnapshot", "storage_id"]
 
 
 def storage_id(t: torch.Tensor) -> int:
-    """Identity of a tensor's storage (shared by views and pieces of one tensor)."""
-    return int(t.untyped_storage().data_ptr())
+    """Identity of a tensor's storage (shared by views and pieces of one tensor); a
+    DTensor's is its local shard's."""
+    return int(local_of(t).untyped_storage().data_ptr())
 
 
 @dataclass
