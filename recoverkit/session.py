@@ -87,7 +87,9 @@ class Run:
         self.state["__run__"] = self.counters
         self.loader = loader
         self.position = None
-        if isinstance(loader, DataLoader):
+        if callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)):
+            self.state["__data__"] = loader  # resumes itself (torchdata's StatefulDataLoader)
+        elif isinstance(loader, DataLoader):
             from recoverkit.integrations.pytorch import resumable_loader
 
             self.loader, self.position = resumable_loader(
@@ -288,7 +290,9 @@ def protect(
         root: the checkpoint root.
         model, optimizer, scheduler, scaler: one object or a list of them each (DDP and
             FSDP2 modules are fine).
-        loader: a DataLoader (rebuilt over a resumable sampler) or any iterable.
+        loader: a DataLoader (rebuilt over a resumable sampler), a loader that saves its own
+            position (``state_dict``/``load_state_dict``, e.g. torchdata's
+            ``StatefulDataLoader``; kept as it is), or any iterable.
         extra: more Stateful objects or plain values to save.
         save_every: steps between lazy saves.
         epochs / max_steps: when the iteration ends (``epochs=None``: until max_steps).
