@@ -29,7 +29,7 @@ from .dist.commit import CommitRequest, commit_step
 from .dist.coordinator import Coordinator, default_coordinator
 from .dist.dtensor import prepare_optimizer_state
 from .dist.sharded import unwrap
-from .errors import CheckpointNotFoundError, CommitError, IntegrityError
+from .errors import CheckpointNotFoundError, CommitError, IntegrityError, StorageError
 from .format.manifest import Manifest, TensorRecord
 from .restore.apply import apply_restored, target_shards
 from .restore.reader import read_state
@@ -113,8 +113,12 @@ class Checkpointer:
         self._commit_lock = threading.Lock()
         self._pipeline: Any = None
         self._lock: RunLock | None = None
-        self.tier.fs.makedirs(self.root)
-        self.tier.fs.check_writable(self.root)  # an unwritable root fails here, before step 1
+        # an unwritable root (read-only, full, no permission) fails here, before step 1
+        _check_writable(self.tier.fs, self.root, "checkpoint root")
+        if self.options.tiers.persistent_url and self.options.tiers.persistent_url.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            _check_writable(LocalFS(), unquote(urlparse(self.options.tiers.persistent_url).path), "persistent store")
         if self.rank == 0:  # the root's writer: fences other jobs, clears interrupted saves
             if self.options.lock:
                 self._lock = RunLock(self.root).acquire()
@@ -321,6 +325,15 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_writable(fs: LocalFS, path: str, what: str) -> None:
+    """Raise StorageError (an OSError with the errno) unless files can be created in ``path``."""
+    try:
+        fs.makedirs(path)
+        fs.check_writable(path)
+    except OSError as e:
+        raise StorageError(e.errno, f"{what} {path} is not writable: {e.strerror or e}", path) from e
 
 
 def _check_step(step: int) -> None:

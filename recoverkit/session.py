@@ -109,6 +109,9 @@ class Run:
         self._rejected = False
         self._current: tuple[int, int] | None = None
         self._last_handle: Any = None
+        self._pending: list[Any] = []  # save handles not yet settled
+        #: (step, error) of every lazy save that failed (each is also logged as an error)
+        self.failed_saves: list[tuple[int, BaseException]] = []
         self._old_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------- lifecycle
@@ -130,6 +133,7 @@ class Run:
             return  # _exit_preempted already waited up to the grace period; the OS drops the lock
         try:
             self.ckpt.wait()
+            self._check_saves()
         finally:
             self.ckpt.close()
 
@@ -195,15 +199,31 @@ class Run:
             self.position.advance(self._current[1])
         self._current = None
         self.counters.step += 1
+        self._check_saves()
         if self.counters.step % self.save_every == 0 or self.preempted is not None:
-            self._last_handle = self.ckpt.save_async(self.counters.step, self.state)
+            self._track(self.ckpt.save_async(self.counters.step, self.state))
         if self.preempted is not None:
             self._exit_preempted()
 
     def save(self) -> Any:
         """Save the state at the current step boundary now (lazily); return the handle."""
-        self._last_handle = self.ckpt.save_async(self.counters.step, self.state)
-        return self._last_handle
+        return self._track(self.ckpt.save_async(self.counters.step, self.state))
+
+    def _track(self, handle: Any) -> Any:
+        self._last_handle = handle
+        self._pending.append(handle)
+        return handle
+
+    def _check_saves(self) -> None:
+        """Report lazy saves that failed since the last check: training goes on, nobody is left unaware."""
+        pending = []
+        for h in self._pending:
+            if not h.done():
+                pending.append(h)
+            elif h.error is not None:
+                self.failed_saves.append((h.step, h.error))
+                log.error("recoverkit: step %d was not saved: %s", h.step, h.error)
+        self._pending = pending
 
     # ------------------------------------------------------------- loss guard
     def guard(self, loss: torch.Tensor | float) -> bool:

@@ -109,8 +109,15 @@ class LocalTier(Tier):
 
     def _write_latest(self, step: int) -> None:
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}")
-        self.fs.write_file(tmp, (step_dirname(step) + "\n").encode())
-        self.fs.replace(tmp, os.path.join(self.root, LATEST))
+        try:
+            self.fs.write_file(tmp, (step_dirname(step) + "\n").encode())
+            self.fs.replace(tmp, os.path.join(self.root, LATEST))
+        except OSError:
+            try:  # leave no temporary bytes behind (start-up cleanup would find them later)
+                self.fs.remove(tmp)
+            except OSError:
+                pass
+            raise
         self.fs.fsync_dir(self.root)
 
     # ----------------------------------------------------------------- reading
@@ -120,7 +127,9 @@ class LocalTier(Tier):
         found = []
         for name in self.fs.listdir(self.root):
             step = parse_step_dirname(name)
-            if step is not None and self.fs.size(os.path.join(self.root, name, MANIFEST_NAME)) is not None:
+            path = os.path.join(self.root, name)
+            # a foreign *file* named like a step is not a step (stat inside it: ENOTDIR)
+            if step is not None and self.fs.is_dir(path) and self.fs.size(os.path.join(path, MANIFEST_NAME)) is not None:
                 found.append(step)
         return sorted(found)
 

@@ -1,0 +1,103 @@
+"""The failure-injection benchmarks in smoke mode: well-formed output and their correctness figures.
+
+Each scenario runs in a subprocess (``python -m bench.bench_<name> --smoke --out-dir TMP``): they
+fork, kill and mount. Correctness figures are asserted (valid restores 100 %, no partial step
+accepted, detection 100 %, no hang); timings never are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def _run(name, tmp_path, timeout=180):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.bench_{name}", "--smoke", "--out-dir", str(out), "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads((out / f"{name}.json").read_text())
+    assert r["scenario"] == name and r["smoke"] is True and "cpu" in r["machine"]
+    assert (out / f"{name}.md").read_text().startswith(f"### {name}")
+    assert (out / f"{name}.png").stat().st_size > 0
+    assert all(math.isfinite(x) for x in _numbers(r))
+    assert "|" in proc.stdout
+    return r
+
+
+def test_torture_smoke(tmp_path):
+    r = _run("torture", tmp_path)
+    assert r["trials"] >= 20 and r["sigkills"] == r["trials"]
+    assert r["valid_restores"] == r["trials"] and r["valid_restore_rate"] == 1.0
+    assert r["partial_steps_accepted"] == 0
+    assert r["committed_steps_failing_verify"] == 0 and r["committed_steps_lost"] == 0
+    assert r["leftovers_after_startup"] == 0
+    assert r["targeted_exact"] == r["targeted_trials"] > 0
+    assert {t["kind"] for t in r["detail"]} == {"random", "phase", "op"}
+
+
+def test_corruption_smoke(tmp_path):
+    r = _run("corruption", tmp_path)
+    assert r["detection_rate"] == 1.0 and r["fallback_rate"] == 1.0
+    assert {"bit_flip", "truncate", "zero_range", "missing_shard", "manifest_flip", "foreign_file"} <= set(r["by_kind"])
+    assert set(r["throughput"]["warm"]) == {"plain_read", "verify_crc32c", "restore"}
+
+
+def test_storage_faults_smoke(tmp_path):
+    r = _run("storage_faults", tmp_path)
+    assert r["all_ok"] is True, {k: v for k, v in r["cases"].items() if not v["ok"]}
+    assert r["cases"]["read_only/at_start"]["steps_before_error"] == 0
+    for name, c in r["cases"].items():
+        assert not c.get("leftovers"), name
+        if "previous_intact" in c:
+            assert c["previous_intact"], name
+    assert r["cases"]["eio/protect_loop"]["failed_saves"] == [4, 5, 6]
+
+
+def test_rank_failure_smoke(tmp_path):
+    r = _run("rank_failure", tmp_path)
+    assert r["hangs"] == 0 and r["commits_of_failed_step"] == 0
+    assert r["detection_rate"] == 1.0 and r["detected"] == r["surviving_ranks"] > 0
+    assert r["previous_step_latest"] == r["trials"]
+    assert r["all_within_timeout"] is True
+
+
+@pytest.mark.slow
+def test_mttr_smoke(tmp_path):
+    r = _run("mttr", tmp_path)
+    for src in ("local", "persistent"):
+        s = r["summary"][src]
+        assert s["mttr"] > 0 and s["steps_lost"] >= 0
+    assert all(x["finished"] and x["resumed_from"] is not None for x in r["runs"])
+    assert r["host_inprocess"]["host_steps_lost"] == 0
+
+
+def test_effective_smoke(tmp_path):
+    r = _run("effective", tmp_path)
+    assert set(r["methods"]) == {"recoverkit save_async every step", "recoverkit save_async every 5",
+                                 "torch.save every 10", "torch.save every 50"}
+    for name, m in r["methods"].items():
+        assert 0 <= m["effective"] <= 1.5
+        if m["finished"]:
+            assert m["bit_identical"], name
+    assert r["methods"]["recoverkit save_async every 5"]["finished"]
