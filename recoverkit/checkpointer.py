@@ -195,7 +195,8 @@ class Checkpointer:
             from .staging.pipeline import AsyncPipeline
 
             self._pipeline = AsyncPipeline(
-                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain
+                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain,
+                coalesce=self.world_size == 1,
             )
         return self._pipeline
 

@@ -13,7 +13,10 @@ class SaveHandle:
     """Tracks one asynchronous save.
 
     Events: ``staged`` (every byte copied to host memory), ``durable[tier]`` (written and
-    committed on that tier), ``committed`` (every scheduled tier done, or failed).
+    committed on that tier), ``committed`` (every scheduled tier done, superseded, or
+    failed). ``superseded`` maps a tier to the newer step written there instead of this one
+    (one-process jobs whose disk is slower than the save interval); ``durable`` of such a
+    tier is never set.
     ``metrics`` holds ``call_s`` (blocking time in the call), ``prestep_wait_s`` (time the
     optimizer hook waited), ``staging_s``, ``durable_s/<tier>`` and ``bytes``.
 
@@ -31,6 +34,7 @@ class SaveHandle:
         self.committed = threading.Event()
         self.error: BaseException | None = None
         self.skipped = False
+        self.superseded: dict[str, int] = {}
         self.metrics: dict[str, Any] = {}
 
     def done(self) -> bool:

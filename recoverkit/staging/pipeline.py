@@ -12,6 +12,13 @@
 The drain thread handles saves one at a time in submission order, so every rank commits
 the same steps in the same order. A rank that must skip a save (pool full) still takes
 part in its commit and reports the skip, so the step fails on every rank alike.
+
+In a one-process job (``coalesce``) a save still waiting for a tier when a newer save for
+the same tier is already staged is *superseded* on that tier: the drain writes the newer
+one instead, so a disk slower than the save interval never makes the durable step fall
+further and further behind (``handle.superseded`` names the step that replaced it). A
+tier only the older save was scheduled for (say, the persistent tier every 100 steps) is
+still written. Multi-rank jobs keep every save, since ranks would not agree on timing.
 """
 
 from __future__ import annotations
@@ -43,7 +50,10 @@ CommitFn = Callable[[Tier, int, RankPayload, Mapping[str, Any], Mapping[str, Any
 class AsyncPipeline:
     """Owns the staging pool, the copy engine, the guard and the drain thread."""
 
-    def __init__(self, *, options: CheckpointOptions, engine: Any, tiers: Mapping[str, Tier], rank: int, commit: CommitFn) -> None:
+    def __init__(
+        self, *, options: CheckpointOptions, engine: Any, tiers: Mapping[str, Tier], rank: int, commit: CommitFn,
+        coalesce: bool = False,
+    ) -> None:
         sp = options.staging
         self.options = options
         self.engine = engine
@@ -52,6 +62,7 @@ class AsyncPipeline:
         self.tiers = dict(tiers)
         self.rank = rank
         self.commit = commit
+        self.coalesce = coalesce
         self.guard = StepGuard()
         self.skipped = 0
         self.host: deque[HostSnapshot] = deque()  # tier 1: newest snapshots kept in memory
@@ -121,13 +132,22 @@ class AsyncPipeline:
 
     # ---------------------------------------------------------------- the drain
     def _drain(self) -> None:
+        backlog: deque[Any] = deque()
         while True:
-            item = self._queue.get()
+            if not backlog:
+                backlog.append(self._queue.get())
+            while True:  # everything already queued: newer saves may supersede older ones
+                try:
+                    backlog.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            item = backlog.popleft()
             if item is None:
                 return
             handle, snap, plan, user_meta = item
+            newer = self._superseding(handle, backlog)
             try:
-                self._settle(handle, snap, plan, user_meta)
+                self._settle(handle, snap, plan, user_meta, newer)
             except BaseException as e:  # noqa: BLE001 - stays on the handle; training goes on
                 log.error("recoverkit: step %d: %s", handle.step, e)
                 handle._fail(e)
@@ -136,7 +156,19 @@ class AsyncPipeline:
                     self.guard.discard(snap)
                     self._keep(snap)
 
-    def _settle(self, handle: SaveHandle, snap: HostSnapshot | None, plan: SavePlan, user_meta: Mapping[str, Any]) -> None:
+    def _superseding(self, handle: SaveHandle, backlog: deque[Any]) -> dict[str, int]:
+        """Tier -> the newest queued step that will write it (one-process jobs only)."""
+        newer: dict[str, int] = {}
+        if self.coalesce:
+            for item in backlog:
+                if item is not None and item[1] is not None:  # a staged, not skipped, save
+                    newer.update({t: item[0].step for t in item[0].tiers if t in handle.tiers})
+        return newer
+
+    def _settle(
+        self, handle: SaveHandle, snap: HostSnapshot | None, plan: SavePlan, user_meta: Mapping[str, Any],
+        newer: Mapping[str, int],
+    ) -> None:
         t0 = handle.metrics["submitted_at"]
         failure: BaseException | None = None
         payload = None
@@ -151,6 +183,9 @@ class AsyncPipeline:
             failure = PoolExhaustedError(f"step {handle.step} skipped on rank {self.rank}: staging pool full")
         handle.staged.set()
         for name in handle.tiers:
+            if name in newer and failure is None:
+                handle.superseded[name] = newer[name]
+                continue
             try:
                 self.commit(self.tiers[name], handle.step, payload if failure is None else RankPayload(self.rank, b"", [], error=failure), plan.aliases, user_meta)
             except CommitError as e:

@@ -83,10 +83,10 @@ class LocalTier(Tier):
         return RankRecords(payload.rank, blob_rec, shards, {name: end})
 
     def commit(self, step: int, staging: str, manifest: Manifest) -> None:
-        self.faults.reached("before_manifest", step=step)
+        self.faults.reached("before_manifest", step=step, rank=0)
         self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
         self.fs.fsync_dir(staging)
-        self.faults.reached("after_manifest", step=step)
+        self.faults.reached("after_manifest", step=step, rank=0)
         final = self._step_dir(step)
         if self.fs.exists(final):
             warnings.warn(f"{final}: replacing an existing committed step {step}", stacklevel=3)
@@ -97,12 +97,12 @@ class LocalTier(Tier):
         except OSError:
             self._unpublish(final)  # the rename may not be durable: never report it committed
             raise
-        self.faults.reached("after_rename", step=step)
+        self.faults.reached("after_rename", step=step, rank=0)
         try:
             self._write_latest(step)
         except OSError as e:  # the step is committed; `latest` is only a hint
             warnings.warn(f"{self.root}/{LATEST}: could not point it at step {step}: {e}", stacklevel=3)
-        self.faults.reached("after_latest", step=step)
+        self.faults.reached("after_latest", step=step, rank=0)
 
     def abort(self, staging: str) -> None:
         self.fs.remove_tree(staging)

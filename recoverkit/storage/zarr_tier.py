@@ -85,9 +85,9 @@ class ZarrTier(Tier):
         return RankRecords(payload.rank, blob, records, {blob_key: len(payload.blob)})
 
     def commit(self, step: int, staging: str, manifest: Manifest) -> None:
-        self.faults.reached("before_manifest", step=step)
+        self.faults.reached("before_manifest", step=step, rank=0)
         self.store.write_bytes(f"{staging}/{MANIFEST_NAME}", manifest.to_bytes())
-        self.faults.reached("after_rename", step=step)
+        self.faults.reached("after_rename", step=step, rank=0)
 
     def abort(self, staging: str) -> None:
         self.store.delete_prefix(staging)

@@ -179,3 +179,44 @@ def test_before_update_waits_for_manual_mutation(root):
         target = {"opt": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1 << 16))], lr=0.1), "p": torch.zeros(1 << 16)}
         ckpt.restore(target, step=1)
     assert torch.equal(target["p"], torch.arange(1 << 16, dtype=torch.float32))
+
+
+class _GatedFaults:
+    """A real FaultInjector whose first data write waits for a gate (a slow disk)."""
+
+    def __init__(self) -> None:
+        from recoverkit.storage.faults import FaultInjector
+
+        self.inner = FaultInjector()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def reached(self, phase, *, step=None, rank=None):
+        if phase == "before_data" and step == 1:
+            self.entered.set()
+            assert self.gate.wait(30)
+        self.inner.reached(phase, step=step, rank=rank)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_slow_tier_writes_the_newest_queued_save_instead_of_falling_behind(root):
+    faults = _GatedFaults()
+    opts = CheckpointOptions(tiers=TierPolicy(local_every=1, host_keep=1))
+    with Checkpointer(root, options=opts, faults=faults) as ckpt:
+        x = {"w": torch.zeros(1000)}
+        handles = [ckpt.save_async(1, x)]
+        assert faults.entered.wait(30)  # step 1 is being written; 2..5 queue up behind it
+        for step in range(2, 6):
+            x["w"].fill_(step)
+            handles.append(ckpt.save_async(step, x))
+        faults.gate.set()
+        assert ckpt.wait(60)
+        assert ckpt.steps() == [1, 5]
+        assert [h.superseded for h in handles] == [{}, {"local": 5}, {"local": 5}, {"local": 5}, {}]
+        assert all(h.done() and h.error is None for h in handles)
+        assert not handles[2].durable["local"].is_set() and handles[4].durable["local"].is_set()
+        target = {"w": torch.zeros(1000)}
+        assert ckpt.restore(target) == 5
+        assert torch.equal(target["w"], torch.full((1000,), 5.0))
