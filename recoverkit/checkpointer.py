@@ -146,9 +146,9 @@ class Checkpointer:
         shards = [stage_now(p) for p in plan.shards]
         t.lap("stage")
         payload = RankPayload(self.rank, plan.blob, shards)
-        self._commit(self.tier, step, payload, plan.aliases, user_meta or {})
+        committed = self._commit(self.tier, step, payload, plan.aliases, user_meta or {})
         t.lap("commit")
-        deleted = self._retain(self.tier, step)
+        deleted = self._retain(self.tier, step) if committed is not None else []
         t.lap("retention")
         nbytes = len(plan.blob) + sum(int(s.data.numel()) for s in shards)
         return SaveResult(step, self.tier.step_path(step), nbytes, t.laps, tuple(deleted))
@@ -203,8 +203,8 @@ class Checkpointer:
     def _commit_and_retain(
         self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
     ) -> None:
-        self._commit(tier, step, payload, aliases, user_meta)
-        self._retain(tier, step)
+        if self._commit(tier, step, payload, aliases, user_meta) is not None:
+            self._retain(tier, step)
 
     def _commit(
         self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
@@ -220,8 +220,7 @@ class Checkpointer:
                 ) from (e.__cause__ or e)
 
     def _retain(self, tier: Tier, step: int) -> list[int]:
-        if self.rank != 0:
-            return []
+        """Retention on the storage this rank committed to (rank 0, or a host's own disk)."""
         self.faults.reached("retention", step=step, rank=self.rank)
         return apply_retention(tier, self.options.retention)
 

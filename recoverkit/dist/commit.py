@@ -11,12 +11,17 @@ A rank that fails reports its error; a rank that dies or hangs is named by the g
 timeout. Either way the coordinator aborts (the staging area is removed, nothing becomes
 selectable) and every live rank raises the same :class:`CommitError` naming each failed
 rank. Only when every rank's data is durable does the manifest get written, last.
+
+Ranks on hosts whose storage is not rank 0's (node-local disks) adopt the staging area on
+their own disk (one rank per disk, ``tier.adopt``), and when rank 0 committed they commit
+the same manifest there, so each host can restore its own ranks from its own disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+import logging
 from typing import Any
 
 from ..errors import CommitError, CommitTimeoutError
@@ -26,6 +31,8 @@ from ..storage.faults import FaultInjector
 from .coordinator import Coordinator
 
 __all__ = ["CommitRequest", "commit_step"]
+
+log = logging.getLogger("recoverkit")
 
 
 @dataclass
@@ -46,7 +53,12 @@ class CommitRequest:
 def commit_step(
     tier: Tier, coordinator: Coordinator, request: CommitRequest, *, faults: FaultInjector, timeout_s: float
 ) -> Manifest | None:
-    """Run the commit protocol on this rank; rank 0 returns the manifest, others None."""
+    """Run the commit protocol on this rank.
+
+    Returns the manifest on every rank that committed the step to its storage: rank 0, and
+    a rank that adopted a storage of its own (node-local disks on several hosts); None on
+    the others.
+    """
     rank, step = coordinator.rank, request.step
     key = f"{request.run_id}/{tier.name}/{request.seq}"
     if request.seq > 0:  # every rank has read the previous save's outcome by now
@@ -68,13 +80,15 @@ def commit_step(
     staging = prep["staging"]
 
     local_error: BaseException | None = None
+    adopted = False
     try:
+        adopted = rank != 0 and tier.adopt(staging)
         faults.reached("before_data", step=step, rank=rank)
         if request.payload.error is not None:
             raise request.payload.error
         records = tier.write_rank(staging, request.payload)
         faults.reached("after_data", step=step, rank=rank)
-        report = {"ok": True, "records": records.to_json(), "meta": _meta(request)}
+        report = {"ok": True, "records": records.to_json(), "meta": _meta(request), "adopted": adopted}
     except Exception as e:  # noqa: BLE001 - reported to the coordinator
         local_error = e
         report = {"ok": False, "error": _describe(e)}
@@ -85,12 +99,45 @@ def commit_step(
         local_error = local_error or commit_error
         coordinator.broadcast(f"{key}/outcome", outcome, timeout_s=timeout_s)
     else:
-        coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
-        outcome = coordinator.broadcast(f"{key}/outcome", None, timeout_s=timeout_s)
+        try:
+            coordinator.gather(f"{key}/report", report, timeout_s=timeout_s)
+            outcome = coordinator.broadcast(f"{key}/outcome", None, timeout_s=timeout_s)
+        except BaseException:
+            if adopted:
+                _abort_quietly(tier, staging)
+            raise
+        if adopted:
+            manifest = _follow(tier, step, rank, staging, outcome)
     if not outcome["ok"]:
         failures = {int(r): why for r, why in outcome["failures"].items()}
         raise CommitError(f"step {step} was not committed to the {tier.name} tier", step=step, failures=failures) from local_error
     return manifest
+
+
+def _follow(tier: Tier, step: int, rank: int, staging: str, outcome: dict[str, Any]) -> Manifest | None:
+    """A rank with a storage of its own repeats rank 0's decision there.
+
+    Its failure to commit is its own storage's business: rank 0 committed, so the step is
+    saved; this host's copy is removed and the host restores from another tier.
+    """
+    if not outcome["ok"]:
+        _abort_quietly(tier, staging)
+        return None
+    try:
+        manifest = Manifest.from_bytes(outcome["manifest"].encode(), path=f"{staging} (from rank 0)")
+        tier.commit(step, staging, manifest, rank=rank)
+        return manifest
+    except Exception as e:  # noqa: BLE001 - see above
+        log.warning("recoverkit: rank %d: step %d committed by rank 0 but not on this host's %s tier: %s", rank, step, tier.name, e)
+        _abort_quietly(tier, staging)
+        return None
+
+
+def _abort_quietly(tier: Tier, staging: str) -> None:
+    try:
+        tier.abort(staging)
+    except Exception:  # noqa: BLE001 - leftovers are removed at the next start-up
+        pass
 
 
 def _decide(
@@ -124,7 +171,8 @@ def _decide(
         except Exception as e:  # noqa: BLE001 - leftovers are removed at the next start-up
             failures.setdefault(0, f"abort failed too: {_describe(e)}")
         return {"ok": False, "failures": {str(r): why for r, why in failures.items()}}, None, error
-    return {"ok": True}, manifest, None
+    adopters = any(rep.get("adopted") for rep in reports)
+    return {"ok": True, "manifest": manifest.to_bytes().decode() if manifest and adopters else None}, manifest, None
 
 
 def _meta(request: CommitRequest) -> dict[str, Any]:

@@ -159,6 +159,9 @@ class Manifest:
     created_unix: float = field(default_factory=time.time)
     pickled: bool = False
     user_meta: Mapping[str, Any] = field(default_factory=dict)
+    #: the files this copy holds when it is one host's node-local copy of the step (the
+    #: other hosts' disks hold the rest); None: every file in ``files`` is here
+    held: tuple[str, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -184,7 +187,7 @@ class Manifest:
             "blobs": [b.to_json() for b in self.blobs],
             "tensors": {k: t.to_json() for k, t in self.tensors.items()},
             "user_meta": dict(self.user_meta),
-        }
+        } | ({"held": list(self.held)} if self.held is not None else {})
 
     def to_bytes(self) -> bytes:
         body = self.body()
@@ -227,6 +230,7 @@ class Manifest:
                 blobs=tuple(BlobRecord.from_json(b) for b in body["blobs"]),
                 tensors={k: TensorRecord.from_json(k, t) for k, t in body["tensors"].items()},
                 user_meta=dict(body.get("user_meta", {})),
+                held=tuple(str(f) for f in body["held"]) if body.get("held") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"{path}: malformed manifest field ({e!r})", path=path) from None
@@ -234,6 +238,8 @@ class Manifest:
     def check_files(self, sizes: Mapping[str, int | None], *, where: str) -> None:
         """Raise IntegrityError if a listed file is missing or shorter than recorded."""
         for name, size in self.files.items():
+            if self.held is not None and name not in self.held:
+                continue  # on another host's disk
             found = sizes.get(name)
             if found is None:
                 raise IntegrityError(f"{where}/{name}: file listed in the manifest is missing", path=f"{where}/{name}")

@@ -138,17 +138,27 @@ class Tier(ReadableTier):
         ``layout`` lists every rank's shards when ``needs_layout`` is set.
         """
 
+    def adopt(self, staging: str) -> bool:
+        """Ranks other than 0, before writing: make ``staging`` exist on this rank's storage.
+
+        True when this rank created it: its storage is not rank 0's (a node-local disk on
+        another host), and it commits the step there too, with the same manifest. Exactly
+        one rank per separate storage gets True. The default is shared storage: False.
+        """
+        return False
+
     @abstractmethod
     def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
         """Every rank: write its payload into the staging area; durable on return."""
 
     @abstractmethod
-    def commit(self, step: int, staging: str, manifest: Manifest) -> None:
-        """Coordinator: write the manifest last and make the step selectable atomically."""
+    def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
+        """Coordinator (and the rank that adopted a separate storage): write the manifest
+        last and make the step selectable atomically."""
 
     @abstractmethod
     def abort(self, staging: str) -> None:
-        """Coordinator: remove an uncommitted staging area."""
+        """Coordinator (and adopters): remove an uncommitted staging area."""
 
     @abstractmethod
     def delete(self, step: int) -> None:

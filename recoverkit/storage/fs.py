@@ -30,6 +30,10 @@ class LocalFS:
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
+    def mkdir(self, path: str) -> None:
+        """Create one directory; FileExistsError if it is there (an atomic claim)."""
+        os.mkdir(path)
+
     def write_file(self, path: str, data: bytes) -> None:
         """Create or truncate ``path``, write all of ``data`` and fsync it."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

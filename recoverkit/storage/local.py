@@ -9,12 +9,18 @@ The commit protocol on a POSIX file system:
    directory, rename it to ``ROOT/step-N`` (the atomic commit point), fsync ``ROOT``, then
    write ``latest`` through a temporary file, rename it and fsync ``ROOT`` again.
 
+With ranks on several hosts and ``ROOT`` on each host's own disk, the first rank of a host
+that does not see rank 0's temporary directory creates it there (``adopt``) and, once rank
+0 committed, commits the same manifest on its host: every host's disk then holds a
+committed step with its own ranks' segment files.
+
 A step directory without a manifest cannot exist under its final name, so listing
 ``step-*`` directories that hold ``manifest.json`` lists exactly the committed steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 import warnings
@@ -64,8 +70,22 @@ class LocalTier(Tier):
         self.fs.makedirs(staging)
         return staging
 
+    def _here(self, staging: str) -> str:
+        """The staging directory under *this* root (rank 0's path names it on rank 0's host)."""
+        return os.path.join(self.root, os.path.basename(staging))
+
+    def adopt(self, staging: str) -> bool:
+        staging = self._here(staging)
+        self.fs.makedirs(self.root)
+        try:
+            self.fs.mkdir(staging)
+        except FileExistsError:
+            return False  # rank 0 (or a peer on this node) made it: shared storage
+        return True
+
     def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
-        self.fs.makedirs(staging)  # other ranks may reach a shared directory first
+        staging = self._here(staging)
+        self.fs.makedirs(staging)
         name = segment_name(payload.rank)
         blob = memoryview(payload.blob)
         sizes = [len(blob)] + [int(s.data.numel()) for s in payload.shards]
@@ -82,11 +102,15 @@ class LocalTier(Tier):
         blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crc32c(payload.blob))
         return RankRecords(payload.rank, blob_rec, shards, {name: end})
 
-    def commit(self, step: int, staging: str, manifest: Manifest) -> None:
-        self.faults.reached("before_manifest", step=step, rank=0)
+    def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
+        staging = self._here(staging)
+        self.faults.reached("before_manifest", step=step, rank=rank)
+        here = [f for f in sorted(manifest.files) if self.fs.size(os.path.join(staging, f)) is not None]
+        if len(here) < len(manifest.files):  # node-local disks: the other hosts hold the rest
+            manifest = dataclasses.replace(manifest, held=tuple(here))
         self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
         self.fs.fsync_dir(staging)
-        self.faults.reached("after_manifest", step=step, rank=0)
+        self.faults.reached("after_manifest", step=step, rank=rank)
         final = self._step_dir(step)
         if self.fs.exists(final):
             warnings.warn(f"{final}: replacing an existing committed step {step}", stacklevel=3)
@@ -97,15 +121,15 @@ class LocalTier(Tier):
         except OSError:
             self._unpublish(final)  # the rename may not be durable: never report it committed
             raise
-        self.faults.reached("after_rename", step=step, rank=0)
+        self.faults.reached("after_rename", step=step, rank=rank)
         try:
             self._write_latest(step)
         except OSError as e:  # the step is committed; `latest` is only a hint
             warnings.warn(f"{self.root}/{LATEST}: could not point it at step {step}: {e}", stacklevel=3)
-        self.faults.reached("after_latest", step=step, rank=0)
+        self.faults.reached("after_latest", step=step, rank=rank)
 
     def abort(self, staging: str) -> None:
-        self.fs.remove_tree(staging)
+        self.fs.remove_tree(self._here(staging))
 
     def _write_latest(self, step: int) -> None:
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}")

@@ -84,10 +84,10 @@ class ZarrTier(Tier):
         blob = BlobRecord(payload.rank, blob_key, 0, len(payload.blob), crc32c(payload.blob))
         return RankRecords(payload.rank, blob, records, {blob_key: len(payload.blob)})
 
-    def commit(self, step: int, staging: str, manifest: Manifest) -> None:
-        self.faults.reached("before_manifest", step=step, rank=0)
+    def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
+        self.faults.reached("before_manifest", step=step, rank=rank)
         self.store.write_bytes(f"{staging}/{MANIFEST_NAME}", manifest.to_bytes())
-        self.faults.reached("after_rename", step=step, rank=0)
+        self.faults.reached("after_rename", step=step, rank=rank)
 
     def abort(self, staging: str) -> None:
         self.store.delete_prefix(staging)
