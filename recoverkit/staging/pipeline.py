@@ -146,15 +146,21 @@ class AsyncPipeline:
                 return
             handle, snap, plan, user_meta = item
             newer = self._superseding(handle, backlog)
+            error: BaseException | None = None
             try:
-                self._settle(handle, snap, plan, user_meta, newer)
+                error = self._settle(handle, snap, plan, user_meta, newer)
             except BaseException as e:  # noqa: BLE001 - stays on the handle; training goes on
                 log.error("recoverkit: step %d: %s", handle.step, e)
-                handle._fail(e)
+                error = e
             finally:
                 if snap is not None:
                     self.guard.discard(snap)
                     self._keep(snap)
+                # settled only now: whoever waits sees the host tier as it will stay
+                if error is not None:
+                    handle._fail(error)
+                else:
+                    handle.committed.set()
 
     def _superseding(self, handle: SaveHandle, backlog: deque[Any]) -> dict[str, int]:
         """Tier -> the newest queued step that will write it (one-process jobs only)."""
@@ -168,7 +174,8 @@ class AsyncPipeline:
     def _settle(
         self, handle: SaveHandle, snap: HostSnapshot | None, plan: SavePlan, user_meta: Mapping[str, Any],
         newer: Mapping[str, int],
-    ) -> None:
+    ) -> BaseException | None:
+        """Commit the staged save to each tier due; returns the error that ends it, if any."""
         t0 = handle.metrics["submitted_at"]
         failure: BaseException | None = None
         payload = None
@@ -189,14 +196,10 @@ class AsyncPipeline:
             try:
                 self.commit(self.tiers[name], handle.step, payload if failure is None else RankPayload(self.rank, b"", [], error=failure), plan.aliases, user_meta)
             except CommitError as e:
-                handle._fail(e)
-                return
+                return e
             handle.metrics[f"durable_s/{name}"] = time.perf_counter() - t0
             handle.durable[name].set()
-        if failure is not None:
-            handle._fail(failure)
-            return
-        handle.committed.set()
+        return failure
 
     def _keep(self, snap: HostSnapshot) -> None:
         with self._released:
