@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 from recoverkit.cli.demo_train import SEQ, VOCAB, GeneratorState, TinyTransformer
 
 __all__ = ["SEQ", "VOCAB", "TinyTransformer", "Trainer", "params_equal"]

@@ -77,7 +77,7 @@ def run_world(n: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 180
             if time.monotonic() > deadline:
                 for p in procs:
                     p.kill()
-                raise AssertionError(f"world of {n} did not finish within {timeout_s} s")
+                raise AssertionError(f"world of {n} did not finish within {timeout_s} s") from None
             continue
         (results if status == "ok" else errors)[rank] = value
     for p in procs:

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recoverkit import (
+    Checkpointer,
     CheckpointLockedError,
     CheckpointNotFoundError,
-    Checkpointer,
     CheckpointOptions,
     IncompatibleCheckpointError,
     RetentionPolicy,
@@ -144,10 +144,14 @@ def test_random_state_trees_round_trip(tmp_path_factory, tree):
 
 def test_rng_streams_are_restored(root):
     with Checkpointer(root) as ckpt:
-        random.seed(1); np.random.seed(2); torch.manual_seed(3)
+        random.seed(1)
+        np.random.seed(2)
+        torch.manual_seed(3)
         ckpt.save(1, {})
         expected = (random.random(), np.random.rand(), torch.rand(3))
-        random.seed(9); np.random.seed(9); torch.manual_seed(9)
+        random.seed(9)
+        np.random.seed(9)
+        torch.manual_seed(9)
         ckpt.restore({})
         got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
