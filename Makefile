@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 NATIVE_SOURCES := $(shell find native -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all install test test-fast demo bench lint clean
+.PHONY: all install test test-fast demo bench bench-micro bench-micro-save lint clean
 
 all: test
 
@@ -37,6 +37,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# micro-benchmarks against the saved baseline (fails on a >50% median slowdown)
+bench-micro: $(STAMP)
+	$(PY) -m pytest bench/micro -q --benchmark-only --benchmark-storage=file://bench/baselines --benchmark-compare --benchmark-compare-fail=median:50%
+
+bench-micro-save: $(STAMP)
+	$(PY) -m pytest bench/micro -q --benchmark-only --benchmark-storage=file://bench/baselines --benchmark-save=baseline
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recoverkit integrations tests bench

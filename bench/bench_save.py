@@ -9,7 +9,12 @@ in one run:
 * ``Checkpointer.restore`` (every byte CRC-verified, applied to live objects) vs
   ``torch.load`` + ``load_state_dict``.
 
-Run: ``python -m bench.bench_save [--smoke] [--size-mib 1024] [--reps 3]``.
+Every figure is the median of ``--reps`` repetitions on the same state; ratios compare recoverkit
+with the torch call of the same durability and with the disk's limit.
+
+Run: ``python -m bench.bench_save [--smoke] [--size-mib 1024] [--reps 3] [--out-dir DIR]``
+(publishes ``save.json``, ``save.md`` and ``save.png`` to ``bench/results`` by default; smoke runs
+write nowhere unless ``--out-dir`` is given).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 
-from .machine import describe, median, write_result
+from .machine import describe, median
+from .report import publish
 
 
 def _state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -146,7 +153,7 @@ def run(size_mib: int = 1024, reps: int = 3, workdir: str | None = None) -> dict
 def table(r: dict[str, Any]) -> str:
     med, g = r["seconds_median"], r["gb_per_s"]
     lines = [
-        f"state: {r['bytes'] / 2**30:.2f} GiB, median of {r['reps']}",
+        f"state: {r['bytes'] / 2**30:.2f} GiB, median of {r['reps']}" + (" [smoke]" if r.get("smoke") else ""),
         "",
         "| operation | seconds | GB/s |",
         "|---|---:|---:|",
@@ -155,22 +162,43 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"| {k} | {med[k]:.3f} | {g[k]:.2f} |")
     lines.append("")
     for k, v in r["ratios"].items():
-        lines.append(f"- {k}: {v:.2f}")
+        target = r["targets"].get(k)
+        if target:
+            bound = float(target.split()[-1])
+            ok = v <= bound if target.startswith("<=") else v >= bound
+            lines.append(f"- {k}: {v:.2f} (target {target}: {'met' if ok else 'MISSED'})")
+        else:
+            lines.append(f"- {k}: {v:.2f}")
     return "\n".join(lines)
+
+
+def _plot(r: dict[str, Any]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        g = r["gb_per_s"]
+        keys = list(g)
+        colors = ["tab:blue" if k.startswith("recoverkit") else "tab:gray" if k == "plain_write_fsync" else "tab:orange" for k in keys]
+        ax.barh(keys[::-1], [g[k] for k in keys][::-1], color=colors[::-1])
+        ax.set_xlabel("GB/s (blue: recoverkit, orange: torch, gray: the disk's limit)")
+        ax.set_title(f"save / restore of a {r['bytes'] / 2**30:.2f} GiB training state")
+
+    return draw
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
+    ap.add_argument("--smoke", action="store_true", help="8 MiB state, one repetition")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/save_restore.json")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out-dir", default=None, help="default bench/results; smoke runs write nowhere unless given")
     a = ap.parse_args(argv)
     r = run(8 if a.smoke else a.size_mib, 1 if a.smoke else a.reps, a.workdir)
-    print(table(r))
-    if not a.smoke:
-        write_result(a.out, r)
+    r["smoke"] = a.smoke
+    text = table(r)
+    print(text)
+    if a.out_dir or not a.smoke:
+        publish("save", r, text, plot=_plot(r), out_dir=a.out_dir)
     return r
 
 

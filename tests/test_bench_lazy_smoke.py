@@ -30,16 +30,16 @@ def _numbers(tree):
 
 
 def test_bench_lazy_smoke(tmp_path):
-    out = tmp_path / "lazy.json"
+    out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_lazy", "--smoke", "--out", str(out), "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bench.bench_lazy", "--smoke", "--out-dir", str(out_dir), "--workdir", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    r = json.loads(out.read_text())
+    r = json.loads((out_dir / "lazy.json").read_text())
 
     assert r["scenario"] == "lazy_async" and r["smoke"] is True
     assert "cpu" in r["machine"] and r["bytes"] > 0
@@ -50,6 +50,7 @@ def test_bench_lazy_smoke(tmp_path):
     assert set(r["restore_s"]) == {"host_snapshot", "local_disk", "resharded_local_disk", "torch_load", "dcp_load"}
     assert all(v > 0 for v in r["restore_s"].values())
     assert r["restore_detail"]["resharded"]["bit_exact"] is True
+    assert isinstance(r["restore_detail"]["host_snapshot_used"], bool)
     pool = r["memory"]["pool"]
     assert 0 < pool["high_water"] <= pool["budget_bytes"]
     assert set(r["ratios"]) >= set(bench_lazy.TARGETS) and set(r["met"]) == set(bench_lazy.TARGETS)
@@ -60,3 +61,6 @@ def test_bench_lazy_smoke(tmp_path):
     assert "| recoverkit_save_async |" in text and "| dcp_async_save |" in text
     assert "| host_snapshot |" in text
     assert "| training stall per checkpoint |" in proc.stdout
+    md = (out_dir / "lazy.md").read_text()
+    assert md.startswith("### lazy") and "| recoverkit_save_async |" in md and "![lazy](lazy.png)" in md
+    assert (out_dir / "lazy.png").stat().st_size > 0

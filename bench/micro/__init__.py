@@ -1,0 +1,1 @@
+"""pytest-benchmark micro-benchmarks (``make bench-micro``); not part of the default ``make test``."""

@@ -1,0 +1,204 @@
+"""Runs every benchmark scenario in order, each in its own process, then rebuilds bench/README.md.
+
+    python -m bench.run_all                  # full run: results in bench/results, README rebuilt
+    python -m bench.run_all --smoke          # tiny sizes into a temporary directory (< a few min)
+    python -m bench.run_all --only engine,overhead
+    python -m bench.run_all --readme-only    # README from what bench/results holds now
+
+Every scenario is ``bench/bench_<name>.py`` with ``main(argv)``, ``--smoke`` and ``--out-dir``;
+each runs as ``python -m bench.bench_<name>`` in a subprocess (gloo's threads can abort an
+interpreter at exit, and one scenario's memory never inflates the next one's figures). A
+scenario whose module does not exist yet is skipped with a line saying so; one that fails is
+reported and the others still run (the exit status is 1 if any failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import posixpath
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .report import RESULTS_DIR, machine_line
+
+SCENARIOS = [
+    "engine",
+    "limits",
+    "save",
+    "lazy",
+    "zarr",
+    "overhead",
+    "mttr",
+    "effective",
+    "torture",
+    "corruption",
+    "storage_faults",
+    "rank_failure",
+]
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+README = os.path.join(BENCH_DIR, "README.md")
+
+INTRO = """# recoverkit benchmarks
+
+Every figure below was measured by a script in this directory, next to the baselines it is
+compared with in the same run: `torch.save`, `torch.distributed.checkpoint` (`save` and
+`async_save`) and the hardware's own limits (plain memcpy, plain write+fsync, plain read).
+Each scenario writes `results/<name>.json` (every raw number and the machine), `<name>.md`
+(the table below) and `<name>.png`. No figure here is asserted by a test; the test suite only
+runs each scenario in smoke mode so the scripts never rot.
+
+How to run:
+
+* `make bench` (or `python -m bench.run_all`): every scenario in order, then this README;
+  `python -m bench.run_all --only engine,overhead` for some; `--smoke` for a quick check
+  into a temporary directory; `--readme-only` to rebuild this page from `results/`.
+* `python -m bench.bench_NAME [--smoke] [--out-dir DIR]` (or `recoverkit bench NAME`): one
+  scenario; `--help` lists its sizes and step counts.
+* `make bench-micro`: the pytest-benchmark micro-benchmarks in `micro/` (copy engine,
+  CRC-32C, segment I/O, manifest, codec) compared with the saved baselines in `baselines/`.
+
+Scenarios, in order: {order}.
+"""
+
+
+def module_exists(name: str) -> bool:
+    """True when ``bench/bench_<name>.py`` can be imported (it is not imported here)."""
+    try:
+        return importlib.util.find_spec(f"bench.bench_{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def run_one(name: str, out_dir: str, smoke: bool, timeout_s: float | None, extra: list[str] | None = None) -> dict[str, Any]:
+    """Runs one scenario in a subprocess; returns its status, seconds and output tail."""
+    if not module_exists(name):
+        return {"name": name, "status": "missing", "seconds": 0.0, "detail": f"bench/bench_{name}.py does not exist"}
+    cmd = [sys.executable, "-m", f"bench.bench_{name}", "--out-dir", out_dir] + (["--smoke"] if smoke else []) + (extra or [])
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"name": name, "status": "timeout", "seconds": time.perf_counter() - t, "detail": f"killed after {timeout_s:.0f} s\n{out[-2000:]}"}
+    dt = time.perf_counter() - t
+    ok = proc.returncode == 0 and os.path.exists(os.path.join(out_dir, f"{name}.md"))
+    detail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3000:]).strip()
+    if proc.returncode == 0 and not ok:
+        detail = f"exited 0 but wrote no {name}.md into {out_dir}\n{detail}"
+    return {"name": name, "status": "ok" if ok else f"failed (exit {proc.returncode})", "seconds": dt, "detail": detail}
+
+
+def _machine(results_dir: str, names: list[str]) -> dict[str, Any] | None:
+    for name in names:
+        p = os.path.join(results_dir, f"{name}.json")
+        try:
+            with open(p) as f:
+                m = json.load(f).get("machine")
+        except (OSError, ValueError):
+            continue
+        if m:
+            return m
+    return None
+
+
+def build_readme(results_dir: str = RESULTS_DIR, readme_path: str = README, names: list[str] | None = None) -> str:
+    """Assembles the README from ``<results_dir>/<name>.md`` in scenario order; returns its text.
+
+    Image links in the tables (``name.png``) are rewritten relative to the README's folder.
+    A scenario without results gets one line saying so.
+    """
+    names = list(names or SCENARIOS)
+    rel = os.path.relpath(os.path.abspath(results_dir), os.path.dirname(os.path.abspath(readme_path)))
+    parts = [INTRO.format(order=", ".join(f"`{n}`" for n in names)).rstrip(), ""]
+    m = _machine(results_dir, names)
+    parts += ["## Machine", ""]
+    if m:
+        parts += [
+            machine_line(m),
+            "",
+            f"Python {m.get('python', '?')}, disk free {m.get('disk_free_gib', '?')} GiB, "
+            f"hardware CRC-32C {m.get('hardware_crc32c', '?')}. Each table repeats the machine and "
+            "the time it was measured.",
+        ]
+    else:
+        parts.append("No results yet: run `make bench`.")
+    parts += ["", "## Results", ""]
+    for name in names:
+        p = os.path.join(results_dir, f"{name}.md")
+        if not os.path.exists(p):
+            why = "script not written yet" if not module_exists(name) else "not run yet"
+            parts += [f"### {name}", "", f"_No results ({why}): `python -m bench.bench_{name}`._", ""]
+            continue
+        with open(p) as f:
+            md = f.read().rstrip()
+        md = re.sub(r"\]\(([A-Za-z0-9_.-]+\.png)\)", lambda mt: f"]({posixpath.normpath(posixpath.join(rel, mt.group(1)))})", md)
+        parts += [md, ""]
+    text = "\n".join(parts).rstrip() + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(readme_path)), exist_ok=True)
+    tmp = f"{readme_path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, readme_path)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="every scenario in smoke mode, into a temporary directory")
+    ap.add_argument("--only", default=None, help="comma-separated scenario names, e.g. engine,overhead")
+    ap.add_argument("--out-dir", default=None, help="default bench/results (smoke: a new temporary directory)")
+    ap.add_argument("--readme", default=None, help="README to write (default bench/README.md; smoke: <out-dir>/README.md)")
+    ap.add_argument("--readme-only", action="store_true", help="only rebuild the README from --out-dir")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per scenario (default 3600; smoke 300)")
+    a = ap.parse_args(argv)
+
+    names = SCENARIOS
+    if a.only:
+        want = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in want if n not in SCENARIOS]
+        if unknown:
+            ap.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
+        names = [n for n in SCENARIOS if n in want]
+    out_dir = a.out_dir or (tempfile.mkdtemp(prefix="rk-bench-smoke-") if a.smoke and not a.readme_only else RESULTS_DIR)
+    readme = a.readme or (os.path.join(out_dir, "README.md") if a.smoke else README)
+
+    if a.readme_only:
+        build_readme(out_dir, readme)
+        print(f"[run_all] wrote {readme} from {out_dir}")
+        return 0
+
+    os.makedirs(out_dir, exist_ok=True)
+    timeout = a.timeout or (300.0 if a.smoke else 3600.0)
+    print(f"[run_all] {len(names)} scenario(s) into {out_dir}" + (" [smoke]" if a.smoke else ""), flush=True)
+    t0 = time.perf_counter()
+    summary = []
+    for name in names:
+        print(f"[run_all] {name} ...", flush=True)
+        r = run_one(name, out_dir, a.smoke, timeout)
+        summary.append(r)
+        if r["status"] == "missing":
+            print(f"[run_all] {name}: SKIPPED, {r['detail']}", flush=True)
+        elif r["status"] == "ok":
+            print(f"[run_all] {name}: ok in {r['seconds']:.0f} s", flush=True)
+        else:
+            print(f"[run_all] {name}: {r['status'].upper()} after {r['seconds']:.0f} s\n{r['detail']}", flush=True)
+    # the README always covers every scenario, whatever --only ran
+    build_readme(out_dir, readme)
+    total = time.perf_counter() - t0
+    print(f"[run_all] wrote {readme}; total {total:.0f} s", flush=True)
+    for r in summary:
+        print(f"  {r['name']:<15} {r['status']:<18} {r['seconds']:7.0f} s")
+    failed = [r for r in summary if r["status"] not in ("ok", "missing")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
