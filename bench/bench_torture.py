@@ -112,7 +112,10 @@ def _life(w: int, mode: str, root: str, purl: str | None, arm: dict[str, Any]) -
     step = start
     while True:
         step += 1
-        if arm.get("phase") and step == start + 3:
+        targeted = bool(arm.get("phase")) and step == start + 3
+        if targeted:
+            if not blocking:
+                ckpt.wait()  # the drain is idle: nothing newer can supersede the armed save
             faults.kill_at(phase=arm["phase"], step=step)
             emit(w, "A", arm["phase"], step)
         if arm.get("op") and step == start + 3:
@@ -128,6 +131,8 @@ def _life(w: int, mode: str, root: str, purl: str | None, arm: dict[str, Any]) -
             emit(w, "C", step)
         else:
             handles.append(ckpt.save_async(step, state))
+            if targeted:
+                handles[-1].committed.wait(60)  # the kill fires in the drain while this waits
             keep = []
             for h in handles:
                 if h.done():

@@ -13,10 +13,11 @@ class SaveHandle:
     """Tracks one asynchronous save.
 
     Events: ``staged`` (every byte copied to host memory), ``durable[tier]`` (written and
-    committed on that tier), ``committed`` (every scheduled tier done, superseded, or
-    failed). ``superseded`` maps a tier to the newer step written there instead of this one
-    (one-process jobs whose disk is slower than the save interval); ``durable`` of such a
-    tier is never set.
+    committed on that tier), ``committed`` (every scheduled tier done, or failed).
+    ``superseded`` maps a tier to the newer step written there instead of this one
+    (one-process jobs whose disk is slower than the save interval): ``durable`` of such a
+    tier is never set, and ``committed`` is set (or the error) when the newer save settles,
+    since that is when this state is covered by a durable step.
     ``metrics`` holds ``call_s`` (blocking time in the call), ``prestep_wait_s`` (time the
     optimizer hook waited), ``staging_s``, ``durable_s/<tier>`` and ``bytes``.
 
@@ -35,6 +36,8 @@ class SaveHandle:
         self.error: BaseException | None = None
         self.skipped = False
         self.superseded: dict[str, int] = {}
+        self._dropped = False  # freed before the drain reached it (the pipeline's business)
+        self._followers: list[SaveHandle] = []  # superseded saves settled with this one
         self.metrics: dict[str, Any] = {}
 
     def done(self) -> bool:

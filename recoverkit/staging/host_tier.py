@@ -12,7 +12,7 @@ import ctypes
 from collections.abc import Sequence
 
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.checksum import crc32c, crc32c_ptr, hexcrc
+from ..format.checksum import crc32c, hexcrc
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..storage.base import ReadableTier
 from .pipeline import AsyncPipeline
@@ -51,7 +51,10 @@ class HostTier(ReadableTier):
         return Manifest(step=step, run_id=self.run_id, world_size=1, tensors=tensors, blobs=(blob,))
 
     def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
+        """Copy each region out with the copy engine (its threads, CRC on the fly: one pass
+        over the bytes) and check every CRC against the one computed while staging."""
         snap = self._snap(step)
+        copies = []
         for rec, ptr in requests:
             if rec.nbytes == 0:
                 continue
@@ -59,13 +62,16 @@ class HostTier(ReadableTier):
                 src = ctypes.cast(ctypes.c_char_p(snap.blob), ctypes.c_void_p).value or 0
             else:
                 src = self.pipeline.pool.address(rec.offset)
-            found = crc32c_ptr(src, rec.nbytes)
+            copies.append((rec, self.pipeline.copier.submit(src, ptr, rec.nbytes, crc=True)))
+        for _, h in copies:  # every copy has landed (or failed) before anything is judged
+            h.wait()
+        found_crcs = [h.result() for _, h in copies]
+        for (rec, _), found in zip(copies, found_crcs):
             if found != rec.crc32c:
                 raise IntegrityError(
                     f"host snapshot of step {step}: region at {rec.offset} has crc {hexcrc(found)}, "
                     f"staged {hexcrc(rec.crc32c)}"
                 )
-            ctypes.memmove(ptr, src, rec.nbytes)
 
     def describe(self, step: int) -> str:
         return f"host snapshot of step {step}"

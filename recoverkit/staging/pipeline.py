@@ -72,6 +72,9 @@ class AsyncPipeline:
         self._thread.start()
         self._closed = False
         self._inflight: list[SaveHandle] = []
+        #: staged saves the drain has not started yet (under ``_released``): the ones a
+        #: newer save may supersede before they are written, to free their memory
+        self._waiting: list[tuple[SaveHandle, HostSnapshot]] = []
 
     # ---------------------------------------------------------------- the call
     def submit(self, step: int, plan: SavePlan, optimizers: list[Any], user_meta: Mapping[str, Any]) -> SaveHandle:
@@ -82,7 +85,7 @@ class AsyncPipeline:
         assert snap is not None
         handle.metrics["prestep_wait_s"] = 0.0
         snap.metrics = handle.metrics
-        if not self._allocate(snap, plan):
+        if not self._allocate(snap, plan, handle):
             self.skipped += 1
             handle.skipped = True
             log.warning("recoverkit: step %d not saved: staging pool full (%d saves skipped so far)", step, self.skipped)
@@ -98,10 +101,13 @@ class AsyncPipeline:
         handle.metrics["call_s"] = time.perf_counter() - t0
         handle.metrics["submitted_at"] = t0
         self._inflight = [h for h in self._inflight if not h.done()] + [handle]
+        if snap is not None:
+            with self._released:
+                self._waiting.append((handle, snap))
         self._queue.put((handle, snap, plan, user_meta))
         return handle
 
-    def _allocate(self, snap: HostSnapshot, plan: SavePlan) -> bool:
+    def _allocate(self, snap: HostSnapshot, plan: SavePlan, handle: SaveHandle) -> bool:
         need = HostSnapshot.footprint(plan, self.pool.alignment)
         if need > self.pool.capacity:
             raise PoolExhaustedError(
@@ -114,12 +120,15 @@ class AsyncPipeline:
                 snap.allocate(plan)
                 return True
             except PoolExhaustedError:
-                if self.options.staging.when_full == "skip" or not self._evict_one():
-                    with self._released:
-                        left = deadline - time.monotonic()
-                        if self.options.staging.when_full == "skip" or left <= 0:
-                            return False
-                        self._released.wait(min(left, 0.5))
+                if self.options.staging.when_full == "skip":
+                    return False
+                if self._evict_one() or self._drop_waiting(handle):
+                    continue
+                with self._released:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._released.wait(min(left, 0.5))
 
     def _evict_one(self) -> bool:
         """Free the oldest kept host snapshot, if any (kept snapshots yield to new saves)."""
@@ -128,6 +137,25 @@ class AsyncPipeline:
                 return False
             old = self.host.popleft()
         old.release()
+        return True
+
+    def _drop_waiting(self, newer: SaveHandle) -> bool:
+        """One-process jobs: free the oldest staged save the drain has not started and that
+        ``newer`` supersedes (``newer`` goes to every tier it would have gone to)."""
+        if not self.coalesce:
+            return False
+        with self._released:
+            i = next((i for i, (h, _) in enumerate(self._waiting) if set(h.tiers) <= set(newer.tiers)), None)
+            if i is None:
+                return False
+            handle, snap = self._waiting.pop(i)
+            handle._dropped = True
+        self.guard.discard(snap)
+        snap.release()  # waits for its copies still in flight, then frees its ranges
+        handle.superseded = dict.fromkeys(handle.tiers, newer.step)
+        handle.metrics["superseded_by"] = newer.step
+        handle.staged.set()
+        newer._followers.append(handle)  # settled when the newer save is
         return True
 
     # ---------------------------------------------------------------- the drain
@@ -145,10 +173,15 @@ class AsyncPipeline:
             if item is None:
                 return
             handle, snap, plan, user_meta = item
+            with self._released:
+                if handle._dropped:
+                    continue  # superseded and freed while it waited (_drop_waiting)
+                self._waiting = [w for w in self._waiting if w[0] is not handle]
             newer = self._superseding(handle, backlog)
+            last = max(newer.values(), key=lambda h: h.step, default=None)
             error: BaseException | None = None
             try:
-                error = self._settle(handle, snap, plan, user_meta, newer)
+                error = self._settle(handle, snap, plan, user_meta, {t: h.step for t, h in newer.items()})
             except BaseException as e:  # noqa: BLE001 - stays on the handle; training goes on
                 log.error("recoverkit: step %d: %s", handle.step, e)
                 error = e
@@ -157,18 +190,19 @@ class AsyncPipeline:
                     self.guard.discard(snap)
                     self._keep(snap)
                 # settled only now: whoever waits sees the host tier as it will stay
-                if error is not None:
-                    handle._fail(error)
+                if error is None and last is not None and handle.superseded:
+                    handle.metrics["superseded_by"] = last.step
+                    last._followers.append(handle)  # its state is durable once the newer save is
                 else:
-                    handle.committed.set()
+                    _settle_handle(handle, error)
 
-    def _superseding(self, handle: SaveHandle, backlog: deque[Any]) -> dict[str, int]:
-        """Tier -> the newest queued step that will write it (one-process jobs only)."""
-        newer: dict[str, int] = {}
+    def _superseding(self, handle: SaveHandle, backlog: deque[Any]) -> dict[str, SaveHandle]:
+        """Tier -> the newest queued save that will write it (one-process jobs only)."""
+        newer: dict[str, SaveHandle] = {}
         if self.coalesce:
             for item in backlog:
-                if item is not None and item[1] is not None:  # a staged, not skipped, save
-                    newer.update({t: item[0].step for t in item[0].tiers if t in handle.tiers})
+                if item is not None and item[1] is not None and not item[0]._dropped:  # staged, not skipped
+                    newer.update({t: item[0] for t in item[0].tiers if t in handle.tiers})
         return newer
 
     def _settle(
@@ -232,3 +266,14 @@ class AsyncPipeline:
         self.copier.close()
         self.pool.close()
 
+
+
+def _settle_handle(handle: SaveHandle, error: BaseException | None) -> None:
+    """Settle ``handle`` and the superseded saves that waited for it (they share its fate:
+    their state is durable exactly when this newer save is)."""
+    if error is not None:
+        handle._fail(error)
+    else:
+        handle.committed.set()
+    for f in handle._followers:
+        _settle_handle(f, error)

@@ -105,10 +105,11 @@ def test_prestep_hook_waits_for_slow_copies(root):
         trainer.train_step()  # the optimizer step must wait for the delayed copies
         assert handle.wait(60)
         assert handle.metrics["prestep_wait_s"] > 0.1
+        lazy_landed = sorted(slow.copies_landed_at)[-1]  # before the restore copies anything
+        slow.delay_s = 0.0  # the host-tier restore copies through the engine too
         fresh = Trainer(seed=5)
         ckpt.restore(fresh.state(), step=1)
     assert call_s < 0.4  # the call itself did not wait for the lazy copies
-    lazy_landed = sorted(slow.copies_landed_at)[-1]
     assert started and started[0] >= lazy_landed
     assert all(torch.equal(fresh.model.state_dict()[k], before[k]) for k in before)
 
@@ -220,3 +221,27 @@ def test_a_slow_tier_writes_the_newest_queued_save_instead_of_falling_behind(roo
         target = {"w": torch.zeros(1000)}
         assert ckpt.restore(target) == 5
         assert torch.equal(target["w"], torch.full((1000,), 5.0))
+
+
+def test_a_full_pool_frees_a_waiting_save_that_a_newer_one_supersedes(root):
+    faults = _GatedFaults()
+    staging = StagingPolicy(budget_bytes=int(2.5 * (1 << 20)), when_full="wait", wait_timeout_s=30)
+    opts = CheckpointOptions(tiers=TierPolicy(local_every=1, host_keep=0), staging=staging)
+    with Checkpointer(root, options=opts, faults=faults) as ckpt:
+        x = {"w": torch.zeros(1 << 18)}  # 1 MiB: two snapshots fit the pool, three do not
+        handles = [ckpt.save_async(1, x)]
+        assert faults.entered.wait(30)  # step 1 holds its memory while its write is stuck
+        for step in range(2, 6):
+            x["w"].fill_(step)
+            handles.append(ckpt.save_async(step, x))
+            assert handles[-1].metrics["call_s"] < 20  # never waited out the back-pressure timeout
+        assert ckpt.skipped_saves == 0
+        assert [h.metrics.get("superseded_by") for h in handles] == [None, 3, 4, 5, None]
+        assert not any(h.done() for h in handles)  # superseded saves settle with the newer one
+        faults.gate.set()
+        assert ckpt.wait(60)
+        assert all(h.done() and h.error is None for h in handles)
+        assert ckpt.steps() == [1, 5]
+        target = {"w": torch.zeros(1 << 18)}
+        assert ckpt.restore(target) == 5
+        assert torch.equal(target["w"], torch.full((1 << 18,), 5.0))
