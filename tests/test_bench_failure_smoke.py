@@ -9,24 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _numbers(v)
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield tree
+from tests.bench_helpers import REPO, numbers
 
 
 def _run(name, tmp_path, timeout=180):
@@ -40,7 +28,7 @@ def _run(name, tmp_path, timeout=180):
     assert r["scenario"] == name and r["smoke"] is True and "cpu" in r["machine"]
     assert (out / f"{name}.md").read_text().startswith(f"### {name}")
     assert (out / f"{name}.png").stat().st_size > 0
-    assert all(math.isfinite(x) for x in _numbers(r))
+    assert all(math.isfinite(x) for x in numbers(r))
     assert "|" in proc.stdout
     return r
 

@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 from bench import bench_lazy
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _numbers(v)
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield tree
+from tests.bench_helpers import REPO, numbers
 
 
 def test_bench_lazy_smoke(tmp_path):
@@ -55,7 +42,7 @@ def test_bench_lazy_smoke(tmp_path):
     assert 0 < pool["high_water"] <= pool["budget_bytes"]
     assert set(r["ratios"]) >= set(bench_lazy.TARGETS) and set(r["met"]) == set(bench_lazy.TARGETS)
     assert r["recoverkit_skipped_saves"] == 0
-    assert all(math.isfinite(x) for x in _numbers(r))
+    assert all(math.isfinite(x) for x in numbers(r))
 
     text = bench_lazy.table(r)
     assert "| recoverkit_save_async |" in text and "| dcp_async_save |" in text

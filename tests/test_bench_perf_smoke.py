@@ -17,18 +17,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _numbers(v)
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield tree
+from tests.bench_helpers import REPO, numbers
 
 
 def _run(name: str, tmp_path, *extra: str, timeout: int = 120) -> tuple[dict, str, str]:
@@ -43,7 +32,7 @@ def _run(name: str, tmp_path, *extra: str, timeout: int = 120) -> tuple[dict, st
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads((out_dir / f"{name}.json").read_text())
     assert "cpu" in r["machine"]
-    bad = [x for x in _numbers(r) if not math.isfinite(x)]
+    bad = [x for x in numbers(r) if not math.isfinite(x)]
     assert not bad, bad
     md = (out_dir / f"{name}.md").read_text()
     assert md.startswith(f"### {name}") and f"![{name}]({name}.png)" in md
