@@ -61,7 +61,7 @@ from ..state import TensorLeaf, decode, dtype_from_name, to_bytes_view
 from ..storage.base import ReadableTier
 from ..storage.local import LocalTier
 from ..storage.lock import RunLock
-from .reader import read_region, tensor_leaves
+from .reader import read_region, resolve_record, tensor_leaves
 
 __all__ = [
     "FORMATS",
@@ -171,18 +171,6 @@ def read_blob(src: Source, rank: int = 0) -> bytes:
     buf = bytearray(rec.nbytes)
     src.tier.read(src.step, [(rec, _address(buf))])
     return bytes(buf)
-
-
-def resolve_record(manifest: Manifest, key: str, rank: int = 0) -> TensorRecord:
-    """The record holding the bytes of tensor ``key`` as ``rank`` sees it (aliases followed)."""
-    rec = manifest.tensors.get(f"{local_prefix(rank)}/{key}") or manifest.tensors.get(key)
-    seen: set[str] = set()
-    while rec is not None and rec.alias_of is not None and rec.key not in seen:
-        seen.add(rec.key)
-        rec = manifest.tensors.get(rec.alias_of)
-    if rec is None or rec.alias_of is not None:
-        raise IncompatibleCheckpointError(f"step {manifest.step}: tensor {key!r} is not in the manifest")
-    return rec
 
 
 def _read_full(src: Source, rec: TensorRecord) -> torch.Tensor:

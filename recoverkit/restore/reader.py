@@ -65,7 +65,7 @@ def read_state(
     sharded = sharded or {}
     values: dict[str, Any] = {}
     for key in sorted(set(tensor_leaves(skeleton))):
-        rec = _resolve(manifest, key, src)
+        rec = resolve_record(manifest, key, src)
         if rec.key in values:
             values[key] = values[rec.key]
             continue
@@ -137,7 +137,8 @@ def tensor_leaves(tree: Any) -> Iterator[str]:
             yield from tensor_leaves(v)
 
 
-def _resolve(manifest: Manifest, key: str, rank: int) -> TensorRecord:
+def resolve_record(manifest: Manifest, key: str, rank: int = 0) -> TensorRecord:
+    """The record holding the bytes of tensor ``key`` as ``rank`` sees it (aliases followed)."""
     rec = manifest.tensors.get(f"{local_prefix(rank)}/{key}") or manifest.tensors.get(key)
     seen: set[str] = set()
     while rec is not None and rec.alias_of is not None and rec.key not in seen:
