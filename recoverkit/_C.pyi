@@ -87,9 +87,10 @@ class CopyEngine:
     def stats(self) -> dict[str, int]: ...
 
 def write_segment(path: str, items: list[tuple[int, int, int]], *, direct: bool = False,
-                  fsync: bool = True) -> None:
-    """Writes ``(file_offset, src_ptr, nbytes)`` items with pwrite (optionally O_DIRECT) and
-    fsyncs; every return code checked."""
+                  fsync: bool = True, crc: bool = False) -> list[int] | None:
+    """Writes ``(file_offset, src_ptr, nbytes)`` items with pwrite (optionally O_DIRECT,
+    through writer threads) and fsyncs; every return code checked. With ``crc=True``
+    returns each item's CRC-32C (in ``items`` order), computed in the same pass."""
 
 def read_segment(path: str, items: list[tuple[int, int, int, int]]) -> list[int]:
     """Reads ``(file_offset, dst_ptr, nbytes, expected_crc or -1)`` items; returns the CRCs;

@@ -489,7 +489,7 @@ def _align_up(v: int) -> int:
 
 
 def write_segment(path: str, items: list[tuple[int, int, int]], *, direct: bool = False,
-                  fsync: bool = True) -> None:
+                  fsync: bool = True, crc: bool = False) -> list[int] | None:
     parsed = []
     for off, ptr, n in _items(items, 3, "(file_offset, src_ptr, nbytes)"):
         off, ptr, n = _nonneg(off, "file_offset"), _nonneg(ptr, "src_ptr"), _nonneg(n, "nbytes")
@@ -544,6 +544,9 @@ def write_segment(path: str, items: list[tuple[int, int, int]], *, direct: bool 
     finally:
         if fd >= 0:
             os.close(fd)
+    if not crc:
+        return None
+    return [crc32c_ptr(ptr, n) if n else 0 for _, ptr, n in parsed]
 
 
 def read_segment(path: str, items: list[tuple[int, int, int, int]]) -> list[int]:

@@ -33,7 +33,8 @@ py::tuple item_tuple(const py::handle& item, size_t n, const char* shape) {
 void bind_segment(py::module_& m) {
   m.def(
       "write_segment",
-      [](const py::object& path, const py::iterable& items, bool direct, bool fsync) {
+      [](const py::object& path, const py::iterable& items, bool direct, bool fsync,
+         bool crc) -> py::object {
         std::vector<recoverkit::WriteItem> v;
         for (const auto& item : items) {
           py::tuple t = item_tuple(item, 3, "(file_offset, src_ptr, nbytes)");
@@ -44,12 +45,18 @@ void bind_segment(py::module_& m) {
                        static_cast<uint64_t>(n)});
         }
         const std::string p = fs_path(path);
-        py::gil_scoped_release release;
-        recoverkit::write_segment(p, v, direct, fsync);
+        std::vector<uint32_t> crcs;
+        {
+          py::gil_scoped_release release;
+          crcs = recoverkit::write_segment(p, v, direct, fsync, crc);
+        }
+        if (!crc) return py::none();
+        return py::cast(crcs);
       },
       py::arg("path"), py::arg("items"), py::kw_only(), py::arg("direct") = false,
-      py::arg("fsync") = true,
-      "Writes (file_offset, src_ptr, nbytes) items into a new file at `path` and fsyncs it.");
+      py::arg("fsync") = true, py::arg("crc") = false,
+      "Writes (file_offset, src_ptr, nbytes) items into a new file at `path` and fsyncs it; "
+      "with crc=True returns each item's CRC-32C, computed in the same pass.");
   m.def(
       "read_segment",
       [](const py::object& path, const py::iterable& items) {

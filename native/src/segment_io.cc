@@ -16,14 +16,16 @@
 
 #include "recoverkit/crc32c.h"
 #include "recoverkit/errors.h"
+#include "recoverkit/write_queue.h"
 
 namespace recoverkit {
 namespace {
 
 constexpr uint64_t kBlock = 4096;           // O_DIRECT alignment of buffer, offset and length
-constexpr size_t kBounceBytes = 8 << 20;    // O_DIRECT bounce window
-constexpr size_t kMaxIo = size_t{1} << 30;  // bytes per pwrite/pread call
-constexpr size_t kReadPiece = 1 << 20;      // read then checksum while still in cache
+constexpr size_t kBounceBytes = 8 << 20;    // O_DIRECT bounce window, and bytes per queued write
+constexpr size_t kBounceCount = 3;          // one being filled while two are written
+constexpr int kWriters = 2;                 // writes in flight (the disk's queue depth)
+constexpr size_t kPiece = 1 << 20;          // checksum then write/read while still in cache
 
 [[noreturn]] void throw_os(int err, const std::string& path, const char* what) {
   throw OsError(err, path, std::string(what) + " " + path + ": " + std::strerror(err));
@@ -45,71 +47,67 @@ struct Fd {
   }
 };
 
-void pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off, const std::string& path) {
-  while (n) {
-    const ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, kMaxIo), static_cast<off_t>(off));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EINVAL && (fcntl(fd, F_GETFL) & O_DIRECT)) {
-        // The file system refused this O_DIRECT write: finish the file buffered.
-        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT) == 0) continue;
-        errno = EINVAL;
-      }
-      throw_os(errno, path, "pwrite");
+// Reusable aligned bounce buffers per calling thread (no allocation per segment).
+const std::vector<uint8_t*>& bounce_buffers() {
+  struct Buffers {
+    std::vector<uint8_t*> v;
+    ~Buffers() {
+      for (auto* p : v) std::free(p);
     }
-    if (w == 0) throw_os(EIO, path, "pwrite made no progress on");
-    p += w;
-    n -= static_cast<uint64_t>(w);
-    off += static_cast<uint64_t>(w);
-  }
-}
-
-// One reusable aligned bounce buffer per thread (no allocation per segment).
-uint8_t* bounce_buffer() {
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
   };
-  thread_local std::unique_ptr<uint8_t, Free> buf;
-  if (!buf) {
+  thread_local Buffers bufs;
+  while (bufs.v.size() < kBounceCount) {
     void* p = nullptr;
     if (posix_memalign(&p, kBlock, kBounceBytes) != 0) throw std::bad_alloc();
-    buf.reset(static_cast<uint8_t*>(p));
+    bufs.v.push_back(static_cast<uint8_t*>(p));
   }
-  return buf.get();
+  return bufs.v;
 }
 
-// Streams items (sorted by offset, non-overlapping) to an O_DIRECT file: aligned sources
-// go straight from memory, everything else through a window [start_, start_ + len_) of
-// the file held in the bounce buffer; partial blocks are zero-padded.
+// Streams items (sorted by offset, non-overlapping) to an O_DIRECT file through the write
+// queue: aligned sources go straight from memory, everything else through a window
+// [start_, start_ + len_) of the file held in a bounce buffer; partial blocks are
+// zero-padded. While a buffer is on its way to the disk the next one is filled (and
+// checksummed on the fly when a CRC is wanted).
 class DirectWriter {
  public:
-  DirectWriter(int fd, const std::string& path) : fd_(fd), path_(path), buf_(bounce_buffer()) {}
+  explicit DirectWriter(WriteQueue& q) : q_(q) {}
 
-  void write(uint64_t off, const uint8_t* src, uint64_t n) {
+  // Writes [src, src + n) at file offset off, extending *crc over it unless crc is null.
+  void write(uint64_t off, const uint8_t* src, uint64_t n, uint32_t* crc) {
     if (active_ && off >= align_up(start_ + len_)) flush_tail();
-    if (active_) {  // the item starts in the window's last block
+    if (active_) {  // the item starts in the window's last block (so the window has a buffer)
       std::memset(buf_ + len_, 0, off - (start_ + len_));
       len_ = off - start_;
     } else {
       if (off % kBlock == 0 && reinterpret_cast<uintptr_t>(src) % kBlock == 0 && n >= kBlock) {
         const uint64_t direct = align_down(n);
-        pwrite_all(fd_, src, direct, off, path_);
+        for (uint64_t done = 0; done < direct; done += kBounceBytes) {
+          const uint64_t take = std::min<uint64_t>(kBounceBytes, direct - done);
+          q_.submit(src + done, take, off + done, WriteQueue::kNoBuffer);
+          if (crc) *crc = crc32c_extend(*crc, src + done, take);  // overlaps the write
+        }
         end_ = std::max(end_, off + direct);
         off += direct, src += direct, n -= direct;
         if (n == 0) return;
       }
       start_ = align_down(off);
       len_ = off - start_;
+      take_buffer();
       std::memset(buf_, 0, len_);
       active_ = true;
     }
     while (n) {
+      if (buf_ == nullptr) take_buffer();
       const size_t take = std::min<uint64_t>(n, kBounceBytes - len_);
-      std::memcpy(buf_ + len_, src, take);
+      if (crc) {
+        *crc = crc32c_copy(*crc, buf_ + len_, src, take);
+      } else {
+        std::memcpy(buf_ + len_, src, take);
+      }
       len_ += take, src += take, n -= take;
       if (len_ == kBounceBytes) {
-        pwrite_all(fd_, buf_, kBounceBytes, start_, path_);
-        end_ = std::max<uint64_t>(end_, start_ + kBounceBytes);
+        give_buffer(kBounceBytes);
         start_ += kBounceBytes;
         len_ = 0;
       }
@@ -120,8 +118,7 @@ class DirectWriter {
     if (active_ && len_) {
       const uint64_t padded = align_up(len_);
       std::memset(buf_ + len_, 0, padded - len_);
-      pwrite_all(fd_, buf_, padded, start_, path_);
-      end_ = std::max(end_, start_ + padded);
+      give_buffer(padded);
     }
     active_ = false;
     len_ = 0;
@@ -130,9 +127,21 @@ class DirectWriter {
   uint64_t end() const { return end_; }  // bytes of the file written so far (padded)
 
  private:
-  int fd_;
-  const std::string& path_;
-  uint8_t* buf_;
+  void take_buffer() {
+    cur_ = q_.acquire();
+    buf_ = q_.buffer(cur_);
+  }
+  void give_buffer(uint64_t n) {
+    const int b = cur_;
+    cur_ = WriteQueue::kNoBuffer;
+    buf_ = nullptr;
+    q_.submit(q_.buffer(b), n, start_, b);
+    end_ = std::max(end_, start_ + n);
+  }
+
+  WriteQueue& q_;
+  int cur_ = WriteQueue::kNoBuffer;
+  uint8_t* buf_ = nullptr;
   bool active_ = false;
   uint64_t start_ = 0, len_ = 0, end_ = 0;
 };
@@ -155,13 +164,16 @@ int open_for_write(const std::string& path, bool direct, bool& is_direct) {
 
 }  // namespace
 
-void write_segment(const std::string& path, const std::vector<WriteItem>& items, bool direct,
-                   bool fsync_file) {
-  std::vector<WriteItem> sorted(items);
-  std::stable_sort(sorted.begin(), sorted.end(),
-                   [](const WriteItem& a, const WriteItem& b) { return a.file_offset < b.file_offset; });
+std::vector<uint32_t> write_segment(const std::string& path, const std::vector<WriteItem>& items,
+                                    bool direct, bool fsync_file, bool want_crc) {
+  std::vector<size_t> order(items.size());
+  for (size_t i = 0; i < order.size(); i++) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return items[a].file_offset < items[b].file_offset;
+  });
   uint64_t size = 0, prev_end = 0;
-  for (const auto& it : sorted) {
+  for (size_t i : order) {
+    const auto& it = items[i];
     if (it.nbytes && it.src == nullptr) throw InvalidArgument("segment item with a null src_ptr");
     if (it.nbytes && it.file_offset < prev_end)
       throw InvalidArgument("segment items overlap at file offset " + std::to_string(it.file_offset));
@@ -169,21 +181,37 @@ void write_segment(const std::string& path, const std::vector<WriteItem>& items,
     size = std::max<uint64_t>(size, it.file_offset + it.nbytes);
   }
 
+  std::vector<uint32_t> crcs(want_crc ? items.size() : 0, 0);
   bool is_direct = false;
   Fd fd;
   fd.fd = open_for_write(path, direct, is_direct);
   uint64_t written_end = 0;
   if (is_direct) {
-    DirectWriter w(fd.fd, path);
-    for (const auto& it : sorted) {
-      if (it.nbytes) w.write(it.file_offset, static_cast<const uint8_t*>(it.src), it.nbytes);
+    WriteQueue queue(fd.fd, path, bounce_buffers(), kWriters);  // joined before fd closes
+    DirectWriter w(queue);
+    for (size_t i : order) {
+      const auto& it = items[i];
+      if (it.nbytes)
+        w.write(it.file_offset, static_cast<const uint8_t*>(it.src), it.nbytes,
+                want_crc ? &crcs[i] : nullptr);
     }
     w.flush_tail();
+    queue.drain();
     written_end = w.end();
   } else {
-    for (const auto& it : items) {  // in the caller's order: sequential for sorted layouts
+    for (size_t i = 0; i < items.size(); i++) {  // in the caller's order: sequential for sorted layouts
+      const auto& it = items[i];
       if (!it.nbytes) continue;
-      pwrite_all(fd.fd, static_cast<const uint8_t*>(it.src), it.nbytes, it.file_offset, path);
+      const auto* src = static_cast<const uint8_t*>(it.src);
+      if (!want_crc) {
+        pwrite_all(fd.fd, src, it.nbytes, it.file_offset, path);
+      } else {
+        for (uint64_t done = 0; done < it.nbytes; done += kPiece) {
+          const uint64_t take = std::min<uint64_t>(kPiece, it.nbytes - done);
+          crcs[i] = crc32c_extend(crcs[i], src + done, take);
+          pwrite_all(fd.fd, src + done, take, it.file_offset + done, path);
+        }
+      }
       written_end = std::max<uint64_t>(written_end, it.file_offset + it.nbytes);
     }
   }
@@ -195,6 +223,7 @@ void write_segment(const std::string& path, const std::vector<WriteItem>& items,
   }
   if (fsync_file && ::fsync(fd.fd) != 0) throw_os(errno, path, "fsync");
   fd.close_checked(path);
+  return crcs;
 }
 
 std::vector<uint32_t> read_segment(const std::string& path, const std::vector<ReadItem>& items) {
@@ -226,7 +255,7 @@ std::vector<uint32_t> read_segment(const std::string& path, const std::vector<Re
     uint32_t crc = 0;
     uint64_t done = 0;
     while (done < it.nbytes) {
-      const size_t want = std::min<uint64_t>(kReadPiece, it.nbytes - done);
+      const size_t want = std::min<uint64_t>(kPiece, it.nbytes - done);
       const ssize_t r = ::pread(fd.fd, dst + done, want, static_cast<off_t>(it.file_offset + done));
       if (r < 0) {
         if (errno == EINTR) continue;

@@ -146,10 +146,10 @@ class FaultyFS(LocalFS):
         self.inner.remove_tree(path)
 
     def write_segment(
-        self, path: str, items: Sequence[tuple[int, int, int]], *, direct: bool = False
-    ) -> None:
+        self, path: str, items: Sequence[tuple[int, int, int]], *, direct: bool = False, crc: bool = False
+    ) -> list[int] | None:
         self.faults.on_op("write_segment", path)
-        self.inner.write_segment(path, items, direct=direct)
+        return self.inner.write_segment(path, items, direct=direct, crc=crc)
 
     def read_segment(self, path: str, items: Sequence[tuple[int, int, int, int]]) -> list[int]:
         self.faults.on_op("read_segment", path)

@@ -98,10 +98,14 @@ class LocalFS:
         self.remove(probe)
 
     def write_segment(
-        self, path: str, items: Sequence[tuple[int, int, int]], *, direct: bool = False
-    ) -> None:
-        """Write ``(file_offset, src_ptr, nbytes)`` items into ``path`` and fsync it."""
-        engine.write_segment(path, list(items), direct=direct, fsync=True)
+        self, path: str, items: Sequence[tuple[int, int, int]], *, direct: bool = False, crc: bool = False
+    ) -> list[int] | None:
+        """Write ``(file_offset, src_ptr, nbytes)`` items into ``path`` and fsync it.
+
+        With ``crc=True`` returns each item's CRC-32C, computed in the same pass as the write.
+        """
+        out = engine.write_segment(path, list(items), direct=direct, fsync=True, crc=crc)
+        return None if out is None else list(out)
 
     def read_segment(self, path: str, items: Sequence[tuple[int, int, int, int]]) -> list[int]:
         """Read ``(file_offset, dst_ptr, nbytes, expected_crc)`` items, verifying checksums."""

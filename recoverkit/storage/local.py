@@ -93,13 +93,15 @@ class LocalTier(Tier):
         blob_ptr = _buffer_address(payload.blob)
         items = [(offsets[0], blob_ptr, len(blob))]
         items += [(off, int(s.data.data_ptr()), int(s.data.numel())) for off, s in zip(offsets[1:], payload.shards)]
-        self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io)
+        # Bytes staged without a checksum (the blocking path) get theirs in the write's pass.
+        need_crc = any(s.crc32c is None for s in payload.shards)
+        crcs = self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io, crc=need_crc)
         shards = []
-        for off, s in zip(offsets[1:], payload.shards):
+        for i, (off, s) in enumerate(zip(offsets[1:], payload.shards)):
             n = int(s.data.numel())
-            crc = s.crc32c if s.crc32c is not None else crc32c_ptr(int(s.data.data_ptr()), n)
+            crc = s.crc32c if s.crc32c is not None else (crcs[i + 1] if crcs else crc32c_ptr(int(s.data.data_ptr()), n))
             shards.append((s.key, ShardRecord(payload.rank, name, off, n, crc, s.offsets, s.shape)))
-        blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crc32c(payload.blob))
+        blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crcs[0] if crcs else crc32c(payload.blob))
         return RankRecords(payload.rank, blob_rec, shards, {name: end})
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:

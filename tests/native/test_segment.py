@@ -222,3 +222,77 @@ def test_disk_full_raises_enospc(engine, tiny_fs, direct):
     small, items = _layout([1000], [0])  # the engine is still usable afterwards
     engine.write_segment(path, items)
     os.unlink(path)
+
+
+# ---- checksums in the write's pass, and the pipelined O_DIRECT writer ------------------
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_returns_each_items_crc(engine, tmp_path, layout, direct):
+    sizes, offsets = LAYOUTS[layout]
+    bufs, items = _layout(sizes, offsets, seed=7)
+    path = str(tmp_path / "seg.bin")
+    assert engine.write_segment(path, items, direct=direct) is None
+    got = engine.write_segment(path, items, direct=direct, crc=True)
+    assert got == [engine.crc32c(b) for b in bufs]  # in the caller's order, not file order
+    with open(path, "rb") as f:
+        assert f.read() == _expected_file(bufs, offsets)
+
+
+def _mixed_sources(mib=1 << 20):
+    """Sources the O_DIRECT writer treats every way: bounced (odd address) across several
+    8 MiB buffers, written straight from aligned memory in several pieces, small items
+    sharing blocks, and a hole."""
+    page_aligned = np.zeros(17 * mib + 4096, dtype=np.uint8)
+    start = (-ptr(page_aligned)) % 4096
+    aligned = page_aligned[start:start + 17 * mib]
+    aligned[:] = random_bytes(17 * mib, seed=3)
+    odd = random_bytes(21 * mib + 3, seed=4)[1:]  # an odd address: must be bounced
+    small = [random_bytes(n, seed=10 + n) for n in (1, 4095, 5000)]
+    bufs = [odd, small[0], small[1], aligned, small[2]]
+    offsets = [0, 21 * mib + 3, 21 * mib + 4, 22 * mib, 39 * mib + 12_345]
+    return bufs, offsets, [(o, ptr(b), b.nbytes) for o, b in zip(offsets, bufs)]
+
+
+def test_pipelined_direct_write_matches_the_fallback(tmp_path):
+    native, python = load_backend("native"), load_backend("python")
+    bufs, offsets, items = _mixed_sources()
+    want = _expected_file(bufs, offsets)
+    crcs = [native.crc32c(b) for b in bufs]
+    for eng in (native, python):
+        for direct in (True, False):
+            path = str(tmp_path / f"{eng.BACKEND}-{direct}.bin")
+            assert eng.write_segment(path, items[::-1], direct=direct, crc=True) == crcs[::-1]
+            with open(path, "rb") as f:
+                assert f.read() == want, (eng.BACKEND, direct)
+            os.unlink(path)
+
+
+_FSIZE_CHILD = r"""
+import errno, resource, signal, sys
+import numpy as np
+from recoverkit._native import load
+eng = load(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # pwrite then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+src = np.random.default_rng(0).integers(0, 256, (64 << 20) + 1, dtype=np.uint8)[1:]
+try:
+    eng.write_segment(sys.argv[2], [(0, src.ctypes.data, src.nbytes)], direct=True, crc=True)
+except OSError as e:
+    assert e.errno == errno.EFBIG and e.filename == sys.argv[2], (e.errno, e.filename)
+    small = np.ones(5000, dtype=np.uint8)                 # still usable afterwards
+    eng.write_segment(sys.argv[2], [(0, small.ctypes.data, small.nbytes)], direct=True)
+    print("EFBIG")
+"""
+
+
+def test_failed_write_in_a_writer_thread_raises_with_errno_and_path(engine, tmp_path):
+    # A real failed pwrite (the file-size limit) while several writes are in flight.
+    import sys
+
+    path = str(tmp_path / "big.bin")
+    out = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, engine.BACKEND, path],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "EFBIG"
+    assert os.path.getsize(path) == 5000

@@ -1,5 +1,5 @@
 // Segment files: many host buffers written to one file at given offsets with pwrite (or
-// O_DIRECT through an aligned bounce buffer), fsync'ed, every return code checked; and read
+// O_DIRECT through aligned bounce buffers and writer threads), fsync'ed, every return code checked; and read
 // back with each item's CRC-32C verified. These calls block; the bindings release the GIL
 // around them.
 #pragma once
@@ -26,10 +26,13 @@ struct ReadItem {
 
 // Creates/truncates `path` (mode 0644), writes every item at its offset, sizes the file to
 // max(offset + nbytes) (gaps read as zeros), fsyncs when asked. Items must not overlap
-// (InvalidArgument). direct: O_DIRECT where the file system supports it, else buffered.
+// (InvalidArgument). direct: O_DIRECT where the file system supports it, else buffered;
+// O_DIRECT writes go through a few writer threads, so copying into the next bounce buffer
+// overlaps the disk. want_crc: returns the CRC-32C of each item (in `items` order),
+// computed in the same pass as the copy or the write; otherwise an empty vector.
 // Throws OsError(errno, path) on any failed system call.
-void write_segment(const std::string& path, const std::vector<WriteItem>& items, bool direct,
-                   bool fsync_file);
+std::vector<uint32_t> write_segment(const std::string& path, const std::vector<WriteItem>& items,
+                                    bool direct, bool fsync_file, bool want_crc = false);
 
 // Reads every item into its destination and returns the CRC-32C of each. Throws
 // IntegrityFailure for a file too short or a checksum mismatch, OsError otherwise.
