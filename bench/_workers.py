@@ -32,7 +32,6 @@ __all__ = [
     "train_step",
     "state_digest",
     "emit",
-    "tree_bytes",
     "leftovers",
 ]
 
@@ -119,17 +118,6 @@ def torch_uint8() -> Any:
 
 
 # --------------------------------------------------------------------------- files
-def tree_bytes(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def leftovers(root: str) -> list[str]:
     """Temporary names an interrupted save or delete left in a checkpoint root."""
     if not os.path.isdir(root):

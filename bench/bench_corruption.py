@@ -39,6 +39,7 @@ from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 from recoverkit.storage.discovery import CheckpointSkippedWarning
 
 from ._workers import small_model
+from .bench_limits import drop_caches, timed
 from .report import fmt_bytes, publish
 
 WIDTH = 128
@@ -196,16 +197,6 @@ def _trials(base: str, trials: int, rng: random.Random) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- verify throughput
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
 def _plain_read(files: list[str], buf: bytearray) -> int:
     n = 0
     mv = memoryview(buf)
@@ -255,16 +246,10 @@ def _throughput(base: str, size_mib: int, reps: int) -> dict[str, Any]:
             "restore": lambda: ckpt.restore(state, step=1),
         }
         for name, fn in methods.items():
-            fn()  # warm the page cache
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t)
-            res["warm"][name] = min(ts)
+            res["warm"][name] = min(timed(fn, reps))  # one untimed call first warms the page cache
         cold_ok = True
         for name, fn in methods.items():
-            if not _drop_caches():
+            if not drop_caches():
                 cold_ok = False
                 break
             t = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch  # noqa: F401 - imported once, before forking
 
+from ._common import fsync_dir
 from ._workers import emit, fork_child, small_model, state_digest, train_step, warm, width_for
 from .report import fmt_bytes, publish
 
@@ -96,11 +97,7 @@ def _torch_save(root: str, sd: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, "ckpt.pt"))
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def _job(kind: str, every: int, root: str, width: int, steps: int, batch: int, period_s: float | None, cap_s: float) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -42,6 +41,8 @@ from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 from recoverkit.config import StagingPolicy, TierPolicy
 from recoverkit.dist.sharded import ShardedTensor
 
+from ._common import free_port, fsync_file, keep_last
+from .bench_limits import drop_caches, timed
 from .machine import describe, median
 from .report import publish
 
@@ -95,17 +96,6 @@ def _opt_step(opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=False)
 
 
-def _timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _calibrate(
     model: torch.nn.Module, opt: torch.optim.Optimizer, side: int, tensors: list[torch.Tensor], reps: int, max_batch: int
 ) -> dict[str, Any]:
@@ -116,7 +106,7 @@ def _calibrate(
         for b, t in zip(bufs, tensors):
             b.copy_(t)
 
-    memcpy_s = median(_timed(memcpy, reps))
+    memcpy_s = median(timed(memcpy, reps))
     bufs.clear()  # free the copies (the closure keeps the list itself)
     target = FWD_BWD_PER_MEMCPY * memcpy_s
     gen = torch.Generator().manual_seed(1)
@@ -124,7 +114,7 @@ def _calibrate(
     tried: list[tuple[int, float]] = []
     for _ in range(4):  # fwd+bwd time is close to linear in the batch; a few refinements
         x = torch.randn(batch, side, generator=gen)
-        fb = median(_timed(lambda: _fwd_bwd(model, x), reps))  # noqa: B023
+        fb = median(timed(lambda: _fwd_bwd(model, x), reps))  # noqa: B023
         tried.append((batch, fb))
         if abs(fb / target - 1) <= 0.1:
             break
@@ -134,7 +124,7 @@ def _calibrate(
     # keep the closest batch tried
     batch, fb = min(tried, key=lambda bt: abs(bt[1] / target - 1))
     model.zero_grad(set_to_none=False)
-    step_s = median(_timed(lambda: opt.step(), max(1, reps // 2)))
+    step_s = median(timed(lambda: opt.step(), max(1, reps // 2)))
     opt.zero_grad(set_to_none=False)
     nbytes = _nbytes(tensors)
     return {
@@ -212,37 +202,13 @@ class _PeakRSS:
 
 
 # --------------------------------------------------------------------------- helpers
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _process_group() -> Iterator[None]:
     """A 1-process gloo group for DCP (unless one is already up)."""
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -272,15 +238,6 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 def _state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-
-def _keep_last(dirs: list[str], n: int) -> None:
-    while len(dirs) > n:
-        p = dirs.pop(0)
-        if os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.exists(p):
-            os.unlink(p)
 
 
 # --------------------------------------------------------------------------- 1. stall
@@ -335,7 +292,7 @@ def _stall_blocking(model, opt, x, save: Callable[[int], str], warmup: int, step
             dt = time.perf_counter() - t
             if j >= warmup:
                 times.append(dt)
-            _keep_last(kept, 1)
+            keep_last(kept, 1)
     return {"stall_s": times, "added_rss_bytes": mem.added, "rss_method": mem.method, "last": kept[-1]}
 
 
@@ -374,7 +331,7 @@ def _stall_async_save(model, opt, x, base, warmup, steps):  # type: ignore[no-un
                 t = time.perf_counter()
                 upload(resp).result()
                 upload_wait[j - 1] = time.perf_counter() - t
-                _keep_last(dirs, 1)
+                keep_last(dirs, 1)
             d = os.path.join(base, f"dcp-async-{j + 1:06d}")
             t = time.perf_counter()
             kwargs: dict[str, Any] = {"checkpoint_id": d, "async_checkpointer_type": AsyncCheckpointerType.THREAD}
@@ -388,7 +345,7 @@ def _stall_async_save(model, opt, x, base, warmup, steps):  # type: ignore[no-un
             stager.close()
     sl = slice(warmup, warmup + steps)
     stall = [c + s + u for c, s, u in zip(call[sl], stage_wait[sl], upload_wait[sl])]
-    _keep_last(dirs, 0)
+    keep_last(dirs, 0)
     return {
         "stall_s": stall,
         "call_s": call[sl],
@@ -457,7 +414,7 @@ def _restore_local(model, opt, root, reps):  # type: ignore[no-untyped-def]
     with Checkpointer(root) as ckpt:  # no pipeline: only the local (and persistent) tiers
         want = ckpt.steps()[-1]
         for _ in range(reps):
-            cold = _drop_caches() and cold
+            cold = drop_caches() and cold
             t = time.perf_counter()
             got = ckpt.restore({"model": model, "optimizer": opt})
             times.append(time.perf_counter() - t)
@@ -477,7 +434,7 @@ def _restore_resharded(tensors: list[torch.Tensor], root: str) -> dict[str, Any]
         lo = t.shape[0] // 2
         targets["shards"][f"t{i}"] = ShardedTensor(torch.zeros(t.shape[0] - lo, *t.shape[1:], dtype=t.dtype), tuple(t.shape), (lo,) + (0,) * (t.dim() - 1))
         halves.append((t, lo))
-    cold = _drop_caches()
+    cold = drop_caches()
     with Checkpointer(root, options=opts) as ckpt:
         t0 = time.perf_counter()
         ckpt.restore(targets)
@@ -488,7 +445,7 @@ def _restore_resharded(tensors: list[torch.Tensor], root: str) -> dict[str, Any]
 
 
 def _restore_torch_load(model, opt, path):  # type: ignore[no-untyped-def]
-    cold = _drop_caches()
+    cold = drop_caches()
     t = time.perf_counter()
     sd = torch.load(path, weights_only=True)
     model.load_state_dict(sd["model"])
@@ -498,7 +455,7 @@ def _restore_torch_load(model, opt, path):  # type: ignore[no-untyped-def]
 
 
 def _restore_dcp_load(model, opt, path):  # type: ignore[no-untyped-def]
-    cold = _drop_caches()
+    cold = drop_caches()
     t = time.perf_counter()
     sd = _state_dict(model, opt)
     dcp.load(sd, checkpoint_id=path)  # loads in place into the live tensors
@@ -551,7 +508,7 @@ def run(
                 return p
 
             ts = _stall_blocking(model, opt, x, torch_save, warmup, steps)
-            _fsync_path(ts["last"])  # its dirty pages must not slow the next phases down
+            fsync_file(ts["last"])  # its dirty pages must not slow the next phases down
 
             def dcp_save(step: int) -> str:
                 p = os.path.join(base, f"dcp-{step:06d}")

@@ -17,6 +17,10 @@ Other scenarios call :func:`limits` to show every throughput as a fraction of th
     lim = limits(nbytes, workdir)            # {"memcpy_1t_gb_per_s": ..., ...}
     fraction = my_gb_per_s / lim["write_fsync_gb_per_s"]
 
+The primitives it measures with (:func:`buffer`, :func:`memcpy`, :func:`plain_write_fsync`,
+:func:`plain_read`, :func:`drop_caches`, :func:`timed`) are the ones every scenario and
+``bench/micro`` share; the other shared helpers are in ``bench/_common.py``.
+
 Run: ``python -m bench.bench_limits [--smoke] [--size-mib 1024] [--reps 5] [--out-dir DIR]``.
 """
 

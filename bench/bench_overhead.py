@@ -50,6 +50,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from ._common import free_port, keep_last
 from .machine import median
 from .report import publish
 
@@ -137,7 +138,7 @@ class _Blocking(_Method):
         t = time.perf_counter()
         if not self.rank0_only or self.rank == 0:
             self.kept.append(self.fn(step))
-            _keep_last(self.kept, 1)
+            keep_last(self.kept, 1)
         dt = time.perf_counter() - t
         self.times.append(dt)
         return dt
@@ -146,7 +147,7 @@ class _Blocking(_Method):
         return list(self.times)
 
     def close(self) -> None:
-        _keep_last(self.kept, 0)
+        keep_last(self.kept, 0)
 
 
 class _AsyncSave(_Method):
@@ -189,7 +190,7 @@ class _AsyncSave(_Method):
             self._upload().result()
             waited = time.perf_counter() - t
             self.upload_wait[-1] += waited
-            _keep_last(self.dirs, 1)
+            keep_last(self.dirs, 1)
         d = os.path.join(self.base, f"dcp-async-{step:06d}")
         kwargs: dict[str, Any] = {"checkpoint_id": d, "process_group": self.pg, "async_checkpointer_type": AsyncCheckpointerType.THREAD}
         if self.stager is not None:
@@ -223,16 +224,7 @@ class _AsyncSave(_Method):
         self.drain()
         if self.stager is not None:
             self.stager.close()
-        _keep_last(self.dirs, 0)
-
-
-def _keep_last(paths: list[str], n: int) -> None:
-    while len(paths) > n:
-        p = paths.pop(0)
-        if os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.exists(p):
-            os.unlink(p)
+        keep_last(self.dirs, 0)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -434,13 +426,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -
 def run_world(world: int, cfg: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
     """Runs one (size, world) cell in ``world`` spawned processes; returns every rank's result."""
     import queue as queue_mod
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, q)) for r in range(world)]

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -32,16 +31,11 @@ import torch.distributed  # noqa: F401
 
 from recoverkit import Checkpointer, CheckpointOptions
 
+from ._common import free_port
 from ._workers import fork_child, leftovers, small_model, train_step, warm
 from .report import publish
 
 SLACK_S = 20.0  # a survivor that has not returned by timeout + this is a hang
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank(w: int, rank: int, world: int, port: int, root: str, out: str, victim: int, phase: str, timeout_s: float,
@@ -97,7 +91,7 @@ def _trial(base: str, world: int, victim: int, phase: str, use_async: bool, *, t
     d = os.path.join(base, f"t{i}")
     root, out = os.path.join(d, "ckpt"), os.path.join(d, "out")
     os.makedirs(out)
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     kids = [fork_child(_rank, r, world, port, root, out, victim, phase, timeout_s, use_async) for r in range(world)]
     deadline = t0 + timeout_s + SLACK_S + 30  # + start-up and step 1

@@ -31,6 +31,7 @@ import torch
 
 from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 
+from ._common import fsync_file
 from .machine import describe, median
 from .report import publish
 
@@ -53,14 +54,6 @@ def _nbytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     for s in opt.state.values():
         n += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
     return n
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _drop_caches() -> None:
@@ -104,11 +97,11 @@ def run(size_mib: int = 1024, reps: int = 3, workdir: str | None = None) -> dict
                 t = time.perf_counter()
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
                 times["torch_save"].append(time.perf_counter() - t)
-                _fsync_file(path)
+                fsync_file(path)
                 os.unlink(path)
                 t = time.perf_counter()
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
-                _fsync_file(path)
+                fsync_file(path)
                 times["torch_save_fsync"].append(time.perf_counter() - t)
 
                 t = time.perf_counter()

@@ -46,6 +46,7 @@ import torch  # noqa: F401 - imported once here, before any fork
 import recoverkit  # noqa: F401
 from recoverkit.storage.faults import PHASES
 
+from ._common import tree_bytes
 from ._workers import emit, fork_child, leftovers, small_model, state_digest, train_step, warm
 from .report import fmt_bytes, publish
 
@@ -338,8 +339,7 @@ def run(smoke: bool = False, random_trials: int | None = None, reps: int | None 
             trials.append(_trial(kind, mode, root, purl, base, digests, rng, arm, window_s))
             if len(trials) % 50 == 0:
                 print(f"[torture] {len(trials)}/{len(plan)} trials, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
-        sizes = {k: fmt_bytes(sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.dirname(v[0])) for f in fs))
-                 for k, v in chains.items()}
+        sizes = {k: fmt_bytes(tree_bytes(os.path.dirname(v[0]))) for k, v in chains.items()}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return _summary(trials, smoke, time.perf_counter() - t_start, sizes, window_s, seed)

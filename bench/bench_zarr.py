@@ -37,6 +37,7 @@ from recoverkit.state.dtypes import to_bytes_view
 from recoverkit.storage.base import RankPayload, ShardData, ShardMeta
 from recoverkit.storage.zarr_tier import ZarrTier
 
+from ._common import fsync_dir, tree_bytes
 from .machine import median
 from .report import fmt_bytes, publish
 
@@ -66,11 +67,7 @@ def plain_write_fsync(state: dict[str, torch.Tensor], path: str) -> float:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(os.path.dirname(path))
     return time.perf_counter() - t0
 
 
@@ -117,10 +114,6 @@ def read_back_equal(state: dict[str, torch.Tensor], url: str, step: int) -> bool
     return ok
 
 
-def _disk_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
 def run(size_mib: int, *, repeats: int, workdir: str | None = None, smoke: bool = False) -> dict[str, Any]:
     """Measure every method ``repeats`` times (interleaved) and return the result."""
     start = time.perf_counter()
@@ -139,7 +132,7 @@ def run(size_mib: int, *, repeats: int, workdir: str | None = None, smoke: bool 
                     times[m].append(plain_write_fsync(state, os.path.join(target, "state.bin")))
                 else:
                     times[m].append(zarr_write(state, "file://" + target, COMPRESSION[m], rep + 1))
-                disk[m] = _disk_bytes(target)
+                disk[m] = tree_bytes(target)
         bit_exact = read_back_equal(state, "file://" + os.path.join(base, "zarr_raw"), repeats)
         chunks = ZarrTier("file://" + os.path.join(base, "zarr_raw")).store.read_layout(f"step-{repeats:09d}", next(iter(state))).chunks
     finally:

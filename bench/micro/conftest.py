@@ -1,4 +1,4 @@
-"""Shared data for the micro-benchmarks: one random buffer, page-aligned, every page touched.
+"""Shared data for the micro-benchmarks: one random buffer, page-aligned, every page touched (``bench_limits.buffer``).
 
 Run them with ``pytest bench/micro`` (``testpaths`` in pyproject keeps them out of the default
 collection). Baselines live in ``bench/baselines``; see ``bench/README.md``.
@@ -9,28 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.bench_limits import buffer
+
 MIB = 1 << 20
 SIZE = 16 * MIB  # big enough to leave the caches, small enough for ~1 s per benchmark
 
 
-def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + 4096, dtype=np.uint8)
-    off = (-raw.ctypes.data) % 4096
-    return raw[off : off + nbytes]
-
-
 @pytest.fixture(scope="session")
 def src() -> np.ndarray:
-    a = _aligned(SIZE)
-    a[:] = np.random.default_rng(0).integers(0, 256, SIZE, dtype=np.uint8)
-    return a
+    return buffer(SIZE)  # random bytes (seed 0)
 
 
 @pytest.fixture()
 def dst() -> np.ndarray:
-    a = _aligned(SIZE)
-    a[::4096] = 0
-    return a
+    return buffer(SIZE, fill=False)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import os
 import numpy as np
 import pytest
 
+from bench.bench_limits import plain_read, plain_write_fsync
+
 PIECE = 4 << 20
 
 
@@ -19,21 +21,10 @@ def _items(a):
     return [(off, a.ctypes.data + off, min(PIECE, a.nbytes - off)) for off in range(0, a.nbytes, PIECE)]
 
 
-def _plain_write(path, a):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        mv = memoryview(a).cast("B")
-        while mv:
-            mv = mv[os.write(fd, mv) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.benchmark(group="segment_write")
 def test_plain_write_fsync(benchmark, tmp_path, src):
     path = str(tmp_path / "plain.bin")
-    benchmark(_plain_write, path, src)
+    benchmark(plain_write_fsync, path, src)
     assert os.path.getsize(path) == src.nbytes
 
 
@@ -65,16 +56,5 @@ def test_read_segment_verify(benchmark, native, segment, src, dst):
 @pytest.mark.benchmark(group="segment_read")
 def test_plain_read(benchmark, segment, src, dst):
     path, _ = segment
-
-    def read():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            mv = memoryview(dst).cast("B")
-            off = 0
-            while off < len(mv):
-                off += os.preadv(fd, [mv[off:]], off)
-        finally:
-            os.close(fd)
-
-    benchmark(read)
+    benchmark(plain_read, path, dst)
     assert np.array_equal(dst, src)
