@@ -1,5 +1,5 @@
 """``recoverkit restore``: materialize a step as a torch, safetensors or DCP checkpoint, or
-as a recoverkit checkpoint resharded for another world size (see restore/export.py)."""
+as a recoverkit checkpoint resharded for another world size (see restore/export/)."""
 
 from __future__ import annotations
 
