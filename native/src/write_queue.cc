@@ -19,13 +19,18 @@ constexpr size_t kMaxIo = size_t{1} << 30;  // bytes per pwrite call
 }  // namespace
 
 void pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off, const std::string& path) {
+  bool retried_buffered = false;
   while (n) {
     const ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, kMaxIo), static_cast<off_t>(off));
     if (w < 0) {
       if (errno == EINTR) continue;
-      if (errno == EINVAL && (fcntl(fd, F_GETFL) & O_DIRECT)) {
-        // The file system refused this O_DIRECT write: finish the file buffered.
-        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT) == 0) continue;
+      if (errno == EINVAL && !retried_buffered) {
+        // The file system refused an O_DIRECT write: finish the file buffered. Another
+        // writer thread may have cleared O_DIRECT already, so retry once either way; a
+        // buffered write that fails with EINVAL again is a real error.
+        retried_buffered = true;
+        const int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0 && (!(flags & O_DIRECT) || fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0)) continue;
         errno = EINVAL;
       }
       const int err = errno;
