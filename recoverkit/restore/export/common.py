@@ -13,7 +13,6 @@ helpers around them.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import uuid
@@ -27,7 +26,7 @@ from ...errors import IncompatibleCheckpointError
 from ...format.manifest import Manifest, TensorRecord
 from ...state import decode
 from ...storage.base import ReadableTier
-from ..reader import read_region, resolve_record, tensor_leaves
+from ..reader import _address, read_region, resolve_record, tensor_leaves
 
 Progress = Callable[[int], None]
 
@@ -172,13 +171,3 @@ def _fsync_dir(path: str) -> None:
     finally:
         os.close(fd)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _address(buf: bytearray) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if buf else 0

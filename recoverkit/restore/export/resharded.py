@@ -18,8 +18,8 @@ from ...format.segment import plan_offsets, segment_name
 from ...state import dtype_from_name, to_bytes_view
 from ...storage.local import LocalTier
 from ...storage.lock import RunLock
-from ..reader import read_region
-from .common import ExportResult, Progress, Source, _address, _note, _numel, _pwrite_all
+from ..reader import _address, _numel, read_region
+from .common import ExportResult, Progress, Source, _note, _pwrite_all
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 

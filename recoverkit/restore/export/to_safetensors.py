@@ -15,13 +15,13 @@ from typing import Any
 from ...errors import IncompatibleCheckpointError
 from ...format.manifest import TensorRecord
 from ...state import dtype_from_name, to_bytes_view
+from ..reader import _numel
 from .common import (
     ExportResult,
     Progress,
     Source,
     _leaf_records,
     _note,
-    _numel,
     _read_full,
     _staged_file,
     consolidated_tree,
