@@ -25,7 +25,6 @@ write nowhere unless ``--out-dir`` is given).
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import shutil
 import tempfile
@@ -34,11 +33,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 
 from ._common import fsync_file
+from .bench_limits import buffer, drop_caches
 from .machine import describe, median
 from .report import publish
 
@@ -63,14 +64,6 @@ def _nbytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return n
 
 
-def _drop_caches() -> None:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-    except OSError:
-        pass
-
-
 def _plain_write(path: str, tensors: list[torch.Tensor]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -86,20 +79,18 @@ def _plain_write(path: str, tensors: list[torch.Tensor]) -> None:
 _DIRECT_PIECE = 8 << 20
 
 
-def _aligned_copy(tensors: list[torch.Tensor]) -> mmap.mmap:
+def _aligned_copy(tensors: list[torch.Tensor]) -> np.ndarray:
     """The tensors' bytes back to back in page-aligned memory, padded to 4 KiB (O_DIRECT)."""
-    views = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
-    total = sum(v.numel() for v in views)
-    buf = mmap.mmap(-1, max(4096, -(-total // 4096) * 4096))
+    views = [t.detach().contiguous().view(-1).view(torch.uint8).numpy() for t in tensors]
+    buf = buffer(max(4096, -(-sum(v.size for v in views) // 4096) * 4096), fill=False)
     pos = 0
     for v in views:
-        n = v.numel()
-        buf[pos : pos + n] = v.numpy().tobytes()
-        pos += n
+        buf[pos : pos + v.size] = v
+        pos += v.size
     return buf
 
 
-def _direct_write(path: str, buf: mmap.mmap, pool: ThreadPoolExecutor) -> None:
+def _direct_write(path: str, buf: np.ndarray, pool: ThreadPoolExecutor) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
     try:
         mv = memoryview(buf)
@@ -158,11 +149,11 @@ def run(size_mib: int = 1024, reps: int = 3, workdir: str | None = None) -> dict
                 times["direct_write_fsync"].append(time.perf_counter() - t)
                 os.unlink(os.path.join(base, "direct.bin"))
 
-                _drop_caches()
+                drop_caches()
                 t = time.perf_counter()
                 ckpt.restore(state)
                 times["recoverkit_restore"].append(time.perf_counter() - t)
-                _drop_caches()
+                drop_caches()
                 t = time.perf_counter()
                 sd = torch.load(path, weights_only=True)
                 model.load_state_dict(sd["model"])
@@ -172,7 +163,6 @@ def run(size_mib: int = 1024, reps: int = 3, workdir: str | None = None) -> dict
                 os.unlink(path)
     finally:
         pool.shutdown()
-        aligned.close()
         shutil.rmtree(base, ignore_errors=True)
     med = {k: median(v) for k, v in times.items()}
     gbps = {k: nbytes / v / 1e9 for k, v in med.items()}

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.checksum import crc32c, crc32c_ptr
+from ..format.checksum import crc32c
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.segment import plan_offsets, segment_name
 from .base import RankPayload, RankRecords, ShardMeta, Tier
@@ -95,12 +95,11 @@ class LocalTier(Tier):
         items += [(off, int(s.data.data_ptr()), int(s.data.numel())) for off, s in zip(offsets[1:], payload.shards)]
         # Bytes staged without a checksum (the blocking path) get theirs in the write's pass.
         need_crc = any(s.crc32c is None for s in payload.shards)
-        crcs = self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io, crc=need_crc)
+        crcs = self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io, crc=need_crc) or []
         shards = []
         for i, (off, s) in enumerate(zip(offsets[1:], payload.shards)):
-            n = int(s.data.numel())
-            crc = s.crc32c if s.crc32c is not None else (crcs[i + 1] if crcs else crc32c_ptr(int(s.data.data_ptr()), n))
-            shards.append((s.key, ShardRecord(payload.rank, name, off, n, crc, s.offsets, s.shape)))
+            crc = s.crc32c if s.crc32c is not None else crcs[i + 1]
+            shards.append((s.key, ShardRecord(payload.rank, name, off, int(s.data.numel()), crc, s.offsets, s.shape)))
         blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crcs[0] if crcs else crc32c(payload.blob))
         return RankRecords(payload.rank, blob_rec, shards, {name: end})
 
