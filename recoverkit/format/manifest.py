@@ -11,6 +11,7 @@ See ``docs/FORMAT.md`` for the reference.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import IncompatibleCheckpointError, IntegrityError
 from .checksum import crc32c, hexcrc
+from .validate import check_manifest
 
 __all__ = [
     "FORMAT_NAME",
@@ -62,15 +64,17 @@ class ShardRecord:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ShardRecord:
+    def from_json(cls, d: Any) -> ShardRecord:
+        """Parse strictly: the exact fields, integers where integers belong (else ValueError)."""
+        _fields(d, _SHARD_FIELDS, "shard")
         return cls(
-            rank=int(d["rank"]),
-            file=str(d["file"]),
-            offset=int(d["offset"]),
-            nbytes=int(d["nbytes"]),
-            crc32c=int(d["crc32c"]),
-            offsets=tuple(int(x) for x in d["offsets"]),
-            shape=tuple(int(x) for x in d["shape"]),
+            rank=_int(d["rank"], "rank"),
+            file=_str(d["file"], "file"),
+            offset=_int(d["offset"], "offset"),
+            nbytes=_int(d["nbytes"], "nbytes"),
+            crc32c=_int(d["crc32c"], "crc32c"),
+            offsets=_ints(d["offsets"], "offsets"),
+            shape=_ints(d["shape"], "shape"),
         )
 
 
@@ -97,13 +101,17 @@ class TensorRecord:
         return d
 
     @classmethod
-    def from_json(cls, key: str, d: Mapping[str, Any]) -> TensorRecord:
+    def from_json(cls, key: str, d: Any) -> TensorRecord:
+        """Parse strictly: shards or an alias, never both (else ValueError)."""
+        _fields(d, _TENSOR_FIELDS, f"tensor {key!r}", optional=("shards", "alias_of"))
+        if ("shards" in d) == ("alias_of" in d):
+            raise ValueError(f"tensor {key!r} must have exactly one of 'shards' and 'alias_of'")
         return cls(
             key=key,
-            dtype=str(d["dtype"]),
-            shape=tuple(int(x) for x in d["shape"]),
-            shards=tuple(ShardRecord.from_json(s) for s in d.get("shards", ())),
-            alias_of=d.get("alias_of"),
+            dtype=_str(d["dtype"], "dtype"),
+            shape=_ints(d["shape"], "shape"),
+            shards=tuple(ShardRecord.from_json(s) for s in _list(d.get("shards", []), "shards")),
+            alias_of=_str(d["alias_of"], "alias_of") if "alias_of" in d else None,
         )
 
 
@@ -129,14 +137,16 @@ class BlobRecord:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> BlobRecord:
+    def from_json(cls, d: Any) -> BlobRecord:
+        """Parse strictly: the exact fields, integers where integers belong (else ValueError)."""
+        _fields(d, _BLOB_FIELDS, "blob", optional=("encoding",))
         return cls(
-            rank=int(d["rank"]),
-            file=str(d["file"]),
-            offset=int(d["offset"]),
-            nbytes=int(d["nbytes"]),
-            crc32c=int(d["crc32c"]),
-            encoding=str(d.get("encoding", "recoverkit-json")),
+            rank=_int(d["rank"], "rank"),
+            file=_str(d["file"], "file"),
+            offset=_int(d["offset"], "offset"),
+            nbytes=_int(d["nbytes"], "nbytes"),
+            crc32c=_int(d["crc32c"], "crc32c"),
+            encoding=_str(d.get("encoding", "recoverkit-json"), "encoding"),
         )
 
 
@@ -196,44 +206,67 @@ class Manifest:
         return json.dumps(body, indent=1, sort_keys=False).encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, path: str = "<manifest>") -> Manifest:
-        """Parse and verify a manifest; raise IntegrityError or IncompatibleCheckpointError."""
+    def from_bytes(cls, data: bytes, *, path: str = "<manifest>", arrays: bool = False) -> Manifest:
+        """Parse and validate a manifest; raise IntegrityError or IncompatibleCheckpointError.
+
+        The JSON is parsed strictly (no NaN or Infinity, no duplicate keys, integers where
+        integers belong) and every record is checked against its tensor and its file by
+        :func:`recoverkit.format.validate.check_manifest` before the manifest is returned.
+        ``arrays`` selects the zarr tier's layout (shards in arrays, not in listed files).
+        """
         try:
-            body = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IntegrityError(f"{path}: not valid JSON ({e})", path=path) from None
+            text = data.decode("utf-8")
+            body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
+        except (UnicodeDecodeError, ValueError, RecursionError, MemoryError) as e:
+            raise IntegrityError(f"{path}: not valid JSON ({_short(e)})", path=path) from None
         if not isinstance(body, dict):
             raise IntegrityError(f"{path}: manifest is not a JSON object", path=path)
         if body.get("format") != FORMAT_NAME:
             raise IncompatibleCheckpointError(
-                f"{path}: not a recoverkit manifest (format={body.get('format')!r})"
+                f"{path}: not a recoverkit manifest (format={_short(body.get('format'))})"
             )
         version = body.get("version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or type(version) is not int:
             raise IncompatibleCheckpointError(
-                f"{path}: format version {version!r}; this recoverkit reads version {FORMAT_VERSION}"
+                f"{path}: format version {_short(version)}; this recoverkit reads version {FORMAT_VERSION}"
             )
         stored = body.pop("checksum", None)
-        found = hexcrc(crc32c(_canonical(body)))
+        try:
+            found = hexcrc(crc32c(_canonical(body)))
+        except (ValueError, RecursionError) as e:
+            raise IntegrityError(f"{path}: manifest cannot be checked ({_short(e)})", path=path) from None
         if stored != found:
             raise IntegrityError(
-                f"{path}: manifest checksum mismatch (stored {stored}, computed {found})", path=path
+                f"{path}: manifest checksum mismatch (stored {_short(stored)}, computed {found})", path=path
             )
         try:
-            return cls(
-                step=int(body["step"]),
-                run_id=str(body["run_id"]),
-                world_size=int(body["world_size"]),
-                created_unix=float(body["created_unix"]),
-                pickled=bool(body.get("pickled", False)),
-                files={str(k): int(v) for k, v in body["files"].items()},
-                blobs=tuple(BlobRecord.from_json(b) for b in body["blobs"]),
-                tensors={k: TensorRecord.from_json(k, t) for k, t in body["tensors"].items()},
-                user_meta=dict(body.get("user_meta", {})),
-                held=tuple(str(f) for f in body["held"]) if body.get("held") is not None else None,
+            _fields(body, _MANIFEST_FIELDS, "manifest", optional=("held", "pickled", "user_meta"))
+            created = body["created_unix"]
+            if type(created) not in (int, float):
+                raise ValueError(f"created_unix must be a number, got {_short(created)}")
+            user_meta = body.get("user_meta", {})
+            if not isinstance(user_meta, dict):
+                raise ValueError("user_meta must be a JSON object")
+            pickled = body.get("pickled", False)
+            if type(pickled) is not bool:
+                raise ValueError(f"pickled must be true or false, got {_short(pickled)}")
+            held = body.get("held")
+            manifest = cls(
+                step=_int(body["step"], "step"),
+                run_id=_str(body["run_id"], "run_id"),
+                world_size=_int(body["world_size"], "world_size"),
+                created_unix=float(created),
+                pickled=pickled,
+                files={_str(k, "file name"): _int(v, f"size of {k!r}") for k, v in _dict(body["files"], "files").items()},
+                blobs=tuple(BlobRecord.from_json(b) for b in _list(body["blobs"], "blobs")),
+                tensors={k: TensorRecord.from_json(k, t) for k, t in _dict(body["tensors"], "tensors").items()},
+                user_meta=user_meta,
+                held=None if held is None else tuple(_str(f, "held file") for f in _list(held, "held")),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise IntegrityError(f"{path}: malformed manifest field ({e!r})", path=path) from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise IntegrityError(f"{path}: malformed manifest ({_short(e)})", path=path) from None
+        check_manifest(manifest, where=path, arrays=arrays)
+        return manifest
 
     def check_files(self, sizes: Mapping[str, int | None], *, where: str) -> None:
         """Raise IntegrityError if a listed file is missing or shorter than recorded."""
@@ -258,4 +291,86 @@ def file_sizes(records: Iterable[ShardRecord | BlobRecord]) -> dict[str, int]:
 
 
 def _canonical(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+# ------------------------------------------------------------------ strict JSON parsing
+_SHARD_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "offsets", "shape"})
+_BLOB_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "encoding"})
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "shards", "alias_of"})
+_MANIFEST_FIELDS = frozenset({
+    "format", "version", "step", "run_id", "created_unix", "world_size", "pickled", "files", "blobs",
+    "tensors", "user_meta", "held",
+})  # fmt: skip
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {_short(dup)}")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_short(text)} is out of range")
+    return value
+
+
+def _fields(d: Any, allowed: frozenset[str], what: str, *, optional: tuple[str, ...] = ()) -> None:
+    if type(d) is not dict:
+        raise TypeError(f"{what} must be a JSON object, got {type(d).__name__}")
+    keys = d.keys()
+    if keys <= allowed and len(keys) + len(optional) >= len(allowed):  # fast path: all present
+        missing = [k for k in allowed if k not in keys and k not in optional]
+        if not missing:
+            return
+    missing = sorted(k for k in allowed if k not in keys and k not in optional)
+    extra = sorted(keys - allowed)
+    raise ValueError(f"{what} fields: missing {missing}, unknown {[_short(k) for k in extra[:4]]}")
+
+
+def _int(v: Any, what: str) -> int:
+    if type(v) is not int:
+        raise TypeError(f"{what} must be an integer, got {_short(v)}")
+    return v
+
+
+def _ints(v: Any, what: str) -> tuple[int, ...]:
+    if type(v) is not list or any(type(x) is not int for x in v):
+        raise TypeError(f"{what} must be a list of integers, got {_short(v)}")
+    return tuple(v)
+
+
+def _str(v: Any, what: str) -> str:
+    if type(v) is not str:
+        raise TypeError(f"{what} must be a string, got {_short(v)}")
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if type(v) is not list:
+        raise TypeError(f"{what} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _dict(v: Any, what: str) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise TypeError(f"{what} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """``repr`` of a hostile value, cut short (never the whole of a huge string or number)."""
+    try:
+        text = repr(v) if not isinstance(v, BaseException) else str(v)
+    except ValueError:  # an int too long to print
+        text = f"<{type(v).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -13,7 +13,6 @@ exist when the step was saved (the world grew) reads rank 0's local state.
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..dist.sharded import ShardedTensor, local_prefix
-from ..errors import IncompatibleCheckpointError
+from ..errors import IncompatibleCheckpointError, IntegrityError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
 from ..storage.base import Tier
@@ -59,8 +58,8 @@ def read_state(
     """
     src = blob_rank(manifest, rank)
     blob_rec = manifest.blob_for(src)
-    blob = bytearray(blob_rec.nbytes)
-    tier.read(step, [(blob_rec, _address(blob))])
+    blob = bytearray(blob_rec.nbytes)  # validated against the file's real size by the tier
+    tier.read(step, [(blob_rec, blob)])
     skeleton = decode(bytes(blob), allow_pickle=allow_pickle)
     sharded = sharded or {}
     values: dict[str, Any] = {}
@@ -92,7 +91,7 @@ def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Ten
         return out
     itemsize = out.element_size()
     row_bytes = out[0].numel() * itemsize if out.dim() else itemsize
-    direct: list[tuple[ShardRecord | BlobRecord, int]] = []
+    direct: list[tuple[ShardRecord | BlobRecord, torch.Tensor]] = []
     staged: list[tuple[ShardRecord, torch.Tensor]] = []
     covered = 0
     out_bytes = to_bytes_view(out)
@@ -103,21 +102,19 @@ def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Ten
         covered += _numel(inter[1])
         if out.dim() and shard.shape[1:] == box[1][1:] and shard.offsets[1:] == box[0][1:] and inter[1] == shard.shape:
             start = (shard.offsets[0] - box[0][0]) * row_bytes
-            direct.append((shard, int(out_bytes.data_ptr()) + start))
+            direct.append((shard, out_bytes[start : start + shard.nbytes]))
         elif out.dim() == 0:
-            direct.append((shard, int(out_bytes.data_ptr())))
+            direct.append((shard, out_bytes))
         else:
-            part = _empty(shard.shape, dtype)
-            staged.append((shard, part))
+            staged.append((shard, _empty(shard.shape, dtype)))
     if covered != out.numel():
-        raise IncompatibleCheckpointError(
+        raise IntegrityError(
             f"step {step}: the saved shards of {rec.key!r} cover {covered} of the {out.numel()} elements "
             f"of region offsets={list(box[0])} shape={list(box[1])}"
         )
-    _check_sizes(rec, itemsize)
     tier.read(step, direct)
     for shard, part in staged:  # bounded: one piece at a time
-        tier.read(step, [(shard, int(to_bytes_view(part).data_ptr()))])
+        tier.read(step, [(shard, to_bytes_view(part))])
         inter = _intersect((shard.offsets, shard.shape), box)
         assert inter is not None
         _narrow(out, inter, box[0]).copy_(_narrow(part, inter, shard.offsets))
@@ -149,14 +146,6 @@ def resolve_record(manifest: Manifest, key: str, rank: int = 0) -> TensorRecord:
     return rec
 
 
-def _check_sizes(rec: TensorRecord, itemsize: int) -> None:
-    for s in rec.shards:
-        if s.nbytes != _numel(s.shape) * itemsize:
-            raise IncompatibleCheckpointError(
-                f"{rec.key!r}: a shard of shape {list(s.shape)} ({rec.dtype}) records {s.nbytes} bytes"
-            )
-
-
 def _intersect(a: Box, b: Box) -> Box | None:
     offs, shape = [], []
     for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1]):
@@ -184,9 +173,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _address(buf: bytearray) -> int:
-    if not buf:
-        return 0
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

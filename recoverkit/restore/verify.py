@@ -12,8 +12,9 @@ the bytes checked so far, for progress bars.
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -145,8 +146,7 @@ def _load_manifest(tier: ReadableTier, step: int, report: StepReport) -> Manifes
         if isinstance(tier, LocalTier):
             path = os.path.join(tier.step_path(step), MANIFEST_NAME)
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = tier.fs.read_file(path)
             except FileNotFoundError:
                 raise CheckpointNotFoundError(f"{path}: no such file") from None
             manifest = Manifest.from_bytes(data, path=path)
@@ -165,8 +165,11 @@ def _check_sizes(tier: LocalTier, step: int, manifest: Manifest, report: StepRep
     for name, size in sorted(manifest.files.items()):
         path = os.path.join(where, name)
         try:
-            found = os.path.getsize(path)
-        except FileNotFoundError:
+            found = tier.fs.size(path)
+        except OSError as e:  # not a regular file (a symlink, a FIFO, ...)
+            report.faults.append(Fault(step, path, "file", f"{size} bytes", str(e)))
+            continue
+        if found is None:
             report.faults.append(Fault(step, path, "file", f"{size} bytes", "no such file"))
             continue
         if found != size:
@@ -193,10 +196,10 @@ def _local_checker(
     def check(rec: BlobRecord | ShardRecord, item: str) -> Fault | None:
         path = os.path.join(where, rec.file)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open_regular(path)
         except OSError as e:
             _advance(progress, rec.nbytes)
-            return Fault(step, path, item, f"crc32c {hexcrc(rec.crc32c)}", f"unreadable ({e.strerror})")
+            return Fault(step, path, item, f"crc32c {hexcrc(rec.crc32c)}", f"unreadable ({e.strerror or e})")
         try:
             crc, got = 0, 0
             while got < rec.nbytes:
@@ -223,9 +226,9 @@ def _tier_checker(
     tier: ReadableTier, step: int, progress: Progress | None
 ) -> Callable[[BlobRecord | ShardRecord, str], Fault | None]:
     def check(rec: BlobRecord | ShardRecord, item: str) -> Fault | None:
-        buf = (ctypes.c_char * max(1, rec.nbytes))()
+        buf = bytearray(rec.nbytes)
         try:
-            tier.read(step, [(rec, ctypes.addressof(buf))])
+            tier.read(step, [(rec, buf)])
         except (IntegrityError, OSError) as e:
             return Fault(step, f"{tier.describe(step)}/{rec.file}", item, f"crc32c {hexcrc(rec.crc32c)}", str(e))
         finally:
@@ -233,6 +236,15 @@ def _tier_checker(
         return None
 
     return check
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of a regular file: no symlink followed, no FIFO waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return fd
 
 
 def _advance(progress: Progress | None, n: int) -> None:

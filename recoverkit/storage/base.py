@@ -17,6 +17,7 @@ crash leaves behind before that point is ever listed by :meth:`Tier.steps`.
 
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,34 @@ import torch
 
 from ..format.manifest import BlobRecord, Manifest, ShardRecord
 
-__all__ = ["ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
+__all__ = ["Buffer", "destination", "ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
+
+#: where a read lands: a contiguous CPU tensor, a bytearray or a writable memoryview
+Buffer = torch.Tensor | bytearray | memoryview
+
+
+def destination(buf: Buffer, nbytes: int, what: str) -> int:
+    """The address of ``buf`` after checking it holds exactly ``nbytes`` writable bytes.
+
+    Every tier calls this on every read request before it hands a pointer to the engine.
+
+    Example:
+        >>> destination(bytearray(4), 4, "x") != 0
+        True
+    """
+    if isinstance(buf, torch.Tensor):
+        if buf.device.type != "cpu" or not buf.is_contiguous():
+            raise ValueError(f"{what}: a read needs a contiguous CPU tensor, got {buf.device} strides {buf.stride()}")
+        size, ptr = buf.numel() * buf.element_size(), int(buf.data_ptr())
+    else:
+        view = memoryview(buf)
+        if view.readonly or not view.c_contiguous:
+            raise ValueError(f"{what}: a read needs a writable contiguous buffer")
+        size = view.nbytes
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(view)) if size else 0
+    if size != nbytes:
+        raise ValueError(f"{what}: the destination holds {size} bytes, the record {nbytes}")
+    return ptr
 
 
 @dataclass(frozen=True)
@@ -117,8 +145,13 @@ class ReadableTier(ABC):
         """The step's verified manifest; raises IntegrityError / CheckpointNotFoundError."""
 
     @abstractmethod
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
-        """Read each record's bytes into the buffer at the paired pointer, verifying CRCs."""
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
+        """Read each record's bytes into its paired buffer, verifying CRCs.
+
+        A buffer is a contiguous CPU tensor, a ``bytearray`` or a writable ``memoryview`` of
+        exactly the record's ``nbytes`` (:func:`destination` checks it before any byte moves,
+        so no read can run past its destination).
+        """
 
     def describe(self, step: int) -> str:
         """Where the step lives, for messages."""

@@ -26,9 +26,10 @@ from ..config import TierPolicy
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr, hexcrc
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
+from ..format.validate import check_name
 from ..format.zarr_layout import ShardRegion, array_layout, array_path
 from ..state import dtype_from_name, from_bytes
-from .base import RankPayload, RankRecords, ShardMeta, Tier
+from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector
 from .layout import parse_step_dirname, step_dirname
 from .zarr_store import ZarrStore
@@ -106,7 +107,7 @@ class ZarrTier(Tier):
         key = f"{d}/{MANIFEST_NAME}"
         if not self.store.exists(key):
             raise CheckpointNotFoundError(f"{self.url}/{d}: no committed step {step}")
-        manifest = Manifest.from_bytes(self.store.read_bytes(key), path=f"{self.url}/{key}")
+        manifest = Manifest.from_bytes(self.store.read_bytes(key), path=f"{self.url}/{key}", arrays=True)
         if manifest.step != step:
             raise IntegrityError(f"{self.url}/{key}: manifest is for step {manifest.step}", path=key)
         for b in manifest.blobs:
@@ -114,15 +115,17 @@ class ZarrTier(Tier):
                 raise IntegrityError(f"{self.url}/{d}/{b.file}: file listed in the manifest is missing", path=b.file)
         return manifest
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
         d = step_dirname(step)
         index: dict[ShardRecord, str] | None = None
         manifest = None
-        for rec, ptr in requests:
+        for rec, buf in requests:
+            ptr = destination(buf, rec.nbytes, f"{self.url}/{d}/{rec.file}")
             if isinstance(rec, BlobRecord):
-                data = self.store.read_bytes(f"{d}/{rec.file}")
+                key = f"{d}/{check_name(rec.file, where=f'{self.url}/{d}', nested=True)}"
+                data = self.store.read_bytes(key)
                 if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
-                    raise IntegrityError(f"{self.url}/{d}/{rec.file}: object state fails its checksum", path=rec.file)
+                    raise IntegrityError(f"{self.url}/{key}: object state fails its checksum", path=rec.file)
                 if data:
                     ctypes.memmove(ptr, data, len(data))
                 continue

@@ -26,7 +26,7 @@ from ...errors import IncompatibleCheckpointError
 from ...format.manifest import Manifest, TensorRecord
 from ...state import decode
 from ...storage.base import ReadableTier
-from ..reader import _address, read_region, resolve_record, tensor_leaves
+from ..reader import read_region, resolve_record, tensor_leaves
 
 Progress = Callable[[int], None]
 
@@ -89,7 +89,7 @@ def read_blob(src: Source, rank: int = 0) -> bytes:
         )
     rec = blobs[rank]
     buf = bytearray(rec.nbytes)
-    src.tier.read(src.step, [(rec, _address(buf))])
+    src.tier.read(src.step, [(rec, buf)])
     return bytes(buf)
 
 

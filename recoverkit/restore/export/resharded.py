@@ -18,7 +18,7 @@ from ...format.segment import plan_offsets, segment_name
 from ...state import dtype_from_name, to_bytes_view
 from ...storage.local import LocalTier
 from ...storage.lock import RunLock
-from ..reader import _address, _numel, read_region
+from ..reader import _numel, read_region
 from .common import ExportResult, Progress, Source, _note, _pwrite_all
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
@@ -136,7 +136,7 @@ def _write_rank_segment(
     blobs = {b.rank: b for b in src.manifest.blobs}
     blob_src = blobs[rank] if rank in blobs else blobs[0]
     blob = bytearray(blob_src.nbytes)
-    src.tier.read(src.step, [(blob_src, _address(blob))])
+    src.tier.read(src.step, [(blob_src, blob)])
     itemsize = {p.key: dtype_from_name(p.rec.dtype).itemsize for p in pieces}
     sizes = [len(blob)] + [_numel(p.box[1]) * itemsize[p.key] for p in pieces]
     offsets, end = plan_offsets(sizes)
