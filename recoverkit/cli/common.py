@@ -13,6 +13,7 @@ Exit codes (the one place they are defined; ``--help`` epilogs and the README li
       ``--allow-pickle``, or state the target format cannot hold
 5     locked: a live trainer holds the run lock of the root
 6     other I/O error (permission denied, disk full, ...)
+7     internal error: a bug in recoverkit (one line; ``RECOVERKIT_DEBUG=1`` shows the traceback)
 ====  ======================================================================================
 """
 
@@ -46,7 +47,7 @@ from ..storage.layout import parse_step_dirname
 from ..storage.local import LocalTier
 
 __all__ = [
-    "EXIT_OK", "EXIT_FAULT", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_INCOMPATIBLE", "EXIT_LOCKED", "EXIT_IO",
+    "EXIT_OK", "EXIT_FAULT", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_INCOMPATIBLE", "EXIT_LOCKED", "EXIT_IO", "EXIT_INTERNAL",
     "EXIT_CODES_EPILOG", "CliError", "handle_errors", "STEP", "json_option", "Location", "locate",
     "open_tier", "committed_steps", "pick_step", "progress", "emit_json", "human_bytes", "human_age",
     "stderr_console", "stdout_console", "lock_holder",
@@ -59,6 +60,7 @@ EXIT_NOT_FOUND = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_LOCKED = 5
 EXIT_IO = 6
+EXIT_INTERNAL = 7
 
 EXIT_CODES_EPILOG = (
     "\b\nExit codes:\n"
@@ -68,7 +70,8 @@ EXIT_CODES_EPILOG = (
     "  3  not found (no such path or step; not a checkpoint root)\n"
     "  4  incompatible (foreign or newer format; pickled state; unsupported dtype)\n"
     "  5  locked (a live trainer holds the run lock)\n"
-    "  6  other I/O error"
+    "  6  other I/O error\n"
+    "  7  internal error (a bug; RECOVERKIT_DEBUG=1 shows the traceback)"
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,7 +89,7 @@ class CliError(click.ClickException):
 
 
 def exit_code_for(exc: BaseException) -> int | None:
-    """The exit code of a user-facing error, or None for a bug (which keeps its traceback)."""
+    """The exit code of a user-facing error, or None for a bug (exit 7, one line)."""
     table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
         (CheckpointLockedError, EXIT_LOCKED),
         (IntegrityError, EXIT_FAULT),
@@ -122,7 +125,12 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
             code = exit_code_for(e)
             if code is None:
-                raise
+                if os.environ.get("RECOVERKIT_DEBUG"):
+                    raise
+                code, e = EXIT_INTERNAL, RuntimeError(
+                    f"internal error, please report it: {type(e).__name__}: {str(e)[:500]} "
+                    "(RECOVERKIT_DEBUG=1 shows the traceback)"
+                )
             raise CliError(_message(e), code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -310,28 +318,8 @@ def human_age(seconds: float) -> str:
 
 
 def lock_holder(root: str) -> str | None:
-    """Who holds the run lock of ``root`` (``"pid N on HOST"``), or None if nobody does.
+    """Who holds the run lock of ``root`` (``"pid N on HOST"``), or None if nobody does
+    (probed without creating, changing, following or blocking on ``.lock``)."""
+    from ..storage.lock import probe_holder
 
-    Probes with a shared POSIX lock, which conflicts with the writer's exclusive one, and
-    releases it at once; the lock file is neither created nor changed.
-    """
-    import fcntl
-
-    path = os.path.join(root, ".lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                return f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
-            except ValueError:
-                return "an unknown process"
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return probe_holder(root)

@@ -79,7 +79,7 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
     if m.step < 0:
         raise IntegrityError(f"{where}: step {m.step} is negative", path=where)
     ranks = sorted(b.rank for b in m.blobs)
-    if m.world_size < 1 or ranks != list(range(m.world_size)):
+    if m.world_size != len(ranks) or ranks != list(range(len(ranks))) or not ranks:
         raise IntegrityError(
             f"{where}: world_size {m.world_size} but object blobs for ranks {ranks[:8]}"
             f"{'...' if len(ranks) > 8 else ''} (every rank 0..world_size-1 exactly once)",

@@ -59,11 +59,17 @@ def export_dcp(
             sources[id(metas[rec.key])] = rec
     state = _dcp_tree(tree, {k: metas[r.key] for k, r in records.items()})
     result = ExportResult(out, "dcp", src.step)
-    planner = _streaming_planner(src, sources, result, progress)
+    read_errors: list[BaseException] = []
+    planner = _streaming_planner(src, sources, result, progress, read_errors)
     with _staged_dir(out, force) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: assuming a single process"
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1, sync_files=True)
-        dcp.save(state, storage_writer=writer, planner=planner)
+        try:
+            dcp.save(state, storage_writer=writer, planner=planner)
+        except Exception:
+            if read_errors:  # DCP wraps it (with a traceback in the text): say what really failed
+                raise read_errors[0] from None
+            raise
     result.tensors = len(sources)
     return result
 
@@ -80,15 +86,23 @@ def _dcp_tree(node: Any, leaves: dict[str, torch.Tensor]) -> Any:
     return node
 
 
-def _streaming_planner(src: Source, sources: dict[int, TensorRecord], result: ExportResult, progress: Progress | None) -> Any:
-    """A DefaultSavePlanner whose ``resolve_data`` reads each tensor when it is written."""
+def _streaming_planner(
+    src: Source, sources: dict[int, TensorRecord], result: ExportResult, progress: Progress | None,
+    errors: list[BaseException],
+) -> Any:
+    """A DefaultSavePlanner whose ``resolve_data`` reads each tensor when it is written
+    (a read's error is also kept in ``errors``: DCP re-raises it wrapped)."""
     from torch.distributed.checkpoint import DefaultSavePlanner
 
     class StreamingSavePlanner(DefaultSavePlanner):
         def resolve_data(self, write_item: Any) -> Any:
             obj = self.lookup_object(write_item.index)
             if isinstance(obj, torch.Tensor) and id(obj) in sources:
-                tensor = _read_full(src, sources[id(obj)])
+                try:
+                    tensor = _read_full(src, sources[id(obj)])
+                except BaseException as e:
+                    errors.append(e)
+                    raise
                 result.nbytes += tensor.numel() * tensor.element_size()
                 if progress is not None:
                     progress(tensor.numel() * tensor.element_size())
