@@ -76,8 +76,8 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
     from ..state.dtypes import dtype_from_name  # the dtype table; imports nothing of ours above
 
     m = manifest
-    if m.step < 0:
-        raise IntegrityError(f"{where}: step {m.step} is negative", path=where)
+    if not 0 <= m.step < 1 << 63:
+        raise IntegrityError(f"{where}: step {m.step if m.step < 1 << 64 else 'of many digits'} is out of range", path=where)
     ranks = sorted(b.rank for b in m.blobs)
     if m.world_size != len(ranks) or ranks != list(range(len(ranks))) or not ranks:
         raise IntegrityError(

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -191,11 +192,31 @@ class ZarrStore:
             self._fsync_up(os.path.dirname(os.path.join(self._local, key.strip("/"))))
 
     def read_bytes(self, key: str) -> bytes:
-        """One object's bytes; raises CheckpointNotFoundError if it does not exist."""
+        """One object's bytes; raises CheckpointNotFoundError if it does not exist (and, on a
+        local store, IntegrityError if it is not a regular file: no FIFO is waited on)."""
+        self.size(key)
         result = self._wait(self._kv.read(key), f"{self.url}/{key}")
         if result.state != "value":
             raise CheckpointNotFoundError(f"{self.url}/{key}: no such object")
         return bytes(result.value)
+
+    def size(self, key: str) -> int | None:
+        """The size of the object ``key`` in bytes, or None if there is none.
+
+        On a local store nothing is opened: a symlink, FIFO or other special file under the
+        key raises IntegrityError. Elsewhere the object is read (blobs are small).
+        """
+        if self._local is not None:
+            path = os.path.join(self._local, key.strip("/"))
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{self.url}/{key}: not a regular file", path=path)
+            return st.st_size
+        result = self._wait(self._kv.read(key), f"{self.url}/{key}")
+        return len(result.value) if result.state == "value" else None
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under exactly ``key``."""

@@ -110,9 +110,11 @@ class ZarrTier(Tier):
         manifest = Manifest.from_bytes(self.store.read_bytes(key), path=f"{self.url}/{key}", arrays=True)
         if manifest.step != step:
             raise IntegrityError(f"{self.url}/{key}: manifest is for step {manifest.step}", path=key)
-        for b in manifest.blobs:
-            if not self.store.exists(f"{d}/{b.file}"):
-                raise IntegrityError(f"{self.url}/{d}/{b.file}: file listed in the manifest is missing", path=b.file)
+        for name, size in manifest.files.items():  # the blobs: their real sizes bound every read of them
+            found = self.store.size(f"{d}/{name}")
+            if found != size:
+                what = "is missing" if found is None else f"is {found} bytes, the manifest records {size}"
+                raise IntegrityError(f"{self.url}/{d}/{name}: file listed in the manifest {what}", path=name)
         return manifest
 
     def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
