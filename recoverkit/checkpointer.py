@@ -7,12 +7,18 @@ save_async:  plan -> stage into the host pool (lazy copies guarded by the optimi
 restore:     newest step on the fastest tier that holds it (host snapshot -> local ->
              persistent) -> read + verify every byte -> check the targets fit -> apply
 
+It also remembers, per tier, what it learned of the steps' data: the newest step known good
+(the step restore used, a step it committed) and the steps restore found damaged. Retention
+gets both, so it never deletes the step a restart would need nor counts a rotten step among
+the kept ones.
+
 Each stage lives in its own module; this one orders them, times them and turns failures
 into the error the user sees.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -44,6 +50,8 @@ from .storage.local import LocalTier
 from .storage.lock import RunLock
 
 __all__ = ["Checkpointer", "SaveResult"]
+
+log = logging.getLogger("recoverkit")
 
 
 @dataclass(frozen=True)
@@ -113,15 +121,20 @@ class Checkpointer:
         self._commit_lock = threading.Lock()
         self._pipeline: Any = None
         self._lock: RunLock | None = None
+        # what this process learned of each tier's data (by tier name), for retention
+        self._known_lock = threading.Lock()
+        self._known_good: dict[str, int] = {}
+        self._known_bad: dict[str, set[int]] = {}
         # an unwritable root (read-only, full, no permission) fails here, before step 1
         _check_writable(self.tier.fs, self.root, "checkpoint root")
         if self.options.tiers.persistent_url and self.options.tiers.persistent_url.startswith("file://"):
             from urllib.parse import unquote, urlparse
 
             _check_writable(LocalFS(), unquote(urlparse(self.options.tiers.persistent_url).path), "persistent store")
-        if self.rank == 0:  # the root's writer: fences other jobs, clears interrupted saves
-            if self.options.lock:
-                self._lock = RunLock(self.root).acquire()
+        if self.rank == 0 and self.options.lock:  # the root's writer: fences other jobs
+            self._lock = RunLock(self.root).acquire()
+            # Only the lock holder clears interrupted saves: without the lock, the ``.tmp-*``
+            # directories here may be a live trainer's saves in flight.
             self.tier.cleanup()
 
     def _agree_run_id(self) -> str:
@@ -139,7 +152,7 @@ class Checkpointer:
         values. In a multi-rank job every rank calls ``save`` with the same step.
         """
         _check_step(step)
-        self.wait()  # earlier async saves commit first, in the same order on every rank
+        self.settle()  # earlier async saves settle first (their failures are reported by wait/close)
         t = _Timer()
         plan = self._plan(state)
         t.lap("capture")
@@ -172,7 +185,45 @@ class Checkpointer:
             self._pipeline.guard.before_update()
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait until every ``save_async`` so far is settled (committed or failed)."""
+        """Wait until every ``save_async`` so far is settled; raise if any of them failed.
+
+        Returns True when every save is settled, False if ``timeout_s`` passed first (the
+        failures known by then are still raised).
+
+        Raises:
+            CommitError: naming every step whose save failed since the last report (a
+                report is this call, :meth:`close` or :meth:`take_failed_saves`; a failure
+                that its own handle's ``wait`` already raised is not repeated). Each failure
+                was also logged once, as an error, when it happened.
+
+        Example:
+            >>> import tempfile, torch
+            >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
+            ...     _ = ckpt.save_async(1, {"w": torch.ones(2)})
+            ...     ckpt.wait()
+            True
+        """
+        settled = self.settle(timeout_s)
+        failed = self.take_failed_saves()
+        if failed:
+            raise _failed_saves_error(failed)
+        return settled
+
+    def take_failed_saves(self) -> list[tuple[int, BaseException]]:
+        """``(step, error)`` of every save that failed since the last report, by step.
+
+        Does not wait; what it returns counts as reported (``wait``/``close`` will not raise
+        it again). For loops that keep training when a save fails, as ``protect`` does.
+        """
+        if self._pipeline is None:
+            return []
+        return sorted(((h.step, h.error) for h in self._pipeline.take_failed()), key=lambda f: f[0])
+
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait like :meth:`wait`, but leave failed saves for :meth:`take_failed_saves`.
+
+        Returns False if ``timeout_s`` passed first.
+        """
         return self._pipeline is None or self._pipeline.flush(timeout_s)
 
     @property
@@ -220,9 +271,28 @@ class Checkpointer:
                 ) from (e.__cause__ or e)
 
     def _retain(self, tier: Tier, step: int) -> list[int]:
-        """Retention on the storage this rank committed to (rank 0, or a host's own disk)."""
+        """Retention on the storage this rank committed to (rank 0, or a host's own disk).
+
+        The step just committed is known good, and so is the newest step a restore used;
+        steps a restore found damaged are known bad: neither counted nor deleted.
+        """
+        good, bad = self._learn(tier.name, good=step)
         self.faults.reached("retention", step=step, rank=self.rank)
-        return apply_retention(tier, self.options.retention)
+        return apply_retention(tier, self.options.retention, good=good, bad=bad)
+
+    def _learn(self, tier: str, *, good: int | None = None, bad: int | None = None) -> tuple[set[int], set[int]]:
+        """Record what was learned of ``tier``'s data; return its (known good, known bad) steps."""
+        with self._known_lock:
+            damaged = self._known_bad.setdefault(tier, set())
+            if good is not None:  # committed anew, or read back whole: whatever it was before
+                damaged.discard(good)
+                self._known_good[tier] = max(good, self._known_good.get(tier, good))
+            if bad is not None:
+                damaged.add(bad)
+                if self._known_good.get(tier) == bad:
+                    del self._known_good[tier]
+            newest = self._known_good.get(tier)
+            return ({newest} if newest is not None else set()), set(damaged)
 
     # --------------------------------------------------------------- restore
     def restore(self, state: MutableMapping[str, Any], step: int | None = None) -> int:
@@ -234,8 +304,12 @@ class Checkpointer:
         :class:`CheckpointSkippedWarning` and the next candidate is used. ShardedTensor
         targets receive their region of the saved global tensor, whatever sharding saved
         it. Returns the step restored; raises CheckpointNotFoundError if none is valid.
+
+        A step whose async save failed on every tier it was sent to is never offered (not
+        even from host memory). The step used is remembered as known good, the damaged
+        ones skipped as known bad, for retention (see :mod:`recoverkit.storage.discovery`).
         """
-        self.wait()
+        self.settle()
         # Optimizers over DTensors get their state tensors first, so the restore fills them
         # in place with the right placements; undone if nothing gets restored.
         prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
@@ -248,9 +322,12 @@ class Checkpointer:
                 except (IntegrityError, OSError) as e:
                     warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
                     failures.append((e, f"{tier.describe(s)}: {e}"))
+                    if isinstance(e, IntegrityError):  # damaged data (an OSError may pass)
+                        self._learn(tier.name, bad=s)
                     continue
                 apply_restored(state, captured, restore_rng=self.options.capture_rng)
                 prepared = []
+                self._learn(tier.name, good=s)
                 return s
         finally:
             for o in prepared:
@@ -288,6 +365,8 @@ class Checkpointer:
                 manifest = tier.manifest(s)
             except (IntegrityError, OSError, ValueError) as e:
                 warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=3)
+                if isinstance(e, IntegrityError):
+                    self._learn(tier.name, bad=s)
                 error = e
                 continue
             yielded = True
@@ -311,20 +390,50 @@ class Checkpointer:
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Flush pending saves, stop the pipeline and release the run lock."""
-        if self._pipeline is not None:
-            self._pipeline.flush()
-            self._pipeline.close()
-            self._pipeline = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Flush pending saves, stop the pipeline and release the run lock.
+
+        Raises:
+            CommitError: after everything is closed and the lock released, if a save
+                failed since the last report (as :meth:`wait` does). Leaving a ``with``
+                block on an exception does not raise it (the failures were logged), so
+                the original exception propagates.
+        """
+        failed: list[tuple[int, BaseException]] = []
+        try:
+            if self._pipeline is not None:
+                self._pipeline.flush()
+                failed = self.take_failed_saves()
+                self._pipeline.close()
+                self._pipeline = None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+        if failed:
+            raise _failed_saves_error(failed)
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CommitError as e:  # already logged; the exception in flight matters more
+            log.debug("recoverkit: closing after %s: %s", getattr(exc_type, "__name__", exc_type), e)
+
+
+def _failed_saves_error(failed: list[tuple[int, BaseException]]) -> CommitError:
+    """One CommitError naming each failed step (the single failure's own error if only one)."""
+    if len(failed) == 1 and isinstance(failed[0][1], CommitError):
+        return failed[0][1]
+    steps = ", ".join(str(s) for s, _ in failed)
+    detail = "; ".join(f"step {s}: {e}" for s, e in failed)
+    err = CommitError(f"{len(failed)} save(s) failed, steps {steps}: {detail}", step=failed[0][0])
+    err.__cause__ = failed[0][1]
+    return err
 
 
 def _check_writable(fs: LocalFS, path: str, what: str) -> None:

@@ -28,8 +28,11 @@ class RetentionPolicy:
     """Which committed steps to keep.
 
     A step is kept if it is among the newest ``keep_last`` committed steps, or if
-    ``keep_every`` is set and ``step % keep_every == 0``. The newest committed step is
-    always kept, whatever the policy says.
+    ``keep_every`` is set and ``step % keep_every == 0``. Whatever the policy says,
+    retention never deletes a step whose data is known good (the step just committed, the
+    step a restore used) nor the newest step not known bad; steps whose data is known
+    damaged are not counted among the newest ``keep_last`` (see
+    :func:`recoverkit.storage.discovery.decide_retention`).
 
     Example:
         >>> RetentionPolicy(keep_last=2, keep_every=1000).keeps(step=3000, rank_from_newest=5)

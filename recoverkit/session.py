@@ -17,6 +17,10 @@ SIGTERM/SIGINT let the current step finish, then the newest state is made durabl
 a second signal exits at once. On normal exit pending saves are flushed; on an exception
 only already-consistent saves are flushed (the state mid-step is never committed) and the
 exception propagates.
+
+A lazy save that fails does not stop training: the Checkpointer logs it once (logger
+``recoverkit``, as an error) and ``run.failed_saves`` lists it; leaving the loop never
+raises for it either.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .checkpointer import Checkpointer
 from .config import CheckpointOptions
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, CommitError
 
 __all__ = ["protect", "Run", "exit_code_for"]
 
@@ -109,7 +113,6 @@ class Run:
         self._rejected = False
         self._current: tuple[int, int] | None = None
         self._last_handle: Any = None
-        self._pending: list[Any] = []  # save handles not yet settled
         #: (step, error) of every lazy save that failed (each is also logged as an error)
         self.failed_saves: list[tuple[int, BaseException]] = []
         self._old_handlers: dict[int, Any] = {}
@@ -132,10 +135,12 @@ class Run:
         if self.preempted is not None:
             return  # _exit_preempted already waited up to the grace period; the OS drops the lock
         try:
-            self.ckpt.wait()
-            self._check_saves()
+            self._check_saves(wait=True)
         finally:
-            self.ckpt.close()
+            try:
+                self.ckpt.close()
+            except CommitError as e:  # only a save made meanwhile by another thread: logged already
+                self.failed_saves.append((e.step if e.step is not None else -1, e))
 
     @property
     def step(self) -> int:
@@ -211,19 +216,14 @@ class Run:
 
     def _track(self, handle: Any) -> Any:
         self._last_handle = handle
-        self._pending.append(handle)
         return handle
 
-    def _check_saves(self) -> None:
-        """Report lazy saves that failed since the last check: training goes on, nobody is left unaware."""
-        pending = []
-        for h in self._pending:
-            if not h.done():
-                pending.append(h)
-            elif h.error is not None:
-                self.failed_saves.append((h.step, h.error))
-                log.error("recoverkit: step %d was not saved: %s", h.step, h.error)
-        self._pending = pending
+    def _check_saves(self, *, wait: bool = False) -> None:
+        """Collect lazy saves that failed since the last check (the Checkpointer logged each
+        once): training goes on, nobody is left unaware. ``wait``: every save settles first."""
+        if wait:
+            self.ckpt.settle()
+        self.failed_saves.extend(self.ckpt.take_failed_saves())
 
     # ------------------------------------------------------------- loss guard
     def guard(self, loss: torch.Tensor | float) -> bool:
@@ -276,13 +276,11 @@ class Run:
     def _exit_preempted(self) -> None:
         assert self.preempted is not None
         handle = self._last_handle
-        ok = False
         try:
-            ok = handle is not None and handle.wait(self.grace_s)
-        except Exception as e:  # noqa: BLE001 - the exit code still tells the scheduler
-            log.error("recoverkit: final save failed: %s", e)
-        if not ok:
-            log.error("recoverkit: step %d not durable within %.1f s", self.counters.step, self.grace_s)
+            if handle is None or not handle.wait(self.grace_s):
+                log.error("recoverkit: step %d not durable within %.1f s", self.counters.step, self.grace_s)
+        except Exception as e:  # noqa: BLE001 - the Checkpointer logged it; the exit code still tells
+            self.failed_saves.append((handle.step, e))
         raise SystemExit(exit_code_for(self.preempted))
 
 

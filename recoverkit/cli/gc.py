@@ -6,19 +6,28 @@ trainer commits, cleans up and applies its own ``RetentionPolicy`` under that lo
 deleter racing it could remove the step it is about to restore from or collide with its own
 retention. Prune a live run through its ``RetentionPolicy``, or stop it first. Dry runs never
 take the lock and work while a trainer runs.
+
+A manifest that verifies says nothing of the data behind it (bit rot leaves it intact), so
+gc first runs a full CRC pass (:func:`recoverkit.restore.verify.verify_step`) over the steps
+newest first until one passes. That step is the newest known good one and is never deleted.
+The steps that failed are known bad: they are not counted among the last N (a rotten step
+must not push a good one out), they are reported, and they are *kept* (a damaged step is
+evidence of what went wrong) unless ``--delete-damaged`` is given. Older steps are decided by
+the same rule as the trainer's retention (:func:`recoverkit.storage.discovery.decide_retention`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import click
+from rich.markup import escape
 
 from ..config import RetentionPolicy
 from ..errors import CheckpointLockedError
-from ..storage.discovery import newest_valid
+from ..restore.verify import verify_step
+from ..storage.discovery import decide_retention
 from ..storage.local import LocalTier
 from ..storage.lock import RunLock
 from .common import (
@@ -44,27 +53,38 @@ class Decision:
     keep: bool
     reason: str
     nbytes: int
+    #: the step failed the CRC pass (known bad)
+    damaged: bool = False
 
 
-def plan_gc(tier: LocalTier, keep_last: int, keep_every: int | None) -> list[Decision]:
-    """Decide every committed step, newest first, with the trainer's retention rule: the
-    newest committed step and the newest step that verifies are always kept."""
+def plan_gc(tier: LocalTier, keep_last: int, keep_every: int | None, *, delete_damaged: bool = False) -> list[Decision]:
+    """Decide every committed step, newest first (see the module docstring for the rule).
+
+    Steps are CRC-checked newest first until one passes: that one is never deleted; the ones
+    that failed are not counted among the last ``keep_last`` and are kept unless
+    ``delete_damaged``.
+    """
     policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
     steps = tier.steps()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # damaged steps are simply not "the newest valid"
-        protected = newest_valid(tier)
+    damaged: dict[int, str] = {}
+    good: int | None = None
+    for s in reversed(steps):
+        report = verify_step(tier, s)
+        if report.ok:
+            good = s
+            break
+        more = f" (+{len(report.faults) - 1} more)" if len(report.faults) > 1 else ""
+        damaged[s] = report.faults[0].message + more
     out = []
-    for i, s in enumerate(reversed(steps)):
-        if i == 0:
-            keep, why = True, "newest committed step (never deleted)"
-        elif s == protected:
-            keep, why = True, "newest step that verifies (never deleted)"
-        elif policy.keeps(step=s, rank_from_newest=i):
-            keep, why = True, f"among the last {keep_last}" if i < keep_last else f"a multiple of {keep_every}"
+    for d in decide_retention(steps, policy, good=[] if good is None else [good], bad=damaged, delete_bad=delete_damaged):
+        if d.step == good:
+            why = "newest step that passes a full CRC pass (never deleted)"
+        elif d.damaged:
+            verdict = "deleted: --delete-damaged" if delete_damaged else "kept as evidence (--delete-damaged removes it)"
+            why = f"DAMAGED, not counted among the last {keep_last}, {verdict}: {damaged[d.step]}"
         else:
-            keep, why = False, f"older than the last {keep_last}" + (f", not a multiple of {keep_every}" if keep_every else "")
-        out.append(Decision(s, keep, why, _step_bytes(tier, s)))
+            why = d.reason
+        out.append(Decision(d.step, d.keep, why, _step_bytes(tier, d.step), d.damaged))
     return out
 
 
@@ -82,8 +102,11 @@ Examples:
   recoverkit gc ckpt/ --keep-last 3 --keep-every 1000 --yes
 
 \b
-The newest committed step, and the newest step whose manifest verifies, are
-never deleted. --yes takes the root's run lock; while a live trainer holds it,
+gc first CRC-checks the steps newest first until one passes: that step (the
+newest whose data is known good) is never deleted. Steps that fail are
+DAMAGED: reported, not counted among the --keep-last N, and kept as evidence
+of what went wrong; --delete-damaged deletes them too. --yes takes the root's
+run lock; while a live trainer holds it,
 gc refuses with exit code 5 (no override: let the trainer's RetentionPolicy
 prune a running job, or stop it first). Dry runs work while a trainer runs.
 With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
@@ -96,9 +119,11 @@ With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
 @click.option("--keep-last", type=click.IntRange(min=1), required=True, help="Keep the newest N committed steps.")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Also keep every step that is a multiple of K.")
 @click.option("--yes", is_flag=True, help="Delete (default: a dry run that deletes nothing).")
+@click.option("--delete-damaged", is_flag=True,
+              help="Also delete steps that fail the CRC pass (default: keep them as evidence).")
 @json_option
 @handle_errors
-def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, as_json: bool) -> None:
+def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, delete_damaged: bool, as_json: bool) -> None:
     """Delete the steps of ROOT that --keep-last/--keep-every do not keep (dry run unless --yes)."""
     loc = locate(root)
     if loc.step is not None or not isinstance(loc.tier, LocalTier):
@@ -106,8 +131,8 @@ def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, as_json: bo
     tier = loc.tier
     committed_steps(loc)
     if not yes:
-        _report(tier.root, plan_gc(tier, keep_last, keep_every), deleted=[], removed=[], dry_run=True,
-                holder=lock_holder(tier.root), as_json=as_json)
+        plan = plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)
+        _report(tier.root, plan, deleted=[], removed=[], dry_run=True, holder=lock_holder(tier.root), as_json=as_json)
         return
     try:
         lock = RunLock(tier.root).acquire()
@@ -117,7 +142,7 @@ def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, as_json: bo
             "retention). Stop the trainer, or prune through its RetentionPolicy; a dry run works now."
         ) from None
     try:
-        plan = plan_gc(tier, keep_last, keep_every)  # decided under the lock
+        plan = plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)  # decided under the lock
         deleted = []
         for d in plan:
             if not d.keep:
@@ -137,16 +162,22 @@ def _report(root: str, plan: list[Decision], *, deleted: list[int], removed: lis
         emit_json({"root": root, "dry_run": dry_run, "lock": holder,
                    "keep": [{"step": d.step, "reason": d.reason} for d in plan if d.keep],
                    "delete": [{"step": d.step, "reason": d.reason, "nbytes": d.nbytes} for d in doomed],
+                   "damaged": [{"step": d.step, "reason": d.reason, "delete": not d.keep} for d in plan if d.damaged],
                    "deleted": deleted, "leftovers_removed": removed, "nbytes": freed})
         return
     console = stdout_console()
     verb = "would delete" if dry_run else "deleted"
     for d in plan:
         action = "[green]keep        [/]" if d.keep else ("[yellow]would delete[/]" if dry_run else "[red]deleted     [/]")
-        console.print(f"{action}  step {d.step:>10}  {human_bytes(d.nbytes):>10}  {d.reason}")
+        console.print(f"{action}  step {d.step:>10}  {human_bytes(d.nbytes):>10}  {escape(d.reason)}")
     for name in removed:
         console.print(f"[red]removed[/] leftover {name}")
     console.print(f"{verb} {len(doomed)} of {len(plan)} step(s), {human_bytes(freed)}")
+    bad = [d for d in plan if d.damaged]
+    if bad:
+        kept = sum(d.keep for d in bad)
+        console.print(f"[red]{len(bad)} damaged step(s)[/] failed the CRC pass ({kept} kept as evidence); "
+                      "`recoverkit verify` lists every fault")
     if dry_run:
         note = f" (a live trainer holds the run lock: {holder}; --yes would refuse)" if holder else ""
         console.print(f"dry run: nothing deleted; pass --yes to delete{note}")

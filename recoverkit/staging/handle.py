@@ -21,6 +21,12 @@ class SaveHandle:
     ``metrics`` holds ``call_s`` (blocking time in the call), ``prestep_wait_s`` (time the
     optimizer hook waited), ``staging_s``, ``durable_s/<tier>`` and ``bytes``.
 
+    A failed save sets ``error`` (a :class:`~recoverkit.CommitError`, or the staging
+    fault), then ``committed`` and every ``durable`` event so no waiter hangs: ``wait``
+    raises the error, and ``Checkpointer.wait()``/``close()`` report it too unless this
+    handle's ``wait`` already raised it. ``committed_to`` names the tiers that really hold
+    the step.
+
     Example:
         >>> h = SaveHandle(7, tiers=["local"])
         >>> h.done()
@@ -36,6 +42,10 @@ class SaveHandle:
         self.error: BaseException | None = None
         self.skipped = False
         self.superseded: dict[str, int] = {}
+        #: tiers this step was committed to (``durable`` is also set on failure)
+        self.committed_to: list[str] = []
+        self._reported = False  # the error was raised to the user by ``wait``
+        self._snapshot: Any = None  # its host snapshot (the pipeline's business)
         self._dropped = False  # freed before the drain reached it (the pipeline's business)
         self._followers: list[SaveHandle] = []  # superseded saves settled with this one
         self.metrics: dict[str, Any] = {}
@@ -51,6 +61,7 @@ class SaveHandle:
         if not self.committed.wait(timeout_s):
             return False
         if self.error is not None:
+            self._reported = True
             raise self.error
         return True
 

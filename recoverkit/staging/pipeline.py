@@ -13,6 +13,11 @@ The drain thread handles saves one at a time in submission order, so every rank 
 the same steps in the same order. A rank that must skip a save (pool full) still takes
 part in its commit and reports the skip, so the step fails on every rank alike.
 
+A failed save is logged once (logger ``recoverkit``, when it fails), listed in
+:attr:`AsyncPipeline.failed` until the Checkpointer reports it, and its host snapshot is
+not offered for restore unless some tier did commit the step: a step that never became
+durable is never restored as if it had been.
+
 In a one-process job (``coalesce``) a save still waiting for a tier when a newer save for
 the same tier is already staged is *superseded* on that tier: the drain writes the newer
 one instead, so a disk slower than the save interval never makes the durable step fall
@@ -72,6 +77,8 @@ class AsyncPipeline:
         self._thread.start()
         self._closed = False
         self._inflight: list[SaveHandle] = []
+        #: failed saves not yet reported to the user (under ``_released``), oldest first
+        self.failed: list[SaveHandle] = []
         #: staged saves the drain has not started yet (under ``_released``): the ones a
         #: newer save may supersede before they are written, to free their memory
         self._waiting: list[tuple[SaveHandle, HostSnapshot]] = []
@@ -83,13 +90,13 @@ class AsyncPipeline:
         handle = SaveHandle(step, tiers=tiers)
         snap: HostSnapshot | None = HostSnapshot(step, plan, self.pool, self.copier)
         assert snap is not None
+        handle._snapshot = snap
         handle.metrics["prestep_wait_s"] = 0.0
         snap.metrics = handle.metrics
         if not self._allocate(snap, plan, handle):
             self.skipped += 1
-            handle.skipped = True
-            log.warning("recoverkit: step %d not saved: staging pool full (%d saves skipped so far)", step, self.skipped)
-            snap = None
+            handle.skipped = True  # logged when it fails, in the drain (once)
+            snap = handle._snapshot = None
         if snap is not None:
             lazy: set[int] = set()
             for opt in optimizers:
@@ -182,19 +189,19 @@ class AsyncPipeline:
             error: BaseException | None = None
             try:
                 error = self._settle(handle, snap, plan, user_meta, {t: h.step for t, h in newer.items()})
-            except BaseException as e:  # noqa: BLE001 - stays on the handle; training goes on
-                log.error("recoverkit: step %d: %s", handle.step, e)
+            except BaseException as e:  # noqa: BLE001 - stays on the handle (logged once when settled)
                 error = e
             finally:
                 if snap is not None:
                     self.guard.discard(snap)
-                    self._keep(snap)
+                    # a step no tier holds is not offered for restore from memory either
+                    self._keep(snap, offer=error is None or bool(handle.committed_to))
                 # settled only now: whoever waits sees the host tier as it will stay
                 if error is None and last is not None and handle.superseded:
                     handle.metrics["superseded_by"] = last.step
                     last._followers.append(handle)  # its state is durable once the newer save is
                 else:
-                    _settle_handle(handle, error)
+                    self._settle_handle(handle, error)
 
     def _superseding(self, handle: SaveHandle, backlog: deque[Any]) -> dict[str, SaveHandle]:
         """Tier -> the newest queued save that will write it (one-process jobs only)."""
@@ -221,7 +228,9 @@ class AsyncPipeline:
                 failure = e
             handle.metrics["staging_s"] = time.perf_counter() - t0
         else:
-            failure = PoolExhaustedError(f"step {handle.step} skipped on rank {self.rank}: staging pool full")
+            failure = PoolExhaustedError(
+                f"step {handle.step} skipped on rank {self.rank}: staging pool full ({self.skipped} saves skipped so far)"
+            )
         handle.staged.set()
         for name in handle.tiers:
             if name in newer and failure is None:
@@ -232,18 +241,59 @@ class AsyncPipeline:
             except CommitError as e:
                 return e
             handle.metrics[f"durable_s/{name}"] = time.perf_counter() - t0
+            handle.committed_to.append(name)
             handle.durable[name].set()
         return failure
 
-    def _keep(self, snap: HostSnapshot) -> None:
+    def _keep(self, snap: HostSnapshot, *, offer: bool = True) -> None:
         with self._released:
-            if not snap.released and self.options.tiers.host_keep > 0:
+            if offer and not snap.released and self.options.tiers.host_keep > 0:
                 self.host.append(snap)
             else:
                 snap.release()
             while len(self.host) > self.options.tiers.host_keep:
                 self.host.popleft().release()
             self._released.notify_all()
+
+    def _settle_handle(self, handle: SaveHandle, error: BaseException | None) -> None:
+        """Settle ``handle`` and the superseded saves that waited for it (they share its fate:
+        their state is durable exactly when this newer save is).
+
+        A failure is logged here, once per save, recorded for the Checkpointer's report, and
+        its host snapshot withdrawn (unless a tier holds the step) *before* the handle is
+        settled, so a restore after ``wait()`` never sees it.
+        """
+        if error is not None:
+            self._withdraw(handle)
+            newer = handle.metrics.get("superseded_by")
+            why = f" (superseded by step {newer}, whose save failed)" if newer is not None else ""
+            log.error("recoverkit: step %d was not saved: %s%s", handle.step, error, why)
+            with self._released:
+                self.failed.append(handle)
+            handle._fail(error)
+        else:
+            handle.committed.set()
+        for f in handle._followers:
+            self._settle_handle(f, error)
+
+    def _withdraw(self, handle: SaveHandle) -> None:
+        """Stop offering the host snapshot of a failed save that no tier committed."""
+        snap = handle._snapshot
+        if snap is None or handle.committed_to:
+            return
+        with self._released:
+            try:
+                self.host.remove(snap)  # by identity: snapshots do not define ==
+            except ValueError:
+                return  # never kept, or already evicted
+            self._released.notify_all()
+        snap.release()
+
+    def take_failed(self) -> list[SaveHandle]:
+        """The failed saves not yet reported (whose ``wait`` did not raise); clears the list."""
+        with self._released:
+            out, self.failed = self.failed, []
+        return [h for h in out if not h._reported]
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every submitted save is settled; False if ``timeout_s`` passed."""
@@ -265,15 +315,3 @@ class AsyncPipeline:
             self.host.popleft().release()
         self.copier.close()
         self.pool.close()
-
-
-
-def _settle_handle(handle: SaveHandle, error: BaseException | None) -> None:
-    """Settle ``handle`` and the superseded saves that waited for it (they share its fate:
-    their state is durable exactly when this newer save is)."""
-    if error is not None:
-        handle._fail(error)
-    else:
-        handle.committed.set()
-    for f in handle._followers:
-        _settle_handle(f, error)

@@ -6,21 +6,40 @@ A step that fails is skipped with a warning naming the fault. The full data chec
 happens while restoring (every byte read is verified); a step that fails there is skipped
 the same way by the restorer.
 
-Retention deletes committed steps the policy no longer keeps; the newest committed step is
-never deleted.
+Retention deletes committed steps the policy no longer keeps. A manifest that verifies says
+nothing about the data (bit rot leaves it intact), so retention does not judge steps
+itself: its caller passes what it *knows*. The rule, shared by the trainer's retention and
+``recoverkit gc``:
+
+* steps known **good** (the step just committed; the step a restore actually used; a step
+  that passed a full CRC pass) are never deleted;
+* steps known **bad** (a restore or a CRC pass found their data damaged) are not counted
+  among the newest ``keep_last`` and are never protected; they are kept as evidence unless
+  the caller asks for them to go (``gc --delete-damaged``);
+* of the other steps, the newest is always kept and the policy decides the rest.
+
+This module knows nothing of who learned what: the Checkpointer and ``gc`` inject it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from ..config import RetentionPolicy
 from ..errors import IncompatibleCheckpointError, IntegrityError
 from ..format.manifest import Manifest
 from .base import ReadableTier, Tier
 
-__all__ = ["CheckpointSkippedWarning", "candidates", "newest_valid", "apply_retention"]
+__all__ = [
+    "CheckpointSkippedWarning",
+    "RetentionDecision",
+    "candidates",
+    "newest_valid",
+    "decide_retention",
+    "apply_retention",
+]
 
 
 class CheckpointSkippedWarning(UserWarning):
@@ -47,25 +66,96 @@ def candidates(tier: ReadableTier, *, step: int | None = None) -> Iterator[tuple
 
 
 def newest_valid(tier: ReadableTier) -> int | None:
-    """The newest step whose manifest and files verify, or None."""
+    """The newest step whose manifest and files verify, or None (the data is not read)."""
     for s, _ in candidates(tier):
         return s
     return None
 
 
-def apply_retention(tier: Tier, policy: RetentionPolicy) -> list[int]:
+@dataclass(frozen=True)
+class RetentionDecision:
+    """What retention does with one step, and why."""
+
+    step: int
+    keep: bool
+    reason: str
+    #: the step is known bad (its data failed a checksum)
+    damaged: bool = False
+
+
+def decide_retention(
+    steps: Sequence[int],
+    policy: RetentionPolicy,
+    *,
+    good: Iterable[int] = (),
+    bad: Iterable[int] = (),
+    delete_bad: bool = False,
+) -> list[RetentionDecision]:
+    """Decide every step of ``steps`` (committed steps, any order), newest first.
+
+    Args:
+        steps: the committed steps of one tier.
+        policy: the retention rule for the counted steps.
+        good: steps whose data is known good; never deleted (a step also in ``bad`` is not).
+        bad: steps whose data is known damaged; not counted among the last ``keep_last``,
+            never protected, kept unless ``delete_bad``.
+        delete_bad: delete the known-bad steps too.
+
+    Example:
+        >>> [d.step for d in decide_retention([100, 200, 300], RetentionPolicy(keep_last=1),
+        ...                                   good=[100], bad=[200, 300]) if not d.keep]
+        []
+        >>> [d.step for d in decide_retention([100, 150, 200, 300], RetentionPolicy(keep_last=1),
+        ...                                   good=[150], bad=[200, 300], delete_bad=True) if not d.keep]
+        [300, 200, 100]
+    """
+    bad = set(bad)
+    good = set(good) - bad
+    keep_last = policy.keep_last
+    out = []
+    counted = 0
+    for s in sorted(set(steps), reverse=True):
+        if s in bad:
+            why = "damaged (known bad): not counted among the kept"
+            out.append(RetentionDecision(s, not delete_bad, why + ("" if delete_bad else "; kept as evidence"), True))
+            continue
+        i, counted = counted, counted + 1
+        if s in good:
+            keep, why = True, "data known good (never deleted)"
+        elif i == 0:
+            keep, why = True, "newest step not known bad (never deleted)"
+        elif policy.keeps(step=s, rank_from_newest=i):
+            keep = True
+            if keep_last is None:
+                why = "keep_last=None keeps every step"
+            else:
+                why = f"among the last {keep_last}" if i < keep_last else f"a multiple of {policy.keep_every}"
+        else:
+            keep = False
+            why = f"older than the last {keep_last}" + (f", not a multiple of {policy.keep_every}" if policy.keep_every else "")
+        out.append(RetentionDecision(s, keep, why))
+    return out
+
+
+def apply_retention(
+    tier: Tier, policy: RetentionPolicy, *, good: Iterable[int] = (), bad: Iterable[int] = ()
+) -> list[int]:
     """Delete the committed steps ``policy`` does not keep; return them (ascending).
 
-    The newest committed step is always kept, and so is the newest step that verifies (if a
-    newer one is damaged, the older one is what a restart would use).
+    ``good`` and ``bad`` are what the caller knows of the steps' data (see the module
+    docstring): the Checkpointer passes the step it just committed and the step its restore
+    used as good, and the steps its restore found damaged as bad. Known-good steps are never
+    deleted; known-bad ones are neither counted nor deleted; the newest other step is always
+    kept.
+
+    Example:
+        >>> import tempfile
+        >>> from recoverkit.storage.local import LocalTier
+        >>> apply_retention(LocalTier(tempfile.mkdtemp()), RetentionPolicy(keep_last=1), good=[7])
+        []
     """
-    steps = tier.steps()
-    protected = newest_valid(tier)
-    doomed = [
-        s
-        for i, s in enumerate(reversed(steps))
-        if s != protected and not policy.keeps(step=s, rank_from_newest=i)
-    ]
-    for s in sorted(doomed):
+    decisions = decide_retention(tier.steps(), policy, good=good, bad=bad)
+    doomed = sorted(d.step for d in decisions if not d.keep)
+    for s in doomed:
         tier.delete(s)
-    return sorted(doomed)
+    return doomed

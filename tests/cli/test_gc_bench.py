@@ -7,6 +7,7 @@ import os
 
 from recoverkit import Checkpointer
 from recoverkit.cli.common import EXIT_LOCKED, EXIT_NOT_FOUND
+from recoverkit.storage.local import LocalTier
 from tests.cli.helpers import assert_user_error, cli, cli_json, train_and_save
 
 
@@ -46,6 +47,51 @@ def test_gc_keeps_the_newest_valid_step_when_the_newest_is_damaged(tmp_path):
     doc = cli_json("gc", root, "--keep-last", "1", "--yes")
     assert doc["deleted"] == [1]
     assert _steps(root) == [2, 3]  # 3 is the newest, 2 the newest a restart can use
+
+
+def _rot(root: str, step: int) -> None:
+    """Flip one byte inside a tensor shard of ``step`` (its manifest stays valid)."""
+    tier = LocalTier(root)
+    rec = next(s for t in tier.manifest(step).tensors.values() for s in t.shards if s.nbytes > 0)
+    with open(os.path.join(tier.step_path(step), rec.file), "r+b") as f:
+        f.seek(rec.offset)
+        byte = f.read(1)
+        f.seek(rec.offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_gc_never_deletes_the_newest_step_whose_data_passes_a_crc_pass(tmp_path):
+    # the issue's reproduction: 20 and 30 rotten (manifests intact), --keep-last 2
+    root = str(tmp_path / "ckpt")
+    train_and_save(root, steps=(10, 20, 30))
+    _rot(root, 20)
+    _rot(root, 30)
+    doc = cli_json("gc", root, "--keep-last", "2", "--yes")
+    assert doc["deleted"] == []
+    assert _steps(root) == [10, 20, 30]  # 10 is what a restart uses; 20 and 30 are evidence
+    assert [(d["step"], d["delete"]) for d in doc["damaged"]] == [(30, False), (20, False)]
+    assert all("crc32c" in d["reason"] for d in doc["damaged"])
+    assert [k["step"] for k in doc["keep"]] == [30, 20, 10]
+
+
+def test_gc_does_not_count_damaged_steps_among_the_last_n(tmp_path):
+    root = str(tmp_path / "ckpt")
+    train_and_save(root, steps=(1, 2, 3, 4))
+    _rot(root, 4)
+    p = cli("gc", root, "--keep-last", "2")  # dry run: says what is damaged
+    assert p.returncode == 0 and "DAMAGED" in p.stdout and "1 damaged step(s)" in p.stdout, p.stdout
+    doc = cli_json("gc", root, "--keep-last", "2", "--yes")
+    assert doc["deleted"] == [1]  # 3 and 2 are the last 2 good ones; 4 does not count
+    assert _steps(root) == [2, 3, 4]
+    doc = cli_json("gc", root, "--keep-last", "1", "--delete-damaged", "--yes")
+    assert doc["deleted"] == [4, 2]
+    assert _steps(root) == [3]
+    assert cli_json("verify", root)["ok"]
+
+
+def test_gc_help_says_what_happens_to_damaged_steps():
+    p = cli("gc", "--help")
+    assert p.returncode == 0 and "--delete-damaged" in p.stdout and "evidence" in p.stdout
 
 
 def test_gc_yes_refuses_while_a_live_trainer_holds_the_lock(tmp_path):
