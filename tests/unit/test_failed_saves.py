@@ -186,3 +186,26 @@ def test_a_host_only_save_that_succeeded_is_still_restored_from_memory(root):
         target = _state(0.0)
         assert ckpt.restore(target) == 1
         assert torch.equal(target["w"], _state(1.0)["w"])
+
+
+def test_protect_lists_a_failed_final_save_and_leaves_the_loop_cleanly(root, caplog):
+    import recoverkit
+
+    faults = FaultInjector()
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(root, options=HOST_AND_LOCAL, fs=FaultyFS(faults), faults=faults)
+    with caplog.at_level(logging.ERROR, logger="recoverkit"):
+        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(4), save_every=2, checkpointer=ckpt) as run:
+            for _ in run:
+                model(torch.ones(1, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                if run.step + 1 == 4:  # the save at the end of this last step fails
+                    assert ckpt.wait(60)
+                    faults.fail_at(op="write_segment")
+    assert run.step == 4
+    assert [s for s, _ in run.failed_saves] == [4]
+    assert _failures_logged(caplog, 4) == 1
+    with Checkpointer(root) as again:
+        assert again.steps() == [2]
