@@ -144,6 +144,7 @@ def _mid_run(root: str, width: int, inject: Any, *, use_async: bool, fs: Any = N
                 out["error_known_s"] = time.perf_counter() - t
                 out["steps_trained_meanwhile"] = steps_meanwhile
                 err = h.error
+                ckpt.take_failed_saves()  # seen here through the handle: close() need not raise it
                 out["logged_s"] = (logs.times[0] - t) if logs.times else None
             else:
                 try:

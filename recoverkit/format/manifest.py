@@ -66,6 +66,15 @@ class ShardRecord:
     @classmethod
     def from_json(cls, d: Any) -> ShardRecord:
         """Parse strictly: the exact fields, integers where integers belong (else ValueError)."""
+        if type(d) is dict and d.keys() == _SHARD_FIELDS:  # the fast path of a well-formed record
+            offsets, shape = d["offsets"], d["shape"]
+            rank, file, offset, nbytes, crc = d["rank"], d["file"], d["offset"], d["nbytes"], d["crc32c"]
+            if (
+                type(rank) is int and type(file) is str and type(offset) is int and type(nbytes) is int
+                and type(crc) is int and type(offsets) is list and type(shape) is list
+                and all(type(x) is int for x in offsets) and all(type(x) is int for x in shape)
+            ):  # fmt: skip
+                return cls(rank, file, offset, nbytes, crc, tuple(offsets), tuple(shape))
         _fields(d, _SHARD_FIELDS, "shard")
         return cls(
             rank=_int(d["rank"], "rank"),
@@ -103,6 +112,10 @@ class TensorRecord:
     @classmethod
     def from_json(cls, key: str, d: Any) -> TensorRecord:
         """Parse strictly: shards or an alias, never both (else ValueError)."""
+        if type(d) is dict and d.keys() == _STORED_FIELDS:  # the fast path of a stored tensor
+            dtype, shape, shards = d["dtype"], d["shape"], d["shards"]
+            if type(dtype) is str and type(shape) is list and type(shards) is list and all(type(x) is int for x in shape):
+                return cls(key, dtype, tuple(shape), tuple(map(ShardRecord.from_json, shards)))
         _fields(d, _TENSOR_FIELDS, f"tensor {key!r}", optional=("shards", "alias_of"))
         if ("shards" in d) == ("alias_of" in d):
             raise ValueError(f"tensor {key!r} must have exactly one of 'shards' and 'alias_of'")
@@ -200,10 +213,16 @@ class Manifest:
         } | ({"held": list(self.held)} if self.held is not None else {})
 
     def to_bytes(self) -> bytes:
-        body = self.body()
-        canonical = _canonical(body)
-        body["checksum"] = hexcrc(crc32c(canonical))
-        return json.dumps(body, indent=1, sort_keys=False).encode("utf-8")
+        """The manifest as written: its canonical JSON with the checksum member in place.
+
+        The checksum is the CRC-32C of the canonical JSON of every other field; as the file is
+        that same text with ``"checksum"`` inserted where it sorts (after ``"blobs"``), a
+        reader verifies it over the raw bytes without encoding the manifest again.
+        """
+        canonical = _canonical(self.body())
+        at = canonical.index(b',"created_unix":')  # "checksum" sorts between "blobs" and it
+        member = b',"checksum":"' + hexcrc(crc32c(canonical)).encode() + b'"'
+        return canonical[:at] + member + canonical[at:]
 
     @classmethod
     def from_bytes(cls, data: bytes, *, path: str = "<manifest>", arrays: bool = False) -> Manifest:
@@ -231,10 +250,13 @@ class Manifest:
                 f"{path}: format version {_short(version)}; this recoverkit reads version {FORMAT_VERSION}"
             )
         stored = body.pop("checksum", None)
-        try:
-            found = hexcrc(crc32c(_canonical(body)))
-        except (ValueError, RecursionError) as e:
-            raise IntegrityError(f"{path}: manifest cannot be checked ({_short(e)})", path=path) from None
+        if stored is None or stored != _raw_checksum(data):  # not as written: encode to check
+            try:
+                found = hexcrc(crc32c(_canonical(body)))
+            except (ValueError, RecursionError) as e:
+                raise IntegrityError(f"{path}: manifest cannot be checked ({_short(e)})", path=path) from None
+        else:
+            found = stored
         if stored != found:
             raise IntegrityError(
                 f"{path}: manifest checksum mismatch (stored {_short(stored)}, computed {found})", path=path
@@ -294,10 +316,24 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+_CHECKSUM_MEMBER = b',"checksum":"0x'
+
+
+def _raw_checksum(data: bytes) -> str | None:
+    """The checksum of a manifest written by :meth:`Manifest.to_bytes`, computed over its raw
+    bytes without the checksum member; None when the file is not laid out that way."""
+    at = data.find(_CHECKSUM_MEMBER)
+    end = at + len(_CHECKSUM_MEMBER) + 9
+    if at < 0 or data[end - 1 : end] != b'"':
+        return None
+    return hexcrc(crc32c(data[:at] + data[end:]))
+
+
 # ------------------------------------------------------------------ strict JSON parsing
 _SHARD_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "offsets", "shape"})
 _BLOB_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "encoding"})
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "shards", "alias_of"})
+_STORED_FIELDS = frozenset({"dtype", "shape", "shards"})
 _MANIFEST_FIELDS = frozenset({
     "format", "version", "step", "run_id", "created_unix", "world_size", "pickled", "files", "blobs",
     "tensors", "user_meta", "held",

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
+from .zarr_layout import array_path
 
 if TYPE_CHECKING:
     from .manifest import Manifest, ShardRecord, TensorRecord
@@ -42,6 +43,7 @@ MAX_TENSOR_BYTES = 1 << 56  # 64 PiB: more than any real tensor, small enough to
 #: pairs of shards compared when checking that none overlap; beyond it a tensor is refused
 #: as too fragmented (writers produce grids whose sweep compares a handful per shard)
 OVERLAP_BUDGET = 4_000_000
+_U32 = 1 << 32
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -94,22 +96,26 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
                 raise IntegrityError(f"{where}: held file {name!r} is not listed in files", path=where)
     for b in m.blobs:
         _check_region(m.files, b.file, b.offset, b.nbytes, b.crc32c, f"{where}: blob of rank {b.rank}", nested=arrays)
+    itemsizes: dict[str, int] = {}
     for key, rec in m.tensors.items():
-        what = f"{where}: tensor {key!r}"
-        if not isinstance(key, str) or not key or "\x00" in key:
+        if not key or "\x00" in key:
             raise IntegrityError(f"{where}: tensor key {key!r} is not a non-empty string", path=where)
-        itemsize = dtype_from_name(rec.dtype).itemsize  # IncompatibleCheckpointError if unknown
-        if len(rec.shape) > MAX_NDIM or any(d < 0 for d in rec.shape):
-            raise IntegrityError(f"{what}: shape {list(rec.shape)[:MAX_NDIM + 1]} is not a tensor shape", path=where)
-        total = numel(rec.shape)
+        itemsize = itemsizes.get(rec.dtype)
+        if itemsize is None:  # IncompatibleCheckpointError for a dtype this torch lacks
+            itemsize = itemsizes[rec.dtype] = dtype_from_name(rec.dtype).itemsize
+        shape = rec.shape
+        if len(shape) > MAX_NDIM or (shape and min(shape) < 0):
+            raise IntegrityError(f"{where}: tensor {key!r}: shape {list(shape)[:MAX_NDIM + 1]} is not a tensor shape", path=where)
+        total = math.prod(shape)
         if total * itemsize > MAX_TENSOR_BYTES:
-            raise IntegrityError(f"{what}: shape {list(rec.shape)} is {total * itemsize} bytes", path=where)
+            raise IntegrityError(f"{where}: tensor {key!r}: shape {list(shape)} is {total * itemsize} bytes", path=where)
+        if rec.alias_of is None:
+            _check_shards(m, key, rec, itemsize, total, where, arrays=arrays)
+        elif rec.shards:
+            raise IntegrityError(f"{where}: tensor {key!r}: an alias holds no shards of its own", path=where)
+    for key, rec in m.tensors.items():  # aliases once every stored tensor is known good
         if rec.alias_of is not None:
-            if rec.shards:
-                raise IntegrityError(f"{what}: an alias holds no shards of its own", path=where)
-            _check_alias(m.tensors, rec, what)
-            continue
-        _check_shards(m, key, rec, itemsize, total, what, arrays=arrays)
+            _check_alias(m.tensors, rec, f"{where}: tensor {key!r}")
 
 
 def _check_int(value: int, what: str, *, bound: int = MAX_TENSOR_BYTES) -> None:
@@ -149,35 +155,53 @@ def _check_alias(tensors: Mapping[str, TensorRecord], rec: TensorRecord, what: s
 
 
 def _check_shards(
-    m: Manifest, key: str, rec: TensorRecord, itemsize: int, total: int, what: str, *, arrays: bool
+    m: Manifest, key: str, rec: TensorRecord, itemsize: int, total: int, where: str, *, arrays: bool
 ) -> None:
-    from .zarr_layout import array_path
-
-    ndim = len(rec.shape)
+    """Each shard in the world, inside the tensor and its file, sized by its elements; then
+    together an exact cover. A fast test per shard; the slow one names what is wrong."""
+    ndim, gshape, world, files = len(rec.shape), rec.shape, m.world_size, m.files
+    array = array_path(key) if arrays else None
     covered = 0
     for s in rec.shards:
-        at = f"{what} shard offsets={list(s.offsets)[:ndim + 1]} shape={list(s.shape)[:ndim + 1]}"
-        if not 0 <= s.rank < m.world_size:
-            raise IntegrityError(f"{at}: rank {s.rank} is not in the world of {m.world_size}")
-        if len(s.offsets) != ndim or len(s.shape) != ndim:
-            raise IntegrityError(f"{at}: the tensor has {ndim} dimension(s)")
-        for o, n, g in zip(s.offsets, s.shape, rec.shape):
-            if o < 0 or n < 0 or o + n > g:
-                raise IntegrityError(f"{at}: lies outside the global shape {list(rec.shape)}")
-        count = numel(s.shape)
-        if s.nbytes != count * itemsize:
-            raise IntegrityError(f"{at}: records {s.nbytes} bytes, its {count} element(s) of {rec.dtype} take {count * itemsize}")
+        offsets, shape = s.offsets, s.shape
+        count = math.prod(shape)
+        end = s.offset + s.nbytes
+        ok = (
+            0 <= s.rank < world and len(offsets) == ndim and len(shape) == ndim
+            and s.nbytes == count * itemsize and 0 <= s.crc32c < _U32 and s.offset >= 0
+            and all(0 <= o and 0 <= n and o + n <= g for o, n, g in zip(offsets, shape, gshape))
+            and (s.file == array and s.offset == 0 if arrays else end <= files.get(s.file, -1))
+        )  # fmt: skip
+        if not ok:
+            _shard_fault(m, key, rec, s, itemsize, where, arrays=arrays)
         covered += count
-        if arrays:
-            if s.file != array_path(key) or s.offset != 0:
-                raise IntegrityError(f"{at}: stored in {s.file!r} at {s.offset}, its array is {array_path(key)!r}")
-            if not 0 <= s.crc32c < 1 << 32:
-                raise IntegrityError(f"{at}: crc32c {s.crc32c} is not a 32-bit checksum")
-        else:
-            _check_region(m.files, s.file, s.offset, s.nbytes, s.crc32c, at)
     if covered != total:
-        raise IntegrityError(f"{what}: its shards hold {covered} element(s), the tensor has {total}")
-    _check_disjoint(rec.shards, ndim, what)
+        raise IntegrityError(f"{where}: tensor {key!r}: its shards hold {covered} element(s), the tensor has {total}")
+    _check_disjoint(rec.shards, ndim, f"{where}: tensor {key!r}")
+
+
+def _shard_fault(
+    m: Manifest, key: str, rec: TensorRecord, s: ShardRecord, itemsize: int, where: str, *, arrays: bool
+) -> None:
+    """Raise the IntegrityError that says what is wrong with shard ``s`` (it failed a check)."""
+    ndim = len(rec.shape)
+    at = f"{where}: tensor {key!r} shard offsets={list(s.offsets)[:ndim + 1]} shape={list(s.shape)[:ndim + 1]}"
+    if not 0 <= s.rank < m.world_size:
+        raise IntegrityError(f"{at}: rank {s.rank} is not in the world of {m.world_size}")
+    if len(s.offsets) != ndim or len(s.shape) != ndim:
+        raise IntegrityError(f"{at}: the tensor has {ndim} dimension(s)")
+    for o, n, g in zip(s.offsets, s.shape, rec.shape):
+        if o < 0 or n < 0 or o + n > g:
+            raise IntegrityError(f"{at}: lies outside the global shape {list(rec.shape)}")
+    count = math.prod(s.shape)
+    if s.nbytes != count * itemsize:
+        raise IntegrityError(f"{at}: records {s.nbytes} bytes, its {count} element(s) of {rec.dtype} take {count * itemsize}")
+    if arrays:
+        if not 0 <= s.crc32c < _U32:
+            raise IntegrityError(f"{at}: crc32c {s.crc32c} is not a 32-bit checksum")
+        raise IntegrityError(f"{at}: stored in {s.file!r} at {s.offset}, its array is {array_path(key)!r}")
+    _check_region(m.files, s.file, s.offset, s.nbytes, s.crc32c, at)
+    raise IntegrityError(f"{at}: inconsistent record")  # pragma: no cover - one check above fails
 
 
 def _check_disjoint(shards: Sequence[ShardRecord], ndim: int, what: str) -> None:

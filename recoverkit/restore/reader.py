@@ -63,6 +63,7 @@ def read_state(
     skeleton = decode(bytes(blob), allow_pickle=allow_pickle)
     sharded = sharded or {}
     values: dict[str, Any] = {}
+    regions: list[_Region] = []
     for key in sorted(set(tensor_leaves(skeleton))):
         rec = resolve_record(manifest, key, src)
         if rec.key in values:
@@ -75,50 +76,70 @@ def read_state(
                     f"step {step}: {key!r} has global shape {list(rec.shape)}, the target expects "
                     f"{list(target.global_shape)}"
                 )
-            box = (tuple(target.offsets), tuple(target.local.shape))
-            values[key] = ShardedTensor(read_region(tier, step, rec, box), rec.shape, box[0])
+            region = _Region(step, rec, (tuple(target.offsets), tuple(target.local.shape)))
+            values[key] = ShardedTensor(region.out, rec.shape, region.box[0])
         else:
-            values[key] = read_region(tier, step, rec, ((0,) * len(rec.shape), rec.shape))
+            region = _Region(step, rec, ((0,) * len(rec.shape), rec.shape))
+            values[key] = region.out
+        regions.append(region)
         values[rec.key] = values[key]
+    # every piece that lands in place, of every tensor, in one request (one pass per file)
+    tier.read(step, [req for r in regions for req in r.direct])
+    for region in regions:
+        region.fill(tier)
     return unflatten(skeleton, values)
 
 
 def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Tensor:
     """The region ``box`` of tensor ``rec``, from the pieces that overlap it."""
-    dtype = dtype_from_name(rec.dtype)
-    out = _empty(box[1], dtype)
-    if out.numel() == 0:
-        return out
-    itemsize = out.element_size()
-    row_bytes = out[0].numel() * itemsize if out.dim() else itemsize
-    direct: list[tuple[ShardRecord | BlobRecord, torch.Tensor]] = []
-    staged: list[tuple[ShardRecord, torch.Tensor]] = []
-    covered = 0
-    out_bytes = to_bytes_view(out)
-    for shard in rec.shards:
-        inter = _intersect((shard.offsets, shard.shape), box)
-        if inter is None:
-            continue
-        covered += _numel(inter[1])
-        if out.dim() and shard.shape[1:] == box[1][1:] and shard.offsets[1:] == box[0][1:] and inter[1] == shard.shape:
-            start = (shard.offsets[0] - box[0][0]) * row_bytes
-            direct.append((shard, out_bytes[start : start + shard.nbytes]))
-        elif out.dim() == 0:
-            direct.append((shard, out_bytes))
-        else:
-            staged.append((shard, _empty(shard.shape, dtype)))
-    if covered != out.numel():
-        raise IntegrityError(
-            f"step {step}: the saved shards of {rec.key!r} cover {covered} of the {out.numel()} elements "
-            f"of region offsets={list(box[0])} shape={list(box[1])}"
-        )
-    tier.read(step, direct)
-    for shard, part in staged:  # bounded: one piece at a time
-        tier.read(step, [(shard, to_bytes_view(part))])
-        inter = _intersect((shard.offsets, shard.shape), box)
-        assert inter is not None
-        _narrow(out, inter, box[0]).copy_(_narrow(part, inter, shard.offsets))
-    return out
+    region = _Region(step, rec, box)
+    tier.read(step, region.direct)
+    region.fill(tier)
+    return region.out
+
+
+class _Region:
+    """The plan for one region: its output tensor, the pieces that land in it in place
+    (``direct``), and the others (``staged``: read one at a time into a temporary, then
+    their overlap copied by :meth:`fill`)."""
+
+    def __init__(self, step: int, rec: TensorRecord, box: Box) -> None:
+        self.step, self.box = step, box
+        dtype = dtype_from_name(rec.dtype)
+        self.out = out = _empty(box[1], dtype)
+        self.direct: list[tuple[ShardRecord | BlobRecord, torch.Tensor]] = []
+        self.staged: list[ShardRecord] = []
+        if out.numel() == 0:
+            return
+        row_bytes = (out[0].numel() if out.dim() else 1) * out.element_size()
+        out_bytes = to_bytes_view(out)
+        covered = 0
+        for shard in rec.shards:
+            inter = _intersect((shard.offsets, shard.shape), box)
+            if inter is None:
+                continue
+            covered += _numel(inter[1])
+            if out.dim() == 0:
+                self.direct.append((shard, out_bytes))
+            elif shard.shape[1:] == box[1][1:] and shard.offsets[1:] == box[0][1:] and inter[1] == shard.shape:
+                start = (shard.offsets[0] - box[0][0]) * row_bytes
+                self.direct.append((shard, out_bytes[start : start + shard.nbytes]))
+            else:
+                self.staged.append(shard)
+        if covered != out.numel():
+            raise IntegrityError(
+                f"step {step}: the saved shards of {rec.key!r} cover {covered} of the {out.numel()} elements "
+                f"of region offsets={list(box[0])} shape={list(box[1])}"
+            )
+
+    def fill(self, tier: Tier) -> None:
+        """Read the staged pieces (bounded: one at a time) and copy their overlap in."""
+        for shard in self.staged:
+            part = _empty(shard.shape, self.out.dtype)
+            tier.read(self.step, [(shard, to_bytes_view(part))])
+            inter = _intersect((shard.offsets, shard.shape), self.box)
+            assert inter is not None
+            _narrow(self.out, inter, self.box[0]).copy_(_narrow(part, inter, shard.offsets))
 
 
 def tensor_leaves(tree: Any) -> Iterator[str]:
