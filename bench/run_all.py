@@ -41,6 +41,7 @@ SCENARIOS = [
     "corruption",
     "storage_faults",
     "rank_failure",
+    "small_tensors",
 ]
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)

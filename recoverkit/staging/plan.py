@@ -74,7 +74,12 @@ def plan_save(
     allow_pickle: bool = False,
     piece_bytes: int = 64 << 20,
 ) -> SavePlan:
-    """Build this rank's :class:`SavePlan` for ``state``."""
+    """Build this rank's :class:`SavePlan` for ``state``.
+
+    A tensor that appears twice (tied weights within an entry, or the same tensor under
+    two entries, e.g. ``{"a": t, "b": t}``) is planned once; its other keys become
+    ``alias_of`` records, so it is written once and restored as one object.
+    """
     if RNG_KEY in state:
         raise ValueError(f"{RNG_KEY!r} is reserved for the random states")
     entries = dict(state)
@@ -84,24 +89,44 @@ def plan_save(
     skeleton: dict[str, Any] = {}
     plan = SavePlan(blob=b"")
     replicated: list[tuple[str, torch.Tensor]] = []
+    prefix = local_prefix(rank)
+    # identity -> key of its first occurrence, across entries (flatten sees one entry)
+    across: dict[tuple[Any, ...], str] | None = {} if sum(n != RNG_KEY for n in entries) > 1 else None
     for name, obj in entries.items():
         repl = world_size > 1 and name != RNG_KEY and is_replicated_entry(obj, ddp)
+        local = world_size > 1 and not repl
         sharded: dict[int, ShardedTensor] = {}
         captured = _note_sharded(capture({name: unwrap(obj)})[name], sharded)
         sub, refs = flatten(captured, prefix=name)
         skeleton[name] = sub
+        stored: dict[str, str] = {}  # this entry's first occurrences: flatten key -> stored key
+        track = across is not None and name != RNG_KEY
         for ref in refs:
             t = ref.tensor.detach()
             if ref.alias_of is not None:
-                plan.aliases[ref.key] = TensorRecord(ref.key, dtype_name(t.dtype), tuple(t.shape), alias_of=ref.alias_of)
-            elif id(ref.tensor) in sharded:
-                s = sharded[id(ref.tensor)]
+                key = f"{prefix}/{ref.key}" if local else ref.key
+                target = stored.get(ref.alias_of, ref.alias_of)
+                plan.aliases[key] = TensorRecord(key, dtype_name(t.dtype), tuple(t.shape), alias_of=target)
+                continue
+            s = sharded.get(id(ref.tensor))
+            if s is not None:
+                stored[ref.key] = ref.key
                 if s.write:
                     plan.shards += split_rows(ref.key, t, s.global_shape, s.offsets, "sharded", piece_bytes)
-            elif repl:
-                replicated.append((ref.key, t))
+                continue
+            key = f"{prefix}/{ref.key}" if local else ref.key
+            stored[ref.key] = key
+            if track:
+                assert across is not None
+                ident = (repl, *_identity(ref.tensor))
+                first = across.setdefault(ident, key)
+                if first != key:
+                    stored[ref.key] = first  # this entry's own aliases of it point there too
+                    plan.aliases[key] = TensorRecord(key, dtype_name(t.dtype), tuple(t.shape), alias_of=first)
+                    continue
+            if repl:
+                replicated.append((key, t))
             else:
-                key = f"{local_prefix(rank)}/{ref.key}" if world_size > 1 else ref.key
                 plan.shards += split_rows(key, t, tuple(t.shape), (0,) * t.dim(), "local", piece_bytes)
     owners = assign_owners([(k, t.numel() * t.element_size()) for k, t in replicated], world_size)
     for key, t in replicated:
@@ -126,8 +151,10 @@ def split_rows(
         [(0, 0), (4, 0), (8, 0)]
     """
     dtype = dtype_name(t.dtype)
-    row_bytes = (t[0].numel() if t.dim() and t.shape[0] else t.numel()) * t.element_size()
-    if t.dim() == 0 or t.shape[0] <= 1 or t.numel() * t.element_size() <= piece_bytes or row_bytes == 0:
+    if t.numel() * t.element_size() <= piece_bytes or t.dim() == 0 or t.shape[0] <= 1:
+        return [PlannedShard(key, t, dtype, global_shape, offsets, kind)]
+    row_bytes = t[0].numel() * t.element_size()
+    if row_bytes == 0:
         return [PlannedShard(key, t, dtype, global_shape, offsets, kind)]
     rows = max(1, piece_bytes // row_bytes)
     return [
@@ -136,8 +163,26 @@ def split_rows(
     ]
 
 
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors of different entries the same tensor: the same view of the
+    same memory (a state dict's detached copy of a parameter included), or the same object
+    where there is no memory to compare (empty, meta, sparse)."""
+    try:
+        ptr = t.data_ptr() if t.layout == torch.strided else 0
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        ptr = 0
+    if ptr == 0 or t.device.type == "meta":
+        return ("object", id(t))
+    return ("view", ptr, t.device, t.dtype, tuple(t.shape), t.stride(), t.is_conj(), t.is_neg())
+
+
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})
+
+
 def _note_sharded(tree: Any, found: dict[int, ShardedTensor]) -> Any:
     """Replace ShardedTensor nodes by their local tensors, remembering their placement."""
+    if type(tree) in _PLAIN:  # the common leaves, without asking whether they are DTensors
+        return tree
     if is_dtensor(tree):
         tree = as_sharded(tree)
     if isinstance(tree, ShardedTensor):

@@ -1,12 +1,15 @@
 """Tier 1: one step's state staged in the host pool.
 
-A :class:`HostSnapshot` owns a set of pool ranges, one per planned shard. Shards that the
-next optimizer step will mutate (parameters, optimizer state) above ``eager_bytes`` are
-copied *lazily*: submitted to the native copy engine, which copies them while training
-runs on, and the optimizer's pre-step hook waits only for them. Everything else (small
-tensors, buffers the forward pass may change, non-contiguous views) is copied during the
-call. The engine computes each shard's CRC-32C as it copies. Source tensors stay
-referenced until their copy has landed.
+A :class:`HostSnapshot` owns a set of pool ranges. A large shard gets a range of its own;
+small shards (under ``PACK_BELOW``) are packed next to each other, at their natural
+alignment, into shared ranges of up to ``BLOCK_BYTES``, so many small tensors neither
+take a pool page each nor one allocation each. Shards that the next optimizer step will
+mutate (parameters, optimizer state) above ``eager_bytes`` are copied *lazily*: submitted
+to the native copy engine, which copies them while training runs on, and the optimizer's
+pre-step hook waits only for them. Everything else (small tensors, buffers the forward
+pass may change, non-contiguous views) is copied during the call, a packed range's shards
+in one gather. Every shard's CRC-32C is computed as it lands (by the engine, or right
+after the eager copy). Source tensors stay referenced until their copy has landed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import torch
 from ..dist.dtensor import local_of
 from ..errors import CopyError, PoolExhaustedError
 from ..format.checksum import crc32c_ptr
-from ..format.segment import align_up
+from ..format.segment import PACK_ALIGNMENT, PACK_BELOW, align_up, natural_alignment
 from ..state import to_bytes_view
 from ..storage.base import RankPayload, ShardData
 from .plan import PlannedShard, SavePlan
 
-__all__ = ["HostSnapshot", "storage_id"]
+__all__ = ["BLOCK_BYTES", "HostSnapshot", "storage_id"]
+
+#: the largest pool range that small shards share
+BLOCK_BYTES = 8 << 20
+_PAD = torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8)  # alignment gaps inside a packed range
 
 
 def storage_id(t: torch.Tensor) -> int:
@@ -35,15 +42,38 @@ def storage_id(t: torch.Tensor) -> int:
     return int(local_of(t).untyped_storage().data_ptr())
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     shard: PlannedShard
-    offset: int  # in the pool
+    offset: int  # of its bytes in the pool
     nbytes: int
-    storage: int
+    block: int  # index of the pool range holding it
+    storage: int = 0  # storage_id of the source; computed only for lazy candidates
     handle: Any = None  # engine CopyHandle while lazy
     source: torch.Tensor | None = None  # kept alive until the copy landed
     crc: int | None = None
+
+
+def _pack(plan: SavePlan, alignment: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Pool ranges the plan needs and, per shard, (range, offset in it, nbytes)."""
+    ranges: list[int] = []
+    where: list[tuple[int, int, int]] = []
+    block, used = -1, BLOCK_BYTES  # the open shared range and its bytes so far
+    for p in plan.shards:
+        n = p.nbytes
+        if n >= PACK_BELOW:
+            ranges.append(n)
+            where.append((len(ranges) - 1, 0, n))
+            continue
+        a = natural_alignment(n)
+        at = (used + a - 1) // a * a
+        if at + n > BLOCK_BYTES:
+            ranges.append(0)
+            block, at = len(ranges) - 1, 0
+        used = at + n
+        ranges[block] = used
+        where.append((block, at, n))
+    return ranges, where
 
 
 class HostSnapshot:
@@ -56,6 +86,8 @@ class HostSnapshot:
         self._pool = pool
         self._engine = engine
         self._entries: list[_Entry] = []
+        self._ranges: list[int] = []  # pool offsets this snapshot allocated
+        self._sizes: list[int] = []  # bytes used in each
         self._lock = threading.Lock()
         self.released = False
         self.nbytes = len(plan.blob) + sum(p.nbytes for p in plan.shards)
@@ -69,47 +101,79 @@ class HostSnapshot:
     @staticmethod
     def footprint(plan: SavePlan, alignment: int) -> int:
         """Pool bytes the plan needs."""
-        return sum(align_up(max(p.nbytes, 1), alignment) for p in plan.shards)
+        return sum(align_up(max(n, 1), alignment) for n in _pack(plan, alignment)[0])
 
     def allocate(self, plan: SavePlan) -> None:
         """Take pool ranges for every shard, or none (PoolExhaustedError)."""
-        taken: list[_Entry] = []
+        sizes, where = _pack(plan, self._pool.alignment)
+        taken: list[int] = []
         try:
-            for p in plan.shards:
-                off = self._pool.alloc(p.nbytes)
-                taken.append(_Entry(p, off, p.nbytes, storage_id(p.source)))
+            for n in sizes:
+                taken.append(self._pool.alloc(n))
         except PoolExhaustedError:
-            for e in taken:
-                self._pool.free(e.offset)
+            for off in taken:
+                self._pool.free(off)
             raise
-        self._entries = taken
+        self._ranges, self._sizes = taken, sizes
+        self._entries = [_Entry(p, taken[b] + at, n, b) for p, (b, at, n) in zip(plan.shards, where)]
 
     def start_copies(self, lazy_storages: set[int], eager_bytes: int) -> float:
         """Copy eager shards now (in this thread) and submit lazy ones to the engine.
 
-        Returns the seconds spent copying eagerly.
+        Eager shards that follow each other in one packed range are gathered into it with
+        one ``torch.cat`` (a lazy shard between them ends the run: its bytes are the
+        engine's to write); each shard's CRC-32C is taken right after. Returns the seconds
+        spent copying eagerly.
         """
         t0 = time.perf_counter()
+        eager: list[_Entry] = []
+        run: list[_Entry] = []
         for e in self._entries:
             src = e.shard.source
-            lazy = (
-                e.storage in lazy_storages
-                and e.nbytes > eager_bytes
-                and src.is_contiguous()
-                and src.device.type == "cpu"
-                and not src.is_conj()
-                and not src.is_neg()
-            )
-            if lazy:
-                e.source = src  # referenced until the copy lands
-                e.handle = self._engine.submit(int(src.data_ptr()), self._pool.address(e.offset), e.nbytes, crc=True)
-                continue
-            src = src.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-            if e.nbytes:
-                dst = torch.frombuffer(self._pool.view(e.offset, e.nbytes), dtype=torch.uint8)
-                dst.copy_(to_bytes_view(src))
+            if e.nbytes > eager_bytes and lazy_storages:
+                e.storage = storage_id(src)
+                if (
+                    e.storage in lazy_storages
+                    and src.is_contiguous()
+                    and src.device.type == "cpu"
+                    and not src.is_conj()
+                    and not src.is_neg()
+                ):
+                    e.source = src  # referenced until the copy lands
+                    e.handle = self._engine.submit(int(src.data_ptr()), self._pool.address(e.offset), e.nbytes, crc=True)
+                    if run:
+                        self._gather(run)
+                        run = []
+                    continue
+            if run and e.block != run[0].block:
+                self._gather(run)
+                run = []
+            run.append(e)
+            eager.append(e)
+        if run:
+            self._gather(run)
+        for e in eager:
             e.crc = crc32c_ptr(self._pool.address(e.offset), e.nbytes) if e.nbytes else 0
         return time.perf_counter() - t0
+
+    def _gather(self, entries: list[_Entry]) -> None:
+        """Copy shards that follow each other in one pool range (apart from alignment gaps
+        under 64 bytes, zero-filled) with one ``torch.cat``."""
+        base = entries[0].offset
+        parts: list[torch.Tensor] = []
+        pos = base
+        for e in entries:
+            if e.offset > pos:
+                parts.append(_PAD[: e.offset - pos])
+            parts.append(_bytes_of(e.shard.source))
+            pos = e.offset + e.nbytes
+        if pos == base:
+            return
+        dst = torch.frombuffer(self._pool.view(base, pos - base), dtype=torch.uint8)
+        if len(parts) == 1:
+            dst.copy_(parts[0])
+        else:
+            torch.cat(parts, out=dst)
 
     def wait_storages(self, storages: set[int], timeout_s: float | None = None) -> None:
         """Block until every copy from the given storages has landed (the pre-step guard)."""
@@ -143,11 +207,19 @@ class HostSnapshot:
     def payload(self, rank: int) -> RankPayload:
         """The staged bytes as a tier payload (all copies must have landed)."""
         shards = []
+        views: dict[int, torch.Tensor] = {}  # range -> its bytes, sliced per shard
         for e in self._entries:
             if e.handle is not None:
                 raise RuntimeError(f"step {self.step}: {e.shard.key!r} is not staged yet")
-            view = self._pool.view(e.offset, e.nbytes) if e.nbytes else memoryview(b"")
-            data = torch.frombuffer(view, dtype=torch.uint8) if e.nbytes else torch.empty(0, dtype=torch.uint8)
+            if e.nbytes:
+                whole = views.get(e.block)
+                if whole is None:
+                    view = self._pool.view(self._ranges[e.block], self._sizes[e.block])
+                    whole = views[e.block] = torch.frombuffer(view, dtype=torch.uint8)
+                at = e.offset - self._ranges[e.block]
+                data = whole[at : at + e.nbytes]
+            else:
+                data = torch.empty(0, dtype=torch.uint8)
             p = e.shard
             shards.append(ShardData(p.key, p.dtype, p.global_shape, p.offsets, p.shape, data, e.crc))
         return RankPayload(rank, self.blob, shards)
@@ -161,5 +233,20 @@ class HostSnapshot:
         for e in self._entries:
             if e.handle is not None:
                 e.handle.wait(None)
-            self._pool.free(e.offset)
+        for off in self._ranges:
+            self._pool.free(off)
         self._entries = []
+        self._ranges = []
+
+
+def _bytes_of(src: torch.Tensor) -> torch.Tensor:
+    """A shard's bytes as a 1-D uint8 CPU tensor (copied to the CPU / made contiguous if needed)."""
+    if not (src.is_cpu and src.is_contiguous() and not src.is_conj() and not src.is_neg()):
+        src = src.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+    flat = src.reshape(-1)
+    if flat.dtype == torch.uint8:
+        return flat
+    try:
+        return flat.view(torch.uint8)
+    except RuntimeError:  # pragma: no cover - a dtype without a byte view
+        return to_bytes_view(src)

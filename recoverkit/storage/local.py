@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
-from ..format.segment import plan_offsets, segment_name
+from ..format.segment import PACK_BELOW, plan_offsets, segment_name
 from .base import RankPayload, RankRecords, ShardMeta, Tier
 from .faults import FaultInjector
 from .fs import LocalFS
@@ -87,21 +87,25 @@ class LocalTier(Tier):
         staging = self._here(staging)
         self.fs.makedirs(staging)
         name = segment_name(payload.rank)
-        blob = memoryview(payload.blob)
-        sizes = [len(blob)] + [int(s.data.numel()) for s in payload.shards]
-        offsets, end = plan_offsets(sizes)
-        blob_ptr = _buffer_address(payload.blob)
-        items = [(offsets[0], blob_ptr, len(blob))]
-        items += [(off, int(s.data.data_ptr()), int(s.data.numel())) for off, s in zip(offsets[1:], payload.shards)]
+        rank = payload.rank
+        # Large shards on 4 KiB boundaries (O_DIRECT writes them straight from memory),
+        # small ones packed tightly: 100k tiny tensors take their bytes, not 4 KiB each.
+        sizes = [len(payload.blob)]
+        ptrs = [_buffer_address(payload.blob)]
+        for s in payload.shards:
+            sizes.append(s.data.numel())
+            ptrs.append(s.data.data_ptr())
+        offsets, end = plan_offsets(sizes, pack_below=PACK_BELOW)
+        items = list(zip(offsets, ptrs, sizes))
         # Bytes staged without a checksum (the blocking path) get theirs in the write's pass.
         need_crc = any(s.crc32c is None for s in payload.shards)
         crcs = self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io, crc=need_crc) or []
         shards = []
-        for i, (off, s) in enumerate(zip(offsets[1:], payload.shards)):
-            crc = s.crc32c if s.crc32c is not None else crcs[i + 1]
-            shards.append((s.key, ShardRecord(payload.rank, name, off, int(s.data.numel()), crc, s.offsets, s.shape)))
-        blob_rec = BlobRecord(payload.rank, name, offsets[0], len(blob), crcs[0] if crcs else crc32c(payload.blob))
-        return RankRecords(payload.rank, blob_rec, shards, {name: end})
+        for i, s in enumerate(payload.shards, 1):
+            crc = s.crc32c if s.crc32c is not None else crcs[i]
+            shards.append((s.key, ShardRecord(rank, name, offsets[i], sizes[i], crc, s.offsets, s.shape)))
+        blob_rec = BlobRecord(rank, name, offsets[0], sizes[0], crcs[0] if crcs else crc32c(payload.blob))
+        return RankRecords(rank, blob_rec, shards, {name: end})
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
         staging = self._here(staging)
