@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .codec import decode, encode
 from .dtypes import STORABLE_DTYPES, dtype_from_name, dtype_name, from_bytes, nbytes, to_bytes_view
-from .flatten import TensorLeaf, TensorRef, flatten, unflatten
+from .flatten import TensorLeaf, TensorRef, flatten, rebuild_container, unflatten
 from .rng import RNGState
 from .sampler import DataPosition, ResumableSampler
 from .stateful import Stateful, apply, capture, check
@@ -26,6 +26,7 @@ __all__ = [
     "TensorRef",
     "flatten",
     "unflatten",
+    "rebuild_container",
     "encode",
     "decode",
     "dtype_name",

@@ -11,7 +11,7 @@ The output is UTF-8 (in fact ASCII) JSON: ``{"codec": "recoverkit-json", "versio
 one-key tagged object:
 
 ==============  ========================================================================
-``$int``        an integer beyond 64 bits, as hex text
+``$int``        an integer beyond 64 bits (up to 2**8192), as hex text
 ``$float``      nan / +-inf, as the 16 hex digits of the IEEE bit pattern (NaN payload kept)
 ``$complex``    ``[real, imag]``, each a float node
 ``$tuple``      a tuple; a namedtuple is stored (and comes back) as a plain tuple
@@ -24,13 +24,20 @@ one-key tagged object:
 ``$dtype``      a torch dtype by name; ``$size`` a torch.Size; ``$device`` a torch.device
 ``$slice``      ``[start, stop, step]``; ``$range`` likewise
 ``$tensor``     a :class:`~recoverkit.state.flatten.TensorLeaf` key
+``$param``      ``[key, requires_grad]``: the leaf of an ``nn.Parameter``
 ``$pickle``     base64 pickle, only with ``allow_pickle=True`` on both sides
 ==============  ========================================================================
 
 Decoding runs ``json.loads`` and this fixed tag table, nothing else: no import, no eval,
 and no pickle unless the caller allowed it, so loading an untrusted checkpoint never runs
-code. Damaged input raises :class:`~recoverkit.errors.IntegrityError`; a tag or version this
-reader does not know raises :class:`~recoverkit.errors.IncompatibleCheckpointError`.
+code. The input is treated as hostile: every fault (not UTF-8 or not JSON, ``NaN`` or an
+overflowing float, a duplicate key, a wrong type under a tag, an unknown tag, another codec
+or version, nesting too deep, an integer beyond ``2**8192`` (or a plain JSON number beyond
+64 bits), bad base64, an array whose
+dtype, shape and bytes disagree) raises one :class:`~recoverkit.errors.IntegrityError`
+whose one-line message names the node, and nothing is allocated beyond what the length of
+the input justifies (an array's buffer is never sized from its shape alone). Only
+``$pickle`` without permission raises :class:`~recoverkit.errors.PickleNotAllowedError`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ import binascii
 import json
 import math
 import pickle
+import re
+import reprlib
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EncodeError, IncompatibleCheckpointError, IntegrityError, PickleNotAllowedError
+from ..errors import EncodeError, IntegrityError, PickleNotAllowedError, RecoverkitError
 from .dtypes import _BY_NAME, _QUANTIZED
 from .flatten import TensorLeaf
 
@@ -57,8 +66,15 @@ __all__ = ["encode", "decode", "CODEC_NAME", "CODEC_VERSION"]
 CODEC_NAME = "recoverkit-json"
 CODEC_VERSION = 1
 _INT64 = 1 << 63
+_MAX_INT_BITS = 1 << 13  # $int: up to 2048 hex digits, so str() of any decoded int works
+_MAX_DEVICE_CHARS = 64
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+_HEX_FLOAT = re.compile(r"[0-9a-f]{16}")
 _TORCH_DTYPES = {**_BY_NAME, **_QUANTIZED}
 _TORCH_DTYPE_NAMES = {d: n for n, d in _TORCH_DTYPES.items()}
+# What a bug in a check, or numpy/torch refusing a value, may raise; reported as damage.
+_FAULTS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError,
+           RuntimeError, struct.error, binascii.Error)  # fmt: skip
 
 
 def encode(skeleton: Any, *, allow_pickle: bool = False) -> bytes:
@@ -90,51 +106,69 @@ def encode(skeleton: Any, *, allow_pickle: bool = False) -> bytes:
 def decode(data: bytes, *, allow_pickle: bool = False) -> Any:
     """Rebuild the tree :func:`encode` wrote, with the same types and values.
 
+    ``data`` is treated as hostile: anything but well-formed output of this codec raises
+    :class:`IntegrityError` (never another exception type), before more memory than the
+    length of ``data`` justifies is allocated.
+
     Args:
         data: the encoded bytes.
         allow_pickle: unpickle ``$pickle`` nodes (only for checkpoints you trust).
 
     Raises:
         PickleNotAllowedError: the data holds a pickled value and ``allow_pickle`` is False.
-        IntegrityError: the bytes are not well-formed output of this codec.
-        IncompatibleCheckpointError: another codec, a newer version, or an unknown tag.
+        IntegrityError: the bytes are not well-formed output of this codec (of this
+            version), with a one-line message naming the node that is wrong.
 
     Example:
         >>> decode(encode({1: b"x", "s": {2.5}}))
         {1: b'x', 's': {2.5}}
     """
     try:
-        doc = json.loads(
-            bytes(data).decode("utf-8"), object_pairs_hook=_Obj, parse_constant=_no_constant
-        )
+        raw = bytes(data)
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_Obj, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise IntegrityError(f"object state is not valid JSON: {e}") from None
+        raise IntegrityError(f"object state is not valid JSON: {_oneline(str(e))}") from None
     except RecursionError:
         raise IntegrityError("object state is nested too deeply") from None
+    except TypeError as e:  # data is not bytes-like
+        raise IntegrityError(f"object state is not bytes: {_oneline(str(e))}") from None
+    header = _header(doc)
+    decoder = _Decoder(allow_pickle, limit=len(raw))
+    try:
+        return decoder.node(header["root"], None)
+    except RecursionError:
+        raise IntegrityError("object state is nested too deeply") from None
+    except RecoverkitError:
+        raise
+    except _FAULTS as e:
+        raise IntegrityError(
+            f"object state is malformed ({type(e).__name__}: {_oneline(str(e))})"
+        ) from None
+
+
+def _header(doc: Any) -> dict[str, Any]:
+    """The checked header ``{codec, version, root}`` of a parsed document."""
     if type(doc) is not _Obj or not any(k == "codec" for k, _ in doc):
-        raise IncompatibleCheckpointError(
-            "object state has no codec header; not written by recoverkit"
+        raise IntegrityError("object state has no codec header; not written by recoverkit")
+    keys = [k for k, _ in doc]
+    if sorted(keys) != ["codec", "root", "version"]:
+        raise IntegrityError(
+            f"object state header has fields {_short(keys, 120)}, expected codec, version, root once each"
         )
     header = dict(doc)
-    if header.get("codec") != CODEC_NAME:
-        raise IncompatibleCheckpointError(
-            f"object state uses codec {header.get('codec')!r}, expected {CODEC_NAME!r}"
-        )
-    version = header.get("version")
-    if type(version) is not int or version < 1:
-        raise IntegrityError(f"object state has an invalid codec version {version!r}")
-    if version > CODEC_VERSION:
-        raise IncompatibleCheckpointError(
-            f"object state uses codec version {version}; this recoverkit reads up to {CODEC_VERSION}"
-        )
-    if set(header) != {"codec", "version", "root"}:
+    if header["codec"] != CODEC_NAME:
         raise IntegrityError(
-            f"object state header has fields {sorted(header)}, expected codec, version, root"
+            f"object state uses codec {_short(header['codec'])}, expected {CODEC_NAME!r}"
         )
-    try:
-        return _Decoder(allow_pickle).node(header["root"], "state")
-    except RecursionError:
-        raise IntegrityError("object state is nested too deeply") from None
+    version = header["version"]
+    if type(version) is not int or version < 1:
+        raise IntegrityError(f"object state has an invalid codec version {_short(version)}")
+    if version > CODEC_VERSION:
+        raise IntegrityError(
+            f"object state uses codec version {version}; this recoverkit reads up to "
+            f"{CODEC_VERSION} (written by a newer recoverkit, or damaged)"
+        )
+    return header
 
 
 class _Obj(list):  # type: ignore[type-arg]
@@ -153,6 +187,27 @@ def _float(x: float) -> Any:
     return x if math.isfinite(x) else {"$float": struct.pack(">d", x).hex()}
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlong = 40
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """A bounded one-line repr of an untrusted value (never raises, never huge)."""
+    try:
+        if type(x) is int and x.bit_length() > 128:
+            text = f"<int of {x.bit_length()} bits>"
+        else:
+            text = _repr.repr(x)
+    except Exception:  # a value whose repr fails (digit limit, recursion ...)
+        text = f"<{type(x).__name__}>"
+    return _oneline(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _oneline(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
 class _Encoder:
     def __init__(self, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
@@ -162,7 +217,13 @@ class _Encoder:
         if x is None or t is bool or t is str:
             return x
         if t is int:
-            return x if -_INT64 <= x < _INT64 else {"$int": hex(x)}
+            if -_INT64 <= x < _INT64:
+                return x
+            if x.bit_length() > _MAX_INT_BITS:
+                raise EncodeError(
+                    f"{path}: an integer of {x.bit_length()} bits; the codec stores up to {_MAX_INT_BITS}"
+                )
+            return {"$int": hex(x)}
         if t is float:
             return _float(x)
         if t is list:
@@ -188,7 +249,7 @@ class _Encoder:
     def _scalar(self, x: Any, path: str) -> Any:
         t = type(x)
         if t is TensorLeaf:
-            return {"$tensor": x.key}
+            return {"$param": [x.key, x.requires_grad]} if x.parameter else {"$tensor": x.key}
         if t is complex:
             return {"$complex": [_float(x.real), _float(x.imag)]}
         if t is bytes or t is bytearray:
@@ -218,7 +279,7 @@ class _Encoder:
                 ]
             }
         elif t is range:
-            return {"$range": [x.start, x.stop, x.step]}
+            return {"$range": [self.node(v, path) for v in (x.start, x.stop, x.step)]}
         elif isinstance(x, torch.Tensor):
             raise EncodeError(f"{path}: a tensor reached the codec; flatten() the tree first")
         if self.allow_pickle:
@@ -250,10 +311,28 @@ def _np_dtype(dt: np.dtype[Any], path: str) -> Any:
     return spec if dt.fields is None else _Encoder(False).node(spec, f"{path}.dtype")
 
 
+# A node's place in the tree, built without formatting (only an error renders it):
+# None is the root; otherwise (parent, kind, value) with kind "i" (list index), "k" (dict
+# key) or "s" (literal text such as "._metadata").
+_Path = Any
+
+
+def _render(path: _Path) -> str:
+    segs: list[str] = []
+    while path is not None:
+        path, kind, v = path
+        segs.append(f"[{v}]" if kind == "i" else f"[{_short(v, 40)}]" if kind == "k" else v)
+    segs.reverse()
+    if len(segs) > 12:
+        segs = segs[:4] + ["..."] + segs[-7:]
+    return "state" + "".join(segs)
+
+
 class _Decoder:
-    def __init__(self, allow_pickle: bool) -> None:
+    def __init__(self, allow_pickle: bool, limit: int) -> None:
         self.allow_pickle = allow_pickle
-        self.tags: dict[str, Callable[[Any, str], Any]] = {
+        self.limit = limit  # the input's length: bounds what zero-byte items may claim
+        self.tags: dict[str, Callable[[Any, _Path], Any]] = {
             "$int": self._int, "$float": self._float, "$complex": self._complex,
             "$tuple": lambda p, path: tuple(self._items(p, path)),
             "$dict": lambda p, path: self._dict(p, path, dict),
@@ -264,158 +343,200 @@ class _Decoder:
             "$ndarray": self._ndarray, "$npscalar": self._npscalar,
             "$dtype": self._dtype, "$size": self._size, "$device": self._device,
             "$slice": lambda p, path: slice(*self._items(p, path, n=3)),
-            "$range": self._range, "$tensor": self._tensor, "$pickle": self._pickle,
+            "$range": self._range, "$tensor": self._tensor, "$param": self._param,
+            "$pickle": self._pickle,
         }  # fmt: skip
 
-    def node(self, j: Any, path: str) -> Any:
-        if j is None or type(j) in (bool, int, float, str):
+    def node(self, j: Any, path: _Path) -> Any:
+        t = type(j)
+        if j is None or t is bool or t is str:
             return j
-        if type(j) is list:
-            return [self.node(v, f"{path}[{i}]") for i, v in enumerate(j)]
+        if t is int:
+            if not -_INT64 <= j < _INT64:  # the encoder writes these as $int
+                raise self._bad(path, "number (beyond 64 bits)", j)
+            return j
+        if t is float:
+            if not math.isfinite(j):  # a literal such as 1e999 overflows to inf
+                raise self._bad(path, "number (not finite)", j)
+            return j
+        if t is list:
+            return [self.node(v, (path, "i", i)) for i, v in enumerate(j)]
         if not j:
             return {}
         tag, payload = j[0]
         if not tag.startswith("$"):
             if any(k.startswith("$") for k, _ in j) or len({k for k, _ in j}) != len(j):
                 raise IntegrityError(
-                    f"{path}: malformed object (duplicate keys or a misplaced tag)"
+                    f"{_render(path)}: malformed object (duplicate keys or a misplaced tag)"
                 )
-            return {k: self.node(v, f"{path}[{k!r}]") for k, v in j}
+            return {k: self.node(v, (path, "k", k)) for k, v in j}
         if tag == "$odict" and [k for k, _ in j] in (["$odict"], ["$odict", "$metadata"]):
             out = self._dict(payload, path, OrderedDict)
             if len(j) == 2:
-                out._metadata = self.node(j[1][1], f"{path}._metadata")
+                out._metadata = self.node(j[1][1], (path, "s", "._metadata"))
             return out
         handler = self.tags.get(tag)
         if handler is None:
-            raise IncompatibleCheckpointError(
-                f"{path}: unknown tag {tag!r} (written by a newer recoverkit?)"
+            raise IntegrityError(
+                f"{_render(path)}: unknown tag {_short(tag, 40)} (damaged, or written by a newer recoverkit)"
             )
         if len(j) != 1:
             raise IntegrityError(
-                f"{path}: tagged object {tag} has extra fields {[k for k, _ in j[1:]]}"
+                f"{_render(path)}: tagged object {tag} has extra fields {_short([k for k, _ in j[1:]])}"
             )
         return handler(payload, path)
 
-    def _bad(self, path: str, what: str, payload: Any) -> IntegrityError:
-        return IntegrityError(f"{path}: malformed {what}: {str(payload)[:80]!r}")
+    def _bad(self, path: _Path, what: str, payload: Any) -> IntegrityError:
+        return IntegrityError(f"{_render(path)}: malformed {what}: {_short(payload)}")
 
-    def _items(self, p: Any, path: str, n: int | None = None) -> list[Any]:
+    def _items(self, p: Any, path: _Path, n: int | None = None) -> list[Any]:
         if type(p) is not list or (n is not None and len(p) != n):
             raise self._bad(path, "sequence", p)
-        return [self.node(v, f"{path}[{i}]") for i, v in enumerate(p)]
+        return [self.node(v, (path, "i", i)) for i, v in enumerate(p)]
 
-    def _hashable(self, kind: Callable[[list[Any]], Any], items: list[Any], path: str) -> Any:
+    def _hashable(self, kind: Callable[[list[Any]], Any], items: list[Any], path: _Path) -> Any:
         try:
-            return kind(items)
+            out = kind(items)
         except TypeError:
             raise self._bad(path, "set (unhashable element)", items) from None
+        if len(out) != len(items):
+            raise self._bad(path, "set (duplicate element)", items)
+        return out
 
-    def _dict(self, p: Any, path: str, kind: Callable[[], Any]) -> Any:
+    def _dict(self, p: Any, path: _Path, kind: Callable[[], Any]) -> Any:
         out = kind()
         if type(p) is not list:
             raise self._bad(path, "mapping", p)
         for pair in p:
             if type(pair) is not list or len(pair) != 2:
                 raise self._bad(path, "mapping entry", pair)
-            key = self.node(pair[0], f"{path}<key>")
+            key = self.node(pair[0], (path, "s", "<key>"))
             try:
-                out[key] = self.node(pair[1], f"{path}[{key!r}]")
+                if key in out:
+                    raise self._bad(path, "mapping (duplicate key)", key)
             except TypeError:
                 raise self._bad(path, "mapping key (unhashable)", key) from None
+            out[key] = self.node(pair[1], (path, "k", key))
         return out
 
-    def _str(self, p: Any, path: str, what: str) -> str:
+    def _str(self, p: Any, path: _Path, what: str) -> str:
         if type(p) is not str:
             raise self._bad(path, what, p)
         return p
 
-    def _bytes(self, p: Any, path: str) -> bytes:
+    def _bytes(self, p: Any, path: _Path) -> bytes:
         try:
             return base64.b64decode(self._str(p, path, "base64"), validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):
             raise self._bad(path, "base64", p) from None
 
-    def _int(self, p: Any, path: str) -> int:
-        try:
-            return int(self._str(p, path, "integer"), 16)
-        except ValueError:
-            raise self._bad(path, "integer", p) from None
+    def _int(self, p: Any, path: _Path) -> int:
+        s = self._str(p, path, "integer")
+        digits = len(s) - (3 if s.startswith("-") else 2)
+        if digits > _MAX_INT_BITS // 4:
+            raise IntegrityError(
+                f"{_render(path)}: malformed integer: {digits} hex digits, the codec stores up to "
+                f"{_MAX_INT_BITS // 4}"
+            )
+        if not _HEX_INT.fullmatch(s):
+            raise self._bad(path, "integer", p)
+        return int(s, 16)
 
-    def _float(self, p: Any, path: str) -> float:
-        try:
-            return float(struct.unpack(">d", bytes.fromhex(self._str(p, path, "float")))[0])
-        except (ValueError, struct.error):
-            raise self._bad(path, "float", p) from None
+    def _float(self, p: Any, path: _Path) -> float:
+        if not _HEX_FLOAT.fullmatch(self._str(p, path, "float")):
+            raise self._bad(path, "float", p)
+        return float(struct.unpack(">d", bytes.fromhex(p))[0])
 
-    def _complex(self, p: Any, path: str) -> complex:
-        re, im = self._items(p, path, n=2)
-        if type(re) is not float or type(im) is not float:
+    def _complex(self, p: Any, path: _Path) -> complex:
+        re_im = self._items(p, path, n=2)
+        if not all(type(v) is float for v in re_im):
             raise self._bad(path, "complex", p)
-        return complex(re, im)
+        return complex(*re_im)
 
-    def _np_dtype(self, p: Any, path: str) -> np.dtype[Any]:
-        spec = p if type(p) is str else self.node(p, f"{path}.dtype")
+    def _np_dtype(self, p: Any, path: _Path) -> np.dtype[Any]:
+        if type(p) is not str and type(p) is not list:
+            raise self._bad(path, "numpy dtype", p)
+        spec = p if type(p) is str else self.node(p, (path, "s", ".dtype"))
         try:
             dt = np.dtype(spec)
         except Exception:  # numpy raises several types for a bad spec
             raise self._bad(path, "numpy dtype", p) from None
         if dt.hasobject:
             raise self._bad(path, "numpy dtype (objects are never decoded)", p)
+        if dt.subdtype is not None or (dt.itemsize == 0 and dt.kind in "SU"):
+            raise self._bad(path, "numpy dtype (no array has it)", p)
         return dt
 
-    def _ndarray(self, p: Any, path: str) -> np.ndarray[Any, Any]:
+    def _ndarray(self, p: Any, path: _Path) -> np.ndarray[Any, Any]:
         if type(p) is not list or len(p) != 3 or type(p[1]) is not list:
             raise self._bad(path, "ndarray", p)
+        shape = p[1]
+        if len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
+            raise self._bad(path, "ndarray shape", shape)
         dt, raw = self._np_dtype(p[0], path), self._bytes(p[2], path)
-        shape = tuple(p[1])
-        if not all(type(d) is int and d >= 0 for d in shape) or math.prod(
-            shape
-        ) * dt.itemsize != len(raw):
+        numel = math.prod(shape)
+        if math.prod(d for d in shape if d) * max(dt.itemsize, 1) >= _INT64:
+            raise self._bad(path, "ndarray shape (too large for any array)", shape)
+        if numel * dt.itemsize != len(raw) or (dt.itemsize == 0 and numel > self.limit):
             raise self._bad(
-                path, f"ndarray ({len(raw)} bytes for {dt} of shape {list(shape)})", p[1]
+                path, f"ndarray ({len(raw)} bytes for {_short(str(dt), 40)} of shape", shape
             )
-        if not raw:
-            return np.zeros(shape, dt)
+        if not raw:  # nothing to allocate: no elements, or elements of zero bytes
+            return np.empty(tuple(shape), dt)
         return np.frombuffer(bytearray(raw), dt).reshape(shape)
 
-    def _npscalar(self, p: Any, path: str) -> Any:
+    def _npscalar(self, p: Any, path: _Path) -> Any:
         if type(p) is not list or len(p) != 2:
             raise self._bad(path, "numpy scalar", p)
         dt, raw = self._np_dtype(p[0], path), self._bytes(p[1], path)
         if len(raw) != dt.itemsize:
-            raise self._bad(path, f"numpy scalar ({len(raw)} bytes for {dt})", p)
-        return np.zeros((), dt)[()] if not raw else np.frombuffer(raw, dt)[0]
+            raise self._bad(path, f"numpy scalar ({len(raw)} bytes for {_short(str(dt), 40)})", p)
+        return np.empty((), dt)[()] if not raw else np.frombuffer(raw, dt)[0]
 
-    def _dtype(self, p: Any, path: str) -> torch.dtype:
+    def _dtype(self, p: Any, path: _Path) -> torch.dtype:
         dt = _TORCH_DTYPES.get(self._str(p, path, "dtype"))
         if dt is None:
-            raise IncompatibleCheckpointError(f"{path}: unknown torch dtype {p!r}")
+            raise IntegrityError(
+                f"{_render(path)}: unknown torch dtype {_short(p, 40)} (torch {torch.__version__})"
+            )
         return dt
 
-    def _size(self, p: Any, path: str) -> torch.Size:
-        if type(p) is not list or not all(type(d) is int for d in p):
+    def _size(self, p: Any, path: _Path) -> torch.Size:
+        if type(p) is not list or not all(type(d) is int and -_INT64 <= d < _INT64 for d in p):
             raise self._bad(path, "torch.Size", p)
         return torch.Size(p)
 
-    def _device(self, p: Any, path: str) -> torch.device:
+    def _device(self, p: Any, path: _Path) -> torch.device:
+        if len(self._str(p, path, "device")) > _MAX_DEVICE_CHARS:
+            raise self._bad(path, "device", p)
         try:
-            return torch.device(self._str(p, path, "device"))
-        except (RuntimeError, ValueError):
+            return torch.device(p)
+        except (RuntimeError, ValueError, TypeError):
             raise self._bad(path, "device", p) from None
 
-    def _range(self, p: Any, path: str) -> range:
-        if type(p) is not list or len(p) != 3 or not all(type(v) is int for v in p) or p[2] == 0:
+    def _range(self, p: Any, path: _Path) -> range:
+        items = self._items(p, path, n=3)
+        if not all(type(v) is int for v in items) or items[2] == 0:
             raise self._bad(path, "range", p)
-        return range(*p)
+        return range(*items)
 
-    def _tensor(self, p: Any, path: str) -> TensorLeaf:
+    def _tensor(self, p: Any, path: _Path) -> TensorLeaf:
         return TensorLeaf(self._str(p, path, "tensor key"))
 
-    def _pickle(self, p: Any, path: str) -> Any:
+    def _param(self, p: Any, path: _Path) -> TensorLeaf:
+        if type(p) is not list or len(p) != 2 or type(p[0]) is not str or type(p[1]) is not bool:
+            raise self._bad(path, "parameter", p)
+        return TensorLeaf(p[0], parameter=True, requires_grad=p[1])
+
+    def _pickle(self, p: Any, path: _Path) -> Any:
         if not self.allow_pickle:
             raise PickleNotAllowedError(
-                f"{path}: the checkpoint holds a pickled object; pass allow_pickle=True only if you trust it"
+                f"{_render(path)}: the checkpoint holds a pickled object; pass allow_pickle=True only if you trust it"
             )
         raw = self._bytes(p, path)
-        return pickle.loads(raw)  # noqa: S301 - explicitly allowed by the caller
+        try:
+            return pickle.loads(raw)  # noqa: S301 - explicitly allowed by the caller
+        except Exception as e:
+            raise IntegrityError(
+                f"{_render(path)}: the pickled value cannot be loaded ({type(e).__name__}: {_short(str(e), 120)})"
+            ) from None

@@ -11,6 +11,11 @@ Restore data flow: reader (tensors by key) + decoded skeleton -> **unflatten** -
 an alias of the first key, so it is written once and comes back as one shared tensor.
 
 Tensors are neither copied nor made contiguous here; the refs point at the live tensors.
+This is also where a tensor is classified as storable: sparse, nested, meta and quantized
+tensors have no dense bytes of a storable dtype, and are refused here with an
+:class:`~recoverkit.errors.EncodeError` that names the tensor's key. An ``nn.Parameter``
+leaves a placeholder that remembers it (and its ``requires_grad``), so a Parameter restored
+without a live target comes back as a Parameter.
 """
 
 from __future__ import annotations
@@ -18,21 +23,32 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import IncompatibleCheckpointError
+from ..errors import EncodeError, IncompatibleCheckpointError, IntegrityError
+from .dtypes import dtype_name
 
-__all__ = ["TensorLeaf", "TensorRef", "flatten", "unflatten"]
+__all__ = ["TensorLeaf", "TensorRef", "flatten", "unflatten", "rebuild_container"]
 
 
 @dataclass(frozen=True)
 class TensorLeaf:
-    """The placeholder a tensor leaves in the skeleton; ``key`` names it in the checkpoint."""
+    """The placeholder a tensor leaves in the skeleton; ``key`` names it in the checkpoint.
+
+    ``parameter`` is set when the tensor was an ``nn.Parameter``; ``requires_grad`` is then
+    its flag, and :func:`unflatten` wraps the restored tensor the same way.
+    """
 
     key: str
+    parameter: bool = field(default=False, repr=False)
+    requires_grad: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        extra = f", parameter=True, requires_grad={self.requires_grad}" if self.parameter else ""
+        return f"TensorLeaf(key={self.key!r}{extra})"
 
 
 @dataclass
@@ -86,30 +102,69 @@ def unflatten(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Rebuild a tree from its skeleton, putting ``tensors[leaf.key]`` at every placeholder.
 
     Aliases come back shared as long as ``tensors`` maps the alias key to the same object
-    as the first key (the reader does that); this function only substitutes.
+    as the first key (the reader does that); this function only substitutes. A placeholder
+    of a Parameter gets ``nn.Parameter(tensor, requires_grad)`` (one per tensor object, so
+    tied Parameters stay tied).
 
     Raises:
         IncompatibleCheckpointError: a placeholder's key is missing from ``tensors``.
+        IntegrityError: a placeholder says "Parameter requiring grad" for a tensor whose
+            dtype cannot require grad (a damaged blob).
 
     Example:
         >>> t = torch.zeros(1)
         >>> unflatten({"a": [TensorLeaf("m/a/0")], "n": 1}, {"m/a/0": t})["a"][0] is t
         True
     """
+    return _unflatten(skeleton, tensors, {})
+
+
+def _unflatten(skeleton: Any, tensors: Mapping[str, torch.Tensor], params: dict[Any, Any]) -> Any:
     if isinstance(skeleton, TensorLeaf):
         try:
-            return tensors[skeleton.key]
+            t = tensors[skeleton.key]
         except KeyError:
             raise IncompatibleCheckpointError(
                 f"tensor {skeleton.key!r} is missing from the checkpoint"
             ) from None
+        if not skeleton.parameter or not isinstance(t, torch.Tensor):
+            return t  # a ShardedTensor region stays one; its target decides its type
+        ident = (id(t), skeleton.requires_grad)
+        if ident not in params:
+            if skeleton.requires_grad and not (t.is_floating_point() or t.is_complex()):
+                raise IntegrityError(
+                    f"tensor {skeleton.key!r} is recorded as a Parameter that requires grad, "
+                    f"which a {t.dtype} tensor cannot"
+                )
+            params[ident] = (t, torch.nn.Parameter(t, requires_grad=skeleton.requires_grad))
+        return params[ident][1]
     if isinstance(skeleton, dict):
-        return _rebuild_dict(skeleton, [(k, unflatten(v, tensors)) for k, v in skeleton.items()])
+        return _rebuild_dict(
+            skeleton, [(k, _unflatten(v, tensors, params)) for k, v in skeleton.items()]
+        )
     if type(skeleton) is list:
-        return [unflatten(v, tensors) for v in skeleton]
+        return [_unflatten(v, tensors, params) for v in skeleton]
     if isinstance(skeleton, tuple):
-        return _rebuild_tuple(skeleton, [unflatten(v, tensors) for v in skeleton])
+        return _rebuild_tuple(skeleton, [_unflatten(v, tensors, params) for v in skeleton])
     return skeleton
+
+
+def rebuild_container(original: Any, items: Any) -> Any:
+    """A container of ``original``'s type holding ``items`` (pairs for a dict).
+
+    Keeps what a plain ``dict(...)``/``tuple(...)`` would lose: ``OrderedDict`` and other
+    dict subclasses (and a state dict's ``_metadata``), namedtuples, ``torch.Size`` and other
+    tuple subclasses. Lists and anything else come back as a list.
+
+    Example:
+        >>> rebuild_container(torch.Size([2, 3]), [4, 5])
+        torch.Size([4, 5])
+    """
+    if isinstance(original, dict):
+        return _rebuild_dict(original, list(items))
+    if isinstance(original, tuple):
+        return _rebuild_tuple(original, list(items))
+    return list(items)
 
 
 class _Flattener:
@@ -133,11 +188,14 @@ class _Flattener:
 
     def _leaf(self, t: torch.Tensor, path: list[str]) -> TensorLeaf:
         key = self._unique("/".join(path))
+        _check_storable(t, key)
         ident = _identity(t)
         first = self._first.get(ident)
         if first is None:
             self._first[ident] = key
         self.refs.append(TensorRef(key, t, first))
+        if isinstance(t, torch.nn.Parameter):
+            return TensorLeaf(key, parameter=True, requires_grad=bool(t.requires_grad))
         return TensorLeaf(key)
 
     def _unique(self, key: str) -> str:
@@ -147,6 +205,26 @@ class _Flattener:
             candidate = f"{key}#{n}"
         self._used.add(candidate)
         return candidate
+
+
+def _check_storable(t: torch.Tensor, key: str) -> None:
+    """Refuse a tensor that has no dense bytes of a storable dtype, naming its key."""
+    why = None
+    if t.is_nested:
+        why = "is a nested tensor; save its components (t.unbind()) or a padded dense tensor"
+    elif t.layout != torch.strided:
+        why = f"has layout {t.layout} (sparse or opaque); save t.to_dense() or its index/value tensors"
+    elif t.device.type == "meta":
+        why = "is a meta tensor: it has no data to save (materialize it first)"
+    elif t.is_quantized:
+        why = f"is quantized ({t.dtype}); save its int representation and quantization parameters"
+    if why is None:
+        try:
+            dtype_name(t.dtype)
+        except EncodeError as e:
+            why = f"cannot be stored: {e}"
+    if why is not None:
+        raise EncodeError(f"tensor {key!r} {why}")
 
 
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
