@@ -1,9 +1,12 @@
 """Apply a verified, fully read state tree to the live objects.
 
-Runs only after every byte was read and verified (``restore.reader``). ``state.apply``
-checks that every target fits before it changes anything; ShardedTensor regions are
-copied into the targets' local tensors only after that succeeded; the random streams are
-restored last.
+Runs only after every byte was read and verified (``restore.reader``). Restore is all or
+nothing (invariant 6), so everything that can fail is checked before the first live
+object changes: the saved random streams (``RNGState.validate_state_dict``: types, dtypes,
+sizes, CUDA devices), every ShardedTensor region against its target, then ``state.check``
+(modules, optimizers and schedulers by a dry run, tensors, sampler and data position).
+Only then are the objects loaded, the ShardedTensor regions copied into the targets'
+local tensors, plain values replaced, and the random streams restored last.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ..dist.dtensor import as_sharded, is_dtensor, local_of
 from ..dist.sharded import ShardedTensor, unwrap
 from ..errors import IncompatibleCheckpointError
 from ..staging.plan import RNG_KEY
-from ..state import RNGState, apply, capture
+from ..state import RNGState, apply, capture, rebuild_container
 
 __all__ = ["apply_restored", "target_shards"]
 
@@ -44,12 +47,19 @@ def _walk(tree: Any, path: str, found: dict[str, ShardedTensor]) -> None:
 
 
 def apply_restored(state: MutableMapping[str, Any], captured: dict[str, Any], *, restore_rng: bool) -> None:
-    """Load ``captured`` into ``state``; every check happens before the first change."""
+    """Load ``captured`` into ``state``; every check happens before the first change.
+
+    Raises:
+        IncompatibleCheckpointError: something does not fit (or is damaged beyond what
+            the checksums can see); no live object was changed.
+    """
     rng = captured.pop(RNG_KEY, None)
+    if rng is not None and restore_rng:
+        RNGState().validate_state_dict(rng)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     captured = {k: _swap_shards(_target_tree(state, k), v, copies) for k, v in captured.items()}
     targets = {k: unwrap(v) for k, v in state.items()}
-    apply(targets, captured)
+    apply(targets, captured)  # state.check first: nothing changes unless everything fits
     for dst, src in copies:
         dst.copy_(src)
     for k, v in targets.items():  # plain values were replaced in `targets`
@@ -82,6 +92,6 @@ def _swap_shards(target: Any, restored: Any, copies: list[tuple[torch.Tensor, to
             )
         copies.append((local, restored.local))
         return target
-    if isinstance(target, dict) and isinstance(restored, dict):
-        return {k: _swap_shards(target.get(k), v, copies) for k, v in restored.items()}
+    if isinstance(target, dict) and isinstance(restored, dict):  # keeps OrderedDict + _metadata
+        return rebuild_container(restored, [(k, _swap_shards(target.get(k), v, copies)) for k, v in restored.items()])
     return restored

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,25 +60,41 @@ class RNGState:
     def validate_state_dict(self, state_dict: Any) -> None:
         """Raise :class:`IncompatibleCheckpointError` if ``state_dict`` cannot be loaded.
 
-        Called by :func:`~recoverkit.state.stateful.check` before anything is applied.
+        Checks everything :meth:`load_state_dict` needs, so that a restore can call it
+        before the first live object changes (``stateful.check`` and ``restore.apply`` do):
+        the keys; each state's type; then each state is loaded into a *scratch* generator
+        of its kind (``random.Random``, ``np.random.RandomState``, ``torch.Generator``),
+        which runs the very checks (sizes, versions, value ranges) the real load runs,
+        without touching the process's streams. CUDA states must be uint8 tensors of the
+        size this process's devices use; extra or missing devices only warn on load.
         """
         if not isinstance(state_dict, dict) or set(state_dict) != _KEYS:
             found = (
-                sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+                sorted(map(str, state_dict))[:8]
+                if isinstance(state_dict, dict)
+                else type(state_dict).__name__
             )
             raise IncompatibleCheckpointError(
                 f"random state needs keys {sorted(_KEYS)}, got {found}"
             )
         py = state_dict["python"]
-        if not (isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple)):
+        if not (
+            isinstance(py, tuple)
+            and len(py) == 3
+            and isinstance(py[1], tuple)
+            and (py[2] is None or type(py[2]) is float)
+            and all(type(w) is int and 0 <= w < 1 << 32 for w in py[1])
+        ):
             raise IncompatibleCheckpointError(
                 "random state: 'python' is not a random.getstate() tuple"
             )
+        _dry_run("python", lambda: random.Random().setstate(py))
         npst = state_dict["numpy"]
         if not (isinstance(npst, tuple) and len(npst) == 5 and isinstance(npst[1], np.ndarray)):
             raise IncompatibleCheckpointError(
                 "random state: 'numpy' is not an np.random.get_state() tuple"
             )
+        _dry_run("numpy", lambda: np.random.RandomState().set_state(npst))
         states = (
             [state_dict["torch"], *state_dict["cuda"]]
             if isinstance(state_dict["cuda"], list)
@@ -89,6 +106,16 @@ class RNGState:
             raise IncompatibleCheckpointError(
                 "random state: torch generator states must be uint8 tensors"
             )
+        cpu = state_dict["torch"]
+        _dry_run("torch", lambda: torch.Generator().set_state(_cpu_bytes(cpu)))
+        here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for i, st in enumerate(state_dict["cuda"][:here]):
+            size = torch.cuda.get_rng_state(i).numel()
+            if st.dim() != 1 or st.numel() != size:
+                raise IncompatibleCheckpointError(
+                    f"random state: 'cuda'[{i}] holds {st.numel()} bytes of shape {list(st.shape)}, "
+                    f"device {i} uses {size}"
+                )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every stream from ``state_dict`` (see the class docstring for CUDA)."""
@@ -106,6 +133,16 @@ class RNGState:
         torch.set_rng_state(_cpu_bytes(state_dict["torch"]))
         for i, st in enumerate(cuda[:here]):
             torch.cuda.set_rng_state(_cpu_bytes(st), i)
+
+
+def _dry_run(which: str, load: Callable[[], Any]) -> None:
+    try:
+        load()
+    except Exception as e:  # TypeError, ValueError, OverflowError, RuntimeError ...
+        text = " ".join(str(e).split())[:160]
+        raise IncompatibleCheckpointError(
+            f"random state: {which!r} cannot be loaded ({type(e).__name__}: {text})"
+        ) from None
 
 
 def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from ..errors import IncompatibleCheckpointError
 __all__ = ["ResumableSampler", "DataPosition"]
 
 _INT_KEYS = ("epoch", "index", "seed", "length", "num_replicas")
+_SEED_MIN, _SEED_END = -(1 << 63), 1 << 64  # what torch.Generator.manual_seed takes
 
 
 class ResumableSampler(Sampler[int]):
@@ -191,7 +192,7 @@ class ResumableSampler(Sampler[int]):
             or any(type(sd[k]) is not bool for k in ("shuffle", "drop_last"))
         ):
             raise IncompatibleCheckpointError(
-                f"sampler state is malformed (missing {missing}): {state_dict!r}"
+                f"sampler state is malformed (missing {missing}): {repr(state_dict)[:120]}"
             )
         if sd["length"] != self.length or sd["num_replicas"] != self.num_replicas:
             raise IncompatibleCheckpointError(
@@ -201,6 +202,10 @@ class ResumableSampler(Sampler[int]):
         if not 0 <= sd["index"] <= self._num_samples(bool(sd["drop_last"])) or sd["epoch"] < 0:
             raise IncompatibleCheckpointError(
                 f"sampler position epoch={sd['epoch']} index={sd['index']} is out of range"
+            )
+        if not _SEED_MIN <= sd["seed"] + sd["epoch"] < _SEED_END:  # torch.Generator's range
+            raise IncompatibleCheckpointError(
+                f"sampler seed {sd['seed']} + epoch {sd['epoch']} is outside a generator's seed range"
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,7 +272,7 @@ class DataPosition:
             type(state_dict.get(k)) is not int for k in ("epoch", "index")
         ):
             raise IncompatibleCheckpointError(
-                f"data position needs int 'epoch' and 'index', got {state_dict!r}"
+                f"data position needs int 'epoch' and 'index', got {repr(state_dict)[:120]}"
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ plain value such as a step counter (replaced in the mapping).
 
 Objects may add an optional ``validate_state_dict(sd)`` method that raises
 :class:`~recoverkit.errors.IncompatibleCheckpointError` when ``sd`` does not fit; ``check``
-calls it, so such objects join the all-or-nothing guarantee. Modules, optimizers and tensors
-are checked here without it.
+calls it, so such objects join the all-or-nothing guarantee. Modules, optimizers, torch's LR
+schedulers and tensors are checked here without it (optimizers and schedulers by a dry run
+of their ``load_state_dict`` on a scratch copy, see :mod:`~recoverkit.state.preflight`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import IncompatibleCheckpointError
+from .preflight import check_optimizer_load, check_scheduler_load
 
 __all__ = ["Stateful", "capture", "check", "apply"]
 
@@ -59,7 +61,9 @@ def check(state: Mapping[str, Any], captured: Mapping[str, Any]) -> None:
 
     Checks: the entry names match; a module gets exactly its own keys with the same tensor
     shapes and dtypes; an optimizer gets the same number of parameter groups with the same
-    number of parameters each; a tensor gets a tensor of its shape and dtype; objects with a
+    number of parameters each, options of the same kinds, and state its ``load_state_dict``
+    accepts (dry run); a torch LR scheduler gets a state its ``load_state_dict`` accepts
+    (dry run); a tensor gets a tensor of its shape and dtype; objects with a
     ``validate_state_dict`` method approve their part.
 
     Raises:
@@ -79,8 +83,11 @@ def check(state: Mapping[str, Any], captured: Mapping[str, Any]) -> None:
             _check_module(name, target, value)
         elif isinstance(target, torch.optim.Optimizer):
             _check_optimizer(name, target, value)
+            check_optimizer_load(name, target, value)
         elif isinstance(target, torch.Tensor):
             _check_tensor(repr(name), target, value)
+        else:
+            check_scheduler_load(name, target, value, live=state.values())
         validate = getattr(target, "validate_state_dict", None)
         if callable(validate):
             validate(value)
@@ -166,14 +173,24 @@ def _check_optimizer(name: str, opt: torch.optim.Optimizer, value: Any) -> None:
             f"{name!r}: saved {len(saved)} parameter groups, the optimizer has {len(live)}"
         )
     for i, (s, g) in enumerate(zip(saved, live)):
-        n_saved = len(s.get("params", ())) if isinstance(s, Mapping) else -1
-        if n_saved != len(g["params"]):
+        params = s.get("params") if isinstance(s, dict) else None
+        if not isinstance(params, list) or not all(type(p) is int for p in params):
             raise IncompatibleCheckpointError(
-                f"{name!r}: parameter group {i} has {n_saved} saved parameters, the optimizer has {len(g['params'])}"
+                f"{name!r}: saved parameter group {i} is not a dict with a list of parameter ids"
             )
-    ids = {p for s in saved for p in s["params"]}
-    unknown = [k for k in value["state"] if k not in ids]
-    if unknown:
+        if len(params) != len(g["params"]):
+            raise IncompatibleCheckpointError(
+                f"{name!r}: parameter group {i} has {len(params)} saved parameters, the optimizer has {len(g['params'])}"
+            )
+    ids = [p for s in saved for p in s["params"]]
+    if len(set(ids)) != len(ids):
         raise IncompatibleCheckpointError(
-            f"{name!r}: state for parameters {unknown[:5]} not in any saved group"
+            f"{name!r}: a parameter id appears twice in the saved groups"
+        )
+    known = set(ids)
+    unknown = [k for k in value["state"] if type(k) is not int or k not in known]
+    if unknown:
+        shown = ", ".join(repr(k)[:40] for k in unknown[:5])
+        raise IncompatibleCheckpointError(
+            f"{name!r}: state for parameters [{shown}] not in any saved group"
         )
