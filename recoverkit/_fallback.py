@@ -3,28 +3,36 @@
 Selected by ``recoverkit._native`` when ``RECOVERKIT_NATIVE=0`` or when the extension is
 missing. Same names, same allocation algorithm (identical offsets for the same alloc/free
 sequence), same validation and exceptions, byte-identical segment files. Memory at raw
-addresses is reached through ``ctypes``; CRC-32C comes from ``google_crc32c``.
+addresses is reached through ``ctypes`` after the same mapping check as the native
+engine; CRC-32C comes from ``google_crc32c``. Argument checks, raw memory and segment files
+live in ``recoverkit._fallback_io``.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
-import ctypes.util
-import errno
-import fcntl
 import mmap
-import operator
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import google_crc32c
 
-from .errors import CopyError, IntegrityError, PoolExhaustedError
+from ._fallback_io import (
+    _address_of,
+    _at,
+    _crc_value,
+    _int,
+    _libc,
+    _nonneg,
+    check_mapped,
+    read_segment,
+    write_segment,
+)
+from .errors import CopyError, PoolExhaustedError
 
 __all__ = [
     "BACKEND", "crc32c", "crc32c_ptr", "crc32c_combine", "hardware_crc32c", "cuda_available",
@@ -32,39 +40,11 @@ __all__ = [
 ]
 
 BACKEND = "python"
-_BLOCK = 4096  # O_DIRECT alignment
-_BOUNCE = 8 << 20
-_PIECE = 1 << 20  # copy/read this much, then checksum it while it is in cache
+_PIECE = 1 << 20  # copy this much, then checksum it while it is in cache
 _POLY = 0x82F63B78
 
 
 # ---- CRC-32C ------------------------------------------------------------------------------
-
-def _nonneg(v: Any, name: str) -> int:
-    v = operator.index(v)
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
-def _crc_value(value: Any) -> int:
-    value = operator.index(value)
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"value must be a 32-bit CRC in [0, 2**32), got {value}")
-    return value
-
-
-def _at(ptr: int, nbytes: int) -> Any:
-    """A ctypes view of ``nbytes`` at address ``ptr`` (no copy)."""
-    return (ctypes.c_char * nbytes).from_address(ptr)
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    anchor = ctypes.c_char.from_buffer(mm)
-    addr = ctypes.addressof(anchor)
-    del anchor  # release the buffer export, so the mmap can still be closed
-    return addr
-
 
 def crc32c(data: Any, value: int = 0) -> int:
     value = _crc_value(value)
@@ -86,6 +66,7 @@ def crc32c_ptr(ptr: int, nbytes: int, value: int = 0) -> int:
         return value
     if ptr == 0:
         raise ValueError("ptr is 0 (null) with nbytes > 0")
+    check_mapped([(ptr, nbytes)], "crc32c_ptr: ptr")
     return google_crc32c.extend(value, _at(ptr, nbytes))
 
 
@@ -106,7 +87,8 @@ for _ in range(31):
 
 
 def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    crc_a, crc_b, len_b = _crc_value(crc_a), _crc_value(crc_b), _nonneg(len_b, "len_b")
+    crc_a, crc_b = _crc_value(crc_a, "crc_a"), _crc_value(crc_b, "crc_b")
+    len_b = _nonneg(len_b, "len_b")
     if len_b == 0:
         return crc_a
     p, k = 1 << 31, 3  # x^0; multiply by x^(8 * len_b)
@@ -128,15 +110,12 @@ def cuda_available() -> bool:
 
 # ---- staging pool -------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 class StagingPool:
     def __init__(
         self, capacity_bytes: int, *, alignment: int = 4096, lock_memory: bool = False,
         register_cuda: bool = True,
     ) -> None:
-        capacity, alignment = operator.index(capacity_bytes), _nonneg(alignment, "alignment")
+        capacity, alignment = _int(capacity_bytes, "capacity_bytes"), _nonneg(alignment, "alignment")
         if capacity <= 0:
             raise ValueError("capacity_bytes must be positive")
         if alignment == 0 or alignment & (alignment - 1):
@@ -320,7 +299,7 @@ class CopyEngine:
     """Each worker copies one job at a time, chunk by chunk (ctypes.memmove drops the GIL)."""
 
     def __init__(self, num_threads: int = 2, chunk_bytes: int = 8 << 20) -> None:
-        num_threads, chunk_bytes = operator.index(num_threads), operator.index(chunk_bytes)
+        num_threads, chunk_bytes = _int(num_threads, "num_threads"), _int(chunk_bytes, "chunk_bytes")
         if not 1 <= num_threads <= 1024:
             raise ValueError(f"num_threads must be in [1, 1024], got {num_threads}")
         if chunk_bytes <= 0:
@@ -338,13 +317,17 @@ class CopyEngine:
     def submit(self, src_ptr: int, dst_ptr: int, nbytes: int, *, crc: bool = True,
                device: int = -1, stream: int = 0) -> CopyHandle:
         src, dst = _nonneg(src_ptr, "src_ptr"), _nonneg(dst_ptr, "dst_ptr")
-        nbytes = operator.index(nbytes)
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        nbytes, device = _nonneg(nbytes, "nbytes"), _int(device, "device")
+        _nonneg(stream, "stream")
+        if not -(1 << 31) <= device < 1 << 31:
+            raise OverflowError(f"device must fit in a C int, got {device}")
         if nbytes > 0 and (src == 0 or dst == 0):
             raise ValueError("src_ptr and dst_ptr must be non-null when nbytes > 0")
-        if operator.index(device) >= 0:
+        if device >= 0:
             raise RuntimeError("no CUDA driver")
+        # checked at submit, so a bad pointer is an error here, not a signal in a worker
+        check_mapped([(src, nbytes)], "CopyEngine.submit: src_ptr")
+        check_mapped([(dst, nbytes)], "CopyEngine.submit: dst_ptr")
         handle = CopyHandle(nbytes)
         with self._lock:
             if self._closed:
@@ -409,185 +392,3 @@ class CopyEngine:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
-
-
-# ---- segment files ------------------------------------------------------------------------
-
-def _items(items: Iterable[Any], n: int, shape: str) -> list[tuple[int, ...]]:
-    out = []
-    for item in items:
-        t = tuple(item)
-        if len(t) != n:
-            raise ValueError(f"segment items must be {shape}")
-        out.append(t)
-    return out
-
-
-def _pwrite_all(fd: int, mv: memoryview, off: int, path: str) -> None:
-    while mv:
-        try:
-            w = os.pwrite(fd, mv, off)
-        except OSError as e:
-            if e.errno == errno.EINVAL and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                continue  # the file system refused O_DIRECT: finish buffered
-            raise OSError(e.errno, os.strerror(e.errno), path) from None
-        if w == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        mv, off = mv[w:], off + w
-
-
-class _DirectWriter:
-    """Mirror of the native O_DIRECT writer: aligned sources go straight out, the rest
-    through a window of the file in an aligned bounce buffer, partial blocks zero-padded."""
-
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd, self.path = fd, path
-        self.buf = mmap.mmap(-1, _BOUNCE)  # page-aligned
-        self.addr = _address_of(self.buf)
-        self.active, self.start, self.len, self.end = False, 0, 0, 0
-
-    def write(self, off: int, src: int, n: int) -> None:
-        buf = self.buf
-        if self.active and off >= _align_up(self.start + self.len):
-            self.flush_tail()
-        if self.active:
-            buf[self.len:off - self.start] = bytes(off - self.start - self.len)
-            self.len = off - self.start
-        else:
-            if off % _BLOCK == 0 and src % _BLOCK == 0 and n >= _BLOCK:
-                direct = n // _BLOCK * _BLOCK
-                _pwrite_all(self.fd, memoryview(_at(src, direct)).cast("B"), off, self.path)
-                self.end = max(self.end, off + direct)
-                off, src, n = off + direct, src + direct, n - direct
-                if n == 0:
-                    return
-            self.start = off // _BLOCK * _BLOCK
-            self.len = off - self.start
-            buf[:self.len] = bytes(self.len)
-            self.active = True
-        while n:
-            take = min(n, _BOUNCE - self.len)
-            ctypes.memmove(self.addr + self.len, src, take)
-            self.len, src, n = self.len + take, src + take, n - take
-            if self.len == _BOUNCE:
-                _pwrite_all(self.fd, memoryview(buf), self.start, self.path)
-                self.end = max(self.end, self.start + _BOUNCE)
-                self.start, self.len = self.start + _BOUNCE, 0
-
-    def flush_tail(self) -> None:
-        if self.active and self.len:
-            padded = _align_up(self.len)
-            self.buf[self.len:padded] = bytes(padded - self.len)
-            _pwrite_all(self.fd, memoryview(self.buf)[:padded], self.start, self.path)
-            self.end = max(self.end, self.start + padded)
-        self.active, self.len = False, 0
-
-
-def _align_up(v: int) -> int:
-    return -(-v // _BLOCK) * _BLOCK
-
-
-def write_segment(path: str, items: list[tuple[int, int, int]], *, direct: bool = False,
-                  fsync: bool = True, crc: bool = False) -> list[int] | None:
-    parsed = []
-    for off, ptr, n in _items(items, 3, "(file_offset, src_ptr, nbytes)"):
-        off, ptr, n = _nonneg(off, "file_offset"), _nonneg(ptr, "src_ptr"), _nonneg(n, "nbytes")
-        if n > 0 and ptr == 0:
-            raise ValueError("src_ptr is 0 (null) with nbytes > 0")
-        parsed.append((off, ptr, n))
-    path = os.fsdecode(path)
-    ordered = sorted(parsed, key=lambda it: it[0])
-    size = prev_end = 0
-    for off, _, n in ordered:
-        if n and off < prev_end:
-            raise ValueError(f"segment items overlap at file offset {off}")
-        if n:
-            prev_end = off + n
-        size = max(size, off + n)
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd, is_direct = -1, False
-    try:
-        if direct:
-            try:
-                fd, is_direct = os.open(path, flags | os.O_DIRECT, 0o644), True
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-        if fd < 0:
-            fd = os.open(path, flags, 0o644)
-        written_end = 0
-        if is_direct:
-            w = _DirectWriter(fd, path)
-            for off, ptr, n in ordered:
-                if n:
-                    w.write(off, ptr, n)
-            w.flush_tail()
-            w.buf.close()
-            written_end = w.end
-        else:
-            for off, ptr, n in parsed:
-                if n:
-                    _pwrite_all(fd, memoryview(_at(ptr, n)).cast("B"), off, path)
-                    written_end = max(written_end, off + n)
-        if written_end != size:
-            os.ftruncate(fd, size)
-        if fsync:
-            os.fsync(fd)
-        fd, closing = -1, fd
-        os.close(closing)
-    except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, os.strerror(e.errno), path) from None
-        raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if not crc:
-        return None
-    return [crc32c_ptr(ptr, n) if n else 0 for _, ptr, n in parsed]
-
-
-def read_segment(path: str, items: list[tuple[int, int, int, int]]) -> list[int]:
-    parsed = []
-    for off, ptr, n, expected in _items(items, 4, "(file_offset, dst_ptr, nbytes, expected_crc)"):
-        off, ptr, n = _nonneg(off, "file_offset"), _nonneg(ptr, "dst_ptr"), _nonneg(n, "nbytes")
-        expected = operator.index(expected)
-        if n > 0 and ptr == 0:
-            raise ValueError("dst_ptr is 0 (null) with nbytes > 0")
-        if not -1 <= expected <= 0xFFFFFFFF:
-            raise ValueError("expected_crc must be -1 or in [0, 2**32)")
-        parsed.append((off, ptr, n, expected))
-    path = os.fsdecode(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        for off, _, n, _ in parsed:
-            if off + n > size:
-                raise IntegrityError(f"truncated: {path} has {size} bytes, item needs "
-                                     f"[{off}, {off + n})", path=path)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        crcs = []
-        for off, ptr, n, expected in parsed:
-            value = done = 0
-            while done < n:
-                piece = _at(ptr + done, min(_PIECE, n - done))
-                r = os.preadv(fd, [piece], off + done)
-                if r == 0:
-                    raise IntegrityError(f"truncated: {path} has {off + done} bytes, item needs "
-                                         f"[{off}, {off + n})", path=path)
-                value = google_crc32c.extend(value, _at(ptr + done, r))
-                done += r
-            if expected >= 0 and value != expected:
-                raise IntegrityError(
-                    f"crc32c mismatch in {path} at offset {off} ({n} bytes): expected "
-                    f"0x{expected:08x}, found 0x{value:08x}", path=path)
-            crcs.append(value)
-        return crcs
-    except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, os.strerror(e.errno), path) from None
-        raise
-    finally:
-        os.close(fd)

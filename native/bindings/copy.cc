@@ -89,23 +89,37 @@ Example:
     ...     h = eng.submit(src_ptr, dst_ptr, nbytes)
     ...     crc = h.result()
 )doc")
-      .def(py::init([](int num_threads, int64_t chunk_bytes) {
+      .def(py::init([](const py::object& num_threads_arg, const py::object& chunk_arg) {
+             const int64_t num_threads = int_arg(num_threads_arg, "num_threads");
+             const int64_t chunk_bytes = int_arg(chunk_arg, "chunk_bytes");
+             if (num_threads < 1 || num_threads > 1024)
+               throw py::value_error("num_threads must be in [1, 1024], got " + std::to_string(num_threads));
              if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be positive");
-             return std::make_unique<CopyEngine>(num_threads, static_cast<size_t>(chunk_bytes));
+             return std::make_unique<CopyEngine>(static_cast<int>(num_threads),
+                                                 static_cast<size_t>(chunk_bytes));
            }),
            py::arg("num_threads") = 2, py::arg("chunk_bytes") = 8 << 20)
       .def(
           "submit",
-          [](CopyEngine& e, int64_t src_ptr, int64_t dst_ptr, int64_t nbytes, bool crc, int device,
-             uint64_t stream) {
-            non_negative(src_ptr, "src_ptr");
-            non_negative(dst_ptr, "dst_ptr");
+          [](CopyEngine& e, const py::object& src_arg, const py::object& dst_arg,
+             const py::object& nbytes_arg, bool crc, const py::object& device_arg,
+             const py::object& stream_arg) {
+            const int64_t src_ptr = size_arg(src_arg, "src_ptr"), dst_ptr = size_arg(dst_arg, "dst_ptr");
+            const int64_t nbytes = size_arg(nbytes_arg, "nbytes");
+            const int64_t device = int_arg(device_arg, "device");
+            const int64_t stream = size_arg(stream_arg, "stream");
+            if (device > INT32_MAX || device < INT32_MIN) {
+              PyErr_SetString(PyExc_OverflowError,
+                              ("device must fit in a C int, got " + std::to_string(device)).c_str());
+              throw py::error_already_set();
+            }
             return Handle{e.submit(static_cast<uintptr_t>(src_ptr), static_cast<uintptr_t>(dst_ptr),
-                                   nbytes, crc, device, static_cast<uintptr_t>(stream))};
+                                   nbytes, crc, static_cast<int>(device), static_cast<uintptr_t>(stream))};
           },
           py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("nbytes"), py::kw_only(),
           py::arg("crc") = true, py::arg("device") = -1, py::arg("stream") = 0,
-          "Queues a copy of nbytes from src_ptr (a device pointer when device >= 0) to dst_ptr.")
+          "Queues a copy of nbytes from src_ptr (a device pointer when device >= 0) to dst_ptr; "
+          "OSError(EFAULT) at once when a page of a host range is not mapped.")
       .def("close", &CopyEngine::close, py::call_guard<py::gil_scoped_release>(),
            "Fails pending copies with 'engine closed' and joins the workers (idempotent).")
       .def("__enter__", [](py::object self) { return self; })

@@ -28,7 +28,57 @@ py::object error_class(const char* name) {
 
 std::string fs_path(const py::handle& path) {
   py::bytes b = py::module_::import("os").attr("fsencode")(path);
-  return std::string(b);
+  std::string s(b);
+  if (s.find('\0') != std::string::npos)
+    throw py::value_error("path contains a NUL byte: " + py::repr(path).cast<std::string>());
+  return s;
+}
+
+namespace {
+
+// The integer value of v (operator.index), and whether it fits in a long long.
+long long index_value(const py::handle& v, bool& fits) {
+  auto i = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  fits = overflow == 0;
+  return x;
+}
+
+std::string index_repr(const py::handle& v) {
+  return py::str(py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr())));
+}
+
+}  // namespace
+
+int64_t int_arg(const py::handle& v, const char* name) {
+  bool fits;
+  const long long x = index_value(v, fits);
+  if (!fits) {
+    PyErr_SetString(PyExc_OverflowError, (std::string(name) + " must fit in a signed 64-bit integer, got " +
+                                          index_repr(v)).c_str());
+    throw py::error_already_set();
+  }
+  return x;
+}
+
+int64_t size_arg(const py::handle& v, const char* name) { return non_negative(int_arg(v, name), name); }
+
+bool crc_value(const py::handle& v, uint32_t& out) {
+  bool fits;
+  const long long x = index_value(v, fits);
+  if (!fits || x < 0 || x > 0xFFFFFFFFll) return false;
+  out = static_cast<uint32_t>(x);
+  return true;
+}
+
+uint32_t crc_arg(const py::handle& v, const char* name) {
+  uint32_t out = 0;
+  if (!crc_value(v, out))
+    throw py::value_error(std::string(name) + " must be a 32-bit CRC in [0, 2**32), got " + index_repr(v));
+  return out;
 }
 
 py::object fs_decode(const std::string& path) {
@@ -51,7 +101,8 @@ void translate(std::exception_ptr p) {
     if (e.path().empty()) {
       PyErr_SetObject(os_error.ptr(), py::make_tuple(e.err(), e.what()).ptr());
     } else {  // OSError(errno, strerror, filename) picks the subclass (FileNotFoundError...)
-      set_error(os_error(e.err(), std::strerror(e.err()), fs_decode(e.path())));
+      const std::string reason = e.reason().empty() ? std::strerror(e.err()) : e.reason();
+      set_error(os_error(e.err(), reason, fs_decode(e.path())));
     }
   } catch (const recoverkit::IntegrityFailure& e) {
     py::dict kw;

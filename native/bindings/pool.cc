@@ -39,10 +39,11 @@ Example:
     ...     pool.view(off, 100)[:3] = b"abc"
     ...     pool.free(off)
 )doc")
-      .def(py::init([](int64_t capacity_bytes, int64_t alignment, bool lock_memory,
-                       bool register_cuda) {
+      .def(py::init([](const py::object& capacity_arg, const py::object& alignment_arg,
+                       bool lock_memory, bool register_cuda) {
+             const int64_t capacity_bytes = int_arg(capacity_arg, "capacity_bytes");
              if (capacity_bytes <= 0) throw py::value_error("capacity_bytes must be positive");
-             non_negative(alignment, "alignment");
+             const int64_t alignment = size_arg(alignment_arg, "alignment");
              py::gil_scoped_release release;  // mmap + mlock of a large arena takes a while
              return std::make_unique<StagingPool>(static_cast<size_t>(capacity_bytes),
                                                   static_cast<size_t>(alignment), lock_memory,
@@ -51,18 +52,17 @@ Example:
            py::arg("capacity_bytes"), py::kw_only(), py::arg("alignment") = 4096,
            py::arg("lock_memory") = false, py::arg("register_cuda") = true)
       .def("alloc",
-           [](StagingPool& p, int64_t nbytes) { return p.alloc(non_negative(nbytes, "nbytes")); },
+           [](StagingPool& p, const py::object& nbytes) { return p.alloc(size_arg(nbytes, "nbytes")); },
            py::arg("nbytes"), "Offset of a free range of round_up(max(nbytes, 1), alignment) bytes.")
-      .def("free", [](StagingPool& p, int64_t offset) { p.free(non_negative(offset, "offset")); },
+      .def("free", [](StagingPool& p, const py::object& offset) { p.free(size_arg(offset, "offset")); },
            py::arg("offset"), "Returns the range at `offset` to the free list.")
       .def("address",
-           [](StagingPool& p, int64_t offset) { return p.address(non_negative(offset, "offset")); },
+           [](StagingPool& p, const py::object& offset) { return p.address(size_arg(offset, "offset")); },
            py::arg("offset"), "The memory address of `offset`.")
       .def(
           "view",
-          [](StagingPool& p, int64_t offset, int64_t nbytes) {
-            non_negative(offset, "offset");
-            non_negative(nbytes, "nbytes");
+          [](StagingPool& p, const py::object& offset_arg, const py::object& nbytes_arg) {
+            const int64_t offset = size_arg(offset_arg, "offset"), nbytes = size_arg(nbytes_arg, "nbytes");
             auto arena = p.arena_for(static_cast<size_t>(offset), static_cast<size_t>(nbytes));
             PoolView v{arena, arena->data() + offset, static_cast<size_t>(nbytes)};
             return py::memoryview(py::cast(std::move(v)));

@@ -13,6 +13,7 @@
 #include "recoverkit/crc32c.h"
 #include "recoverkit/cuda_copy.h"
 #include "recoverkit/errors.h"
+#include "recoverkit/mem_check.h"
 
 namespace recoverkit {
 namespace {
@@ -115,6 +116,10 @@ std::shared_ptr<CopyJob> CopyEngine::submit(uintptr_t src, uintptr_t dst, int64_
   if (nbytes > 0 && (src == 0 || dst == 0))
     throw InvalidArgument("src_ptr and dst_ptr must be non-null when nbytes > 0");
   if (device_ordinal >= 0 && CudaDriver::get() == nullptr) throw CudaFailure("no CUDA driver");
+  // Host ranges are checked here, so a bad pointer is an error of submit, not a signal in
+  // a worker (a device source is the driver's to check: the copy fails with its error).
+  if (device_ordinal < 0) check_mapped(src, static_cast<uint64_t>(nbytes), "CopyEngine.submit: src_ptr");
+  check_mapped(dst, static_cast<uint64_t>(nbytes), "CopyEngine.submit: dst_ptr");
   auto job = std::make_shared<CopyJob>();
   job->src_ = reinterpret_cast<const uint8_t*>(src);
   job->dst_ = reinterpret_cast<uint8_t*>(dst);

@@ -13,9 +13,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 
 #include "recoverkit/crc32c.h"
 #include "recoverkit/errors.h"
+#include "recoverkit/mem_check.h"
 #include "recoverkit/write_queue.h"
 
 namespace recoverkit {
@@ -26,6 +28,7 @@ constexpr size_t kBounceBytes = 8 << 20;    // O_DIRECT bounce window, and bytes
 constexpr size_t kBounceCount = 3;          // one being filled while two are written
 constexpr int kWriters = 2;                 // writes in flight (the disk's queue depth)
 constexpr size_t kPiece = 1 << 20;          // checksum then write/read while still in cache
+constexpr uint64_t kMaxOff = INT64_MAX;     // the largest off_t
 
 [[noreturn]] void throw_os(int err, const std::string& path, const char* what) {
   throw OsError(err, path, std::string(what) + " " + path + ": " + std::strerror(err));
@@ -146,20 +149,85 @@ class DirectWriter {
   uint64_t start_ = 0, len_ = 0, end_ = 0;
 };
 
+const char* file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISLNK(mode)) return "a symbolic link";
+  return "a special file";
+}
+
+constexpr const char* kLinkReason = "is a symbolic link (recoverkit never opens a file through a link)";
+constexpr const char* kSpecialReason = "is a FIFO, socket or device, not a regular file";
+
+// Opens (creating, mode 0644) a regular file to rewrite, never through a symlink, never
+// blocking on a FIFO, never truncating anything but a regular file with no other name:
+// the checks run on the open descriptor, then it is emptied.
 int open_for_write(const std::string& path, bool direct, bool& is_direct) {
-  const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+  const int flags = O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY;
   is_direct = false;
+  Fd fd;
   if (direct) {
-    const int fd = ::open(path.c_str(), flags | O_DIRECT, 0644);
-    if (fd >= 0) {
+    fd.fd = ::open(path.c_str(), flags | O_DIRECT, 0644);
+    if (fd.fd >= 0) {
       is_direct = true;
-      return fd;
+    } else if (errno != EINVAL) {
+      const int err = errno;
+      if (err != ELOOP && err != ENXIO) throw_os(err, path, "open");
     }
-    if (errno != EINVAL) throw_os(errno, path, "open");
   }
-  const int fd = ::open(path.c_str(), flags, 0644);
-  if (fd < 0) throw_os(errno, path, "open");
-  return fd;
+  if (fd.fd < 0) fd.fd = ::open(path.c_str(), flags, 0644);
+  if (fd.fd < 0) {
+    const int err = errno;
+    if (err == ELOOP) throw OsError(err, path, "open " + path + ": " + kLinkReason, kLinkReason);
+    if (err == ENXIO) throw OsError(err, path, "open " + path + ": " + kSpecialReason, kSpecialReason);
+    throw_os(err, path, "open");
+  }
+  struct stat st;
+  if (::fstat(fd.fd, &st) != 0) throw_os(errno, path, "fstat");
+  if (!S_ISREG(st.st_mode)) {
+    const std::string why = std::string("is ") + file_kind(st.st_mode) + ", not a regular file";
+    throw OsError(EINVAL, path, "open " + path + ": " + why, why);
+  }
+  if (st.st_nlink > 1) {
+    const std::string why = "has " + std::to_string(st.st_nlink) +
+                            " hard links; refusing to rewrite a file that other names share";
+    throw OsError(EMLINK, path, "open " + path + ": " + why, why);
+  }
+  const int fl = ::fcntl(fd.fd, F_GETFL);
+  if (fl < 0 || ::fcntl(fd.fd, F_SETFL, fl & ~O_NONBLOCK) != 0) throw_os(errno, path, "fcntl");
+  if (st.st_size != 0) {
+    int rc;
+    do rc = ::ftruncate(fd.fd, 0);
+    while (rc != 0 && errno == EINTR);
+    if (rc != 0) throw_os(errno, path, "ftruncate");
+  }
+  const int out = fd.fd;
+  fd.fd = -1;
+  return out;
+}
+
+// Opens a segment file to read: a symlink, a FIFO, a device or anything else that is not a
+// regular file is a damaged checkpoint (IntegrityFailure), and nothing blocks.
+int open_for_read(const std::string& path, uint64_t& size) {
+  Fd fd;
+  fd.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+  if (fd.fd < 0) {
+    const int err = errno;
+    if (err == ELOOP) throw IntegrityFailure(path, path + " " + kLinkReason);
+    if (err == ENXIO) throw IntegrityFailure(path, path + " " + kSpecialReason);
+    throw_os(err, path, "open");
+  }
+  struct stat st;
+  if (::fstat(fd.fd, &st) != 0) throw_os(errno, path, "fstat");
+  if (!S_ISREG(st.st_mode))
+    throw IntegrityFailure(path, path + " is " + file_kind(st.st_mode) + ", not a regular file");
+  size = static_cast<uint64_t>(st.st_size);
+  const int out = fd.fd;
+  fd.fd = -1;
+  return out;
 }
 
 }  // namespace
@@ -172,14 +240,23 @@ std::vector<uint32_t> write_segment(const std::string& path, const std::vector<W
     return items[a].file_offset < items[b].file_offset;
   });
   uint64_t size = 0, prev_end = 0;
+  std::vector<MemRange> sources;
+  sources.reserve(items.size());
   for (size_t i : order) {
     const auto& it = items[i];
+    if (it.file_offset > kMaxOff || it.nbytes > kMaxOff - it.file_offset)
+      throw std::overflow_error("segment item [" + std::to_string(it.file_offset) + ", +" +
+                                std::to_string(it.nbytes) + ") ends past the largest file offset");
     if (it.nbytes && it.src == nullptr) throw InvalidArgument("segment item with a null src_ptr");
     if (it.nbytes && it.file_offset < prev_end)
       throw InvalidArgument("segment items overlap at file offset " + std::to_string(it.file_offset));
-    if (it.nbytes) prev_end = it.file_offset + it.nbytes;
+    if (it.nbytes) {
+      prev_end = it.file_offset + it.nbytes;
+      sources.push_back({reinterpret_cast<uintptr_t>(it.src), it.nbytes});
+    }
     size = std::max<uint64_t>(size, it.file_offset + it.nbytes);
   }
+  check_mapped(sources, ("write_segment " + path + ": src_ptr").c_str());
 
   std::vector<uint32_t> crcs(want_crc ? items.size() : 0, 0);
   bool is_direct = false;
@@ -208,8 +285,10 @@ std::vector<uint32_t> write_segment(const std::string& path, const std::vector<W
       } else {
         for (uint64_t done = 0; done < it.nbytes; done += kPiece) {
           const uint64_t take = std::min<uint64_t>(kPiece, it.nbytes - done);
-          crcs[i] = crc32c_extend(crcs[i], src + done, take);
+          // The kernel reads the piece first (EFAULT, not a signal, for an unreadable
+          // source); the checksum then reads it from the cache.
           pwrite_all(fd.fd, src + done, take, it.file_offset + done, path);
+          crcs[i] = crc32c_extend(crcs[i], src + done, take);
         }
       }
       written_end = std::max<uint64_t>(written_end, it.file_offset + it.nbytes);
@@ -227,25 +306,27 @@ std::vector<uint32_t> write_segment(const std::string& path, const std::vector<W
 }
 
 std::vector<uint32_t> read_segment(const std::string& path, const std::vector<ReadItem>& items) {
+  std::vector<MemRange> dsts;
+  dsts.reserve(items.size());
   for (const auto& it : items) {
+    if (it.file_offset > kMaxOff || it.nbytes > kMaxOff)
+      throw std::overflow_error("segment item [" + std::to_string(it.file_offset) + ", +" +
+                                std::to_string(it.nbytes) + ") is past the largest file offset");
     if (it.nbytes && it.dst == nullptr) throw InvalidArgument("segment item with a null dst_ptr");
-    if (it.expected_crc < -1 || it.expected_crc > 0xFFFFFFFFll)
-      throw InvalidArgument("expected_crc must be -1 or a 32-bit value");
+    if (it.nbytes) dsts.push_back({reinterpret_cast<uintptr_t>(it.dst), it.nbytes});
   }
   Fd fd;
-  fd.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd.fd < 0) throw_os(errno, path, "open");
-  struct stat st;
-  if (::fstat(fd.fd, &st) != 0) throw_os(errno, path, "fstat");
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  uint64_t size = 0;
+  fd.fd = open_for_read(path, size);
   auto truncated = [&](const ReadItem& it, uint64_t have) {
     return IntegrityFailure(path, "truncated: " + path + " has " + std::to_string(have) +
                                       " bytes, item needs [" + std::to_string(it.file_offset) +
                                       ", " + std::to_string(it.file_offset + it.nbytes) + ")");
   };
-  for (const auto& it : items) {
-    if (it.file_offset + it.nbytes > size) throw truncated(it, size);
+  for (const auto& it : items) {  // every region inside the file before any byte is read
+    if (it.nbytes > size || it.file_offset > size - it.nbytes) throw truncated(it, size);
   }
+  check_mapped(dsts, ("read_segment " + path + ": dst_ptr").c_str());
   ::posix_fadvise(fd.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 
   std::vector<uint32_t> crcs;
@@ -265,10 +346,10 @@ std::vector<uint32_t> read_segment(const std::string& path, const std::vector<Re
       crc = crc32c_extend(crc, dst + done, static_cast<size_t>(r));
       done += static_cast<uint64_t>(r);
     }
-    if (it.expected_crc >= 0 && crc != static_cast<uint32_t>(it.expected_crc)) {
+    if (crc != it.expected_crc) {
       char msg[160];
       std::snprintf(msg, sizeof msg, " at offset %" PRIu64 " (%" PRIu64 " bytes): expected 0x%08x, found 0x%08x",
-                    it.file_offset, it.nbytes, static_cast<uint32_t>(it.expected_crc), crc);
+                    it.file_offset, it.nbytes, it.expected_crc, crc);
       throw IntegrityFailure(path, "crc32c mismatch in " + path + msg);
     }
     crcs.push_back(crc);

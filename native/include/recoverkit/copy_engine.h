@@ -87,8 +87,10 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
-  // Queues a copy. Throws InvalidArgument for bad arguments or a closed engine, and
-  // CudaFailure ("no CUDA driver", or a failed event record) for device sources.
+  // Queues a copy. Throws InvalidArgument for bad arguments or a closed engine, OsError(EFAULT)
+  // when a page of a host range (dst, and src unless it is a device pointer) is not mapped
+  // (see mem_check.h for what stays the caller's contract), and CudaFailure ("no CUDA
+  // driver", or a failed event record) for device sources.
   std::shared_ptr<CopyJob> submit(uintptr_t src, uintptr_t dst, int64_t nbytes, bool crc,
                                   int device, uintptr_t stream);
   // Fails queued work with "engine closed", joins the workers, frees CUDA resources.

@@ -9,17 +9,22 @@
 
 namespace recoverkit {
 
-// A failed system call: becomes OSError(errno, strerror(errno), path).
+// A failed system call: becomes OSError(errno, strerror(errno), path), or
+// OSError(errno, what) without a path. A non-empty `reason` replaces strerror(errno) in
+// the Python exception (a refusal the kernel did not phrase: "is a FIFO, not a regular
+// file").
 class OsError : public std::runtime_error {
  public:
-  OsError(int err, std::string path, const std::string& what)
-      : std::runtime_error(what), err_(err), path_(std::move(path)) {}
+  OsError(int err, std::string path, const std::string& what, std::string reason = {})
+      : std::runtime_error(what), err_(err), path_(std::move(path)), reason_(std::move(reason)) {}
   int err() const noexcept { return err_; }
   const std::string& path() const noexcept { return path_; }
+  const std::string& reason() const noexcept { return reason_; }
 
  private:
   int err_;
   std::string path_;
+  std::string reason_;
 };
 
 // Bytes read back are truncated or do not match their checksum: becomes IntegrityError.
