@@ -399,6 +399,9 @@ def _watch(pid: int, timeout_s: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------- in the child
 def _child(req: dict[str, Any]) -> int:
     """One entry point, stdout/stderr to files; returns the exit code."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the runner
     resource.setrlimit(resource.RLIMIT_AS, (req["as_limit"], req["as_limit"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     null = os.open(os.devnull, os.O_RDONLY)

@@ -107,6 +107,7 @@ def _nbytes(n: int) -> Callable[[Case, dict[str, Any]], None]:
 
 edit("scalar-with-4mb-region", _scalar_4mb)
 edit("scalar-shards-in-1d", _bias_scalars([0, 1, 2]))
+edit("scalar-shard-heap-offset", _bias_scalars([0, 1, 8]))  # 20 bytes past a 12-byte buffer: heap corruption
 edit("scalar-shard-far-offset", _bias_scalars([0, 1, 1 << 20]))
 edit("offsets-rank-differs", setw(offsets=[0]))
 edit("shard-rank-differs", lambda c, b: weight(c, b).update(offsets=[0], shape=[12]))
@@ -224,8 +225,13 @@ def _duplicate_keys(c: Case) -> None:
 
 @attack("deep-nesting")
 def _deep(c: Case) -> None:
-    text = json.dumps(c.load(), indent=1)
-    _raw(c, text.replace('"user_meta": {}', '"user_meta": ' + "[" * 100_000 + "]" * 100_000))
+    """user_meta nested 100,000 lists deep, correctly signed (the CRC is over the text)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    body = {**c.load(), "user_meta": "@DEEP@"}
+    body.pop("checksum")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).replace('"@DEEP@"', deep)
+    body["checksum"] = f"0x{crc(canonical.encode()):08x}"
+    _raw(c, json.dumps(body, indent=1).replace('"@DEEP@"', deep))
 
 
 edit("step-string", lambda c, b: b.update(step="2"))
@@ -385,6 +391,7 @@ def test_damaged_newest_step(runners: Any, case: Case, name: str, entry: str) ->
     o = run_entry(runners, case, entry, step=2)
     assert_survived(o)
     assert_no_canary_in([case.out])
+    assert "manifest checksum mismatch" not in f"{o.stdout}{o.stderr}{o.result}", f"attack not re-signed: {o}"
     vanish = name in MAY_VANISH
     if entry.startswith("restore"):
         r = o.result
@@ -550,6 +557,19 @@ def test_leftover_symlinks_gc(runners: Any, case: Case) -> None:
     assert_survived(o)
     assert o.returncode == 0, str(o)
     _links_gone_targets_kept(links, targets)
+
+
+def test_resigned_manifest_is_accepted(runners: Any, case: Case) -> None:
+    """The attacks re-sign the way readers check: an edit that changes nothing that matters
+    (user_meta) is restored and verifies, so every refusal above is the reader's own."""
+    b = case.load()
+    b["user_meta"] = {"edited": True}
+    case.store(b)
+    o = runners().restore(case.root, case.ref, cwd=case.dir)
+    assert_survived(o)
+    assert o.result["error"] is None and o.result["step"] == 2 and o.result["holds"] == ["2"], str(o)
+    v = runners().cli("verify", case.root, "--json", cwd=case.dir)
+    assert v.returncode == 0 and _json(v)["ok"], str(v)
 
 
 def test_canary_copy_really_verifies(base: Base, tmp_path: Any) -> None:

@@ -123,6 +123,7 @@ def test_mutated_manifest_is_restored_or_skipped_and_verify_agrees(base: Base, r
 
         o = runner.restore(c.root, c.ref, cwd=c.dir)
         assert_survived(o)
+        assert "manifest checksum mismatch" not in str(o.result), f"the mutation was not re-signed: {o}\n{note}"
         r = o.result
         if r["error"] is not None:
             assert r["error"]["type"] in ("IncompatibleCheckpointError", "PickleNotAllowedError"), f"{o}\n{note}"
