@@ -100,14 +100,16 @@ def plan_save(
         sub, refs = flatten(captured, prefix=name)
         skeleton[name] = sub
         stored: dict[str, str] = {}  # this entry's first occurrences: flatten key -> stored key
+        firsts: dict[str, torch.Tensor] = {}
         track = across is not None and name != RNG_KEY
         for ref in refs:
             t = ref.tensor.detach()
-            if ref.alias_of is not None:
+            if ref.alias_of is not None and _same_bits(firsts[ref.alias_of], ref.tensor):
                 key = f"{prefix}/{ref.key}" if local else ref.key
                 target = stored.get(ref.alias_of, ref.alias_of)
                 plan.aliases[key] = TensorRecord(key, dtype_name(t.dtype), tuple(t.shape), alias_of=target)
                 continue
+            firsts[ref.key] = ref.tensor
             s = sharded.get(id(ref.tensor))
             if s is not None:
                 stored[ref.key] = ref.key
@@ -174,6 +176,12 @@ def _identity(t: torch.Tensor) -> tuple[Any, ...]:
     if ptr == 0 or t.device.type == "meta":
         return ("object", id(t))
     return ("view", ptr, t.device, t.dtype, tuple(t.shape), t.stride(), t.is_conj(), t.is_neg())
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of the same memory also read the same values: a lazy conjugate or
+    negative view (``t.conj()``) shares everything with ``t`` but its values."""
+    return a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg()
 
 
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})

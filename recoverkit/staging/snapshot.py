@@ -243,7 +243,7 @@ def _bytes_of(src: torch.Tensor) -> torch.Tensor:
     """A shard's bytes as a 1-D uint8 CPU tensor (copied to the CPU / made contiguous if needed)."""
     if not (src.is_cpu and src.is_contiguous() and not src.is_conj() and not src.is_neg()):
         src = src.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    flat = src.reshape(-1)
+    flat = src if src.dim() == 1 else src.reshape(-1)
     if flat.dtype == torch.uint8:
         return flat
     try:

@@ -26,7 +26,7 @@ def stage_now(p: PlannedShard) -> ShardData:
     if src.is_cpu and src.layout == _STRIDED and src.is_contiguous() and not src.is_conj() and not src.is_neg():
         # the common case, without to_bytes_view's checks: the planner already refused
         # dtypes that cannot be stored, and a contiguous CPU tensor views as bytes
-        flat = src.reshape(-1)
+        flat = src if src.dim() == 1 else src.reshape(-1)
         try:
             data = flat if flat.dtype == _UINT8 else flat.view(_UINT8)
         except RuntimeError:  # pragma: no cover - a dtype without a byte view

@@ -79,3 +79,17 @@ def test_random_states_are_never_aliased():
     plan = plan_save({"a": torch.ones(2)}, capture_rng=True)
     rng = [p.key for p in plan.shards if p.key.startswith("__rng__")]
     assert rng and not any(k.startswith("__rng__") for k in plan.aliases)
+
+
+def test_a_lazy_conjugate_view_is_not_an_alias(tmp_path):
+    from recoverkit import Checkpointer
+
+    t = torch.randn(3, dtype=torch.complex64)
+    plan = plan_save({"m": {"a": t, "b": t.conj(), "c": t}}, capture_rng=False)
+    assert _stored(plan) == ["m/a", "m/b"]
+    assert {k: r.alias_of for k, r in plan.aliases.items()} == {"m/c": "m/a"}
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, {"m": {"a": t, "b": t.conj()}})
+        state = {"m": None}
+        ckpt.restore(state)
+    assert torch.equal(state["m"]["b"], t.conj()) and torch.equal(state["m"]["a"], t)
