@@ -14,6 +14,7 @@ from ..errors import PickleNotAllowedError
 from ..format.checksum import hexcrc
 from ..format.manifest import Manifest
 from ..restore.export import Source, read_blob
+from ..restore.reader import check_blob
 from ..state import TensorLeaf, decode
 from .common import (
     EXIT_CODES_EPILOG,
@@ -58,6 +59,7 @@ def inspect(ckpt: str, step: int | str | None, shards: bool, rank: int, allow_pi
     s, manifest = pick_step(loc, step)
     src = Source(loc.tier, s, manifest)
     raw = read_blob(src, rank)
+    check_blob(manifest, rank, raw)  # a tree that does not decode, or names a missing tensor, is damage
     if as_json:
         emit_json(_as_json(src, raw, rank))
         return

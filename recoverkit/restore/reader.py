@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from ..dist.sharded import ShardedTensor, local_prefix
-from ..errors import IncompatibleCheckpointError, IntegrityError
+from ..errors import IncompatibleCheckpointError, IntegrityError, PickleNotAllowedError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
 from ..storage.base import Tier
 
-__all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank"]
+__all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank", "resolve_record", "check_blob"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -163,8 +163,27 @@ def resolve_record(manifest: Manifest, key: str, rank: int = 0) -> TensorRecord:
         seen.add(rec.key)
         rec = manifest.tensors.get(rec.alias_of)
     if rec is None or rec.alias_of is not None:
-        raise IncompatibleCheckpointError(f"step {manifest.step}: tensor {key!r} is not in the manifest")
+        raise IntegrityError(
+            f"step {manifest.step}: the object state refers to tensor {key!r}, which is not in the manifest"
+        )
     return rec
+
+
+def check_blob(manifest: Manifest, rank: int, data: bytes) -> None:
+    """Raise IntegrityError unless ``data``, rank ``rank``'s verified blob, decodes and every
+    tensor it refers to is in the manifest. Nothing is unpickled: a ``$pickle`` node is
+    accepted (unchecked) only in a step that records ``pickled``."""
+    try:
+        tree = decode(data, allow_pickle=False)
+    except PickleNotAllowedError:
+        if not manifest.pickled:
+            raise IntegrityError(
+                f"step {manifest.step}: the object state of rank {rank} holds a pickled value, "
+                "but the manifest says it holds none"
+            ) from None
+        return
+    for key in set(tensor_leaves(tree)):
+        resolve_record(manifest, key, rank)
 
 
 def _intersect(a: Box, b: Box) -> Box | None:

@@ -12,9 +12,7 @@ the bytes checked so far, for progress bars.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +21,9 @@ from ..errors import CheckpointNotFoundError, IncompatibleCheckpointError, Integ
 from ..format.checksum import crc32c, hexcrc
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..storage.base import ReadableTier
+from ..storage.fs import open_regular
 from ..storage.local import LocalTier
+from .reader import check_blob
 
 __all__ = ["Fault", "StepReport", "VerifyReport", "verify_steps", "verify_step", "step_bytes"]
 
@@ -137,7 +137,23 @@ def verify_step(tier: ReadableTier, step: int, *, progress: Progress | None = No
         fault = checker(rec, item)
         if fault is not None:
             report.faults.append(fault)
+    _check_blobs(tier, step, manifest, report)
     return report
+
+
+def _check_blobs(tier: ReadableTier, step: int, manifest: Manifest, report: StepReport) -> None:
+    """Every blob whose bytes passed must also decode, naming only tensors the step holds."""
+    damaged = {f.item for f in report.faults}
+    for b in manifest.blobs:
+        item = f"object state (blob) of rank {b.rank}"
+        if item in damaged:
+            continue
+        buf = bytearray(b.nbytes)  # bounded: validated against the file's real size
+        try:
+            tier.read(step, [(b, buf)])
+            check_blob(manifest, b.rank, bytes(buf))
+        except (IntegrityError, OSError) as e:
+            report.faults.append(Fault(step, f"{report.where}/{b.file}", item, "an object tree that decodes", str(e)))
 
 
 def _load_manifest(tier: ReadableTier, step: int, report: StepReport) -> Manifest | None:
@@ -166,7 +182,7 @@ def _check_sizes(tier: LocalTier, step: int, manifest: Manifest, report: StepRep
         path = os.path.join(where, name)
         try:
             found = tier.fs.size(path)
-        except OSError as e:  # not a regular file (a symlink, a FIFO, ...)
+        except (OSError, IntegrityError) as e:  # not a regular file (a symlink, a FIFO, ...)
             report.faults.append(Fault(step, path, "file", f"{size} bytes", str(e)))
             continue
         if found is None:
@@ -196,10 +212,10 @@ def _local_checker(
     def check(rec: BlobRecord | ShardRecord, item: str) -> Fault | None:
         path = os.path.join(where, rec.file)
         try:
-            fd = _open_regular(path)
-        except OSError as e:
+            fd, _ = open_regular(path, os.O_RDONLY, _refuse)
+        except (OSError, IntegrityError) as e:
             _advance(progress, rec.nbytes)
-            return Fault(step, path, item, f"crc32c {hexcrc(rec.crc32c)}", f"unreadable ({e.strerror or e})")
+            return Fault(step, path, item, f"crc32c {hexcrc(rec.crc32c)}", f"unreadable ({e})")
         try:
             crc, got = 0, 0
             while got < rec.nbytes:
@@ -238,13 +254,8 @@ def _tier_checker(
     return check
 
 
-def _open_regular(path: str) -> int:
-    """A read-only descriptor of a regular file: no symlink followed, no FIFO waited on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"{path} is not a regular file")
-    return fd
+def _refuse(path: str, kind: str) -> IntegrityError:
+    return IntegrityError(f"{path} is {kind}, not a regular file", path=path)
 
 
 def _advance(progress: Progress | None, n: int) -> None:

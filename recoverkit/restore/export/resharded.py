@@ -18,7 +18,7 @@ from ...format.segment import plan_offsets, segment_name
 from ...state import dtype_from_name, to_bytes_view
 from ...storage.local import LocalTier
 from ...storage.lock import RunLock
-from ..reader import _numel, read_region
+from ..reader import _numel, check_blob, read_region
 from .common import ExportResult, Progress, Source, _note, _pwrite_all
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
@@ -137,6 +137,7 @@ def _write_rank_segment(
     blob_src = blobs[rank] if rank in blobs else blobs[0]
     blob = bytearray(blob_src.nbytes)
     src.tier.read(src.step, [(blob_src, blob)])
+    check_blob(src.manifest, blob_src.rank, bytes(blob))  # never re-sign what does not decode
     itemsize = {p.key: dtype_from_name(p.rec.dtype).itemsize for p in pieces}
     sizes = [len(blob)] + [_numel(p.box[1]) * itemsize[p.key] for p in pieces]
     offsets, end = plan_offsets(sizes)
