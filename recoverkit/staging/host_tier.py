@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, hexcrc
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
-from ..storage.base import ReadableTier
+from ..storage.base import Buffer, ReadableTier, destination
 from .pipeline import AsyncPipeline
 
 __all__ = ["HostTier"]
@@ -50,12 +50,13 @@ class HostTier(ReadableTier):
         blob = BlobRecord(0, _BLOB, 0, len(snap.blob), crc32c(snap.blob))
         return Manifest(step=step, run_id=self.run_id, world_size=1, tensors=tensors, blobs=(blob,))
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
         """Copy each region out with the copy engine (its threads, CRC on the fly: one pass
         over the bytes) and check every CRC against the one computed while staging."""
         snap = self._snap(step)
         copies = []
-        for rec, ptr in requests:
+        for rec, buf in requests:
+            ptr = destination(buf, rec.nbytes, f"host snapshot of step {step}")
             if rec.nbytes == 0:
                 continue
             if rec.file == _BLOB:
