@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .fs import LocalFS
+from .fs import DEFAULT_MAX_READ_BYTES, LocalFS
 
 __all__ = ["PHASES", "FaultInjector", "FaultyFS"]
 
@@ -125,9 +125,21 @@ class FaultyFS(LocalFS):
         self.faults.on_op("makedirs", path)
         self.inner.makedirs(path)
 
-    def write_file(self, path: str, data: bytes) -> None:
+    def mkdir(self, path: str) -> None:
+        self.faults.on_op("mkdir", path)
+        self.inner.mkdir(path)
+
+    def write_file(self, path: str, data: bytes, *, new: bool = False) -> None:
         self.faults.on_op("write_file", path)
-        self.inner.write_file(path, data)
+        self.inner.write_file(path, data, new=new)
+
+    def read_file(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+        self.faults.on_op("read_file", path)
+        return self.inner.read_file(path, max_bytes=max_bytes)
+
+    def remove(self, path: str) -> None:
+        self.faults.on_op("remove", path)
+        self.inner.remove(path)
 
     def rename(self, src: str, dst: str) -> None:
         self.faults.on_op("rename", dst)

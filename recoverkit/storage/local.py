@@ -67,7 +67,7 @@ class LocalTier(Tier):
     def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
         self.fs.makedirs(self.root)
         staging = os.path.join(self.root, f"{TMP_PREFIX}{step_dirname(step)}-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(staging)
+        self.fs.mkdir(staging)  # a new directory of our own, never a name someone planted
         return staging
 
     def _here(self, staging: str) -> str:
@@ -113,7 +113,7 @@ class LocalTier(Tier):
         here = [f for f in sorted(manifest.files) if self.fs.size(os.path.join(staging, f)) is not None]
         if len(here) < len(manifest.files):  # node-local disks: the other hosts hold the rest
             manifest = dataclasses.replace(manifest, held=tuple(here))
-        self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
+        self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes(), new=True)
         self.fs.fsync_dir(staging)
         self.faults.reached("after_manifest", step=step, rank=rank)
         final = self._step_dir(step)
@@ -139,7 +139,8 @@ class LocalTier(Tier):
     def _write_latest(self, step: int) -> None:
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}")
         try:
-            self.fs.write_file(tmp, (step_dirname(step) + "\n").encode())
+            self.fs.write_file(tmp, (step_dirname(step) + "\n").encode(), new=True)
+            # rename replaces whatever has the name `latest` (a planted symlink itself, not its target)
             self.fs.replace(tmp, os.path.join(self.root, LATEST))
         except OSError:
             try:  # leave no temporary bytes behind (start-up cleanup would find them later)
@@ -151,22 +152,34 @@ class LocalTier(Tier):
 
     # ----------------------------------------------------------------- reading
     def steps(self) -> list[int]:
-        if not self.fs.is_dir(self.root):
+        """Committed steps: real ``step-*`` directories holding a regular ``manifest.json``.
+
+        Nothing is opened and nothing is followed: a symlink named like a step (to a
+        directory anywhere), a foreign file, or a step whose manifest is a symlink, FIFO or
+        other special file is not a step, so discovery never reads outside the root or
+        blocks. (The root itself may be a symlink: it is the user's.)
+        """
+        if not self.fs.is_dir(self.root, follow_symlinks=True):
             return []
         found = []
         for name in self.fs.listdir(self.root):
             step = parse_step_dirname(name)
+            if step is None:
+                continue
             path = os.path.join(self.root, name)
-            # a foreign *file* named like a step is not a step (stat inside it: ENOTDIR)
-            if step is not None and self.fs.is_dir(path) and self.fs.size(os.path.join(path, MANIFEST_NAME)) is not None:
+            if self.fs.is_dir(path) and self.fs.is_file(os.path.join(path, MANIFEST_NAME)):
                 found.append(step)
         return sorted(found)
 
     def latest_hint(self) -> int | None:
-        """The step ``latest`` names (a hint; discovery scans and verifies)."""
-        try:
-            text = self.fs.read_file(os.path.join(self.root, LATEST)).decode().strip()
-        except (OSError, UnicodeDecodeError):
+        """The step ``latest`` names (a hint; discovery scans and verifies).
+
+        None when ``latest`` is missing, unreadable, not a regular file (a FIFO is never
+        waited on, a symlink never followed), longer than a step name could be, or garbage.
+        """
+        try:  # `latest` holds one step directory name: 4 KiB is plenty
+            text = self.fs.read_file(os.path.join(self.root, LATEST), max_bytes=4096).decode().strip()
+        except (OSError, ValueError):  # IntegrityError and UnicodeDecodeError are ValueErrors
             return None
         return parse_step_dirname(text)
 
@@ -195,24 +208,32 @@ class LocalTier(Tier):
         self._unpublish(self._step_dir(step))
 
     def _unpublish(self, path: str) -> None:
-        """Make a step unselectable with one rename, then delete its bytes."""
+        """Make a step unselectable with one rename, then delete its bytes.
+
+        Only a name directly in the root is renamed (the rename moves a symlink itself), and
+        :meth:`LocalFS.remove_tree` unlinks a symlink without touching its target: a step
+        name planted as a symlink never leads a deletion out of the root.
+        """
+        if os.path.dirname(path) != self.root:
+            raise ValueError(f"{path}: not a step directory of {self.root}")
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
         self.fs.rename(path, trash)
         self.fs.fsync_dir(self.root)
         self.fs.remove_tree(trash)
 
     def cleanup(self) -> list[str]:
-        """Remove leftovers of interrupted saves and deletes (writer only, under the lock)."""
-        removed = []
-        if not self.fs.is_dir(self.root):
+        """Remove leftovers of interrupted saves and deletes (writer only, under the lock).
+
+        A ``.tmp-*`` or ``.trash-*`` name is removed whatever it is: a real directory with
+        its contents, a symlink by unlinking it (its target is never touched), a file or a
+        FIFO by unlinking it.
+        """
+        removed: list[str] = []
+        if not self.fs.is_dir(self.root, follow_symlinks=True):
             return removed
         for name in self.fs.listdir(self.root):
             if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-                path = os.path.join(self.root, name)
-                if self.fs.is_dir(path):
-                    self.fs.remove_tree(path)
-                else:
-                    self.fs.remove(path)
+                self.fs.remove_tree(os.path.join(self.root, name))  # lstat: never follows a symlink
                 removed.append(name)
         return removed
 
