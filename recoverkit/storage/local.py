@@ -30,7 +30,8 @@ from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.segment import PACK_BELOW, plan_offsets, segment_name
-from .base import RankPayload, RankRecords, ShardMeta, Tier
+from ..format.validate import check_manifest, check_name
+from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector
 from .fs import LocalFS
 from .layout import LATEST, TMP_PREFIX, TRASH_PREFIX, parse_step_dirname, step_dirname
@@ -113,6 +114,7 @@ class LocalTier(Tier):
         here = [f for f in sorted(manifest.files) if self.fs.size(os.path.join(staging, f)) is not None]
         if len(here) < len(manifest.files):  # node-local disks: the other hosts hold the rest
             manifest = dataclasses.replace(manifest, held=tuple(here))
+        check_manifest(manifest, where=f"{self._step_dir(step)}/{MANIFEST_NAME}")  # never commit what readers refuse
         self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes(), new=True)
         self.fs.fsync_dir(staging)
         self.faults.reached("after_manifest", step=step, rank=rank)
@@ -196,11 +198,13 @@ class LocalTier(Tier):
         manifest.check_files({f: self.fs.size(os.path.join(where, f)) for f in manifest.files}, where=where)
         return manifest
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, int]]) -> None:
-        by_file: dict[str, list[tuple[int, int, int, int]]] = {}
-        for rec, ptr in requests:
-            by_file.setdefault(rec.file, []).append((rec.offset, ptr, rec.nbytes, rec.crc32c))
+    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
         where = self._step_dir(step)
+        by_file: dict[str, list[tuple[int, int, int, int]]] = {}
+        for rec, buf in requests:
+            name = check_name(rec.file, where=where)
+            ptr = destination(buf, rec.nbytes, f"{where}/{name} at {rec.offset}")
+            by_file.setdefault(name, []).append((rec.offset, ptr, rec.nbytes, rec.crc32c))
         for name, items in by_file.items():
             self.fs.read_segment(os.path.join(where, name), items)
 

@@ -26,7 +26,7 @@ from ..config import TierPolicy
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr, hexcrc
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
-from ..format.validate import check_name
+from ..format.validate import check_manifest, check_name
 from ..format.zarr_layout import ShardRegion, array_layout, array_path
 from ..state import dtype_from_name, from_bytes
 from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
@@ -87,6 +87,7 @@ class ZarrTier(Tier):
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
         self.faults.reached("before_manifest", step=step, rank=rank)
+        check_manifest(manifest, where=f"{self.url}/{staging}/{MANIFEST_NAME}", arrays=True)  # readable back
         self.store.write_bytes(f"{staging}/{MANIFEST_NAME}", manifest.to_bytes())
         self.faults.reached("after_rename", step=step, rank=rank)
 

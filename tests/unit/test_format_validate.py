@@ -216,3 +216,15 @@ def test_the_checksum_covers_nothing_an_attacker_cannot_recompute():
     evil = copy.deepcopy(body)
     _w(evil)[0]["offset"] = 0  # overlaps the blob region: allowed (regions may share bytes)
     Manifest.from_bytes(_signed(evil))
+
+
+def test_a_save_whose_shards_leave_a_gap_fails_instead_of_committing_an_unreadable_step(tmp_path):
+    from recoverkit import Checkpointer, ShardedTensor
+    from recoverkit.errors import CommitError
+
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, {"w": ShardedTensor(torch.ones(4, 3), (4, 3), (0, 0))})
+        with pytest.raises(CommitError, match="hold 6 element"):
+            ckpt.save(2, {"w": ShardedTensor(torch.ones(2, 3), (4, 3), (0, 0))})
+        assert ckpt.steps() == [1]
+        assert not [n for n in tmp_path.iterdir() if n.name.startswith(".tmp-")]
