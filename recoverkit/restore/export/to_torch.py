@@ -2,20 +2,27 @@
 ``torch.load(weights_only=True)``, written one tensor at a time.
 
 The archive is first written by ``torch.save`` under ``torch.serialization.skip_data``
-from a tree of FakeTensors (shapes and dtypes, no memory), which reserves every storage's
-place; the file is then read back on the meta device, where each storage reports its
-offset in the file, and every tensor's bytes are written there with ``pwrite``. The zip
-CRC-32 of each record is patched in, so the file is a valid zip archive as well as a
-valid torch file.
+from a tree of placeholders: meta tensors (shapes and dtypes, no memory) that a pickler
+hook (:class:`_PlaceholderPickler`) saves exactly as torch saves a CPU tensor (a storage
+record of the right size, rebuilt on the CPU), which reserves every storage's place. The
+file is then read back on the meta device, where each storage reports its offset in the
+file, and every tensor's bytes are written there with ``pwrite``. The zip CRC-32 of each
+record is patched in, so the file is a valid zip archive as well as a valid torch file.
+
+Placeholders are plain meta tensors, not FakeTensors: creating a ``FakeTensorMode``
+imports ``torch._dynamo`` (about a second and a half of start-up for any export).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import struct
+import types
 import warnings
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,12 +58,12 @@ def export_torch(
     tree, _ = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
     records = _leaf_records(src, tree, rank)
     result = ExportResult(out, "torch", src.step)
-    fakes, sources = _placeholders(records, result)
-    saved = _torch_tree(tree, fakes, sources, result)
+    placeholders, sources = _placeholders(records, result)
+    saved = _torch_tree(tree, placeholders, sources, result)
     with _staged_file(out, force) as tmp:
-        with torch.serialization.skip_data(materialize_fake_tensors=True), warnings.catch_warnings():
+        with torch.serialization.skip_data(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.save(saved, tmp)
+            torch.save(saved, tmp, pickle_module=_placeholder_pickle(sources))
         offsets = _storage_offsets(tmp, saved)
         _fill_archive(tmp, offsets, sources, src, result, progress)
     result.tensors = len({r.key for r in records.values()})
@@ -64,34 +71,59 @@ def export_torch(
 
 
 def _placeholders(records: dict[str, TensorRecord], result: ExportResult) -> tuple[dict[str, torch.Tensor], dict[int, Any]]:
-    """One FakeTensor per stored record (aliases share it); id(fake) -> the record it stands for."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fakes: dict[str, torch.Tensor] = {}
+    """One meta tensor per stored record (aliases share it); id(placeholder) -> the record it stands for."""
+    placeholders: dict[str, torch.Tensor] = {}
     sources: dict[int, Any] = {}
-    with FakeTensorMode():
-        for rec in records.values():
-            if rec.key not in fakes:
-                fakes[rec.key] = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype))
-            sources[id(fakes[rec.key])] = rec
-    return {k: fakes[r.key] for k, r in records.items()}, sources
+    for rec in records.values():
+        if rec.key not in placeholders:
+            placeholders[rec.key] = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype), device="meta")
+        sources[id(placeholders[rec.key])] = rec
+    return {k: placeholders[r.key] for k, r in records.items()}, sources
 
 
-def _torch_tree(node: Any, fakes: dict[str, torch.Tensor], sources: dict[int, Any], result: ExportResult) -> Any:
-    """The tree to ``torch.save``: placeholders become FakeTensors, and the few values
+class _PlaceholderPickler(pickle.Pickler):
+    """Pickles a placeholder (a meta tensor standing for a stored record) the way torch
+    pickles a contiguous CPU tensor: ``_rebuild_tensor_v2`` (``_v3`` for the dtypes
+    without a typed storage) of a storage whose location is ``cpu``. Under ``skip_data``
+    torch then records the storage's size and never touches its (absent) bytes."""
+
+    placeholders: dict[int, Any] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not torch.Tensor or id(obj) not in self.placeholders or obj.device.type != "meta":
+            return NotImplemented
+        untyped = obj.untyped_storage()
+        hooks: OrderedDict[Any, Any] = OrderedDict()
+        if obj.dtype in torch.storage._new_dtypes():
+            untyped._fake_device = torch.device("cpu")  # type: ignore[attr-defined]
+            return torch._utils._rebuild_tensor_v3, (untyped, 0, tuple(obj.shape), obj.stride(), False, hooks, obj.dtype)
+        storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=obj.dtype, _internal=True)
+        storage._fake_device = torch.device("cpu")  # type: ignore[attr-defined]
+        return torch._utils._rebuild_tensor_v2, (storage, 0, tuple(obj.shape), obj.stride(), False, hooks)
+
+
+def _placeholder_pickle(sources: dict[int, Any]) -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.save`` whose Pickler knows the placeholders in ``sources``."""
+    module = types.ModuleType("recoverkit_placeholder_pickle")
+    module.Pickler = type("Pickler", (_PlaceholderPickler,), {"placeholders": sources})  # type: ignore[attr-defined]
+    return module
+
+
+def _torch_tree(node: Any, placeholders: dict[str, torch.Tensor], sources: dict[int, Any], result: ExportResult) -> Any:
+    """The tree to ``torch.save``: stored tensors become placeholders, and the few values
     ``torch.load(weights_only=True)`` refuses become the nearest type it accepts."""
     if isinstance(node, TensorLeaf):
-        return fakes[node.key]
+        return placeholders[node.key]
     if isinstance(node, dict):
-        items = [(k, _torch_tree(v, fakes, sources, result)) for k, v in node.items()]
+        items = [(k, _torch_tree(v, placeholders, sources, result)) for k, v in node.items()]
         out = type(node)(items) if type(node) is not dict and _rebuildable(node) else dict(items)
         if hasattr(node, "_metadata"):
             out._metadata = node._metadata  # type: ignore[attr-defined]
         return out
     if isinstance(node, list):
-        return [_torch_tree(v, fakes, sources, result) for v in node]
+        return [_torch_tree(v, placeholders, sources, result) for v in node]
     if isinstance(node, tuple):
-        return tuple(_torch_tree(v, fakes, sources, result) for v in node)
+        return tuple(_torch_tree(v, placeholders, sources, result) for v in node)
     if isinstance(node, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(node).copy())
         sources[id(t)] = t
@@ -118,7 +150,7 @@ def _rebuildable(node: dict) -> bool:  # type: ignore[type-arg]
 
 
 def _storage_offsets(path: str, saved: Any) -> dict[int, int]:
-    """File offset of every storage -> id of the tensor (fake or real) it belongs to.
+    """File offset of every storage -> id of the tensor (placeholder or real) it belongs to.
 
     The archive is read back on the meta device (no data), where torch records each
     storage's offset in the file; each offset is checked against the zip directory.
