@@ -188,7 +188,11 @@ _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, typ
 
 
 def _note_sharded(tree: Any, found: dict[int, ShardedTensor]) -> Any:
-    """Replace ShardedTensor nodes by their local tensors, remembering their placement."""
+    """Replace ShardedTensor nodes by their local tensors, remembering their placement.
+
+    A container holding none is returned as it is (``torch.Size``, namedtuples and dict
+    subclasses keep their type); one that does is rebuilt with its type where possible.
+    """
     if type(tree) in _PLAIN:  # the common leaves, without asking whether they are DTensors
         return tree
     if is_dtensor(tree):
@@ -197,11 +201,20 @@ def _note_sharded(tree: Any, found: dict[int, ShardedTensor]) -> Any:
         found[id(tree.local)] = tree
         return tree.local
     if isinstance(tree, dict):
-        return type(tree)((k, _note_sharded(v, found)) for k, v in tree.items()) if type(tree) is not dict else {
-            k: _note_sharded(v, found) for k, v in tree.items()
-        }
-    if isinstance(tree, list):
-        return [_note_sharded(v, found) for v in tree]
-    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(_note_sharded(v, found) for v in tree)
+        items = [(k, _note_sharded(v, found)) for k, v in tree.items()]
+        if all(new is old for (_, new), old in zip(items, tree.values())):
+            return tree
+        return dict(items) if type(tree) is dict else type(tree)(items)
+    if isinstance(tree, (list, tuple)):
+        values = [_note_sharded(v, found) for v in tree]
+        if all(new is old for new, old in zip(values, tree)):
+            return tree
+        if isinstance(tree, list) or type(tree) is tuple:
+            return values if isinstance(tree, list) else tuple(values)
+        if hasattr(tree, "_fields"):  # namedtuple
+            return type(tree)(*values)
+        try:  # torch.Size, structseqs and other tuple subclasses
+            return type(tree)(values)
+        except Exception:  # noqa: BLE001 - a subclass that cannot be rebuilt: a plain tuple
+            return tuple(values)
     return tree

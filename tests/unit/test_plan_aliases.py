@@ -93,3 +93,14 @@ def test_a_lazy_conjugate_view_is_not_an_alias(tmp_path):
         state = {"m": None}
         ckpt.restore(state)
     assert torch.equal(state["m"]["b"], t.conj()) and torch.equal(state["m"]["a"], t)
+
+
+def test_containers_without_sharded_tensors_are_kept_as_they_are():
+    size = torch.Size([2, 3])
+    meta = {"shapes": [torch.Size([4])], "pair": (1, torch.Size([5]))}
+    plan = plan_save({"shape": size, "meta": meta}, capture_rng=False)
+    from recoverkit.state import decode
+
+    tree = decode(plan.blob)
+    assert type(tree["shape"]) is torch.Size and tree["shape"] == size
+    assert type(tree["meta"]["shapes"][0]) is torch.Size
