@@ -142,7 +142,13 @@ def test_sharded_world_layout_through_the_tier(tmp_path):
     a = zarr.open_array(str(tmp_path / "zarr" / staging / "tensors" / "w"), mode="r")
     np.testing.assert_array_equal(a[...], full.numpy())
     assert a.chunks == (32, 1024)
-    tier.commit(5, staging, Manifest(step=5, run_id="r", world_size=2, blobs=tuple(r.blob for r in records)))
+    from recoverkit.format.manifest import TensorRecord
+
+    shards = tuple(sh for r in records for _, sh in r.shards)
+    files = {name: size for r in records for name, size in r.files.items()}
+    manifest = Manifest(step=5, run_id="r", world_size=2, blobs=tuple(r.blob for r in records), files=files,
+                        tensors={"w": TensorRecord("w", "float32", (64, 1024), shards)})
+    tier.commit(5, staging, manifest)
     assert tier.steps() == [5]
     tier.delete(5)
     assert tier.steps() == [] and not (tmp_path / "zarr" / staging).exists()

@@ -94,11 +94,6 @@ def test_a_top_level_parameter_without_a_target_keeps_type_and_flag(tmp_path):
     assert state["n"] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="staging.plan._note_sharded rebuilds every tuple as a plain tuple before flatten; "
-    "it needs state.rebuild_container (the codec and unflatten keep torch.Size already)",
-)
 def test_torch_size_comes_back_as_torch_size(tmp_path):
     with Checkpointer(str(tmp_path / "root")) as ckpt:
         ckpt.save(1, {"shape": torch.Size([2, 3]), "meta": {"shapes": [torch.Size([4])]}})
