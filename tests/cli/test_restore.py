@@ -74,6 +74,8 @@ def test_dcp_format_loads_in_one_process_without_a_process_group(tmp_path):
     trainer = train_and_save(root)
     assert cli("restore", root, "--to", out, "--format", "dcp").returncode == 0
     assert not dist.is_initialized()
+    # one data file for the one rank, as torch's own FileSystemWriter(single_file_per_rank=True)
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"]
     fresh = Trainer(seed=99)
     state = {"model": fresh.model.state_dict(),
              "optimizer": {"state": {0: {"exp_avg": torch.zeros_like(trainer.optimizer.state_dict()["state"][0]["exp_avg"])}}},

@@ -1,13 +1,19 @@
 """``--format dcp``: a ``torch.distributed.checkpoint`` directory of the consolidated state
 (``dcp.load`` works in one process, without a process group).
 
-``FileSystemWriter(single_file_per_rank=False)`` (one file per item, so the writer never
-holds more than one tensor) with a planner whose ``resolve_data`` reads each tensor when
-DCP asks for it; the state handed to ``dcp.save`` holds meta tensors only.
+Laid out as torch's own ``FileSystemWriter(single_file_per_rank=True)`` lays out one rank:
+every item in one ``__0_0.distcp`` beside ``.metadata``. The state handed to ``dcp.save``
+holds meta tensors only; a planner whose ``resolve_data`` reads each tensor when DCP asks
+for it streams them. The writer (:func:`_streaming_writer`) is torch's, but its
+``write_data`` asks for the items strictly one after another and drops each tensor as
+soon as torch's own ``_write_item`` has written it: torch's writer keeps every tensor of a
+file alive until the file is complete (it needs them for its safetensors variant), which
+would hold the whole checkpoint in memory. Memory stays bounded by the largest tensor.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -63,7 +69,7 @@ def export_dcp(
     planner = _streaming_planner(src, sources, result, progress, read_errors)
     with _staged_dir(out, force) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: assuming a single process"
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1, sync_files=True)
+        writer = _streaming_writer(tmp)
         try:
             dcp.save(state, storage_writer=writer, planner=planner)
         except Exception:
@@ -84,6 +90,32 @@ def _dcp_tree(node: Any, leaves: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, tuple):
         return tuple(_dcp_tree(v, leaves) for v in node)
     return node
+
+
+def _streaming_writer(path: str) -> Any:
+    """A ``FileSystemWriter`` that writes one file for the rank, one item at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.futures import Future
+
+    class StreamingFileSystemWriter(dcp.FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            results = []
+            items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # as torch: bytes first
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    del data  # the only reference: its memory is free before the next item is read
+                stream.flush()
+                os.fsync(stream.fileno())
+            done: Future[Any] = Future()
+            done.set_result(results)
+            return done
+
+    return StreamingFileSystemWriter(path, single_file_per_rank=True, thread_count=1, sync_files=True)
 
 
 def _streaming_planner(
