@@ -28,7 +28,7 @@ import torch
 from ..errors import IncompatibleCheckpointError
 from .preflight import check_optimizer_load, check_scheduler_load
 
-__all__ = ["Stateful", "capture", "check", "apply"]
+__all__ = ["Stateful", "is_stateful", "capture", "check", "apply"]
 
 
 @runtime_checkable
@@ -38,6 +38,14 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+def is_stateful(obj: Any) -> bool:
+    """``isinstance(obj, Stateful)`` without the protocol machinery's cost (a plain tensor,
+    the common entry of a large state, is answered at once)."""
+    if isinstance(obj, torch.Tensor):
+        return False
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 def capture(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,7 +60,7 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
         (['bias', 'weight'], 5)
     """
     return {
-        name: obj.state_dict() if isinstance(obj, Stateful) else obj for name, obj in state.items()
+        name: obj.state_dict() if is_stateful(obj) else obj for name, obj in state.items()
     }
 
 
@@ -116,7 +124,7 @@ def apply(state: MutableMapping[str, Any], captured: Mapping[str, Any]) -> None:
         value = captured[name]
         if isinstance(target, torch.nn.Module):
             target.load_state_dict(value, strict=True)
-        elif isinstance(target, Stateful):
+        elif is_stateful(target):
             target.load_state_dict(value)
         elif isinstance(target, torch.Tensor):
             with torch.no_grad():
