@@ -106,7 +106,9 @@ class Checkpointer:
         self.faults = faults or FaultInjector()
         self.tier = LocalTier(root, fs=fs, faults=self.faults, direct_io=self.options.direct_io)
         self.root = self.tier.root
-        self.coordinator = coordinator or default_coordinator()
+        # a fresh namespace of the job's store per Checkpointer: keys of an earlier attempt
+        # (torchrun keeps its store across restarts) are never read as this one's
+        self.coordinator = coordinator or default_coordinator(timeout_s=self.options.commit_timeout_s)
         self.rank = self.coordinator.rank
         self.world_size = self.coordinator.world_size
         self.run_id = run_id or self._agree_run_id()
@@ -138,10 +140,15 @@ class Checkpointer:
             self.tier.cleanup()
 
     def _agree_run_id(self) -> str:
+        """Rank 0's new run id, on every rank (its store keys are dropped once all have read it)."""
         proposal = {"run_id": uuid.uuid4().hex} if self.rank == 0 else None
-        key = f"run-id/{Checkpointer._instances}"
+        scope = f"run-id/{Checkpointer._instances}"  # distinct if one coordinator serves several
         Checkpointer._instances += 1
-        return str(self.coordinator.broadcast(key, proposal, timeout_s=self.options.commit_timeout_s)["run_id"])
+        try:
+            answer = self.coordinator.broadcast(f"{scope}/value", proposal, timeout_s=self.options.commit_timeout_s)
+        finally:
+            self.coordinator.finish(scope, broadcasts=("value",))
+        return str(answer["run_id"])
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveResult:

@@ -15,13 +15,17 @@ rank. Only when every rank's data is durable does the manifest get written, last
 Ranks on hosts whose storage is not rank 0's (node-local disks) adopt the staging area on
 their own disk (one rank per disk, ``tier.adopt``), and when rank 0 committed they commit
 the same manifest there, so each host can restore its own ranks from its own disk.
+
+Every exchange of a save lives under ``<run id>/<tier>/<seq>``, inside the coordinator's own
+namespace; when every rank is done with the save (committed, aborted or timed out), the last
+one drops those keys (:meth:`Coordinator.finish`), so the store does not grow with the saves.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-import logging
 from typing import Any
 
 from ..errors import CommitError, CommitTimeoutError
@@ -59,10 +63,21 @@ def commit_step(
     a rank that adopted a storage of its own (node-local disks on several hosts); None on
     the others.
     """
-    rank, step = coordinator.rank, request.step
     key = f"{request.run_id}/{tier.name}/{request.seq}"
-    if request.seq > 0:  # every rank has read the previous save's outcome by now
-        coordinator.forget(f"{request.run_id}/{tier.name}/{request.seq - 1}")
+    try:
+        return _commit(tier, coordinator, request, key, faults=faults, timeout_s=timeout_s)
+    finally:  # this rank read all it will read of this save: the last rank here drops its keys
+        coordinator.finish(key, gathers=_GATHERS, broadcasts=_BROADCASTS)
+
+
+#: the exchanges of one save, under its key (every one of them is dropped once settled)
+_GATHERS, _BROADCASTS = ("layout", "report"), ("prepare", "outcome")
+
+
+def _commit(
+    tier: Tier, coordinator: Coordinator, request: CommitRequest, key: str, *, faults: FaultInjector, timeout_s: float
+) -> Manifest | None:
+    rank, step = coordinator.rank, request.step
     layout: list[ShardMeta] = []
     if tier.needs_layout:
         mine = [ShardMeta(s.key, s.dtype, s.global_shape, s.offsets, s.shape).to_json() for s in request.payload.shards]
