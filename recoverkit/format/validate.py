@@ -9,7 +9,9 @@ file, and raises :class:`~recoverkit.errors.IntegrityError` naming the first fau
   each once;
 * names: every ``file`` is a safe relative name (no empty, ``.`` or ``..`` part, no NUL or
   backslash, not absolute); in segment layouts (node-local tiers) a plain name listed in
-  ``files``; in the array layout (the zarr tier) a shard's ``file`` is its array's path;
+  ``files``; in the array layout (the zarr tier) a shard's ``file`` is its array's path
+  (one of ``zarr_layout.array_path_candidates``: nested, nested and collision-renamed, or
+  the previous flat layout's);
 * regions: ``offset``/``nbytes`` are integers >= 0 and ``[offset, offset + nbytes)`` lies
   inside the file's recorded size (the tier then checks the real size against ``files``);
 * checksums: an integer in ``[0, 2**32)``;
@@ -31,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
-from .zarr_layout import array_path
+from .zarr_layout import array_path, array_path_candidates, legacy_array_path
 
 if TYPE_CHECKING:
     from .manifest import Manifest, ShardRecord, TensorRecord
@@ -160,7 +162,7 @@ def _check_shards(
     """Each shard in the world, inside the tensor and its file, sized by its elements; then
     together an exact cover. A fast test per shard; the slow one names what is wrong."""
     ndim, gshape, world, files = len(rec.shape), rec.shape, m.world_size, m.files
-    array = array_path(key) if arrays else None
+    natural = array_path(key) if arrays else ""
     covered = 0
     for s in rec.shards:
         offsets, shape = s.offsets, s.shape
@@ -170,7 +172,10 @@ def _check_shards(
             0 <= s.rank < world and len(offsets) == ndim and len(shape) == ndim
             and s.nbytes == count * itemsize and 0 <= s.crc32c < _U32 and s.offset >= 0
             and all(0 <= o and 0 <= n and o + n <= g for o, n, g in zip(offsets, shape, gshape))
-            and (s.file == array and s.offset == 0 if arrays else end <= files.get(s.file, -1))
+            and (
+                s.offset == 0 and (s.file == natural or s.file == natural + "~" or s.file == legacy_array_path(key))
+                if arrays else end <= files.get(s.file, -1)
+            )
         )  # fmt: skip
         if not ok:
             _shard_fault(m, key, rec, s, itemsize, where, arrays=arrays)
@@ -199,7 +204,11 @@ def _shard_fault(
     if arrays:
         if not 0 <= s.crc32c < _U32:
             raise IntegrityError(f"{at}: crc32c {s.crc32c} is not a 32-bit checksum")
-        raise IntegrityError(f"{at}: stored in {s.file!r} at {s.offset}, its array is {array_path(key)!r}")
+        natural, renamed, legacy = array_path_candidates(key)
+        raise IntegrityError(
+            f"{at}: stored in {s.file!r} at {s.offset}, its array is {natural!r} "
+            f"(or {renamed!r} beside a group of that name, or {legacy!r} in the previous layout) at 0"
+        )
     _check_region(m.files, s.file, s.offset, s.nbytes, s.crc32c, at)
     raise IntegrityError(f"{at}: inconsistent record")  # pragma: no cover - one check above fails
 

@@ -1,12 +1,39 @@
-"""The zarr v3 layout of a persistent-tier step: array names, dtypes and chunk grids.
+"""The zarr v3 layout of a persistent-tier step: node names, dtypes and chunk grids.
 
-A step in the persistent tier is a zarr v3 group; every logical tensor is one array at its
-*global* shape under the ``tensors`` sub-group::
+The store root and every step are zarr v3 groups; a tensor's state key names its place in
+the step's hierarchy, one path component per ``/``-separated part of the key::
 
-    step-000001200/zarr.json                      group (attributes: recoverkit step)
-    step-000001200/tensors/zarr.json              group holding every array
-    step-000001200/tensors/<array name>/zarr.json one array per state key
-    step-000001200/tensors/<array name>/c/0/0     chunks (bytes [+ zstd|blosc] + crc32c)
+    zarr.json                                       the store root: a group
+    step-000001200/zarr.json                        a step: a group (attributes: step)
+    step-000001200/model/zarr.json                  group "model"
+    step-000001200/model/fc.weight/zarr.json        array "fc.weight": tensor model/fc.weight
+    step-000001200/model/fc.weight/c/0/0            its chunks (bytes [+ zstd|blosc] + crc32c)
+    step-000001200/.recoverkit/blobs/rank-00000/    each rank's object tree: a uint8 array
+    step-000001200/.recoverkit/manifest/            the manifest: a uint8 array, written last
+
+So ``zarr.open_group(root)["step-000001200"]["model"]["fc.weight"]`` is the tensor
+``model/fc.weight``, and walking a step with zarr-python meets nothing but groups and
+arrays. recoverkit's own objects (the manifest, the blobs) are arrays of raw bytes (one
+chunk, the ``bytes`` codec only, so the chunk *is* the object) under ``.recoverkit``, a
+name no tensor can map to.
+
+**Node names** (:func:`node_name`). Characters ``A-Z a-z 0-9 . _ -`` are kept; every other
+byte of the UTF-8 component (``~`` included) becomes ``~`` and two lowercase hex digits, so
+the mapping is injective. A first character that would make the name reserved or hidden
+(a leading ``.``, which also covers names of periods only and ``.recoverkit``; a leading
+``__``) is escaped the same way; an empty component is ``~``. Components longer than 180
+bytes keep a readable prefix and end in ``~~`` plus a SHA-256 digest.
+
+**Collisions** (:func:`array_paths`). A node is a group or an array, not both: when a
+tensor's path is also a group of other tensors' paths (tensors ``a`` and ``a/b``), that
+tensor's array is ``a~`` (a name ending in a lone ``~`` is never produced by the escape).
+The path an array was written at is recorded in the manifest (each shard's ``file``) and
+in the array's attributes (its key), so readers never guess.
+
+**Previous layout** (:func:`legacy_array_path`). Steps written before nesting hold every
+array flat under a ``tensors`` group as ``tensors/<array_name(key)>`` (``/`` escaped as
+``~2f``), their blobs at ``blobs/rank-NNNNN.json`` and their manifest at
+``manifest.json``; readers accept both (the manifest tells which).
 
 This module is pure layout: names, dtypes, chunk grids and the array metadata JSON. It does
 no I/O (``storage/zarr_store.py`` does), so the format is testable on its own.
@@ -31,7 +58,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +67,16 @@ from ..state.dtypes import dtype_from_name
 
 __all__ = [
     "ARRAYS_GROUP",
+    "INTERNAL_GROUP",
+    "MANIFEST_ARRAY",
+    "BLOBS_GROUP",
+    "blob_path",
+    "node_name",
+    "array_paths",
+    "array_path_candidates",
+    "group_paths",
+    "legacy_array_path",
+    "bytes_array_metadata",
     "ShardRegion",
     "ArrayLayout",
     "NATIVE_DTYPES",
@@ -51,8 +88,14 @@ __all__ = [
     "group_metadata",
 ]
 
-#: The sub-group of a step that holds every array.
+#: The sub-group of a previous-layout step that held every array (flat, escaped names).
 ARRAYS_GROUP = "tensors"
+#: The group of a step holding recoverkit's own objects; no tensor maps to this name.
+INTERNAL_GROUP = ".recoverkit"
+#: The manifest: a uint8 array whose one chunk is the manifest's bytes (its zarr.json last).
+MANIFEST_ARRAY = f"{INTERNAL_GROUP}/manifest"
+#: The group of the per-rank object trees (uint8 arrays ``rank-NNNNN``).
+BLOBS_GROUP = f"{INTERNAL_GROUP}/blobs"
 #: Chunks above this size are split further (keeps encode memory and read granularity sane).
 MAX_CHUNK_BYTES = 64 << 20
 #: Aligned chunks below this size are grown (unaligned) unless they already hold the array.
@@ -129,11 +172,11 @@ class ArrayLayout:
     storage_dtype: str
     chunks: tuple[int, ...]
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    path: str = ""
 
-    @property
-    def path(self) -> str:
-        """The array's path relative to the step group."""
-        return array_path(self.key)
+    def __post_init__(self) -> None:
+        if not self.path:  # the natural path; array_paths() gives the collision-free one
+            object.__setattr__(self, "path", array_path(self.key))
 
     @property
     def itemsize(self) -> int:
@@ -154,8 +197,8 @@ class ArrayLayout:
         }
 
     @classmethod
-    def from_zarr_metadata(cls, meta: Mapping[str, Any], *, where: str = "<zarr.json>") -> ArrayLayout:
-        """Parse an array's ``zarr.json`` written by :meth:`zarr_metadata`.
+    def from_zarr_metadata(cls, meta: Mapping[str, Any], *, where: str = "<zarr.json>", path: str = "") -> ArrayLayout:
+        """Parse an array's ``zarr.json`` written by :meth:`zarr_metadata` (stored at ``path``).
 
         Raises:
             IncompatibleCheckpointError: not a recoverkit zarr v3 array (names ``where``).
@@ -166,7 +209,8 @@ class ArrayLayout:
             info = meta["attributes"][_ATTR]
             shape = tuple(int(x) for x in meta["shape"])
             chunks = tuple(int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"])
-            layout = cls(str(info["key"]), str(info["dtype"]), shape, str(meta["data_type"]), chunks, dict(meta["attributes"]))
+            key = str(info["key"])
+            layout = cls(key, str(info["dtype"]), shape, str(meta["data_type"]), chunks, dict(meta["attributes"]), path)
         except (KeyError, TypeError, ValueError) as e:
             raise IncompatibleCheckpointError(f"{where}: not a recoverkit zarr v3 array ({e!r} missing or malformed)") from e
         if layout.storage_dtype != storage_dtype(layout.dtype):
@@ -278,8 +322,11 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return best
 
 
-def array_layout(key: str, dtype_name: str, global_shape: Sequence[int], regions: Sequence[ShardRegion]) -> ArrayLayout:
-    """The layout of the array holding state key ``key``, chunked to fit ``regions``.
+def array_layout(
+    key: str, dtype_name: str, global_shape: Sequence[int], regions: Sequence[ShardRegion], *, path: str = ""
+) -> ArrayLayout:
+    """The layout of the array holding state key ``key`` (at ``path``; default its natural
+    path), chunked to fit ``regions``.
 
     Example:
         >>> lay = array_layout("model/w", "bfloat16", (4, 2), [ShardRegion((0, 0), (4, 2))])
@@ -291,17 +338,103 @@ def array_layout(key: str, dtype_name: str, global_shape: Sequence[int], regions
     itemsize = dtype_from_name(dtype_name).itemsize
     chunks = chunk_shape_for(shape, regions, itemsize=itemsize)
     attrs = {_ATTR: {"key": key, "dtype": dtype_name, "storage_dtype": stored}}
-    return ArrayLayout(key, dtype_name, shape, stored, chunks, attrs)
+    return ArrayLayout(key, dtype_name, shape, stored, chunks, attrs, path)
+
+
+def node_name(part: str) -> str:
+    """A safe, deterministic, injective zarr node name for one ``/``-separated part of a key.
+
+    Example:
+        >>> node_name("fc.weight"), node_name("__rng__"), node_name(".hidden"), node_name("a b"), node_name("")
+        ('fc.weight', '~5f_rng__', '~2ehidden', 'a~20b', '~')
+    """
+    if part == "":
+        return "~"
+    out = []
+    for i, ch in enumerate(part):
+        reserved = i == 0 and (ch == "." or part.startswith("__"))
+        if _SAFE.fullmatch(ch) and not reserved:
+            out.append(ch)
+        else:
+            out.extend(f"~{b:02x}" for b in ch.encode("utf-8"))
+    name = "".join(out)
+    if len(name) > _MAX_NAME:
+        name = name[: _MAX_NAME - 34] + "~~" + hashlib.sha256(part.encode("utf-8")).hexdigest()[:32]
+    return name
+
+
+def array_path(key: str) -> str:
+    """The natural path of ``key``'s array relative to the step group: one node per part.
+
+    The path actually used is :func:`array_paths`' (it differs only for a key whose path is
+    also a group of other keys).
+
+    Example:
+        >>> array_path("model/fc.weight"), array_path("rank-00001/optim/state/0/exp_avg")
+        ('model/fc.weight', 'rank-00001/optim/state/0/exp_avg')
+        >>> array_path("__rng__/torch")
+        '~5f_rng__/torch'
+    """
+    return "/".join(node_name(p) for p in key.split("/"))
+
+
+def array_paths(keys: Iterable[str]) -> dict[str, str]:
+    """Key -> the collision-free path of its array, for a step holding exactly ``keys``.
+
+    A key whose natural path is also a group of another key's path gets ``~`` appended.
+
+    Example:
+        >>> array_paths(["a", "a/b", "c"])
+        {'a': 'a~', 'a/b': 'a/b', 'c': 'c'}
+    """
+    natural = {k: array_path(k) for k in keys}
+    groups = group_paths(natural.values())
+    return {k: f"{p}~" if p in groups else p for k, p in natural.items()}
+
+
+def array_path_candidates(key: str) -> tuple[str, str, str]:
+    """Every path ``key``'s array may have been written at: natural, collision-renamed, and
+    the previous (flat) layout's."""
+    natural = array_path(key)
+    return natural, f"{natural}~", legacy_array_path(key)
+
+
+def group_paths(paths: Iterable[str]) -> set[str]:
+    """Every proper prefix (a group) of the given node paths.
+
+    Example:
+        >>> sorted(group_paths(["m/a/w", "m/b"]))
+        ['m', 'm/a']
+    """
+    out: set[str] = set()
+    for p in paths:
+        parts = p.split("/")
+        out.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def blob_path(rank: int) -> str:
+    """The path of rank ``rank``'s object-tree array relative to the step group."""
+    return f"{BLOBS_GROUP}/rank-{rank:05d}"
+
+
+def bytes_array_metadata(nbytes: int, attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``zarr.json`` of a uint8 array of ``nbytes`` whose one chunk ``c/0`` is the raw bytes."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [nbytes],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, nbytes)]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes"}],
+        "attributes": dict(attributes or {}),
+    }
 
 
 def array_name(key: str) -> str:
-    """A safe, deterministic, collision-free zarr node name for a state key.
-
-    Characters ``A-Z a-z 0-9 . _ -`` are kept; every other byte of the UTF-8 key (``/``
-    included) becomes ``~`` and two lowercase hex digits, so the mapping is injective. Names
-    zarr reserves (empty, only periods, a leading ``__``) get their first byte escaped.
-    Names longer than 180 bytes keep a readable prefix and end in ``~~`` plus a SHA-256
-    digest of the key (``~~`` never occurs in a short name).
+    """The previous layout's flat array name of a whole key (``/`` escaped too).
 
     Example:
         >>> array_name("rank-00001/optim/state/0/exp_avg")
@@ -324,11 +457,11 @@ def array_name(key: str) -> str:
     return name
 
 
-def array_path(key: str) -> str:
-    """The array's path relative to the step group (``tensors/<array name>``).
+def legacy_array_path(key: str) -> str:
+    """The previous layout's array path (``tensors/<array name>``).
 
     Example:
-        >>> array_path("model/fc.weight")
+        >>> legacy_array_path("model/fc.weight")
         'tensors/model~2ffc.weight'
     """
     return f"{ARRAYS_GROUP}/{array_name(key)}"

@@ -2,8 +2,10 @@
 
 :class:`ZarrStore` knows nothing about commits or manifests (``zarr_tier.py`` does); it
 creates a step's group and arrays, writes shard regions, reads regions straight into
-caller memory, and moves small objects (blobs, manifests). The layout itself (names,
-dtypes, chunk grids, array JSON) is ``format/zarr_layout.py``.
+caller memory, and moves small objects (blobs, manifests: plain objects, or raw-bytes uint8
+arrays with :meth:`ZarrStore.write_bytes_array`). The layout itself (names, dtypes, chunk
+grids, array JSON) is ``format/zarr_layout.py``; every array is addressed by its path in
+the step (``ArrayLayout.path``, or the ``path`` a manifest recorded).
 
 Codecs of every array: ``bytes`` (little endian) -> optional ``zstd`` or ``blosc`` ->
 ``crc32c`` (always). A chunk whose bytes were damaged fails tensorstore's crc32c check
@@ -14,7 +16,7 @@ and the chunk.
 ``<key>.__lock``, ``fsync``s it, renames it into place and ``fsync``s the parent
 directory when the context resource ``file_io_sync`` is true, which is its default and
 which this store sets explicitly. It does not ``fsync`` the directories it creates on the
-way (``step-N/``, ``tensors/<array>/c/0/``) in *their* parents, and ``delete_range`` does
+way (``step-N/``, ``model/<array>/c/0/``) in *their* parents, and ``delete_range`` does
 not ``fsync`` at all. So after every write and delete this store ``fsync``s the affected
 directories up to the root itself: when a write call returns, the data and every
 directory entry leading to it are durable. Other kvstores (``gs://``, ``s3://``) make an
@@ -43,7 +45,7 @@ from ..errors import (
     RecoverkitError,
     StorageError,
 )
-from ..format.zarr_layout import ARRAYS_GROUP, ArrayLayout, ShardRegion, array_path, group_metadata
+from ..format.zarr_layout import ArrayLayout, ShardRegion, array_path, bytes_array_metadata, group_metadata, group_paths
 from ..state.dtypes import dtype_from_name, dtype_name, from_bytes, to_bytes_view
 
 __all__ = ["ZarrStore", "COMPRESSIONS"]
@@ -90,14 +92,18 @@ class ZarrStore:
             kv.path = kv.path + "/"
         self._kv = kv
         self._local = _local_root(url, kv)
-        self._handles: dict[tuple[str, str], tuple[ts.TensorStore, ArrayLayout, set[str] | None]] = {}
+        self._handles: dict[tuple[str, str, str | None], tuple[ts.TensorStore, ArrayLayout, set[str] | None]] = {}
 
     # ------------------------------------------------------------------ arrays
-    def create_step(self, step_dir: str, layouts: Sequence[ArrayLayout] | Mapping[str, ArrayLayout], attrs: Mapping[str, Any]) -> None:
-        """Create the step group, its ``tensors`` group and one array per layout (empty).
+    def create_step(
+        self, step_dir: str, layouts: Sequence[ArrayLayout] | Mapping[str, ArrayLayout], attrs: Mapping[str, Any],
+        *, groups: Sequence[str] = (),
+    ) -> None:
+        """Create the step group, every group on the way to an array (and ``groups``), and
+        one array per layout (empty), each at its ``path``.
 
         Raises:
-            ValueError: two layouts map to the same array path.
+            ValueError: two layouts share an array path, or a path is both an array and a group.
             StorageError: the store refused a write.
         """
         lays = list(layouts.values()) if isinstance(layouts, Mapping) else list(layouts)
@@ -106,28 +112,56 @@ class ZarrStore:
             other = paths.setdefault(lay.path, lay.key)
             if other != lay.key:
                 raise ValueError(f"{self.url}/{step_dir}: keys {other!r} and {lay.key!r} map to the same array {lay.path}")
+        nested = group_paths([*paths, *(f"{g}/x" for g in groups)])
+        for path in sorted(nested & set(paths)):
+            raise ValueError(f"{self.url}/{step_dir}: {path} would be both the array of {paths[path]!r} and a group")
         self._evict(step_dir)
         self._write_json(f"{step_dir}/{_ZARR_JSON}", group_metadata(attrs))
-        self._write_json(f"{step_dir}/{ARRAYS_GROUP}/{_ZARR_JSON}", group_metadata({"recoverkit": {"arrays": len(lays)}}))
+        for g in sorted(nested):
+            self._write_json(f"{step_dir}/{g}/{_ZARR_JSON}", group_metadata())
         futures = [
-            (lay, ts.open(self._array_spec(lay.zarr_metadata(self._codecs(lay))), kvstore=self._array_kv(step_dir, lay.key), create=True, context=self._ctx))
+            (lay, ts.open(self._array_spec(lay.zarr_metadata(self._codecs(lay))), kvstore=self._array_kv(step_dir, lay.path), create=True, context=self._ctx))
             for lay in lays
         ]
         for lay, fut in futures:
-            self._wait(fut, self._where(step_dir, lay.key))
+            self._wait(fut, self._where(step_dir, lay.key, lay.path))
         self._sync(step_dir)
 
-    def read_layout(self, step_dir: str, key: str) -> ArrayLayout:
-        """The layout of ``key``'s array as stored (raises CheckpointNotFoundError if absent)."""
-        where = f"{self.url}/{step_dir}/{array_path(key)}/{_ZARR_JSON}"
-        try:
-            meta = json.loads(self.read_bytes(f"{step_dir}/{array_path(key)}/{_ZARR_JSON}"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IntegrityError(f"{where}: array metadata is not valid JSON ({e})", path=where) from e
-        layout = ArrayLayout.from_zarr_metadata(meta, where=where)
+    def write_group(self, path: str, attrs: Mapping[str, Any] | None = None) -> None:
+        """Write a group's ``zarr.json`` at ``path`` ("" = the store root), durably."""
+        self.write_bytes(f"{path.strip('/')}/{_ZARR_JSON}".lstrip("/"), json.dumps(group_metadata(attrs), indent=2).encode("utf-8"))
+
+    def read_layout(self, step_dir: str, key: str, path: str | None = None) -> ArrayLayout:
+        """The layout of ``key``'s array as stored at ``path`` (default: its natural path, or
+        that path with ``~`` appended where the natural one is a group).
+
+        Raises:
+            CheckpointNotFoundError: no array there.
+            IntegrityError: the node is not valid JSON or holds another tensor.
+        """
+        if path is None:
+            path = array_path(key)
+            meta = self._read_meta(step_dir, path)
+            if meta.get("node_type") == "group":
+                path = f"{path}~"
+                meta = self._read_meta(step_dir, path)
+        else:
+            meta = self._read_meta(step_dir, path)
+        where = f"{self.url}/{step_dir}/{path}/{_ZARR_JSON}"
+        layout = ArrayLayout.from_zarr_metadata(meta, where=where, path=path)
         if layout.key != key:
             raise IntegrityError(f"{where}: array holds tensor {layout.key!r}, expected {key!r}", path=where)
         return layout
+
+    def _read_meta(self, step_dir: str, path: str) -> dict[str, Any]:
+        where = f"{self.url}/{step_dir}/{path}/{_ZARR_JSON}"
+        try:
+            meta = json.loads(self.read_bytes(f"{step_dir}/{path}/{_ZARR_JSON}"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IntegrityError(f"{where}: array metadata is not valid JSON ({e})", path=where) from e
+        if not isinstance(meta, dict):
+            raise IntegrityError(f"{where}: array metadata is not a JSON object", path=where)
+        return meta
 
     def write_regions(self, step_dir: str, items: Iterable[tuple[ArrayLayout, ShardRegion, torch.Tensor]]) -> None:
         """Write each tensor into its region of its array; durable when this returns.
@@ -145,7 +179,7 @@ class ZarrStore:
         handles = self._open_all(step_dir, {lay.key: lay for lay, _, _ in items})
         pending = []
         for lay, region, tensor in items:
-            where = self._where(step_dir, lay.key)
+            where = self._where(step_dir, lay.key, lay.path)
             _check_tensor(tensor, lay, region, where)
             if region.numel == 0:
                 continue
@@ -153,11 +187,15 @@ class ZarrStore:
             pending.append((where, handles[lay.key][_slices(region)].write(src)))
         for where, fut in pending:
             self._wait(fut.commit, where)
-        for key in {lay.key for lay, _, _ in items}:
-            self._sync(f"{step_dir.strip('/')}/{array_path(key)}")
+        for path in {lay.path for lay, _, _ in items}:
+            self._sync(f"{step_dir.strip('/')}/{path}")
 
-    def read_region(self, step_dir: str, key: str, offsets: Sequence[int], shape: Sequence[int], *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read a region of ``key``'s array into ``out`` (or a new tensor) and return it.
+    def read_region(
+        self, step_dir: str, key: str, offsets: Sequence[int], shape: Sequence[int], *,
+        out: torch.Tensor | None = None, path: str | None = None,
+    ) -> torch.Tensor:
+        """Read a region of ``key``'s array (at ``path``, as :meth:`read_layout` resolves it)
+        into ``out`` (or a new tensor) and return it.
 
         ``out`` must be a contiguous CPU tensor of the logical dtype and the region's shape;
         chunks are decoded straight into its memory (no intermediate full copy).
@@ -167,8 +205,8 @@ class ZarrStore:
             IntegrityError: a chunk fails its crc32c, or a chunk the region needs is missing.
             ValueError: the region or ``out`` does not match the array.
         """
-        handle, layout, chunks = self._reader(step_dir, key)
-        where = self._where(step_dir, key)
+        handle, layout, chunks = self._reader(step_dir, key, path)
+        where = self._where(step_dir, key, layout.path)
         region = ShardRegion(tuple(offsets), tuple(shape))
         region.check_within(layout.shape, where)
         if out is None:
@@ -190,6 +228,43 @@ class ZarrStore:
         self._wait(self._kv.write(key, bytes(data)), f"{self.url}/{key}")
         if self._local is not None:  # tensorstore fsynced the parent; its parents are ours
             self._fsync_up(os.path.dirname(os.path.join(self._local, key.strip("/"))))
+
+    def write_bytes_array(self, path: str, data: bytes, attrs: Mapping[str, Any] | None = None) -> None:
+        """Store ``data`` as a uint8 zarr array at ``path`` whose one chunk ``c/0`` is the raw
+        bytes: the chunk first, the array's ``zarr.json`` last (so the node exists only once
+        its bytes are durable; its ``zarr.json`` write is the atomic commit point)."""
+        path = path.strip("/")
+        if data:
+            self.write_bytes(f"{path}/c/0", data)
+        self.write_bytes(f"{path}/{_ZARR_JSON}", json.dumps(bytes_array_metadata(len(data), attrs), indent=2).encode("utf-8"))
+
+    def bytes_array_size(self, path: str) -> int | None:
+        """The length of the raw-bytes array at ``path`` as stored (its chunk), None if absent."""
+        if self.size(f"{path.strip('/')}/{_ZARR_JSON}") is None:
+            return None
+        return self.size(f"{path.strip('/')}/c/0") or 0
+
+    def read_bytes_array(self, path: str) -> bytes:
+        """The bytes of the array :meth:`write_bytes_array` wrote at ``path``.
+
+        Raises:
+            CheckpointNotFoundError: no array there.
+            IntegrityError: not a raw-bytes array, or its chunk is not as long as its shape.
+        """
+        path = path.strip("/")
+        where = f"{self.url}/{path}"
+        try:
+            meta = json.loads(self.read_bytes(f"{path}/{_ZARR_JSON}"))
+            n = meta["shape"][0]
+            ok = isinstance(n, int) and not isinstance(n, bool) and meta == bytes_array_metadata(n, meta.get("attributes"))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise IntegrityError(f"{where}: not a raw-bytes array ({e!r})", path=where) from e
+        if not ok:
+            raise IntegrityError(f"{where}: not a raw-bytes uint8 array with one chunk", path=where)
+        found = self.size(f"{path}/c/0") or 0
+        if found != n:
+            raise IntegrityError(f"{where}: chunk c/0 is {found} bytes, the array's shape says {n}", path=where)
+        return self.read_bytes(f"{path}/c/0") if n else b""
 
     def read_bytes(self, key: str) -> bytes:
         """One object's bytes; raises CheckpointNotFoundError if it does not exist (and, on a
@@ -294,35 +369,36 @@ class ZarrStore:
             spec["metadata"] = dict(metadata)
         return spec
 
-    def _array_kv(self, step_dir: str, key: str) -> ts.KvStore:
+    def _array_kv(self, step_dir: str, path: str) -> ts.KvStore:
         kv = self._kv.copy() if hasattr(self._kv, "copy") else self._kv
-        kv.path = f"{self._kv.path}{step_dir.strip('/')}/{array_path(key)}/"
+        kv.path = f"{self._kv.path}{step_dir.strip('/')}/{path}/"
         return kv
 
-    def _where(self, step_dir: str, key: str) -> str:
-        return f"{self.url}/{step_dir.strip('/')}/{array_path(key)} (tensor {key!r})"
+    def _where(self, step_dir: str, key: str, path: str) -> str:
+        return f"{self.url}/{step_dir.strip('/')}/{path} (tensor {key!r})"
 
     def _open_all(self, step_dir: str, layouts: Mapping[str, ArrayLayout]) -> dict[str, ts.TensorStore]:
         """Open every array for writing (concurrently) and check it matches its layout."""
-        futures = {k: ts.open(self._array_spec(), kvstore=self._array_kv(step_dir, k), open=True, context=self._ctx) for k in layouts}
+        futures = {k: ts.open(self._array_spec(), kvstore=self._array_kv(step_dir, lay.path), open=True, context=self._ctx) for k, lay in layouts.items()}
         out = {}
         for k, fut in futures.items():
-            handle = self._wait(fut, self._where(step_dir, k))
-            _check_handle(handle, layouts[k], self._where(step_dir, k))
+            where = self._where(step_dir, k, layouts[k].path)
+            handle = self._wait(fut, where)
+            _check_handle(handle, layouts[k], where)
             out[k] = handle
         return out
 
-    def _reader(self, step_dir: str, key: str) -> tuple[ts.TensorStore, ArrayLayout, set[str] | None]:
+    def _reader(self, step_dir: str, key: str, path: str | None) -> tuple[ts.TensorStore, ArrayLayout, set[str] | None]:
         """A cached read handle, its layout and (local stores) the chunk keys present."""
-        cache_key = (step_dir.strip("/"), key)
+        cache_key = (step_dir.strip("/"), key, path)
         hit = self._handles.get(cache_key)
         if hit is not None:
             return hit
-        layout = self.read_layout(step_dir, key)
-        where = self._where(step_dir, key)
-        handle = self._wait(ts.open(self._array_spec(), kvstore=self._array_kv(step_dir, key), open=True, read=True, context=self._ctx), where)
+        layout = self.read_layout(step_dir, key, path)
+        where = self._where(step_dir, key, layout.path)
+        handle = self._wait(ts.open(self._array_spec(), kvstore=self._array_kv(step_dir, layout.path), open=True, read=True, context=self._ctx), where)
         _check_handle(handle, layout, where)
-        chunks = self._chunk_keys(f"{step_dir.strip('/')}/{array_path(key)}/c")
+        chunks = self._chunk_keys(f"{step_dir.strip('/')}/{layout.path}/c")
         if len(self._handles) >= _MAX_OPEN_HANDLES:
             self._handles.pop(next(iter(self._handles)))
         self._handles[cache_key] = (handle, layout, chunks)

@@ -1,16 +1,23 @@
 """Tier 3: the persistent store, a zarr v3 group per step written with tensorstore.
 
-Layout under the store's root URL (any tensorstore kvstore: ``file://``, ``gs://``, ``s3://``)::
+Layout under the store's root URL (any tensorstore kvstore: ``file://``, ``gs://``, ``s3://``),
+every level a zarr v3 node (``format/zarr_layout.py`` has the names)::
 
-    step-000001200/zarr.json                   the group (attributes: step, run id)
-    step-000001200/<array path>/…              one array per logical tensor, global shape,
-                                               chunk grid aligned to the writers' shards
-    step-000001200/blobs/rank-00000.json       each rank's encoded object tree
-    step-000001200/manifest.json               written last: present = committed
+    zarr.json                                  the root group (written by the first save)
+    step-000001200/zarr.json                   the step group (attributes: step)
+    step-000001200/model/fc.weight/…           one array per logical tensor, nested by key,
+                                               global shape, chunk grid aligned to the shards
+    step-000001200/.recoverkit/blobs/rank-00000/…  each rank's encoded object tree (uint8)
+    step-000001200/.recoverkit/manifest/…      written last: its zarr.json present = committed
 
-Object stores have no rename, so the commit point is the manifest, written last in one
-atomic object write. Each rank writes only its own chunks; every chunk carries zarr's
-crc32c codec and every shard is also checked against the CRC-32C in the manifest.
+Object stores have no rename, so the commit point is one atomic object write: the
+manifest's bytes (the array's one chunk) are written first, its ``zarr.json`` last. Each
+rank writes only its own chunks; every chunk carries zarr's crc32c codec and every shard is
+also checked against the CRC-32C in the manifest.
+
+Steps written by the previous layout (arrays flat under ``tensors/``, ``blobs/*.json``,
+``manifest.json``) are still listed and read: the manifest found tells which, and each
+record names the array or object it lives in.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr, hexcrc
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.validate import check_manifest, check_name
-from ..format.zarr_layout import ShardRegion, array_layout, array_path
+from ..format.zarr_layout import BLOBS_GROUP, MANIFEST_ARRAY, ShardRegion, array_layout, array_paths, blob_path
 from ..state import dtype_from_name, from_bytes
 from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector
@@ -35,6 +42,8 @@ from .layout import parse_step_dirname, step_dirname
 from .zarr_store import ZarrStore
 
 __all__ = ["ZarrTier"]
+
+_MARK = f"{MANIFEST_ARRAY}/zarr.json"  # present = committed (this layout)
 
 
 class ZarrTier(Tier):
@@ -52,19 +61,22 @@ class ZarrTier(Tier):
     # ----------------------------------------------------------------- writing
     def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
         d = step_dirname(step)
+        if not self.store.exists("zarr.json"):  # the root opens as a zarr group too
+            self.store.write_group("", {"recoverkit": {"layout": "steps"}})
         if self.store.list_dir(d):
-            if self.store.exists(f"{d}/{MANIFEST_NAME}"):
+            if self._committed(d):
                 self._unpublish(d)
             else:
                 self.store.delete_prefix(d)  # leftovers of an interrupted save
         by_key: dict[str, list[ShardMeta]] = {}
         for m in layout:
             by_key.setdefault(m.key, []).append(m)
+        paths = array_paths(by_key)
         layouts = [
-            array_layout(k, ms[0].dtype, ms[0].global_shape, [ShardRegion(m.offsets, m.shape) for m in ms])
+            array_layout(k, ms[0].dtype, ms[0].global_shape, [ShardRegion(m.offsets, m.shape) for m in ms], path=paths[k])
             for k, ms in sorted(by_key.items())
         ]
-        self.store.create_step(d, layouts, {"recoverkit": {"step": step}})
+        self.store.create_step(d, layouts, {"recoverkit": {"step": step}}, groups=[BLOBS_GROUP])
         return d
 
     def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
@@ -78,17 +90,17 @@ class ZarrTier(Tier):
                 layouts[s.key] = self.store.read_layout(staging, s.key)
             tensor = from_bytes(s.data, dtype_from_name(s.dtype), s.shape)
             items.append((layouts[s.key], ShardRegion(s.offsets, s.shape), tensor))
-            records.append((s.key, ShardRecord(payload.rank, array_path(s.key), 0, n, crc, s.offsets, s.shape)))
+            records.append((s.key, ShardRecord(payload.rank, layouts[s.key].path, 0, n, crc, s.offsets, s.shape)))
         self.store.write_regions(staging, items)
-        blob_key = f"blobs/rank-{payload.rank:05d}.json"
-        self.store.write_bytes(f"{staging}/{blob_key}", payload.blob)
+        blob_key = blob_path(payload.rank)
+        self.store.write_bytes_array(f"{staging}/{blob_key}", payload.blob)
         blob = BlobRecord(payload.rank, blob_key, 0, len(payload.blob), crc32c(payload.blob))
         return RankRecords(payload.rank, blob, records, {blob_key: len(payload.blob)})
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
         self.faults.reached("before_manifest", step=step, rank=rank)
-        check_manifest(manifest, where=f"{self.url}/{staging}/{MANIFEST_NAME}", arrays=True)  # readable back
-        self.store.write_bytes(f"{staging}/{MANIFEST_NAME}", manifest.to_bytes())
+        check_manifest(manifest, where=f"{self.url}/{staging}/{MANIFEST_ARRAY}", arrays=True)  # readable back
+        self.store.write_bytes_array(f"{staging}/{MANIFEST_ARRAY}", manifest.to_bytes())
         self.faults.reached("after_rename", step=step, rank=rank)
 
     def abort(self, staging: str) -> None:
@@ -99,20 +111,22 @@ class ZarrTier(Tier):
         out = []
         for name in self.store.list_dir(""):
             s = parse_step_dirname(name.rstrip("/"))
-            if s is not None and self.store.exists(f"{step_dirname(s)}/{MANIFEST_NAME}"):
+            if s is not None and self._committed(step_dirname(s)):
                 out.append(s)
         return sorted(out)
 
     def manifest(self, step: int) -> Manifest:
         d = step_dirname(step)
-        key = f"{d}/{MANIFEST_NAME}"
-        if not self.store.exists(key):
+        legacy = self._legacy(d)
+        if legacy is None:
             raise CheckpointNotFoundError(f"{self.url}/{d}: no committed step {step}")
-        manifest = Manifest.from_bytes(self.store.read_bytes(key), path=f"{self.url}/{key}", arrays=True)
+        key = f"{d}/{MANIFEST_NAME}" if legacy else f"{d}/{MANIFEST_ARRAY}"
+        data = self.store.read_bytes(key) if legacy else self.store.read_bytes_array(key)
+        manifest = Manifest.from_bytes(data, path=f"{self.url}/{key}", arrays=True)
         if manifest.step != step:
             raise IntegrityError(f"{self.url}/{key}: manifest is for step {manifest.step}", path=key)
         for name, size in manifest.files.items():  # the blobs: their real sizes bound every read of them
-            found = self.store.size(f"{d}/{name}")
+            found = self._blob_size(d, name)
             if found != size:
                 what = "is missing" if found is None else f"is {found} bytes, the manifest records {size}"
                 raise IntegrityError(f"{self.url}/{d}/{name}: file listed in the manifest {what}", path=name)
@@ -126,7 +140,7 @@ class ZarrTier(Tier):
             ptr = destination(buf, rec.nbytes, f"{self.url}/{d}/{rec.file}")
             if isinstance(rec, BlobRecord):
                 key = f"{d}/{check_name(rec.file, where=f'{self.url}/{d}', nested=True)}"
-                data = self.store.read_bytes(key)
+                data = self.store.read_bytes(key) if self._legacy_blob(rec.file) else self.store.read_bytes_array(key)
                 if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
                     raise IntegrityError(f"{self.url}/{key}: object state fails its checksum", path=rec.file)
                 if data:
@@ -141,7 +155,7 @@ class ZarrTier(Tier):
             dtype = dtype_from_name(manifest.tensors[key].dtype)
             raw = np.ctypeslib.as_array((ctypes.c_uint8 * rec.nbytes).from_address(ptr)) if rec.nbytes else np.empty(0, np.uint8)
             out = from_bytes(torch.from_numpy(raw), dtype, rec.shape)
-            self.store.read_region(d, key, rec.offsets, rec.shape, out=out)
+            self.store.read_region(d, key, rec.offsets, rec.shape, out=out, path=rec.file)
             found = crc32c_ptr(ptr, rec.nbytes) if rec.nbytes else 0
             if found != rec.crc32c:
                 raise IntegrityError(
@@ -154,8 +168,29 @@ class ZarrTier(Tier):
         self._unpublish(step_dirname(step))
 
     def _unpublish(self, d: str) -> None:
-        self.store.delete_prefix(f"{d}/{MANIFEST_NAME}")  # unselectable first
+        self.store.delete_prefix(f"{d}/{_MARK}")  # unselectable first (either layout)
+        self.store.delete_prefix(f"{d}/{MANIFEST_NAME}")
         self.store.delete_prefix(d)
+
+    def _committed(self, d: str) -> bool:
+        return self._legacy(d) is not None
+
+    def _legacy(self, d: str) -> bool | None:
+        """Whether step ``d`` was committed by the previous layout (None: not committed)."""
+        if self.store.exists(f"{d}/{_MARK}"):
+            return False
+        if self.store.exists(f"{d}/{MANIFEST_NAME}"):
+            return True
+        return None
+
+    @staticmethod
+    def _legacy_blob(name: str) -> bool:
+        """Blobs of the previous layout are plain objects (``blobs/rank-NNNNN.json``)."""
+        return not name.startswith(f"{BLOBS_GROUP}/")
+
+    def _blob_size(self, d: str, name: str) -> int | None:
+        key = f"{d}/{check_name(name, where=f'{self.url}/{d}', nested=True)}"
+        return self.store.size(key) if self._legacy_blob(name) else self.store.bytes_array_size(key)
 
     def describe(self, step: int) -> str:
         return f"{self.url}/{step_dirname(step)}"

@@ -10,13 +10,19 @@ import pytest
 
 from recoverkit.errors import IncompatibleCheckpointError
 from recoverkit.format.zarr_layout import (
+    ARRAYS_GROUP,
+    INTERNAL_GROUP,
     NATIVE_DTYPES,
     ArrayLayout,
     ShardRegion,
     array_layout,
     array_name,
     array_path,
+    array_path_candidates,
+    array_paths,
     chunk_shape_for,
+    group_paths,
+    legacy_array_path,
     storage_dtype,
 )
 from recoverkit.state.dtypes import STORABLE_DTYPES, dtype_name
@@ -149,19 +155,49 @@ def test_array_names_are_safe_deterministic_and_collision_free():
     assert array_name("model/fc.weight") == "model~2ffc.weight"  # readable for common keys
 
 
-def test_array_paths_live_under_the_tensors_group():
-    assert array_path("manifest.json") == "tensors/manifest.json"
-    assert {array_path(k).split("/")[0] for k in _TRICKY_KEYS} == {"tensors"}
-    assert all(array_path(k).count("/") == 1 for k in _TRICKY_KEYS)
+def test_array_paths_nest_one_node_per_key_part():
+    assert array_path("model/fc.weight") == "model/fc.weight"
+    assert array_path("rank-00001/optim/state/0/exp_avg") == "rank-00001/optim/state/0/exp_avg"
+    assert array_path("manifest.json") == "manifest.json"
+    for k in _TRICKY_KEYS:
+        parts = array_path(k).split("/")
+        assert len(parts) == k.count("/") + 1
+        for n in parts:  # every node name valid for zarr, none hidden or reserved
+            assert re.fullmatch(r"[A-Za-z0-9._~-]+", n), (k, n)
+            assert not n.startswith((".", "__")), (k, n)
+            assert len(n.encode()) <= 180
+    paths = [array_path(k) for k in _TRICKY_KEYS]
+    assert len(set(paths)) == len(paths), "two keys share an array path"
+    assert INTERNAL_GROUP not in {p.split("/")[0] for p in paths}  # no tensor lands among recoverkit's nodes
+
+
+def test_a_key_that_is_also_a_group_gets_a_tilde():
+    keys = ["a", "a/b", "a/b/c", "x", ".recoverkit", "__rng__/torch", "a~"]
+    paths = array_paths(keys)
+    assert paths == {"a": "a~", "a/b": "a/b~", "a/b/c": "a/b/c", "x": "x", ".recoverkit": "~2erecoverkit",
+                     "__rng__/torch": "~5f_rng__/torch", "a~": "a~7e"}
+    assert len(set(paths.values())) == len(keys)
+    assert not set(paths.values()) & group_paths(paths.values())  # no node both an array and a group
+    for k, p in paths.items():
+        assert p in array_path_candidates(k)
+    assert array_path_candidates("model/w") == ("model/w", "model/w~", "tensors/model~2fw")
+
+
+def test_previous_layout_paths_are_flat_under_tensors():
+    assert legacy_array_path("manifest.json") == "tensors/manifest.json"
+    assert {legacy_array_path(k).split("/")[0] for k in _TRICKY_KEYS} == {ARRAYS_GROUP}
+    assert all(legacy_array_path(k).count("/") == 1 for k in _TRICKY_KEYS)
 
 
 def test_array_layout_and_its_zarr_metadata_round_trip():
     lay = array_layout("rank-00000/w", "bfloat16", (8, 4), _rows((8, 4), [4]))
-    assert (lay.storage_dtype, lay.shape, lay.path) == ("uint16", (8, 4), "tensors/rank-00000~2fw")
+    assert (lay.storage_dtype, lay.shape, lay.path) == ("uint16", (8, 4), "rank-00000/w")
     assert lay.attributes["recoverkit"] == {"key": "rank-00000/w", "dtype": "bfloat16", "storage_dtype": "uint16"}
     meta = lay.zarr_metadata([{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}])
     assert meta["data_type"] == "uint16" and meta["chunk_grid"]["configuration"]["chunk_shape"] == list(lay.chunks)
     assert ArrayLayout.from_zarr_metadata(meta) == lay
+    renamed = array_layout("a", "float32", (2,), [ShardRegion((0,), (2,))], path="a~")
+    assert ArrayLayout.from_zarr_metadata(renamed.zarr_metadata([]), path="a~") == renamed
 
 
 def test_metadata_that_is_not_ours_is_refused():

@@ -137,7 +137,13 @@ def test_zarr_python_opens_every_array_and_reads_the_same_values(url, root):
             assert _bytes(torch.from_numpy(values.copy()).view(t.dtype)) == _bytes(t)
         else:
             np.testing.assert_array_equal(values, t.numpy())
-    assert {n for n, _ in group["tensors"].arrays()} == {array_path(k).split("/")[1] for k in tensors}
+    top = {array_path(k).split("/")[0] for k in tensors}
+    assert {n for n, _ in group.members()} == top  # nested: the first part of every key
+    for k in tensors:  # and each array is reachable group by group
+        node = group
+        for part in array_path(k).split("/"):
+            node = node[part]
+        assert node.attrs["recoverkit"]["key"] == k
 
 
 def test_tensorstore_opens_it_with_a_plain_spec(url, root):
@@ -212,7 +218,7 @@ def test_a_missing_chunk_is_detected_not_read_as_zeros(url, root):
 def test_missing_arrays_and_objects_are_not_found(url):
     store = ZarrStore(url)
     _save(store, {"w": torch.ones(2)})
-    with pytest.raises(CheckpointNotFoundError, match=r"tensors/nope/zarr.json"):
+    with pytest.raises(CheckpointNotFoundError, match=rf"{STEP}/nope/zarr.json"):
         store.read_region(STEP, "nope", (0,), (1,))
     with pytest.raises(CheckpointNotFoundError, match="step-000000008"):
         store.read_layout("step-000000008", "w")
@@ -286,8 +292,49 @@ def test_writes_fsync_every_directory_up_to_the_root(url, root, monkeypatch):
     monkeypatch.setattr(os, "fsync", spy)
     store.write_regions(STEP, [(lays["m/w"], ShardRegion((0, 0), (4, 4)), torch.full((4, 4), 2.0))])
     real_root = os.path.realpath(root)
-    for d in ("", STEP, f"{STEP}/tensors", f"{STEP}/{array_path('m/w')}", f"{STEP}/{array_path('m/w')}/c"):
+    for d in ("", STEP, f"{STEP}/m", f"{STEP}/{array_path('m/w')}", f"{STEP}/{array_path('m/w')}/c"):
         assert os.path.join(real_root, d).rstrip("/") in synced, d
     synced.clear()
     store.write_bytes(f"{STEP}/blobs/rank-00000.json", b"{}")
     assert os.path.join(real_root, STEP) in synced and real_root in synced
+
+
+def test_raw_bytes_arrays_hold_objects_zarr_python_can_read(url, root):
+    """Blobs and manifests are uint8 arrays whose one chunk is the object: the chunk is
+    written before the array's zarr.json, and a chunk of the wrong length is damage."""
+    zarr = pytest.importorskip("zarr")
+    store = ZarrStore(url)
+    store.write_bytes_array(f"{STEP}/.recoverkit/manifest", b'{"x": 1}')
+    assert store.read_bytes_array(f"{STEP}/.recoverkit/manifest") == b'{"x": 1}'
+    assert store.bytes_array_size(f"{STEP}/.recoverkit/manifest") == 8
+    assert store.bytes_array_size(f"{STEP}/.recoverkit/none") is None
+    assert bytes(zarr.open_array(os.path.join(root, STEP, ".recoverkit", "manifest"), mode="r")[...]) == b'{"x": 1}'
+    store.write_bytes_array(f"{STEP}/empty", b"")
+    assert store.read_bytes_array(f"{STEP}/empty") == b""
+    with open(os.path.join(root, STEP, ".recoverkit", "manifest", "c", "0"), "ab") as f:
+        f.write(b"!")
+    with pytest.raises(IntegrityError, match="chunk c/0 is 9 bytes, the array's shape says 8"):
+        store.read_bytes_array(f"{STEP}/.recoverkit/manifest")
+    with pytest.raises(CheckpointNotFoundError):
+        store.read_bytes_array(f"{STEP}/nothing")
+
+
+def test_a_key_that_is_also_a_group_is_read_from_its_renamed_array(url):
+    """Tensors ``a`` and ``a/b``: the array of ``a`` is ``a~``; read_layout finds it from the
+    key alone (the natural path is a group), and a path that holds another key is refused."""
+    from recoverkit.format.zarr_layout import array_paths
+
+    store = ZarrStore(url)
+    tensors = {"a": torch.arange(4.0), "a/b": torch.arange(2.0)}
+    paths = array_paths(tensors)
+    lays = {k: array_layout(k, "float32", tuple(t.shape), [ShardRegion((0,), tuple(t.shape))], path=paths[k]) for k, t in tensors.items()}
+    store.create_step(STEP, list(lays.values()), {})
+    store.write_regions(STEP, [(lays[k], ShardRegion((0,), tuple(t.shape)), t) for k, t in tensors.items()])
+    assert store.read_layout(STEP, "a").path == "a~"
+    assert torch.equal(store.read_region(STEP, "a", (0,), (4,)), tensors["a"])
+    assert torch.equal(store.read_region(STEP, "a/b", (0,), (2,), path="a/b"), tensors["a/b"])
+    with pytest.raises(IntegrityError, match="holds tensor 'a/b', expected 'a'"):
+        store.read_layout(STEP, "a", path="a/b")
+    with pytest.raises(ValueError, match="both the array"):
+        store.create_step("step-000000009", [array_layout("a", "float32", (1,), [ShardRegion((0,), (1,))]),
+                                             array_layout("a/b", "float32", (1,), [ShardRegion((0,), (1,))])], {})
