@@ -21,12 +21,14 @@ from .errors import (
     IntegrityError,
     RecoverkitError,
 )
+from .reading import CheckpointReader
 from .session import protect
 from .state import ResumableSampler, Stateful
 
 __all__ = [
     "protect",
     "Checkpointer",
+    "CheckpointReader",
     "SaveResult",
     "CheckpointOptions",
     "RetentionPolicy",

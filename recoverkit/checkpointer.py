@@ -22,8 +22,7 @@ import logging
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,17 +32,15 @@ from ._native import engine as default_engine
 from .config import CheckpointOptions
 from .dist.commit import CommitRequest, commit_step
 from .dist.coordinator import Coordinator, default_coordinator
-from .dist.dtensor import prepare_optimizer_state
 from .dist.sharded import unwrap
-from .errors import CheckpointNotFoundError, CommitError, IntegrityError, StorageError
+from .errors import CommitError, StorageError
 from .format.manifest import Manifest, TensorRecord
-from .restore.apply import apply_restored, target_shards
-from .restore.reader import read_state
+from .reading import CheckpointReader, RestoreResult
 from .staging.handle import SaveHandle
 from .staging.plan import SavePlan, plan_save
 from .staging.sync import stage_now
 from .storage.base import RankPayload, ReadableTier, Tier
-from .storage.discovery import CheckpointSkippedWarning, apply_retention
+from .storage.discovery import apply_retention
 from .storage.faults import FaultInjector
 from .storage.fs import LocalFS
 from .storage.local import LocalTier
@@ -302,7 +299,7 @@ class Checkpointer:
             return ({newest} if newest is not None else set()), set(damaged)
 
     # --------------------------------------------------------------- restore
-    def restore(self, state: MutableMapping[str, Any], step: int | None = None) -> int:
+    def restore(self, state: MutableMapping[str, Any], step: int | None = None, *, strict: bool = True) -> RestoreResult:
         """Restore ``state`` in place from ``step`` (default: the newest valid step).
 
         Looks in the host snapshots, then the local tier, then the persistent tier, and
@@ -310,40 +307,24 @@ class Checkpointer:
         before anything is applied; a damaged step is skipped with a
         :class:`CheckpointSkippedWarning` and the next candidate is used. ShardedTensor
         targets receive their region of the saved global tensor, whatever sharding saved
-        it. Returns the step restored; raises CheckpointNotFoundError if none is valid.
+        it. Returns the step restored (an ``int``, a :class:`~recoverkit.reading.RestoreResult`);
+        raises CheckpointNotFoundError if none is valid. ``strict=False`` loads only the
+        entries ``state`` names and reports the rest (see :meth:`CheckpointReader.restore
+        <recoverkit.reading.CheckpointReader.restore>`, which does the work).
 
         A step whose async save failed on every tier it was sent to is never offered (not
         even from host memory). The step used is remembered as known good, the damaged
         ones skipped as known bad, for retention (see :mod:`recoverkit.storage.discovery`).
         """
         self.settle()
-        # Optimizers over DTensors get their state tensors first, so the restore fills them
-        # in place with the right placements; undone if nothing gets restored.
-        prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
-        try:
-            sharded = target_shards(state)
-            failures = []
-            for tier, s, manifest in self._candidates(step):
-                try:
-                    captured = read_state(tier, s, manifest, rank=self.rank, allow_pickle=self.options.allow_pickle, sharded=sharded)
-                except (IntegrityError, OSError) as e:
-                    warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=2)
-                    failures.append((e, f"{tier.describe(s)}: {e}"))
-                    if isinstance(e, IntegrityError):  # damaged data (an OSError may pass)
-                        self._learn(tier.name, bad=s)
-                    continue
-                apply_restored(state, captured, restore_rng=self.options.capture_rng)
-                prepared = []
-                self._learn(tier.name, good=s)
-                return s
-        finally:
-            for o in prepared:
-                o.state.clear()
-        if step is not None and failures:
-            raise failures[-1][0]
-        detail = f" ({'; '.join(f for _, f in failures)})" if failures else ""
-        where = f"step {step}" if step is not None else "checkpoint"
-        raise CheckpointNotFoundError(f"{self.root}: no valid {where} to restore{detail}")
+        return self._reader().restore(state, step, strict=strict)
+
+    def _reader(self) -> CheckpointReader:
+        """A reader over this Checkpointer's tiers that reports what it learns to retention."""
+        return CheckpointReader(
+            self.root, tiers=self._readable(), rank=self.rank, allow_pickle=self.options.allow_pickle,
+            restore_rng=self.options.capture_rng, learn=self._learn,
+        )
 
     def _readable(self) -> list[ReadableTier]:
         tiers: list[ReadableTier] = []
@@ -356,43 +337,17 @@ class Checkpointer:
             tiers.append(self.tiers["persistent"])
         return tiers
 
-    def _candidates(self, step: int | None) -> Iterator[tuple[ReadableTier, int, Manifest]]:
-        """(tier, step, manifest) newest step first, fastest tier first within a step.
-
-        A step whose manifest fails is skipped with a warning; when ``step`` was asked for
-        explicitly and no tier has a valid manifest of it, that fault is raised.
-        """
-        tiers = self._readable()
-        held = sorted({(s, i) for i, t in enumerate(tiers) for s in t.steps() if step is None or s == step}, key=lambda x: (-x[0], x[1]))
-        error: Exception | None = None
-        yielded = False
-        for s, i in held:
-            tier = tiers[i]
-            try:
-                manifest = tier.manifest(s)
-            except (IntegrityError, OSError, ValueError) as e:
-                warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=3)
-                if isinstance(e, IntegrityError):
-                    self._learn(tier.name, bad=s)
-                error = e
-                continue
-            yielded = True
-            yield tier, s, manifest
-        if step is not None and not yielded and error is not None:
-            raise error
-
     # ------------------------------------------------------------- discovery
     def latest(self) -> int | None:
         """The newest step on any tier whose manifest and files verify, or None."""
-        for _, s, _ in self._candidates(None):
-            return s
-        return None
+        return self._reader().latest()
 
     def steps(self) -> list[int]:
         """Steps committed on the local tier, ascending."""
         return self.tier.steps()
 
     def manifest(self, step: int) -> Manifest:
+        """The verified manifest of ``step`` on the local tier."""
         return self.tier.manifest(step)
 
     # ------------------------------------------------------------- lifecycle

@@ -42,6 +42,7 @@ from ..errors import (
     RecoverkitError,
 )
 from ..format.manifest import MANIFEST_NAME, Manifest
+from ..reading import CheckpointReader
 from ..storage.base import ReadableTier
 from ..storage.layout import parse_step_dirname
 from ..storage.local import LocalTier
@@ -172,11 +173,19 @@ def json_option(fn: F) -> F:
 
 @dataclass(frozen=True)
 class Location:
-    """Where a command looks: a tier, and the step when the path named one."""
+    """Where a command looks: a tier, and the step when the path named one.
+
+    ``reader`` is the read-only :class:`~recoverkit.CheckpointReader` of that place: the
+    commands that only read (ls, inspect, verify, restore) discover and pick steps through
+    it, so the CLI finds the same steps a restore from Python would, and never writes.
+    ``tier`` is the same storage as a tier (``gc``, the one writer, deletes through it
+    under the run lock).
+    """
 
     tier: ReadableTier
     step: int | None
     label: str
+    reader: CheckpointReader
 
 
 def open_tier(url: str) -> ReadableTier:
@@ -187,9 +196,13 @@ def open_tier(url: str) -> ReadableTier:
 
 
 def locate(path: str) -> Location:
-    """A checkpoint root, a step directory (or its manifest.json), or a persistent-store URL."""
+    """A checkpoint root, a step directory (or its manifest.json), or a persistent-store URL.
+
+    Nothing is created, written or locked (a trainer may be writing the root right now).
+    """
     if "://" in path:
-        return Location(open_tier(path), None, path)
+        tier = open_tier(path)
+        return Location(tier, None, path, CheckpointReader(persistent_url=path, tiers=[tier]))
     full = os.path.abspath(path)
     if not os.path.exists(full):
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
@@ -201,19 +214,20 @@ def locate(path: str) -> Location:
     if step is not None:
         if not os.path.exists(os.path.join(full, MANIFEST_NAME)):
             raise CheckpointNotFoundError(f"{path}: step directory without {MANIFEST_NAME} (not committed)")
-        return Location(LocalTier(os.path.dirname(full)), step, full)
+        root = os.path.dirname(full)
+        return Location(LocalTier(root), step, full, CheckpointReader(root))
     if os.path.exists(os.path.join(full, MANIFEST_NAME)):
         raise IncompatibleCheckpointError(
             f"{path}: holds a {MANIFEST_NAME} but is not named step-NNNNNNNNN; pass its parent root or rename it"
         )
-    return Location(LocalTier(full), None, full)
+    return Location(LocalTier(full), None, full, CheckpointReader(full))
 
 
 def committed_steps(loc: Location) -> list[int]:
     """The steps at ``loc``, ascending; raises if there is none (not a checkpoint)."""
     if loc.step is not None:
         return [loc.step]
-    steps = loc.tier.steps()
+    steps = loc.reader.steps()
     if not steps:
         raise CheckpointNotFoundError(f"{loc.label}: not a checkpoint root (no committed step-* directory)")
     return steps
@@ -222,27 +236,22 @@ def committed_steps(loc: Location) -> list[int]:
 def pick_step(loc: Location, spec: int | str | None) -> tuple[int, Manifest]:
     """The step ``spec`` names (a number, ``latest`` or None = latest) and its manifest.
 
-    ``latest`` is the newest step whose manifest verifies; when none does, the newest
-    step's fault is raised.
+    ``latest`` is the newest step whose manifest verifies (skipped steps are warned about,
+    as a restore would); when none does, the newest step's fault is raised.
     """
     if loc.step is not None:
         if spec not in (None, "latest", loc.step):
             raise click.UsageError(f"{loc.label} is step {loc.step}; --step {spec} names another one")
-        return loc.step, loc.tier.manifest(loc.step)
+        return loc.step, loc.reader.manifest(loc.step)
     steps = committed_steps(loc)
     if isinstance(spec, int):
         if spec not in steps:
             raise CheckpointNotFoundError(f"{loc.label}: no committed step {spec} (have {_ranges(steps)})")
-        return spec, loc.tier.manifest(spec)
-    first: Exception | None = None
-    for s in reversed(steps):
-        try:
-            return s, loc.tier.manifest(s)
-        except (IntegrityError, IncompatibleCheckpointError, OSError) as e:
-            warnings.warn(f"skipping {loc.tier.describe(s)}: {e}", stacklevel=2)
-            first = first or e
-    assert first is not None
-    raise first
+        return spec, loc.reader.manifest(spec)
+    try:
+        return loc.reader.find()
+    except CheckpointNotFoundError:
+        return steps[-1], loc.reader.manifest(steps[-1])  # raises the newest step's fault
 
 
 def _ranges(steps: list[int]) -> str:

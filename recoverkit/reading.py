@@ -1,0 +1,298 @@
+"""Reading committed steps (discovery, restore, partial restore) without writing anything.
+
+restore: steps newest first, fastest tier first -> manifest -> read + verify every byte
+(``restore.reader``) -> keep the entries asked for -> check they fit -> apply (``restore.apply``)
+
+The one restore path: :class:`CheckpointReader` serves readers beside a training job (evaluation,
+export, the CLI), and the Checkpointer delegates its restore and discovery to one built over its
+tiers. A reader takes no lock and never writes, creates or deletes (DESIGN invariant 10): its
+local tier's file operations refuse every mutation; other tiers are only read from. It cannot
+pin a step (a pin is a write), so when a live writer's retention deletes the step being read,
+it warns (:class:`StepDeletedWarning`) and starts over from the newest step.
+"""
+
+from __future__ import annotations
+
+import errno
+import warnings
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from .dist.dtensor import prepare_optimizer_state
+from .dist.sharded import ShardedTensor, unwrap
+from .errors import (
+    CheckpointNotFoundError,
+    IncompatibleCheckpointError,
+    IntegrityError,
+    StorageError,
+)
+from .format.manifest import Manifest
+from .restore.apply import apply_restored, target_shards
+from .restore.reader import read_state
+from .staging.plan import RNG_KEY
+from .storage.base import ReadableTier
+from .storage.discovery import CheckpointSkippedWarning
+from .storage.fs import LocalFS
+from .storage.local import LocalTier
+
+__all__ = ["CheckpointReader", "RestoreResult", "StateTree", "StepDeletedWarning", "ReadOnlyFS"]
+
+MAX_RESCANS = 64  # how often one call may start over because a writer deleted what it read
+T = TypeVar("T")
+
+
+class StepDeletedWarning(CheckpointSkippedWarning):
+    """The step being read was deleted meanwhile (a live writer's retention); retried."""
+
+
+class RestoreResult(int):
+    """The step restored (an ``int``) and what a partial restore left out: ``missing_keys``
+    (entries of the target the step lacks) and ``unexpected_keys`` (saved entries not loaded;
+    ``__rng__``: the random streams). Both are empty after a strict restore."""
+
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+    def __new__(cls, step: int, missing: Sequence[str] = (), unexpected: Sequence[str] = ()) -> RestoreResult:
+        self = super().__new__(cls, step)
+        self.missing_keys, self.unexpected_keys = tuple(missing), tuple(unexpected)
+        return self
+
+    step = property(int, doc="The step restored, as a plain int.")
+
+
+class StateTree(dict):  # type: ignore[type-arg]
+    """A step's saved state: entry name -> state (tensors on CPU), and the ``step`` it is."""
+
+    step: int
+
+
+class CheckpointReader:
+    """Read-only access to a checkpoint root that a trainer may be writing right now.
+
+    Args:
+        root: the checkpoint root (node-local tier); None to read only ``persistent_url``.
+        persistent_url: also read the persistent (zarr) tier at this kvstore URL.
+        rank: whose rank-local state to read (a rank that did not exist reads rank 0's).
+        allow_pickle: decode pickled objects (runs code from the checkpoint).
+        restore_rng: restore the saved random streams in a strict :meth:`restore`.
+        fs: the local tier's file operations (wrapped so that they never write).
+        tiers: exactly these tiers, fastest first (``root``/``persistent_url`` then name them).
+        learn: told ``learn(tier, good=step)`` of the step a restore used and
+            ``learn(tier, bad=step)`` of each damaged one (the Checkpointer's retention).
+
+    Example:
+        >>> import tempfile, torch, recoverkit
+        >>> root = tempfile.mkdtemp()
+        >>> with recoverkit.Checkpointer(root) as ckpt:
+        ...     _ = ckpt.save(3, {"model": torch.nn.Linear(2, 2), "step": 3})
+        >>> reader = recoverkit.CheckpointReader(root)
+        >>> reader.steps(), reader.latest()
+        ([3], 3)
+        >>> result = reader.restore({"model": torch.nn.Linear(2, 2)}, strict=False)
+        >>> result, result.unexpected_keys  # the random streams load only if asked for
+        (3, ('__rng__', 'step'))
+    """
+
+    def __init__(
+        self, root: str | None = None, *, persistent_url: str | None = None, rank: int = 0, allow_pickle: bool = False,
+        restore_rng: bool = True, fs: LocalFS | None = None, tiers: Sequence[ReadableTier] | None = None,
+        learn: Callable[..., Any] | None = None,
+    ) -> None:
+        if tiers is None:
+            found: list[ReadableTier] = []
+            if root is not None:
+                found.append(LocalTier(root, fs=ReadOnlyFS(fs)))
+            if persistent_url:
+                from .storage.zarr_tier import ZarrTier
+
+                found.append(ZarrTier(persistent_url))  # only its reading methods are called
+            if not found:
+                raise ValueError("CheckpointReader needs a root, a persistent_url or tiers")
+            tiers = found
+        self.tiers: list[ReadableTier] = list(tiers)
+        self.label = root if root is not None else (persistent_url or self.tiers[0].describe(0))
+        self.rank, self.allow_pickle, self.restore_rng = rank, allow_pickle, restore_rng
+        self._learn = learn or (lambda *_, **__: None)  # nothing to tell
+
+    def steps(self) -> list[int]:
+        """Committed steps on any tier, ascending (manifests not read)."""
+        return sorted({s for t in self.tiers for s in t.steps()})
+
+    def latest(self) -> int | None:
+        """The newest step whose manifest and files verify on some tier, or None."""
+        try:
+            return self.find()[0]
+        except CheckpointNotFoundError:
+            return None
+
+    def manifest(self, step: int) -> Manifest:
+        """The verified manifest of ``step`` from the fastest tier holding a valid one."""
+        return self.find(step)[1]
+
+    def find(self, step: int | None = None) -> tuple[int, Manifest]:
+        """``step`` (default: the newest whose manifest verifies) and its manifest; raises
+        CheckpointNotFoundError when none verifies, or the fault of ``step`` if asked for."""
+        return self._first(step, lambda _t, s, m: (s, m))
+
+    def read(self, step: int | None = None, *, entries: Collection[str] | None = None) -> StateTree:
+        """The saved state of ``step`` (default: the newest valid), tensors on CPU, only the
+        top-level ``entries`` if given; verified and skipped past faults as :meth:`restore`.
+
+        Example:
+            >>> import tempfile, torch, recoverkit
+            >>> root = tempfile.mkdtemp()
+            >>> with recoverkit.Checkpointer(root) as ckpt:
+            ...     _ = ckpt.save(1, {"w": torch.ones(2)})
+            >>> tree = recoverkit.CheckpointReader(root).read()
+            >>> tree.step, tree["w"]
+            (1, tensor([1., 1.]))
+        """
+        _, s, captured = self._load(step, sharded=None)
+        tree = StateTree((k, v) for k, v in captured.items() if entries is None or k in entries)
+        tree.step = s
+        return tree
+
+    def restore(
+        self, state: MutableMapping[str, Any], step: int | None = None, *, strict: bool = True, restore_rng: bool | None = None
+    ) -> RestoreResult:
+        """Restore ``state`` in place from ``step`` (default: the newest valid step).
+
+        Newest step from the fastest tier holding it, every byte verified first, damaged steps
+        skipped with a warning (one asked for by number raises its fault); ShardedTensor and
+        DTensor targets get their region of the global tensor. ``strict=True``: ``state`` names exactly the saved entries; the random streams are
+        restored unless the reader has ``restore_rng=False``. ``strict=False``: only the
+        entries of ``state`` the step holds are loaded, the random streams only with
+        ``restore_rng=True``; ``missing_keys``/``unexpected_keys`` of the result name the
+        rest. Either way all or nothing over what is loaded: every check passes before the
+        first object changes (else IncompatibleCheckpointError). Returns the step (a
+        :class:`RestoreResult`); raises CheckpointNotFoundError if no step is valid.
+        """
+        rng = (self.restore_rng if strict else False) if restore_rng is None else restore_rng
+        # optimizers over DTensors get state tensors to fill in place (undone if nothing is restored)
+        prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
+        try:
+            tier, s, captured = self._load(step, sharded=target_shards(state))
+            missing, unexpected = _apply(state, captured, s, strict=strict, rng=rng)
+            prepared = []
+        finally:
+            for o in prepared:
+                o.state.clear()
+        self._learn(tier.name, good=s)
+        return RestoreResult(s, missing, unexpected)
+
+    # -------------------------------------------------------------- internals
+    def _held(self, step: int | None) -> list[tuple[int, int]]:
+        """(step, tier index) newest step first, fastest tier first within a step."""
+        held = {(s, i) for i, t in enumerate(self.tiers) for s in t.steps() if step is None or s == step}
+        return sorted(held, key=lambda x: (-x[0], x[1]))
+
+    def _gone(self, tier: ReadableTier, step: int, error: BaseException) -> bool:
+        """Whether ``step`` failed because it was deleted meanwhile (warned), not damaged."""
+        try:
+            gone = step not in tier.steps()
+        except OSError:  # the root itself is gone
+            gone = True
+        if gone:
+            warnings.warn(f"{tier.describe(step)} was deleted while it was read (a writer's retention?): "
+                          f"starting over from the newest step ({type(error).__name__}: {error})",
+                          StepDeletedWarning, stacklevel=5)
+        return gone
+
+    def _first(self, step: int | None, use: Callable[[ReadableTier, int, Manifest], T]) -> T:
+        """``use(tier, step, manifest)`` of the newest valid step (or of ``step``): a damaged
+        manifest or data (``use`` raising IntegrityError/OSError) is skipped with a warning, a
+        deleted step restarts the search from the newest. Raises the last fault of a ``step``
+        asked for, else CheckpointNotFoundError."""
+        skip: set[tuple[int, int]] = set()
+        faults: list[BaseException] = []
+        for _ in range(MAX_RESCANS):
+            rescan = False
+            for s, i in self._held(step):
+                tier, manifest = self.tiers[i], None
+                if (s, i) in skip:
+                    continue
+                try:
+                    manifest = tier.manifest(s)
+                    return use(tier, s, manifest)
+                except (IntegrityError, OSError, ValueError) as e:
+                    if manifest is not None and not isinstance(e, (IntegrityError, OSError)):
+                        raise  # read fine but does not fit (IncompatibleCheckpointError): not a fault
+                    if self._gone(tier, s, e):
+                        rescan = True
+                        break
+                    warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=4)
+                    faults.append(e)
+                    skip.add((s, i))
+                    if isinstance(e, IntegrityError):  # damaged data (an OSError may pass)
+                        self._learn(tier.name, bad=s)
+            if not rescan:
+                break
+        else:
+            raise CheckpointNotFoundError(f"{self.label}: steps were deleted faster than read ({MAX_RESCANS} tries)")
+        if step is not None and faults:
+            raise faults[-1]
+        detail = f" ({'; '.join(map(str, faults))})" if faults else ""
+        raise CheckpointNotFoundError(f"{self.label}: no valid {'checkpoint' if step is None else f'step {step}'}{detail}")
+
+    def _load(self, step: int | None, *, sharded: Mapping[str, ShardedTensor] | None) -> tuple[ReadableTier, int, dict[str, Any]]:
+        """The tier, number and state tree of the newest valid step (or ``step``)."""
+        return self._first(step, lambda t, s, m: (t, s, read_state(
+            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded)))  # type: ignore[arg-type]  # reads only
+
+
+def _apply(
+    state: MutableMapping[str, Any], captured: dict[str, Any], step: int, *, strict: bool, rng: bool
+) -> tuple[list[str], list[str]]:
+    """Apply ``captured`` (all, or what ``state`` names); return (missing, unexpected)."""
+    if strict:
+        apply_restored(state, captured, restore_rng=rng)
+        return [], []
+    missing = sorted(str(k) for k in state if k not in captured)
+    unexpected = sorted(str(k) for k in captured if k not in state and (k != RNG_KEY or not rng))
+    chosen = {k: state[k] for k in state if k in captured and k != RNG_KEY}
+    if state and not chosen:
+        saved = sorted(str(k) for k in captured if k != RNG_KEY)
+        raise IncompatibleCheckpointError(f"step {step} holds none of the entries {missing} (it holds {saved})")
+    subset = {k: captured[k] for k in (*chosen, RNG_KEY) if k in captured and (k != RNG_KEY or rng)}
+    apply_restored(chosen, subset, restore_rng=rng)
+    for k, v in chosen.items():  # plain values were replaced in `chosen`
+        state[k] = v
+    return missing, unexpected
+
+
+class ReadOnlyFS(LocalFS):
+    """A :class:`LocalFS` that reads through ``inner``: the reads are an allow-list; every other
+    public operation (one added later too) raises StorageError (EROFS) before doing anything.
+
+    Example:
+        >>> import errno, tempfile
+        >>> try:
+        ...     ReadOnlyFS().mkdir(tempfile.mkdtemp() + "/x")
+        ... except OSError as e:
+        ...     e.errno == errno.EROFS
+        True
+    """
+
+    READS = frozenset({"read_file", "listdir", "size", "is_file", "is_dir", "exists", "read_segment"})
+
+    def __init__(self, inner: LocalFS | None = None) -> None:
+        self.inner = inner if inner is not None else LocalFS()
+
+
+def _method(name: str) -> Callable[..., Any]:
+    """ReadOnlyFS's ``name``: the inner file system's if it only reads, else a refusal."""
+
+    def method(self: ReadOnlyFS, path: str, *args: Any, **kwargs: Any) -> Any:
+        if name not in ReadOnlyFS.READS:
+            raise StorageError(errno.EROFS, f"{path}: a reader never writes ({name} refused)", path)
+        return getattr(self.inner, name)(path, *args, **kwargs)
+
+    return method
+
+
+for _name, _value in vars(LocalFS).items():
+    if callable(_value) and not _name.startswith("_"):
+        setattr(ReadOnlyFS, _name, _method(_name))
