@@ -80,8 +80,8 @@ def test_two_ranks_write_tier3_three_ranks_restore_from_it(tmp_path):
     assert run_world(2, _save, root, url) == [[3], [3]]
 
     step = os.path.join(zroot, "step-000000003")
-    w = zarr.open_array(os.path.join(step, "tensors", "w"), mode="r")
-    big = zarr.open_array(os.path.join(step, "tensors", "big"), mode="r")
+    w = zarr.open_array(os.path.join(step, "w"), mode="r")
+    big = zarr.open_array(os.path.join(step, "big"), mode="r")
     np.testing.assert_array_equal(w[...], _full().numpy())
     np.testing.assert_array_equal(big[...], _big().numpy())
     assert big.chunks == (4096, 8)  # one chunk per rank: nobody wrote the other's
