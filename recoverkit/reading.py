@@ -240,7 +240,7 @@ class CheckpointReader:
     def _load(self, step: int | None, *, sharded: Mapping[str, ShardedTensor] | None) -> tuple[ReadableTier, int, dict[str, Any]]:
         """The tier, number and state tree of the newest valid step (or ``step``)."""
         return self._first(step, lambda t, s, m: (t, s, read_state(
-            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded)))  # type: ignore[arg-type]  # reads only
+            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded)))
 
 
 def _apply(

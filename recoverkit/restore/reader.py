@@ -23,7 +23,7 @@ from ..dist.sharded import ShardedTensor, local_prefix
 from ..errors import IncompatibleCheckpointError, IntegrityError, PickleNotAllowedError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
-from ..storage.base import Tier
+from ..storage.base import ReadableTier
 
 __all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank", "resolve_record", "check_blob"]
 
@@ -43,7 +43,7 @@ def blob_rank(manifest: Manifest, rank: int) -> int:
 
 
 def read_state(
-    tier: Tier,
+    tier: ReadableTier,
     step: int,
     manifest: Manifest,
     *,
@@ -90,7 +90,7 @@ def read_state(
     return unflatten(skeleton, values)
 
 
-def read_region(tier: Tier, step: int, rec: TensorRecord, box: Box) -> torch.Tensor:
+def read_region(tier: ReadableTier, step: int, rec: TensorRecord, box: Box) -> torch.Tensor:
     """The region ``box`` of tensor ``rec``, from the pieces that overlap it."""
     region = _Region(step, rec, box)
     tier.read(step, region.direct)
@@ -132,7 +132,7 @@ class _Region:
                 f"of region offsets={list(box[0])} shape={list(box[1])}"
             )
 
-    def fill(self, tier: Tier) -> None:
+    def fill(self, tier: ReadableTier) -> None:
         """Read the staged pieces (bounded: one at a time) and copy their overlap in."""
         for shard in self.staged:
             part = _empty(shard.shape, self.out.dtype)
