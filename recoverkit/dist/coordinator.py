@@ -50,6 +50,8 @@ class Coordinator(ABC):
 
     rank: int
     world_size: int
+    #: payloads reach rank 0 as the very objects sent (one process): they need not be JSON
+    in_process: bool = False
 
     @abstractmethod
     def gather(self, key: str, payload: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]] | None:
@@ -77,6 +79,7 @@ class LocalCoordinator(Coordinator):
 
     rank = 0
     world_size = 1
+    in_process = True
 
     def gather(self, key: str, payload: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
         return [payload]
