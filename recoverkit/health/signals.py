@@ -99,9 +99,14 @@ class PreemptionSignals:
         self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, on_child)
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
+        """Put the previous handlers back. After a preemption signal the SIGCHLD wrapper
+        stays: the process is on its way out, and workers still dying of that signal
+        must not turn the exit into a RuntimeError."""
+        for sig, handler in list(self._previous.items()):
+            if sig == signal.SIGCHLD and self.received is not None:
+                continue
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
+            del self._previous[sig]
 
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the trainer handles it
