@@ -35,20 +35,36 @@ So, with a DataLoader, register the :class:`DataPosition` (not the sampler) in t
 
 Without prefetching (``num_workers=0``, or iterating the sampler directly) the sampler's
 own position equals what was consumed, and the sampler can be registered directly.
+
+``protect()`` keeps the *user's* sampler instead (``recoverkit.integrations.pytorch``):
+:class:`ReplaySampler` wraps it and yields exactly what it yields; :class:`EpochStreams`
+snapshots what an epoch's order is drawn from (the global random streams, the loader's and
+sampler's generators, a stateful sampler's own state) when the epoch begins; and
+:class:`~recoverkit.integrations.pytorch.LoaderPosition` saves the batches consumed of the epoch with that snapshot, so a
+resume draws the same epoch again and skips what was consumed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+import random
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from ..errors import IncompatibleCheckpointError
+from .rng import RNGState
 
-__all__ = ["ResumableSampler", "DataPosition"]
+__all__ = [
+    "ResumableSampler",
+    "DataPosition",
+    "EpochStreams",
+    "ReplaySampler",
+    "set_epoch_chain",
+]
 
 _INT_KEYS = ("epoch", "index", "seed", "length", "num_replicas")
 _SEED_MIN, _SEED_END = -(1 << 63), 1 << 64  # what torch.Generator.manual_seed takes
@@ -281,3 +297,205 @@ class DataPosition:
         if self.sampler is not None:
             self.sampler.load_state_dict(state_dict)
         self.epoch, self.index = state_dict["epoch"], state_dict["index"]
+
+
+# --------------------------------------------------------------- a user's own sampler, replayed
+
+
+def set_epoch_chain(obj: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on ``obj`` and on the samplers it wraps (``.sampler``), as a
+    hand-written loop calls ``DistributedSampler.set_epoch`` at the start of every epoch."""
+    seen: set[int] = set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        set_epoch = getattr(obj, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        obj = getattr(obj, "sampler", None)
+
+
+class EpochStreams:
+    """The random sources an epoch's order is drawn from, captured and set back together.
+
+    Args:
+        generators: the ``torch.Generator`` objects the loader and its sampler draw from
+            (``DataLoader(generator=...)``, ``RandomSampler(generator=...)`` ...).
+        stateful: a sampler with ``state_dict``/``load_state_dict`` whose own state decides
+            its order (or ``None``).
+
+    A snapshot (:meth:`capture`) holds the process's global streams (Python, NumPy, torch
+    CPU: a ``RandomSampler`` without a generator seeds itself from torch's, and a
+    ``DataLoader`` draws its workers' base seed from it), every generator's state and the
+    stateful sampler's state. :meth:`now` is the part the global :class:`RNGState` entry of
+    a checkpoint does not already hold.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator] = (), stateful: Any = None) -> None:
+        self.generators = list(generators)
+        self.stateful = stateful
+
+    def now(self) -> dict[str, Any]:
+        """The generators' and the stateful sampler's current state."""
+        return {
+            "generators": [g.get_state() for g in self.generators],
+            "sampler": self.stateful.state_dict() if self.stateful is not None else None,
+        }
+
+    def capture(self) -> dict[str, Any]:
+        """Everything the next draws depend on: the global streams and :meth:`now`."""
+        return {**_global_streams(), **self.now()}
+
+    def set_global(self, snapshot: dict[str, Any]) -> None:
+        """Set the process's global streams (only) from a :meth:`capture` snapshot."""
+        RNGState().load_state_dict(
+            {k: snapshot[k] for k in ("python", "numpy", "torch")} | {"cuda": []}
+        )
+
+    def set_now(self, now: dict[str, Any]) -> None:
+        """Set the generators and the stateful sampler from :meth:`now` (or a snapshot)."""
+        for g, st in zip(self.generators, now["generators"]):
+            g.set_state(st.detach().to("cpu", torch.uint8).contiguous())
+        if self.stateful is not None and now["sampler"] is not None:
+            self.stateful.load_state_dict(now["sampler"])
+
+    def set(self, snapshot: dict[str, Any]) -> None:
+        """Set everything back to a :meth:`capture` snapshot."""
+        self.set_global(snapshot)
+        self.set_now(snapshot)
+
+    def validate(self, value: Any, what: str, *, whole: bool) -> None:
+        """Raise :class:`IncompatibleCheckpointError` unless ``value`` can be set here
+        (``whole``: a :meth:`capture` snapshot, else a :meth:`now` part)."""
+        keys = {"generators", "sampler"} | ({"python", "numpy", "torch"} if whole else set())
+        if not isinstance(value, dict) or set(value) != keys:
+            found = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            raise IncompatibleCheckpointError(
+                f"data position: {what} needs keys {sorted(keys)}, got {found}"
+            )
+        if whole:
+            try:
+                RNGState().validate_state_dict(
+                    {k: value[k] for k in ("python", "numpy", "torch")} | {"cuda": []}
+                )
+            except IncompatibleCheckpointError as e:
+                raise IncompatibleCheckpointError(f"data position: {what}: {e}") from None
+        states = value["generators"]
+        if not isinstance(states, list) or len(states) != len(self.generators):
+            n = len(states) if isinstance(states, list) else type(states).__name__
+            raise IncompatibleCheckpointError(
+                f"data position: {what} holds {n} generator state(s); this loader draws from "
+                f"{len(self.generators)} generator(s)"
+            )
+        for i, (g, st) in enumerate(zip(self.generators, states)):
+            if not isinstance(st, torch.Tensor) or st.dtype != torch.uint8 or st.dim() != 1:
+                raise IncompatibleCheckpointError(
+                    f"data position: {what} generator {i} is not a uint8 vector"
+                )
+            try:
+                torch.Generator(device=g.device).set_state(st.detach().to("cpu").contiguous())
+            except Exception as e:  # noqa: BLE001 - size or content the generator refuses
+                raise IncompatibleCheckpointError(
+                    f"data position: {what} generator {i} cannot be loaded ({type(e).__name__}: {e})"
+                ) from None
+        if self.stateful is None:
+            if value["sampler"] is not None:
+                raise IncompatibleCheckpointError(
+                    f"data position: {what} holds a sampler state; this loader's sampler keeps none"
+                )
+        elif value["sampler"] is None:
+            raise IncompatibleCheckpointError(
+                f"data position: {what} holds no state for the sampler {type(self.stateful).__name__}"
+            )
+        else:
+            check = getattr(self.stateful, "validate_state_dict", None)
+            if callable(check):
+                check(value["sampler"])
+
+
+def _global_streams() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=True),
+        "torch": torch.get_rng_state(),
+    }
+
+
+class ReplaySampler(Sampler[Any]):
+    """Yields exactly what a user's (batch) sampler yields, and can re-draw an epoch to resume.
+
+    Args:
+        inner: the user's sampler, or the loader's batch sampler (a ``BatchSampler`` over it).
+        streams: what ``inner``'s order depends on, captured when an epoch is drawn.
+        eager: draw the whole epoch at its start (``list(inner)``). Right for torch's own
+            samplers, which draw everything up front anyway; other samplers are iterated
+            lazily, as the DataLoader would.
+
+    Before each epoch, :meth:`begin` names the epoch, how many items to skip (the ones a
+    resumed run already consumed) and the snapshot to draw from (``None``: the streams as
+    they are now). The draw happens when the DataLoader first asks for an index (or at
+    :meth:`prime`): ``set_epoch(epoch)`` on the sampler chain, then ``inner`` is iterated.
+    ``start`` is the snapshot the epoch was drawn from, for the data position to save.
+    """
+
+    def __init__(self, inner: Any, streams: EpochStreams, *, eager: bool) -> None:
+        self.inner = inner
+        self.streams = streams
+        self.eager = eager
+        self.epoch = 0
+        self.start: dict[str, Any] | None = None
+        self.length: int | None = None  # items in the drawn epoch (eager draws only)
+        self._skip = 0
+        self._replay: dict[str, Any] | None = None
+        self._source: Iterator[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def begin(self, epoch: int, *, skip: int = 0, replay: dict[str, Any] | None = None) -> None:
+        """Draw ``epoch`` at the next iteration (from ``replay`` if given) and skip ``skip``."""
+        self.epoch, self._skip, self._replay, self._source = int(epoch), int(skip), replay, None
+        self.length = None
+
+    def prime(self) -> None:
+        """Draw the epoch now (once per :meth:`begin`) and skip what was consumed."""
+        if self._source is not None:
+            return
+        if self._replay is not None:
+            self.streams.set(self._replay)
+            self.start = self._replay
+        else:
+            self.start = self.streams.capture()
+        set_epoch_chain(self.inner, self.epoch)
+        leaf = self.inner
+        while type(leaf).__name__ == "BatchSampler" and getattr(leaf, "sampler", None) is not None:
+            leaf = leaf.sampler
+        name = type(leaf).__name__
+        if self.eager:
+            order = list(self.inner)
+            self.length = len(order)
+            if self._skip > len(order):
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint consumed {self._skip} batches of epoch {self.epoch}, but {name} yields "
+                    f"{len(order)} for it: the dataset or the sampler changed since the save"
+                )
+            self._source = iter(order[self._skip :])
+            return
+        source = iter(self.inner)
+        for n in range(self._skip):
+            if next(source, _END) is _END:
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint consumed {self._skip} batches of epoch {self.epoch}, but {name} yields "
+                    f"{n} for it: the dataset or the sampler changed since the save"
+                )
+        self._source = source
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._run()
+
+    def _run(self) -> Iterator[Any]:
+        self.prime()
+        assert self._source is not None
+        yield from self._source
+
+
+_END = object()

@@ -1,15 +1,29 @@
-"""ResumableSampler and DataPosition: a resumed run sees exactly the samples it would have."""
+"""ResumableSampler, DataPosition, and the replay of a user's own sampler: a resumed run sees exactly the samples it would have."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Dataset
+from recoverkit.integrations.pytorch import LoaderPosition
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from recoverkit.errors import IncompatibleCheckpointError
-from recoverkit.state import DataPosition, ResumableSampler, apply, capture, decode, encode
+from recoverkit.state import (
+    DataPosition,
+    ResumableSampler,
+    apply,
+    capture,
+    decode,
+    encode,
+    flatten,
+    unflatten,
+)
+from recoverkit.state.sampler import EpochStreams, ReplaySampler
 
 
 def _through_codec(captured):
@@ -221,3 +235,97 @@ def test_rewind_returns_prefetched_samples():
     position.advance(2)  # ... but only two consumed
     position.rewind()
     assert drawn[:2] + list(sampler) == ResumableSampler(12, seed=4).order(0)
+
+
+# ------------------------------------------------------- a user's own sampler, replayed exactly
+
+
+def _through_save(tree):
+    """Tensors out and back (copied), the rest through the codec, as a checkpoint does."""
+    skeleton, refs = flatten(tree)
+    return unflatten(decode(encode(skeleton)), {r.key: r.tensor.clone() for r in refs})
+
+
+
+
+def _replayed_epochs(replay, position, epochs, *, stop=None):
+    """Drive a ReplaySampler the way protect() does; stop after `stop` items."""
+    seen = []
+    while position.epoch < epochs:
+        resume = position.index > 0
+        replay.begin(position.epoch, skip=position.index, replay=position.start if resume else None)
+        replay.prime()
+        position.start = replay.start
+        for item in replay:
+            seen.append(item)
+            position.advance()
+            if len(seen) == stop:
+                return seen
+        position.next_epoch()
+    return seen
+
+
+def _make(g):
+    inner = BatchSampler(RandomSampler(range(23), generator=g), 4, drop_last=False)
+    streams = EpochStreams([g])
+    replay = ReplaySampler(inner, streams, eager=True)
+    position = LoaderPosition(streams, mode="replay", epoch_length=lambda e: replay.length, size=lambda: len(replay))
+    return replay, position
+
+
+@pytest.mark.parametrize("stop", [1, 5, 6, 7, 13])
+def test_replay_resumes_anywhere_through_the_codec(stop):
+    user = BatchSampler(RandomSampler(range(23), generator=torch.Generator().manual_seed(4)), 4, False)
+    expected = [b for _ in range(3) for b in user]  # what the user's sampler alone yields
+    head = _replayed_epochs(*_make(torch.Generator().manual_seed(4)), 3, stop=stop)
+    replay, position = _make(torch.Generator().manual_seed(4))
+    _replayed_epochs(replay, position, 3, stop=stop)
+    saved = _through_save(capture({"data": position}))
+    if stop % 6 == 0:  # an epoch (6 batches) just ended: saved as the start of the next one
+        assert (saved["data"]["epoch"], saved["data"]["index"], saved["data"]["start"]) == (stop // 6, 0, None)
+    fresh_g = torch.Generator().manual_seed(999)  # the generator's saved state wins
+    replay2, position2 = _make(fresh_g)
+    apply({"data": position2}, saved)
+    assert head + _replayed_epochs(replay2, position2, 3) == expected
+
+
+def test_loader_position_refuses_what_it_cannot_load():
+    g = torch.Generator().manual_seed(0)
+    _, position = _make(g)
+    good = position.state_dict()
+    start = EpochStreams([g]).capture()
+    bad_gen = {**start, "generators": [torch.zeros(7, dtype=torch.uint8)]}
+    for bad, match in (
+        ({"epoch": 0, "index": 3, "seed": 0, "shuffle": True, "length": 10}, "replaced the loader's sampler"),
+        ({**good, "mode": "count"}, "'count' mode"),
+        ({**good, "index": 2}, "has no 'start'"),
+        ({**good, "index": 7, "start": start}, "7 batches into epoch 0, but the loader has 6"),
+        ({**good, "index": -1}, "out of range"),
+        ({**good, "now": {"generators": [], "sampler": None}}, "0 generator state"),
+        ({**good, "index": 2, "start": bad_gen}, "generator 0 cannot be loaded"),
+        ({**good, "index": 2, "start": {**start, "torch": torch.zeros(3)}}, "uint8"),
+        ({**good, "now": {"generators": good["now"]["generators"], "sampler": {"x": 1}}}, "keeps none"),
+    ):
+        with pytest.raises(IncompatibleCheckpointError, match=match):
+            position.load_state_dict(bad)
+    assert (position.epoch, position.index, position.start) == (0, 0, None)
+
+
+def test_replay_of_a_changed_sampler_is_refused():
+    replay = ReplaySampler(list(range(5)), EpochStreams(), eager=True)
+    replay.begin(0, skip=6)
+    with pytest.raises(IncompatibleCheckpointError, match="consumed 6 batches of epoch 0, but list yields 5"):
+        replay.prime()
+    lazy = ReplaySampler(range(5), EpochStreams(), eager=False)
+    lazy.begin(0, skip=9)
+    with pytest.raises(IncompatibleCheckpointError, match="yields 5"):
+        list(lazy)
+
+
+def test_epoch_streams_set_back_global_and_generator_draws():
+    g = torch.Generator().manual_seed(1)
+    streams = EpochStreams([g])
+    snap = _through_save(streams.capture())
+    first = (torch.rand(3).tolist(), torch.rand(2, generator=g).tolist(), float(np.random.rand()), random.random())
+    streams.set(snap)
+    assert first == (torch.rand(3).tolist(), torch.rand(2, generator=g).tolist(), float(np.random.rand()), random.random())
