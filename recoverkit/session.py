@@ -11,43 +11,57 @@
 
 On entry the newest valid checkpoint (any tier) is restored: model, optimizers,
 schedulers, scaler, every RNG and the data position. A step ends when the loop asks for
-the next batch; every ``save_every`` steps the state is saved lazily (``save_async``).
-SIGTERM/SIGINT let the current step finish, then the newest state is made durable within
-``grace_s`` and the process exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT);
-a second signal exits at once. On normal exit pending saves are flushed; on an exception
-only already-consistent saves are flushed (the state mid-step is never committed) and the
-exception propagates.
+the next batch; every ``save_every`` steps the state is saved lazily (``save_async``), and
+when the loop runs out (``epochs`` or ``max_steps``) its final step is saved too (once).
+Each committed save is one INFO line on the ``recoverkit`` logger (``log_saves=False`` or
+the logger's level turns it off).
+
+SIGTERM/SIGINT (to the process or to its whole group: DataLoader workers are moved out of
+it, see :mod:`recoverkit.health.signals`) let the current step finish, then the
+newest state is made durable within ``grace_s`` and the process exits with ``128 + signal``
+(143 for SIGTERM, 130 for SIGINT); a second signal exits at once. On normal exit pending
+saves are flushed; on an exception only already-consistent saves are flushed (the state
+mid-step is never committed) and the exception propagates.
 
 A lazy save that fails does not stop training: the Checkpointer logs it once (logger
-``recoverkit``, as an error) and ``run.failed_saves`` lists it; leaving the loop never
-raises for it either.
+``recoverkit``, as an error) and ``run.failed_saves`` lists it. When the loop ends, failed
+saves are not passed over: ``on_failed_saves="raise"`` (default) raises a CommitError
+naming them after everything is flushed and released, ``"exit"`` exits with status 1 after
+one error line, ``"warn"`` only logs a warning.
+
+Entering ``protect`` takes the root's run lock, a staging pipeline and the signal handlers;
+every way out (a failure on entry included) gives all of them back.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
-import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, _failed_saves_error
 from .config import CheckpointOptions
 from .errors import CheckpointNotFoundError, CommitError
+from .health.signals import PreemptionSignals, exit_code_for, quiet_workers
 
 __all__ = ["protect", "Run", "exit_code_for"]
 
 log = logging.getLogger("recoverkit")
 
+#: what leaving the loop does about lazy saves that failed (see the module docstring)
+OnFailedSaves = Literal["raise", "exit", "warn"]
+FAILED_SAVES_EXIT_CODE = 1
 
-def exit_code_for(signum: int) -> int:
-    """The documented exit code after a preemption signal: ``128 + signum``."""
-    return 128 + signum
+
+def _check_args(save_every: int, on_failed_saves: str) -> None:
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if on_failed_saves not in ("raise", "exit", "warn"):
+        raise ValueError(f"on_failed_saves must be 'raise', 'exit' or 'warn', got {on_failed_saves!r}")
 
 
 class _Counters:
@@ -82,9 +96,11 @@ class Run:
         seed: int,
         options: CheckpointOptions | None,
         checkpointer: Checkpointer | None,
+        on_failed_saves: OnFailedSaves = "raise",
+        log_saves: bool = True,
     ) -> None:
-        if save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        _check_args(save_every, on_failed_saves)
+        self._user_loader = loader
         self.ckpt = checkpointer or Checkpointer(root, options=options)
         self.counters = _Counters()
         self.state: dict[str, Any] = dict(state)
@@ -107,7 +123,6 @@ class Run:
         self.grace_s = grace_s
         self.spike_factor = spike_factor
         self.resumed_from: int | None = None
-        self.preempted: int | None = None  # the signal number, once one arrived
         self._loss_ema: float | None = None
         self._losses_seen = 0
         self._restart = False
@@ -116,32 +131,100 @@ class Run:
         self._last_handle: Any = None
         #: (step, error) of every lazy save that failed (each is also logged as an error)
         self.failed_saves: list[tuple[int, BaseException]] = []
-        self._old_handlers: dict[int, Any] = {}
+        self.on_failed_saves = on_failed_saves
+        self.log_saves = log_saves
+        self._signals = PreemptionSignals()
+        self._unquiet: Callable[[], None] | None = None
+        self._closed = False
+        self._saved_step: int | None = None  # the newest step saved (or restored): never saved twice
+        self._unlogged: list[Any] = []  # handles of saves whose commit is not logged yet
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> Run:
+        """Restore the newest valid step, quiet the loader's workers, install the handlers.
+
+        On any failure everything taken so far (the run lock included) is released first.
+        """
         try:
-            self.resumed_from = self.ckpt.restore(self.state)
-            log.info("recoverkit: resumed from step %d", self.resumed_from)
-        except CheckpointNotFoundError:
-            self.resumed_from = None
-        self._install_signals()
+            try:
+                self.resumed_from = self.ckpt.restore(self.state)
+                log.info("recoverkit: resumed from step %d", self.resumed_from)
+            except CheckpointNotFoundError:
+                self.resumed_from = None
+            self._saved_step = self.resumed_from
+            self._unquiet = quiet_workers(self._user_loader, self.loader)
+            self._signals.install()
+        except BaseException:
+            self.release()
+            raise
         return self
 
-    def finish(self, failed: bool) -> None:
-        """Flush saves already made (they are consistent; a step cut short is never saved)."""
-        self._restore_signals()
-        if failed:
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Flush saves already made (they are consistent; a step cut short is never saved),
+        release everything, then apply ``on_failed_saves`` if the loop ended normally.
+
+        ``exc``: the exception leaving the loop, if any (it propagates; failed saves are
+        then only logged). After a preemption exit, saves still in flight past the grace
+        period are not waited for (the process is leaving; the OS drops the lock).
+        """
+        if exc is not None and not isinstance(exc, SystemExit):
             log.warning("recoverkit: the loop failed at step %d; flushing saves made so far", self.counters.step)
-        if self.preempted is not None:
-            return  # _exit_preempted already waited up to the grace period; the OS drops the lock
+        if self.preempted is not None and isinstance(exc, SystemExit):  # from _exit_preempted
+            self._check_saves()
+            self.release(close=self.ckpt.settle(0))
+            return
         try:
-            self._check_saves(wait=True)
+            self._settle()
+            self._check_saves()
         finally:
-            try:
-                self.ckpt.close()
-            except CommitError as e:  # only a save made meanwhile by another thread: logged already
-                self.failed_saves.append((e.step if e.step is not None else -1, e))
+            self.release()
+        self._log_committed()
+        if exc is None or (isinstance(exc, SystemExit) and not exc.code):
+            self._report_failed_saves()
+
+    def release(self, *, close: bool = True) -> None:
+        """Give back what ``start`` took: signal handlers, the loader workers'
+        ``worker_init_fn``, and (``close``) the staging pipeline and the run lock.
+        Idempotent. A preempted run leaves saves still in flight after the grace period
+        with ``close=False``: closing would wait for them; the process is exiting."""
+        self._signals.restore()
+        if self._unquiet is not None:
+            self._unquiet()
+            self._unquiet = None
+        if self._closed or not close:
+            return
+        self._closed = True
+        try:
+            self.ckpt.close()
+        except CommitError as e:  # only a save made meanwhile by another thread: logged already
+            self.failed_saves.append((e.step if e.step is not None else -1, e))
+
+    def _settle(self) -> None:
+        """Wait for every save; once a signal has arrived, for at most ``grace_s`` more
+        (a second signal still exits at once: the handlers stay until ``release``)."""
+        while not self.ckpt.settle(0.25):
+            if self.preempted is not None:
+                if not self.ckpt.settle(self.grace_s):
+                    log.error("recoverkit: saves still in flight after %.1f s of grace", self.grace_s)
+                return
+
+    def _report_failed_saves(self) -> None:
+        if not self.failed_saves:
+            return
+        steps = ", ".join(str(s) for s in sorted({s for s, _ in self.failed_saves}))
+        if self.on_failed_saves == "warn":
+            log.warning("recoverkit: %d save(s) failed (steps %s); see run.failed_saves", len(self.failed_saves), steps)
+            return
+        if self.on_failed_saves == "exit":
+            log.error("recoverkit: %d save(s) failed (steps %s); exiting with status %d",
+                      len(self.failed_saves), steps, FAILED_SAVES_EXIT_CODE)
+            raise SystemExit(FAILED_SAVES_EXIT_CODE)
+        raise _failed_saves_error(sorted(self.failed_saves, key=lambda f: f[0]))
+
+    @property
+    def preempted(self) -> int | None:
+        """The preemption signal's number, once one arrived (else None)."""
+        return self._signals.received
 
     @property
     def step(self) -> int:
@@ -160,11 +243,20 @@ class Run:
                 self._end_step()
             first = False
             if self.max_steps is not None and self.counters.step >= self.max_steps:
-                return
-            batch = self._next_batch()
+                break
+            try:
+                batch = self._next_batch()
+            except RuntimeError:
+                if self.preempted is None:
+                    raise
+                # a loader whose workers we could not reach died of the group's signal
+                log.warning("recoverkit: the data loader failed after the signal; saving step %d", self.counters.step)
+                self._exit_preempted()
             if batch is None:
-                return
+                break
             yield batch
+        if self.counters.step > 0 and self._saved_step != self.counters.step:
+            self._save_now()  # the final step, whatever save_every is
 
     def _batches(self) -> Iterator[Any]:
         """The data stream from the current position, across epochs, minus skipped batches.
@@ -215,25 +307,48 @@ class Run:
         self._current = None
         self.counters.step += 1
         self._check_saves()
-        if self.counters.step % self.save_every == 0 or self.preempted is not None:
-            self._track(self.ckpt.save_async(self.counters.step, self.state))
+        if self.counters.step % self.save_every == 0 and self.preempted is None:
+            self._save_now()
         if self.preempted is not None:
             self._exit_preempted()
 
     def save(self) -> Any:
         """Save the state at the current step boundary now (lazily); return the handle."""
-        return self._track(self.ckpt.save_async(self.counters.step, self.state))
+        return self._save_now()
 
-    def _track(self, handle: Any) -> Any:
+    def _save_now(self) -> Any:
+        handle = self.ckpt.save_async(self.counters.step, self.state)
         self._last_handle = handle
+        self._saved_step = self.counters.step
+        if self.log_saves:
+            self._unlogged.append(handle)
         return handle
 
-    def _check_saves(self, *, wait: bool = False) -> None:
+    def _check_saves(self) -> None:
         """Collect lazy saves that failed since the last check (the Checkpointer logged each
-        once): training goes on, nobody is left unaware. ``wait``: every save settles first."""
-        if wait:
-            self.ckpt.settle()
+        once): training goes on, nobody is left unaware. Saves committed since the last
+        check get their INFO line."""
         self.failed_saves.extend(self.ckpt.take_failed_saves())
+        self._log_committed()
+
+    def _log_committed(self) -> None:
+        """One INFO line per committed save: step, tiers, bytes, and how long the loop stalled
+        for it (the call plus the optimizer's pre-step wait). Superseded saves (a newer
+        save was written instead) and failed ones (logged as errors) get none."""
+        pending = []
+        for h in self._unlogged:
+            if not h.done():
+                pending.append(h)
+                continue
+            where = list(h.committed_to) or ([] if h.superseded or h.tiers else ["host memory"])
+            if h.error is not None or not where:
+                continue
+            m = h.metrics
+            stall_ms = 1e3 * (m.get("call_s", 0.0) + m.get("prestep_wait_s", 0.0))
+            who = f"rank {self.ckpt.rank}: " if self.ckpt.world_size > 1 else ""
+            log.info("recoverkit: %ssaved step %d to %s (%s, training stalled %.1f ms)",
+                     who, h.step, ", ".join(where), _size(int(m.get("bytes", 0))), stall_ms)
+        self._unlogged = pending
 
     # ------------------------------------------------------------- loss guard
     def guard(self, loss: torch.Tensor | float) -> bool:
@@ -256,6 +371,7 @@ class Run:
         skip = list(self.counters.skip)
         restored = self.ckpt.restore(self.state)
         self.counters.skip = skip  # the rejection outlives the rollback
+        self._saved_step = restored
         log.warning(
             "recoverkit: loss %s at step %d: rolled back to step %d, skipping the batch at epoch %d sample %d",
             value, self.counters.step, restored, *offending,
@@ -265,29 +381,16 @@ class Run:
         self._rejected = True
         return False
 
-    # ------------------------------------------------------------- signals
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.preempted is not None:  # second signal: leave now
-            os._exit(exit_code_for(signum))
-        self.preempted = signum
-        log.warning("recoverkit: %s received: finishing this step, then saving", signal.Signals(signum).name)
-
+    # ------------------------------------------------------------- preemption
     def _exit_preempted(self) -> None:
+        """Save the step reached (unless it is saved already), wait up to ``grace_s`` for it
+        to be durable, exit with ``128 + signal``."""
         assert self.preempted is not None
+        if self._saved_step != self.counters.step:
+            self._save_now()
         handle = self._last_handle
         try:
-            if handle is None or not handle.wait(self.grace_s):
+            if handle is not None and handle.step == self.counters.step and not handle.wait(self.grace_s):
                 log.error("recoverkit: step %d not durable within %.1f s", self.counters.step, self.grace_s)
         except Exception as e:  # noqa: BLE001 - the Checkpointer logged it; the exit code still tells
             self.failed_saves.append((handle.step, e))
@@ -311,6 +414,8 @@ def protect(
     seed: int = 0,
     options: CheckpointOptions | None = None,
     checkpointer: Checkpointer | None = None,
+    on_failed_saves: OnFailedSaves = "raise",
+    log_saves: bool = True,
 ) -> _Protected:
     """Protect a training loop; use as ``with protect(...) as run: for batch in run: ...``.
 
@@ -327,7 +432,18 @@ def protect(
         grace_s: how long a preempted run waits for its final save to be durable.
         spike_factor: reject a loss above this multiple of its running average.
         seed: seeds the data order and the loader's worker seeds per epoch.
+        options / checkpointer: the Checkpointer's options, or the Checkpointer itself;
+            ``protect`` owns it from then on and closes it however the block ends
+            (a failure on entry included).
+        on_failed_saves: when the loop ends normally and lazy saves failed on the way
+            (``run.failed_saves``): ``"raise"`` a CommitError naming them, ``"exit"``
+            with status 1 after one error line, or ``"warn"`` only. Everything is
+            flushed and released first. A preempted run exits ``128 + signal`` anyway.
+        log_saves: one INFO line (logger ``recoverkit``) per committed save.
+
+    Nothing is taken (lock, pipeline, handlers) until the ``with`` block is entered.
     """
+    _check_args(save_every, on_failed_saves)
     state: dict[str, Any] = {}
     for name, value in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if value is None:
@@ -338,22 +454,52 @@ def protect(
         else:
             state[name] = value
     state.update(extra or {})
-    run = Run(
-        root, state=state, loader=loader, save_every=save_every, epochs=epochs, max_steps=max_steps,
-        grace_s=grace_s, spike_factor=spike_factor, seed=seed, options=options, checkpointer=checkpointer,
-    )
-    return _Protected(run)
+
+    def build() -> Run:
+        ckpt = checkpointer or Checkpointer(root, options=options)
+        try:
+            return Run(
+                root, state=state, loader=loader, save_every=save_every, epochs=epochs, max_steps=max_steps,
+                grace_s=grace_s, spike_factor=spike_factor, seed=seed, options=options, checkpointer=ckpt,
+                on_failed_saves=on_failed_saves, log_saves=log_saves,
+            )
+        except BaseException:
+            ckpt.close()  # nothing was saved: this only stops the pipeline and drops the lock
+            raise
+
+    return _Protected(build)
 
 
 class _Protected:
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    """The ``with`` block: builds and starts the Run on entry, finishes it on exit."""
+
+    def __init__(self, build: Callable[[], Run]) -> None:
+        self._build = build
+        self.run: Run | None = None
 
     def __enter__(self) -> Run:
-        return self.run.start()
+        self.run = self._build()
+        return self.run.start()  # releases everything itself if it fails
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.run.finish(failed=exc_type is not None and exc_type is not SystemExit)
+        assert self.run is not None
+        run = self.run
+        run.finish(exc)
+        if run.preempted is not None and isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+            # workers we could not reach died of the group's signal mid-step: that step is
+            # lost, the saves before it were flushed; the launcher still sees a preemption
+            log.warning("recoverkit: the data loader's workers died of %s at step %d", run.preempted, run.step)
+            raise SystemExit(exit_code_for(run.preempted)) from exc
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` for a log line: 512 B, 30.4 KiB, 1.2 GiB."""
+    value, unit = float(nbytes), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _batch_len(batch: Any) -> int:
