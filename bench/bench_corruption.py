@@ -213,13 +213,12 @@ def _plain_read(files: list[str], buf: bytearray) -> int:
 def _verify(ckpt: Checkpointer, step: int, scratch: torch.Tensor) -> int:
     """Read every stored byte of ``step`` through the engine, each piece checked against its CRC."""
     m = ckpt.tier.manifest(step)
-    base = int(scratch.data_ptr())
-    reqs: list[Any] = [(b, base) for b in m.blobs]
+    recs: list[Any] = list(m.blobs)
     for t in m.tensors.values():
-        reqs += [(s, base) for s in t.shards if s.nbytes]
-    for rec, ptr in reqs:  # one piece at a time into the same scratch (bounded memory)
-        ckpt.tier.read(step, [(rec, ptr)])
-    return sum(r.nbytes for r, _ in reqs)
+        recs += [s for s in t.shards if s.nbytes]
+    for rec in recs:  # one piece at a time into the same scratch (bounded memory)
+        ckpt.tier.read(step, [(rec, scratch[: rec.nbytes])])
+    return sum(r.nbytes for r in recs)
 
 
 def _throughput(base: str, size_mib: int, reps: int) -> dict[str, Any]:

@@ -189,7 +189,8 @@ def _protect_async_errors(root: str, width: int) -> dict[str, Any]:
     t_arm = 0.0
     try:
         ckpt = Checkpointer(root, options=_opts(), fs=FaultyFS(faults), faults=faults)
-        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(12), save_every=1, checkpointer=ckpt) as run:
+        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(12), save_every=1, checkpointer=ckpt,
+                               on_failed_saves="warn") as run:
             for _ in run:
                 train_step(model, opt, run.step + 1)
                 if run.step + 1 == 4:

@@ -109,7 +109,7 @@ def read_back_equal(state: dict[str, torch.Tensor], url: str, step: int) -> bool
     for key, t in state.items():
         rec: ShardRecord = manifest.tensors[key].shards[0]
         buf = torch.empty(rec.nbytes, dtype=torch.uint8)
-        tier.read(step, [(rec, int(buf.data_ptr()))])
+        tier.read(step, [(rec, buf)])
         ok = ok and bool(torch.equal(buf, to_bytes_view(t)))
     return ok
 

@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
 
 from .checkpointer import Checkpointer, _failed_saves_error
 from .config import CheckpointOptions
@@ -69,7 +68,7 @@ class _Counters:
 
     def __init__(self) -> None:
         self.step = 0
-        self.skip: list[list[int]] = []  # [epoch, sample index] of batches the guard rejected
+        self.skip: list[list[int]] = []  # [epoch, batch index] of batches the guard rejected
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "skip": [list(x) for x in self.skip]}
@@ -188,6 +187,10 @@ class Run:
         Idempotent. A preempted run leaves saves still in flight after the grace period
         with ``close=False``: closing would wait for them; the process is exiting."""
         self._signals.restore()
+        stream = self.__dict__.pop("_stream", None)
+        close_stream = getattr(stream, "close", None)
+        if close_stream is not None:  # stop the loader's workers now, not at interpreter exit
+            close_stream()
         if self._unquiet is not None:
             self._unquiet()
             self._unquiet = None
@@ -373,7 +376,7 @@ class Run:
         self.counters.skip = skip  # the rejection outlives the rollback
         self._saved_step = restored
         log.warning(
-            "recoverkit: loss %s at step %d: rolled back to step %d, skipping the batch at epoch %d sample %d",
+            "recoverkit: loss %s at step %d: rolled back to step %d, skipping the batch at epoch %d batch index %d",
             value, self.counters.step, restored, *offending,
         )
         self._current = None
@@ -423,15 +426,18 @@ def protect(
         root: the checkpoint root.
         model, optimizer, scheduler, scaler: one object or a list of them each (DDP and
             FSDP2 modules are fine).
-        loader: a DataLoader (rebuilt over a resumable sampler), a loader that saves its own
-            position (``state_dict``/``load_state_dict``, e.g. torchdata's
-            ``StatefulDataLoader``; kept as it is), or any iterable.
+        loader: a DataLoader (rebuilt over its own sampler, whose order is kept exactly and
+            resumed by replaying the epoch's random streams and skipping the batches already
+            consumed), a loader that saves its own position (``state_dict``/
+            ``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``; kept as it is), or
+            any other iterable, an ``IterableDataset`` loader included (resumed by counting
+            batches: the epoch is iterated again and the consumed batches dropped).
         extra: more Stateful objects or plain values to save.
         save_every: steps between lazy saves.
         epochs / max_steps: when the iteration ends (``epochs=None``: until max_steps).
         grace_s: how long a preempted run waits for its final save to be durable.
         spike_factor: reject a loss above this multiple of its running average.
-        seed: seeds the data order and the loader's worker seeds per epoch.
+        seed: kept for compatibility; the data order is the loader's own.
         options / checkpointer: the Checkpointer's options, or the Checkpointer itself;
             ``protect`` owns it from then on and closes it however the block ends
             (a failure on entry included).
@@ -500,13 +506,3 @@ def _size(nbytes: int) -> str:
             break
         value, unit = value / 1024, bigger
     return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_len(batch[0])
-    if isinstance(batch, Mapping) and batch:
-        return _batch_len(next(iter(batch.values())))
-    return 1

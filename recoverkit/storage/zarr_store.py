@@ -45,7 +45,14 @@ from ..errors import (
     RecoverkitError,
     StorageError,
 )
-from ..format.zarr_layout import ArrayLayout, ShardRegion, array_path, bytes_array_metadata, group_metadata, group_paths
+from ..format.zarr_layout import (
+    ArrayLayout,
+    ShardRegion,
+    array_path,
+    bytes_array_metadata,
+    group_metadata,
+    group_paths,
+)
 from ..state.dtypes import dtype_from_name, dtype_name, from_bytes, to_bytes_view
 
 __all__ = ["ZarrStore", "COMPRESSIONS"]

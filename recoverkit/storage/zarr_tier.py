@@ -34,7 +34,14 @@ from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr, hexcrc
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.validate import check_manifest, check_name
-from ..format.zarr_layout import BLOBS_GROUP, MANIFEST_ARRAY, ShardRegion, array_layout, array_paths, blob_path
+from ..format.zarr_layout import (
+    BLOBS_GROUP,
+    MANIFEST_ARRAY,
+    ShardRegion,
+    array_layout,
+    array_paths,
+    blob_path,
+)
 from ..state import dtype_from_name, from_bytes
 from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector

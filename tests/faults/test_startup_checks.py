@@ -117,7 +117,8 @@ def test_protect_reports_failed_lazy_saves_and_keeps_training(tmp_path, caplog):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = Checkpointer(root, fs=FaultyFS(faults), faults=faults)
     with caplog.at_level(logging.ERROR, logger="recoverkit"):
-        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(8), save_every=1, checkpointer=ckpt) as run:
+        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(8), save_every=1, checkpointer=ckpt,
+                               on_failed_saves="warn") as run:
             for _ in run:
                 model(torch.ones(1, 4)).sum().backward()
                 opt.step()

@@ -53,8 +53,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, wrap):
     rest = run_world(2, _train, str(tmp_path / "b"), wrap, TOTAL)
     for rank in range(2):
         assert part[rank]["resumed"] is None
-        assert rest[rank]["resumed"] == 4  # saves every 2 steps; step 5 was never saved
-        assert sorted(rest[rank]["losses"]) == list(range(5, TOTAL + 1))
+        assert rest[rank]["resumed"] == 5  # the run's last step is saved when its loop ends
+        assert sorted(rest[rank]["losses"]) == list(range(6, TOTAL + 1))
         for step, loss in rest[rank]["losses"].items():
             assert loss == straight[rank]["losses"][step], (wrap, rank, step)
         assert rest[rank]["final"] == straight[rank]["final"]

@@ -51,6 +51,6 @@ def test_protect_resumes_a_stateful_dataloader_across_epochs(tmp_path):
     torch.manual_seed(0)
     first = _run(str(tmp_path / "b"), 7)
     torch.manual_seed(99)
-    rest = _run(str(tmp_path / "b"), 14)  # resumes from step 6 (saves every 2 steps)
+    rest = _run(str(tmp_path / "b"), 14)  # resumes from step 7 (its last step is saved at the end)
     assert first == straight[:7]
-    assert rest == straight[6:]
+    assert rest == straight[7:]  # the stopped run saved its last step

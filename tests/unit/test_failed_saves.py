@@ -196,7 +196,8 @@ def test_protect_lists_a_failed_final_save_and_leaves_the_loop_cleanly(root, cap
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = Checkpointer(root, options=HOST_AND_LOCAL, fs=FaultyFS(faults), faults=faults)
     with caplog.at_level(logging.ERROR, logger="recoverkit"):
-        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(4), save_every=2, checkpointer=ckpt) as run:
+        with recoverkit.protect(root, model=model, optimizer=opt, loader=range(4), save_every=2, checkpointer=ckpt,
+                               on_failed_saves="warn") as run:
             for _ in run:
                 model(torch.ones(1, 4)).sum().backward()
                 opt.step()
