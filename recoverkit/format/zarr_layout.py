@@ -348,19 +348,7 @@ def node_name(part: str) -> str:
         >>> node_name("fc.weight"), node_name("__rng__"), node_name(".hidden"), node_name("a b"), node_name("")
         ('fc.weight', '~5f_rng__', '~2ehidden', 'a~20b', '~')
     """
-    if part == "":
-        return "~"
-    out = []
-    for i, ch in enumerate(part):
-        reserved = i == 0 and (ch == "." or part.startswith("__"))
-        if _SAFE.fullmatch(ch) and not reserved:
-            out.append(ch)
-        else:
-            out.extend(f"~{b:02x}" for b in ch.encode("utf-8"))
-    name = "".join(out)
-    if len(name) > _MAX_NAME:
-        name = name[: _MAX_NAME - 34] + "~~" + hashlib.sha256(part.encode("utf-8")).hexdigest()[:32]
-    return name
+    return _escape(part, reserved_start=part.startswith((".", "__")))
 
 
 def array_path(key: str) -> str:
@@ -442,18 +430,23 @@ def array_name(key: str) -> str:
         >>> array_name("__rng__/torch"), array_name("")
         ('~5f_rng__~2ftorch', '~')
     """
-    if key == "":
+    return _escape(key, reserved_start=key.startswith("__") or set(key) == {"."})
+
+
+def _escape(text: str, *, reserved_start: bool) -> str:
+    """``text`` with every byte outside the safe set (and a reserved first character) as
+    ``~hh``; ``~`` for the empty name; over-long names cut and completed by a hash."""
+    if text == "":
         return "~"
     out = []
-    for i, ch in enumerate(key):
-        reserved = i == 0 and (key.startswith("__") or set(key) == {"."})
-        if _SAFE.fullmatch(ch) and not reserved:
+    for i, ch in enumerate(text):
+        if _SAFE.fullmatch(ch) and not (i == 0 and reserved_start):
             out.append(ch)
         else:
             out.extend(f"~{b:02x}" for b in ch.encode("utf-8"))
     name = "".join(out)
     if len(name) > _MAX_NAME:
-        name = name[: _MAX_NAME - 34] + "~~" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+        name = name[: _MAX_NAME - 34] + "~~" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
     return name
 
 
