@@ -52,7 +52,7 @@ from torch.utils.data import (
 from torch.utils.data.distributed import DistributedSampler
 
 from recoverkit.errors import IncompatibleCheckpointError
-from recoverkit.state.sampler import EpochStreams, ReplaySampler, set_epoch_chain
+from recoverkit.state.sampler import EpochStreams, ReplaySampler, set_epoch_chain, skip_consumed
 
 __all__ = ["resumable_loader", "ResumableLoader", "LoaderPosition"]
 
@@ -130,19 +130,11 @@ class ResumableLoader:
                 streams.set(pos.start)
             else:
                 pos.start = streams.capture()
-            it = iter(self.loader)
-            for n in range(pos.index):
-                if next(it, _END) is _END:
-                    raise ValueError(
-                        f"the checkpoint consumed {pos.index} batches of epoch {pos.epoch}, but the loader "
-                        f"yields {n} for it: the data changed since the save"
-                    )
+            it = skip_consumed(iter(self.loader), pos.index, epoch=pos.epoch, what="the loader")
         if now is not None:
             streams.set_global(now)
         return it
 
-
-_END = object()
 
 
 def _creates_persistent_workers(loader: Any) -> bool:

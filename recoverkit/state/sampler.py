@@ -64,6 +64,7 @@ __all__ = [
     "EpochStreams",
     "ReplaySampler",
     "set_epoch_chain",
+    "skip_consumed",
 ]
 
 _INT_KEYS = ("epoch", "index", "seed", "length", "num_replicas")
@@ -480,14 +481,7 @@ class ReplaySampler(Sampler[Any]):
                 )
             self._source = iter(order[self._skip :])
             return
-        source = iter(self.inner)
-        for n in range(self._skip):
-            if next(source, _END) is _END:
-                raise IncompatibleCheckpointError(
-                    f"the checkpoint consumed {self._skip} batches of epoch {self.epoch}, but {name} yields "
-                    f"{n} for it: the dataset or the sampler changed since the save"
-                )
-        self._source = source
+        self._source = skip_consumed(iter(self.inner), self._skip, epoch=self.epoch, what=name)
 
     def __iter__(self) -> Iterator[Any]:
         return self._run()
@@ -496,6 +490,18 @@ class ReplaySampler(Sampler[Any]):
         self.prime()
         assert self._source is not None
         yield from self._source
+
+
+def skip_consumed(source: Iterator[Any], n: int, *, epoch: int, what: str) -> Iterator[Any]:
+    """``source`` past the ``n`` batches a checkpoint says were consumed in ``epoch``;
+    IncompatibleCheckpointError if ``what`` (the sampler or loader) yields fewer."""
+    for i in range(n):
+        if next(source, _END) is _END:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint consumed {n} batches of epoch {epoch}, but {what} yields {i} for it: "
+                "the data or the sampler changed since the save"
+            )
+    return source
 
 
 _END = object()
