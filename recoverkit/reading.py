@@ -150,7 +150,7 @@ class CheckpointReader:
             >>> tree.step, tree["w"]
             (1, tensor([1., 1.]))
         """
-        _, s, captured = self._load(step, sharded=None)
+        _, s, captured = self._load(step, sharded=None, entries=entries)
         tree = StateTree((k, v) for k, v in captured.items() if entries is None or k in entries)
         tree.step = s
         return tree
@@ -174,7 +174,8 @@ class CheckpointReader:
         # optimizers over DTensors get state tensors to fill in place (undone if nothing is restored)
         prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
         try:
-            tier, s, captured = self._load(step, sharded=target_shards(state))
+            wanted = None if strict else {*state, *((RNG_KEY,) if rng else ())}  # read only these
+            tier, s, captured = self._load(step, sharded=target_shards(state), entries=wanted)
             missing, unexpected = _apply(state, captured, s, strict=strict, rng=rng)
             prepared = []
         finally:
@@ -237,10 +238,12 @@ class CheckpointReader:
         detail = f" ({'; '.join(map(str, faults))})" if faults else ""
         raise CheckpointNotFoundError(f"{self.label}: no valid {'checkpoint' if step is None else f'step {step}'}{detail}")
 
-    def _load(self, step: int | None, *, sharded: Mapping[str, ShardedTensor] | None) -> tuple[ReadableTier, int, dict[str, Any]]:
+    def _load(
+        self, step: int | None, *, sharded: Mapping[str, ShardedTensor] | None, entries: Collection[str] | None = None
+    ) -> tuple[ReadableTier, int, dict[str, Any]]:
         """The tier, number and state tree of the newest valid step (or ``step``)."""
         return self._first(step, lambda t, s, m: (t, s, read_state(
-            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded)))
+            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded, entries=entries)))
 
 
 def _apply(

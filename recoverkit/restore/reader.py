@@ -14,7 +14,7 @@ exist when the step was saved (the world grew) reads rank 0's local state.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,9 +25,18 @@ from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
 from ..storage.base import ReadableTier
 
-__all__ = ["read_state", "read_region", "tensor_leaves", "blob_rank", "resolve_record", "check_blob"]
+__all__ = ["NOT_READ", "read_state", "read_region", "tensor_leaves", "blob_rank", "resolve_record", "check_blob"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
+
+
+class _NotRead:
+    def __repr__(self) -> str:
+        return "<not read>"
+
+
+#: the value of an entry ``read_state`` was asked not to read
+NOT_READ: Any = _NotRead()
 
 
 def blob_rank(manifest: Manifest, rank: int) -> int:
@@ -50,17 +59,22 @@ def read_state(
     rank: int = 0,
     allow_pickle: bool = False,
     sharded: Mapping[str, ShardedTensor] | None = None,
+    entries: Collection[str] | None = None,
 ) -> Any:
     """Read rank ``rank``'s state tree of ``step``.
 
     ``sharded`` maps tensor keys to the ShardedTensors the restoring rank holds; for those
     only the rank's region is read, and the tree gets a new ShardedTensor in their place.
+    ``entries`` names the top-level entries to read; the others keep their name with the
+    value :data:`NOT_READ` and none of their tensors is read.
     """
     src = blob_rank(manifest, rank)
     blob_rec = manifest.blob_for(src)
     blob = bytearray(blob_rec.nbytes)  # validated against the file's real size by the tier
     tier.read(step, [(blob_rec, blob)])
     skeleton = decode(bytes(blob), allow_pickle=allow_pickle)
+    if entries is not None and isinstance(skeleton, dict):
+        skeleton = {k: v if k in entries else NOT_READ for k, v in skeleton.items()}
     sharded = sharded or {}
     values: dict[str, Any] = {}
     regions: list[_Region] = []

@@ -364,3 +364,42 @@ def test_the_checkpointer_restores_partially_through_the_same_reader(root):
         assert target["step"] == 1 and torch.equal(target["w"], torch.ones(1024))
         strict = _state(0.0)
         assert ckpt.restore(strict).unexpected_keys == ()
+
+
+def test_partial_restore_reads_only_the_entries_asked_for(tmp_path):
+    """Rot in the optimizer's bytes does not stop an evaluation job loading the model: the
+    entries not asked for are never read (nor checksummed), so the newest step is used."""
+    import warnings
+
+    import recoverkit
+
+    root = str(tmp_path / "ckpt")
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 8)).sum().backward()
+    opt.step()
+    with recoverkit.Checkpointer(root) as ckpt:
+        ckpt.save(1, {"model": model, "optimizer": opt})
+        with torch.no_grad():
+            model.weight.add_(1)
+        ckpt.save(2, {"model": model, "optimizer": opt})
+        m = ckpt.manifest(2)
+    shard = next(t.shards[0] for k, t in m.tensors.items() if k.startswith("optimizer/") and t.shards)
+    seg = tmp_path / "ckpt" / "step-000000002" / shard.file
+    data = bytearray(seg.read_bytes())
+    data[shard.offset] ^= 0xFF
+    seg.write_bytes(bytes(data))
+
+    reader = recoverkit.CheckpointReader(root)
+    fresh = torch.nn.Linear(8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no step skipped
+        got = reader.restore({"model": fresh}, strict=False)
+        tree = reader.read(entries=["model"])
+    assert got == 2 and torch.equal(fresh.weight, model.weight)
+    assert "optimizer" in got.unexpected_keys
+    assert tree.step == 2 and list(tree) == ["model"]
+    from recoverkit.storage.discovery import CheckpointSkippedWarning
+
+    with pytest.warns(CheckpointSkippedWarning):  # a strict restore reads everything: step 2 is damaged
+        assert reader.restore({"model": torch.nn.Linear(8, 8), "optimizer": torch.optim.Adam(fresh.parameters())}) == 1
