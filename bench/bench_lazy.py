@@ -39,7 +39,7 @@ import torch.distributed.checkpoint as dcp
 
 from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
 from recoverkit.config import StagingPolicy, TierPolicy
-from recoverkit.dist.sharded import ShardedTensor
+from recoverkit.state.sharded import ShardedTensor
 
 from ._common import free_port, fsync_file, keep_last
 from .bench_limits import drop_caches, timed

@@ -12,7 +12,7 @@ Example:
 
 from .checkpointer import Checkpointer, SaveResult
 from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
-from .dist.sharded import ShardedTensor, replicated
+from .state.sharded import ShardedTensor, replicated
 from .errors import (
     CheckpointLockedError,
     CheckpointNotFoundError,

@@ -30,9 +30,9 @@ import torch
 
 from ._native import engine as default_engine
 from .config import CheckpointOptions
-from .dist.commit import CommitRequest, commit_step
-from .dist.coordinator import Coordinator, default_coordinator
-from .dist.sharded import unwrap
+from .distributed.commit import CommitRequest, commit_step
+from .distributed.coordinator import Coordinator, default_coordinator
+from .state.sharded import unwrap
 from .errors import CommitError, StorageError
 from .format.manifest import Manifest, TensorRecord
 from .reading import CheckpointReader, RestoreResult

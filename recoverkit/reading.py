@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .dist.dtensor import prepare_optimizer_state
-from .dist.sharded import ShardedTensor, unwrap
+from .state.dtensor import prepare_optimizer_state
+from .state.sharded import ShardedTensor, unwrap
 from .errors import (
     CheckpointNotFoundError,
     IncompatibleCheckpointError,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..dist.dtensor import as_sharded, is_dtensor, local_of
-from ..dist.sharded import ShardedTensor, unwrap
+from ..state.dtensor import as_sharded, is_dtensor, local_of
+from ..state.sharded import ShardedTensor, unwrap
 from ..errors import IncompatibleCheckpointError
 from ..staging.plan import RNG_KEY
 from ..state import RNGState, apply, capture, rebuild_container

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..dist.sharded import ShardedTensor, local_prefix
+from ..state.sharded import ShardedTensor, local_prefix
 from ..errors import IncompatibleCheckpointError, IntegrityError, PickleNotAllowedError
 from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten

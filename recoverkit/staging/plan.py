@@ -4,7 +4,7 @@ capture -> (ShardedTensor leaves noted) -> flatten per entry -> classify each te
 
 * rank-local tensors (world > 1, entries that differ per rank, RNG) are stored under
   ``rank-RRRRR/<key>``; a world of one uses plain keys;
-* replicated tensors are written by one owner rank (:func:`~recoverkit.dist.sharded.assign_owners`);
+* replicated tensors are written by one owner rank (:func:`~recoverkit.state.sharded.assign_owners`);
 * sharded tensors are written by every rank at their global offsets.
 
 Every written region is split along dim 0 into pieces of at most ``piece_bytes`` so a
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..dist.dtensor import as_sharded, is_dtensor
-from ..dist.sharded import (
+from ..state.dtensor import as_sharded, is_dtensor
+from ..state.sharded import (
     ShardedTensor,
     assign_owners,
     ddp_param_ids,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..dist.dtensor import local_of
+from ..state.dtensor import local_of
 from ..errors import CopyError, PoolExhaustedError
 from ..format.checksum import crc32c_ptr
 from ..format.segment import PACK_ALIGNMENT, PACK_BELOW, align_up, natural_alignment

@@ -101,7 +101,7 @@ def _bounds(world: int, rank: int) -> tuple[int, int]:
 
 def _save_sharded(rank, world, root):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(world, rank)
     flat = torch.arange(100, dtype=torch.bfloat16)
@@ -115,7 +115,7 @@ def _save_sharded(rank, world, root):
 
 def _restore_sharded(rank, world, root):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(world, rank)
     flo, fhi = rank * 100 // world, (rank + 1) * 100 // world
@@ -151,7 +151,7 @@ def test_resharded_restore_is_bit_exact_in_a_gloo_world(tmp_path):
 
 def test_resharded_to_one_rank_restores_in_process(tmp_path):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     src, out = str(tmp_path / "saved2"), str(tmp_path / "for1")
     run_world(2, _save_sharded, src)

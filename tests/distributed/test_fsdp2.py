@@ -42,7 +42,7 @@ def _train_step(model, opt, step, rank) -> float:
 
 def _full(tree):
     """Full tensors of a (possibly DTensor) state dict, as nested lists."""
-    from recoverkit.dist.dtensor import is_dtensor
+    from recoverkit.state.dtensor import is_dtensor
 
     if isinstance(tree, dict):
         return {k: _full(v) for k, v in tree.items()}

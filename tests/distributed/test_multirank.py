@@ -24,7 +24,7 @@ def _bounds(world, rank):
 
 
 def _sharded_state(rank, world):
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(world, rank)
     full = _full()
@@ -47,7 +47,7 @@ def _save_sharded(rank, world, root):
 
 def _restore_sharded(rank, world, root):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(world, rank)
     flo, fhi = rank * 100 // world, (rank + 1) * 100 // world

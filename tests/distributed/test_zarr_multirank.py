@@ -39,7 +39,7 @@ def _opts(url):
 
 def _save(rank, world, root, url):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(ROWS, world, rank)
     blo, bhi = _bounds(BIG[0], world, rank)
@@ -57,7 +57,7 @@ def _save(rank, world, root, url):
 
 def _restore(rank, world, root, url):
     from recoverkit import Checkpointer
-    from recoverkit.dist.sharded import ShardedTensor
+    from recoverkit.state.sharded import ShardedTensor
 
     lo, hi = _bounds(ROWS, world, rank)
     blo, bhi = _bounds(BIG[0], world, rank)

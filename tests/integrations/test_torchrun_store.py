@@ -29,7 +29,7 @@ def _client(port: int):  # noqa: ANN202 - a torch TCPStore
 
 def _checkpointer(root: str, store, **kw):  # noqa: ANN001, ANN202
     from recoverkit import Checkpointer, CheckpointOptions
-    from recoverkit.dist.coordinator import attempt_coordinator
+    from recoverkit.distributed.coordinator import attempt_coordinator
 
     opts = CheckpointOptions(commit_timeout_s=kw.pop("timeout_s", 30.0))
     return Checkpointer(root, options=opts, coordinator=attempt_coordinator(store, timeout_s=30.0), **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from recoverkit.dist.sharded import replicated
+from recoverkit.state.sharded import replicated
 from recoverkit.format.manifest import Manifest, ShardRecord, TensorRecord
 from recoverkit.restore.reader import resolve_record
 from recoverkit.staging.plan import plan_save

@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from ...dist.sharded import local_prefix
+from ...state.sharded import local_prefix
 from ...format.checksum import crc32c
 from ...format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ...format.segment import plan_offsets, segment_name

@@ -2,7 +2,7 @@
 
 * **Sharded**: a :class:`ShardedTensor` (explicit shard metadata: the local tensor, the
   global shape and this rank's offsets, as ZeRO-style flat partitions have) or a DTensor
-  (``dist.dtensor``). Saved under its global key with its offsets; restored into any
+  (``state.dtensor``). Saved under its global key with its offsets; restored into any
   other sharding.
 * **Replicated**: every tensor of an entry that is the same on every rank (a DDP module,
   an optimizer over only DDP parameters, or an entry wrapped in :func:`replicated`).

@@ -1,6 +1,6 @@
 """DTensor (FSDP2, tensor parallel) as recoverkit shards.
 
-A DTensor in a state dict is saved as a :class:`~recoverkit.dist.sharded.ShardedTensor`
+A DTensor in a state dict is saved as a :class:`~recoverkit.state.sharded.ShardedTensor`
 view of its local tensor, at the global offsets its placements give it, and restored by
 copying the saved region into its local tensor — so a DTensor checkpoint reshards into any
 other mesh, into plain tensors, or into explicit shards, and back.

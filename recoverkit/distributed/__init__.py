@@ -1,0 +1,1 @@
+"""World and rank helpers, commit coordination and peer transport."""
