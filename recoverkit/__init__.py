@@ -8,28 +8,41 @@ Example:
     ...     _ = ckpt.save(10, {"model": model, "optimizer": opt})
     ...     ckpt.restore({"model": model, "optimizer": opt})
     10
+
+The public names are loaded on first use (PEP 562): ``import recoverkit`` and the
+``recoverkit`` command start without importing torch, which takes about a second; the
+first use of a name that needs torch imports it then.
 """
 
-from .checkpointer import Checkpointer, SaveResult
-from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
-from .state.sharded import ShardedTensor, replicated
-from .errors import (
-    CheckpointLockedError,
-    CheckpointNotFoundError,
-    CommitError,
-    IncompatibleCheckpointError,
-    IntegrityError,
-    RecoverkitError,
-)
-from .reading import CheckpointReader
-from .session import protect
-from .state import ResumableSampler, Stateful
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .checkpointer import Checkpointer, SaveResult
+    from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
+    from .errors import (
+        CheckpointLockedError,
+        CheckpointNotFoundError,
+        CommitError,
+        IncompatibleCheckpointError,
+        IntegrityError,
+        RecoverkitError,
+    )
+    from .reading import CheckpointReader
+    from .session import protect
+    from .staging.handle import SaveHandle
+    from .state.sampler import ResumableSampler
+    from .state.sharded import ShardedTensor, replicated
+    from .state.stateful import Stateful
 
 __all__ = [
     "protect",
     "Checkpointer",
     "CheckpointReader",
     "SaveResult",
+    "SaveHandle",
     "CheckpointOptions",
     "RetentionPolicy",
     "TierPolicy",
@@ -47,3 +60,39 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it (imported on first access)
+_WHERE = {
+    "protect": ".session",
+    "Checkpointer": ".checkpointer",
+    "SaveResult": ".checkpointer",
+    "CheckpointReader": ".reading",
+    "SaveHandle": ".staging.handle",
+    "CheckpointOptions": ".config",
+    "RetentionPolicy": ".config",
+    "TierPolicy": ".config",
+    "StagingPolicy": ".config",
+    "ShardedTensor": ".state.sharded",
+    "replicated": ".state.sharded",
+    "Stateful": ".state.stateful",
+    "ResumableSampler": ".state.sampler",
+    "RecoverkitError": ".errors",
+    "CheckpointNotFoundError": ".errors",
+    "IntegrityError": ".errors",
+    "IncompatibleCheckpointError": ".errors",
+    "CheckpointLockedError": ".errors",
+    "CommitError": ".errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
