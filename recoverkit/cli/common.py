@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -41,11 +41,12 @@ from ..errors import (
     PickleNotAllowedError,
     RecoverkitError,
 )
-from ..format.manifest import MANIFEST_NAME, Manifest
-from ..reading import CheckpointReader
-from ..storage.base import ReadableTier
 from ..storage.layout import parse_step_dirname
-from ..storage.local import LocalTier
+
+if TYPE_CHECKING:  # imported where used: every command's --help starts without them
+    from ..format.manifest import Manifest
+    from ..reading import CheckpointReader
+    from ..storage.base import ReadableTier
 
 __all__ = [
     "EXIT_OK", "EXIT_FAULT", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_INCOMPATIBLE", "EXIT_LOCKED", "EXIT_IO", "EXIT_INTERNAL",
@@ -200,6 +201,10 @@ def locate(path: str) -> Location:
 
     Nothing is created, written or locked (a trainer may be writing the root right now).
     """
+    from ..format.manifest import MANIFEST_NAME
+    from ..reading import CheckpointReader
+    from ..storage.local import LocalTier
+
     if "://" in path:
         tier = open_tier(path)
         return Location(tier, None, path, CheckpointReader(persistent_url=path, tiers=[tier]))

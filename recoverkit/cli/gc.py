@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
-from rich.markup import escape
 
-from ..config import RetentionPolicy
 from ..errors import CheckpointLockedError
-from ..restore.verify import verify_step
-from ..storage.discovery import decide_retention
-from ..storage.local import LocalTier
-from ..storage.lock import RunLock
 from .common import (
     EXIT_CODES_EPILOG,
     committed_steps,
@@ -41,6 +36,9 @@ from .common import (
     lock_holder,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from ..storage.local import LocalTier
 
 __all__ = ["gc", "plan_gc", "Decision"]
 
@@ -64,6 +62,10 @@ def plan_gc(tier: LocalTier, keep_last: int, keep_every: int | None, *, delete_d
     that failed are not counted among the last ``keep_last`` and are kept unless
     ``delete_damaged``.
     """
+    from ..config import RetentionPolicy
+    from ..restore.verify import verify_step
+    from ..storage.discovery import decide_retention
+
     policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
     steps = tier.steps()
     damaged: dict[int, str] = {}
@@ -125,6 +127,9 @@ With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
 @handle_errors
 def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, delete_damaged: bool, as_json: bool) -> None:
     """Delete the steps of ROOT that --keep-last/--keep-every do not keep (dry run unless --yes)."""
+    from ..storage.local import LocalTier
+    from ..storage.lock import RunLock
+
     loc = locate(root)
     if loc.step is not None or not isinstance(loc.tier, LocalTier):
         raise click.UsageError(f"{root}: gc works on a node-local checkpoint root, not a step or URL")
@@ -165,6 +170,8 @@ def _report(root: str, plan: list[Decision], *, deleted: list[int], removed: lis
                    "damaged": [{"step": d.step, "reason": d.reason, "delete": not d.keep} for d in plan if d.damaged],
                    "deleted": deleted, "leftovers_removed": removed, "nbytes": freed})
         return
+    from rich.markup import escape
+
     console = stdout_console()
     verb = "would delete" if dry_run else "deleted"
     for d in plan:

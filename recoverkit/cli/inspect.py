@@ -5,17 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from ..errors import PickleNotAllowedError
-from ..format.checksum import hexcrc
-from ..format.manifest import Manifest
-from ..restore.export import Source, read_blob
-from ..restore.reader import check_blob
-from ..state import TensorLeaf, decode
 from .common import (
     EXIT_CODES_EPILOG,
     STEP,
@@ -28,6 +22,10 @@ from .common import (
     pick_step,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from ..format.manifest import Manifest
+    from ..restore.export import Source
 
 __all__ = ["inspect"]
 
@@ -55,6 +53,9 @@ def inspect(ckpt: str, step: int | str | None, shards: bool, rank: int, allow_pi
     Tensors with dtype and global shape, their shards, the world layout, and the
     non-tensor state decoded with the pickle-free codec (no code runs).
     """
+    from ..restore.export import Source, read_blob
+    from ..restore.reader import check_blob
+
     loc = locate(ckpt)
     s, manifest = pick_step(loc, step)
     src = Source(loc.tier, s, manifest)
@@ -99,6 +100,8 @@ def _print(src: Source, raw: bytes, rank: int, shards: bool, allow_pickle: bool)
     from rich.pretty import Pretty
     from rich.table import Table
 
+    from ..state import decode
+
     m = src.manifest
     console = stdout_console()
     created = dt.datetime.fromtimestamp(m.created_unix).isoformat(timespec="seconds")
@@ -125,6 +128,8 @@ def _print(src: Source, raw: bytes, rank: int, shards: bool, allow_pickle: bool)
 
 def _tensor_table(m: Manifest, shards: bool) -> Any:
     from rich.table import Table
+
+    from ..format.checksum import hexcrc
 
     table = Table(title=f"{len(m.tensors)} tensors", title_justify="left")
     cols = ["key", "dtype", "global shape", "bytes", "shards"]
@@ -157,6 +162,10 @@ class _Placeholder:
 
 
 def _displayable(node: Any, m: Manifest) -> Any:
+    import numpy as np
+
+    from ..state import TensorLeaf
+
     if isinstance(node, TensorLeaf):
         rec = m.tensors.get(node.key)
         desc = f"{rec.dtype}{list(rec.shape)} " if rec is not None else ""

@@ -6,16 +6,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import IncompatibleCheckpointError
-from ..format.manifest import Manifest
-from ..restore.verify import step_bytes, verify_step
-from ..storage.base import ReadableTier
 from ..storage.layout import TMP_PREFIX, TRASH_PREFIX
-from ..storage.local import LocalTier
 from .common import (
     EXIT_CODES_EPILOG,
     EXIT_FAULT,
@@ -31,6 +27,10 @@ from .common import (
     progress,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from ..format.manifest import Manifest
+    from ..storage.base import ReadableTier
 
 __all__ = ["ls", "list_steps"]
 
@@ -64,6 +64,9 @@ class StepRow:
 
 def _entry(tier: ReadableTier, step: int, verify: bool, bar: Any) -> TierEntry:
     """How ``tier`` holds ``step``: its manifest checked, and every byte if ``verify``."""
+    from ..restore.verify import verify_step
+    from ..storage.local import LocalTier
+
     name = tier.name
     try:
         manifest: Manifest = tier.manifest(step)
@@ -80,6 +83,8 @@ def _entry(tier: ReadableTier, step: int, verify: bool, bar: Any) -> TierEntry:
 
 
 def _dir_bytes(tier: ReadableTier, step: int) -> int:
+    from ..storage.local import LocalTier
+
     if not isinstance(tier, LocalTier):
         return 0
     where = tier.step_path(step)
@@ -90,6 +95,8 @@ def _dir_bytes(tier: ReadableTier, step: int) -> int:
 
 
 def _mtime(tier: ReadableTier, step: int) -> float | None:
+    from ..storage.local import LocalTier
+
     if isinstance(tier, LocalTier):
         try:
             return os.path.getmtime(tier.step_path(step))
@@ -100,6 +107,8 @@ def _mtime(tier: ReadableTier, step: int) -> float | None:
 
 def list_steps(tiers: list[ReadableTier], *, verify: bool = False) -> list[StepRow]:
     """One row per step any tier holds, newest first."""
+    from ..restore.verify import step_bytes
+
     held = {t.name: set(t.steps()) for t in tiers}
     steps = sorted(set().union(*held.values()), reverse=True) if held else []
     total = 0
@@ -150,6 +159,8 @@ def ls(root: str, persistent: str | None, verify: bool, as_json: bool) -> None:
 
     Exits 1 with --verify if any step fails; a damaged step is listed, not an error.
     """
+    from ..storage.local import LocalTier
+
     loc = locate(root)
     tiers: list[ReadableTier] = [loc.tier]
     if persistent:

@@ -3,9 +3,11 @@ as a recoverkit checkpoint resharded for another world size (see restore/export/
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from ..restore.export import FORMATS, ExportResult, Source, export
+from ..restore.export import FORMATS
 from .common import (
     EXIT_CODES_EPILOG,
     STEP,
@@ -18,6 +20,9 @@ from .common import (
     progress,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from ..restore.export import ExportResult
 
 __all__ = ["restore"]
 
@@ -63,6 +68,8 @@ def restore(root: str, step: int | str | None, out: str, fmt: str, world_size: i
         raise click.UsageError("--world-size applies to --format recoverkit only")
     if fmt == "recoverkit" and (select is not None or rank != 0):
         raise click.UsageError("--select and --rank apply to the torch, safetensors and dcp formats only")
+    from ..restore.export import Source, export
+
     loc = locate(root)
     s, manifest = pick_step(loc, step)
     src = Source(loc.tier, s, manifest)

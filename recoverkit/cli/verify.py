@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ..errors import CheckpointNotFoundError
-from ..restore.verify import VerifyReport, step_bytes, verify_steps
 from .common import (
     EXIT_CODES_EPILOG,
     EXIT_FAULT,
@@ -21,6 +22,9 @@ from .common import (
     stderr_console,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from ..restore.verify import VerifyReport
 
 __all__ = ["verify"]
 
@@ -46,6 +50,8 @@ def verify(ckpt: str, step: int | str | None, as_json: bool) -> None:
     Every fault is reported with the file, the tensor or blob, and the expected versus
     found value. Exits 1 if anything fails.
     """
+    from ..restore.verify import step_bytes, verify_steps
+
     loc = locate(ckpt)
     steps = committed_steps(loc)
     if step == "latest":

@@ -24,16 +24,19 @@ export never leaves a half-written file under its name.
 
 from __future__ import annotations
 
+import importlib
 import time
+from typing import TYPE_CHECKING, Any
 
-from ..reader import resolve_record
-from .common import ExportResult, Progress, Source, consolidated_tree, read_blob
-from .resharded import Box as Box
-from .resharded import export_recoverkit
-from .to_dcp import export_dcp
-from .to_safetensors import SAFETENSORS_DTYPES as SAFETENSORS_DTYPES
-from .to_safetensors import export_safetensors
-from .to_torch import export_torch
+if TYPE_CHECKING:
+    from ..reader import resolve_record
+    from .common import ExportResult, Progress, Source, consolidated_tree, read_blob
+    from .resharded import Box as Box
+    from .resharded import export_recoverkit
+    from .to_dcp import export_dcp
+    from .to_safetensors import SAFETENSORS_DTYPES as SAFETENSORS_DTYPES
+    from .to_safetensors import export_safetensors
+    from .to_torch import export_torch
 
 __all__ = [
     "FORMATS",
@@ -48,6 +51,38 @@ __all__ = [
     "read_blob",
     "resolve_record",
 ]
+
+#: name -> the module that defines it; loaded on first use, so that naming the formats
+#: (``FORMATS``, the CLI's ``--format`` choices) imports no format library, and an
+#: export imports only its own format's writer.
+_WHERE = {
+    "Source": ".common",
+    "ExportResult": ".common",
+    "Progress": ".common",
+    "consolidated_tree": ".common",
+    "read_blob": ".common",
+    "resolve_record": "..reader",
+    "Box": ".resharded",
+    "export_recoverkit": ".resharded",
+    "export_dcp": ".to_dcp",
+    "SAFETENSORS_DTYPES": ".to_safetensors",
+    "export_safetensors": ".to_safetensors",
+    "export_torch": ".to_torch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_WHERE))
+
 
 FORMATS = ("recoverkit", "torch", "safetensors", "dcp")
 
@@ -69,9 +104,13 @@ def export(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     if fmt == "recoverkit":
+        from .resharded import export_recoverkit
+
         result = export_recoverkit(src, out, world_size or src.manifest.world_size, force=force, progress=progress)
     else:
-        writer = {"torch": export_torch, "safetensors": export_safetensors, "dcp": export_dcp}[fmt]
+        module, name = {"torch": (".to_torch", "export_torch"), "safetensors": (".to_safetensors", "export_safetensors"),
+                        "dcp": (".to_dcp", "export_dcp")}[fmt]
+        writer = getattr(importlib.import_module(module, __name__), name)
         result = writer(src, out, rank=rank, select=select, allow_pickle=allow_pickle, force=force, progress=progress)
     result.seconds = time.perf_counter() - t0
     return result

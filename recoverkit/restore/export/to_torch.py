@@ -1,47 +1,50 @@
 """``--format torch``: one ``torch.save`` file of the consolidated state, loadable with
 ``torch.load(weights_only=True)``, written one tensor at a time.
 
-The archive is first written by ``torch.save`` under ``torch.serialization.skip_data``
-from a tree of placeholders: meta tensors (shapes and dtypes, no memory) that a pickler
-hook (:class:`_PlaceholderPickler`) saves exactly as torch saves a CPU tensor (a storage
-record of the right size, rebuilt on the CPU), which reserves every storage's place. The
-file is then read back on the meta device, where each storage reports its offset in the
-file, and every tensor's bytes are written there with ``pwrite``. The zip CRC-32 of each
-record is patched in, so the file is a valid zip archive as well as a valid torch file.
+The file is written by :mod:`.torch_zip` with the standard library (torch is not imported
+for it): the object tree is pickled with a stub per stored tensor (aliases share one, so a
+tied weight comes back as one tensor), then each storage's bytes are read from the
+checkpoint, every piece CRC-checked, and streamed into its zip record. A tensor stored in
+pieces along its first dimension (how a rank splits a large tensor, and how ranks shard
+along dim 0) is assembled as raw bytes; any other layout of pieces is assembled by
+:func:`recoverkit.restore.reader.read_region` (which uses torch).
 
-Placeholders are plain meta tensors, not FakeTensors: creating a ``FakeTensorMode``
-imports ``torch._dynamo`` (about a second and a half of start-up for any export).
+Values ``torch.load(weights_only=True)`` refuses become the nearest type it accepts, with
+a note: numpy arrays become tensors, numpy scalars Python scalars, frozensets sets, ranges
+and slices ``(start, stop, step)`` tuples.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import struct
-import types
-import warnings
-import zipfile
-import zlib
-from collections import OrderedDict
-from collections.abc import Iterator
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from ...format.manifest import TensorRecord
-from ...state import TensorLeaf, dtype_from_name, to_bytes_view
+from ...errors import IncompatibleCheckpointError, IntegrityError
+from ...state.flatten import TensorLeaf
 from .common import (
     ExportResult,
     Progress,
     Source,
     _leaf_records,
     _note,
-    _pwrite_all,
-    _read_full,
     _staged_file,
     consolidated_tree,
 )
+from .torch_zip import ITEMSIZE, TorchFile, torch_savable
+
+if TYPE_CHECKING:
+    from ...format.manifest import TensorRecord
+
+__all__ = ["export_torch"]
+
+#: numpy dtype (``dtype.name``) -> the torch dtype a numpy array is exported as
+_NUMPY_DTYPES = {
+    "bool": "bool", "uint8": "uint8", "int8": "int8", "int16": "int16", "int32": "int32",
+    "int64": "int64", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+    "float16": "float16", "float32": "float32", "float64": "float64",
+    "complex64": "complex64", "complex128": "complex128",
+}  # fmt: skip
 
 
 def export_torch(
@@ -58,78 +61,106 @@ def export_torch(
     tree, _ = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
     records = _leaf_records(src, tree, rank)
     result = ExportResult(out, "torch", src.step)
-    placeholders, sources = _placeholders(records, result)
-    saved = _torch_tree(tree, placeholders, sources, result)
+    plan = TorchFile()
+    stubs: dict[str, Any] = {}  # record key -> its stub (aliases share it)
+    for rec in records.values():
+        if rec.key not in stubs:
+            if not torch_savable(rec.dtype):
+                raise IncompatibleCheckpointError(
+                    f"step {src.step}: tensor {rec.key!r} is {rec.dtype}, which a torch file cannot hold "
+                    "(torch.save refuses it)"
+                )
+            stubs[rec.key] = plan.tensor(rec.dtype, rec.shape, source=rec)
+    saved = _torch_tree(tree, {k: stubs[r.key] for k, r in records.items()}, plan, result)
+    archive = _archive_name(out)
     with _staged_file(out, force) as tmp:
-        with torch.serialization.skip_data(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.save(saved, tmp, pickle_module=_placeholder_pickle(sources))
-        offsets = _storage_offsets(tmp, saved)
-        _fill_archive(tmp, offsets, sources, src, result, progress)
-    result.tensors = len({r.key for r in records.values()})
+        with open(tmp, "wb") as f:
+            result.nbytes = plan.write(
+                f, saved, read=lambda s: _storage_bytes(src, s), archive=archive, progress=progress
+            )
+            f.flush()
+            os.fsync(f.fileno())
+    result.tensors = len(stubs)
     return result
 
 
-def _placeholders(records: dict[str, TensorRecord], result: ExportResult) -> tuple[dict[str, torch.Tensor], dict[int, Any]]:
-    """One meta tensor per stored record (aliases share it); id(placeholder) -> the record it stands for."""
-    placeholders: dict[str, torch.Tensor] = {}
-    sources: dict[int, Any] = {}
-    for rec in records.values():
-        if rec.key not in placeholders:
-            placeholders[rec.key] = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype), device="meta")
-        sources[id(placeholders[rec.key])] = rec
-    return {k: placeholders[r.key] for k, r in records.items()}, sources
+def _archive_name(out: str) -> str:
+    """The folder inside the archive: the file's name without extension, as torch.save names it."""
+    stem = os.path.splitext(os.path.basename(out))[0]
+    return stem if stem and stem.isascii() and "/" not in stem else "archive"
 
 
-class _PlaceholderPickler(pickle.Pickler):
-    """Pickles a placeholder (a meta tensor standing for a stored record) the way torch
-    pickles a contiguous CPU tensor: ``_rebuild_tensor_v2`` (``_v3`` for the dtypes
-    without a typed storage) of a storage whose location is ``cpu``. Under ``skip_data``
-    torch then records the storage's size and never touches its (absent) bytes."""
+def _storage_bytes(src: Source, source: Any) -> Any:
+    """The bytes of one storage: a tensor record's (read and verified) or an array's."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return source
+    raw = _read_raw(src, source)
+    if raw is not None:
+        return raw
+    from ...state import to_bytes_view
+    from .common import _read_full
 
-    placeholders: dict[int, Any] = {}
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is not torch.Tensor or id(obj) not in self.placeholders or obj.device.type != "meta":
-            return NotImplemented
-        untyped = obj.untyped_storage()
-        hooks: OrderedDict[Any, Any] = OrderedDict()
-        if obj.dtype in torch.storage._new_dtypes():
-            untyped._fake_device = torch.device("cpu")  # type: ignore[attr-defined]
-            return torch._utils._rebuild_tensor_v3, (untyped, 0, tuple(obj.shape), obj.stride(), False, hooks, obj.dtype)
-        storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=obj.dtype, _internal=True)
-        storage._fake_device = torch.device("cpu")  # type: ignore[attr-defined]
-        return torch._utils._rebuild_tensor_v2, (storage, 0, tuple(obj.shape), obj.stride(), False, hooks)
+    return to_bytes_view(_read_full(src, source).contiguous()).numpy()
 
 
-def _placeholder_pickle(sources: dict[int, Any]) -> types.ModuleType:
-    """A ``pickle_module`` for ``torch.save`` whose Pickler knows the placeholders in ``sources``."""
-    module = types.ModuleType("recoverkit_placeholder_pickle")
-    module.Pickler = type("Pickler", (_PlaceholderPickler,), {"placeholders": sources})  # type: ignore[attr-defined]
-    return module
+def _read_raw(src: Source, rec: TensorRecord) -> bytearray | None:
+    """The whole tensor of ``rec`` as bytes when its pieces are slabs along dim 0 that tile
+    it (every piece read in place and CRC-checked by the tier); None for any other layout."""
+    numel = 1
+    for d in rec.shape:
+        numel *= d
+    if numel == 0:
+        return bytearray()
+    if not rec.shape:  # 0-d: one piece holds it
+        if len(rec.shards) != 1:
+            return None
+        out = bytearray(rec.shards[0].nbytes)
+        src.tier.read(src.step, [(rec.shards[0], out)])
+        return out
+    rows = rec.shape[0]
+    row_bytes = numel // rows * ITEMSIZE[rec.dtype]
+    pieces = []
+    for s in rec.shards:
+        if tuple(s.shape[1:]) != tuple(rec.shape[1:]) or any(s.offsets[1:]) or s.shape[0] == 0:
+            return None
+        pieces.append((s.offsets[0], s.shape[0], s))
+    pieces.sort(key=lambda p: p[0])
+    at = 0
+    for start, n, s in pieces:  # exactly once each row, in order
+        if start != at or s.nbytes != n * row_bytes:
+            return None
+        at += n
+    if at != rows:
+        raise IntegrityError(
+            f"step {src.step}: the saved pieces of {rec.key!r} cover {at} of its {rows} rows"
+        )
+    out = bytearray(rows * row_bytes)
+    view = memoryview(out)
+    src.tier.read(
+        src.step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in pieces]
+    )
+    return out
 
 
-def _torch_tree(node: Any, placeholders: dict[str, torch.Tensor], sources: dict[int, Any], result: ExportResult) -> Any:
-    """The tree to ``torch.save``: stored tensors become placeholders, and the few values
+def _torch_tree(node: Any, stubs: dict[str, Any], plan: TorchFile, result: ExportResult) -> Any:
+    """The tree to pickle: stored tensors become stubs, and the few values
     ``torch.load(weights_only=True)`` refuses become the nearest type it accepts."""
     if isinstance(node, TensorLeaf):
-        return placeholders[node.key]
+        return stubs[node.key]
     if isinstance(node, dict):
-        items = [(k, _torch_tree(v, placeholders, sources, result)) for k, v in node.items()]
+        items = [(k, _torch_tree(v, stubs, plan, result)) for k, v in node.items()]
         out = type(node)(items) if type(node) is not dict and _rebuildable(node) else dict(items)
         if hasattr(node, "_metadata"):
             out._metadata = node._metadata  # type: ignore[attr-defined]
         return out
     if isinstance(node, list):
-        return [_torch_tree(v, placeholders, sources, result) for v in node]
-    if isinstance(node, tuple):
-        return tuple(_torch_tree(v, placeholders, sources, result) for v in node)
-    if isinstance(node, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(node).copy())
-        sources[id(t)] = t
-        _note(result, "numpy arrays were stored as tensors")
-        return t
-    if isinstance(node, np.generic):
+        return [_torch_tree(v, stubs, plan, result) for v in node]
+    if isinstance(node, tuple) and type(node).__module__ != "torch":  # torch.Size pickles itself
+        return tuple(_torch_tree(v, stubs, plan, result) for v in node)
+    np = sys.modules.get("numpy")  # numpy values exist only if the decoder imported numpy
+    if np is not None and isinstance(node, np.ndarray):
+        return _array(node, plan, result)
+    if np is not None and isinstance(node, np.generic):
         _note(result, "numpy scalars were stored as Python scalars")
         return node.item()
     if isinstance(node, frozenset):
@@ -141,110 +172,20 @@ def _torch_tree(node: Any, placeholders: dict[str, torch.Tensor], sources: dict[
     return node
 
 
+def _array(a: Any, plan: TorchFile, result: ExportResult) -> Any:
+    """A numpy array as a tensor stub holding a copy of its bytes (C order)."""
+    dtype = _NUMPY_DTYPES.get(a.dtype.name) if a.dtype.isnative or a.dtype.itemsize == 1 else None
+    if dtype is None:
+        raise IncompatibleCheckpointError(
+            f"a numpy array of dtype {a.dtype} cannot be stored as a torch tensor"
+        )
+    _note(result, "numpy arrays were stored as tensors")
+    return plan.tensor(dtype, a.shape, source=a.tobytes(order="C"))
+
+
 def _rebuildable(node: dict) -> bool:  # type: ignore[type-arg]
     try:
         type(node)()
         return True
     except TypeError:
         return False
-
-
-def _storage_offsets(path: str, saved: Any) -> dict[int, int]:
-    """File offset of every storage -> id of the tensor (placeholder or real) it belongs to.
-
-    The archive is read back on the meta device (no data), where torch records each
-    storage's offset in the file; each offset is checked against the zip directory.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        meta = torch.load(path, map_location="meta", weights_only=True)
-    records = _zip_data_records(path)
-    found: dict[int, int] = {}
-    for mine, theirs in _pair_tensors(saved, meta):
-        nbytes = theirs.untyped_storage().nbytes()
-        if nbytes == 0:
-            continue
-        offset = getattr(theirs.untyped_storage(), "_checkpoint_offset", None)
-        if offset is None or records.get(offset, (None, -1))[1] != nbytes:
-            raise RuntimeError(
-                f"{path}: cannot locate the storage of a {list(mine.shape)} {mine.dtype} tensor in the "
-                f"archive written by torch {torch.__version__}; use --format safetensors or dcp"
-            )
-        found.setdefault(offset, id(mine))
-    return found
-
-
-def _pair_tensors(a: Any, b: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Walk two trees of the same shape in step; yield the tensors at the same places."""
-    if isinstance(a, torch.Tensor):
-        yield a, b
-    elif isinstance(a, dict):
-        for k, v in a.items():
-            yield from _pair_tensors(v, b[k])
-    elif isinstance(a, (list, tuple)):
-        for x, y in zip(a, b):
-            yield from _pair_tensors(x, y)
-
-
-def _zip_data_records(path: str) -> dict[int, tuple[zipfile.ZipInfo, int]]:
-    """data offset -> (ZipInfo, size) for every record of the archive."""
-    out: dict[int, tuple[zipfile.ZipInfo, int]] = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            f.seek(info.header_offset)
-            head = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            out[info.header_offset + 30 + name_len + extra_len] = (info, info.file_size)
-    return out
-
-
-def _fill_archive(
-    path: str, offsets: dict[int, int], sources: dict[int, Any], src: Source, result: ExportResult, progress: Progress | None
-) -> None:
-    """Write every storage's bytes at its offset and patch the zip CRC-32 of its record."""
-    records = _zip_data_records(path)
-    by_id = {id_: offset for offset, id_ in offsets.items()}
-    crcs: dict[str, int] = {}
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for id_, offset in by_id.items():
-            source = sources[id_]
-            tensor = source if isinstance(source, torch.Tensor) else _read_full(src, source)
-            data = to_bytes_view(tensor.contiguous()).numpy()
-            _pwrite_all(fd, memoryview(data), offset)
-            info = records[offset][0]
-            crcs[info.filename] = zlib.crc32(memoryview(data))
-            result.nbytes += data.nbytes
-            if progress is not None:
-                progress(data.nbytes)
-            del tensor, data
-        _patch_zip_crcs(fd, path, records, crcs)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _patch_zip_crcs(fd: int, path: str, records: dict[int, tuple[zipfile.ZipInfo, int]], crcs: dict[str, int]) -> None:
-    """Put each filled record's CRC-32 where zip readers look: the central directory
-    entry, and the data descriptor (or local header) of the record."""
-    with zipfile.ZipFile(path) as zf:
-        pos = zf.start_dir
-        count = len(zf.infolist())
-    for _ in range(count):
-        head = os.pread(fd, 46, pos)
-        if head[:4] != b"PK\x01\x02":
-            raise RuntimeError(f"{path}: unexpected zip central directory layout")
-        name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-        name = os.pread(fd, name_len, pos + 46).decode("utf-8")
-        if name in crcs:
-            os.pwrite(fd, struct.pack("<I", crcs[name]), pos + 16)
-        pos += 46 + name_len + extra_len + comment_len
-    for data_offset, (info, size) in records.items():
-        if info.filename not in crcs:
-            continue
-        crc = struct.pack("<I", crcs[info.filename])
-        if info.flag_bits & 0x08:  # a data descriptor follows the data
-            sig = os.pread(fd, 4, data_offset + size)
-            os.pwrite(fd, crc, data_offset + size + (4 if sig == b"PK\x07\x08" else 0))
-        else:
-            os.pwrite(fd, crc, info.header_offset + 14)
