@@ -1,8 +1,10 @@
-"""The CLI starts light: exporting a small checkpoint imports no compiler stack.
+"""The CLI starts light: ``--help`` and the commands that only read bytes import no torch,
+and exporting a small checkpoint imports no compiler stack.
 
-``recoverkit restore --format torch`` once spent ~1.8 s importing ``torch._dynamo`` (pulled
-in by ``FakeTensorMode``) for a 2.5 MiB checkpoint. These tests run the real command in a
-child process and list the modules it imported; they never time anything.
+``import torch`` alone takes about a second, and ``recoverkit restore --format torch`` once
+spent ~1.8 s importing ``torch._dynamo`` (pulled in by ``FakeTensorMode``) for a 2.5 MiB
+checkpoint. These tests run the real command in a child process and list the modules it
+imported; they never time anything.
 """
 
 from __future__ import annotations
@@ -77,3 +79,45 @@ def test_dcp_export_imports_dcp_only_when_asked(small_root, tmp_path):
     modules = _imported("restore", root, "--to", str(tmp_path / "dcp"), "--format", "dcp")
     assert "torch.distributed.checkpoint" in modules
     assert not _heavy(modules, allowed=("torch.distributed.checkpoint", "sympy")), _heavy(modules, allowed=("torch.distributed.checkpoint", "sympy"))
+
+
+# ------------------------------------------------------------------ no torch at all
+def _torch(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m == "torch" or m.startswith("torch."))
+
+
+def test_help_never_imports_torch():
+    for args in (("--help",), ("restore", "--help"), ("ls", "--help"), ("verify", "--help")):
+        assert not _torch(_imported(*args)), f"{' '.join(args)} imported torch"
+
+
+def test_import_recoverkit_imports_no_torch():
+    p = subprocess.run([sys.executable, "-c", "import sys, recoverkit, recoverkit.cli; "
+                        "print('torch' in sys.modules); recoverkit.SaveHandle; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.split() == ["False", "False"], (p.stdout, p.stderr)
+
+
+#: What still imports torch on the read path at module level (owned elsewhere): the tiers
+#: (storage/local.py: ``import torch``, ``_ZEROS = torch.zeros(...)``; storage/base.py: the
+#: ``Buffer`` type), the dtype table that format/zarr_layout.py takes from ``recoverkit.state``
+#: (whose ``__init__`` imports codec, rng, sampler, stateful: all torch), restore/reader.py
+#: (``import torch``; restore/verify.py imports it for ``check_blob``), reading.py and
+#: restore/export/common.py (``import torch``). Remove the marker when they no longer do.
+READ_PATH_STILL_IMPORTS_TORCH = pytest.mark.xfail(
+    strict=True, reason="storage/, format/zarr_layout, state/, restore/reader, reading and export/common import torch"
+)
+
+
+@READ_PATH_STILL_IMPORTS_TORCH
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_read_only_commands_never_import_torch(small_root, command):
+    root, _ = small_root
+    assert not _torch(_imported(command, root)), f"{command} imported torch"
+
+
+@READ_PATH_STILL_IMPORTS_TORCH
+def test_small_torch_export_never_imports_torch(small_root, tmp_path):
+    root, state = small_root
+    out = str(tmp_path / "out.pt")
+    assert not _torch(_imported("restore", root, "--to", out, "--format", "torch")), "restore --format torch imported torch"
