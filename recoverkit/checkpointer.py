@@ -1,11 +1,13 @@
 """The Checkpointer: a thin sequencer of the save and restore stages.
 
-save:        plan (capture, flatten, classify, encode) -> contiguous bytes -> two-phase
-             commit on the local tier -> retention
+save:        plan (capture, flatten, classify, encode) -> contiguous bytes -> for each
+             tier the policy names: two-phase commit -> retention
 save_async:  plan -> stage into the host pool (lazy copies guarded by the optimizers'
              pre-step hooks) -> background: commit on each tier the policy names
 restore:     newest step on the fastest tier that holds it (host snapshot -> local ->
              persistent) -> read + verify every byte -> check the targets fit -> apply
+discovery:   steps / latest / manifest ask the same CheckpointReader restore uses, over
+             the same tiers, so they never disagree on which steps exist
 
 It also remembers, per tier, what it learned of the steps' data: the newest step known good
 (the step restore used, a step it committed) and the steps restore found damaged. Retention
@@ -32,13 +34,13 @@ from ._native import engine as default_engine
 from .config import CheckpointOptions
 from .distributed.commit import CommitRequest, commit_step
 from .distributed.coordinator import Coordinator, default_coordinator
-from .state.sharded import unwrap
 from .errors import CommitError, StorageError
 from .format.manifest import Manifest, TensorRecord
 from .reading import CheckpointReader, RestoreResult
 from .staging.handle import SaveHandle
 from .staging.plan import SavePlan, plan_save
 from .staging.sync import stage_now
+from .state.sharded import unwrap
 from .storage.base import RankPayload, ReadableTier, Tier
 from .storage.discovery import apply_retention
 from .storage.faults import FaultInjector
@@ -53,13 +55,28 @@ log = logging.getLogger("recoverkit")
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What one blocking save did and how long each stage took (seconds)."""
+    """What one blocking save did and how long each stage took (seconds).
+
+    Attributes:
+        step: the step saved.
+        path: where the step lies on the fastest tier it was committed to ("" when the
+            tier policy names no tier for this step, so nothing was written).
+        nbytes: bytes of state (tensor bytes and the encoded non-tensor blob).
+        timings_s: ``capture``, ``stage``, ``commit`` and ``retention`` (over every tier),
+            ``commit/<tier>`` per tier, and ``total``.
+        deleted_steps: steps retention deleted after the commit, on any tier, ascending.
+        committed_to: the tiers the step was committed to, fastest first: exactly the
+            tiers ``options.tiers.tiers_for(step)`` names (as for ``save_async``).
+        paths: tier name -> where the step lies on that tier.
+    """
 
     step: int
     path: str
     nbytes: int
     timings_s: Mapping[str, float] = field(default_factory=dict)
     deleted_steps: tuple[int, ...] = ()
+    committed_to: tuple[str, ...] = ()
+    paths: Mapping[str, str] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -149,11 +166,28 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveResult:
-        """Save ``state`` as ``step`` to the local tier; return once it is committed.
+        """Save ``state`` as ``step``; return once it is committed to every tier due.
+
+        The tiers are the ones ``options.tiers`` names for ``step``
+        (:meth:`TierPolicy.tiers_for <recoverkit.TierPolicy.tiers_for>`), fastest first,
+        exactly as for :meth:`save_async` (host memory aside): the local tier every
+        ``local_every`` steps, the persistent tier every ``persistent_every`` steps. Each
+        tier is committed, then its retention runs; :attr:`SaveResult.committed_to` names
+        them (empty, and nothing written, when the policy names none for this step).
 
         ``state`` maps names to Stateful objects (modules, optimizers, schedulers, samplers,
         anything with ``state_dict``/``load_state_dict``), tensors, ShardedTensors and plain
         values. In a multi-rank job every rank calls ``save`` with the same step.
+
+        Raises:
+            CommitError: a tier's commit failed (naming the tier); tiers committed before it
+                keep the step, tiers after it are not written.
+
+        Example:
+            >>> import tempfile, torch
+            >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
+            ...     ckpt.save(1, {"w": torch.ones(2)}).committed_to
+            ('local',)
         """
         _check_step(step)
         self.settle()  # earlier async saves settle first (their failures are reported by wait/close)
@@ -163,12 +197,18 @@ class Checkpointer:
         shards = [stage_now(p) for p in plan.shards]
         t.lap("stage")
         payload = RankPayload(self.rank, plan.blob, shards)
-        committed = self._commit(self.tier, step, payload, plan.aliases, user_meta or {})
-        t.lap("commit")
-        deleted = self._retain(self.tier, step) if committed is not None else []
-        t.lap("retention")
+        due = [name for name in self.options.tiers.tiers_for(step) if name in self.tiers]
+        deleted: set[int] = set()
+        per_tier: dict[str, float] = {}
+        for name in due:  # the drain's own path, tier after tier
+            deleted.update(self._commit_and_retain(self.tiers[name], step, payload, plan.aliases, user_meta or {}, per_tier))
+        t.lap("commit")  # commits and retentions together, split below
+        t.laps["retention"] = sum(v for k, v in per_tier.items() if k.startswith("retention/"))
+        t.laps["commit"] -= t.laps["retention"]
+        t.laps.update(per_tier)
         nbytes = len(plan.blob) + sum(int(s.data.numel()) for s in shards)
-        return SaveResult(step, self.tier.step_path(step), nbytes, t.laps, tuple(deleted))
+        paths = {name: _where(self.tiers[name], step) for name in due}
+        return SaveResult(step, paths[due[0]] if due else "", nbytes, t.laps, tuple(sorted(deleted)), tuple(due), paths)
 
     def save_async(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveHandle:
         """Start saving ``state`` as ``step`` and return at once.
@@ -250,16 +290,33 @@ class Checkpointer:
             from .staging.pipeline import AsyncPipeline
 
             self._pipeline = AsyncPipeline(
-                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._commit_and_retain,
+                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._drain_commit,
                 coalesce=self.world_size == 1,
             )
         return self._pipeline
 
-    def _commit_and_retain(
+    def _drain_commit(
         self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
     ) -> None:
-        if self._commit(tier, step, payload, aliases, user_meta) is not None:
-            self._retain(tier, step)
+        """The drain's commit: the blocking save's own path (:meth:`_commit_and_retain`)."""
+        self._commit_and_retain(tier, step, payload, aliases, user_meta)
+
+    def _commit_and_retain(
+        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any],
+        timings: dict[str, float] | None = None,
+    ) -> list[int]:
+        """Commit ``step`` to ``tier``, then run its retention where this rank committed;
+        return the steps deleted. Both saves go through here: ``save`` tier by tier, the
+        drain of ``save_async`` for each tier due. ``timings`` gets ``commit/<tier>`` and
+        ``retention/<tier>`` (seconds)."""
+        t0 = time.perf_counter()
+        committed = self._commit(tier, step, payload, aliases, user_meta)
+        t1 = time.perf_counter()
+        deleted = self._retain(tier, step) if committed is not None else []
+        if timings is not None:
+            timings[f"commit/{tier.name}"] = t1 - t0
+            timings[f"retention/{tier.name}"] = time.perf_counter() - t1
+        return deleted
 
     def _commit(
         self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
@@ -319,16 +376,18 @@ class Checkpointer:
         self.settle()
         return self._reader().restore(state, step, strict=strict)
 
-    def _reader(self) -> CheckpointReader:
-        """A reader over this Checkpointer's tiers that reports what it learns to retention."""
+    def _reader(self, *, durable: bool = False) -> CheckpointReader:
+        """A reader over this Checkpointer's tiers (``durable``: not host memory) that
+        reports what it learns to retention."""
         return CheckpointReader(
-            self.root, tiers=self._readable(), rank=self.rank, allow_pickle=self.options.allow_pickle,
+            self.root, tiers=self._readable(host=not durable), rank=self.rank, allow_pickle=self.options.allow_pickle,
             restore_rng=self.options.capture_rng, learn=self._learn,
         )
 
-    def _readable(self) -> list[ReadableTier]:
+    def _readable(self, *, host: bool = True) -> list[ReadableTier]:
+        """The tiers restore reads, fastest first."""
         tiers: list[ReadableTier] = []
-        if self._pipeline is not None and self.world_size == 1:
+        if host and self._pipeline is not None and self.world_size == 1:
             from .staging.host_tier import HostTier
 
             tiers.append(HostTier(self._pipeline, run_id=self.run_id))
@@ -338,17 +397,36 @@ class Checkpointer:
         return tiers
 
     # ------------------------------------------------------------- discovery
+    # Every answer comes from a CheckpointReader over this Checkpointer's tiers (the one
+    # restore uses), so steps(), latest(), restore() and ``recoverkit ls`` see one set.
     def latest(self) -> int | None:
-        """The newest step on any tier whose manifest and files verify, or None."""
+        """The newest step whose manifest and files verify on any tier, or None: the step
+        :meth:`restore` would use (it is always in :meth:`steps`)."""
         return self._reader().latest()
 
     def steps(self) -> list[int]:
-        """Steps committed on the local tier, ascending."""
-        return self.tier.steps()
+        """Every step committed on any tier, ascending (manifests not read).
+
+        The tiers are the ones :meth:`restore` reads: this process's host snapshots (a
+        one-rank job with ``save_async``), the local tier and the persistent tier. Without
+        the host snapshots, these are the steps ``recoverkit ls ROOT --persistent URL``
+        lists and :meth:`CheckpointReader.steps <recoverkit.CheckpointReader.steps>`
+        returns. A step listed here may still be skipped by a restore if its data is
+        damaged (see :meth:`latest`). Which tier holds what: ``ckpt.tiers[name].steps()``.
+
+        Example:
+            >>> import tempfile, torch
+            >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
+            ...     _ = ckpt.save(1, {"w": torch.ones(2)}), ckpt.save(2, {"w": torch.ones(2)})
+            ...     ckpt.steps(), ckpt.latest()
+            ([1, 2], 2)
+        """
+        return self._reader().steps()
 
     def manifest(self, step: int) -> Manifest:
-        """The verified manifest of ``step`` on the local tier."""
-        return self.tier.manifest(step)
+        """The verified manifest of ``step`` from the fastest durable tier holding a valid
+        one (local, then persistent; host snapshots have no manifest of their own)."""
+        return self._reader(durable=True).manifest(step)
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -405,6 +483,12 @@ def _check_writable(fs: LocalFS, path: str, what: str) -> None:
         fs.check_writable(path)
     except OSError as e:
         raise StorageError(e.errno, f"{what} {path} is not writable: {e.strerror or e}", path) from e
+
+
+def _where(tier: Tier, step: int) -> str:
+    """Where ``step`` lies on ``tier``: a directory for a local tier, else its description."""
+    step_path = getattr(tier, "step_path", None)
+    return str(step_path(step)) if callable(step_path) else tier.describe(step)
 
 
 def _check_step(step: int) -> None:

@@ -8,10 +8,11 @@ Every option a user can set lives here, as a keyword-only frozen dataclass whose
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .errors import ConfigError
 
-__all__ = ["RetentionPolicy", "TierPolicy", "StagingPolicy", "CheckpointOptions"]
+__all__ = ["RetentionPolicy", "TierPolicy", "StagingPolicy", "CheckpointOptions", "ProtectOptions"]
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -70,6 +71,8 @@ class TierPolicy:
     snapshots stay there. A step is also written to node-local disk (tier 2) when
     ``step % local_every == 0`` and to the persistent zarr store (tier 3, any tensorstore
     kvstore URL) when ``persistent_url`` is set and ``step % persistent_every == 0``.
+    The blocking ``save`` follows the same schedule (:meth:`tiers_for`), minus host memory:
+    it commits to every disk tier named for its step, and to none when none is named.
 
     Example:
         >>> p = TierPolicy(local_every=10, persistent_url="file:///ckpt/zarr", persistent_every=100)
@@ -93,6 +96,8 @@ class TierPolicy:
             raise ConfigError(f"compression must be one of {_COMPRESSIONS}, got {self.compression!r}")
 
     def tiers_for(self, step: int) -> tuple[str, ...]:
+        """The disk tiers ``step`` is committed to, fastest first (the one schedule both
+        the blocking save and the background drain follow)."""
         out = []
         if self.local_every and step % self.local_every == 0:
             out.append("local")
@@ -142,7 +147,7 @@ class CheckpointOptions:
             accept such checkpoints on load. Off by default: loading never runs code.
         capture_rng: save and restore Python, NumPy, torch CPU and CUDA random states.
         retention: which committed steps survive garbage collection after each commit.
-        tiers: which tiers ``save_async`` writes each step to (:class:`TierPolicy`).
+        tiers: which tiers ``save`` and ``save_async`` write each step to (:class:`TierPolicy`).
         staging: the host staging pool of ``save_async`` (:class:`StagingPolicy`).
         lock: hold a run lock on the root so a second writer fails fast.
         direct_io: write segment files with O_DIRECT where the file system allows it (the
@@ -170,3 +175,59 @@ class CheckpointOptions:
         _positive("commit_timeout_s", self.commit_timeout_s)
         if not isinstance(self.piece_bytes, int) or self.piece_bytes < 4096:
             raise ConfigError(f"piece_bytes must be an integer >= 4096, got {self.piece_bytes!r}")
+
+
+#: what leaving a protected loop does about lazy saves that failed
+OnFailedSaves = Literal["raise", "exit", "warn"]
+_ON_FAILED_SAVES = ("raise", "exit", "warn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtectOptions:
+    """How :func:`~recoverkit.protect` drives a training loop (what it does around the
+    Checkpointer; how the Checkpointer saves is :class:`CheckpointOptions`).
+
+    ``protect``'s keyword arguments of the same names are sugar for this object: their
+    defaults are read from here, so each option has one default, in one place.
+
+    Attributes:
+        save_every: steps between lazy saves (``save_async``); which tiers each save then
+            reaches is :class:`TierPolicy`'s business. The loop's final step is saved too.
+        epochs: epochs to iterate (None: until ``max_steps``).
+        max_steps: steps to iterate (None: until ``epochs``).
+        grace_s: how long a preempted run waits for its final save to be durable.
+        spike_factor: the loss guard rejects a loss above this multiple of its running
+            average (None: only non-finite losses are rejected).
+        on_failed_saves: when the loop ends normally and lazy saves failed: ``"raise"`` a
+            CommitError naming them, ``"exit"`` with status 1, or ``"warn"`` only.
+        log_saves: one INFO line (logger ``recoverkit``) per committed save.
+
+    Example:
+        >>> ProtectOptions(save_every=50, max_steps=1000, epochs=None).save_every
+        50
+        >>> ProtectOptions(save_every=0)
+        Traceback (most recent call last):
+        ...
+        recoverkit.errors.ConfigError: save_every must be an integer >= 1, got 0
+    """
+
+    save_every: int = 100
+    epochs: int | None = 1
+    max_steps: int | None = None
+    grace_s: float = 30.0
+    spike_factor: float | None = None
+    on_failed_saves: OnFailedSaves = "raise"
+    log_saves: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 1:
+            raise ConfigError(f"save_every must be an integer >= 1, got {self.save_every!r}")
+        for name in ("epochs", "max_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"{name} must be an integer >= 0 or None, got {v!r}")
+        if isinstance(self.grace_s, bool) or not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
+            raise ConfigError(f"grace_s must be a number >= 0, got {self.grace_s!r}")
+        _positive("spike_factor", self.spike_factor, allow_none=True)
+        if self.on_failed_saves not in _ON_FAILED_SAVES:
+            raise ConfigError(f"on_failed_saves must be one of {_ON_FAILED_SAVES}, got {self.on_failed_saves!r}")

@@ -36,31 +36,24 @@ every way out (a failure on entry included) gives all of them back.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+import os
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from .checkpointer import Checkpointer, _failed_saves_error
-from .config import CheckpointOptions
+from .config import CheckpointOptions, OnFailedSaves, ProtectOptions
 from .errors import CheckpointNotFoundError, CommitError
+from .health.loss import LossGuard, as_float
 from .health.signals import PreemptionSignals, exit_code_for, quiet_workers
 
 __all__ = ["protect", "Run", "exit_code_for"]
 
 log = logging.getLogger("recoverkit")
 
-#: what leaving the loop does about lazy saves that failed (see the module docstring)
-OnFailedSaves = Literal["raise", "exit", "warn"]
 FAILED_SAVES_EXIT_CODE = 1
-
-
-def _check_args(save_every: int, on_failed_saves: str) -> None:
-    if save_every < 1:
-        raise ValueError(f"save_every must be >= 1, got {save_every}")
-    if on_failed_saves not in ("raise", "exit", "warn"):
-        raise ValueError(f"on_failed_saves must be 'raise', 'exit' or 'warn', got {on_failed_saves!r}")
+_DEFAULTS = ProtectOptions()  # protect()'s keyword defaults: read from the options, never restated
 
 
 class _Counters:
@@ -81,26 +74,11 @@ class _Counters:
 class Run:
     """The object ``protect`` yields: iterate it for batches; see the module docstring."""
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        state: Mapping[str, Any],
-        loader: Any,
-        save_every: int,
-        epochs: int | None,
-        max_steps: int | None,
-        grace_s: float,
-        spike_factor: float | None,
-        seed: int,
-        options: CheckpointOptions | None,
-        checkpointer: Checkpointer | None,
-        on_failed_saves: OnFailedSaves = "raise",
-        log_saves: bool = True,
-    ) -> None:
-        _check_args(save_every, on_failed_saves)
+    def __init__(self, *, state: Mapping[str, Any], loader: Any, options: ProtectOptions, checkpointer: Checkpointer) -> None:
+        #: how the loop is driven (``protect``'s keyword arguments)
+        self.options = options
         self._user_loader = loader
-        self.ckpt = checkpointer or Checkpointer(root, options=options)
+        self.ckpt = checkpointer
         self.counters = _Counters()
         self.state: dict[str, Any] = dict(state)
         self.state["__run__"] = self.counters
@@ -116,27 +94,28 @@ class Run:
 
             self.loader, self.position = resumable_loader(loader)
             self.state["__data__"] = self.position
-        self.save_every = save_every
-        self.epochs = epochs
-        self.max_steps = max_steps
-        self.grace_s = grace_s
-        self.spike_factor = spike_factor
         self.resumed_from: int | None = None
-        self._loss_ema: float | None = None
-        self._losses_seen = 0
+        self._loss_guard = LossGuard(spike_factor=options.spike_factor)
         self._restart = False
         self._rejected = False
         self._current: tuple[int, int] | None = None
         self._last_handle: Any = None
         #: (step, error) of every lazy save that failed (each is also logged as an error)
         self.failed_saves: list[tuple[int, BaseException]] = []
-        self.on_failed_saves = on_failed_saves
-        self.log_saves = log_saves
         self._signals = PreemptionSignals()
         self._unquiet: Callable[[], None] | None = None
         self._closed = False
         self._saved_step: int | None = None  # the newest step saved (or restored): never saved twice
         self._unlogged: list[Any] = []  # handles of saves whose commit is not logged yet
+
+    # the loop's options, by name (read-only: they live in ``options``)
+    save_every = property(lambda self: self.options.save_every)
+    epochs = property(lambda self: self.options.epochs)
+    max_steps = property(lambda self: self.options.max_steps)
+    grace_s = property(lambda self: self.options.grace_s)
+    spike_factor = property(lambda self: self.options.spike_factor)
+    on_failed_saves = property(lambda self: self.options.on_failed_saves)
+    log_saves = property(lambda self: self.options.log_saves)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> Run:
@@ -261,7 +240,7 @@ class Run:
         if self.counters.step > 0 and self._saved_step != self.counters.step:
             self._save_now()  # the final step, whatever save_every is
 
-    def _batches(self) -> Iterator[Any]:
+    def _batches(self) -> Generator[Any, None, None]:
         """The data stream from the current position, across epochs, minus skipped batches.
 
         With a position (every loader but one that resumes itself) each epoch's batches
@@ -359,16 +338,11 @@ class Run:
 
         Call it before ``backward()``; on False, ``continue`` to the next batch: the state is
         back at the last snapshot, the data stream resumes from there and the offending batch
-        is skipped.
+        is skipped. The judgement is :class:`recoverkit.health.loss.LossGuard`'s.
         """
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        bad = not math.isfinite(value)
-        if not bad and self.spike_factor is not None and self._loss_ema is not None and self._losses_seen >= 10:
-            bad = value > self.spike_factor * self._loss_ema
-        if not bad:
-            self._loss_ema = value if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * value
-            self._losses_seen += 1
+        if self._loss_guard.check(loss):
             return True
+        value = as_float(loss)
         offending = [self.position.epoch, self.position.index] if self.position is not None else [0, self.step]
         self.counters.skip.append(offending)
         skip = list(self.counters.skip)
@@ -401,7 +375,7 @@ class Run:
 
 
 def protect(
-    root: str,
+    root: str | None = None,
     *,
     model: Any = None,
     optimizer: Any = None,
@@ -409,21 +383,27 @@ def protect(
     scaler: Any = None,
     loader: Any = None,
     extra: Mapping[str, Any] | None = None,
-    save_every: int = 100,
-    epochs: int | None = 1,
-    max_steps: int | None = None,
-    grace_s: float = 30.0,
-    spike_factor: float | None = None,
+    save_every: int = _DEFAULTS.save_every,
+    epochs: int | None = _DEFAULTS.epochs,
+    max_steps: int | None = _DEFAULTS.max_steps,
+    grace_s: float = _DEFAULTS.grace_s,
+    spike_factor: float | None = _DEFAULTS.spike_factor,
     seed: int = 0,
     options: CheckpointOptions | None = None,
     checkpointer: Checkpointer | None = None,
-    on_failed_saves: OnFailedSaves = "raise",
-    log_saves: bool = True,
+    on_failed_saves: OnFailedSaves = _DEFAULTS.on_failed_saves,
+    log_saves: bool = _DEFAULTS.log_saves,
 ) -> _Protected:
     """Protect a training loop; use as ``with protect(...) as run: for batch in run: ...``.
 
+    Two option objects hold every option, each with its one default:
+    :class:`~recoverkit.CheckpointOptions` (``options``: how the Checkpointer saves: tiers,
+    staging, retention, ...) and :class:`~recoverkit.config.ProtectOptions` (how the loop
+    is driven). The loop's keyword arguments below are sugar for a ``ProtectOptions`` with
+    the same names and defaults (``run.options``), validated when ``protect`` is called.
+
     Args:
-        root: the checkpoint root.
+        root: the checkpoint root (may be left out when ``checkpointer`` is given).
         model, optimizer, scheduler, scaler: one object or a list of them each (DDP and
             FSDP2 modules are fine).
         loader: a DataLoader (rebuilt over its own sampler, whose order is kept exactly and
@@ -433,23 +413,37 @@ def protect(
             any other iterable, an ``IterableDataset`` loader included (resumed by counting
             batches: the epoch is iterated again and the consumed batches dropped).
         extra: more Stateful objects or plain values to save.
-        save_every: steps between lazy saves.
-        epochs / max_steps: when the iteration ends (``epochs=None``: until max_steps).
-        grace_s: how long a preempted run waits for its final save to be durable.
-        spike_factor: reject a loss above this multiple of its running average.
+        save_every, epochs, max_steps, grace_s, spike_factor, on_failed_saves, log_saves:
+            the fields of :class:`~recoverkit.config.ProtectOptions` (documented there):
+            steps between lazy saves, when the iteration ends, the preemption grace period,
+            the loss guard's spike threshold, what a failed lazy save does when the loop
+            ends (``"raise"``, ``"exit"`` with status 1, ``"warn"``), one INFO line per save.
         seed: kept for compatibility; the data order is the loader's own.
-        options / checkpointer: the Checkpointer's options, or the Checkpointer itself;
-            ``protect`` owns it from then on and closes it however the block ends
-            (a failure on entry included).
-        on_failed_saves: when the loop ends normally and lazy saves failed on the way
-            (``run.failed_saves``): ``"raise"`` a CommitError naming them, ``"exit"``
-            with status 1 after one error line, or ``"warn"`` only. Everything is
-            flushed and released first. A preempted run exits ``128 + signal`` anyway.
-        log_saves: one INFO line (logger ``recoverkit``) per committed save.
+        options: the Checkpointer's :class:`~recoverkit.CheckpointOptions`.
+        checkpointer: a Checkpointer to use instead of building one from ``root`` and
+            ``options``; ``protect`` owns it from then on and closes it however the block
+            ends (a failure on entry included). A ``root`` or ``options`` that differ from
+            its own is a ValueError naming both (raised by this call, which then leaves the
+            checkpointer to the caller).
+
+    Raises:
+        ConfigError: a loop option is invalid (a ValueError).
+        ValueError: no ``root`` and no ``checkpointer``, or ones that disagree.
 
     Nothing is taken (lock, pipeline, handlers) until the ``with`` block is entered.
+
+    Example:
+        >>> import tempfile, torch, recoverkit
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with recoverkit.protect(tempfile.mkdtemp(), model=model, loader=range(4), save_every=2) as run:
+        ...     for batch in run:
+        ...         pass
+        >>> run.step, run.options.save_every
+        (4, 2)
     """
-    _check_args(save_every, on_failed_saves)
+    loop = ProtectOptions(save_every=save_every, epochs=epochs, max_steps=max_steps, grace_s=grace_s,
+                          spike_factor=spike_factor, on_failed_saves=on_failed_saves, log_saves=log_saves)
+    _check_checkpointer(root, options, checkpointer)
     state: dict[str, Any] = {}
     for name, value in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if value is None:
@@ -462,18 +456,34 @@ def protect(
     state.update(extra or {})
 
     def build() -> Run:
-        ckpt = checkpointer or Checkpointer(root, options=options)
+        assert checkpointer is not None or root is not None  # _check_checkpointer
+        ckpt = checkpointer or Checkpointer(root, options=options)  # type: ignore[arg-type]
         try:
-            return Run(
-                root, state=state, loader=loader, save_every=save_every, epochs=epochs, max_steps=max_steps,
-                grace_s=grace_s, spike_factor=spike_factor, seed=seed, options=options, checkpointer=ckpt,
-                on_failed_saves=on_failed_saves, log_saves=log_saves,
-            )
+            return Run(state=state, loader=loader, options=loop, checkpointer=ckpt)
         except BaseException:
             ckpt.close()  # nothing was saved: this only stops the pipeline and drops the lock
             raise
 
     return _Protected(build)
+
+
+def _check_checkpointer(root: str | None, options: CheckpointOptions | None, checkpointer: Checkpointer | None) -> None:
+    """A ``checkpointer`` is the source of truth for its root and options: ``root`` and
+    ``options`` passed beside it must say the same, or the call is refused."""
+    if checkpointer is None:
+        if root is None:
+            raise ValueError("protect() needs a root (the checkpoint directory) or a checkpointer=")
+        return
+    if root is not None and os.path.realpath(root) != os.path.realpath(checkpointer.root):
+        raise ValueError(
+            f"protect(): root {root!r} is not the root of the checkpointer= given ({checkpointer.root!r}); "
+            "pass the same root, or leave root out"
+        )
+    if options is not None and options != checkpointer.options:
+        raise ValueError(
+            f"protect(): options {options!r} differ from the options of the checkpointer= given "
+            f"({checkpointer.options!r}); pass the same options, or leave options out"
+        )
 
 
 class _Protected:

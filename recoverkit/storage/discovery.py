@@ -1,10 +1,9 @@
-"""Discovery and retention over any tier.
+"""Retention over any tier, and the warning every skipped step raises.
 
-Discovery walks committed steps newest first and yields the first one whose manifest
-verifies (self-checksum, format version, every listed file present at its recorded size).
-A step that fails is skipped with a warning naming the fault. The full data checksum pass
-happens while restoring (every byte read is verified); a step that fails there is skipped
-the same way by the restorer.
+Discovery (walking committed steps newest first, fastest tier first, skipping a step whose
+manifest or data fails with a :class:`CheckpointSkippedWarning`) has one implementation:
+:class:`recoverkit.reading.CheckpointReader`, which the Checkpointer's ``steps``/``latest``/
+``restore`` and the CLI's read-only commands all go through.
 
 Retention deletes committed steps the policy no longer keeps. A manifest that verifies says
 nothing about the data (bit rot leaves it intact), so retention does not judge steps
@@ -23,20 +22,15 @@ This module knows nothing of who learned what: the Checkpointer and ``gc`` injec
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..config import RetentionPolicy
-from ..errors import IncompatibleCheckpointError, IntegrityError
-from ..format.manifest import Manifest
-from .base import ReadableTier, Tier
+from .base import Tier
 
 __all__ = [
     "CheckpointSkippedWarning",
     "RetentionDecision",
-    "candidates",
-    "newest_valid",
     "decide_retention",
     "apply_retention",
 ]
@@ -44,32 +38,6 @@ __all__ = [
 
 class CheckpointSkippedWarning(UserWarning):
     """A committed-looking step was skipped because it is damaged or foreign."""
-
-
-def candidates(tier: ReadableTier, *, step: int | None = None) -> Iterator[tuple[int, Manifest]]:
-    """Yield ``(step, manifest)`` for steps whose manifest verifies, newest first.
-
-    With ``step`` given, only that step is considered and its fault is raised, not skipped.
-    """
-    if step is not None:
-        yield step, tier.manifest(step)
-        return
-    for s in reversed(tier.steps()):
-        try:
-            manifest = tier.manifest(s)
-        except (IntegrityError, IncompatibleCheckpointError, OSError) as e:
-            warnings.warn(
-                f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=3
-            )
-            continue
-        yield s, manifest
-
-
-def newest_valid(tier: ReadableTier) -> int | None:
-    """The newest step whose manifest and files verify, or None (the data is not read)."""
-    for s, _ in candidates(tier):
-        return s
-    return None
 
 
 @dataclass(frozen=True)
