@@ -21,6 +21,16 @@ not ``fsync`` at all. So after every write and delete this store ``fsync``s the 
 directories up to the root itself: when a write call returns, the data and every
 directory entry leading to it are durable. Other kvstores (``gs://``, ``s3://``) make an
 object durable when its write completes.
+
+**The I/O seam** (faults as data). tensorstore does the object I/O itself, so it cannot be
+routed through a :class:`~recoverkit.storage.fs.LocalFS`. Instead every kvstore operation
+this store makes is announced to an injected
+:class:`~recoverkit.storage.faults.FaultInjector` before and after it runs, as the
+operation ``kv_write``, ``kv_read``, ``kv_list`` or ``kv_delete`` on its key (an array's
+path for region reads and writes); and every operation this store makes on a local
+directory itself (the ``fsync`` of directories, ``lstat``, listing, deletion) goes through
+an injected ``LocalFS``. A test passes ``faults=`` and ``fs=FaultyFS(faults)`` to fail or
+kill the process at any of them, on any kvstore.
 """
 
 from __future__ import annotations
@@ -28,9 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -54,6 +62,8 @@ from ..format.zarr_layout import (
     group_paths,
 )
 from ..state.dtypes import dtype_from_name, dtype_name, from_bytes, to_bytes_view
+from .faults import FaultInjector
+from .fs import LocalFS
 
 __all__ = ["ZarrStore", "COMPRESSIONS"]
 
@@ -73,6 +83,10 @@ class ZarrStore:
         compression: None (or ``"none"``), ``"zstd"`` or ``"blosc"`` (lz4 with byte shuffle).
         level: the zstd level or blosc ``clevel``.
         context: extra tensorstore context resources (``file_io_sync`` is always true).
+        fs: the operations on local directories (``file://`` stores): fsync, lstat, listing,
+            deletion (inject a ``FaultyFS`` to fail them).
+        faults: told of every kvstore operation before and after it runs (see the module
+            docstring).
 
     Example:
         >>> import tempfile
@@ -81,13 +95,18 @@ class ZarrStore:
         b'hi'
     """
 
-    def __init__(self, url: str, *, compression: str | None = None, level: int = 1, context: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, *, compression: str | None = None, level: int = 1, context: Mapping[str, Any] | None = None,
+        fs: LocalFS | None = None, faults: FaultInjector | None = None,
+    ) -> None:
         if compression not in COMPRESSIONS:
             raise ConfigError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         if not isinstance(level, int) or isinstance(level, bool):
             raise ConfigError(f"compression level must be an integer, got {level!r}")
         self.compression = None if compression == "none" else compression
         self.level = level
+        self.fs = fs if fs is not None else LocalFS()
+        self.faults = faults if faults is not None else FaultInjector()
         self.url = url.rstrip("/") if url.rstrip("/").split("://", 1)[-1] else url
         spec = {"cache_pool": {"total_bytes_limit": 0}, **dict(context or {}), "file_io_sync": True}
         self._ctx = ts.Context(spec)
@@ -126,6 +145,9 @@ class ZarrStore:
         self._write_json(f"{step_dir}/{_ZARR_JSON}", group_metadata(attrs))
         for g in sorted(nested):
             self._write_json(f"{step_dir}/{g}/{_ZARR_JSON}", group_metadata())
+        keys = [f"{step_dir.strip('/')}/{lay.path}" for lay in lays]
+        for key in keys:
+            self.faults.on_op("kv_write", key)
         futures = [
             (lay, ts.open(self._array_spec(lay.zarr_metadata(self._codecs(lay))), kvstore=self._array_kv(step_dir, lay.path), create=True, context=self._ctx))
             for lay in lays
@@ -133,6 +155,8 @@ class ZarrStore:
         for lay, fut in futures:
             self._wait(fut, self._where(step_dir, lay.key, lay.path))
         self._sync(step_dir)
+        for key in keys:
+            self.faults.on_op("kv_write", key, when="after")
 
     def write_group(self, path: str, attrs: Mapping[str, Any] | None = None) -> None:
         """Write a group's ``zarr.json`` at ``path`` ("" = the store root), durably."""
@@ -184,6 +208,9 @@ class ZarrStore:
         """
         items = list(items)
         handles = self._open_all(step_dir, {lay.key: lay for lay, _, _ in items})
+        keys = sorted({f"{step_dir.strip('/')}/{lay.path}" for lay, _, _ in items})
+        for key in keys:
+            self.faults.on_op("kv_write", key)
         pending = []
         for lay, region, tensor in items:
             where = self._where(step_dir, lay.key, lay.path)
@@ -194,8 +221,10 @@ class ZarrStore:
             pending.append((where, handles[lay.key][_slices(region)].write(src)))
         for where, fut in pending:
             self._wait(fut.commit, where)
-        for path in {lay.path for lay, _, _ in items}:
-            self._sync(f"{step_dir.strip('/')}/{path}")
+        for key in keys:
+            self._sync(key)
+        for key in keys:
+            self.faults.on_op("kv_write", key, when="after")
 
     def read_region(
         self, step_dir: str, key: str, offsets: Sequence[int], shape: Sequence[int], *,
@@ -225,24 +254,34 @@ class ZarrStore:
             return out
         if chunks is not None:
             _check_chunks_present(chunks, layout, region, where)
+        key = f"{step_dir.strip('/')}/{layout.path}"
+        self.faults.on_op("kv_read", key)
         target = ts.array(_numpy_view(out, layout, region.shape), copy=False, write=True, context=self._ctx)
         self._wait(target.write(handle[_slices(region)]).commit, where)
+        self.faults.on_op("kv_read", key, when="after")
         return out
 
     # ------------------------------------------------------------- small objects
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write one object atomically and durably (replacing any previous value)."""
+        self.faults.on_op("kv_write", key)
         self._wait(self._kv.write(key, bytes(data)), f"{self.url}/{key}")
         if self._local is not None:  # tensorstore fsynced the parent; its parents are ours
             self._fsync_up(os.path.dirname(os.path.join(self._local, key.strip("/"))))
+        self.faults.on_op("kv_write", key, when="after")
 
-    def write_bytes_array(self, path: str, data: bytes, attrs: Mapping[str, Any] | None = None) -> None:
+    def write_bytes_array(
+        self, path: str, data: bytes, attrs: Mapping[str, Any] | None = None, *, before_publish: Callable[[], None] | None = None
+    ) -> None:
         """Store ``data`` as a uint8 zarr array at ``path`` whose one chunk ``c/0`` is the raw
         bytes: the chunk first, the array's ``zarr.json`` last (so the node exists only once
-        its bytes are durable; its ``zarr.json`` write is the atomic commit point)."""
+        its bytes are durable; its ``zarr.json`` write is the atomic commit point).
+        ``before_publish`` is called between the two (the bytes durable, the node absent)."""
         path = path.strip("/")
         if data:
             self.write_bytes(f"{path}/c/0", data)
+        if before_publish is not None:
+            before_publish()
         self.write_bytes(f"{path}/{_ZARR_JSON}", json.dumps(bytes_array_metadata(len(data), attrs), indent=2).encode("utf-8"))
 
     def bytes_array_size(self, path: str) -> int | None:
@@ -283,10 +322,16 @@ class ZarrStore:
         local store, IntegrityError if it is not a regular file: no FIFO is waited on)."""
         if self._local is not None:
             self.size(key)  # lstat only; elsewhere size() would read the object a second time
-        result = self._wait(self._kv.read(key), f"{self.url}/{key}")
+        result = self._read(key)
         if result.state != "value":
             raise CheckpointNotFoundError(f"{self.url}/{key}: no such object")
         return bytes(result.value)
+
+    def _read(self, key: str, **kwargs: Any) -> Any:
+        self.faults.on_op("kv_read", key)
+        result = self._wait(self._kv.read(key, **kwargs), f"{self.url}/{key}")
+        self.faults.on_op("kv_read", key, when="after")
+        return result
 
     def size(self, key: str) -> int | None:
         """The size of the object ``key`` in bytes, or None if there is none.
@@ -295,22 +340,15 @@ class ZarrStore:
         key raises IntegrityError. Elsewhere the object is read (blobs are small).
         """
         if self._local is not None:
-            path = os.path.join(self._local, key.strip("/"))
-            try:
-                st = os.lstat(path)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(f"{self.url}/{key}: not a regular file", path=path)
-            return st.st_size
-        result = self._wait(self._kv.read(key), f"{self.url}/{key}")
+            return self.fs.size(os.path.join(self._local, key.strip("/")))
+        result = self._read(key)
         return len(result.value) if result.state == "value" else None
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under exactly ``key``."""
         if self._local is not None:
-            return os.path.isfile(os.path.join(self._local, key))
-        return self._wait(self._kv.read(key, byte_range=slice(0, 0)), f"{self.url}/{key}").state == "value"
+            return self.fs.is_file(os.path.join(self._local, key))
+        return self._read(key, byte_range=slice(0, 0)).state == "value"
 
     def list_dir(self, prefix: str) -> list[str]:
         """Names directly under ``prefix`` ("" = the root), sorted; sub-directories end in "/"."""
@@ -318,12 +356,12 @@ class ZarrStore:
         if self._local is not None:
             path = os.path.join(self._local, prefix)
             try:
-                with os.scandir(path) as it:
-                    return sorted(e.name + "/" if e.is_dir() else e.name for e in it if not e.name.endswith(".__lock"))
+                names = self.fs.listdir(path)
             except (FileNotFoundError, NotADirectoryError):
                 return []
+            return sorted(n + "/" if self.fs.is_dir(os.path.join(path, n)) else n for n in names if not n.endswith(".__lock"))
         base = f"{prefix}/" if prefix else ""
-        keys = self._wait(self._kv.list(_prefix_range(base), strip_prefix_length=len(base.encode())), f"{self.url}/{base}")
+        keys = self._list(_prefix_range(base), base)
         names = set()
         for k in keys:
             head, sep, _ = k.decode("utf-8").partition("/")
@@ -339,19 +377,18 @@ class ZarrStore:
         if not prefix:
             raise ValueError(f"{self.url}: refusing to delete the whole store (empty prefix)")
         self._evict(prefix)
+        self.faults.on_op("kv_delete", prefix)
         if self._local is None:
             self._wait(self._kv.write(prefix, None), f"{self.url}/{prefix}")
             self._wait(self._kv.delete_range(_prefix_range(prefix + "/")), f"{self.url}/{prefix}/")
-            return
-        path = os.path.join(self._local, prefix)
-        try:  # tensorstore's delete_range neither fsyncs nor removes the top directory
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        except OSError as e:
-            raise StorageError(f"{self.url}/{prefix}: cannot delete: {e}") from e
-        self._fsync_up(os.path.dirname(path))
+        else:
+            path = os.path.join(self._local, prefix)
+            try:  # tensorstore's delete_range neither fsyncs nor removes the top directory
+                self.fs.remove_tree(path)  # a symlink is unlinked, never followed
+            except OSError as e:
+                raise StorageError(f"{self.url}/{prefix}: cannot delete: {e}") from e
+            self._fsync_up(os.path.dirname(path))
+        self.faults.on_op("kv_delete", prefix, when="after")
 
     def close(self) -> None:
         """Drop open array handles (the store stays usable; they reopen on demand)."""
@@ -420,7 +457,7 @@ class ZarrStore:
     def _chunk_keys(self, prefix: str) -> set[str]:
         """Every chunk key stored under ``prefix`` (``c``, ``c/0/1``...), relative to the array."""
         base = prefix.rsplit("/", 1)[0] + "/"
-        keys = self._wait(self._kv.list(_prefix_range(prefix), strip_prefix_length=len(base.encode())), f"{self.url}/{prefix}")
+        keys = self._list(_prefix_range(prefix), base)
         return {k.decode("utf-8") for k in keys if not k.endswith(b".__lock")}
 
     def _evict(self, prefix: str) -> None:
@@ -429,7 +466,16 @@ class ZarrStore:
             del self._handles[k]
 
     def _write_json(self, key: str, obj: Any) -> None:
+        self.faults.on_op("kv_write", key)
         self._wait(self._kv.write(key, json.dumps(obj, indent=2).encode("utf-8")), f"{self.url}/{key}")
+        self.faults.on_op("kv_write", key, when="after")
+
+    def _list(self, keys: ts.KvStore.KeyRange, base: str) -> Any:
+        """The keys in the range, ``base`` stripped from each."""
+        self.faults.on_op("kv_list", base)
+        out = self._wait(self._kv.list(keys, strip_prefix_length=len(base.encode())), f"{self.url}/{base}")
+        self.faults.on_op("kv_list", base, when="after")
+        return out
 
     def _wait(self, future: Any, where: str) -> Any:
         """``future.result()`` with tensorstore's errors turned into recoverkit errors."""
@@ -445,9 +491,9 @@ class ZarrStore:
         if self._local is None:
             return
         top = os.path.join(self._local, sub.strip("/"))
-        if os.path.isdir(top):
+        if self.fs.is_dir(top, follow_symlinks=not sub.strip("/")):  # the root may be a symlink
             for d, _, _ in os.walk(top, topdown=False):
-                _fsync_dir(d)
+                self.fs.fsync_dir(d)
         self._fsync_up(os.path.dirname(top.rstrip("/")) if sub.strip("/") else top)
 
     def _fsync_up(self, path: str) -> None:
@@ -456,8 +502,8 @@ class ZarrStore:
         root = os.path.normpath(self._local)
         path = os.path.normpath(path)
         while True:
-            if os.path.isdir(path):
-                _fsync_dir(path)
+            if self.fs.is_dir(path, follow_symlinks=path == root):  # the root may be a symlink
+                self.fs.fsync_dir(path)
             if path == root or len(path) <= len(root):
                 break
             path = os.path.dirname(path)
@@ -542,10 +588,3 @@ def _translate(e: Exception, where: str) -> RecoverkitError:
         return CheckpointNotFoundError(f"{where}: not found: {msg}")
     return StorageError(f"{where}: {msg}")
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,15 @@ manifest's bytes (the array's one chunk) are written first, its ``zarr.json`` la
 rank writes only its own chunks; every chunk carries zarr's crc32c codec and every shard is
 also checked against the CRC-32C in the manifest.
 
+The injected :class:`~recoverkit.storage.faults.FaultInjector` hears the same commit
+phases as the local tier's, at their equivalents here: ``before_manifest``;
+``after_manifest`` once the manifest's chunk is durable and the step still unselectable;
+``after_rename`` once its ``zarr.json`` is written (the commit point: no rename, the same
+meaning); ``after_latest`` right after it (this tier keeps no ``latest`` pointer: the
+commit is complete). ``before_data``/``after_data`` and ``retention`` are announced by the
+commit protocol and the retention caller, as for every tier. The injector is also the
+store's I/O seam (``kv_write``, ``kv_read``, ... operations; see ``zarr_store.py``).
+
 Steps written by the previous layout (arrays flat under ``tensors/``, ``blobs/*.json``,
 ``manifest.json``) are still listed and read: the manifest found tells which, and each
 record names the array or object it lives in.
@@ -45,6 +54,7 @@ from ..format.zarr_layout import (
 from ..state import dtype_from_name, from_bytes
 from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector
+from .fs import LocalFS
 from .layout import parse_step_dirname, step_dirname
 from .zarr_store import ZarrStore
 
@@ -59,11 +69,16 @@ class ZarrTier(Tier):
     name = "persistent"
     needs_layout = True
 
-    def __init__(self, url: str, *, options: TierPolicy | None = None, faults: FaultInjector | None = None, store: ZarrStore | None = None) -> None:
+    def __init__(
+        self, url: str, *, options: TierPolicy | None = None, faults: FaultInjector | None = None, store: ZarrStore | None = None,
+        fs: LocalFS | None = None,
+    ) -> None:
+        """``faults`` hears the commit phases and, when the store is built here, every store
+        operation; ``fs`` does the store's own local-directory operations (``file://``)."""
         opts = options or TierPolicy()
-        self.store = store or ZarrStore(url, compression=opts.compression, level=opts.compression_level)
-        self.url = self.store.url
         self.faults = faults or FaultInjector()
+        self.store = store or ZarrStore(url, compression=opts.compression, level=opts.compression_level, fs=fs, faults=self.faults)
+        self.url = self.store.url
 
     # ----------------------------------------------------------------- writing
     def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
@@ -107,8 +122,12 @@ class ZarrTier(Tier):
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
         self.faults.reached("before_manifest", step=step, rank=rank)
         check_manifest(manifest, where=f"{self.url}/{staging}/{MANIFEST_ARRAY}", arrays=True)  # readable back
-        self.store.write_bytes_array(f"{staging}/{MANIFEST_ARRAY}", manifest.to_bytes())
-        self.faults.reached("after_rename", step=step, rank=rank)
+        self.store.write_bytes_array(
+            f"{staging}/{MANIFEST_ARRAY}", manifest.to_bytes(),
+            before_publish=lambda: self.faults.reached("after_manifest", step=step, rank=rank),
+        )
+        self.faults.reached("after_rename", step=step, rank=rank)  # its zarr.json: the commit point
+        self.faults.reached("after_latest", step=step, rank=rank)  # no `latest` here: committed
 
     def abort(self, staging: str) -> None:
         self.store.delete_prefix(staging)

@@ -3,6 +3,7 @@ and tensorstore interoperability, corruption detection, compression, small objec
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -14,6 +15,7 @@ import torch
 from recoverkit.errors import CheckpointNotFoundError, ConfigError, IntegrityError
 from recoverkit.format.zarr_layout import ShardRegion, array_layout, array_path
 from recoverkit.state.dtypes import STORABLE_DTYPES, dtype_name, from_bytes, to_bytes_view
+from recoverkit.storage.faults import FaultInjector, FaultyFS
 from recoverkit.storage.zarr_store import ZarrStore
 
 STEP = "step-000000007"
@@ -276,27 +278,61 @@ def test_memory_kvstore_holds_a_whole_step(tmp_path):
     assert store.read_layout(STEP, "a/b").storage_dtype == "uint16"
 
 
-def test_writes_fsync_every_directory_up_to_the_root(url, root, monkeypatch):
-    """tensorstore fsyncs a file and its parent; the store fsyncs the directories above."""
-    synced = []
-    real = os.fsync
+class _Recorder(FaultInjector):
+    """Records every operation announced to it (an injector that never fails)."""
 
-    def spy(fd):
-        synced.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
-        return real(fd)
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[str, ...], str]] = []
 
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc to name file descriptors")
-    store = ZarrStore(url)
+    def on_op(self, op: str, *paths: str, when: str = "before") -> None:
+        self.calls.append((op, paths, when))
+        super().on_op(op, *paths, when=when)
+
+    def fsynced(self) -> set[str]:
+        return {os.path.normpath(p[0]) for op, p, when in self.calls if op == "fsync_dir" and when == "after"}
+
+
+def test_writes_fsync_every_directory_up_to_the_root(url, root):
+    """tensorstore fsyncs a file and its parent; the store fsyncs the directories above,
+    through its injected file system (the seam a FaultyFS plugs into)."""
+    rec = _Recorder()
+    store = ZarrStore(url, fs=FaultyFS(rec), faults=rec)
     lays = _save(store, {"m/w": torch.ones(4, 4)})
-    monkeypatch.setattr(os, "fsync", spy)
+    rec.calls.clear()
     store.write_regions(STEP, [(lays["m/w"], ShardRegion((0, 0), (4, 4)), torch.full((4, 4), 2.0))])
-    real_root = os.path.realpath(root)
+    synced = rec.fsynced()
     for d in ("", STEP, f"{STEP}/m", f"{STEP}/{array_path('m/w')}", f"{STEP}/{array_path('m/w')}/c"):
-        assert os.path.join(real_root, d).rstrip("/") in synced, d
-    synced.clear()
+        assert os.path.normpath(os.path.join(root, d)) in synced, d
+    # the write was announced before the directories were synced, and completed after
+    ops = [(op, when) for op, _, when in rec.calls]
+    assert ops[0] == ("kv_write", "before") and ops[-1] == ("kv_write", "after")
+    rec.calls.clear()
     store.write_bytes(f"{STEP}/blobs/rank-00000.json", b"{}")
-    assert os.path.join(real_root, STEP) in synced and real_root in synced
+    assert {os.path.join(root, STEP), os.path.normpath(root)} <= rec.fsynced()
+
+
+@pytest.mark.parametrize(
+    "fault,errno_",
+    [
+        (lambda f: f.fsync_fails(), errno.EIO),
+        (lambda f: f.read_only(), errno.EROFS),
+        (lambda f: f.no_space(path_contains="blobs"), errno.ENOSPC),
+    ],
+    ids=["fsync", "erofs", "enospc"],
+)
+def test_a_failed_write_or_fsync_is_an_error_never_a_silent_success(url, fault, errno_):
+    """A failed directory fsync reaches the store through its file system, EROFS and ENOSPC
+    through its kvstore seam: each one fails the write call that met it."""
+    faults = FaultInjector()
+    store = ZarrStore(url, fs=FaultyFS(faults), faults=faults)
+    store.write_bytes(f"{STEP}/x", b"ok")
+    fault(faults)
+    with pytest.raises(OSError) as info:
+        store.write_bytes(f"{STEP}/blobs/rank-00000.json", b"{}")
+    assert info.value.errno == errno_ and faults.fired == 1
+    faults.disarm()
+    assert store.read_bytes(f"{STEP}/x") == b"ok"
 
 
 def test_raw_bytes_arrays_hold_objects_zarr_python_can_read(url, root):
