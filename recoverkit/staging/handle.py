@@ -1,4 +1,5 @@
-"""The handle ``save_async`` returns: events per stage, metrics, and the error if any."""
+"""The handle ``save_async`` returns (``recoverkit.SaveHandle``): events per stage, metrics,
+and the error if any. The drain thread (``staging.pipeline``) sets its events; the user waits."""
 
 from __future__ import annotations
 
@@ -10,27 +11,42 @@ __all__ = ["SaveHandle"]
 
 
 class SaveHandle:
-    """Tracks one asynchronous save.
+    """What :meth:`Checkpointer.save_async <recoverkit.Checkpointer.save_async>` returns:
+    one asynchronous save, followed stage by stage (public as ``recoverkit.SaveHandle``).
 
-    Events: ``staged`` (every byte copied to host memory), ``durable[tier]`` (written and
-    committed on that tier), ``committed`` (every scheduled tier done, or failed).
-    ``superseded`` maps a tier to the newer step written there instead of this one
-    (one-process jobs whose disk is slower than the save interval): ``durable`` of such a
-    tier is never set, and ``committed`` is set (or the error) when the newer save settles,
-    since that is when this state is covered by a durable step.
-    ``metrics`` holds ``call_s`` (blocking time in the call), ``prestep_wait_s`` (time the
-    optimizer hook waited), ``staging_s``, ``durable_s/<tier>`` and ``bytes``.
+    Attributes:
+        step: the step being saved.
+        tiers: the tiers the tier policy sends this step to, fastest first (empty: host
+            memory only).
+        staged: an Event, set once every byte is copied to host memory (the saved tensors
+            may change from then on).
+        durable: tier name -> an Event, set once the step is committed on that tier.
+        committed: an Event, set once every scheduled tier is done, or the save failed.
+        committed_to: the tiers that really hold the step (``durable`` is also set on
+            failure, so no waiter hangs; this list is not).
+        superseded: tier -> the newer step written there instead of this one (one-process
+            jobs whose disk is slower than the save interval). ``durable`` of such a tier is
+            never set; ``committed`` is set (or the error) when the newer save settles,
+            since that is when this state is covered by a durable step.
+        skipped: the staging pool was full and the save was skipped (it fails).
+        error: the failure (a :class:`~recoverkit.CommitError`, or the staging fault), or None.
+        metrics: ``call_s`` (blocking time in the call), ``prestep_wait_s`` (time the
+            optimizer hook waited), ``staging_s``, ``durable_s/<tier>`` and ``bytes``.
 
-    A failed save sets ``error`` (a :class:`~recoverkit.CommitError`, or the staging
-    fault), then ``committed`` and every ``durable`` event so no waiter hangs: ``wait``
+    A failed save sets ``error``, then ``committed`` and every ``durable`` event: ``wait``
     raises the error, and ``Checkpointer.wait()``/``close()`` report it too unless this
-    handle's ``wait`` already raised it. ``committed_to`` names the tiers that really hold
-    the step.
+    handle's ``wait`` already raised it.
 
     Example:
-        >>> h = SaveHandle(7, tiers=["local"])
-        >>> h.done()
-        False
+        >>> import tempfile, torch, recoverkit
+        >>> with recoverkit.Checkpointer(tempfile.mkdtemp()) as ckpt:
+        ...     handle = ckpt.save_async(7, {"w": torch.ones(4)})
+        ...     handle.wait(timeout_s=60), handle.done(), handle.committed_to
+        (True, True, ['local'])
+        >>> handle
+        SaveHandle(step=7, committed, tiers=['local'])
+        >>> handle.durable["local"].is_set(), handle.metrics["bytes"] > 0
+        (True, True)
     """
 
     def __init__(self, step: int, *, tiers: Iterable[str]) -> None:
@@ -51,6 +67,7 @@ class SaveHandle:
         self.metrics: dict[str, Any] = {}
 
     def done(self) -> bool:
+        """Whether the save is settled (committed everywhere due, or failed); never blocks."""
         return self.committed.is_set()
 
     def wait(self, timeout_s: float | None = None) -> bool:

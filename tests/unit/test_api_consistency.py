@@ -216,6 +216,19 @@ def test_protect_keywords_are_sugar_over_protect_options(tmp_path):
 
 
 # ------------------------------------------------------------------ 4. the handle is public
+@pytest.mark.parametrize("obj", [SaveHandle, ProtectOptions, Checkpointer.save, Checkpointer.steps])
+def test_the_documented_examples_run(obj):
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    module = inspect.getmodule(obj)
+    tests = doctest.DocTestFinder(recurse=False).find(obj, module=module, globs=dict(vars(module)))
+    for t in tests:
+        runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_save_async_returns_the_public_save_handle(tmp_path):
     assert recoverkit.SaveHandle is SaveHandle
     assert "Example" in (SaveHandle.__doc__ or "")
