@@ -16,6 +16,7 @@ and slices ``(start, stop, step)`` tuples.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,13 @@ def _storage_bytes(src: Source, source: Any) -> Any:
     return to_bytes_view(_read_full(src, source).contiguous()).numpy()
 
 
-def _read_raw(src: Source, rec: TensorRecord) -> bytearray | None:
+def _buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A writable buffer the reads land in: large ones are anonymous maps, whose pages are
+    zero-filled only as the read touches them (a bytearray clears every byte first)."""
+    return mmap.mmap(-1, nbytes) if nbytes >= 1 << 20 else bytearray(nbytes)
+
+
+def _read_raw(src: Source, rec: TensorRecord) -> bytearray | mmap.mmap | None:
     """The whole tensor of ``rec`` as bytes when its pieces are slabs along dim 0 that tile
     it (every piece read in place and CRC-checked by the tier); None for any other layout."""
     numel = 1
@@ -134,7 +141,7 @@ def _read_raw(src: Source, rec: TensorRecord) -> bytearray | None:
         raise IntegrityError(
             f"step {src.step}: the saved pieces of {rec.key!r} cover {at} of its {rows} rows"
         )
-    out = bytearray(rows * row_bytes)
+    out = _buffer(rows * row_bytes)
     view = memoryview(out)
     src.tier.read(
         src.step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in pieces]
