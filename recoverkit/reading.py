@@ -1,7 +1,8 @@
 """Reading committed steps (discovery, restore, partial restore) without writing anything.
 
-restore: steps newest first, fastest tier first -> manifest -> read + verify every byte
-(``restore.reader``) -> keep the entries asked for -> check they fit -> apply (``restore.apply``)
+restore: a recovery chain (``recovery``; by default tier fallback: steps newest first, fastest
+tier first -> manifest) -> read + verify every byte (``restore.reader``) -> keep the entries
+asked for -> check they fit -> apply (``restore.apply``)
 
 The one restore path: :class:`CheckpointReader` serves readers beside a training job (evaluation,
 export, the CLI), and the Checkpointer delegates its restore and discovery to one built over its
@@ -14,37 +15,24 @@ it warns (:class:`StepDeletedWarning`) and starts over from the newest step.
 from __future__ import annotations
 
 import errno
-import warnings
-from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, MutableMapping, Sequence
+from typing import Any
 
 import torch
 
-from .state.dtensor import prepare_optimizer_state
-from .state.sharded import ShardedTensor, unwrap
-from .errors import (
-    CheckpointNotFoundError,
-    IncompatibleCheckpointError,
-    IntegrityError,
-    StorageError,
-)
+from .errors import CheckpointNotFoundError, IncompatibleCheckpointError, StorageError
 from .format.manifest import Manifest
+from .recovery import Loss, RecoveryChain, RecoveryStrategy, Source, Survivors, TierFallback
+from .recovery.tier_fallback import MAX_RESCANS, StepDeletedWarning  # noqa: F401 - MAX_RESCANS kept here too
 from .restore.apply import apply_restored, target_shards
-from .restore.reader import read_state
 from .staging.plan import RNG_KEY
+from .state.dtensor import prepare_optimizer_state
+from .state.sharded import unwrap
 from .storage.base import ReadableTier
-from .storage.discovery import CheckpointSkippedWarning
 from .storage.fs import LocalFS
 from .storage.local import LocalTier
 
 __all__ = ["CheckpointReader", "RestoreResult", "StateTree", "StepDeletedWarning", "ReadOnlyFS"]
-
-MAX_RESCANS = 64  # how often one call may start over because a writer deleted what it read
-T = TypeVar("T")
-
-
-class StepDeletedWarning(CheckpointSkippedWarning):
-    """The step being read was deleted meanwhile (a live writer's retention); retried."""
 
 
 class RestoreResult(int):
@@ -55,7 +43,9 @@ class RestoreResult(int):
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
 
-    def __new__(cls, step: int, missing: Sequence[str] = (), unexpected: Sequence[str] = ()) -> RestoreResult:
+    def __new__(
+        cls, step: int, missing: Sequence[str] = (), unexpected: Sequence[str] = ()
+    ) -> RestoreResult:
         self = super().__new__(cls, step)
         self.missing_keys, self.unexpected_keys = tuple(missing), tuple(unexpected)
         return self
@@ -82,6 +72,8 @@ class CheckpointReader:
         tiers: exactly these tiers, fastest first (``root``/``persistent_url`` then name them).
         learn: told ``learn(tier, good=step)`` of the step a restore used and
             ``learn(tier, bad=step)`` of each damaged one (the Checkpointer's retention).
+        strategies: the recovery strategies tried in order (default: tier fallback over
+            ``tiers``, reporting to ``learn``).
 
     Example:
         >>> import tempfile, torch, recoverkit
@@ -97,9 +89,17 @@ class CheckpointReader:
     """
 
     def __init__(
-        self, root: str | None = None, *, persistent_url: str | None = None, rank: int = 0, allow_pickle: bool = False,
-        restore_rng: bool = True, fs: LocalFS | None = None, tiers: Sequence[ReadableTier] | None = None,
+        self,
+        root: str | None = None,
+        *,
+        persistent_url: str | None = None,
+        rank: int = 0,
+        allow_pickle: bool = False,
+        restore_rng: bool = True,
+        fs: LocalFS | None = None,
+        tiers: Sequence[ReadableTier] | None = None,
         learn: Callable[..., Any] | None = None,
+        strategies: Sequence[RecoveryStrategy] | None = None,
     ) -> None:
         if tiers is None:
             found: list[ReadableTier] = []
@@ -116,6 +116,9 @@ class CheckpointReader:
         self.label = root if root is not None else (persistent_url or self.tiers[0].describe(0))
         self.rank, self.allow_pickle, self.restore_rng = rank, allow_pickle, restore_rng
         self._learn = learn or (lambda *_, **__: None)  # nothing to tell
+        self.chain = RecoveryChain(
+            strategies or [TierFallback(label=self.label, learn=self._learn)]
+        )
 
     def steps(self) -> list[int]:
         """Committed steps on any tier, ascending (manifests not read)."""
@@ -135,7 +138,13 @@ class CheckpointReader:
     def find(self, step: int | None = None) -> tuple[int, Manifest]:
         """``step`` (default: the newest whose manifest verifies) and its manifest; raises
         CheckpointNotFoundError when none verifies, or the fault of ``step`` if asked for."""
-        return self._first(step, lambda _t, s, m: (s, m))
+
+        def use(source: Source) -> tuple[int, Manifest]:
+            if source.manifest is None:  # rebuilt, not read: nothing to look at
+                raise CheckpointNotFoundError(f"{source.describe()} has no manifest")
+            return source.step, source.manifest
+
+        return self.chain.run(Loss(step=step), self._survivors(), use).value
 
     def read(self, step: int | None = None, *, entries: Collection[str] | None = None) -> StateTree:
         """The saved state of ``step`` (default: the newest valid), tensors on CPU, only the
@@ -150,13 +159,22 @@ class CheckpointReader:
             >>> tree.step, tree["w"]
             (1, tensor([1., 1.]))
         """
-        _, s, captured = self._load(step, sharded=None, entries=entries)
-        tree = StateTree((k, v) for k, v in captured.items() if entries is None or k in entries)
-        tree.step = s
-        return tree
+
+        def use(source: Source) -> StateTree:
+            captured = source.read(rank=self.rank, allow_pickle=self.allow_pickle, entries=entries)
+            tree = StateTree((k, v) for k, v in captured.items() if entries is None or k in entries)
+            tree.step = source.step
+            return tree
+
+        return self.chain.run(Loss(step=step), self._survivors(), use).value
 
     def restore(
-        self, state: MutableMapping[str, Any], step: int | None = None, *, strict: bool = True, restore_rng: bool | None = None
+        self,
+        state: MutableMapping[str, Any],
+        step: int | None = None,
+        *,
+        strict: bool = True,
+        restore_rng: bool | None = None,
     ) -> RestoreResult:
         """Restore ``state`` in place from ``step`` (default: the newest valid step).
 
@@ -172,78 +190,34 @@ class CheckpointReader:
         """
         rng = (self.restore_rng if strict else False) if restore_rng is None else restore_rng
         # optimizers over DTensors get state tensors to fill in place (undone if nothing is restored)
-        prepared = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)]
+        prepared = [
+            o
+            for o in (unwrap(v) for v in state.values())
+            if isinstance(o, torch.optim.Optimizer) and prepare_optimizer_state(o)
+        ]
+        wanted = None if strict else {*state, *((RNG_KEY,) if rng else ())}  # read only these
+
+        def use(source: Source) -> tuple[list[str], list[str]]:
+            captured = source.read(
+                rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded, entries=wanted
+            )
+            return _apply(state, captured, source.step, strict=strict, rng=rng)
+
         try:
-            wanted = None if strict else {*state, *((RNG_KEY,) if rng else ())}  # read only these
-            tier, s, captured = self._load(step, sharded=target_shards(state), entries=wanted)
-            missing, unexpected = _apply(state, captured, s, strict=strict, rng=rng)
+            sharded = target_shards(state)
+            done = self.chain.run(Loss(step=step), self._survivors(), use)
             prepared = []
         finally:
             for o in prepared:
                 o.state.clear()
-        self._learn(tier.name, good=s)
-        return RestoreResult(s, missing, unexpected)
+        if done.source.tier_name is not None:
+            self._learn(done.source.tier_name, good=done.step)
+        missing, unexpected = done.value
+        return RestoreResult(done.step, missing, unexpected)
 
     # -------------------------------------------------------------- internals
-    def _held(self, step: int | None) -> list[tuple[int, int]]:
-        """(step, tier index) newest step first, fastest tier first within a step."""
-        held = {(s, i) for i, t in enumerate(self.tiers) for s in t.steps() if step is None or s == step}
-        return sorted(held, key=lambda x: (-x[0], x[1]))
-
-    def _gone(self, tier: ReadableTier, step: int, error: BaseException) -> bool:
-        """Whether ``step`` failed because it was deleted meanwhile (warned), not damaged."""
-        try:
-            gone = step not in tier.steps()
-        except OSError:  # the root itself is gone
-            gone = True
-        if gone:
-            warnings.warn(f"{tier.describe(step)} was deleted while it was read (a writer's retention?): "
-                          f"starting over from the newest step ({type(error).__name__}: {error})",
-                          StepDeletedWarning, stacklevel=5)
-        return gone
-
-    def _first(self, step: int | None, use: Callable[[ReadableTier, int, Manifest], T]) -> T:
-        """``use(tier, step, manifest)`` of the newest valid step (or of ``step``): a damaged
-        manifest or data (``use`` raising IntegrityError/OSError) is skipped with a warning, a
-        deleted step restarts the search from the newest. Raises the last fault of a ``step``
-        asked for, else CheckpointNotFoundError."""
-        skip: set[tuple[int, int]] = set()
-        faults: list[BaseException] = []
-        for _ in range(MAX_RESCANS):
-            rescan = False
-            for s, i in self._held(step):
-                tier, manifest = self.tiers[i], None
-                if (s, i) in skip:
-                    continue
-                try:
-                    manifest = tier.manifest(s)
-                    return use(tier, s, manifest)
-                except (IntegrityError, OSError, ValueError) as e:
-                    if manifest is not None and not isinstance(e, (IntegrityError, OSError)):
-                        raise  # read fine but does not fit (IncompatibleCheckpointError): not a fault
-                    if self._gone(tier, s, e):
-                        rescan = True
-                        break
-                    warnings.warn(f"skipping {tier.describe(s)}: {e}", CheckpointSkippedWarning, stacklevel=4)
-                    faults.append(e)
-                    skip.add((s, i))
-                    if isinstance(e, IntegrityError):  # damaged data (an OSError may pass)
-                        self._learn(tier.name, bad=s)
-            if not rescan:
-                break
-        else:
-            raise CheckpointNotFoundError(f"{self.label}: steps were deleted faster than read ({MAX_RESCANS} tries)")
-        if step is not None and faults:
-            raise faults[-1]
-        detail = f" ({'; '.join(map(str, faults))})" if faults else ""
-        raise CheckpointNotFoundError(f"{self.label}: no valid {'checkpoint' if step is None else f'step {step}'}{detail}")
-
-    def _load(
-        self, step: int | None, *, sharded: Mapping[str, ShardedTensor] | None, entries: Collection[str] | None = None
-    ) -> tuple[ReadableTier, int, dict[str, Any]]:
-        """The tier, number and state tree of the newest valid step (or ``step``)."""
-        return self._first(step, lambda t, s, m: (t, s, read_state(
-            t, s, m, rank=self.rank, allow_pickle=self.allow_pickle, sharded=sharded, entries=entries)))
+    def _survivors(self) -> Survivors:
+        return Survivors(tiers=tuple(self.tiers))
 
 
 def _apply(
@@ -258,7 +232,9 @@ def _apply(
     chosen = {k: state[k] for k in state if k in captured and k != RNG_KEY}
     if state and not chosen:
         saved = sorted(str(k) for k in captured if k != RNG_KEY)
-        raise IncompatibleCheckpointError(f"step {step} holds none of the entries {missing} (it holds {saved})")
+        raise IncompatibleCheckpointError(
+            f"step {step} holds none of the entries {missing} (it holds {saved})"
+        )
     subset = {k: captured[k] for k in (*chosen, RNG_KEY) if k in captured and (k != RNG_KEY or rng)}
     apply_restored(chosen, subset, restore_rng=rng)
     for k, v in chosen.items():  # plain values were replaced in `chosen`
@@ -279,7 +255,9 @@ class ReadOnlyFS(LocalFS):
         True
     """
 
-    READS = frozenset({"read_file", "listdir", "size", "is_file", "is_dir", "exists", "read_segment"})
+    READS = frozenset(
+        {"read_file", "listdir", "size", "is_file", "is_dir", "exists", "read_segment"}
+    )
 
     def __init__(self, inner: LocalFS | None = None) -> None:
         self.inner = inner if inner is not None else LocalFS()
