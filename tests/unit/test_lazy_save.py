@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -16,12 +15,17 @@ from recoverkit.staging.snapshot import HostSnapshot
 from tests.models import Trainer, params_equal
 
 
-class DelayedEngine:
-    """The real engine, with every copy started ``delay_s`` late (a slow device-to-host link)."""
+class GatedEngine:
+    """The real engine, with every copy held until ``release`` is set (a slow device-to-host
+    link): what a test asserts happens while copies are pending happens for certain, with no
+    sleep that hopes to be long enough."""
 
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.copies_landed_at: list[float] = []
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.submitted = 0
+        self.landed = 0
+        self._cv = threading.Condition()
+        self._waiters: set[int] = set()  # threads that waited on a copy still held
         for name in ("StagingPool", "crc32c", "crc32c_ptr", "BACKEND"):
             setattr(self, name, getattr(real_engine, name))
 
@@ -29,38 +33,68 @@ class DelayedEngine:
         inner = real_engine.CopyEngine(threads)
         outer = self
 
-        class _Delayed:
+        class _Gated:
             def submit(self, src, dst, n, *, crc=True):
+                with outer._cv:
+                    outer.submitted += 1
                 return _Handle(inner, src, dst, n, outer)
 
             def close(self):
                 inner.close()
 
-        return _Delayed()
+        return _Gated()
+
+    def waiting(self, thread: threading.Thread | None = None) -> bool:
+        """Wait (60 s at most) until ``thread`` (default: any) waits on a held copy."""
+        ident = None if thread is None else thread.ident
+        with self._cv:
+            return self._cv.wait_for(lambda: bool(self._waiters) if ident is None else ident in self._waiters, 60)
+
+    def _note_waiter(self) -> None:
+        with self._cv:
+            self._waiters.add(threading.get_ident())
+            self._cv.notify_all()
+
+    def _note_landed(self) -> None:
+        with self._cv:
+            self.landed += 1
 
 
 class _Handle:
     def __init__(self, inner, src, dst, n, outer):
         self._done = threading.Event()
         self._crc = None
+        self._error = None
+        self._outer = outer
 
         def run():
-            time.sleep(outer.delay_s)
-            self._crc = inner.submit(src, dst, n, crc=True).result(None)
-            outer.copies_landed_at.append(time.perf_counter())
+            try:
+                if not outer.release.wait(60):
+                    raise TimeoutError("the test never released the held copies")
+                self._crc = inner.submit(src, dst, n, crc=True).result(None)
+                outer._note_landed()
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                self._error = e
             self._done.set()
 
         threading.Thread(target=run, daemon=True).start()
 
-    def wait(self, timeout_s=None):
+    def _wait(self, timeout_s):
+        if not self._done.is_set():
+            self._outer._note_waiter()
         return self._done.wait(timeout_s)
+
+    def wait(self, timeout_s=None):
+        return self._wait(timeout_s)
 
     def done(self):
         return self._done.is_set()
 
     def result(self, timeout_s=None):
-        if not self._done.wait(timeout_s):
+        if not self._wait(timeout_s):
             raise TimeoutError("copy not done")
+        if self._error is not None:
+            raise self._error
         return self._crc
 
 
@@ -94,23 +128,29 @@ def test_save_async_snapshot_is_isolated_from_later_training(root):
 def test_prestep_hook_waits_for_slow_copies(root):
     trainer = Trainer(seed=4)
     trainer.train_step()
-    slow = DelayedEngine(delay_s=0.4)
-    started: list[float] = []
+    slow = GatedEngine()
+    landed_when_step_began: list[int] = []
     with Checkpointer(root, options=_opts(), engine=slow) as ckpt:
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        t0 = time.perf_counter()
         handle = ckpt.save_async(1, trainer.state())
-        call_s = time.perf_counter() - t0
-        trainer.optimizer.register_step_pre_hook(lambda *a: started.append(time.perf_counter()))
-        trainer.train_step()  # the optimizer step must wait for the delayed copies
+        # the call returned while every lazy copy is still held: it did not wait for them
+        assert slow.submitted > 0 and slow.landed == 0 and not handle.done()
+        lazy = slow.submitted
+        trainer.optimizer.register_step_pre_hook(lambda *a: landed_when_step_began.append(slow.landed))
+        step = threading.Thread(target=trainer.train_step)  # the optimizer step must wait for the copies
+        step.start()
+        try:
+            assert slow.waiting(step)  # its pre-step hook waits on a held copy ...
+            assert landed_when_step_began == []  # ... and the optimizer has not begun
+        finally:
+            slow.release.set()
+            step.join(60)
+        assert not step.is_alive()
         assert handle.wait(60)
-        assert handle.metrics["prestep_wait_s"] > 0.1
-        lazy_landed = sorted(slow.copies_landed_at)[-1]  # before the restore copies anything
-        slow.delay_s = 0.0  # the host-tier restore copies through the engine too
+        assert handle.metrics["prestep_wait_s"] > 0
         fresh = Trainer(seed=5)
         ckpt.restore(fresh.state(), step=1)
-    assert call_s < 0.4  # the call itself did not wait for the lazy copies
-    assert started and started[0] >= lazy_landed
+    assert landed_when_step_began and landed_when_step_began[0] >= lazy  # every lazy copy first
     assert all(torch.equal(fresh.model.state_dict()[k], before[k]) for k in before)
 
 
@@ -131,7 +171,7 @@ def test_buffers_are_copied_eagerly(root):
 
 def test_full_pool_skips_and_counts(root):
     trainer = Trainer(seed=6)
-    slow = DelayedEngine(delay_s=0.5)
+    slow = GatedEngine()
     state = {"model": trainer.model, "optimizer": trainer.optimizer}  # params: copied lazily
     one_snapshot = HostSnapshot.footprint(plan_save(state), 4096)
     opts = CheckpointOptions(
@@ -140,8 +180,9 @@ def test_full_pool_skips_and_counts(root):
     )
     with Checkpointer(root, options=opts, engine=slow) as ckpt:
         first = ckpt.save_async(1, state)
-        second = ckpt.save_async(2, state)  # pool still busy with step 1
+        second = ckpt.save_async(2, state)  # pool still busy with step 1: its copies are held
         assert second.skipped and ckpt.skipped_saves == 1
+        slow.release.set()
         assert first.wait(60)
         with pytest.raises(Exception, match="staging pool full"):
             second.wait(60)
@@ -170,15 +211,21 @@ def test_before_update_waits_for_manual_mutation(root):
     t = torch.arange(1 << 16, dtype=torch.float32)
     opt = torch.optim.SGD([torch.nn.Parameter(t)], lr=0.1)
     param = opt.param_groups[0]["params"][0]
-    slow = DelayedEngine(delay_s=0.3)
+    slow = GatedEngine()
+    me = threading.current_thread()
+    # the copies are released only once this thread waits on them in before_update()
+    releaser = threading.Thread(target=lambda: slow.waiting(me) and slow.release.set(), daemon=True)
     with Checkpointer(root, options=_opts(), engine=slow) as ckpt:
         handle = ckpt.save_async(1, {"opt": opt, "p": param})
+        releaser.start()
         ckpt.before_update()
+        assert slow.release.is_set() and slow.landed == slow.submitted  # it waited for every copy
         with torch.no_grad():
             param.mul_(0)
         handle.wait(60)
         target = {"opt": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1 << 16))], lr=0.1), "p": torch.zeros(1 << 16)}
         ckpt.restore(target, step=1)
+    releaser.join(60)
     assert torch.equal(target["p"], torch.arange(1 << 16, dtype=torch.float32))
 
 
