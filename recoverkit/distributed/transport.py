@@ -316,7 +316,7 @@ class ProcessGroupTransport(PeerTransport):
                 )
         if faults:
             for other in faults[1:]:
-                faults[0].add_note(str(other))
+                _add_note(faults[0], str(other))
             raise faults[0]
         return verified
 
@@ -348,9 +348,10 @@ class ProcessGroupTransport(PeerTransport):
         A peer whose connection closed is recorded as lost (its error added to ``faults``) and
         the others are still waited for; a timeout raises at once and breaks the transport.
         """
-        ops = [(p, dist.isend, t) for p, t in sends.items()] + [
-            (p, dist.irecv, t) for p, t in recvs.items()
+        ops: list[tuple[int, Callable[..., Any], torch.Tensor]] = [
+            (p, dist.isend, t) for p, t in sends.items()
         ]
+        ops += [(p, dist.irecv, t) for p, t in recvs.items()]
         ops = [(p, op, t) for p, op, t in ops if p not in self._lost]
         if not ops:
             return
@@ -428,3 +429,8 @@ class ProcessGroupTransport(PeerTransport):
             dist.destroy_process_group(self.group)
         self.group = None
         self._broken = self._broken or "closed"
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+), also on 3.10 where tracebacks do not show it."""
+    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]

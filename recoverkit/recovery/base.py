@@ -82,9 +82,14 @@ class Source(Protocol):
         tier_name: the tier it comes from (None when not from a tier); retention learns from it.
     """
 
-    step: int
-    manifest: Manifest | None
-    tier_name: str | None
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def manifest(self) -> Manifest | None: ...
+
+    @property
+    def tier_name(self) -> str | None: ...
 
     def describe(self) -> str:
         """Where the state comes from, for messages and the log."""

@@ -63,9 +63,14 @@ class RecoveryChain:
         )
         if len(refusals) > 1:
             for c in refusals:
-                error.add_note(f"{c.strategy} could not recover {_wanted(loss)}: {c.reason}")
+                _add_note(error, f"{c.strategy} could not recover {_wanted(loss)}: {c.reason}")
         raise error
 
 
 def _wanted(loss: Loss) -> str:
     return "the newest step" if loss.step is None else f"step {loss.step}"
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+), also on 3.10 where tracebacks do not show it."""
+    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]
