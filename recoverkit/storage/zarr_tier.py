@@ -98,7 +98,14 @@ class ZarrTier(Tier):
             array_layout(k, ms[0].dtype, ms[0].global_shape, [ShardRegion(m.offsets, m.shape) for m in ms], path=paths[k])
             for k, ms in sorted(by_key.items())
         ]
-        self.store.create_step(d, layouts, {"recoverkit": {"step": step}}, groups=[BLOBS_GROUP])
+        try:
+            self.store.create_step(d, layouts, {"recoverkit": {"step": step}}, groups=[BLOBS_GROUP])
+        except BaseException:  # no staging id reaches the protocol, so no abort: clean up here
+            try:
+                self.store.delete_prefix(d)
+            except Exception:  # noqa: BLE001 - the next prepare of this step removes it
+                pass
+            raise
         return d
 
     def write_rank(self, staging: str, payload: RankPayload) -> RankRecords:
