@@ -78,6 +78,8 @@ def _world(manifest: Manifest) -> list[dict[str, Any]]:
 
 
 def _as_json(src: Source, raw: bytes, rank: int) -> dict[str, Any]:
+    from ..state.codec import document
+
     m = src.manifest
     body = m.body()
     return {
@@ -91,8 +93,8 @@ def _as_json(src: Source, raw: bytes, rank: int) -> dict[str, Any]:
         "files": body["files"],
         "user_meta": body["user_meta"],
         "world": _world(m),
-        "tensors": body["tensors"],
-        "objects": {"rank": rank, "codec": "recoverkit-json", "tree": json.loads(raw)["root"]},
+        "tensors": {k: t.to_json() for k, t in sorted(m.tensors.items())},  # packed ones name their pack
+        "objects": {"rank": rank, "codec": "recoverkit-json", "tree": json.loads(document(raw))["root"]},
     }
 
 
@@ -101,6 +103,7 @@ def _print(src: Source, raw: bytes, rank: int, shards: bool, allow_pickle: bool)
     from rich.table import Table
 
     from ..state import decode
+    from ..state.codec import document
 
     m = src.manifest
     console = stdout_console()
@@ -123,7 +126,7 @@ def _print(src: Source, raw: bytes, rank: int, shards: bool, allow_pickle: bool)
         console.print(Pretty(_displayable(tree, m), max_length=12, max_string=200))
     except PickleNotAllowedError:
         console.print("[yellow]holds pickled objects, not decoded (pass --allow-pickle for a trusted file); raw typed JSON:[/]")
-        console.print(Pretty(json.loads(raw)["root"], max_length=12, max_string=200))
+        console.print(Pretty(json.loads(document(raw))["root"], max_length=12, max_string=200))
 
 
 def _tensor_table(m: Manifest, shards: bool) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import CommitError, CommitTimeoutError
 from ..format.manifest import Manifest, TensorRecord
+from ..gcpause import paused
 from ..storage.base import RankPayload, RankRecords, ShardMeta, Tier
 from ..storage.faults import FaultInjector
 from .coordinator import Coordinator
@@ -65,7 +66,8 @@ def commit_step(
     """
     key = f"{request.run_id}/{tier.name}/{request.seq}"
     try:
-        return _commit(tier, coordinator, request, key, faults=faults, timeout_s=timeout_s)
+        with paused():  # records of 100k tensors: no generational rescans while building them
+            return _commit(tier, coordinator, request, key, faults=faults, timeout_s=timeout_s)
     finally:  # this rank read all it will read of this save: the last rank here drops its keys
         coordinator.finish(key, gathers=_GATHERS, broadcasts=_BROADCASTS)
 
@@ -103,8 +105,10 @@ def _commit(
             raise request.payload.error
         records = tier.write_rank(staging, request.payload)
         faults.reached("after_data", step=step, rank=rank)
-        sent = records if coordinator.in_process else records.to_json()  # 100k records: skip the JSON round trip
-        report = {"ok": True, "records": sent, "meta": _meta(request), "adopted": adopted}
+        if coordinator.in_process:  # 100k records: no JSON round trip, the objects themselves
+            report = {"ok": True, "records": records, "meta": request, "adopted": adopted}
+        else:
+            report = {"ok": True, "records": records.to_json(), "meta": _meta(request), "adopted": adopted}
     except Exception as e:  # noqa: BLE001 - reported to the coordinator
         local_error = e
         report = {"ok": False, "error": _describe(e)}
@@ -203,17 +207,27 @@ def _manifest(request: CommitRequest, reports: list[dict[str, Any]], world_size:
     blobs = []
     files: dict[str, int] = {}
     for rep in reports:
-        records = rep["records"]
+        records, meta = rep["records"], rep["meta"]
         if not isinstance(records, RankRecords):  # from another process: parsed as hostile input
             records = RankRecords.from_json(records)
-        meta = rep["meta"]["tensors"]
         blobs.append(records.blob)
         files.update(records.files)
+        if isinstance(meta, CommitRequest):  # this process's own report (a world of one)
+            for (k, shard), data in zip(records.shards, meta.payload.shards, strict=True):
+                if k != data.key:
+                    raise RuntimeError(f"the {k!r} record answers shard {data.key!r}: a tier reordered its records")
+                prev = tensors.get(k)
+                shards = (shard,) if prev is None else prev.shards + (shard,)
+                tensors[k] = TensorRecord(k, data.dtype, data.global_shape, shards)
+            for k, t in meta.aliases.items():
+                tensors.setdefault(k, t)
+            continue
+        shapes = meta["tensors"]
         for k, shard in records.shards:
-            dtype, shape = meta[k]
+            dtype, shape = shapes[k]
             prev = tensors.get(k)
             tensors[k] = TensorRecord(k, dtype, tuple(shape), (prev.shards if prev else ()) + (shard,))
-        for k, t in rep["meta"]["aliases"].items():
+        for k, t in meta["aliases"].items():
             tensors.setdefault(k, TensorRecord.from_json(k, t))
     return Manifest(
         step=request.step,

@@ -10,7 +10,11 @@ See ``docs/FORMAT.md`` for the reference.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import json
+import lzma
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IncompatibleCheckpointError, IntegrityError
+from ..gcpause import paused
 from .checksum import crc32c, hexcrc
 from .validate import check_manifest
 
@@ -25,6 +30,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "PackRecord",
     "ShardRecord",
     "TensorRecord",
     "BlobRecord",
@@ -32,8 +38,26 @@ __all__ = [
 ]
 
 FORMAT_NAME = "recoverkit"
-FORMAT_VERSION = 1
+#: the newest version this recoverkit writes: 2 when a step packs small tensors (``packs``),
+#: else 1, so a step without packs stays readable by readers of version 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """A region of a segment file holding many small whole tensors, checked by one CRC.
+
+    Its shards (:attr:`ShardRecord.pack`) lie inside it; reading one reads and verifies the
+    whole pack (at most :data:`recoverkit.format.segment.PACK_BYTES`).
+    """
+
+    rank: int
+    file: str
+    offset: int
+    nbytes: int
+    crc32c: int
 
 
 @dataclass(frozen=True)
@@ -41,7 +65,9 @@ class ShardRecord:
     """One rank's region of a tensor and where its bytes are.
 
     ``offsets``/``shape`` place the region in the tensor's global shape; ``file``,
-    ``offset`` and ``nbytes`` locate its bytes; ``crc32c`` checks them.
+    ``offset`` and ``nbytes`` locate its bytes; ``crc32c`` checks them. A shard stored in a
+    :class:`PackRecord` (``pack``) has no checksum of its own: ``crc32c`` is its pack's, and
+    a reader verifies the pack.
     """
 
     rank: int
@@ -51,9 +77,10 @@ class ShardRecord:
     crc32c: int
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
+    pack: PackRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "rank": self.rank,
             "file": self.file,
             "offset": self.offset,
@@ -62,10 +89,23 @@ class ShardRecord:
             "offsets": list(self.offsets),
             "shape": list(self.shape),
         }
+        if self.pack is not None:  # between ranks only: a manifest stores packs as tables
+            d["pack"] = [self.pack.offset, self.pack.nbytes, self.pack.crc32c]
+        return d
 
     @classmethod
-    def from_json(cls, d: Any) -> ShardRecord:
-        """Parse strictly: the exact fields, integers where integers belong (else ValueError)."""
+    def from_json(cls, d: Any, *, packs: bool = False) -> ShardRecord:
+        """Parse strictly: the exact fields, integers where integers belong (else ValueError).
+
+        ``packs``: a record exchanged between ranks may name its pack (a manifest never does).
+        """
+        if packs and type(d) is dict and "pack" in d:
+            d = dict(d)
+            where = _ints(d.pop("pack"), "pack")
+            if len(where) != 3:
+                raise ValueError(f"pack must be [offset, nbytes, crc32c], got {_short(where)}")
+            s = cls.from_json(d)
+            return dataclasses.replace(s, pack=PackRecord(s.rank, s.file, *where))
         if type(d) is dict and d.keys() == _SHARD_FIELDS:  # the fast path of a well-formed record
             offsets, shape = d["offsets"], d["shape"]
             rank, file, offset, nbytes, crc = d["rank"], d["file"], d["offset"], d["nbytes"], d["crc32c"]
@@ -198,9 +238,17 @@ class Manifest:
         raise IncompatibleCheckpointError(f"step {self.step} has no object state for rank {rank}")
 
     def body(self) -> dict[str, Any]:
-        return {
+        tensors: dict[str, Any] = {}
+        packs: dict[PackRecord, list[tuple[str, TensorRecord]]] = {}
+        for k, t in self.tensors.items():
+            pack = t.shards[0].pack if len(t.shards) == 1 else None
+            if pack is None:
+                tensors[k] = t.to_json()
+            else:
+                packs.setdefault(pack, []).append((k, t))
+        body = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": 2 if packs else 1,
             "step": self.step,
             "run_id": self.run_id,
             "created_unix": self.created_unix,
@@ -208,9 +256,13 @@ class Manifest:
             "pickled": self.pickled,
             "files": dict(sorted(self.files.items())),
             "blobs": [b.to_json() for b in self.blobs],
-            "tensors": {k: t.to_json() for k, t in self.tensors.items()},
+            "tensors": tensors,
             "user_meta": dict(self.user_meta),
         } | ({"held": list(self.held)} if self.held is not None else {})
+        if packs:
+            order = sorted(packs, key=lambda p: (p.rank, p.file, p.offset))
+            body["packs"] = [_pack_to_json(p, packs[p]) for p in order]
+        return body
 
     def to_bytes(self) -> bytes:
         """The manifest as written: its canonical JSON with the checksum member in place.
@@ -245,9 +297,10 @@ class Manifest:
                 f"{path}: not a recoverkit manifest (format={_short(body.get('format'))})"
             )
         version = body.get("version")
-        if version != FORMAT_VERSION or type(version) is not int:
+        if version not in READ_VERSIONS or type(version) is not int:
             raise IncompatibleCheckpointError(
-                f"{path}: format version {_short(version)}; this recoverkit reads version {FORMAT_VERSION}"
+                f"{path}: format version {_short(version)}; this recoverkit reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}"
             )
         stored = body.pop("checksum", None)
         if stored is None or stored != _raw_checksum(data):  # not as written: encode to check
@@ -262,33 +315,41 @@ class Manifest:
                 f"{path}: manifest checksum mismatch (stored {_short(stored)}, computed {found})", path=path
             )
         try:
-            _fields(body, _MANIFEST_FIELDS, "manifest", optional=("held", "pickled", "user_meta"))
-            created = body["created_unix"]
-            if type(created) not in (int, float):
-                raise ValueError(f"created_unix must be a number, got {_short(created)}")
-            user_meta = body.get("user_meta", {})
-            if not isinstance(user_meta, dict):
-                raise ValueError("user_meta must be a JSON object")
-            pickled = body.get("pickled", False)
-            if type(pickled) is not bool:
-                raise ValueError(f"pickled must be true or false, got {_short(pickled)}")
-            held = body.get("held")
-            manifest = cls(
-                step=_int(body["step"], "step"),
-                run_id=_str(body["run_id"], "run_id"),
-                world_size=_int(body["world_size"], "world_size"),
-                created_unix=float(created),
-                pickled=pickled,
-                files={_str(k, "file name"): _int(v, f"size of {k!r}") for k, v in _dict(body["files"], "files").items()},
-                blobs=tuple(BlobRecord.from_json(b) for b in _list(body["blobs"], "blobs")),
-                tensors={k: TensorRecord.from_json(k, t) for k, t in _dict(body["tensors"], "tensors").items()},
-                user_meta=user_meta,
-                held=None if held is None else tuple(_str(f, "held file") for f in _list(held, "held")),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            with paused():  # 100k records: no generational rescans while building them
+                manifest = cls._from_body(body, version)
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError, MemoryError) as e:
             raise IntegrityError(f"{path}: malformed manifest ({_short(e)})", path=path) from None
         check_manifest(manifest, where=path, arrays=arrays)
         return manifest
+
+    @classmethod
+    def _from_body(cls, body: dict[str, Any], version: int) -> Manifest:
+        """The manifest a parsed body describes (TypeError/ValueError when it is malformed)."""
+        _fields(body, _MANIFEST_FIELDS, "manifest", optional=("held", "pickled", "user_meta", "packs"))
+        if ("packs" in body) != (version == 2):
+            raise ValueError("a version 2 manifest has packs, a version 1 manifest none")
+        created = body["created_unix"]
+        if type(created) not in (int, float):
+            raise ValueError(f"created_unix must be a number, got {_short(created)}")
+        user_meta = body.get("user_meta", {})
+        if not isinstance(user_meta, dict):
+            raise ValueError("user_meta must be a JSON object")
+        pickled = body.get("pickled", False)
+        if type(pickled) is not bool:
+            raise ValueError(f"pickled must be true or false, got {_short(pickled)}")
+        held = body.get("held")
+        return cls(
+            step=_int(body["step"], "step"),
+            run_id=_str(body["run_id"], "run_id"),
+            world_size=_int(body["world_size"], "world_size"),
+            created_unix=float(created),
+            pickled=pickled,
+            files={_str(k, "file name"): _int(v, f"size of {k!r}") for k, v in _dict(body["files"], "files").items()},
+            blobs=tuple(BlobRecord.from_json(b) for b in _list(body["blobs"], "blobs")),
+            tensors=_tensors(_dict(body["tensors"], "tensors"), _list(body.get("packs", []), "packs")),
+            user_meta=user_meta,
+            held=None if held is None else tuple(_str(f, "held file") for f in _list(held, "held")),
+        )
 
     def check_files(self, sizes: Mapping[str, int | None], *, where: str) -> None:
         """Raise IntegrityError if a listed file is missing or shorter than recorded."""
@@ -336,8 +397,112 @@ _TENSOR_FIELDS = frozenset({"dtype", "shape", "shards", "alias_of"})
 _STORED_FIELDS = frozenset({"dtype", "shape", "shards"})
 _MANIFEST_FIELDS = frozenset({
     "format", "version", "step", "run_id", "created_unix", "world_size", "pickled", "files", "blobs",
-    "tensors", "user_meta", "held",
+    "tensors", "user_meta", "held", "packs",
 })  # fmt: skip
+_PACK_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "count", "table"})
+_TABLE_FIELDS = frozenset({"keys", "types", "type", "skip"})
+#: a pack's table decompresses to at most this many times its compressed size (plus
+#: _TABLE_SLACK): what a manifest may allocate is bounded by the manifest's own size
+_TABLE_RATIO = 1024
+_TABLE_SLACK = 64 << 10
+_XZ_MEMLIMIT = 64 << 20  # the decoder's own memory: preset 0 needs ~1 MiB
+
+
+# ------------------------------------------------------------------ packs (version 2)
+def _pack_to_json(pack: PackRecord, members: list[tuple[str, TensorRecord]]) -> dict[str, Any]:
+    """A pack as a manifest stores it: its region and one compressed table of its tensors.
+
+    The table (JSON, xz-compressed, base64) holds columns: ``keys``; ``types`` (the distinct
+    ``[dtype, shape, nbytes]``); ``type`` (each tensor's index in ``types``); ``skip`` (the
+    bytes between the previous tensor's end, or the pack's start, and this one's). Tensors
+    are listed in the order of their offsets.
+    """
+    members = sorted(members, key=lambda kt: (kt[1].shards[0].offset, kt[1].shards[0].nbytes))
+    types: dict[tuple[str, tuple[int, ...], int], int] = {}
+    keys, kinds, skips = [], [], []
+    end = pack.offset
+    for k, t in members:
+        s = t.shards[0]
+        if s.offsets != (0,) * len(t.shape) or s.shape != t.shape or s.rank != pack.rank or s.file != pack.file:
+            raise ValueError(f"tensor {k!r}: only a whole tensor of the pack's rank and file is packed")
+        keys.append(k)
+        kinds.append(types.setdefault((t.dtype, t.shape, s.nbytes), len(types)))
+        skips.append(s.offset - end)
+        end = s.offset + s.nbytes
+    table = {"keys": keys, "types": [[d, list(sh), n] for d, sh, n in types], "type": kinds, "skip": skips}
+    raw = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    packed = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=0)
+    return {
+        "rank": pack.rank,
+        "file": pack.file,
+        "offset": pack.offset,
+        "nbytes": pack.nbytes,
+        "crc32c": pack.crc32c,
+        "count": len(keys),
+        "table": base64.b64encode(packed).decode("ascii"),
+    }
+
+
+def _tensors(plain: dict[str, Any], packs: list[Any]) -> dict[str, TensorRecord]:
+    """Every tensor record: the plain ones, then each pack's, every key once."""
+    tensors = {k: TensorRecord.from_json(k, t) for k, t in plain.items()}
+    for i, d in enumerate(packs):
+        what = f"pack {i}"
+        _fields(d, _PACK_FIELDS, what)
+        pack = PackRecord(
+            rank=_int(d["rank"], "rank"),
+            file=_str(d["file"], "file"),
+            offset=_int(d["offset"], "offset"),
+            nbytes=_int(d["nbytes"], "nbytes"),
+            crc32c=_int(d["crc32c"], "crc32c"),
+        )
+        count = _int(d["count"], f"{what} count")
+        table = _table(_str(d["table"], f"{what} table"), what)
+        keys, types, kinds, skips = table["keys"], table["types"], table["type"], table["skip"]
+        if not (type(keys) is list and type(kinds) is list and type(skips) is list and type(types) is list):
+            raise TypeError(f"{what} table: keys, types, type and skip must be lists")
+        if not len(keys) == len(kinds) == len(skips) == count:
+            raise ValueError(f"{what} table: {len(keys)} keys, {len(kinds)} types, {len(skips)} skips, count {count}")
+        shapes = []
+        for t in types:
+            if type(t) is not list or len(t) != 3:
+                raise TypeError(f"{what} table: a type must be [dtype, shape, nbytes], got {_short(t)}")
+            shapes.append((_str(t[0], "dtype"), _ints(t[1], "shape"), _int(t[2], "nbytes")))
+        end, rank, file = pack.offset, pack.rank, pack.file
+        for key, kind, skip in zip(keys, kinds, skips):
+            if type(key) is not str or type(kind) is not int or type(skip) is not int:
+                raise TypeError(f"{what} table: key {_short(key)}: a string key, an integer type and skip")
+            if not 0 <= kind < len(shapes) or skip < 0:
+                raise ValueError(f"{what} table: key {_short(key)}: type {kind} or skip {skip} out of range")
+            if key in tensors:
+                raise ValueError(f"duplicate tensor key {_short(key)}")
+            dtype, shape, nbytes = shapes[kind]
+            at = end + skip
+            end = at + nbytes
+            shard = ShardRecord(rank, file, at, nbytes, pack.crc32c, (0,) * len(shape), shape, pack)
+            tensors[key] = TensorRecord(key, dtype, shape, (shard,))
+    return tensors
+
+
+def _table(text: str, what: str) -> dict[str, Any]:
+    """A pack's table, decompressed within its bound and parsed strictly."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ValueError(f"{what} table is not base64") from None
+    limit = len(packed) * _TABLE_RATIO + _TABLE_SLACK
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
+    try:
+        raw = decoder.decompress(packed, max_length=limit + 1)
+    except lzma.LZMAError as e:
+        raise ValueError(f"{what} table is not xz data ({e})") from None
+    if len(raw) > limit:
+        raise ValueError(f"{what} table expands beyond {limit} bytes")
+    if not decoder.eof or decoder.unused_data:
+        raise ValueError(f"{what} table is truncated or has trailing bytes")
+    table = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
+    _fields(table, _TABLE_FIELDS, f"{what} table")
+    return table
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

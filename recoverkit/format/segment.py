@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["ALIGNMENT", "PACK_ALIGNMENT", "PACK_BELOW", "segment_name", "align_up", "natural_alignment", "plan_offsets"]
+__all__ = ["ALIGNMENT", "PACK_ALIGNMENT", "PACK_BELOW", "PACK_BYTES", "segment_name", "align_up", "natural_alignment", "plan_offsets"]
 
 ALIGNMENT = 4096
 #: the most a packed (small) buffer is aligned to: every dtype's itemsize divides it
@@ -22,6 +22,9 @@ PACK_ALIGNMENT = 64
 #: buffers smaller than this are packed by writers that pack (``plan_offsets(pack_below=)``);
 #: at this size a 4 KiB alignment wastes at most 6 %
 PACK_BELOW = 64 << 10
+#: small whole tensors that follow each other are grouped into packs of at most this many
+#: bytes, each checked by one CRC (a read of one of them reads and verifies its pack)
+PACK_BYTES = 1 << 20
 
 
 def segment_name(rank: int) -> str:

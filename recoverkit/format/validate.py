@@ -20,7 +20,9 @@ file, and raises :class:`~recoverkit.errors.IntegrityError` naming the first fau
   shape, through no cycle;
 * shards: owned by a rank of the world; ``offsets`` and ``shape`` have the tensor's rank,
   lie inside its global shape, record ``nbytes = numel x itemsize``, and together cover the
-  tensor exactly (no overlap, no element left out).
+  tensor exactly (no overlap, no element left out);
+* packs (version 2): a packed shard lies inside its pack, which has the shard's rank and
+  file and lies inside that file (segment layouts only: the zarr tier never packs).
 
 Everything here is arithmetic on the parsed records: it reads no file and allocates nothing
 sized by the manifest.
@@ -36,7 +38,7 @@ from ..errors import IntegrityError
 from .zarr_layout import array_path, array_path_candidates, legacy_array_path
 
 if TYPE_CHECKING:
-    from .manifest import Manifest, ShardRecord, TensorRecord
+    from .manifest import Manifest, PackRecord, ShardRecord, TensorRecord
 
 __all__ = ["MAX_NDIM", "MAX_TENSOR_BYTES", "check_manifest", "check_name", "numel"]
 
@@ -99,6 +101,7 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
     for b in m.blobs:
         _check_region(m.files, b.file, b.offset, b.nbytes, b.crc32c, f"{where}: blob of rank {b.rank}", nested=arrays)
     itemsizes: dict[str, int] = {}
+    packs: dict[int, PackRecord] = {}
     for key, rec in m.tensors.items():
         if not key or "\x00" in key:
             raise IntegrityError(f"{where}: tensor key {key!r} is not a non-empty string", path=where)
@@ -113,8 +116,13 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
             raise IntegrityError(f"{where}: tensor {key!r}: shape {list(shape)} is {total * itemsize} bytes", path=where)
         if rec.alias_of is None:
             _check_shards(m, key, rec, itemsize, total, where, arrays=arrays)
+            for sh in rec.shards:
+                if sh.pack is not None and id(sh.pack) not in packs:
+                    packs[id(sh.pack)] = sh.pack
         elif rec.shards:
             raise IntegrityError(f"{where}: tensor {key!r}: an alias holds no shards of its own", path=where)
+    for p in packs.values():
+        _check_region(m.files, p.file, p.offset, p.nbytes, p.crc32c, f"{where}: pack of rank {p.rank} at {p.offset}")
     for key, rec in m.tensors.items():  # aliases once every stored tensor is known good
         if rec.alias_of is not None:
             _check_alias(m.tensors, rec, f"{where}: tensor {key!r}")
@@ -162,6 +170,19 @@ def _check_shards(
     """Each shard in the world, inside the tensor and its file, sized by its elements; then
     together an exact cover. A fast test per shard; the slow one names what is wrong."""
     ndim, gshape, world, files = len(rec.shape), rec.shape, m.world_size, m.files
+    if len(rec.shards) == 1 and not arrays:  # the common case: one shard, the whole tensor
+        s = rec.shards[0]
+        p, end = s.pack, s.offset + s.nbytes
+        if (
+            s.shape == gshape and len(s.offsets) == ndim and not any(s.offsets) and 0 <= s.rank < world
+            and s.nbytes == total * itemsize and 0 <= s.crc32c < _U32 and s.offset >= 0
+            and end <= files.get(s.file, -1)
+            and (p is None or (
+                p.file == s.file and p.rank == s.rank and p.crc32c == s.crc32c
+                and p.offset <= s.offset and end <= p.offset + p.nbytes
+            ))
+        ):  # fmt: skip
+            return
     natural = array_path(key) if arrays else ""
     covered = 0
     for s in rec.shards:
@@ -174,7 +195,14 @@ def _check_shards(
             and all(0 <= o and 0 <= n and o + n <= g for o, n, g in zip(offsets, shape, gshape))
             and (
                 s.offset == 0 and (s.file == natural or s.file == natural + "~" or s.file == legacy_array_path(key))
+                and s.pack is None
                 if arrays else end <= files.get(s.file, -1)
+            )
+            and (
+                s.pack is None or (
+                    s.pack.file == s.file and s.pack.rank == s.rank and s.pack.crc32c == s.crc32c
+                    and s.pack.offset <= s.offset and end <= s.pack.offset + s.pack.nbytes
+                )
             )
         )  # fmt: skip
         if not ok:
@@ -201,6 +229,16 @@ def _shard_fault(
     count = math.prod(s.shape)
     if s.nbytes != count * itemsize:
         raise IntegrityError(f"{at}: records {s.nbytes} bytes, its {count} element(s) of {rec.dtype} take {count * itemsize}")
+    if s.pack is not None:
+        p = s.pack
+        if arrays:
+            raise IntegrityError(f"{at}: a packed shard in the array layout (the zarr tier never packs)")
+        if p.file != s.file or p.rank != s.rank or p.crc32c != s.crc32c:
+            raise IntegrityError(f"{at}: its pack is in rank {p.rank}'s {p.file!r}, the shard in rank {s.rank}'s {s.file!r}")
+        if not p.offset <= s.offset <= s.offset + s.nbytes <= p.offset + p.nbytes:
+            raise IntegrityError(
+                f"{at}: bytes [{s.offset}, {s.offset + s.nbytes}) lie outside its pack [{p.offset}, {p.offset + p.nbytes})"
+            )
     if arrays:
         if not 0 <= s.crc32c < _U32:
             raise IntegrityError(f"{at}: crc32c {s.crc32c} is not a 32-bit checksum")

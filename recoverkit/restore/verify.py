@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointNotFoundError, IncompatibleCheckpointError, IntegrityError
 from ..format.checksum import crc32c, hexcrc
-from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
-from ..storage.base import ReadableTier
+from ..format.manifest import MANIFEST_NAME, Manifest, PackRecord
+from ..storage.base import ReadableTier, Region
 from ..storage.fs import open_regular
 from ..storage.local import LocalTier
 from .reader import check_blob
@@ -128,7 +128,7 @@ def verify_step(tier: ReadableTier, step: int, *, progress: Progress | None = No
         return report
     if isinstance(tier, LocalTier):
         _check_sizes(tier, step, manifest, report)
-        checker: Callable[[BlobRecord | ShardRecord, str], Fault | None] = _local_checker(tier, step, progress)
+        checker: Callable[[Region, str], Fault | None] = _local_checker(tier, step, progress)
     else:
         checker = _tier_checker(tier, step, progress)
     for rec, item in _records(manifest):
@@ -192,24 +192,32 @@ def _check_sizes(tier: LocalTier, step: int, manifest: Manifest, report: StepRep
             report.faults.append(Fault(step, path, "file size", f"{size} bytes", f"{found} bytes"))
 
 
-def _records(manifest: Manifest) -> Iterator[tuple[BlobRecord | ShardRecord, str]]:
-    """Every stored record once: blobs, then each tensor's shards (aliases hold none)."""
+def _records(manifest: Manifest) -> Iterator[tuple[Region, str]]:
+    """Every stored record once: blobs, then each tensor's shards (aliases hold none); the
+    shards of a pack through their pack, once."""
     for b in sorted(manifest.blobs, key=lambda b: b.rank):
         yield b, f"object state (blob) of rank {b.rank}"
+    packs: dict[PackRecord, list[str]] = {}
     for key in sorted(manifest.tensors):
         rec = manifest.tensors[key]
         for s in rec.shards:
+            if s.pack is not None:
+                packs.setdefault(s.pack, []).append(key)
+                continue
             yield s, f"tensor {key!r} shard offsets={list(s.offsets)} shape={list(s.shape)} ({rec.dtype})"
+    for pack, keys in sorted(packs.items(), key=lambda pk: (pk[0].rank, pk[0].offset)):
+        more = f" ... {keys[-1]!r}" if len(keys) > 1 else ""
+        yield pack, f"pack of {len(keys)} tensor(s) {keys[0]!r}{more} at {pack.offset}"
 
 
 def _local_checker(
     tier: LocalTier, step: int, progress: Progress | None
-) -> Callable[[BlobRecord | ShardRecord, str], Fault | None]:
+) -> Callable[[Region, str], Fault | None]:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     where = tier.step_path(step)
 
-    def check(rec: BlobRecord | ShardRecord, item: str) -> Fault | None:
+    def check(rec: Region, item: str) -> Fault | None:
         path = os.path.join(where, rec.file)
         try:
             fd, _ = open_regular(path, os.O_RDONLY, _refuse)
@@ -240,8 +248,8 @@ def _local_checker(
 
 def _tier_checker(
     tier: ReadableTier, step: int, progress: Progress | None
-) -> Callable[[BlobRecord | ShardRecord, str], Fault | None]:
-    def check(rec: BlobRecord | ShardRecord, item: str) -> Fault | None:
+) -> Callable[[Region, str], Fault | None]:
+    def check(rec: Region, item: str) -> Fault | None:
         buf = bytearray(rec.nbytes)
         try:
             tier.read(step, [(rec, buf)])

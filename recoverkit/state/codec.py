@@ -5,7 +5,9 @@ segment file / zarr group (checksummed like every other byte). Restore: blob -> 
 -> unflatten with the tensors the reader assembled.
 
 The output is UTF-8 (in fact ASCII) JSON: ``{"codec": "recoverkit-json", "version": 1,
-"root": ...}``. Values JSON already types exactly are stored as themselves: ``None``,
+"root": ...}``; a document of :data:`COMPRESS_ABOVE` bytes or more is stored xz-compressed
+(a state of 100k tensors has a tree of 3 MiB that compresses 50-fold), which ``decode``
+recognises by the xz magic and inflates to at most :data:`MAX_RATIO` times its size. Values JSON already types exactly are stored as themselves: ``None``,
 ``bool``, ``str``, ``int`` within 64 bits, finite ``float`` (``-0.0`` included), ``list``, and
 ``dict`` whose keys are all ``str`` with none starting with ``"$"``. Every other value is a
 one-key tagged object:
@@ -45,6 +47,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import lzma
 import math
 import pickle
 import re
@@ -61,10 +64,17 @@ from ..errors import EncodeError, IntegrityError, PickleNotAllowedError, Recover
 from .dtypes import _BY_NAME, _QUANTIZED
 from .flatten import TensorLeaf
 
-__all__ = ["encode", "decode", "CODEC_NAME", "CODEC_VERSION"]
+__all__ = ["encode", "decode", "document", "CODEC_NAME", "CODEC_VERSION", "COMPRESS_ABOVE", "MAX_RATIO"]
 
 CODEC_NAME = "recoverkit-json"
 CODEC_VERSION = 1
+#: documents this long or longer are stored xz-compressed
+COMPRESS_ABOVE = 64 << 10
+#: a compressed document inflates to at most this many times its size (plus 64 KiB):
+#: what decoding allocates stays bounded by the length of the input
+MAX_RATIO = 1024
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_XZ_MEMLIMIT = 64 << 20
 _INT64 = 1 << 63
 _MAX_INT_BITS = 1 << 13  # $int: up to 2048 hex digits, so str() of any decoded int works
 _MAX_DEVICE_CHARS = 64
@@ -98,9 +108,10 @@ def encode(skeleton: Any, *, allow_pickle: bool = False) -> bytes:
     except RecursionError:
         raise EncodeError("state: the tree is nested too deeply to encode") from None
     doc = {"codec": CODEC_NAME, "version": CODEC_VERSION, "root": root}
-    return json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode(
-        "ascii"
-    )
+    data = json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    if len(data) >= COMPRESS_ABOVE:
+        data = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=0)
+    return data
 
 
 def decode(data: bytes, *, allow_pickle: bool = False) -> Any:
@@ -125,6 +136,8 @@ def decode(data: bytes, *, allow_pickle: bool = False) -> Any:
     """
     try:
         raw = bytes(data)
+        if raw.startswith(_XZ_MAGIC):
+            raw = _inflate(raw)
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_Obj, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise IntegrityError(f"object state is not valid JSON: {_oneline(str(e))}") from None
@@ -144,6 +157,28 @@ def decode(data: bytes, *, allow_pickle: bool = False) -> Any:
         raise IntegrityError(
             f"object state is malformed ({type(e).__name__}: {_oneline(str(e))})"
         ) from None
+
+
+def document(data: bytes) -> bytes:
+    """The typed-JSON text of an encoded blob (inflated within bounds if it is compressed),
+    for tools that show the raw tree; raises IntegrityError like :func:`decode`."""
+    raw = bytes(data)
+    return _inflate(raw) if raw.startswith(_XZ_MAGIC) else raw
+
+
+def _inflate(data: bytes) -> bytes:
+    """An xz-compressed document, inflated within :data:`MAX_RATIO` of its size."""
+    limit = len(data) * MAX_RATIO + COMPRESS_ABOVE
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
+    try:
+        raw = decoder.decompress(data, max_length=limit + 1)
+    except lzma.LZMAError as e:
+        raise IntegrityError(f"object state is not valid xz data ({_oneline(str(e))})") from None
+    if len(raw) > limit:
+        raise IntegrityError(f"object state inflates beyond {limit} bytes ({MAX_RATIO} times its size)")
+    if not decoder.eof or decoder.unused_data:
+        raise IntegrityError("object state's xz data is truncated or has trailing bytes")
+    return raw
 
 
 def _header(doc: Any) -> dict[str, Any]:

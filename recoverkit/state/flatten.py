@@ -94,7 +94,7 @@ def flatten(tree: Any, *, prefix: str = "") -> tuple[Any, list[TensorRef]]:
         [('model/w', None), ('model/tied', 'model/w')]
     """
     walker = _Flattener()
-    skeleton = walker.walk(tree, [prefix] if prefix else [])
+    skeleton = walker.walk(tree, prefix or None)
     return skeleton, walker.refs
 
 
@@ -167,34 +167,41 @@ def rebuild_container(original: Any, items: Any) -> Any:
     return list(items)
 
 
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.refs: list[TensorRef] = []
         self._used: set[str] = set()
         self._first: dict[tuple[Any, ...], str] = {}
 
-    def walk(self, node: Any, path: list[str]) -> Any:
+    def walk(self, node: Any, path: str | None) -> Any:
+        """``path``: the key of ``node`` (None for the root of an unprefixed tree)."""
         if isinstance(node, torch.Tensor):
-            return self._leaf(node, path)
+            return self._leaf(node, path or "")
         if isinstance(node, dict):
-            return _rebuild_dict(
-                node, [(k, self.walk(v, path + [str(k)])) for k, v in node.items()]
-            )
+            at = "" if path is None else f"{path}/"
+            return _rebuild_dict(node, [(k, self.walk(v, f"{at}{k}")) for k, v in node.items()])
         if type(node) is list:
-            return [self.walk(v, path + [str(i)]) for i, v in enumerate(node)]
+            at = "" if path is None else f"{path}/"
+            return [self.walk(v, f"{at}{i}") for i, v in enumerate(node)]
         if isinstance(node, tuple):
-            return _rebuild_tuple(node, [self.walk(v, path + [str(i)]) for i, v in enumerate(node)])
+            at = "" if path is None else f"{path}/"
+            return _rebuild_tuple(node, [self.walk(v, f"{at}{i}") for i, v in enumerate(node)])
         return node
 
-    def _leaf(self, t: torch.Tensor, path: list[str]) -> TensorLeaf:
-        key = self._unique("/".join(path))
+    def _leaf(self, t: torch.Tensor, path: str) -> TensorLeaf:
+        key = path if path not in self._used else self._unique(path)
+        self._used.add(key)
         _check_storable(t, key)
         ident = _identity(t)
         first = self._first.get(ident)
         if first is None:
             self._first[ident] = key
         self.refs.append(TensorRef(key, t, first))
-        if isinstance(t, torch.nn.Parameter):
+        kind = type(t)  # Parameter's isinstance check is slow: ask only of tensor subclasses
+        if kind is _PARAMETER or (kind is not _TENSOR and isinstance(t, _PARAMETER)):
             return TensorLeaf(key, parameter=True, requires_grad=bool(t.requires_grad))
         return TensorLeaf(key)
 
@@ -228,14 +235,18 @@ def _check_storable(t: torch.Tensor, key: str) -> None:
 
 
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
-    """What makes two tensor objects the same tensor: same memory, same view, same type."""
+    """What makes two tensor objects the same tensor: same memory, same view, same type.
+
+    The address of the first element with the shape, strides, dtype and device is the view;
+    tensors without memory to compare (empty, meta, sparse) are themselves.
+    """
     try:
-        ptr = t.untyped_storage().data_ptr() if t.layout == torch.strided else 0
+        ptr = t.data_ptr() if t.layout == torch.strided and t.numel() else 0
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         ptr = 0
-    if ptr == 0 or t.device.type == "meta":  # no memory to compare (empty, meta, sparse)
+    if ptr == 0 or t.device.type == "meta":
         return ("object", id(t))
-    return ("view", ptr, t.device, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    return ("view", ptr, t.device, t.shape, t.stride(), t.dtype)
 
 
 def _rebuild_dict(original: dict[Any, Any], items: list[tuple[Any, Any]]) -> dict[Any, Any]:

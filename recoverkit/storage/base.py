@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from ..format.manifest import BlobRecord, Manifest, ShardRecord
+from ..format.manifest import BlobRecord, Manifest, PackRecord, ShardRecord
 
-__all__ = ["Buffer", "destination", "ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
+__all__ = ["Buffer", "Region", "destination", "ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
 
 #: where a read lands: a contiguous CPU tensor, a bytearray or a writable memoryview
 Buffer = torch.Tensor | bytearray | memoryview
+#: what a read names: a tensor shard, a rank's object blob, or a whole pack of small tensors
+Region = ShardRecord | BlobRecord | PackRecord
 
 
 def destination(buf: Buffer, nbytes: int, what: str) -> int:
@@ -126,7 +128,7 @@ class RankRecords:
         return cls(
             rank=int(d["rank"]),
             blob=BlobRecord.from_json(d["blob"]),
-            shards=[(str(k), ShardRecord.from_json(s)) for k, s in d["shards"]],
+            shards=[(str(k), ShardRecord.from_json(s, packs=True)) for k, s in d["shards"]],
             files={str(k): int(v) for k, v in d["files"].items()},
         )
 
@@ -145,8 +147,9 @@ class ReadableTier(ABC):
         """The step's verified manifest; raises IntegrityError / CheckpointNotFoundError."""
 
     @abstractmethod
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
-        """Read each record's bytes into its paired buffer, verifying CRCs.
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
+        """Read each record's bytes into its paired buffer, verifying CRCs (a packed shard's
+        through its whole pack).
 
         A buffer is a contiguous CPU tensor, a ``bytearray`` or a writable ``memoryview`` of
         exactly the record's ``nbytes`` (:func:`destination` checks it before any byte moves,

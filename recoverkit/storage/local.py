@@ -20,18 +20,22 @@ A step directory without a manifest cannot exist under its final name, so listin
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Sequence
 
+import torch
+
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.checksum import crc32c
-from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
-from ..format.segment import PACK_BELOW, plan_offsets, segment_name
+from ..format.checksum import crc32c, crc32c_ptr
+from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, PackRecord, ShardRecord
+from ..format.segment import PACK_ALIGNMENT, PACK_BELOW, PACK_BYTES, plan_offsets, segment_name
 from ..format.validate import check_manifest, check_name
-from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
+from .base import Buffer, RankPayload, RankRecords, Region, ShardData, ShardMeta, Tier, destination
 from .faults import FaultInjector
 from .fs import LocalFS
 from .layout import LATEST, TMP_PREFIX, TRASH_PREFIX, parse_step_dirname, step_dirname
@@ -63,6 +67,8 @@ class LocalTier(Tier):
         self.fs = fs or LocalFS()
         self.faults = faults or FaultInjector()
         self.direct_io = direct_io
+        self._packs: dict[tuple[str, PackRecord], bytes] = {}  # recently read packs, verified
+        self._packs_lock = threading.Lock()
 
     # ----------------------------------------------------------------- writing
     def prepare(self, step: int, layout: Sequence[ShardMeta] = ()) -> str:
@@ -89,24 +95,44 @@ class LocalTier(Tier):
         self.fs.makedirs(staging)
         name = segment_name(payload.rank)
         rank = payload.rank
-        # Large shards on 4 KiB boundaries (O_DIRECT writes them straight from memory),
-        # small ones packed tightly: 100k tiny tensors take their bytes, not 4 KiB each.
-        sizes = [len(payload.blob)]
-        ptrs = [_buffer_address(payload.blob)]
-        for s in payload.shards:
-            sizes.append(s.data.numel())
-            ptrs.append(s.data.data_ptr())
-        offsets, end = plan_offsets(sizes, pack_below=PACK_BELOW)
-        items = list(zip(offsets, ptrs, sizes))
+        # The blob first, then the small whole tensors packed tightly (100k tiny tensors take
+        # their bytes, not 4 KiB each) and grouped into packs of one CRC each, then the rest,
+        # large shards on 4 KiB boundaries (O_DIRECT writes them straight from memory).
+        shards = payload.shards
+        small = [i for i, s in enumerate(shards) if _packable(s)]
+        if len(small) < 2:
+            small = []
+        chosen = set(small)
+        order = small + [i for i in range(len(shards)) if i not in chosen]
+        sizes = [len(payload.blob)] + [shards[i].data.numel() for i in order]
+        placed, end = plan_offsets(sizes, pack_below=PACK_BELOW)
+        offset = [0] * len(shards)
+        for i, at in zip(order, placed[1:]):
+            offset[i] = at
+        packs, keep = _packs(shards, small, offset, rank, name)
+        items = [(placed[0], _buffer_address(payload.blob), sizes[0])]
+        for p, data in zip(packs, keep):
+            items.append((p.offset, int(data.data_ptr()), p.nbytes))
+        in_pack = {i: p for p, members in packs.items() for i in members}
+        rest = [i for i in order if i not in in_pack]
+        for i in rest:
+            items.append((offset[i], int(shards[i].data.data_ptr()), shards[i].data.numel()))
         # Bytes staged without a checksum (the blocking path) get theirs in the write's pass.
-        need_crc = any(s.crc32c is None for s in payload.shards)
+        need_crc = any(shards[i].crc32c is None for i in rest)
         crcs = self.fs.write_segment(os.path.join(staging, name), items, direct=self.direct_io, crc=need_crc) or []
-        shards = []
-        for i, s in enumerate(payload.shards, 1):
-            crc = s.crc32c if s.crc32c is not None else crcs[i]
-            shards.append((s.key, ShardRecord(rank, name, offsets[i], sizes[i], crc, s.offsets, s.shape)))
-        blob_rec = BlobRecord(rank, name, offsets[0], sizes[0], crcs[0] if crcs else crc32c(payload.blob))
-        return RankRecords(rank, blob_rec, shards, {name: end})
+        del keep
+        records: list[tuple[str, ShardRecord] | None] = [None] * len(shards)
+        for i, s in enumerate(shards):
+            p = in_pack.get(i)
+            if p is not None:
+                n = s.data.numel()
+                records[i] = (s.key, ShardRecord(rank, name, offset[i], n, p.crc32c, s.offsets, s.shape, p))
+        for j, i in enumerate(rest, 1 + len(packs)):
+            s = shards[i]
+            crc = s.crc32c if s.crc32c is not None else crcs[j]
+            records[i] = (s.key, ShardRecord(rank, name, offset[i], s.data.numel(), crc, s.offsets, s.shape))
+        blob_rec = BlobRecord(rank, name, placed[0], sizes[0], crcs[0] if crcs else crc32c(payload.blob))
+        return RankRecords(rank, blob_rec, [r for r in records if r is not None], {name: end})
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
         staging = self._here(staging)
@@ -198,15 +224,46 @@ class LocalTier(Tier):
         manifest.check_files({f: self.fs.size(os.path.join(where, f)) for f in manifest.files}, where=where)
         return manifest
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
         where = self._step_dir(step)
         by_file: dict[str, list[tuple[int, int, int, int]]] = {}
+        packed: dict[PackRecord, list[tuple[ShardRecord, int]]] = {}
         for rec, buf in requests:
             name = check_name(rec.file, where=where)
             ptr = destination(buf, rec.nbytes, f"{where}/{name} at {rec.offset}")
+            pack = getattr(rec, "pack", None)
+            if pack is not None:  # a shard without a CRC of its own: through its verified pack
+                assert isinstance(rec, ShardRecord)
+                packed.setdefault(pack, []).append((rec, ptr))
+                continue
             by_file.setdefault(name, []).append((rec.offset, ptr, rec.nbytes, rec.crc32c))
         for name, items in by_file.items():
             self.fs.read_segment(os.path.join(where, name), items)
+        for pack, members in packed.items():
+            data = self._pack_bytes(where, pack)
+            base = _buffer_address(data)
+            for rec, ptr in members:
+                if rec.nbytes:  # the validated manifest put the shard inside its pack
+                    ctypes.memmove(ptr, base + rec.offset - pack.offset, rec.nbytes)
+
+    def _pack_bytes(self, where: str, pack: PackRecord) -> bytes:
+        """A pack's verified bytes; the last few are kept, so reading its tensors one at a
+        time (an export, a partial restore) reads and verifies it once."""
+        check_name(pack.file, where=where)
+        key = (where, pack)
+        with self._packs_lock:
+            data = self._packs.get(key)
+        if data is not None:
+            return data
+        buf = bytearray(pack.nbytes)  # bounded: validated against the file's real size
+        ptr = destination(buf, pack.nbytes, f"{where}/{pack.file} pack at {pack.offset}")
+        self.fs.read_segment(os.path.join(where, pack.file), [(pack.offset, ptr, pack.nbytes, pack.crc32c)])
+        data = bytes(buf)
+        with self._packs_lock:
+            self._packs[key] = data
+            while len(self._packs) > _PACKS_KEPT:
+                self._packs.pop(next(iter(self._packs)))
+        return data
 
     def delete(self, step: int) -> None:
         self._unpublish(self._step_dir(step))
@@ -251,9 +308,62 @@ class LocalTier(Tier):
         return self._step_dir(step)
 
 
-def _buffer_address(data: bytes) -> int:
-    import ctypes
+def _packable(s: ShardData) -> bool:
+    """A small shard that is its whole tensor (what a pack's table can describe)."""
+    return s.data.numel() < PACK_BELOW and s.shape == s.global_shape and not any(s.offsets)
 
+
+def _packs(
+    shards: Sequence[ShardData], small: list[int], offset: list[int], rank: int, name: str
+) -> tuple[dict[PackRecord, list[int]], list[torch.Tensor]]:
+    """Group the packed shards (``small``, in file order) into packs of at most PACK_BYTES,
+    each within one state entry (a job loading only ``model`` never reads, nor is stopped by
+    damage in, the optimizer's bytes); return each pack with its members and its bytes
+    gathered in one buffer (gaps zero)."""
+    packs: dict[PackRecord, list[int]] = {}
+    keep: list[torch.Tensor] = []
+    start = 0
+    while start < len(small):
+        first = offset[small[start]]
+        stop = start + 1
+        entry = _entry(shards[small[start]].key)
+        while (
+            stop < len(small)
+            and offset[small[stop]] + shards[small[stop]].data.numel() - first <= PACK_BYTES
+            and _entry(shards[small[stop]].key) == entry
+        ):
+            stop += 1
+        members = small[start:stop]
+        parts: list[torch.Tensor] = []
+        pos = first
+        for i in members:
+            if offset[i] > pos:
+                parts.append(_ZEROS[: offset[i] - pos])
+            parts.append(shards[i].data)
+            pos = offset[i] + shards[i].data.numel()
+        data = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        crc = crc32c_ptr(int(data.data_ptr()), pos - first) if pos > first else 0
+        packs[PackRecord(rank, name, first, pos - first, crc)] = members
+        keep.append(data)
+        start = stop
+    return packs, keep
+
+
+def _entry(key: str) -> str:
+    """The state entry a tensor key belongs to: its first part, after a ``rank-RRRRR/``
+    prefix of rank-local state."""
+    head, _, rest = key.partition("/")
+    if head.startswith("rank-") and rest:
+        return rest.partition("/")[0]
+    return head
+
+
+#: packs a LocalTier keeps after reading them (each at most PACK_BYTES)
+_PACKS_KEPT = 4
+_ZEROS = torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8)  # alignment gaps inside a pack
+
+
+def _buffer_address(data: bytes) -> int:
     if not data:
         return 0
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0

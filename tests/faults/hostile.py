@@ -134,9 +134,31 @@ class Case:
     def path(self, name: str, step: int = 2) -> str:
         return os.path.join(self.step_dir(step), name)
 
-    def load(self, step: int = 2) -> dict[str, Any]:
+    def load(self, step: int = 2, *, packs: bool = False) -> dict[str, Any]:
+        """The step's manifest as JSON. A version 2 manifest (small tensors in packs) comes
+        back as the equivalent version 1 body (each tensor its own record and CRC) unless
+        ``packs``: most attacks edit one tensor's record; the pack tables have their own."""
         with open(self.path(MANIFEST, step), "rb") as f:
-            return json.loads(f.read())
+            raw = f.read()
+        body = json.loads(raw)
+        return body if packs or "packs" not in body else self.unpacked(raw)
+
+    def unpacked(self, raw: bytes) -> dict[str, Any]:
+        from recoverkit.format.manifest import Manifest
+
+        m = Manifest.from_bytes(raw)
+        body = json.loads(raw)
+        del body["packs"]
+        body["version"] = 1
+        for key, rec in m.tensors.items():
+            if rec.shards and rec.shards[0].pack is not None:
+                s = rec.shards[0]
+                body["tensors"][key] = {"dtype": rec.dtype, "shape": list(rec.shape), "shards": [{
+                    "rank": s.rank, "file": s.file, "offset": s.offset, "nbytes": s.nbytes,
+                    "crc32c": crc(self.read(s.offset, s.nbytes, s.file)), "offsets": list(s.offsets),
+                    "shape": list(s.shape),
+                }]}
+        return body
 
     def store(self, body: dict[str, Any], *, step: int = 2, resign: bool = True) -> None:
         """Write ``body`` as the step's manifest, re-signed unless ``resign=False``."""
@@ -193,7 +215,12 @@ class Case:
 
     def blob_tree(self, body: dict[str, Any]) -> dict[str, Any]:
         blob = body["blobs"][0]
-        return json.loads(self.read(blob["offset"], blob["nbytes"]))
+        data = self.read(blob["offset"], blob["nbytes"])
+        if data.startswith(b"\xfd7zXZ\x00"):  # a large tree is stored xz-compressed
+            import lzma
+
+            data = lzma.decompress(data)
+        return json.loads(data)
 
     def replace(self, path: str, make: Any) -> None:
         """Replace the file at ``path`` by whatever ``make(path)`` creates (a FIFO, a link)."""

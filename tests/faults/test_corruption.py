@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recoverkit import Checkpointer, IncompatibleCheckpointError, IntegrityError
+from recoverkit.format.manifest import Manifest
 from recoverkit.storage.discovery import CheckpointSkippedWarning
 
 
@@ -47,8 +48,8 @@ def _flip(path, offset):
 
 
 def _weight_offset(root, step=2):
-    with open(_manifest(root, step)) as f:
-        return json.load(f)["tensors"]["model/weight"]["shards"][0]["offset"]
+    with open(_manifest(root, step), "rb") as f:  # packed or not: where its bytes are
+        return Manifest.from_bytes(f.read()).tensors["model/weight"].shards[0].offset
 
 
 def test_flipped_data_byte_falls_back_to_previous_step(root):

@@ -43,8 +43,8 @@ def test_any_edit_breaks_the_checksum():
 
 def test_foreign_and_future_formats():
     body = json.loads(_manifest().to_bytes())
-    with pytest.raises(IncompatibleCheckpointError, match="format version 2"):
-        Manifest.from_bytes(json.dumps({**body, "version": 2}).encode())
+    with pytest.raises(IncompatibleCheckpointError, match="format version 3"):
+        Manifest.from_bytes(json.dumps({**body, "version": 3}).encode())
     with pytest.raises(IncompatibleCheckpointError, match="not a recoverkit manifest"):
         Manifest.from_bytes(b'{"format": "zarr"}')
     with pytest.raises(IntegrityError, match="not valid JSON"):

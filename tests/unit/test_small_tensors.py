@@ -151,7 +151,11 @@ def test_write_rank_writes_each_shard_at_its_recorded_offset(tmp_path):
     for (key, rec), p in zip(records.shards, plan.shards):
         assert key == p.key
         assert raw[rec.offset:rec.offset + rec.nbytes] == p.source.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        assert rec.crc32c == real_engine.crc32c(raw[rec.offset:rec.offset + rec.nbytes])
+        region = rec.pack or rec  # a packed shard is checked by its pack's CRC
+        assert rec.crc32c == real_engine.crc32c(raw[region.offset:region.offset + region.nbytes])
+    packs = {rec.pack for _, rec in records.shards if rec.pack is not None}
+    assert len(packs) == 1 and sum(rec.pack is not None for _, rec in records.shards) == 50
+    assert next(iter(packs)).nbytes == 50 * 16  # 50 tensors of 4 float32, back to back
 
 
 # --------------------------------------------------------------------------- lazy save
