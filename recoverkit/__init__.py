@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer, SaveResult
     from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
+    from .config import ProtectOptions
     from .errors import (
         CheckpointLockedError,
         CheckpointNotFoundError,
         CommitError,
+        ConfigError,
         IncompatibleCheckpointError,
         IntegrityError,
         RecoverkitError,
@@ -47,6 +49,7 @@ __all__ = [
     "RetentionPolicy",
     "TierPolicy",
     "StagingPolicy",
+    "ProtectOptions",
     "ShardedTensor",
     "replicated",
     "Stateful",
@@ -57,6 +60,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "CheckpointLockedError",
     "CommitError",
+    "ConfigError",
 ]
 
 __version__ = "0.1.0"
@@ -72,6 +76,7 @@ _WHERE = {
     "RetentionPolicy": ".config",
     "TierPolicy": ".config",
     "StagingPolicy": ".config",
+    "ProtectOptions": ".config",
     "ShardedTensor": ".state.sharded",
     "replicated": ".state.sharded",
     "Stateful": ".state.stateful",
@@ -82,6 +87,7 @@ _WHERE = {
     "IncompatibleCheckpointError": ".errors",
     "CheckpointLockedError": ".errors",
     "CommitError": ".errors",
+    "ConfigError": ".errors",
 }
 
 

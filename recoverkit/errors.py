@@ -27,6 +27,10 @@ __all__ = [
     "StorageError",
     "RankFailure",
     "ConfigError",
+    "TransportError",
+    "PeerLostError",
+    "PeerTimeoutError",
+    "add_note",
 ]
 
 
@@ -113,3 +117,24 @@ class RankFailure(RecoverkitError, RuntimeError):
         self.failures = dict(failures)
         detail = "; ".join(f"rank {r}: {why}" for r, why in sorted(self.failures.items()))
         super().__init__(f"{message} ({detail})")
+
+
+class TransportError(RecoverkitError, ConnectionError):
+    """A transfer with ``peer`` failed (refused, or the transport is broken)."""
+
+    def __init__(self, message: str, *, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class PeerLostError(TransportError):
+    """``peer`` closed its connection mid-transfer (its process died)."""
+
+
+class PeerTimeoutError(TransportError, TimeoutError):
+    """``peer`` did not take part in a transfer within the timeout (dead or stuck)."""
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+), also on 3.10 where tracebacks do not show it."""
+    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]

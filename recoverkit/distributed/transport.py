@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import IntegrityError, RecoverkitError
+from ..errors import IntegrityError, PeerLostError, PeerTimeoutError, TransportError, add_note
 from ..format.checksum import crc32c, hexcrc
 
 __all__ = [
@@ -49,22 +49,6 @@ Buffer = bytes | bytearray | memoryview | torch.Tensor
 
 MAGIC = 0x524B5450  # "RKTP": a header that is not one of ours is refused
 _HEADER, _REPLY, _PAYLOAD, _ACK = 0x5101, 0x5102, 0x5103, 0x5104  # point-to-point tags per phase
-
-
-class TransportError(RecoverkitError, ConnectionError):
-    """A transfer with ``peer`` failed (refused, or the transport is broken)."""
-
-    def __init__(self, message: str, *, peer: int | None = None) -> None:
-        super().__init__(message)
-        self.peer = peer
-
-
-class PeerLostError(TransportError):
-    """``peer`` closed its connection mid-transfer (its process died)."""
-
-
-class PeerTimeoutError(TransportError, TimeoutError):
-    """``peer`` did not take part in a transfer within the timeout (dead or stuck)."""
 
 
 class PeerTransport(ABC):
@@ -316,7 +300,7 @@ class ProcessGroupTransport(PeerTransport):
                 )
         if faults:
             for other in faults[1:]:
-                _add_note(faults[0], str(other))
+                add_note(faults[0], str(other))
             raise faults[0]
         return verified
 
@@ -429,8 +413,3 @@ class ProcessGroupTransport(PeerTransport):
             dist.destroy_process_group(self.group)
         self.group = None
         self._broken = self._broken or "closed"
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)`` (Python 3.11+), also on 3.10 where tracebacks do not show it."""
-    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError, add_note
 from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T, Use
 
 __all__ = ["RecoveryChain"]
@@ -63,14 +63,9 @@ class RecoveryChain:
         )
         if len(refusals) > 1:
             for c in refusals:
-                _add_note(error, f"{c.strategy} could not recover {_wanted(loss)}: {c.reason}")
+                add_note(error, f"{c.strategy} could not recover {_wanted(loss)}: {c.reason}")
         raise error
 
 
 def _wanted(loss: Loss) -> str:
     return "the newest step" if loss.step is None else f"step {loss.step}"
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)`` (Python 3.11+), also on 3.10 where tracebacks do not show it."""
-    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]
