@@ -93,10 +93,10 @@ def _life(w: int, mode: str, root: str, purl: str | None, arm: dict[str, Any]) -
             emit(w, "P", phase, step)
             super().reached(phase, step=step, rank=rank)
 
-        def on_op(self, op: str, path: str) -> None:
-            if op == arm.get("op"):
-                emit(w, "O", op, os.path.basename(path))
-            super().on_op(op, path)
+        def on_op(self, op: str, *paths: str, when: str = "before") -> None:
+            if op == arm.get("op") and when == "before":
+                emit(w, "O", op, os.path.basename(paths[0]) if paths else "")
+            super().on_op(op, *paths, when=when)
 
     faults = Recorder()
     fs = FaultyFS(faults) if arm.get("op") else None
