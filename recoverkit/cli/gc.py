@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import CheckpointLockedError
+from ..storage.discovery import RetentionDecision, decide_retention, delete_decided
 from .common import (
     EXIT_CODES_EPILOG,
     committed_steps,
@@ -40,54 +41,57 @@ from .common import (
 if TYPE_CHECKING:
     from ..storage.local import LocalTier
 
-__all__ = ["gc", "plan_gc", "Decision"]
+__all__ = ["gc", "plan_gc", "known_by_crc_pass", "Decision"]
 
 
 @dataclass(frozen=True)
-class Decision:
-    """What gc does with one step, and why."""
+class Decision(RetentionDecision):
+    """What gc does with one step, and why: retention's decision plus the step's size."""
 
-    step: int
-    keep: bool
-    reason: str
-    nbytes: int
-    #: the step failed the CRC pass (known bad)
-    damaged: bool = False
+    nbytes: int = 0
 
 
-def plan_gc(tier: LocalTier, keep_last: int, keep_every: int | None, *, delete_damaged: bool = False) -> list[Decision]:
-    """Decide every committed step, newest first (see the module docstring for the rule).
+#: how gc learned that its newest good step is good (the reason printed for it)
+PASSED = "newest step that passes a full CRC pass"
 
-    Steps are CRC-checked newest first until one passes: that one is never deleted; the ones
-    that failed are not counted among the last ``keep_last`` and are kept unless
-    ``delete_damaged``.
+
+def known_by_crc_pass(tier: LocalTier) -> tuple[dict[int, str], dict[int, str]]:
+    """gc's CRC pass: verify the steps newest first until one passes.
+
+    Returns ``(good, bad)`` as :func:`~recoverkit.storage.discovery.decide_retention` takes
+    them: the step that passed (at most one), and each step that failed with its first fault.
     """
-    from ..config import RetentionPolicy
     from ..restore.verify import verify_step
-    from ..storage.discovery import decide_retention
 
-    policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
-    steps = tier.steps()
-    damaged: dict[int, str] = {}
-    good: int | None = None
-    for s in reversed(steps):
+    bad: dict[int, str] = {}
+    for s in reversed(tier.steps()):
         report = verify_step(tier, s)
         if report.ok:
-            good = s
-            break
+            return {s: PASSED}, bad
         more = f" (+{len(report.faults) - 1} more)" if len(report.faults) > 1 else ""
-        damaged[s] = report.faults[0].message + more
-    out = []
-    for d in decide_retention(steps, policy, good=[] if good is None else [good], bad=damaged, delete_bad=delete_damaged):
-        if d.step == good:
-            why = "newest step that passes a full CRC pass (never deleted)"
-        elif d.damaged:
-            verdict = "deleted: --delete-damaged" if delete_damaged else "kept as evidence (--delete-damaged removes it)"
-            why = f"DAMAGED, not counted among the last {keep_last}, {verdict}: {damaged[d.step]}"
-        else:
-            why = d.reason
-        out.append(Decision(d.step, d.keep, why, _step_bytes(tier, d.step), d.damaged))
-    return out
+        bad[s] = report.faults[0].message + more
+    return {}, bad
+
+
+def plan_gc(
+    tier: LocalTier, keep_last: int, keep_every: int | None, *, delete_damaged: bool = False
+) -> list[Decision]:
+    """Decide every committed step, newest first (see the module docstring for the rule).
+
+    What is known comes from :func:`known_by_crc_pass`; every decision is
+    :func:`~recoverkit.storage.discovery.decide_retention`'s, the trainer's own rule.
+    """
+    from ..config import RetentionPolicy
+
+    good, bad = known_by_crc_pass(tier)
+    policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
+    decisions = decide_retention(
+        tier.steps(), policy, good=good, bad=bad, delete_bad=delete_damaged
+    )
+    return [
+        Decision(d.step, d.keep, d.reason, d.damaged, nbytes=_step_bytes(tier, d.step))
+        for d in decisions
+    ]
 
 
 def _step_bytes(tier: LocalTier, step: int) -> int:
@@ -98,7 +102,8 @@ def _step_bytes(tier: LocalTier, step: int) -> int:
         return 0
 
 
-EPILOG = """\b
+EPILOG = (
+    """\b
 Examples:
   recoverkit gc ckpt/ --keep-last 3                     # dry run: what would go
   recoverkit gc ckpt/ --keep-last 3 --keep-every 1000 --yes
@@ -113,31 +118,63 @@ gc refuses with exit code 5 (no override: let the trainer's RetentionPolicy
 prune a running job, or stop it first). Dry runs work while a trainer runs.
 With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
 
-""" + EXIT_CODES_EPILOG
+"""
+    + EXIT_CODES_EPILOG
+)
 
 
 @click.command(epilog=EPILOG)
 @click.argument("root", metavar="ROOT")
-@click.option("--keep-last", type=click.IntRange(min=1), required=True, help="Keep the newest N committed steps.")
-@click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Also keep every step that is a multiple of K.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Keep the newest N committed steps.",
+)
+@click.option(
+    "--keep-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also keep every step that is a multiple of K.",
+)
 @click.option("--yes", is_flag=True, help="Delete (default: a dry run that deletes nothing).")
-@click.option("--delete-damaged", is_flag=True,
-              help="Also delete steps that fail the CRC pass (default: keep them as evidence).")
+@click.option(
+    "--delete-damaged",
+    is_flag=True,
+    help="Also delete steps that fail the CRC pass (default: keep them as evidence).",
+)
 @json_option
 @handle_errors
-def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, delete_damaged: bool, as_json: bool) -> None:
+def gc(
+    root: str,
+    keep_last: int,
+    keep_every: int | None,
+    yes: bool,
+    delete_damaged: bool,
+    as_json: bool,
+) -> None:
     """Delete the steps of ROOT that --keep-last/--keep-every do not keep (dry run unless --yes)."""
     from ..storage.local import LocalTier
     from ..storage.lock import RunLock
 
     loc = locate(root)
     if loc.step is not None or not isinstance(loc.tier, LocalTier):
-        raise click.UsageError(f"{root}: gc works on a node-local checkpoint root, not a step or URL")
+        raise click.UsageError(
+            f"{root}: gc works on a node-local checkpoint root, not a step or URL"
+        )
     tier = loc.tier
     committed_steps(loc)
     if not yes:
         plan = plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)
-        _report(tier.root, plan, deleted=[], removed=[], dry_run=True, holder=lock_holder(tier.root), as_json=as_json)
+        _report(
+            tier.root,
+            plan,
+            deleted=[],
+            removed=[],
+            dry_run=True,
+            holder=lock_holder(tier.root),
+            as_json=as_json,
+        )
         return
     try:
         lock = RunLock(tier.root).acquire()
@@ -147,44 +184,85 @@ def gc(root: str, keep_last: int, keep_every: int | None, yes: bool, delete_dama
             "retention). Stop the trainer, or prune through its RetentionPolicy; a dry run works now."
         ) from None
     try:
-        plan = plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)  # decided under the lock
-        deleted = []
-        for d in plan:
-            if not d.keep:
-                tier.delete(d.step)
-                deleted.append(d.step)
+        plan = plan_gc(
+            tier, keep_last, keep_every, delete_damaged=delete_damaged
+        )  # decided under the lock
+        deleted = sorted(
+            delete_decided(tier, plan), reverse=True
+        )  # reported newest first, as planned
         removed = tier.cleanup()
     finally:
         lock.release()
-    _report(tier.root, plan, deleted=deleted, removed=removed, dry_run=False, holder=None, as_json=as_json)
+    _report(
+        tier.root,
+        plan,
+        deleted=deleted,
+        removed=removed,
+        dry_run=False,
+        holder=None,
+        as_json=as_json,
+    )
 
 
-def _report(root: str, plan: list[Decision], *, deleted: list[int], removed: list[str], dry_run: bool,
-            holder: str | None, as_json: bool) -> None:
+def _report(
+    root: str,
+    plan: list[Decision],
+    *,
+    deleted: list[int],
+    removed: list[str],
+    dry_run: bool,
+    holder: str | None,
+    as_json: bool,
+) -> None:
     doomed = [d for d in plan if not d.keep]
     freed = sum(d.nbytes for d in doomed)
     if as_json:
-        emit_json({"root": root, "dry_run": dry_run, "lock": holder,
-                   "keep": [{"step": d.step, "reason": d.reason} for d in plan if d.keep],
-                   "delete": [{"step": d.step, "reason": d.reason, "nbytes": d.nbytes} for d in doomed],
-                   "damaged": [{"step": d.step, "reason": d.reason, "delete": not d.keep} for d in plan if d.damaged],
-                   "deleted": deleted, "leftovers_removed": removed, "nbytes": freed})
+        emit_json(
+            {
+                "root": root,
+                "dry_run": dry_run,
+                "lock": holder,
+                "keep": [{"step": d.step, "reason": d.reason} for d in plan if d.keep],
+                "delete": [
+                    {"step": d.step, "reason": d.reason, "nbytes": d.nbytes} for d in doomed
+                ],
+                "damaged": [
+                    {"step": d.step, "reason": d.reason, "delete": not d.keep}
+                    for d in plan
+                    if d.damaged
+                ],
+                "deleted": deleted,
+                "leftovers_removed": removed,
+                "nbytes": freed,
+            }
+        )
         return
     from rich.markup import escape
 
     console = stdout_console()
     verb = "would delete" if dry_run else "deleted"
     for d in plan:
-        action = "[green]keep        [/]" if d.keep else ("[yellow]would delete[/]" if dry_run else "[red]deleted     [/]")
-        console.print(f"{action}  step {d.step:>10}  {human_bytes(d.nbytes):>10}  {escape(d.reason)}")
+        action = (
+            "[green]keep        [/]"
+            if d.keep
+            else ("[yellow]would delete[/]" if dry_run else "[red]deleted     [/]")
+        )
+        console.print(
+            f"{action}  step {d.step:>10}  {human_bytes(d.nbytes):>10}  {escape(d.reason)}"
+        )
     for name in removed:
         console.print(f"[red]removed[/] leftover {name}")
     console.print(f"{verb} {len(doomed)} of {len(plan)} step(s), {human_bytes(freed)}")
     bad = [d for d in plan if d.damaged]
     if bad:
         kept = sum(d.keep for d in bad)
-        console.print(f"[red]{len(bad)} damaged step(s)[/] failed the CRC pass ({kept} kept as evidence); "
-                      "`recoverkit verify` lists every fault")
+        hint = "; --delete-damaged removes them" if kept else ""
+        console.print(
+            f"[red]{len(bad)} damaged step(s)[/] failed the CRC pass ({kept} kept as evidence{hint}); "
+            "`recoverkit verify` lists every fault"
+        )
     if dry_run:
-        note = f" (a live trainer holds the run lock: {holder}; --yes would refuse)" if holder else ""
+        note = (
+            f" (a live trainer holds the run lock: {holder}; --yes would refuse)" if holder else ""
+        )
         console.print(f"dry run: nothing deleted; pass --yes to delete{note}")
