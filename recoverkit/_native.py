@@ -1,8 +1,12 @@
 """Loads the copy/IO engine: the compiled ``recoverkit._C`` or the pure-Python fallback.
 
 Everything that moves tensor bytes (staging pool, copy engine, segment files, CRC-32C)
-calls ``recoverkit._native.engine``; both backends expose the same names, documented in
-``recoverkit/_C.pyi``, and write byte-identical files.
+calls an engine; both backends expose the same names, documented in ``recoverkit/_C.pyi``,
+and write byte-identical files. The engine is injected: ``Checkpointer(engine=)``,
+``LocalFS(engine=)`` and the checksum helpers' ``engine=`` take one, and
+:func:`resolve` gives the process-wide default, ``recoverkit._native.engine``, to whoever
+was given none. The default is looked up through this module when it is needed, never
+copied into another module at import, so nothing holds on to it behind an injected engine.
 
 The choice follows the environment variable ``RECOVERKIT_NATIVE``:
 
@@ -24,8 +28,9 @@ import importlib
 import os
 import warnings
 from types import ModuleType
+from typing import Any
 
-__all__ = ["engine", "load"]
+__all__ = ["engine", "load", "resolve"]
 
 _OFF = {"0", "false", "no", "off"}
 _ON = {"1", "true", "yes", "on"}
@@ -83,3 +88,14 @@ def load(backend: str | None = None) -> ModuleType:
 
 
 engine: ModuleType = load()
+
+
+def resolve(given: Any = None) -> Any:
+    """The engine to use: ``given``, or the process-wide default when it is None.
+
+    Example:
+        >>> fallback = load("python")
+        >>> resolve(fallback) is fallback, resolve() is engine
+        (True, True)
+    """
+    return given if given is not None else engine

@@ -4,6 +4,9 @@ Every syscall the commit protocol, discovery and retention make goes through a
 :class:`LocalFS`, so tests and benchmarks wrap it (``storage.faults.FaultyFS``) to inject
 ENOSPC, EIO, a failed rename or a crash at an exact point, instead of patching imports.
 Every write here is followed by ``fsync``; every rename by an ``fsync`` of the directory.
+Segment files are written and read by the engine the file system was given
+(``LocalFS(engine=)``, the Checkpointer's), the process-wide default otherwise; wrappers
+(``FaultyFS``, the reader's read-only file system) use their inner file system's.
 
 Symbolic links and special files (DESIGN invariant 8): a checkpoint root is the user's and
 may itself be a symlink, but nothing *inside* a root is trusted. So:
@@ -27,8 +30,9 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from .._native import engine
+from .. import _native
 from ..errors import IntegrityError, StorageError
 from .layout import TMP_PREFIX
 
@@ -105,20 +109,29 @@ def open_regular(
 def _refuse_read(path: str, kind: str) -> IntegrityError:
     return IntegrityError(
         f"{path}: found {kind}, expected a regular file (recoverkit never reads through a symbolic "
-        "link or from a special file)", path=path
+        "link or from a special file)",
+        path=path,
     )
 
 
 def _refuse_write(path: str, kind: str) -> StorageError:
     code = errno.ELOOP if kind == "a symbolic link" else errno.EINVAL
     return StorageError(
-        code, f"{path}: found {kind}, expected a regular file or nothing (recoverkit never writes "
-        "through a symbolic link or into a special file); remove it", path
+        code,
+        f"{path}: found {kind}, expected a regular file or nothing (recoverkit never writes "
+        "through a symbolic link or into a special file); remove it",
+        path,
     )
 
 
 class LocalFS:
     """Durable file operations on a POSIX file system that never follow a symlink in a root.
+
+    Args:
+        engine: the copy/IO engine that writes and reads segment files (the one a
+            Checkpointer was given); None: the process-wide default
+            (:func:`recoverkit._native.resolve`). It is an instance attribute only, so a
+            wrapper that does not call this ``__init__`` reaches its inner file system's.
 
     Example:
         >>> fs = LocalFS()
@@ -126,6 +139,9 @@ class LocalFS:
         >>> fs.write_file(d + "/x", b"hi"); fs.read_file(d + "/x")
         b'hi'
     """
+
+    def __init__(self, engine: Any = None) -> None:
+        self.engine = _native.resolve(engine)
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -148,8 +164,10 @@ class LocalFS:
             if not new:
                 if st.st_nlink > 1:
                     raise StorageError(
-                        errno.EMLINK, f"{path}: has {st.st_nlink} hard links; rewriting it would change the "
-                        "other names too (remove it)", path
+                        errno.EMLINK,
+                        f"{path}: has {st.st_nlink} hard links; rewriting it would change the "
+                        "other names too (remove it)",
+                        path,
                     )
                 os.ftruncate(fd, 0)
             view = memoryview(data)
@@ -172,7 +190,8 @@ class LocalFS:
         try:
             if st.st_size > max_bytes:
                 raise IntegrityError(
-                    f"{path}: {st.st_size} bytes, more than the {max_bytes} bytes this file may have", path=path
+                    f"{path}: {st.st_size} bytes, more than the {max_bytes} bytes this file may have",
+                    path=path,
                 )
             chunks: list[bytes] = []
             total = 0
@@ -182,7 +201,9 @@ class LocalFS:
                     return b"".join(chunks)
                 chunks.append(chunk)
                 total += len(chunk)
-            raise IntegrityError(f"{path}: grew past the {max_bytes} bytes this file may have while read", path=path)
+            raise IntegrityError(
+                f"{path}: grew past the {max_bytes} bytes this file may have while read", path=path
+            )
         finally:
             os.close(fd)
 
@@ -281,15 +302,20 @@ class LocalFS:
         self.remove(probe)
 
     def write_segment(
-        self, path: str, items: Sequence[tuple[int, int, int]], *, direct: bool = False, crc: bool = False
+        self,
+        path: str,
+        items: Sequence[tuple[int, int, int]],
+        *,
+        direct: bool = False,
+        crc: bool = False,
     ) -> list[int] | None:
         """Write ``(file_offset, src_ptr, nbytes)`` items into ``path`` and fsync it.
 
         With ``crc=True`` returns each item's CRC-32C, computed in the same pass as the write.
         """
-        out = engine.write_segment(path, list(items), direct=direct, fsync=True, crc=crc)
+        out = self.engine.write_segment(path, list(items), direct=direct, fsync=True, crc=crc)
         return None if out is None else list(out)
 
     def read_segment(self, path: str, items: Sequence[tuple[int, int, int, int]]) -> list[int]:
         """Read ``(file_offset, dst_ptr, nbytes, expected_crc)`` items, verifying checksums."""
-        return list(engine.read_segment(path, list(items)))
+        return list(self.engine.read_segment(path, list(items)))
