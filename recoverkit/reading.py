@@ -18,16 +18,10 @@ import errno
 from collections.abc import Callable, Collection, MutableMapping, Sequence
 from typing import Any
 
-import torch
-
 from .errors import CheckpointNotFoundError, IncompatibleCheckpointError, StorageError
 from .format.manifest import Manifest
 from .recovery import Loss, RecoveryChain, RecoveryStrategy, Source, Survivors, TierFallback
 from .recovery.tier_fallback import MAX_RESCANS, StepDeletedWarning  # noqa: F401 - MAX_RESCANS kept here too
-from .restore.apply import apply_restored, target_shards
-from .staging.plan import RNG_KEY
-from .state.dtensor import prepare_optimizer_state
-from .state.sharded import unwrap
 from .storage.base import ReadableTier
 from .storage.fs import LocalFS
 from .storage.local import LocalTier
@@ -188,6 +182,13 @@ class CheckpointReader:
         first object changes (else IncompatibleCheckpointError). Returns the step (a
         :class:`RestoreResult`); raises CheckpointNotFoundError if no step is valid.
         """
+        import torch  # restoring makes tensors: torch, and the apply side, only from here on
+
+        from .restore.apply import target_shards
+        from .staging.plan import RNG_KEY
+        from .state.dtensor import prepare_optimizer_state
+        from .state.sharded import unwrap
+
         rng = (self.restore_rng if strict else False) if restore_rng is None else restore_rng
         # optimizers over DTensors get state tensors to fill in place (undone if nothing is restored)
         prepared = [
@@ -224,6 +225,9 @@ def _apply(
     state: MutableMapping[str, Any], captured: dict[str, Any], step: int, *, strict: bool, rng: bool
 ) -> tuple[list[str], list[str]]:
     """Apply ``captured`` (all, or what ``state`` names); return (missing, unexpected)."""
+    from .restore.apply import apply_restored
+    from .staging.plan import RNG_KEY
+
     if strict:
         apply_restored(state, captured, restore_rng=rng)
         return [], []

@@ -35,6 +35,7 @@ __all__ = [
     "TensorRecord",
     "BlobRecord",
     "Manifest",
+    "local_prefix",
 ]
 
 FORMAT_NAME = "recoverkit"
@@ -43,6 +44,16 @@ FORMAT_NAME = "recoverkit"
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+
+
+def local_prefix(rank: int) -> str:
+    """Namespace of rank-local tensor keys in a multi-rank checkpoint.
+
+    Example:
+        >>> local_prefix(3)
+        'rank-00003'
+    """
+    return f"rank-{rank:05d}"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
+from .dtypes import itemsize as dtype_itemsize
 from .zarr_layout import array_path, array_path_candidates, legacy_array_path
 
 if TYPE_CHECKING:
@@ -79,8 +80,6 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
         arrays: the zarr tier's layout (shards live in arrays, blobs in files); otherwise the
             segment layout (every shard and blob lives in a file listed in ``files``).
     """
-    from ..state.dtypes import dtype_from_name  # the dtype table; imports nothing of ours above
-
     m = manifest
     if not 0 <= m.step < 1 << 63:
         raise IntegrityError(f"{where}: step {m.step if m.step < 1 << 64 else 'of many digits'} is out of range", path=where)
@@ -106,8 +105,8 @@ def check_manifest(manifest: Manifest, *, where: str, arrays: bool = False) -> N
         if not key or "\x00" in key:
             raise IntegrityError(f"{where}: tensor key {key!r} is not a non-empty string", path=where)
         itemsize = itemsizes.get(rec.dtype)
-        if itemsize is None:  # IncompatibleCheckpointError for a dtype this torch lacks
-            itemsize = itemsizes[rec.dtype] = dtype_from_name(rec.dtype).itemsize
+        if itemsize is None:  # IncompatibleCheckpointError for an unknown or quantized dtype
+            itemsize = itemsizes[rec.dtype] = dtype_itemsize(rec.dtype)
         shape = rec.shape
         if len(shape) > MAX_NDIM or (shape and min(shape) < 0):
             raise IntegrityError(f"{where}: tensor {key!r}: shape {list(shape)[:MAX_NDIM + 1]} is not a tensor shape", path=where)

@@ -63,7 +63,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IncompatibleCheckpointError
-from ..state.dtypes import dtype_from_name
+from .dtypes import canonical_name
+from .dtypes import itemsize as dtype_itemsize
 
 __all__ = [
     "ARRAYS_GROUP",
@@ -180,7 +181,7 @@ class ArrayLayout:
 
     @property
     def itemsize(self) -> int:
-        return dtype_from_name(self.dtype).itemsize
+        return dtype_itemsize(self.dtype)
 
     def zarr_metadata(self, codecs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The array's ``zarr.json`` (zarr v3) with the given codec chain."""
@@ -234,8 +235,8 @@ def storage_dtype(logical: str) -> str:
         >>> storage_dtype("bfloat16"), storage_dtype("float8_e4m3fn"), storage_dtype("complex64")
         ('uint16', 'uint8', 'complex64')
     """
-    itemsize = dtype_from_name(logical).itemsize
-    name = str(dtype_from_name(logical)).removeprefix("torch.")
+    itemsize = dtype_itemsize(logical)
+    name = canonical_name(logical)
     if name in NATIVE_DTYPES:
         return name
     return f"uint{8 * itemsize}"
@@ -335,7 +336,7 @@ def array_layout(
     """
     shape = tuple(int(n) for n in global_shape)
     stored = storage_dtype(dtype_name)
-    itemsize = dtype_from_name(dtype_name).itemsize
+    itemsize = dtype_itemsize(dtype_name)
     chunks = chunk_shape_for(shape, regions, itemsize=itemsize)
     attrs = {_ATTR: {"key": key, "dtype": dtype_name, "storage_dtype": stored}}
     return ArrayLayout(key, dtype_name, shape, stored, chunks, attrs, path)

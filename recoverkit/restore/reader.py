@@ -9,23 +9,35 @@ reading leaves the training state untouched.
 
 Rank-local tensors of a multi-rank step live under ``rank-RRRRR/``; a rank that did not
 exist when the step was saved (the world grew) reads rank 0's local state.
+
+Torch is imported only where a tensor is made: checking a blob (``check_blob``), resolving
+records and reading raw bytes (:func:`read_raw`) need none of it, so the CLI's read-only
+commands and ``--format torch`` run without importing torch.
 """
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Collection, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..state.sharded import ShardedTensor, local_prefix
 from ..errors import IncompatibleCheckpointError, IntegrityError, PickleNotAllowedError
-from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
-from ..state import TensorLeaf, decode, dtype_from_name, from_bytes, to_bytes_view, unflatten
+from ..format.dtypes import dtype_from_name, from_bytes, to_bytes_view
+from ..format.dtypes import itemsize as dtype_itemsize
+from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord, local_prefix
+from ..state.codec import decode
+from ..state.leaf import TensorLeaf
 from ..storage.base import ReadableTier
 
-__all__ = ["NOT_READ", "read_state", "read_region", "tensor_leaves", "blob_rank", "resolve_record", "check_blob"]
+if TYPE_CHECKING:
+    import torch
+
+    from ..state.sharded import ShardedTensor
+
+__all__ = [
+    "NOT_READ", "read_state", "read_region", "read_raw", "tensor_leaves", "blob_rank", "resolve_record", "check_blob",
+]  # fmt: skip
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -68,6 +80,9 @@ def read_state(
     ``entries`` names the top-level entries to read; the others keep their name with the
     value :data:`NOT_READ` and none of their tensors is read.
     """
+    from ..state.flatten import unflatten
+    from ..state.sharded import ShardedTensor
+
     src = blob_rank(manifest, rank)
     blob_rec = manifest.blob_for(src)
     blob = bytearray(blob_rec.nbytes)  # validated against the file's real size by the tier
@@ -156,6 +171,46 @@ class _Region:
             _narrow(self.out, inter, self.box[0]).copy_(_narrow(part, inter, shard.offsets))
 
 
+def read_raw(tier: ReadableTier, step: int, rec: TensorRecord) -> bytearray | mmap.mmap | None:
+    """The whole tensor of ``rec`` as bytes (C order) when its pieces are slabs along dim 0
+    that tile it: every piece is read in place and CRC-checked by the tier, and no torch is
+    needed. None for any other layout of pieces (:func:`read_region` assembles those)."""
+    numel = _numel(rec.shape)
+    if numel == 0:
+        return bytearray()
+    if not rec.shape:  # 0-d: one piece holds it
+        if len(rec.shards) != 1:
+            return None
+        out0 = bytearray(rec.shards[0].nbytes)
+        tier.read(step, [(rec.shards[0], out0)])
+        return out0
+    rows = rec.shape[0]
+    row_bytes = numel // rows * dtype_itemsize(rec.dtype)
+    pieces = []
+    for s in rec.shards:
+        if tuple(s.shape[1:]) != tuple(rec.shape[1:]) or any(s.offsets[1:]) or s.shape[0] == 0:
+            return None
+        pieces.append((s.offsets[0], s.shape[0], s))
+    pieces.sort(key=lambda p: p[0])
+    at = 0
+    for start, n, s in pieces:  # exactly once each row, in order
+        if start != at or s.nbytes != n * row_bytes:
+            return None
+        at += n
+    if at != rows:
+        raise IntegrityError(f"step {step}: the saved pieces of {rec.key!r} cover {at} of its {rows} rows")
+    out = _buffer(rows * row_bytes)
+    view = memoryview(out)
+    tier.read(step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in pieces])
+    return out
+
+
+def _buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A writable buffer the reads land in: large ones are anonymous maps, whose pages are
+    zero-filled only as the read touches them (a bytearray clears every byte first)."""
+    return mmap.mmap(-1, nbytes) if nbytes >= 1 << 20 else bytearray(nbytes)
+
+
 def tensor_leaves(tree: Any) -> Iterator[str]:
     """Keys of every tensor placeholder in a decoded object tree."""
     if isinstance(tree, TensorLeaf):
@@ -219,6 +274,8 @@ def _narrow(t: torch.Tensor, box: Box, origin: tuple[int, ...]) -> torch.Tensor:
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Uninitialized memory for any storable dtype (bit-packed and float4 kinds included)."""
+    import torch
+
     return from_bytes(torch.empty(_numel(shape) * dtype.itemsize, dtype=torch.uint8), dtype, shape)
 
 

@@ -10,12 +10,37 @@ model and optimizer to resume bit-identically.
 
 from __future__ import annotations
 
-from .codec import decode, encode
-from .dtypes import STORABLE_DTYPES, dtype_from_name, dtype_name, from_bytes, nbytes, to_bytes_view
-from .flatten import TensorLeaf, TensorRef, flatten, rebuild_container, unflatten
-from .rng import RNGState
-from .sampler import DataPosition, ResumableSampler
-from .stateful import Stateful, apply, capture, check
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .codec import decode, encode
+    from .dtypes import (
+        STORABLE_DTYPES,
+        dtype_from_name,
+        dtype_name,
+        from_bytes,
+        nbytes,
+        to_bytes_view,
+    )
+    from .flatten import TensorRef, flatten, rebuild_container, unflatten
+    from .leaf import TensorLeaf
+    from .rng import RNGState
+    from .sampler import DataPosition, ResumableSampler
+    from .stateful import Stateful, apply, capture, check
+
+#: where each public name lives: imported on first use, so ``recoverkit.state.leaf`` or
+#: ``recoverkit.state.codec`` load without the torch-side modules
+_WHERE = {
+    "decode": ".codec", "encode": ".codec",
+    "STORABLE_DTYPES": ".dtypes", "dtype_from_name": ".dtypes", "dtype_name": ".dtypes",
+    "from_bytes": ".dtypes", "nbytes": ".dtypes", "to_bytes_view": ".dtypes",
+    "TensorRef": ".flatten", "flatten": ".flatten", "rebuild_container": ".flatten", "unflatten": ".flatten",
+    "TensorLeaf": ".leaf",
+    "RNGState": ".rng",
+    "DataPosition": ".sampler", "ResumableSampler": ".sampler",
+    "Stateful": ".stateful", "apply": ".stateful", "capture": ".stateful", "check": ".stateful",
+}  # fmt: skip
 
 __all__ = [
     "Stateful",
@@ -39,3 +64,16 @@ __all__ = [
     "ResumableSampler",
     "DataPosition",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

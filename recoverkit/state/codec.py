@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import lzma
 import math
@@ -55,14 +56,15 @@ import reprlib
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EncodeError, IntegrityError, PickleNotAllowedError, RecoverkitError
-from .dtypes import _BY_NAME, _QUANTIZED
-from .flatten import TensorLeaf
+from ..format.dtypes import quantized_by_name, storable_by_name
+from .leaf import TensorLeaf
+
+if TYPE_CHECKING:  # numpy and torch are imported by the tags that need them: a skeleton of
+    import numpy as np  # plain values and tensor placeholders decodes without either
+    import torch
 
 __all__ = ["encode", "decode", "document", "CODEC_NAME", "CODEC_VERSION", "COMPRESS_ABOVE", "MAX_RATIO"]
 
@@ -80,8 +82,15 @@ _MAX_INT_BITS = 1 << 13  # $int: up to 2048 hex digits, so str() of any decoded 
 _MAX_DEVICE_CHARS = 64
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
 _HEX_FLOAT = re.compile(r"[0-9a-f]{16}")
-_TORCH_DTYPES = {**_BY_NAME, **_QUANTIZED}
-_TORCH_DTYPE_NAMES = {d: n for n, d in _TORCH_DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """The torch dtypes ``$dtype`` may name (storable and quantized), and their names."""
+    by_name = {**storable_by_name(), **quantized_by_name()}
+    return by_name, {d: n for n, d in by_name.items()}
+
+
 # What a bug in a check, or numpy/torch refusing a value, may raise; reported as damage.
 _FAULTS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError,
            RuntimeError, struct.error, binascii.Error)  # fmt: skip
@@ -289,6 +298,9 @@ class _Encoder:
             return {"$complex": [_float(x.real), _float(x.imag)]}
         if t is bytes or t is bytearray:
             return {f"${t.__name__}": _b64(bytes(x))}
+        import numpy as np
+        import torch
+
         if t is np.ndarray or isinstance(x, np.generic):
             arr = (
                 np.ascontiguousarray(x) if t is np.ndarray else np.asarray(x)
@@ -301,8 +313,8 @@ class _Encoder:
                     if t is np.ndarray
                     else {"$npscalar": [dt, data]}
                 )
-        elif t is torch.dtype and x in _TORCH_DTYPE_NAMES:
-            return {"$dtype": _TORCH_DTYPE_NAMES[x]}
+        elif t is torch.dtype and x in _torch_dtypes()[1]:
+            return {"$dtype": _torch_dtypes()[1][x]}
         elif t is torch.Size:
             return {"$size": [int(d) for d in x]}
         elif t is torch.device:
@@ -334,6 +346,8 @@ class _Encoder:
 
 def _np_dtype(dt: np.dtype[Any], path: str) -> Any:
     """A numpy dtype as text (``'<u4'``) or field list; None if it cannot be raw bytes."""
+    import numpy as np
+
     if dt.hasobject:
         return None
     spec = dt.str if dt.fields is None else dt.descr
@@ -491,6 +505,8 @@ class _Decoder:
     def _np_dtype(self, p: Any, path: _Path) -> np.dtype[Any]:
         if type(p) is not str and type(p) is not list:
             raise self._bad(path, "numpy dtype", p)
+        import numpy as np
+
         spec = p if type(p) is str else self.node(p, (path, "s", ".dtype"))
         try:
             dt = np.dtype(spec)
@@ -505,6 +521,8 @@ class _Decoder:
     def _ndarray(self, p: Any, path: _Path) -> np.ndarray[Any, Any]:
         if type(p) is not list or len(p) != 3 or type(p[1]) is not list:
             raise self._bad(path, "ndarray", p)
+        import numpy as np
+
         shape = p[1]
         if len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
             raise self._bad(path, "ndarray shape", shape)
@@ -526,10 +544,14 @@ class _Decoder:
         dt, raw = self._np_dtype(p[0], path), self._bytes(p[1], path)
         if len(raw) != dt.itemsize:
             raise self._bad(path, f"numpy scalar ({len(raw)} bytes for {_short(str(dt), 40)})", p)
+        import numpy as np
+
         return np.empty((), dt)[()] if not raw else np.frombuffer(raw, dt)[0]
 
     def _dtype(self, p: Any, path: _Path) -> torch.dtype:
-        dt = _TORCH_DTYPES.get(self._str(p, path, "dtype"))
+        import torch
+
+        dt = _torch_dtypes()[0].get(self._str(p, path, "dtype"))
         if dt is None:
             raise IntegrityError(
                 f"{_render(path)}: unknown torch dtype {_short(p, 40)} (torch {torch.__version__})"
@@ -539,11 +561,15 @@ class _Decoder:
     def _size(self, p: Any, path: _Path) -> torch.Size:
         if type(p) is not list or not all(type(d) is int and -_INT64 <= d < _INT64 for d in p):
             raise self._bad(path, "torch.Size", p)
+        import torch
+
         return torch.Size(p)
 
     def _device(self, p: Any, path: _Path) -> torch.device:
         if len(self._str(p, path, "device")) > _MAX_DEVICE_CHARS:
             raise self._bad(path, "device", p)
+        import torch
+
         try:
             return torch.device(p)
         except (RuntimeError, ValueError, TypeError):

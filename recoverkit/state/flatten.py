@@ -23,32 +23,16 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import EncodeError, IncompatibleCheckpointError, IntegrityError
 from .dtypes import dtype_name
+from .leaf import TensorLeaf
 
 __all__ = ["TensorLeaf", "TensorRef", "flatten", "unflatten", "rebuild_container"]
-
-
-@dataclass(frozen=True)
-class TensorLeaf:
-    """The placeholder a tensor leaves in the skeleton; ``key`` names it in the checkpoint.
-
-    ``parameter`` is set when the tensor was an ``nn.Parameter``; ``requires_grad`` is then
-    its flag, and :func:`unflatten` wraps the restored tensor the same way.
-    """
-
-    key: str
-    parameter: bool = field(default=False, repr=False)
-    requires_grad: bool = field(default=False, repr=False)
-
-    def __repr__(self) -> str:
-        extra = f", parameter=True, requires_grad={self.requires_grad}" if self.parameter else ""
-        return f"TensorLeaf(key={self.key!r}{extra})"
 
 
 @dataclass

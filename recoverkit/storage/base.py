@@ -18,19 +18,21 @@ crash leaves behind before that point is ever listed by :meth:`Tier.steps`.
 from __future__ import annotations
 
 import ctypes
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Union
 
 from ..format.manifest import BlobRecord, Manifest, PackRecord, ShardRecord
 
 __all__ = ["Buffer", "Region", "destination", "ShardMeta", "ShardData", "RankPayload", "RankRecords", "ReadableTier", "Tier"]
 
 #: where a read lands: a contiguous CPU tensor, a bytearray or a writable memoryview
-Buffer = torch.Tensor | bytearray | memoryview
+if TYPE_CHECKING:  # the read path never needs torch: a tensor destination means torch is loaded
+    import torch
+
+Buffer = Union["torch.Tensor", bytearray, memoryview]
 #: what a read names: a tensor shard, a rank's object blob, or a whole pack of small tensors
 Region = ShardRecord | BlobRecord | PackRecord
 
@@ -44,7 +46,8 @@ def destination(buf: Buffer, nbytes: int, what: str) -> int:
         >>> destination(bytearray(4), 4, "x") != 0
         True
     """
-    if isinstance(buf, torch.Tensor):
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and isinstance(buf, torch_mod.Tensor):
         if buf.device.type != "cpu" or not buf.is_contiguous():
             raise ValueError(f"{what}: a read needs a contiguous CPU tensor, got {buf.device} strides {buf.stride()}")
         size, ptr = buf.numel() * buf.element_size(), int(buf.data_ptr())

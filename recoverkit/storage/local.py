@@ -27,8 +27,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr
@@ -39,6 +38,9 @@ from .base import Buffer, RankPayload, RankRecords, Region, ShardData, ShardMeta
 from .faults import FaultInjector
 from .fs import LocalFS
 from .layout import LATEST, TMP_PREFIX, TRASH_PREFIX, parse_step_dirname, step_dirname
+
+if TYPE_CHECKING:  # torch is imported by the write path only (the CLI's reads never load it)
+    import torch
 
 __all__ = ["LocalTier"]
 
@@ -320,8 +322,11 @@ def _packs(
     each within one state entry (a job loading only ``model`` never reads, nor is stopped by
     damage in, the optimizer's bytes); return each pack with its members and its bytes
     gathered in one buffer (gaps zero)."""
+    import torch
+
     packs: dict[PackRecord, list[int]] = {}
     keep: list[torch.Tensor] = []
+    zeros = torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8)  # alignment gaps inside a pack
     start = 0
     while start < len(small):
         first = offset[small[start]]
@@ -338,7 +343,7 @@ def _packs(
         pos = first
         for i in members:
             if offset[i] > pos:
-                parts.append(_ZEROS[: offset[i] - pos])
+                parts.append(zeros[: offset[i] - pos])
             parts.append(shards[i].data)
             pos = offset[i] + shards[i].data.numel()
         data = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
@@ -360,7 +365,6 @@ def _entry(key: str) -> str:
 
 #: packs a LocalTier keeps after reading them (each at most PACK_BYTES)
 _PACKS_KEPT = 4
-_ZEROS = torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8)  # alignment gaps inside a pack
 
 
 def _buffer_address(data: bytes) -> int:

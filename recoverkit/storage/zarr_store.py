@@ -53,6 +53,7 @@ from ..errors import (
     RecoverkitError,
     StorageError,
 )
+from ..format.dtypes import dtype_from_name, dtype_name, from_bytes, to_bytes_view
 from ..format.zarr_layout import (
     ArrayLayout,
     ShardRegion,
@@ -61,7 +62,6 @@ from ..format.zarr_layout import (
     group_metadata,
     group_paths,
 )
-from ..state.dtypes import dtype_from_name, dtype_name, from_bytes, to_bytes_view
 from .faults import FaultInjector
 from .fs import LocalFS
 

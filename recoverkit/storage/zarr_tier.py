@@ -41,6 +41,7 @@ import torch
 from ..config import TierPolicy
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr, hexcrc
+from ..format.dtypes import dtype_from_name, from_bytes
 from ..format.manifest import MANIFEST_NAME, BlobRecord, Manifest, ShardRecord
 from ..format.validate import check_manifest, check_name
 from ..format.zarr_layout import (
@@ -51,7 +52,6 @@ from ..format.zarr_layout import (
     array_paths,
     blob_path,
 )
-from ..state import dtype_from_name, from_bytes
 from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
 from .faults import FaultInjector
 from .fs import LocalFS

@@ -13,7 +13,6 @@ import torch
 from recoverkit import Checkpointer, CheckpointOptions, ShardedTensor
 from recoverkit.cli import main
 from recoverkit.format.manifest import ShardRecord, TensorRecord
-from recoverkit.restore.export.to_torch import _read_raw
 from recoverkit.restore.export.torch_zip import (
     ITEMSIZE,
     LEGACY_STORAGE,
@@ -21,6 +20,7 @@ from recoverkit.restore.export.torch_zip import (
     TorchFile,
     torch_savable,
 )
+from recoverkit.restore.reader import read_raw
 from recoverkit.state.dtypes import STORABLE_DTYPES, dtype_name, to_bytes_view
 from tests.distributed.harness import run_world
 
@@ -200,7 +200,7 @@ def test_other_layouts_are_left_to_the_torch_reader():
     other = ShardRecord(
         rank=1, file="g", offset=0, nbytes=16, crc32c=0, offsets=(0, 2), shape=(2, 2)
     )
-    assert _read_raw(None, TensorRecord("k", "float32", (2, 4), (shard, other))) is None  # type: ignore[arg-type]
+    assert read_raw(None, 0, TensorRecord("k", "float32", (2, 4), (shard, other))) is None  # type: ignore[arg-type]
 
 
 ROWS, COLS = 6, 8

@@ -18,15 +18,16 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...errors import IncompatibleCheckpointError
 from ...format.manifest import Manifest, TensorRecord
-from ...state import decode
+from ...state.codec import decode
 from ...storage.base import ReadableTier
 from ..reader import read_region, resolve_record, tensor_leaves
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]
 

@@ -11,11 +11,11 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from ...state.sharded import local_prefix
 from ...format.checksum import crc32c
 from ...format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
 from ...format.segment import plan_offsets, segment_name
 from ...state import dtype_from_name, to_bytes_view
+from ...state.sharded import local_prefix
 from ...storage.local import LocalTier
 from ...storage.lock import RunLock
 from ..reader import _numel, check_blob, read_region

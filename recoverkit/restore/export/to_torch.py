@@ -16,26 +16,24 @@ and slices ``(start, stop, step)`` tuples.
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ...errors import IncompatibleCheckpointError, IntegrityError
-from ...state.flatten import TensorLeaf
+from ...errors import IncompatibleCheckpointError
+from ...state.leaf import TensorLeaf
+from ..reader import read_raw
 from .common import (
     ExportResult,
     Progress,
     Source,
     _leaf_records,
     _note,
+    _read_full,
     _staged_file,
     consolidated_tree,
 )
-from .torch_zip import ITEMSIZE, TorchFile, torch_savable
-
-if TYPE_CHECKING:
-    from ...format.manifest import TensorRecord
+from .torch_zip import TorchFile, torch_savable
 
 __all__ = ["export_torch"]
 
@@ -95,58 +93,12 @@ def _storage_bytes(src: Source, source: Any) -> Any:
     """The bytes of one storage: a tensor record's (read and verified) or an array's."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return source
-    raw = _read_raw(src, source)
+    raw = read_raw(src.tier, src.step, source)
     if raw is not None:
         return raw
-    from ...state import to_bytes_view
-    from .common import _read_full
+    from ...format.dtypes import to_bytes_view  # torch: pieces in any other layout
 
     return to_bytes_view(_read_full(src, source).contiguous()).numpy()
-
-
-def _buffer(nbytes: int) -> bytearray | mmap.mmap:
-    """A writable buffer the reads land in: large ones are anonymous maps, whose pages are
-    zero-filled only as the read touches them (a bytearray clears every byte first)."""
-    return mmap.mmap(-1, nbytes) if nbytes >= 1 << 20 else bytearray(nbytes)
-
-
-def _read_raw(src: Source, rec: TensorRecord) -> bytearray | mmap.mmap | None:
-    """The whole tensor of ``rec`` as bytes when its pieces are slabs along dim 0 that tile
-    it (every piece read in place and CRC-checked by the tier); None for any other layout."""
-    numel = 1
-    for d in rec.shape:
-        numel *= d
-    if numel == 0:
-        return bytearray()
-    if not rec.shape:  # 0-d: one piece holds it
-        if len(rec.shards) != 1:
-            return None
-        out = bytearray(rec.shards[0].nbytes)
-        src.tier.read(src.step, [(rec.shards[0], out)])
-        return out
-    rows = rec.shape[0]
-    row_bytes = numel // rows * ITEMSIZE[rec.dtype]
-    pieces = []
-    for s in rec.shards:
-        if tuple(s.shape[1:]) != tuple(rec.shape[1:]) or any(s.offsets[1:]) or s.shape[0] == 0:
-            return None
-        pieces.append((s.offsets[0], s.shape[0], s))
-    pieces.sort(key=lambda p: p[0])
-    at = 0
-    for start, n, s in pieces:  # exactly once each row, in order
-        if start != at or s.nbytes != n * row_bytes:
-            return None
-        at += n
-    if at != rows:
-        raise IntegrityError(
-            f"step {src.step}: the saved pieces of {rec.key!r} cover {at} of its {rows} rows"
-        )
-    out = _buffer(rows * row_bytes)
-    view = memoryview(out)
-    src.tier.read(
-        src.step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in pieces]
-    )
-    return out
 
 
 def _torch_tree(node: Any, stubs: dict[str, Any], plan: TorchFile, result: ExportResult) -> Any:

@@ -47,6 +47,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
+from ...format.dtypes import ITEMSIZE as _ITEMSIZE
+
 __all__ = [
     "TorchFile",
     "TensorStub",
@@ -74,14 +76,8 @@ UNTYPED_STORAGE = frozenset({
     "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
     "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
 })  # fmt: skip
-#: bytes per element of every dtype a torch file can hold
-ITEMSIZE = {
-    "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8,
-    "uint16": 2, "uint32": 4, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
-    "complex32": 4, "complex64": 8, "complex128": 16,
-    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
-    "float4_e2m1fn_x2": 1, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1, "bits8": 1, "bits16": 2,
-}  # fmt: skip
+#: bytes per element of every dtype a torch file can hold (from the one dtype table)
+ITEMSIZE = {n: _ITEMSIZE[n] for n in _ITEMSIZE if n in LEGACY_STORAGE or n in UNTYPED_STORAGE}
 
 
 def torch_savable(dtype: str) -> bool:
