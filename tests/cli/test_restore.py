@@ -164,3 +164,33 @@ def test_resharded_to_one_rank_restores_in_process(tmp_path):
         assert ckpt.restore(state) == 4
     assert torch.equal(state["w"], _full()) and state["note"] == "rank 0"
     assert torch.equal(state["opt"]["flat"].local, torch.arange(100, dtype=torch.bfloat16))
+
+
+def test_every_tensor_format_refuses_what_it_cannot_hold_before_writing(tmp_path):
+    """The one export preamble: a dtype the format cannot hold is refused, naming the tensor,
+    before any output exists; a tied tensor is stored once; dcp needs a mapping at the top."""
+    import pytest
+
+    from recoverkit import Checkpointer
+    from recoverkit.errors import IncompatibleCheckpointError
+    from recoverkit.reading import CheckpointReader
+    from recoverkit.restore.export import Source, export
+
+    root = str(tmp_path / "ckpt")
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with Checkpointer(root) as ckpt:
+        ckpt.save(1, {"model": {"w": w, "tied": w, "odd": torch.zeros(5, dtype=torch.uint8).view(torch.uint3)}, "plain": [w]})
+    tier = CheckpointReader(root).tiers[0]
+    src = Source(tier, 1, tier.manifest(1))
+    for fmt, words in (("torch", "a torch file cannot hold"), ("safetensors", "safetensors cannot hold")):
+        out = str(tmp_path / f"out.{fmt}")
+        with pytest.raises(IncompatibleCheckpointError, match=rf"'model/odd' has dtype uint3, which {words}"):
+            export(src, out, fmt, select="model")
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(f"out.{fmt}")]  # nothing written
+    with pytest.raises(IncompatibleCheckpointError, match="--format dcp needs a mapping at the top; plain is a list"):
+        export(src, str(tmp_path / "dcp"), "dcp", select="plain")
+    out = str(tmp_path / "w.safetensors")
+    result = export(src, out, "safetensors", select="plain")  # the list's one tensor
+    assert result.tensors == 1
+    sd = torch.load(export(src, str(tmp_path / "w.pt"), "torch", select="plain").path, weights_only=True)
+    assert torch.equal(sd[0], w)

@@ -2,8 +2,10 @@
 object tree and the records behind its tensors, and the staged-output helpers.
 
 The format modules (``to_torch``, ``to_safetensors``, ``to_dcp``, ``resharded``) import
-this one and never each other. It reads: :func:`read_blob` and :func:`consolidated_tree`
-give a rank's object tree, :func:`_read_full` one whole tensor (every piece CRC-checked
+this one and never each other. It reads: :func:`select_tensors` is the one preamble of
+the tensor formats (the tree of the entry asked for, the record behind each tensor, one
+stored record per tied group, the format's dtype check, the result to fill);
+:func:`read_blob` and :func:`consolidated_tree` give a rank's object tree, :func:`_read_full` one whole tensor (every piece CRC-checked
 by :func:`recoverkit.restore.reader.read_region`). It writes: :class:`_staged_file` and
 :class:`_staged_dir` put an output under a temporary name next to the target and rename
 it into place when complete, so an interrupted export never leaves a half-written file
@@ -92,6 +94,55 @@ def read_blob(src: Source, rank: int = 0) -> bytes:
     buf = bytearray(rec.nbytes)
     src.tier.read(src.step, [(rec, buf)])
     return bytes(buf)
+
+
+@dataclass
+class Selection:
+    """What a tensor format exports: the tree (tensors as :class:`TensorLeaf`), the key
+    prefix of the entry selected, each leaf's record, and the records to store (one per
+    record key: a tied tensor is stored once), in tree order."""
+
+    tree: Any
+    prefix: str
+    records: dict[str, TensorRecord]
+    stored: dict[str, TensorRecord]
+    result: ExportResult
+
+
+def select_tensors(
+    src: Source,
+    out: str,
+    fmt: str,
+    *,
+    rank: int = 0,
+    select: str | None = None,
+    allow_pickle: bool = False,
+    holds: Callable[[str], bool] | None = None,
+    cannot: str = "",
+    mapping: bool = False,
+) -> Selection:
+    """The preamble every tensor format shares: read and decode rank ``rank``'s tree (only
+    the entry ``select``), resolve every tensor to its verified manifest record, keep one
+    record per stored tensor, and refuse a dtype the format cannot hold (``holds(dtype)``
+    false: IncompatibleCheckpointError naming the tensor, ending with ``cannot``).
+    ``mapping``: the format needs a mapping at the top of the tree.
+    """
+    tree, prefix = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
+    if mapping and not isinstance(tree, dict):
+        raise IncompatibleCheckpointError(
+            f"--format {fmt} needs a mapping at the top; {select or 'the state'} is a {type(tree).__name__}"
+        )
+    records = _leaf_records(src, tree, rank)
+    stored: dict[str, TensorRecord] = {}
+    for key, rec in records.items():
+        if rec.key in stored:
+            continue
+        if holds is not None and not holds(rec.dtype):
+            raise IncompatibleCheckpointError(
+                f"step {src.step}: tensor {key!r} has dtype {rec.dtype}, which {cannot}"
+            )
+        stored[rec.key] = rec
+    return Selection(tree, prefix, records, stored, ExportResult(out, fmt, src.step))
 
 
 def _read_full(src: Source, rec: TensorRecord) -> torch.Tensor:

@@ -19,18 +19,10 @@ from typing import Any
 
 import torch
 
-from ...errors import IncompatibleCheckpointError
+from ...format.dtypes import dtype_from_name
 from ...format.manifest import TensorRecord
-from ...state import TensorLeaf, dtype_from_name
-from .common import (
-    ExportResult,
-    Progress,
-    Source,
-    _leaf_records,
-    _read_full,
-    _staged_dir,
-    consolidated_tree,
-)
+from ...state.leaf import TensorLeaf
+from .common import ExportResult, Progress, Source, _read_full, _staged_dir, select_tensors
 
 
 def export_dcp(
@@ -51,20 +43,11 @@ def export_dcp(
     """
     import torch.distributed.checkpoint as dcp
 
-    tree, _ = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
-    if not isinstance(tree, dict):
-        raise IncompatibleCheckpointError(
-            f"--format dcp needs a mapping at the top; {select or 'the state'} is a {type(tree).__name__}"
-        )
-    records = _leaf_records(src, tree, rank)
-    metas: dict[str, torch.Tensor] = {}
-    sources: dict[int, TensorRecord] = {}
-    for rec in records.values():
-        if rec.key not in metas:
-            metas[rec.key] = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype), device="meta")
-            sources[id(metas[rec.key])] = rec
-    state = _dcp_tree(tree, {k: metas[r.key] for k, r in records.items()})
-    result = ExportResult(out, "dcp", src.step)
+    sel = select_tensors(src, out, "dcp", rank=rank, select=select, allow_pickle=allow_pickle, mapping=True)
+    metas = {k: torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype), device="meta") for k, rec in sel.stored.items()}
+    sources: dict[int, TensorRecord] = {id(metas[k]): rec for k, rec in sel.stored.items()}
+    state = _dcp_tree(sel.tree, {k: metas[r.key] for k, r in sel.records.items()})
+    result = sel.result
     read_errors: list[BaseException] = []
     planner = _streaming_planner(src, sources, result, progress, read_errors)
     with _staged_dir(out, force) as tmp, warnings.catch_warnings():

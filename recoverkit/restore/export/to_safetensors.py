@@ -12,20 +12,10 @@ import os
 import struct
 from typing import Any
 
-from ...errors import IncompatibleCheckpointError
+from ...format.dtypes import itemsize as dtype_itemsize
 from ...format.manifest import TensorRecord
-from ...state import dtype_from_name, to_bytes_view
-from ..reader import _numel
-from .common import (
-    ExportResult,
-    Progress,
-    Source,
-    _leaf_records,
-    _note,
-    _read_full,
-    _staged_file,
-    consolidated_tree,
-)
+from ..reader import _numel, read_raw
+from .common import ExportResult, Progress, Source, _note, _read_full, _staged_file, select_tensors
 
 #: torch dtype name -> safetensors dtype name (the types safetensors can hold)
 SAFETENSORS_DTYPES = {
@@ -50,34 +40,36 @@ def export_safetensors(
     """One safetensors file of every tensor of the consolidated state (names: keys without
     the ``select`` prefix); a tensor tied to another is stored once, its other names are
     listed in the ``recoverkit.aliases`` metadata (JSON name -> stored name)."""
-    tree, prefix = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
-    records = _leaf_records(src, tree, rank)
-    result = ExportResult(out, "safetensors", src.step)
+    sel = select_tensors(
+        src, out, "safetensors", rank=rank, select=select, allow_pickle=allow_pickle,
+        holds=SAFETENSORS_DTYPES.__contains__,
+        cannot="safetensors cannot hold; use --format torch or dcp, or --select an entry without it",
+    )  # fmt: skip
+    result, prefix = sel.result, sel.prefix
     stored: dict[str, tuple[str, TensorRecord]] = {}  # record key -> (name, record)
     aliases: dict[str, str] = {}
-    for key, rec in records.items():
+    for key, rec in sel.records.items():
         name = key[len(prefix):] if prefix and key.startswith(prefix) else key
         if rec.key in stored:
             aliases[name] = stored[rec.key][0]
-            continue
-        if rec.dtype not in SAFETENSORS_DTYPES:
-            raise IncompatibleCheckpointError(
-                f"tensor {key!r} has dtype {rec.dtype}, which safetensors cannot hold; "
-                "use --format torch or dcp, or --select an entry without it"
-            )
-        stored[rec.key] = (name, rec)
+        else:
+            stored[rec.key] = (name, rec)
     header, order = _safetensors_header(stored, aliases, src)
     with _staged_file(out, force) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for rec in order:
-            tensor = _read_full(src, rec)
-            data = to_bytes_view(tensor).numpy()
-            f.write(memoryview(data))
-            result.nbytes += data.nbytes
+            data: Any = read_raw(src.tier, src.step, rec)  # slabs along dim 0: bytes, no torch
+            if data is None:  # any other layout of pieces: assembled by the torch reader
+                from ...format.dtypes import to_bytes_view
+
+                data = to_bytes_view(_read_full(src, rec)).numpy()
+            view = memoryview(data).cast("B")
+            f.write(view)
+            result.nbytes += view.nbytes
             if progress is not None:
-                progress(data.nbytes)
-            del tensor, data
+                progress(view.nbytes)
+            del data, view
         f.flush()
         os.fsync(f.fileno())
     result.tensors = len(order)
@@ -94,7 +86,7 @@ def _safetensors_header(
     order: list[TensorRecord] = []
     pos = 0
     for name, rec in stored.values():
-        n = _numel(rec.shape) * dtype_from_name(rec.dtype).itemsize
+        n = _numel(rec.shape) * dtype_itemsize(rec.dtype)
         header[name] = {"dtype": SAFETENSORS_DTYPES[rec.dtype], "shape": list(rec.shape), "data_offsets": [pos, pos + n]}
         order.append(rec)
         pos += n

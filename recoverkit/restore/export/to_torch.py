@@ -23,16 +23,7 @@ from typing import Any
 from ...errors import IncompatibleCheckpointError
 from ...state.leaf import TensorLeaf
 from ..reader import read_raw
-from .common import (
-    ExportResult,
-    Progress,
-    Source,
-    _leaf_records,
-    _note,
-    _read_full,
-    _staged_file,
-    consolidated_tree,
-)
+from .common import ExportResult, Progress, Source, _note, _read_full, _staged_file, select_tensors
 from .torch_zip import TorchFile, torch_savable
 
 __all__ = ["export_torch"]
@@ -57,20 +48,14 @@ def export_torch(
     progress: Progress | None = None,
 ) -> ExportResult:
     """One ``torch.save`` file of the consolidated state, written tensor by tensor."""
-    tree, _ = consolidated_tree(src, rank=rank, select=select, allow_pickle=allow_pickle)
-    records = _leaf_records(src, tree, rank)
-    result = ExportResult(out, "torch", src.step)
+    sel = select_tensors(
+        src, out, "torch", rank=rank, select=select, allow_pickle=allow_pickle,
+        holds=torch_savable, cannot="a torch file cannot hold (torch.save refuses it)",
+    )  # fmt: skip
+    result = sel.result
     plan = TorchFile()
-    stubs: dict[str, Any] = {}  # record key -> its stub (aliases share it)
-    for rec in records.values():
-        if rec.key not in stubs:
-            if not torch_savable(rec.dtype):
-                raise IncompatibleCheckpointError(
-                    f"step {src.step}: tensor {rec.key!r} is {rec.dtype}, which a torch file cannot hold "
-                    "(torch.save refuses it)"
-                )
-            stubs[rec.key] = plan.tensor(rec.dtype, rec.shape, source=rec)
-    saved = _torch_tree(tree, {k: stubs[r.key] for k, r in records.items()}, plan, result)
+    stubs = {k: plan.tensor(rec.dtype, rec.shape, source=rec) for k, rec in sel.stored.items()}  # aliases share one
+    saved = _torch_tree(sel.tree, {k: stubs[r.key] for k, r in sel.records.items()}, plan, result)
     archive = _archive_name(out)
     with _staged_file(out, force) as tmp:
         with open(tmp, "wb") as f:
