@@ -21,31 +21,31 @@ into the error the user sees.
 from __future__ import annotations
 
 import logging
-import threading
+import os
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ._native import engine as default_engine
-from .config import CheckpointOptions
-from .distributed.commit import CommitRequest, commit_step
+from .config import CheckpointOptions, TierSpec
 from .distributed.coordinator import Coordinator, default_coordinator
-from .errors import CommitError, StorageError
-from .format.manifest import Manifest, TensorRecord
+from .errors import CommitError
+from .format.manifest import Manifest
 from .reading import CheckpointReader, RestoreResult
+from .staging.base import SnapshotTier, StepHooks
+from .staging.committer import Committer
 from .staging.handle import SaveHandle
+from .staging.metrics import SaveMetrics
+from .staging.pipeline import AsyncPipeline
 from .staging.plan import SavePlan, plan_save
+from .staging.registry import TierContext, build_tier, check_writable
+from .staging.schedule import Schedule
 from .staging.sync import stage_now
-from .state.sharded import unwrap
 from .storage.base import RankPayload, ReadableTier, Tier
-from .storage.discovery import apply_retention
 from .storage.faults import FaultInjector
 from .storage.fs import LocalFS
-from .storage.local import LocalTier
 from .storage.lock import RunLock
 
 __all__ = ["Checkpointer", "SaveResult"]
@@ -114,44 +114,66 @@ class Checkpointer:
         coordinator: Coordinator | None = None,
         persistent: Tier | None = None,
         engine: Any = None,
+        step_hooks: StepHooks | None = None,
     ) -> None:
         self.engine = engine or default_engine
         self.options = options or CheckpointOptions()
         self.faults = faults or FaultInjector()
-        self.tier = LocalTier(root, fs=fs, faults=self.faults, direct_io=self.options.direct_io)
-        self.root = self.tier.root
+        self.fs = fs or LocalFS()
+        self.root = os.path.abspath(os.fspath(root))
+        self.step_hooks = step_hooks
         # a fresh namespace of the job's store per Checkpointer: keys of an earlier attempt
         # (torchrun keeps its store across restarts) are never read as this one's
         self.coordinator = coordinator or default_coordinator(timeout_s=self.options.commit_timeout_s)
         self.rank = self.coordinator.rank
         self.world_size = self.coordinator.world_size
         self.run_id = run_id or self._agree_run_id()
-        self.tiers: dict[str, Tier] = {"local": self.tier}
-        if persistent is None and self.options.tiers.persistent_url:
-            from .storage.zarr_tier import ZarrTier
-
-            persistent = ZarrTier(self.options.tiers.persistent_url, options=self.options.tiers, faults=self.faults)
-        if persistent is not None:
-            self.tiers["persistent"] = persistent
-        self._seq = 0
-        self._commit_lock = threading.Lock()
-        self._pipeline: Any = None
-        self._lock: RunLock | None = None
-        # what this process learned of each tier's data (by tier name), for retention
-        self._known_lock = threading.Lock()
-        self._known_good: dict[str, int] = {}
-        self._known_bad: dict[str, set[int]] = {}
         # an unwritable root (read-only, full, no permission) fails here, before step 1
-        _check_writable(self.tier.fs, self.root, "checkpoint root")
-        if self.options.tiers.persistent_url and self.options.tiers.persistent_url.startswith("file://"):
-            from urllib.parse import unquote, urlparse
-
-            _check_writable(LocalFS(), unquote(urlparse(self.options.tiers.persistent_url).path), "persistent store")
-        if self.rank == 0 and self.options.lock:  # the root's writer: fences other jobs
-            self._lock = RunLock(self.root).acquire()
+        check_writable(self.fs, self.root, "checkpoint root")
+        ctx = TierContext(
+            root=self.root, fs=self.fs, engine=self.engine, faults=self.faults, options=self.options,
+            run_id=self.run_id, rank=self.rank, world_size=self.world_size, coordinator=self.coordinator,
+        )
+        specs = self.options.tier_specs
+        built: list[ReadableTier] = []
+        for spec in specs:
+            if persistent is not None and spec.kind == persistent.name:  # an injected store takes its place
+                persistent.name = spec.name
+                built.append(persistent)
+                persistent = None
+            else:
+                built.append(build_tier(spec, ctx))
+        if persistent is not None:  # injected without an entry of its kind: read, never written
+            built.append(persistent)
+            specs = (*specs, TierSpec(kind=persistent.name, every_steps=0))
+        #: every tier, fastest first, by name (the order of ``options.tiers``)
+        self.tiers: dict[str, ReadableTier] = {t.name: t for t in built}
+        self._schedule = Schedule(
+            specs, coordinator=self.coordinator, scope=f"{self.run_id}/schedule", timeout_s=self.options.commit_timeout_s
+        )
+        self.committer = Committer(coordinator=self.coordinator, run_id=self.run_id, options=self.options, faults=self.faults)
+        self._pipeline: AsyncPipeline | None = None
+        self._locks: list[RunLock] = []
+        if self.rank == 0 and self.options.lock:  # the roots' writer: fences other jobs
+            roots = [self.root] + [r for r in dict.fromkeys(_root_of(t) for t in built) if r and r != self.root]
+            try:
+                for r in roots:
+                    self.fs.makedirs(r)
+                    self._locks.append(RunLock(r).acquire())
+            except BaseException:
+                self._release_locks()
+                raise
             # Only the lock holder clears interrupted saves: without the lock, the ``.tmp-*``
             # directories here may be a live trainer's saves in flight.
-            self.tier.cleanup()
+            for t in built:
+                cleanup = getattr(t, "cleanup", None)
+                if callable(cleanup) and _root_of(t):
+                    cleanup()
+
+    @property
+    def tier(self) -> Any:
+        """The tier whose storage is the root (the node-local disk), or None if none is."""
+        return next((t for t in self.tiers.values() if _root_of(t) == self.root), None)
 
     def _agree_run_id(self) -> str:
         """Rank 0's new run id, on every rank (its store keys are dropped once all have read it)."""
@@ -191,24 +213,24 @@ class Checkpointer:
         """
         _check_step(step)
         self.settle()  # earlier async saves settle first (their failures are reported by wait/close)
+        metrics = SaveMetrics()
         t = _Timer()
         plan = self._plan(state)
         t.lap("capture")
         shards = [stage_now(p) for p in plan.shards]
         t.lap("stage")
         payload = RankPayload(self.rank, plan.blob, shards)
-        due = [name for name in self.options.tiers.tiers_for(step) if name in self.tiers]
-        deleted: set[int] = set()
-        per_tier: dict[str, float] = {}
-        for name in due:  # the drain's own path, tier after tier
-            deleted.update(self._commit_and_retain(self.tiers[name], step, payload, plan.aliases, user_meta or {}, per_tier))
+        due = self._commit_tiers(self._schedule.due(step))
+        report = self.committer.commit(due, step, payload, plan.aliases, user_meta or {}, metrics=metrics)
         t.lap("commit")  # commits and retentions together, split below
+        per_tier = {k: float(v) for k, v in metrics.items() if k.startswith(("commit/", "retention/"))}
         t.laps["retention"] = sum(v for k, v in per_tier.items() if k.startswith("retention/"))
         t.laps["commit"] -= t.laps["retention"]
         t.laps.update(per_tier)
         nbytes = len(plan.blob) + sum(int(s.data.numel()) for s in shards)
-        paths = {name: _where(self.tiers[name], step) for name in due}
-        return SaveResult(step, paths[due[0]] if due else "", nbytes, t.laps, tuple(sorted(deleted)), tuple(due), paths)
+        names = tuple(x.name for x in due)
+        paths = {x.name: _where(x, step) for x in due}
+        return SaveResult(step, paths[names[0]] if names else "", nbytes, t.laps, tuple(sorted(report.deleted)), names, paths)
 
     def save_async(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveHandle:
         """Start saving ``state`` as ``step`` and return at once.
@@ -220,8 +242,11 @@ class Checkpointer:
         """
         _check_step(step)
         plan = self._plan(state)
-        optimizers = [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer)]
-        return self._pipeline_().submit(step, plan, optimizers, user_meta or {})
+        pipeline = self._pipeline_()
+        targets = pipeline.guard.hooks.targets(state)
+        names = self._schedule.due(step)
+        keep_in = [t for t in self._snapshot_tiers() if t.name in names]
+        return pipeline.submit(step, plan, targets, user_meta or {}, tiers=self._commit_tiers(names), keep_in=keep_in)
 
     def before_update(self) -> None:
         """Wait for every pending copy; call before mutating saved tensors by hand."""
@@ -261,7 +286,7 @@ class Checkpointer:
         """
         if self._pipeline is None:
             return []
-        return sorted(((h.step, h.error) for h in self._pipeline.take_failed()), key=lambda f: f[0])
+        return sorted(((h.step, h.error) for h in self._pipeline.take_failed() if h.error is not None), key=lambda f: f[0])
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait like :meth:`wait`, but leave failed saves for :meth:`take_failed_saves`.
@@ -285,75 +310,21 @@ class Checkpointer:
             piece_bytes=self.options.piece_bytes,
         )
 
-    def _pipeline_(self) -> Any:
-        if self._pipeline is None:
-            from .staging.pipeline import AsyncPipeline
+    def _commit_tiers(self, names: Sequence[str]) -> list[Tier]:
+        """The tiers committed through the protocol among ``names``, in list order."""
+        return [t for t in self.tiers.values() if t.name in names and isinstance(t, Tier)]
 
+    def _snapshot_tiers(self) -> list[SnapshotTier]:
+        return [t for t in self.tiers.values() if isinstance(t, SnapshotTier)]
+
+    def _pipeline_(self) -> AsyncPipeline:
+        if self._pipeline is None:
             self._pipeline = AsyncPipeline(
-                options=self.options, engine=self.engine, tiers=self.tiers, rank=self.rank, commit=self._drain_commit,
+                engine=self.engine, staging=self.options.staging, committer=self.committer,
+                snapshot_tiers=self._snapshot_tiers(), rank=self.rank, hooks=self.step_hooks,
                 coalesce=self.world_size == 1,
             )
         return self._pipeline
-
-    def _drain_commit(
-        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
-    ) -> None:
-        """The drain's commit: the blocking save's own path (:meth:`_commit_and_retain`)."""
-        self._commit_and_retain(tier, step, payload, aliases, user_meta)
-
-    def _commit_and_retain(
-        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any],
-        timings: dict[str, float] | None = None,
-    ) -> list[int]:
-        """Commit ``step`` to ``tier``, then run its retention where this rank committed;
-        return the steps deleted. Both saves go through here: ``save`` tier by tier, the
-        drain of ``save_async`` for each tier due. ``timings`` gets ``commit/<tier>`` and
-        ``retention/<tier>`` (seconds)."""
-        t0 = time.perf_counter()
-        committed = self._commit(tier, step, payload, aliases, user_meta)
-        t1 = time.perf_counter()
-        deleted = self._retain(tier, step) if committed is not None else []
-        if timings is not None:
-            timings[f"commit/{tier.name}"] = t1 - t0
-            timings[f"retention/{tier.name}"] = time.perf_counter() - t1
-        return deleted
-
-    def _commit(
-        self, tier: Tier, step: int, payload: RankPayload, aliases: Mapping[str, TensorRecord], user_meta: Mapping[str, Any]
-    ) -> Manifest | None:
-        with self._commit_lock:
-            request = CommitRequest(step, self.run_id, payload, aliases, self.options.allow_pickle, user_meta, self._seq)
-            self._seq += 1
-            try:
-                return commit_step(tier, self.coordinator, request, faults=self.faults, timeout_s=self.options.commit_timeout_s)
-            except CommitError as e:
-                raise CommitError(
-                    f"saving step {step} to {tier.describe(step)} failed", step=step, failures=e.failures
-                ) from (e.__cause__ or e)
-
-    def _retain(self, tier: Tier, step: int) -> list[int]:
-        """Retention on the storage this rank committed to (rank 0, or a host's own disk).
-
-        The step just committed is known good, and so is the newest step a restore used;
-        steps a restore found damaged are known bad: neither counted nor deleted.
-        """
-        good, bad = self._learn(tier.name, good=step)
-        self.faults.reached("retention", step=step, rank=self.rank)
-        return apply_retention(tier, self.options.retention, good=good, bad=bad)
-
-    def _learn(self, tier: str, *, good: int | None = None, bad: int | None = None) -> tuple[set[int], set[int]]:
-        """Record what was learned of ``tier``'s data; return its (known good, known bad) steps."""
-        with self._known_lock:
-            damaged = self._known_bad.setdefault(tier, set())
-            if good is not None:  # committed anew, or read back whole: whatever it was before
-                damaged.discard(good)
-                self._known_good[tier] = max(good, self._known_good.get(tier, good))
-            if bad is not None:
-                damaged.add(bad)
-                if self._known_good.get(tier) == bad:
-                    del self._known_good[tier]
-            newest = self._known_good.get(tier)
-            return ({newest} if newest is not None else set()), set(damaged)
 
     # --------------------------------------------------------------- restore
     def restore(self, state: MutableMapping[str, Any], step: int | None = None, *, strict: bool = True) -> RestoreResult:
@@ -374,6 +345,10 @@ class Checkpointer:
         ones skipped as known bad, for retention (see :mod:`recoverkit.storage.discovery`).
         """
         self.settle()
+        for t in self._snapshot_tiers():  # every rank: which snapshots every rank holds
+            agree = getattr(t, "agree", None)
+            if callable(agree):
+                agree()
         return self._reader().restore(state, step, strict=strict)
 
     def _reader(self, *, durable: bool = False) -> CheckpointReader:
@@ -381,20 +356,12 @@ class Checkpointer:
         reports what it learns to retention."""
         return CheckpointReader(
             self.root, tiers=self._readable(host=not durable), rank=self.rank, allow_pickle=self.options.allow_pickle,
-            restore_rng=self.options.capture_rng, learn=self._learn,
+            restore_rng=self.options.capture_rng, learn=self.committer.learn,
         )
 
     def _readable(self, *, host: bool = True) -> list[ReadableTier]:
-        """The tiers restore reads, fastest first."""
-        tiers: list[ReadableTier] = []
-        if host and self._pipeline is not None and self.world_size == 1:
-            from .staging.host_tier import HostTier
-
-            tiers.append(HostTier(self._pipeline, run_id=self.run_id))
-        tiers.append(self.tier)
-        if "persistent" in self.tiers:
-            tiers.append(self.tiers["persistent"])
-        return tiers
+        """The tiers restore reads, fastest first (``host``: snapshot tiers too)."""
+        return [t for t in self.tiers.values() if host or not isinstance(t, SnapshotTier)]
 
     # ------------------------------------------------------------- discovery
     # Every answer comes from a CheckpointReader over this Checkpointer's tiers (the one
@@ -446,11 +413,17 @@ class Checkpointer:
                 self._pipeline.close()
                 self._pipeline = None
         finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            try:
+                for t in self._snapshot_tiers():
+                    t.close()
+            finally:
+                self._release_locks()
         if failed:
             raise _failed_saves_error(failed)
+
+    def _release_locks(self) -> None:
+        while self._locks:
+            self._locks.pop().release()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -476,13 +449,10 @@ def _failed_saves_error(failed: list[tuple[int, BaseException]]) -> CommitError:
     return err
 
 
-def _check_writable(fs: LocalFS, path: str, what: str) -> None:
-    """Raise StorageError (an OSError with the errno) unless files can be created in ``path``."""
-    try:
-        fs.makedirs(path)
-        fs.check_writable(path)
-    except OSError as e:
-        raise StorageError(e.errno, f"{what} {path} is not writable: {e.strerror or e}", path) from e
+def _root_of(tier: ReadableTier) -> str | None:
+    """The local directory a tier keeps its steps in, if it has one."""
+    root = getattr(tier, "root", None)
+    return root if isinstance(root, str) else None
 
 
 def _where(tier: Tier, step: int) -> str:

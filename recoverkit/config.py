@@ -7,12 +7,14 @@ Every option a user can set lives here, as a keyword-only frozen dataclass whose
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["RetentionPolicy", "TierPolicy", "StagingPolicy", "CheckpointOptions", "ProtectOptions"]
+__all__ = ["RetentionPolicy", "TierSpec", "TierPolicy", "StagingPolicy", "CheckpointOptions", "ProtectOptions"]
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -64,20 +66,107 @@ _COMPRESSIONS = ("none", "zstd", "blosc")
 
 
 @dataclass(frozen=True, kw_only=True)
+class TierSpec:
+    """One entry of :attr:`CheckpointOptions.tiers`: a tier (its kind and settings) and its
+    schedule.
+
+    A step goes to this tier when ``every_steps`` divides it, or when at least ``every_s``
+    seconds passed since the last step this tier was due for (leave either off; both off:
+    never written, still read). The kinds are the registry's
+    (:mod:`recoverkit.staging.registry`): ``"host"`` (snapshots kept in host memory by
+    ``save_async``; settings ``keep``), ``"local"`` (segment files under a root; settings
+    ``root``, default the Checkpointer's), ``"persistent"`` (zarr v3 in any tensorstore
+    kvstore; settings ``url``, ``compression``, ``compression_level``). The list is ordered
+    fastest first; restore looks in that order.
+
+    Attributes:
+        kind: the registry key of the tier's class.
+        every_steps: due when ``step % every_steps == 0`` (0 or None: not by step count).
+        every_s: due when this many seconds passed since it was last due (None: not by time).
+        name: the tier's name in results and handles (default: ``kind``); unique in a list.
+        settings: the tier's own settings (see above).
+
+    Example:
+        >>> tiers = [TierSpec.host(keep=1), TierSpec.local(every_steps=10),
+        ...          TierSpec.persistent("file:///ckpt/zarr", every_steps=100)]
+        >>> [t.name for t in tiers], tiers[2].due(200), tiers[1].due(5)
+        (['host', 'local', 'persistent'], True, False)
+    """
+
+    kind: str
+    every_steps: int | None = 1
+    every_s: float | None = None
+    name: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ConfigError(f"kind must be a non-empty string, got {self.kind!r}")
+        v = self.every_steps
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"every_steps must be an integer >= 0 or None, got {v!r}")
+        _positive("every_s", self.every_s, allow_none=True)
+        if not isinstance(self.settings, Mapping):
+            raise ConfigError(f"settings must be a mapping, got {type(self.settings).__name__}")
+        object.__setattr__(self, "settings", dict(self.settings))
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+
+    def due(self, step: int, *, since_s: float | None = None) -> bool:
+        """Whether ``step`` goes to this tier; ``since_s``: seconds since it was last due
+        (None: never, so a time schedule is due at once)."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return self.every_s is not None and (since_s is None or since_s >= self.every_s)
+
+    @classmethod
+    def host(cls, *, keep: int = 1, every_steps: int | None = 1, every_s: float | None = None) -> TierSpec:
+        """Keep the newest ``keep`` staged snapshots of ``save_async`` in host memory."""
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ConfigError(f"keep must be an integer >= 0, got {keep!r}")
+        return cls(kind="host", every_steps=every_steps, every_s=every_s, settings={"keep": keep})
+
+    @classmethod
+    def local(cls, *, every_steps: int | None = 1, every_s: float | None = None, root: str | None = None) -> TierSpec:
+        """Segment files on node-local disk, under ``root`` (default: the Checkpointer's)."""
+        return cls(kind="local", every_steps=every_steps, every_s=every_s, settings={} if root is None else {"root": root})
+
+    @classmethod
+    def persistent(
+        cls, url: str, *, every_steps: int | None = 10, every_s: float | None = None, compression: str = "none",
+        compression_level: int = 1,
+    ) -> TierSpec:
+        """Zarr v3 groups in the tensorstore kvstore at ``url``."""
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"url must be a non-empty kvstore URL, got {url!r}")
+        if compression not in _COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}")
+        settings = {"url": url, "compression": compression, "compression_level": compression_level}
+        return cls(kind="persistent", every_steps=every_steps, every_s=every_s, settings=settings)
+
+
+def default_tiers() -> tuple[TierSpec, ...]:
+    """Host memory (newest snapshot) and the local disk at every step."""
+    return (TierSpec.host(keep=1), TierSpec.local(every_steps=1))
+
+
+@dataclass(frozen=True, kw_only=True)
 class TierPolicy:
-    """What goes where, and how often.
+    """Deprecated: the fixed host / local / persistent slots. Pass a list of
+    :class:`TierSpec` as ``CheckpointOptions(tiers=...)`` instead; a ``TierPolicy`` given
+    there still works (with a DeprecationWarning) and becomes the list :meth:`specs` returns.
 
     Every ``save_async`` is staged in host memory (tier 1) and the newest ``host_keep``
     snapshots stay there. A step is also written to node-local disk (tier 2) when
     ``step % local_every == 0`` and to the persistent zarr store (tier 3, any tensorstore
     kvstore URL) when ``persistent_url`` is set and ``step % persistent_every == 0``.
-    The blocking ``save`` follows the same schedule (:meth:`tiers_for`), minus host memory:
-    it commits to every disk tier named for its step, and to none when none is named.
 
     Example:
         >>> p = TierPolicy(local_every=10, persistent_url="file:///ckpt/zarr", persistent_every=100)
         >>> p.tiers_for(200), p.tiers_for(30), p.tiers_for(5)
         (('local', 'persistent'), ('local',), ())
+        >>> [s.name for s in p.specs()]
+        ['host', 'local', 'persistent']
     """
 
     host_keep: int = 1
@@ -95,15 +184,21 @@ class TierPolicy:
         if self.compression not in _COMPRESSIONS:
             raise ConfigError(f"compression must be one of {_COMPRESSIONS}, got {self.compression!r}")
 
-    def tiers_for(self, step: int) -> tuple[str, ...]:
-        """The disk tiers ``step`` is committed to, fastest first (the one schedule both
-        the blocking save and the background drain follow)."""
-        out = []
-        if self.local_every and step % self.local_every == 0:
-            out.append("local")
-        if self.persistent_url and self.persistent_every and step % self.persistent_every == 0:
-            out.append("persistent")
+    def specs(self) -> tuple[TierSpec, ...]:
+        """The same tiers and schedules as a tier list."""
+        out = [TierSpec.host(keep=self.host_keep), TierSpec.local(every_steps=self.local_every)]
+        if self.persistent_url:
+            out.append(
+                TierSpec.persistent(
+                    self.persistent_url, every_steps=self.persistent_every, compression=self.compression,
+                    compression_level=self.compression_level,
+                )
+            )
         return tuple(out)
+
+    def tiers_for(self, step: int) -> tuple[str, ...]:
+        """The disk tiers ``step`` is committed to, fastest first."""
+        return tuple(s.name for s in self.specs() if s.kind != "host" and s.due(step))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +242,10 @@ class CheckpointOptions:
             accept such checkpoints on load. Off by default: loading never runs code.
         capture_rng: save and restore Python, NumPy, torch CPU and CUDA random states.
         retention: which committed steps survive garbage collection after each commit.
-        tiers: which tiers ``save`` and ``save_async`` write each step to (:class:`TierPolicy`).
+        tiers: the tiers, fastest first, each with its schedule (a list of :class:`TierSpec`;
+            default: host memory, then the local disk at every step). ``save`` and
+            ``save_async`` write each step to the entries due for it. A (deprecated)
+            :class:`TierPolicy` is turned into its list.
         staging: the host staging pool of ``save_async`` (:class:`StagingPolicy`).
         lock: hold a run lock on the root so a second writer fails fast.
         direct_io: write segment files with O_DIRECT where the file system allows it (the
@@ -162,7 +260,7 @@ class CheckpointOptions:
     allow_pickle: bool = False
     capture_rng: bool = True
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
-    tiers: TierPolicy = field(default_factory=TierPolicy)
+    tiers: Sequence[TierSpec] | TierPolicy = field(default_factory=default_tiers)
     staging: StagingPolicy = field(default_factory=StagingPolicy)
     lock: bool = True
     direct_io: bool = True
@@ -173,8 +271,38 @@ class CheckpointOptions:
         if not isinstance(self.retention, RetentionPolicy):
             raise ConfigError(f"retention must be a RetentionPolicy, got {type(self.retention).__name__}")
         _positive("commit_timeout_s", self.commit_timeout_s)
+        object.__setattr__(self, "tiers", _tier_list(self.tiers))
         if not isinstance(self.piece_bytes, int) or self.piece_bytes < 4096:
             raise ConfigError(f"piece_bytes must be an integer >= 4096, got {self.piece_bytes!r}")
+
+    @property
+    def tier_specs(self) -> tuple[TierSpec, ...]:
+        """:attr:`tiers` as the list it always is once built (a TierPolicy given is converted)."""
+        tiers = self.tiers
+        assert isinstance(tiers, tuple)
+        return tiers
+
+
+def _tier_list(tiers: Sequence[TierSpec] | TierPolicy) -> tuple[TierSpec, ...]:
+    if isinstance(tiers, TierPolicy):
+        warnings.warn(
+            "TierPolicy is deprecated: pass CheckpointOptions(tiers=[TierSpec...]), e.g. "
+            "TierPolicy(...).specs()",
+            DeprecationWarning,
+            stacklevel=4,  # _tier_list <- __post_init__ <- __init__ <- the caller
+        )
+        return tiers.specs()
+    if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Sequence):
+        raise ConfigError(f"tiers must be a list of TierSpec, got {type(tiers).__name__}")
+    out = tuple(tiers)
+    for t in out:
+        if not isinstance(t, TierSpec):
+            raise ConfigError(f"tiers must be a list of TierSpec, got an entry {t!r}")
+    names = [t.name for t in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"tier names must be unique in the list, {dup} appear twice (set name=)")
+    return out
 
 
 #: what leaving a protected loop does about lazy saves that failed

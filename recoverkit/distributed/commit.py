@@ -24,9 +24,9 @@ one drops those keys (:meth:`Coordinator.finish`), so the store does not grow wi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CommitError, CommitTimeoutError
 from ..format.manifest import Manifest, TensorRecord
@@ -35,7 +35,7 @@ from ..storage.base import RankPayload, RankRecords, ShardMeta, Tier
 from ..storage.faults import FaultInjector
 from .coordinator import Coordinator
 
-__all__ = ["CommitRequest", "commit_step"]
+__all__ = ["CommitRequest", "LocalRank", "build_manifest", "commit_step"]
 
 log = logging.getLogger("recoverkit")
 
@@ -202,42 +202,92 @@ def _meta(request: CommitRequest) -> dict[str, Any]:
     }
 
 
-def _manifest(request: CommitRequest, reports: list[dict[str, Any]], world_size: int) -> Manifest:
+class ShardOrigin(Protocol):
+    """What a manifest needs of a shard this process holds: its key, dtype, global shape."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def global_shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class LocalRank:
+    """One rank's part of a manifest, as this process holds it: its records, the shards
+    they answer (in record order) and its aliases."""
+
+    records: RankRecords
+    shards: Sequence[ShardOrigin]
+    aliases: Mapping[str, TensorRecord]
+
+
+def build_manifest(
+    *,
+    step: int,
+    run_id: str,
+    world_size: int,
+    ranks: Sequence[LocalRank | tuple[Any, Mapping[str, Any]]],
+    pickled: bool = False,
+    user_meta: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of ``step`` from every rank's records: the one place manifests are built
+    (the commit protocol's coordinator, and the host tier from its snapshots).
+
+    ``ranks`` holds, per rank in rank order, a :class:`LocalRank` (this process's own) or a
+    report from another process: ``(records JSON, meta JSON)`` as :func:`_meta` writes it,
+    parsed as hostile input.
+    """
     tensors: dict[str, TensorRecord] = {}
     blobs = []
     files: dict[str, int] = {}
-    for rep in reports:
-        records, meta = rep["records"], rep["meta"]
-        if not isinstance(records, RankRecords):  # from another process: parsed as hostile input
-            records = RankRecords.from_json(records)
-        blobs.append(records.blob)
-        files.update(records.files)
-        if isinstance(meta, CommitRequest):  # this process's own report (a world of one)
-            for (k, shard), data in zip(records.shards, meta.payload.shards, strict=True):
+    for rank in ranks:
+        if isinstance(rank, LocalRank):
+            records = rank.records
+            for (k, shard), data in zip(records.shards, rank.shards, strict=True):
                 if k != data.key:
                     raise RuntimeError(f"the {k!r} record answers shard {data.key!r}: a tier reordered its records")
                 prev = tensors.get(k)
                 shards = (shard,) if prev is None else prev.shards + (shard,)
                 tensors[k] = TensorRecord(k, data.dtype, data.global_shape, shards)
-            for k, t in meta.aliases.items():
+            for k, t in rank.aliases.items():
                 tensors.setdefault(k, t)
-            continue
-        shapes = meta["tensors"]
-        for k, shard in records.shards:
-            dtype, shape = shapes[k]
-            prev = tensors.get(k)
-            tensors[k] = TensorRecord(k, dtype, tuple(shape), (prev.shards if prev else ()) + (shard,))
-        for k, t in meta["aliases"].items():
-            tensors.setdefault(k, TensorRecord.from_json(k, t))
+        else:
+            raw, meta = rank
+            records = raw if isinstance(raw, RankRecords) else RankRecords.from_json(raw)
+            shapes = meta["tensors"]
+            for k, shard in records.shards:
+                dtype, shape = shapes[k]
+                prev = tensors.get(k)
+                tensors[k] = TensorRecord(k, dtype, tuple(shape), (prev.shards if prev else ()) + (shard,))
+            for k, t in meta["aliases"].items():
+                tensors.setdefault(k, TensorRecord.from_json(k, t))
+        blobs.append(records.blob)
+        files.update(records.files)
     return Manifest(
-        step=request.step,
-        run_id=request.run_id,
+        step=step,
+        run_id=run_id,
         world_size=world_size,
         tensors=dict(sorted(tensors.items())),
         blobs=tuple(sorted(blobs, key=lambda b: b.rank)),
         files=files,
-        pickled=request.pickled,
-        user_meta=dict(request.user_meta or {}),
+        pickled=pickled,
+        user_meta=dict(user_meta or {}),
+    )
+
+
+def _manifest(request: CommitRequest, reports: list[dict[str, Any]], world_size: int) -> Manifest:
+    ranks: list[LocalRank | tuple[Any, Mapping[str, Any]]] = []
+    for rep in reports:
+        records, meta = rep["records"], rep["meta"]
+        if isinstance(meta, CommitRequest):  # this process's own report (a world of one)
+            ranks.append(LocalRank(records, meta.payload.shards, meta.aliases))
+        else:
+            ranks.append((records, meta))
+    return build_manifest(
+        step=request.step, run_id=request.run_id, world_size=world_size, ranks=ranks, pickled=request.pickled,
+        user_meta=request.user_meta,
     )
 
 

@@ -1,10 +1,12 @@
 """The pre-step guard: a save never reads a tensor after the optimizer modified it.
 
-Each optimizer in a saved state gets one ``register_step_pre_hook``. Before the optimizer
-mutates anything, the hook waits for the lazy copies of exactly the storages that optimizer
-will mutate (its parameters and its state tensors), in every snapshot still staging. Code
-that mutates state outside an optimizer calls :meth:`StepGuard.before_update`, which waits
-for every pending copy. The time spent waiting is measured and charged to the snapshot.
+The guard tracks the snapshots still staging. It installs its wait through a
+:class:`~recoverkit.staging.base.StepHooks` (default: :class:`TorchOptimizerHooks`, one
+``register_step_pre_hook`` per torch optimizer). Before a target mutates anything, its hook
+waits for the lazy copies of exactly the storages that target will mutate, in every snapshot
+still staging. Code that mutates state outside a hooked target calls
+:meth:`StepGuard.before_update`, which waits for every pending copy. The time spent waiting
+is charged to each snapshot's save metrics.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from ..state.sharded import unwrap
+from .base import Removable, StepHooks
 from .snapshot import HostSnapshot, storage_id
 
-__all__ = ["StepGuard", "mutated_storages"]
+__all__ = ["StepGuard", "TorchOptimizerHooks", "mutated_storages"]
 
 
 def mutated_storages(opt: torch.optim.Optimizer) -> set[int]:
@@ -31,26 +36,44 @@ def mutated_storages(opt: torch.optim.Optimizer) -> set[int]:
     return ids
 
 
-class StepGuard:
-    """Tracks snapshots still staging and holds optimizers' pre-step hooks."""
+class TorchOptimizerHooks(StepHooks):
+    """The torch optimizers of a state, hooked with ``register_step_pre_hook``."""
 
-    def __init__(self) -> None:
+    def targets(self, state: Mapping[str, Any]) -> list[Any]:
+        return [o for o in (unwrap(v) for v in state.values()) if isinstance(o, torch.optim.Optimizer)]
+
+    def mutated_storages(self, target: Any) -> set[int]:
+        return mutated_storages(target)
+
+    def install(self, target: Any, before_step: Callable[[Any], None]) -> Removable:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            before_step(optimizer)
+
+        handle: Removable = target.register_step_pre_hook(hook)
+        return handle
+
+
+class StepGuard:
+    """Tracks snapshots still staging and holds the targets' pre-step hooks."""
+
+    def __init__(self, hooks: StepHooks | None = None) -> None:
+        self.hooks = hooks or TorchOptimizerHooks()
         self._pending: list[HostSnapshot] = []
         self._lock = threading.Lock()
-        self._hooks: dict[int, Any] = {}
+        self._installed: dict[int, Removable] = {}
 
-    def watch(self, opt: torch.optim.Optimizer) -> None:
-        """Install the pre-step hook on ``opt`` (once)."""
-        if id(opt) in self._hooks:
-            return
-        ref = weakref.ref(self)
+    def watch(self, target: Any) -> set[int]:
+        """Install the pre-step hook on ``target`` (once); return the storages it mutates."""
+        if id(target) not in self._installed:
+            ref = weakref.ref(self)
 
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            guard = ref()
-            if guard is not None:
-                guard.wait_for(mutated_storages(optimizer))
+            def before_step(t: Any) -> None:
+                guard = ref()
+                if guard is not None:
+                    guard.wait_for(guard.hooks.mutated_storages(t))
 
-        self._hooks[id(opt)] = opt.register_step_pre_hook(hook)
+            self._installed[id(target)] = self.hooks.install(target, before_step)
+        return self.hooks.mutated_storages(target)
 
     def add(self, snap: HostSnapshot) -> None:
         with self._lock:
@@ -69,7 +92,7 @@ class StepGuard:
                 continue
             t0 = time.perf_counter()
             snap.wait_storages(storages)
-            snap.charge_wait(time.perf_counter() - t0)
+            snap.metrics.waited(time.perf_counter() - t0)
 
     def before_update(self) -> None:
         """Wait for every pending copy (call before mutating saved tensors by hand)."""
@@ -78,9 +101,9 @@ class StepGuard:
         for snap in pending:
             t0 = time.perf_counter()
             snap.wait_all()
-            snap.charge_wait(time.perf_counter() - t0)
+            snap.metrics.waited(time.perf_counter() - t0)
 
     def close(self) -> None:
-        for h in self._hooks.values():
+        for h in self._installed.values():
             h.remove()
-        self._hooks.clear()
+        self._installed.clear()

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from .metrics import SaveMetrics
+
 __all__ = ["SaveHandle"]
 
 
@@ -64,7 +66,8 @@ class SaveHandle:
         self._snapshot: Any = None  # its host snapshot (the pipeline's business)
         self._dropped = False  # freed before the drain reached it (the pipeline's business)
         self._followers: list[SaveHandle] = []  # superseded saves settled with this one
-        self.metrics: dict[str, Any] = {}
+        #: what the save did and how long each part took (:class:`SaveMetrics`: read-only)
+        self.metrics = SaveMetrics()
 
     def done(self) -> bool:
         """Whether the save is settled (committed everywhere due, or failed); never blocks."""

@@ -1,21 +1,32 @@
-"""Tier 1 as a read-only tier: restore from the snapshots kept in host memory.
+"""Tier 1: the host cache of staged snapshots, and a tier restore reads from.
 
-The pipeline keeps the newest ``host_keep`` staged snapshots in the pool. Restoring from
-them needs no disk at all; every region is still verified against the CRC-32C the copy
-engine computed while staging. A snapshot holds only this rank's shards, so this tier
-serves restores in a world of one rank (peers' replicas serve larger worlds).
+The drain offers each settled ``save_async`` to this tier; it keeps the newest ``keep``
+snapshots in the staging pool (older ones, and any the pool needs for a new save, are
+released). Restoring from them needs no disk: every region is copied out by the copy
+engine and verified against the CRC-32C computed while staging.
+
+A snapshot holds only this rank's shards, so in a job of several ranks a step is
+restorable from host memory only when every rank holds it and can serve its own part from
+it: :meth:`HostTier.agree` (collective, called by ``restore`` on every rank) settles that
+through the coordinator, bounded by a timeout; until then, and for every step not agreed,
+restore falls through to the disk tiers.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from ..distributed.commit import LocalRank, build_manifest
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, hexcrc
-from ..format.manifest import BlobRecord, Manifest, ShardRecord, TensorRecord
-from ..storage.base import Buffer, ReadableTier, destination
-from .pipeline import AsyncPipeline
+from ..format.manifest import BlobRecord, Manifest, ShardRecord
+from ..storage.base import Buffer, RankRecords, Region, destination
+from .base import SnapshotTier
+from .snapshot import HostSnapshot
 
 __all__ = ["HostTier"]
 
@@ -23,38 +34,134 @@ _BLOB = "host:blob"
 _POOL = "host:pool"
 
 
-class HostTier(ReadableTier):
+class HostTier(SnapshotTier):
+    """The newest ``keep`` staged snapshots of this process, readable as a tier.
+
+    Args:
+        keep: snapshots kept (0: none; the tier then never holds a step).
+        run_id: the run id written into the manifests it builds.
+        rank: this process's rank (its snapshots hold its part only).
+        world_size: ranks in the job; above 1, only agreed steps are offered
+            (:meth:`agree`).
+        agree: ``agree(held_steps) -> steps every rank holds`` (the Checkpointer's
+            coordinator exchange, bounded by its timeout); needed when ``world_size > 1``.
+    """
+
     name = "host"
 
-    def __init__(self, pipeline: AsyncPipeline, *, run_id: str) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self,
+        *,
+        keep: int = 1,
+        run_id: str = "",
+        rank: int = 0,
+        world_size: int = 1,
+        agree: Callable[[list[int]], list[int]] | None = None,
+    ) -> None:
+        self.keep = keep
         self.run_id = run_id
+        self.rank = rank
+        self.world_size = world_size
+        self._agree = agree
+        self._lock = threading.Lock()
+        self._snaps: deque[HostSnapshot] = deque()
+        self._agreed: set[int] = set()  # steps every rank holds (world_size > 1)
 
-    def _snap(self, step: int):  # type: ignore[no-untyped-def]
-        for snap in list(self.pipeline.host):
-            if snap.step == step and not snap.released:
-                return snap
+    # ------------------------------------------------------------ the cache
+    def offer(self, snap: HostSnapshot) -> bool:
+        if self.keep <= 0 or snap.released:
+            return False
+        dropped = []
+        with self._lock:
+            self._snaps.append(snap)
+            while len(self._snaps) > self.keep:
+                dropped.append(self._snaps.popleft())
+        for old in dropped:
+            old.release()
+        return True
+
+    def withdraw(self, snap: HostSnapshot) -> None:
+        with self._lock:
+            try:
+                self._snaps.remove(snap)  # by identity: snapshots do not define ==
+            except ValueError:
+                return  # never kept, or already evicted
+        snap.release()
+
+    def evict_one(self) -> bool:
+        with self._lock:
+            if not self._snaps:
+                return False
+            old = self._snaps.popleft()
+        old.release()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            snaps, self._snaps = list(self._snaps), deque()
+        for s in snaps:
+            s.release()
+
+    def held(self) -> list[int]:
+        """Steps this rank holds in memory, ascending (whatever the other ranks hold)."""
+        with self._lock:
+            return sorted(s.step for s in self._snaps if not s.released)
+
+    def agree(self) -> list[int]:
+        """Every rank: settle which held steps every rank holds (collective; a world of one
+        needs no exchange). Returns them; only they are offered for restore until the next
+        call.
+
+        A rank offers only the snapshots that restore it alone (``self_contained``: none of
+        the tensors it needs was written by another rank, e.g. a replicated tensor another
+        rank owns), so that every rank restores the agreed step from its own memory.
+        """
+        with self._lock:
+            held = sorted(s.step for s in self._snaps if not s.released and s.self_contained)
+        if self.world_size <= 1:
+            return held
+        if self._agree is None:
+            self._agreed = set()
+            return []
+        agreed = set(self._agree(held)) & set(held)
+        self._agreed = agreed
+        return sorted(agreed)
+
+    # ------------------------------------------------------------ the tier
+    def _snap(self, step: int) -> HostSnapshot:
+        with self._lock:
+            for snap in self._snaps:
+                if snap.step == step and not snap.released:
+                    return snap
         raise CheckpointNotFoundError(f"no host snapshot of step {step}")
 
     def steps(self) -> list[int]:
-        return sorted(s.step for s in list(self.pipeline.host) if not s.released)
+        held = self.held()
+        return held if self.world_size <= 1 else [s for s in held if s in self._agreed]
 
     def manifest(self, step: int) -> Manifest:
         snap = self._snap(step)
-        tensors: dict[str, TensorRecord] = dict(snap.aliases)
-        for e in snap._entries:
-            p = e.shard
-            rec = ShardRecord(0, _POOL, e.offset, e.nbytes, int(e.crc or 0), p.offsets, p.shape)
-            prev = tensors.get(p.key)
-            tensors[p.key] = TensorRecord(p.key, p.dtype, p.global_shape, (prev.shards if prev else ()) + (rec,))
-        blob = BlobRecord(0, _BLOB, 0, len(snap.blob), crc32c(snap.blob))
-        return Manifest(step=step, run_id=self.run_id, world_size=1, tensors=tensors, blobs=(blob,))
+        entries = snap.entries
+        r = self.rank
+        records = RankRecords(
+            rank=r,
+            blob=BlobRecord(r, _BLOB, 0, len(snap.blob), crc32c(snap.blob)),
+            shards=[
+                (p.key, ShardRecord(r, _POOL, off, n, int(crc or 0), p.offsets, p.shape))
+                for p, off, n, crc in entries
+            ],
+            files={},
+        )
+        mine = LocalRank(records, [p for p, _, _, _ in entries], snap.aliases)
+        return build_manifest(
+            step=step, run_id=self.run_id, world_size=self.world_size, ranks=[mine]
+        )
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
         """Copy each region out with the copy engine (its threads, CRC on the fly: one pass
         over the bytes) and check every CRC against the one computed while staging."""
         snap = self._snap(step)
-        copies = []
+        copies: list[tuple[Region, Any]] = []
         for rec, buf in requests:
             ptr = destination(buf, rec.nbytes, f"host snapshot of step {step}")
             if rec.nbytes == 0:
@@ -62,12 +169,12 @@ class HostTier(ReadableTier):
             if rec.file == _BLOB:
                 src = ctypes.cast(ctypes.c_char_p(snap.blob), ctypes.c_void_p).value or 0
             else:
-                src = self.pipeline.pool.address(rec.offset)
-            copies.append((rec, self.pipeline.copier.submit(src, ptr, rec.nbytes, crc=True)))
+                src = snap.address(rec.offset)
+            copies.append((rec, snap.copier.submit(src, ptr, rec.nbytes, crc=True)))
         for _, h in copies:  # every copy has landed (or failed) before anything is judged
             h.wait()
-        found_crcs = [h.result() for _, h in copies]
-        for (rec, _), found in zip(copies, found_crcs):
+        for rec, h in copies:
+            found = h.result()
             if found != rec.crc32c:
                 raise IntegrityError(
                     f"host snapshot of step {step}: region at {rec.offset} has crc {hexcrc(found)}, "

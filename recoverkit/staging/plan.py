@@ -64,6 +64,9 @@ class SavePlan:
     blob: bytes
     shards: list[PlannedShard] = field(default_factory=list)
     aliases: dict[str, TensorRecord] = field(default_factory=dict)
+    #: this rank's part alone restores this rank: no tensor it needs is written by another
+    #: rank (a replicated tensor owned elsewhere, a ShardedTensor replica it does not write)
+    self_contained: bool = True
 
 
 def plan_save(
@@ -73,7 +76,7 @@ def plan_save(
     world_size: int = 1,
     capture_rng: bool = True,
     allow_pickle: bool = False,
-    piece_bytes: int = 64 << 20,
+    piece_bytes: int,
 ) -> SavePlan:
     """Build this rank's :class:`SavePlan` for ``state``.
 
@@ -126,6 +129,8 @@ def _plan(
                 stored[ref.key] = ref.key
                 if s.write:
                     plan.shards += split_rows(ref.key, t, s.global_shape, s.offsets, "sharded", piece_bytes)
+                else:
+                    plan.self_contained = False
                 continue
             key = f"{prefix}/{ref.key}" if local else ref.key
             stored[ref.key] = key
@@ -149,6 +154,8 @@ def _plan(
     for key, t in replicated:
         if owners[key] == rank:
             plan.shards += split_rows(key, t, tuple(t.shape), (0,) * t.dim(), "replicated", piece_bytes)
+        else:
+            plan.self_contained = False
     plan.blob = encode(skeleton, allow_pickle=allow_pickle)
     return plan
 

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..state.dtensor import local_of
 from ..errors import CopyError, PoolExhaustedError
 from ..format.checksum import crc32c_ptr
 from ..format.segment import PACK_ALIGNMENT, PACK_BELOW, align_up, natural_alignment
 from ..state import to_bytes_view
+from ..state.dtensor import local_of
 from ..storage.base import RankPayload, ShardData
+from .metrics import SaveMetrics
 from .plan import PlannedShard, SavePlan
 
 __all__ = ["BLOCK_BYTES", "HostSnapshot", "storage_id"]
@@ -79,10 +81,14 @@ def _pack(plan: SavePlan, alignment: int) -> tuple[list[int], list[tuple[int, in
 class HostSnapshot:
     """The staged copy of one step on this rank; see the module docstring."""
 
-    def __init__(self, step: int, plan: SavePlan, pool: Any, engine: Any) -> None:
+    def __init__(
+        self, step: int, plan: SavePlan, pool: Any, engine: Any, *, metrics: SaveMetrics | None = None,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
         self.step = step
         self.blob = plan.blob
         self.aliases = plan.aliases
+        self.self_contained = plan.self_contained  # restores this rank without the others
         self._pool = pool
         self._engine = engine
         self._entries: list[_Entry] = []
@@ -91,12 +97,22 @@ class HostSnapshot:
         self._lock = threading.Lock()
         self.released = False
         self.nbytes = len(plan.blob) + sum(p.nbytes for p in plan.shards)
-        self.metrics: dict[str, Any] = {"prestep_wait_s": 0.0}  # the handle's metrics
+        self.metrics = metrics or SaveMetrics()  # its save's (the guard charges waits there)
+        self._on_release = on_release  # told once its ranges are back in the pool
 
-    def charge_wait(self, seconds: float) -> None:
-        """Account time the training loop spent waiting for this snapshot's copies."""
-        with self._lock:
-            self.metrics["prestep_wait_s"] = self.metrics.get("prestep_wait_s", 0.0) + seconds
+    @property
+    def copier(self) -> Any:
+        """The copy engine that staged it (restores copy out with it too)."""
+        return self._engine
+
+    def address(self, offset: int) -> int:
+        """The address of a pool offset this snapshot holds."""
+        return int(self._pool.address(offset))
+
+    @property
+    def entries(self) -> list[tuple[PlannedShard, int, int, int | None]]:
+        """``(shard, pool offset, nbytes, crc32c)`` of every staged shard, in plan order."""
+        return [(e.shard, e.offset, e.nbytes, e.crc) for e in self._entries]
 
     @staticmethod
     def footprint(plan: SavePlan, alignment: int) -> int:
@@ -237,6 +253,8 @@ class HostSnapshot:
             self._pool.free(off)
         self._entries = []
         self._ranges = []
+        if self._on_release is not None:
+            self._on_release()
 
 
 def _bytes_of(src: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from recoverkit.config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
+from recoverkit.config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierSpec
 from recoverkit.distributed.commit import CommitRequest, commit_step
 from recoverkit.distributed.coordinator import LocalCoordinator
 from recoverkit.format.manifest import MANIFEST_NAME
@@ -37,6 +37,8 @@ from recoverkit.storage.faults import FaultInjector
 from recoverkit.storage.layout import step_dirname
 from recoverkit.storage.local import LocalTier
 from recoverkit.storage.zarr_tier import ZarrTier
+
+PIECE_BYTES = 64 << 20  # CheckpointOptions' default
 
 #: the parts of the suite; a case names those that do not apply to it, with the reason
 PARTS = ("round_trip", "crash", "data_corruption", "manifest_corruption", "retention")
@@ -164,7 +166,7 @@ def save_step(
     run_id: str = "conformance",
 ) -> list[int]:
     """What ``Checkpointer.save`` does for one tier, stage by stage."""
-    plan = plan_save(state, capture_rng=False)
+    plan = plan_save(state, capture_rng=False, piece_bytes=PIECE_BYTES)
     payload = RankPayload(0, plan.blob, [stage_now(p) for p in plan.shards])
     request = CommitRequest(step, run_id, payload, plan.aliases, seq=seq)
     commit_step(tier, coordinator, request, faults=faults, timeout_s=TIMEOUT_S)
@@ -181,7 +183,7 @@ class HostHarness(Harness):
         from recoverkit import Checkpointer
 
         opts = CheckpointOptions(
-            tiers=TierPolicy(local_every=0, host_keep=4),
+            tiers=[TierSpec.host(keep=4), TierSpec.local(every_steps=0)],
             staging=StagingPolicy(budget_bytes=16 << 20),
             capture_rng=False,
         )
@@ -195,15 +197,15 @@ class HostHarness(Harness):
         return []
 
     def reader_tier(self) -> ReadableTier:
-        from recoverkit.staging.host_tier import HostTier
-
-        return HostTier(
-            self.ckpt._pipeline, run_id=self.ckpt.run_id
-        )  # the pipeline holds the snapshots
+        return self.ckpt.tiers["host"]  # the host tier holds the snapshots
 
     def damage_data(self, step: int) -> None:
-        rec = self.reader_tier().manifest(step).tensors["w"].shards[0]
-        ptr = self.ckpt._pipeline.pool.address(rec.offset + rec.nbytes // 2)
+        from recoverkit.staging.host_tier import HostTier
+
+        host = self.reader_tier()
+        assert isinstance(host, HostTier)
+        rec = host.manifest(step).tensors["w"].shards[0]
+        ptr = host._snap(step).address(rec.offset + rec.nbytes // 2)
         byte = ctypes.c_uint8.from_address(ptr)
         byte.value ^= 0xFF
 
@@ -272,8 +274,8 @@ CASES: dict[str, TierCase] = {
             "a crash leaves nothing to read (a shared-memory tier that survives it is a later issue)",
             "manifest_corruption": "the host tier stores no manifest bytes: it builds the manifest "
             "from the snapshot's in-memory records on every call",
-            "retention": "host snapshots are evicted by the pipeline's host_keep, not deleted by "
-            "retention (HostTier is read-only: it has no delete)",
+            "retention": "host snapshots are evicted by the host tier's keep, not deleted by "
+            "retention (HostTier is a snapshot tier: it has no delete)",
         },
     ),
 }

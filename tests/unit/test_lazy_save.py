@@ -9,10 +9,12 @@ import torch
 
 from recoverkit import Checkpointer, CheckpointOptions
 from recoverkit._native import engine as real_engine
-from recoverkit.config import StagingPolicy, TierPolicy
+from recoverkit.config import StagingPolicy, TierSpec
 from recoverkit.staging.plan import plan_save
 from recoverkit.staging.snapshot import HostSnapshot
 from tests.models import Trainer, params_equal
+
+PIECE_BYTES = 64 << 20  # CheckpointOptions' default
 
 
 class GatedEngine:
@@ -100,7 +102,7 @@ class _Handle:
 
 def _opts(**staging):
     return CheckpointOptions(
-        tiers=TierPolicy(local_every=1, host_keep=1),
+        tiers=[TierSpec.host(keep=1), TierSpec.local(every_steps=1)],
         staging=StagingPolicy(budget_bytes=64 << 20, eager_bytes=1024, **staging),
     )
 
@@ -173,9 +175,9 @@ def test_full_pool_skips_and_counts(root):
     trainer = Trainer(seed=6)
     slow = GatedEngine()
     state = {"model": trainer.model, "optimizer": trainer.optimizer}  # params: copied lazily
-    one_snapshot = HostSnapshot.footprint(plan_save(state), 4096)
+    one_snapshot = HostSnapshot.footprint(plan_save(state, piece_bytes=PIECE_BYTES), 4096)
     opts = CheckpointOptions(
-        tiers=TierPolicy(local_every=1, host_keep=0),
+        tiers=[TierSpec.host(keep=0), TierSpec.local(every_steps=1)],
         staging=StagingPolicy(budget_bytes=one_snapshot * 3 // 2, eager_bytes=1024, when_full="skip"),
     )
     with Checkpointer(root, options=opts, engine=slow) as ckpt:
@@ -195,7 +197,7 @@ def test_full_pool_skips_and_counts(root):
 def test_host_snapshot_is_restored_first(root):
     trainer = Trainer(seed=8)
     trainer.train_step()
-    opts = CheckpointOptions(tiers=TierPolicy(local_every=0, host_keep=2), staging=StagingPolicy(budget_bytes=32 << 20))
+    opts = CheckpointOptions(tiers=[TierSpec.host(keep=2), TierSpec.local(every_steps=0)], staging=StagingPolicy(budget_bytes=32 << 20))
     with Checkpointer(root, options=opts) as ckpt:
         ckpt.save_async(1, trainer.state()).wait(60)
         assert ckpt.tier.steps() == [] and ckpt.steps() == [1]  # host only: nothing on disk
@@ -251,7 +253,7 @@ class _GatedFaults:
 
 def test_a_slow_tier_writes_the_newest_queued_save_instead_of_falling_behind(root):
     faults = _GatedFaults()
-    opts = CheckpointOptions(tiers=TierPolicy(local_every=1, host_keep=1))
+    opts = CheckpointOptions(tiers=[TierSpec.host(keep=1), TierSpec.local(every_steps=1)])
     with Checkpointer(root, options=opts, faults=faults) as ckpt:
         x = {"w": torch.zeros(1000)}
         handles = [ckpt.save_async(1, x)]
@@ -273,7 +275,7 @@ def test_a_slow_tier_writes_the_newest_queued_save_instead_of_falling_behind(roo
 def test_a_full_pool_frees_a_waiting_save_that_a_newer_one_supersedes(root):
     faults = _GatedFaults()
     staging = StagingPolicy(budget_bytes=int(2.5 * (1 << 20)), when_full="wait", wait_timeout_s=30)
-    opts = CheckpointOptions(tiers=TierPolicy(local_every=1, host_keep=0), staging=staging)
+    opts = CheckpointOptions(tiers=[TierSpec.host(keep=0), TierSpec.local(every_steps=1)], staging=staging)
     with Checkpointer(root, options=opts, faults=faults) as ckpt:
         x = {"w": torch.zeros(1 << 18)}  # 1 MiB: two snapshots fit the pool, three do not
         handles = [ckpt.save_async(1, x)]

@@ -28,6 +28,8 @@ from recoverkit.storage.base import RankPayload
 from recoverkit.storage.local import LocalTier
 from tests.native.helpers import load_backend
 
+PIECE_BYTES = 64 << 20  # CheckpointOptions' default
+
 N_SMALL = 2000
 
 
@@ -141,7 +143,7 @@ def test_mixed_sizes_and_dtypes_round_trip(tmp_path):
 
 def test_write_rank_writes_each_shard_at_its_recorded_offset(tmp_path):
     state = _small_state(50) | {"big": torch.arange(PACK_BELOW, dtype=torch.uint8)}
-    plan = plan_save({"s": state}, capture_rng=False)
+    plan = plan_save({"s": state}, capture_rng=False, piece_bytes=PIECE_BYTES)
     tier = LocalTier(str(tmp_path), direct_io=True)
     staging = tier.prepare(1)
     records = tier.write_rank(staging, RankPayload(0, plan.blob, [stage_now(p) for p in plan.shards]))
@@ -161,7 +163,7 @@ def test_write_rank_writes_each_shard_at_its_recorded_offset(tmp_path):
 # --------------------------------------------------------------------------- lazy save
 def test_small_shards_share_pool_ranges():
     state = {f"t{i}": torch.randn(4) for i in range(5000)} | {"big": torch.randn(PACK_BELOW)}
-    plan = plan_save({"s": state}, capture_rng=False)
+    plan = plan_save({"s": state}, capture_rng=False, piece_bytes=PIECE_BYTES)
     need = HostSnapshot.footprint(plan, 4096)
     data = sum(p.nbytes for p in plan.shards)
     assert need <= data + 2 * 4096  # one shared range for the small ones, one for the big one
@@ -185,7 +187,7 @@ def test_small_shards_share_pool_ranges():
 
 def test_packed_ranges_are_bounded():
     n = BLOCK_BYTES // (PACK_BELOW // 2) * 3  # three ranges' worth of half-limit tensors
-    plan = plan_save({"s": [torch.zeros(PACK_BELOW // 8) for _ in range(n)]}, capture_rng=False)
+    plan = plan_save({"s": [torch.zeros(PACK_BELOW // 8) for _ in range(n)]}, capture_rng=False, piece_bytes=PIECE_BYTES)
     pool = real_engine.StagingPool(HostSnapshot.footprint(plan, 4096))
     engine = real_engine.CopyEngine(1)
     try:

@@ -1,0 +1,68 @@
+"""The host tier in a 2-rank gloo world: a step is restored from host memory only when
+every rank holds it (agreed through the coordinator); otherwise restore falls through to
+the disk tiers, on every rank alike."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.distributed.harness import run_world
+
+
+def _state(rank: int, v: float) -> dict[str, object]:
+    return {"w": torch.full((256,), v + 1000 * rank), "n": int(v)}  # rank-local entries
+
+
+def _host_world(
+    rank: int, world: int, root: str, drop_on_rank1: int | None, replicated_entry: bool
+) -> dict:
+    import torch.distributed as dist
+
+    from recoverkit import Checkpointer, CheckpointOptions
+    from recoverkit.config import StagingPolicy, TierSpec
+    from recoverkit.staging.host_tier import HostTier
+    from recoverkit.state.sharded import replicated
+
+    tiers = [TierSpec.host(keep=3), TierSpec.local(every_steps=2)]
+    opts = CheckpointOptions(
+        capture_rng=False, tiers=tiers, staging=StagingPolicy(budget_bytes=16 << 20)
+    )
+    with Checkpointer(root, options=opts) as ckpt:
+        for step in (1, 2, 3):
+            state = _state(rank, step)
+            if replicated_entry:
+                state["shared"] = replicated({"b": torch.full((8,), float(step))})
+            assert ckpt.save_async(step, state).wait(60)
+        host = ckpt.tiers["host"]
+        assert isinstance(host, HostTier)
+        assert host.held() == [1, 2, 3]
+        if rank == 1 and drop_on_rank1 is not None:
+            host.withdraw(host._snap(drop_on_rank1))  # this rank lost that snapshot
+        dist.barrier()
+        back = _state(rank, 0)
+        if replicated_entry:
+            back["shared"] = replicated({"b": torch.zeros(8)})
+        restored = ckpt.restore(back)
+        source = ckpt.tiers["host"].steps()
+        assert torch.equal(back["w"], torch.full((256,), float(restored) + 1000 * rank))
+    return {"step": int(restored), "agreed": source}
+
+
+def test_a_step_every_rank_holds_in_memory_is_restored_from_memory(tmp_path):
+    # step 3 is on no disk (local every 2 steps): only host memory can give it back
+    out = run_world(2, _host_world, str(tmp_path / "ckpt"), None, False)
+    assert [o["step"] for o in out] == [3, 3]
+    assert [o["agreed"] for o in out] == [[1, 2, 3], [1, 2, 3]]
+
+
+def test_a_step_one_rank_lost_falls_through_to_disk_on_every_rank(tmp_path):
+    out = run_world(2, _host_world, str(tmp_path / "ckpt"), 3, False)
+    assert [o["step"] for o in out] == [2, 2]  # rank 0 still holds 3, but rank 1 does not
+    assert [o["agreed"] for o in out] == [[1, 2], [1, 2]]
+
+
+def test_snapshots_that_need_another_ranks_tensors_are_not_offered(tmp_path):
+    # a replicated entry is written by one owner rank: the other's snapshot lacks it
+    out = run_world(2, _host_world, str(tmp_path / "ckpt"), None, True)
+    assert [o["step"] for o in out] == [2, 2]
+    assert [o["agreed"] for o in out] == [[], []]
