@@ -1,18 +1,21 @@
 """The Checkpointer: a thin sequencer of the save and restore stages.
 
-save:        plan (capture, flatten, classify, encode) -> contiguous bytes -> for each
-             tier the policy names: two-phase commit -> retention
-save_async:  plan -> stage into the host pool (lazy copies guarded by the optimizers'
-             pre-step hooks) -> background: commit on each tier the policy names
-restore:     newest step on the fastest tier that holds it (host snapshot -> local ->
-             persistent) -> read + verify every byte -> check the targets fit -> apply
+tiers:       ``options.tiers`` is a list (fastest first); each entry is built by the tier
+             registry (``staging.registry``) and scheduled by ``staging.schedule``; this
+             module never names a tier: a ``Tier`` is committed, a ``SnapshotTier`` is fed
+             the staged snapshots of ``save_async``
+save:        plan (capture, flatten, classify, encode) -> contiguous bytes -> the Committer:
+             for each commit tier due, two-phase commit -> retention
+save_async:  plan -> the pipeline: stage into the host pool (lazy copies guarded by the
+             step hooks) -> drain: the same Committer -> the snapshot tiers due keep it
+restore:     snapshot tiers agree across ranks on what they hold -> newest step on the
+             fastest tier that holds it -> read + verify every byte -> check the targets
+             fit -> apply
 discovery:   steps / latest / manifest ask the same CheckpointReader restore uses, over
              the same tiers, so they never disagree on which steps exist
 
-It also remembers, per tier, what it learned of the steps' data: the newest step known good
-(the step restore used, a step it committed) and the steps restore found damaged. Retention
-gets both, so it never deletes the step a restart would need nor counts a rotten step among
-the kept ones.
+The Committer also remembers, per tier, what was learned of the steps' data (known good:
+committed or restored; known bad: found damaged by a restore), for retention.
 
 Each stage lives in its own module; this one orders them, times them and turns failures
 into the error the user sees.
@@ -65,8 +68,8 @@ class SaveResult:
         timings_s: ``capture``, ``stage``, ``commit`` and ``retention`` (over every tier),
             ``commit/<tier>`` per tier, and ``total``.
         deleted_steps: steps retention deleted after the commit, on any tier, ascending.
-        committed_to: the tiers the step was committed to, fastest first: exactly the
-            tiers ``options.tiers.tiers_for(step)`` names (as for ``save_async``).
+        committed_to: the tiers the step was committed to, in list order: exactly the
+            commit tiers of ``options.tiers`` due for the step (as for ``save_async``).
         paths: tier name -> where the step lies on that tier.
     """
 
@@ -89,8 +92,11 @@ class Checkpointer:
         faults: a :class:`~recoverkit.storage.faults.FaultInjector` told of every phase.
         run_id: identifies the run in every manifest (agreed across ranks if not given).
         coordinator: how ranks agree on commits (default: the torch.distributed store).
-        persistent: a tier 3 store (default: built from ``options.tiers.persistent_url``).
+        persistent: a tier that takes the place of the list's ``persistent`` entry (without
+            one, it is read but never written).
         engine: the copy/IO engine of the lazy path (default: native, or the fallback).
+        step_hooks: where the pre-step wait of ``save_async`` is installed (default: the
+            torch optimizers of the state; DeepSpeed/Megatron adapters bring their own).
 
     Example:
         >>> import tempfile, torch
@@ -190,12 +196,12 @@ class Checkpointer:
     def save(self, step: int, state: Mapping[str, Any], *, user_meta: Mapping[str, Any] | None = None) -> SaveResult:
         """Save ``state`` as ``step``; return once it is committed to every tier due.
 
-        The tiers are the ones ``options.tiers`` names for ``step``
-        (:meth:`TierPolicy.tiers_for <recoverkit.TierPolicy.tiers_for>`), fastest first,
-        exactly as for :meth:`save_async` (host memory aside): the local tier every
-        ``local_every`` steps, the persistent tier every ``persistent_every`` steps. Each
-        tier is committed, then its retention runs; :attr:`SaveResult.committed_to` names
-        them (empty, and nothing written, when the policy names none for this step).
+        The tiers are the entries of ``options.tiers`` due for ``step``
+        (:meth:`TierSpec.due <recoverkit.config.TierSpec.due>`), in list order, exactly as
+        for :meth:`save_async` (snapshot tiers such as host memory aside: they hold staged
+        snapshots only). Each tier is committed, then its retention runs;
+        :attr:`SaveResult.committed_to` names them (empty, and nothing written, when none is
+        due for this step).
 
         ``state`` maps names to Stateful objects (modules, optimizers, schedulers, samplers,
         anything with ``state_dict``/``load_state_dict``), tensors, ShardedTensors and plain
@@ -330,8 +336,12 @@ class Checkpointer:
     def restore(self, state: MutableMapping[str, Any], step: int | None = None, *, strict: bool = True) -> RestoreResult:
         """Restore ``state`` in place from ``step`` (default: the newest valid step).
 
-        Looks in the host snapshots, then the local tier, then the persistent tier, and
-        takes the newest step from the fastest tier that holds it. Every byte is verified
+        Looks in the tiers of ``options.tiers`` in list order (by default the host
+        snapshots, then the local tier, then the persistent tier), and takes the newest
+        step from the fastest tier that holds it. In a job of several ranks, every rank
+        calls it: the ranks first agree on the host snapshots every rank holds (only those
+        are offered; see :meth:`HostTier.agree <recoverkit.staging.host_tier.HostTier.agree>`).
+        Every byte is verified
         before anything is applied; a damaged step is skipped with a
         :class:`CheckpointSkippedWarning` and the next candidate is used. ShardedTensor
         targets receive their region of the saved global tensor, whatever sharding saved
@@ -374,8 +384,9 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """Every step committed on any tier, ascending (manifests not read).
 
-        The tiers are the ones :meth:`restore` reads: this process's host snapshots (a
-        one-rank job with ``save_async``), the local tier and the persistent tier. Without
+        The tiers are the ones :meth:`restore` reads: this process's host snapshots (in a
+        job of several ranks, those the last restore agreed on), the local tier and the
+        persistent tier. Without
         the host snapshots, these are the steps ``recoverkit ls ROOT --persistent URL``
         lists and :meth:`CheckpointReader.steps <recoverkit.CheckpointReader.steps>`
         returns. A step listed here may still be skipped by a restore if its data is

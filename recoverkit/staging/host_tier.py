@@ -128,6 +128,10 @@ class HostTier(SnapshotTier):
         return sorted(agreed)
 
     # ------------------------------------------------------------ the tier
+    def snapshot(self, step: int) -> HostSnapshot:
+        """The held snapshot of ``step`` (CheckpointNotFoundError if none)."""
+        return self._snap(step)
+
     def _snap(self, step: int) -> HostSnapshot:
         with self._lock:
             for snap in self._snaps:

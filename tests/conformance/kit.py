@@ -205,7 +205,7 @@ class HostHarness(Harness):
         host = self.reader_tier()
         assert isinstance(host, HostTier)
         rec = host.manifest(step).tensors["w"].shards[0]
-        ptr = host._snap(step).address(rec.offset + rec.nbytes // 2)
+        ptr = host.snapshot(step).address(rec.offset + rec.nbytes // 2)
         byte = ctypes.c_uint8.from_address(ptr)
         byte.value ^= 0xFF
 

@@ -37,7 +37,7 @@ def _host_world(
         assert isinstance(host, HostTier)
         assert host.held() == [1, 2, 3]
         if rank == 1 and drop_on_rank1 is not None:
-            host.withdraw(host._snap(drop_on_rank1))  # this rank lost that snapshot
+            host.withdraw(host.snapshot(drop_on_rank1))  # this rank lost that snapshot
         dist.barrier()
         back = _state(rank, 0)
         if replicated_entry:
@@ -66,3 +66,28 @@ def test_snapshots_that_need_another_ranks_tensors_are_not_offered(tmp_path):
     out = run_world(2, _host_world, str(tmp_path / "ckpt"), None, True)
     assert [o["step"] for o in out] == [2, 2]
     assert [o["agreed"] for o in out] == [[], []]
+
+
+def _timed_schedule(rank: int, world: int) -> list:
+    from recoverkit.config import TierSpec
+    from recoverkit.distributed.coordinator import default_coordinator
+    from recoverkit.staging.schedule import Schedule
+
+    # each rank's clock runs differently: rank 1's says no time has passed at all
+    now = [0.0]
+    specs = [TierSpec.local(every_steps=None, every_s=10.0), TierSpec(kind="p", every_steps=2)]
+    sched = Schedule(
+        specs, coordinator=default_coordinator(timeout_s=30), scope="t", clock=lambda: now[0]
+    )
+    out = []
+    for step in (1, 2, 3, 4):
+        if rank == 0:
+            now[0] += 6.0
+        out.append(sched.due(step))
+    return out
+
+
+def test_a_time_schedule_is_decided_by_rank_0_for_every_rank():
+    out = run_world(2, _timed_schedule)
+    assert out[0] == out[1]  # whatever each rank's clock says
+    assert out[0] == [("local",), ("p",), ("local",), ("p",)]
