@@ -355,10 +355,14 @@ class Checkpointer:
         ones skipped as known bad, for retention (see :mod:`recoverkit.storage.discovery`).
         """
         self.settle()
-        for t in self._snapshot_tiers():  # every rank: which snapshots every rank holds
-            agree = getattr(t, "agree", None)
-            if callable(agree):
-                agree()
+        # every rank: which snapshots every rank holds. Lazy saves are collective, so a
+        # Checkpointer that staged none holds none on any rank: no exchange (a restore at
+        # start-up, or on one rank only, never waits for the others)
+        if self._pipeline is not None:
+            for t in self._snapshot_tiers():
+                agree = getattr(t, "agree", None)
+                if callable(agree):
+                    agree()
         return self._reader().restore(state, step, strict=strict)
 
     def _reader(self, *, durable: bool = False) -> CheckpointReader:

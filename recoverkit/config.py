@@ -112,6 +112,9 @@ class TierSpec:
         if not self.name:
             object.__setattr__(self, "name", self.kind)
 
+    def __hash__(self) -> int:  # settings is a dict: hash its items (options stay hashable)
+        return hash((self.kind, self.every_steps, self.every_s, self.name, tuple(sorted(self.settings.items()))))
+
     def due(self, step: int, *, since_s: float | None = None) -> bool:
         """Whether ``step`` goes to this tier; ``since_s``: seconds since it was last due
         (None: never, so a time schedule is due at once)."""

@@ -91,3 +91,24 @@ def test_a_time_schedule_is_decided_by_rank_0_for_every_rank():
     out = run_world(2, _timed_schedule)
     assert out[0] == out[1]  # whatever each rank's clock says
     assert out[0] == [("local",), ("p",), ("local",), ("p",)]
+
+
+def _restore_on_rank0_only(rank: int, world: int, root: str) -> int | None:
+    import torch.distributed as dist
+
+    from recoverkit import Checkpointer, CheckpointOptions
+
+    # a commit timeout longer than the world's: an exchange rank 1 never joins would fail it
+    opts = CheckpointOptions(capture_rng=False, commit_timeout_s=900.0)
+    with Checkpointer(root, options=opts) as ckpt:
+        ckpt.save(1, _state(rank, 1))
+        restored = None
+        if rank == 0:  # no lazy save staged: nothing in memory anywhere, so no agreement
+            back = _state(rank, 0)
+            restored = int(ckpt.restore(back))
+        dist.barrier()
+    return restored
+
+
+def test_a_restore_without_lazy_saves_needs_no_other_rank(tmp_path):
+    assert run_world(2, _restore_on_rank0_only, str(tmp_path / "ckpt"), timeout_s=170) == [1, None]

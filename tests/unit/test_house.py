@@ -266,3 +266,9 @@ def test_the_host_tier_and_the_disk_commit_build_the_same_manifest(tmp_path):
         assert [(s.offsets, s.shape, s.crc32c) for s in h.shards] == [
             (s.offsets, s.shape, s.crc32c) for s in t.shards
         ]
+
+
+def test_options_with_a_tier_list_stay_hashable_and_comparable():
+    a = CheckpointOptions(tiers=[TierSpec.persistent("file:///x", every_steps=5)])
+    b = CheckpointOptions(tiers=[TierSpec.persistent("file:///x", every_steps=5)])
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
