@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def run(root: str, steps: int, save_every: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     data = torch.Generator().manual_seed(1)
-    state = {"model": model, "optimizer": opt, "scheduler": sched, "data": GeneratorState(data), "step": 0}
+    state: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": sched, "data": GeneratorState(data), "step": 0}
     t0 = time.perf_counter()
     with Checkpointer(root, options=CheckpointOptions(staging=StagingPolicy(budget_bytes=64 << 20))) as ckpt:
         try:

@@ -22,7 +22,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from ..format.manifest import BlobRecord, Manifest, PackRecord, ShardRecord
 
@@ -52,7 +52,7 @@ def destination(buf: Buffer, nbytes: int, what: str) -> int:
             raise ValueError(f"{what}: a read needs a contiguous CPU tensor, got {buf.device} strides {buf.stride()}")
         size, ptr = buf.numel() * buf.element_size(), int(buf.data_ptr())
     else:
-        view = memoryview(buf)
+        view = memoryview(cast("bytearray | memoryview", buf))
         if view.readonly or not view.c_contiguous:
             raise ValueError(f"{what}: a read needs a writable contiguous buffer")
         size = view.nbytes

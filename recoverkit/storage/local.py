@@ -125,10 +125,10 @@ class LocalTier(Tier):
         del keep
         records: list[tuple[str, ShardRecord] | None] = [None] * len(shards)
         for i, s in enumerate(shards):
-            p = in_pack.get(i)
-            if p is not None:
+            pack = in_pack.get(i)
+            if pack is not None:
                 n = s.data.numel()
-                records[i] = (s.key, ShardRecord(rank, name, offset[i], n, p.crc32c, s.offsets, s.shape, p))
+                records[i] = (s.key, ShardRecord(rank, name, offset[i], n, pack.crc32c, s.offsets, s.shape, pack))
         for j, i in enumerate(rest, 1 + len(packs)):
             s = shards[i]
             crc = s.crc32c if s.crc32c is not None else crcs[j]

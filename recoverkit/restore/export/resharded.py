@@ -150,7 +150,7 @@ def _write_rank_segment(
         for piece, offset, size in zip(pieces, offsets[1:], sizes[1:]):
             region = read_region(src.tier, src.step, piece.rec, piece.box)
             data = to_bytes_view(region).numpy()
-            _pwrite_all(fd, memoryview(data), offset)
+            _pwrite_all(fd, data.data, offset)  # the array's bytes (uint8), as a memoryview
             records.append((piece, ShardRecord(rank, name, offset, size, crc32c(data), piece.box[0], piece.box[1])))
             result.nbytes += size
             if progress is not None:

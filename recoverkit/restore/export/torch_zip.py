@@ -159,7 +159,7 @@ class _Pickler(pickle._Pickler):  # type: ignore[misc,name-defined]
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is not TensorStub:
             return NotImplemented
-        args = (
+        args: tuple[Any, ...] = (
             obj.storage,
             0,
             obj.shape,
@@ -175,10 +175,11 @@ class _Pickler(pickle._Pickler):  # type: ignore[misc,name-defined]
         )
 
     def _save_global(self, obj: _Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
+        # the pure-Python pickler's own methods (typeshed does not describe pickle._Pickler)
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
 
-    dispatch[_Global] = _save_global
+    dispatch[_Global] = _save_global  # type: ignore[assignment]
 
 
 class TorchFile:
