@@ -109,7 +109,7 @@ READ_PATH_STILL_IMPORTS_TORCH = pytest.mark.xfail(
 
 
 @READ_PATH_STILL_IMPORTS_TORCH
-@pytest.mark.parametrize("command", ["ls", "verify"])
+@pytest.mark.parametrize("command", ["ls", "verify", "inspect"])
 def test_read_only_commands_never_import_torch(small_root, command):
     root, _ = small_root
     assert not _torch(_imported(command, root)), f"{command} imported torch"
