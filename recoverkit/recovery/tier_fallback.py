@@ -11,15 +11,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.manifest import Manifest
 from ..restore.reader import read_state
-from ..state.sharded import ShardedTensor
 from ..storage.base import ReadableTier
 from ..storage.discovery import CheckpointSkippedWarning
 from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T, Use
+
+if TYPE_CHECKING:  # a type only: the CLI's read commands must not import torch
+    from ..state.sharded import ShardedTensor
 
 __all__ = ["MAX_RESCANS", "StepDeletedWarning", "TierFallback", "TierSource"]
 

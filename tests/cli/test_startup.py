@@ -98,24 +98,12 @@ def test_import_recoverkit_imports_no_torch():
     assert p.returncode == 0 and p.stdout.split() == ["False", "False"], (p.stdout, p.stderr)
 
 
-#: What still imports torch on the read path at module level: recovery/tier_fallback.py's
-#: ``from ..state.sharded import ShardedTensor`` (a type annotation only; state/sharded.py
-#: imports torch), reached through reading.py. Everything else on the path (storage/,
-#: format/, state/__init__, the codec, restore/reader, reading and export/common) is
-#: torch-free to import. Remove the marker when that import moves under TYPE_CHECKING.
-READ_PATH_STILL_IMPORTS_TORCH = pytest.mark.xfail(
-    strict=True, reason="recovery/tier_fallback.py imports state.sharded (torch) for a type annotation"
-)
-
-
-@READ_PATH_STILL_IMPORTS_TORCH
 @pytest.mark.parametrize("command", ["ls", "verify", "inspect"])
 def test_read_only_commands_never_import_torch(small_root, command):
     root, _ = small_root
     assert not _torch(_imported(command, root)), f"{command} imported torch"
 
 
-@READ_PATH_STILL_IMPORTS_TORCH
 def test_small_torch_export_never_imports_torch(small_root, tmp_path):
     root, state = small_root
     out = str(tmp_path / "out.pt")

@@ -223,6 +223,7 @@ class _TrainerOnRead(LocalFS):
     and its retention deletes the step this reader is about to read."""
 
     def __init__(self, trainer: Checkpointer, step: int, on: str) -> None:
+        super().__init__()
         self.trainer, self.step, self.on, self.fired = trainer, step, on, 0
 
     def _maybe(self, path: str) -> None:
