@@ -265,6 +265,7 @@ class ReadOnlyFS(LocalFS):
 
     def __init__(self, inner: LocalFS | None = None) -> None:
         self.inner = inner if inner is not None else LocalFS()
+        self.engine = self.inner.engine  # segments and checksums: the wrapped file system's engine
 
 
 def _method(name: str) -> Callable[..., Any]:

@@ -275,7 +275,7 @@ class Manifest:
             body["packs"] = [_pack_to_json(p, packs[p]) for p in order]
         return body
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, *, engine: Any = None) -> bytes:
         """The manifest as written: its canonical JSON with the checksum member in place.
 
         The checksum is the CRC-32C of the canonical JSON of every other field; as the file is
@@ -284,11 +284,13 @@ class Manifest:
         """
         canonical = _canonical(self.body())
         at = canonical.index(b',"created_unix":')  # "checksum" sorts between "blobs" and it
-        member = b',"checksum":"' + hexcrc(crc32c(canonical)).encode() + b'"'
+        member = b',"checksum":"' + hexcrc(crc32c(canonical, engine=engine)).encode() + b'"'
         return canonical[:at] + member + canonical[at:]
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, path: str = "<manifest>", arrays: bool = False) -> Manifest:
+    def from_bytes(
+        cls, data: bytes, *, path: str = "<manifest>", arrays: bool = False, engine: Any = None
+    ) -> Manifest:
         """Parse and validate a manifest; raise IntegrityError or IncompatibleCheckpointError.
 
         The JSON is parsed strictly (no NaN or Infinity, no duplicate keys, integers where
@@ -314,9 +316,9 @@ class Manifest:
                 f"{', '.join(map(str, READ_VERSIONS))}"
             )
         stored = body.pop("checksum", None)
-        if stored is None or stored != _raw_checksum(data):  # not as written: encode to check
+        if stored is None or stored != _raw_checksum(data, engine):  # not as written: encode to check
             try:
-                found = hexcrc(crc32c(_canonical(body)))
+                found = hexcrc(crc32c(_canonical(body), engine=engine))
             except (ValueError, RecursionError) as e:
                 raise IntegrityError(f"{path}: manifest cannot be checked ({_short(e)})", path=path) from None
         else:
@@ -391,14 +393,14 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
 _CHECKSUM_MEMBER = b',"checksum":"0x'
 
 
-def _raw_checksum(data: bytes) -> str | None:
+def _raw_checksum(data: bytes, engine: Any = None) -> str | None:
     """The checksum of a manifest written by :meth:`Manifest.to_bytes`, computed over its raw
     bytes without the checksum member; None when the file is not laid out that way."""
     at = data.find(_CHECKSUM_MEMBER)
     end = at + len(_CHECKSUM_MEMBER) + 9
     if at < 0 or data[end - 1 : end] != b'"':
         return None
-    return hexcrc(crc32c(data[:at] + data[end:]))
+    return hexcrc(crc32c(data[:at] + data[end:], engine=engine))
 
 
 # ------------------------------------------------------------------ strict JSON parsing

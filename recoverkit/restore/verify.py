@@ -165,7 +165,7 @@ def _load_manifest(tier: ReadableTier, step: int, report: StepReport) -> Manifes
                 data = tier.fs.read_file(path)
             except FileNotFoundError:
                 raise CheckpointNotFoundError(f"{path}: no such file") from None
-            manifest = Manifest.from_bytes(data, path=path)
+            manifest = Manifest.from_bytes(data, path=path, engine=tier.fs.engine)
             if manifest.step != step:
                 raise IntegrityError(f"{path}: manifest is for step {manifest.step}, directory says {step}")
             return manifest
@@ -230,7 +230,7 @@ def _local_checker(
                 n = os.preadv(fd, [view[: min(CHUNK, rec.nbytes - got)]], rec.offset + got)
                 if n == 0:
                     break
-                crc = crc32c(view[:n], crc)
+                crc = crc32c(view[:n], crc, engine=tier.fs.engine)
                 got += n
                 _advance(progress, n)
         finally:

@@ -27,7 +27,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, crc32c_ptr
@@ -111,7 +111,7 @@ class LocalTier(Tier):
         offset = [0] * len(shards)
         for i, at in zip(order, placed[1:]):
             offset[i] = at
-        packs, keep = _packs(shards, small, offset, rank, name)
+        packs, keep = _packs(shards, small, offset, rank, name, engine=self.fs.engine)
         items = [(placed[0], _buffer_address(payload.blob), sizes[0])]
         for p, data in zip(packs, keep):
             items.append((p.offset, int(data.data_ptr()), p.nbytes))
@@ -133,7 +133,7 @@ class LocalTier(Tier):
             s = shards[i]
             crc = s.crc32c if s.crc32c is not None else crcs[j]
             records[i] = (s.key, ShardRecord(rank, name, offset[i], s.data.numel(), crc, s.offsets, s.shape))
-        blob_rec = BlobRecord(rank, name, placed[0], sizes[0], crcs[0] if crcs else crc32c(payload.blob))
+        blob_rec = BlobRecord(rank, name, placed[0], sizes[0], crcs[0] if crcs else crc32c(payload.blob, engine=self.fs.engine))
         return RankRecords(rank, blob_rec, [r for r in records if r is not None], {name: end})
 
     def commit(self, step: int, staging: str, manifest: Manifest, *, rank: int = 0) -> None:
@@ -143,7 +143,7 @@ class LocalTier(Tier):
         if len(here) < len(manifest.files):  # node-local disks: the other hosts hold the rest
             manifest = dataclasses.replace(manifest, held=tuple(here))
         check_manifest(manifest, where=f"{self._step_dir(step)}/{MANIFEST_NAME}")  # never commit what readers refuse
-        self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes(), new=True)
+        self.fs.write_file(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes(engine=self.fs.engine), new=True)
         self.fs.fsync_dir(staging)
         self.faults.reached("after_manifest", step=step, rank=rank)
         final = self._step_dir(step)
@@ -220,7 +220,7 @@ class LocalTier(Tier):
             data = self.fs.read_file(path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{where}: no committed step {step} (no {MANIFEST_NAME})") from None
-        manifest = Manifest.from_bytes(data, path=path)
+        manifest = Manifest.from_bytes(data, path=path, engine=self.fs.engine)
         if manifest.step != step:
             raise IntegrityError(f"{path}: manifest is for step {manifest.step}, directory says {step}", path=path)
         manifest.check_files({f: self.fs.size(os.path.join(where, f)) for f in manifest.files}, where=where)
@@ -316,7 +316,8 @@ def _packable(s: ShardData) -> bool:
 
 
 def _packs(
-    shards: Sequence[ShardData], small: list[int], offset: list[int], rank: int, name: str
+    shards: Sequence[ShardData], small: list[int], offset: list[int], rank: int, name: str,
+    *, engine: Any = None,
 ) -> tuple[dict[PackRecord, list[int]], list[torch.Tensor]]:
     """Group the packed shards (``small``, in file order) into packs of at most PACK_BYTES,
     each within one state entry (a job loading only ``model`` never reads, nor is stopped by
@@ -347,7 +348,7 @@ def _packs(
             parts.append(shards[i].data)
             pos = offset[i] + shards[i].data.numel()
         data = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
-        crc = crc32c_ptr(int(data.data_ptr()), pos - first) if pos > first else 0
+        crc = crc32c_ptr(int(data.data_ptr()), pos - first, engine=engine) if pos > first else 0
         packs[PackRecord(rank, name, first, pos - first, crc)] = members
         keep.append(data)
         start = stop

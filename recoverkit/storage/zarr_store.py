@@ -362,11 +362,11 @@ class ZarrStore:
             return sorted(n + "/" if self.fs.is_dir(os.path.join(path, n)) else n for n in names if not n.endswith(".__lock"))
         base = f"{prefix}/" if prefix else ""
         keys = self._list(_prefix_range(base), base)
-        names = set()
+        heads: set[str] = set()
         for k in keys:
             head, sep, _ = k.decode("utf-8").partition("/")
-            names.add(head + sep)
-        return sorted(names)
+            heads.add(head + sep)
+        return sorted(heads)
 
     def delete_prefix(self, prefix: str) -> None:
         """Delete the object ``prefix`` and everything under ``prefix/`` (durably).

@@ -52,7 +52,7 @@ from ..format.zarr_layout import (
     array_paths,
     blob_path,
 )
-from .base import Buffer, RankPayload, RankRecords, ShardMeta, Tier, destination
+from .base import Buffer, RankPayload, RankRecords, Region, ShardMeta, Tier, destination
 from .faults import FaultInjector
 from .fs import LocalFS
 from .layout import parse_step_dirname, step_dirname
@@ -165,7 +165,7 @@ class ZarrTier(Tier):
                 raise IntegrityError(f"{self.url}/{d}/{name}: file listed in the manifest {what}", path=name)
         return manifest
 
-    def read(self, step: int, requests: Sequence[tuple[ShardRecord | BlobRecord, Buffer]]) -> None:
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
         d = step_dirname(step)
         index: dict[ShardRecord, str] | None = None
         manifest = None
@@ -182,9 +182,12 @@ class ZarrTier(Tier):
             if manifest is None or index is None:
                 manifest = self.manifest(step)
                 index = {sh: k for k, t in manifest.tensors.items() for sh in t.shards}
-            key = index.get(rec)
-            if key is None:
+            if not isinstance(rec, ShardRecord):  # the zarr tier never packs
+                raise IntegrityError(f"{self.url}/{d}: {rec.file} at {rec.offset} is not a shard of this tier")
+            found_key = index.get(rec)
+            if found_key is None:
                 raise IntegrityError(f"{self.url}/{d}: shard {rec.file} {list(rec.offsets)} is not in the manifest")
+            key = found_key
             dtype = dtype_from_name(manifest.tensors[key].dtype)
             raw = np.ctypeslib.as_array((ctypes.c_uint8 * rec.nbytes).from_address(ptr)) if rec.nbytes else np.empty(0, np.uint8)
             out = from_bytes(torch.from_numpy(raw), dtype, rec.shape)
