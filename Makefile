@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 NATIVE_SOURCES := $(shell find native -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all install test test-fast demo bench bench-micro bench-micro-save lint clean
+.PHONY: all install test typecheck test-fast demo bench bench-micro bench-micro-save lint clean
 
 all: test
 
@@ -26,8 +26,11 @@ $(STAMP): $(PY) $(NATIVE_SOURCES)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(PY) -m pytest -q
+
+typecheck: $(STAMP)
+	$(PY) -m mypy recoverkit
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
