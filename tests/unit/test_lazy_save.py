@@ -28,7 +28,7 @@ class GatedEngine:
         self.landed = 0
         self._cv = threading.Condition()
         self._waiters: set[int] = set()  # threads that waited on a copy still held
-        for name in ("StagingPool", "crc32c", "crc32c_ptr", "BACKEND"):
+        for name in ("StagingPool", "crc32c", "crc32c_ptr", "BACKEND", "write_segment", "read_segment"):
             setattr(self, name, getattr(real_engine, name))
 
     def CopyEngine(self, threads: int):  # noqa: N802 - mirrors the engine's class name
