@@ -21,8 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer, SaveResult
-    from .config import CheckpointOptions, RetentionPolicy, StagingPolicy, TierPolicy
-    from .config import ProtectOptions
+    from .config import (
+        CheckpointOptions,
+        ProtectOptions,
+        RetentionPolicy,
+        StagingPolicy,
+        TierPolicy,
+        TierSpec,
+    )
     from .errors import (
         CheckpointLockedError,
         CheckpointNotFoundError,
@@ -48,6 +54,7 @@ __all__ = [
     "CheckpointOptions",
     "RetentionPolicy",
     "TierPolicy",
+    "TierSpec",
     "StagingPolicy",
     "ProtectOptions",
     "ShardedTensor",
@@ -75,6 +82,7 @@ _WHERE = {
     "CheckpointOptions": ".config",
     "RetentionPolicy": ".config",
     "TierPolicy": ".config",
+    "TierSpec": ".config",
     "StagingPolicy": ".config",
     "ProtectOptions": ".config",
     "ShardedTensor": ".state.sharded",

@@ -125,7 +125,7 @@ class Checkpointer:
         self.engine = engine or default_engine
         self.options = options or CheckpointOptions()
         self.faults = faults or FaultInjector()
-        self.fs = fs or LocalFS()
+        self.fs = fs if fs is not None else LocalFS(engine=self.engine)
         self.root = os.path.abspath(os.fspath(root))
         self.step_hooks = step_hooks
         # a fresh namespace of the job's store per Checkpointer: keys of an earlier attempt

@@ -104,12 +104,6 @@ def test_checksum_helpers_compute_with_the_engine_given(default, given):
     assert default.used == ["crc32c"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Checkpointer does not yet hand its engine to its file system, tiers, reader and "
-    "manifest checksums (wiring in checkpointer.py, storage/local.py, reading.py, "
-    "format/manifest.py, restore/verify.py)",
-)
 def test_a_checkpointer_given_the_fallback_engine_never_touches_the_process_wide_one(
     root, default, given
 ):
