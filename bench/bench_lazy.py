@@ -395,7 +395,7 @@ def _iterations(model, opt, x, root, warmup, iters, budget, restore_reps, local_
             got = ckpt.restore(state)
             host.append(time.perf_counter() - t)
             restored.append(got)  # != last: the host snapshot was not used (reported, not fatal)
-        disk_steps = ckpt.steps()
+        disk_steps = ckpt.tier.steps()  # the local disk only (steps() includes host memory)
         stall = [h.metrics["call_s"] + h.metrics["prestep_wait_s"] for h in handles[warmup : warmup + iters]]
     return {
         "no_checkpoint_s": base,
