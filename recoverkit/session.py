@@ -89,8 +89,8 @@ class Run:
         elif loader is not None:
             # The user's own sampling, kept exactly; the position is the batches consumed
             # of the current epoch and what the epoch's order was drawn from (see
-            # recoverkit.integrations.pytorch). ``seed`` no longer changes the data order.
-            from recoverkit.integrations.pytorch import resumable_loader
+            # recoverkit.state.loader). ``seed`` no longer changes the data order.
+            from .state.loader import resumable_loader
 
             self.loader, self.position = resumable_loader(loader)
             self.state["__data__"] = self.position

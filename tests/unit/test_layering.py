@@ -46,11 +46,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 EXEMPT = {"__init__", "dist"}
 #: upward imports known today, each to be removed (the test fails once one is gone, so the
 #: list only shrinks): (importing module, imported module) -> why it is still there
-KNOWN: dict[tuple[str, str], str] = {
-    ("recoverkit.session", "recoverkit.integrations.pytorch"): (
-        "protect() wraps the DataLoader with the pytorch adapter; the adapter belongs below session"
-    ),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
