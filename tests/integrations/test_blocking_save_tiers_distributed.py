@@ -19,10 +19,9 @@ def _full() -> torch.Tensor:
 
 
 def _opts(url: str):  # type: ignore[no-untyped-def]
-    from recoverkit import CheckpointOptions
-    from recoverkit.config import TierPolicy
+    from recoverkit import CheckpointOptions, TierSpec
 
-    tiers = TierPolicy(local_every=1, persistent_url=url, persistent_every=2, host_keep=0)
+    tiers = [TierSpec.local(every_steps=1), TierSpec.persistent(url, every_steps=2)]  # no host tier
     return CheckpointOptions(capture_rng=False, commit_timeout_s=60, tiers=tiers)
 
 
