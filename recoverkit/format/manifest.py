@@ -14,7 +14,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import lzma
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 from ..errors import IncompatibleCheckpointError, IntegrityError
 from ..gcpause import paused
+from . import xz
 from .checksum import crc32c, hexcrc
 from .validate import check_manifest
 
@@ -414,11 +414,6 @@ _MANIFEST_FIELDS = frozenset({
 })  # fmt: skip
 _PACK_FIELDS = frozenset({"rank", "file", "offset", "nbytes", "crc32c", "count", "table"})
 _TABLE_FIELDS = frozenset({"keys", "types", "type", "skip"})
-#: a pack's table decompresses to at most this many times its compressed size (plus
-#: _TABLE_SLACK): what a manifest may allocate is bounded by the manifest's own size
-_TABLE_RATIO = 1024
-_TABLE_SLACK = 64 << 10
-_XZ_MEMLIMIT = 64 << 20  # the decoder's own memory: preset 0 needs ~1 MiB
 
 
 # ------------------------------------------------------------------ packs (version 2)
@@ -444,7 +439,7 @@ def _pack_to_json(pack: PackRecord, members: list[tuple[str, TensorRecord]]) -> 
         end = s.offset + s.nbytes
     table = {"keys": keys, "types": [[d, list(sh), n] for d, sh, n in types], "type": kinds, "skip": skips}
     raw = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    packed = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=0)
+    packed = xz.compress(raw)
     return {
         "rank": pack.rank,
         "file": pack.file,
@@ -503,16 +498,7 @@ def _table(text: str, what: str) -> dict[str, Any]:
         packed = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise ValueError(f"{what} table is not base64") from None
-    limit = len(packed) * _TABLE_RATIO + _TABLE_SLACK
-    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
-    try:
-        raw = decoder.decompress(packed, max_length=limit + 1)
-    except lzma.LZMAError as e:
-        raise ValueError(f"{what} table is not xz data ({e})") from None
-    if len(raw) > limit:
-        raise ValueError(f"{what} table expands beyond {limit} bytes")
-    if not decoder.eof or decoder.unused_data:
-        raise ValueError(f"{what} table is truncated or has trailing bytes")
+    raw = xz.inflate(packed, what=f"{what} table")
     table = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
     _fields(table, _TABLE_FIELDS, f"{what} table")
     return table

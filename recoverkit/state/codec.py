@@ -7,7 +7,8 @@ segment file / zarr group (checksummed like every other byte). Restore: blob -> 
 The output is UTF-8 (in fact ASCII) JSON: ``{"codec": "recoverkit-json", "version": 1,
 "root": ...}``; a document of :data:`COMPRESS_ABOVE` bytes or more is stored xz-compressed
 (a state of 100k tensors has a tree of 3 MiB that compresses 50-fold), which ``decode``
-recognises by the xz magic and inflates to at most :data:`MAX_RATIO` times its size. Values JSON already types exactly are stored as themselves: ``None``,
+recognises by the xz magic and inflates within bounds (:mod:`recoverkit.format.xz`). Values
+JSON already types exactly are stored as themselves: ``None``,
 ``bool``, ``str``, ``int`` within 64 bits, finite ``float`` (``-0.0`` included), ``list``, and
 ``dict`` whose keys are all ``str`` with none starting with ``"$"``. Every other value is a
 one-key tagged object:
@@ -48,7 +49,6 @@ import base64
 import binascii
 import functools
 import json
-import lzma
 import math
 import pickle
 import re
@@ -59,6 +59,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EncodeError, IntegrityError, PickleNotAllowedError, RecoverkitError
+from ..format import xz
 from ..format.dtypes import quantized_by_name, storable_by_name
 from .leaf import TensorLeaf
 
@@ -74,9 +75,8 @@ CODEC_VERSION = 1
 COMPRESS_ABOVE = 64 << 10
 #: a compressed document inflates to at most this many times its size (plus 64 KiB):
 #: what decoding allocates stays bounded by the length of the input
-MAX_RATIO = 1024
-_XZ_MAGIC = b"\xfd7zXZ\x00"
-_XZ_MEMLIMIT = 64 << 20
+MAX_RATIO = xz.MAX_RATIO
+_XZ_MAGIC = xz.MAGIC
 _INT64 = 1 << 63
 _MAX_INT_BITS = 1 << 13  # $int: up to 2048 hex digits, so str() of any decoded int works
 _MAX_DEVICE_CHARS = 64
@@ -119,7 +119,7 @@ def encode(skeleton: Any, *, allow_pickle: bool = False) -> bytes:
     doc = {"codec": CODEC_NAME, "version": CODEC_VERSION, "root": root}
     data = json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
     if len(data) >= COMPRESS_ABOVE:
-        data = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=0)
+        data = xz.compress(data)
     return data
 
 
@@ -177,17 +177,10 @@ def document(data: bytes) -> bytes:
 
 def _inflate(data: bytes) -> bytes:
     """An xz-compressed document, inflated within :data:`MAX_RATIO` of its size."""
-    limit = len(data) * MAX_RATIO + COMPRESS_ABOVE
-    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
     try:
-        raw = decoder.decompress(data, max_length=limit + 1)
-    except lzma.LZMAError as e:
-        raise IntegrityError(f"object state is not valid xz data ({_oneline(str(e))})") from None
-    if len(raw) > limit:
-        raise IntegrityError(f"object state inflates beyond {limit} bytes ({MAX_RATIO} times its size)")
-    if not decoder.eof or decoder.unused_data:
-        raise IntegrityError("object state's xz data is truncated or has trailing bytes")
-    return raw
+        return xz.inflate(data, what="object state")
+    except ValueError as e:
+        raise IntegrityError(_oneline(str(e))) from None
 
 
 def _header(doc: Any) -> dict[str, Any]:
