@@ -182,8 +182,8 @@ def _edit_table(change):  # noqa: ANN001, ANN202
     "edit, message",
     [
         (lambda b: b["packs"][0].update(table="!!not base64!!"), "not base64"),
-        (lambda b: b["packs"][0].update(table=base64.b64encode(b"\xfd7zXZ\x00garbage").decode()), "not xz data"),
-        (lambda b: _set_table(b, b" " * (64 << 20)), "expands beyond"),
+        (lambda b: b["packs"][0].update(table=base64.b64encode(b"\xfd7zXZ\x00garbage").decode()), "not valid xz data"),
+        (lambda b: _set_table(b, b" " * (64 << 20)), "inflates beyond"),
         (lambda b: b["packs"][0].update(count=b["packs"][0]["count"] + 1), "count"),
         (lambda b: b["packs"][0].update(nbytes=16), "outside its pack"),
         (lambda b: b["packs"][0].update(offset=b["files"]["rank-00000.seg"]), "outside"),
