@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..state.dtensor import as_sharded, is_dtensor, local_of
-from ..state.sharded import ShardedTensor, unwrap
 from ..errors import IncompatibleCheckpointError
 from ..staging.plan import RNG_KEY
 from ..state import RNGState, apply, capture, rebuild_container
+from ..state.dtensor import as_sharded, is_dtensor, local_of
+from ..state.sharded import ShardedTensor, unwrap
 
 __all__ = ["apply_restored", "target_shards"]
 

@@ -25,7 +25,7 @@ INTEGRATIONS = REPO / "integrations"
 #: lowest first; a module may import from its own layer and the layers before it
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("config", "gcpause"),
+    ("config", "gcpause", "lazy"),
     ("_fallback_io",),
     ("_fallback",),
     ("_native",),

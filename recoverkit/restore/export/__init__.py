@@ -24,9 +24,10 @@ export never leaves a half-written file under its name.
 
 from __future__ import annotations
 
-import importlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ...lazy import lazy_names
 
 if TYPE_CHECKING:
     from ..reader import resolve_record
@@ -71,17 +72,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(where, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(globals(), _WHERE)
 
 
 FORMATS = ("recoverkit", "torch", "safetensors", "dcp")
@@ -108,9 +99,8 @@ def export(
 
         result = export_recoverkit(src, out, world_size or src.manifest.world_size, force=force, progress=progress)
     else:
-        module, name = {"torch": (".to_torch", "export_torch"), "safetensors": (".to_safetensors", "export_safetensors"),
-                        "dcp": (".to_dcp", "export_dcp")}[fmt]
-        writer = getattr(importlib.import_module(module, __name__), name)
+        name = {"torch": "export_torch", "safetensors": "export_safetensors", "dcp": "export_dcp"}[fmt]
+        writer = __getattr__(name)  # only this format's writer is imported
         result = writer(src, out, rank=rank, select=select, allow_pickle=allow_pickle, force=force, progress=progress)
     result.seconds = time.perf_counter() - t0
     return result
