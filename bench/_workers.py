@@ -244,6 +244,22 @@ def fork_child(fn: Callable[..., Any], *args: Any) -> Child:
 
 
 # --------------------------------------------------------------------------- mttr worker (real processes)
+def event_log(events: str, **extra: Any) -> Callable[..., None]:
+    """A function appending one JSON event per call to the file ``events`` (fsync'd; one short
+    O_APPEND line, so the lines of several processes never mix), tagged with torchrun's
+    restart attempt, the pid and ``extra``."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def log(**ev: Any) -> None:
+        ev.update(attempt=attempt, pid=os.getpid(), **extra)
+        with open(events, "a") as f:
+            f.write(json.dumps(ev) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return log
+
+
 def _mttr_worker(argv: list[str]) -> None:
     """python -m bench._workers mttr ROOT EVENTS SOURCE STEPS SAVE_EVERY DIE_AT WIDTH [PURL]
 
@@ -254,14 +270,7 @@ def _mttr_worker(argv: list[str]) -> None:
     purl = argv[7] if len(argv) > 7 else None
     steps_i, save_every_i, die_at_i, width_i = int(steps), int(save_every), int(die_at), int(width)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-    def log(**ev: Any) -> None:
-        ev.update(attempt=attempt, pid=os.getpid())
-        with open(events, "a") as f:
-            f.write(json.dumps(ev) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
+    log = event_log(events)
     log(event="launched", t=T0)
     import torch
 

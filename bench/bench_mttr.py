@@ -53,7 +53,7 @@ import torch
 from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy, TierPolicy
 from recoverkit.config import StagingPolicy
 
-from ._workers import small_model, train_step, width_for
+from ._workers import event_log, small_model, train_step, width_for
 from .machine import median
 from .report import fmt_bytes, publish
 
@@ -157,13 +157,7 @@ def _ranked_worker(argv: list[str]) -> None:
     steps_i, save_every_i, die_at_i, width_i = int(steps), int(save_every), int(die_at), int(width)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ.get("RANK", "0"))
-
-    def log(**ev: Any) -> None:
-        ev.update(attempt=attempt, pid=os.getpid(), rank=rank)
-        with open(events, "a") as f:  # O_APPEND, one short line: the ranks' lines never mix
-            f.write(json.dumps(ev) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    log = event_log(events, rank=rank)
 
     log(event="launched", t=T0)
     from datetime import timedelta
