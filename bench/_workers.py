@@ -260,56 +260,128 @@ def event_log(events: str, **extra: Any) -> Callable[..., None]:
     return log
 
 
-def _mttr_worker(argv: list[str]) -> None:
-    """python -m bench._workers mttr ROOT EVENTS SOURCE STEPS SAVE_EVERY DIE_AT WIDTH [PURL]
+def mttr_tiers(source: str, save_every: int, purl: str | None = None) -> list[Any]:
+    """The tier list of an MTTR job restoring from ``source``; per-step snapshots in memory.
 
-    A job under ``recoverkit.protect``; SIGKILLs itself after step DIE_AT on torchrun's first
-    attempt. Appends JSON events with wall-clock times to EVENTS (shared by both attempts).
+    ``local``/``persistent``: the in-process host snapshot every step + that durable tier
+    every ``save_every`` steps; ``shm``: the shared-memory tier every step + local disk every
+    ``save_every``; ``replica``: ``shm`` + a replica of every step on a peer node.
     """
-    root, events, source, steps, save_every, die_at, width = argv[:7]
-    purl = argv[7] if len(argv) > 7 else None
-    steps_i, save_every_i, die_at_i, width_i = int(steps), int(save_every), int(die_at), int(width)
+    from recoverkit import TierSpec
+
+    if source == "local":
+        return [TierSpec.host(keep=1), TierSpec.local(every_steps=save_every)]
+    if source == "persistent":
+        assert purl
+        return [TierSpec.host(keep=1), TierSpec.persistent(purl, every_steps=save_every)]
+    if source in ("shm", "replica"):
+        tiers = [TierSpec.shm()]  # type: ignore[attr-defined]
+        if source == "replica":
+            tiers.append(TierSpec.replica(k=1))  # type: ignore[attr-defined]
+        return tiers + [TierSpec.local(every_steps=save_every)]
+    raise ValueError(f"unknown MTTR source {source!r}")
+
+
+def memory_tiers_missing(source: str) -> str | None:
+    """None when this recoverkit has the tiers ``source`` needs, else what is missing."""
+    if source not in ("shm", "replica"):
+        return None
+    from recoverkit.staging.registry import tier_kinds
+
+    need = ["shm"] + (["replica"] if source == "replica" else [])
+    missing = [k for k in need if k not in tier_kinds()]
+    return f"tier kind(s) {missing} not registered in this recoverkit" if missing else None
+
+
+def lose_node(shm_dir: str, node: str) -> None:
+    """What losing a node takes from a simulated node: its shared memory (every job's)."""
+    import shutil
+
+    shutil.rmtree(os.path.join(shm_dir, "recoverkit", node), ignore_errors=True)
+
+
+def _mttr_worker(cfg: dict[str, Any]) -> None:
+    """python -m bench._workers mttr CONFIG_JSON
+
+    One rank of an MTTR job under torchrun (one process, or DDP over gloo when torchrun's
+    ``WORLD_SIZE`` > 1, each rank's batch keyed by (step, rank)): opens a Checkpointer on
+    ``root`` with the tiers of ``source`` (see :func:`mttr_tiers`), restores the newest
+    valid step, trains to ``steps`` with ``save_async`` every step. On torchrun's first
+    attempt the last rank, once the saves made so far have drained (a steady-state crash),
+    loses its node (``source == "replica"``: its shared memory is deleted) and SIGKILLs
+    itself after step ``die_at``. Appends JSON events with wall-clock times to ``events``:
+    launched, imported (+ the process group and the model), opened (Checkpointer start-up),
+    restored (discovery, verified read, apply), first_step, kill, done.
+    """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    log = event_log(events)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    log = event_log(cfg["events"], rank=rank)
     log(event="launched", t=T0)
     import torch
 
-    import recoverkit
-    from recoverkit import CheckpointOptions, RetentionPolicy, TierPolicy
+    from recoverkit import Checkpointer, CheckpointNotFoundError, CheckpointOptions, RetentionPolicy
     from recoverkit.config import StagingPolicy
 
+    if world > 1:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     log(event="imported", t=time.time())
     torch.set_num_threads(1)
-    model, opt = small_model(width_i)
-    if source == "persistent":
-        tiers = TierPolicy(host_keep=1, local_every=0, persistent_url=purl, persistent_every=save_every_i)
-    else:
-        tiers = TierPolicy(host_keep=1, local_every=save_every_i)
-    nbytes = sum(p.numel() * 4 for p in model.parameters()) * 3
+    width, steps, die_at = int(cfg["width"]), int(cfg["steps"]), int(cfg["die_at"])
+    net, opt = small_model(width)
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net)
+    nbytes = sum(p.numel() * 4 for p in net.parameters()) * 3
     opts = CheckpointOptions(
-        tiers=tiers, retention=RetentionPolicy(keep_last=2), staging=StagingPolicy(budget_bytes=4 * nbytes + (16 << 20))
+        tiers=mttr_tiers(cfg["source"], int(cfg["save_every"]), cfg.get("purl")),
+        retention=RetentionPolicy(keep_last=2), staging=StagingPolicy(budget_bytes=4 * nbytes + (16 << 20)),
+        commit_timeout_s=20.0,
     )
-    data = list(range(steps_i))
+    state = {"model": model, "optimizer": opt}
     t_enter = time.time()
-    with recoverkit.protect(root, model=model, optimizer=opt, loader=data, save_every=1, epochs=None,
-                            max_steps=steps_i, options=opts) as run:
-        log(event="restored", t=time.time(), t_enter=t_enter, resumed=run.resumed_from)
-        first = True
-        for _ in run:
-            train_step(model, opt, run.step + 1)
-            done = run.step + 1
-            if first:
-                log(event="first_step", t=time.time(), step=done)
-                first = False
-            if done == die_at_i and attempt == 0:
-                run.ckpt.wait()  # the saves made so far have drained (a steady-state crash)
-                log(event="kill", t=time.time(), step=done)
-                os.kill(os.getpid(), signal.SIGKILL)
-    log(event="done", t=time.time(), step=run.step)
+    ckpt = Checkpointer(cfg["root"], options=opts)
+    t_open = time.time()
+    try:
+        resumed: int | None = int(ckpt.restore(state))
+    except CheckpointNotFoundError:
+        resumed = None
+    log(event="restored", t=time.time(), t_enter=t_enter, t_open=t_open, resumed=resumed, bytes=nbytes)
+    first = True
+    for step in range((resumed or 0) + 1, steps + 1):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        loss = model(torch.randn(16, width, generator=g)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ckpt.save_async(step, state)
+        if first:
+            log(event="first_step", t=time.time(), step=step)
+            first = False
+        if step == die_at and attempt == 0 and rank == world - 1:
+            ckpt.wait()  # the saves made so far have drained (a steady-state crash)
+            if cfg["source"] == "replica":
+                lose_node(os.environ.get("RECOVERKIT_SHM_DIR", "/dev/shm"), os.environ["RECOVERKIT_NODE"])
+            log(event="kill", t=time.time(), step=step)
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.close()
+    log(event="done", t=time.time(), step=steps)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "mttr":
-        _mttr_worker(sys.argv[2:])
+        _mttr_worker(json.loads(sys.argv[2]))
     else:
         raise SystemExit(f"unknown worker {sys.argv[1]!r}")

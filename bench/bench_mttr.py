@@ -1,71 +1,89 @@
-"""Mean time to recovery: a worker SIGKILLed under ``torchrun --max-restarts`` comes back.
+"""Mean time to recovery: a worker SIGKILLed under ``torchrun --max-restarts`` comes back, per source.
 
-A job under ``recoverkit.protect`` (``bench/_workers.py mttr``) saves lazily every step (host
-snapshot every step; a durable tier every ``--save-every`` steps), and on torchrun's first attempt
-SIGKILLs itself after step ``--die-at`` (once the saves made so far have drained). torchrun
-(``--monitor-interval 0.1``) restarts it; the new worker resumes by itself. From wall-clock events
-both attempts append to one file we report, per source the state comes back from:
+A job (``python -m bench._workers mttr``: a Checkpointer, ``save_async`` every step, an MLP +
+AdamW) is SIGKILLed after step ``die_at`` on torchrun's first attempt, once the saves made so far
+have drained (a steady-state crash). torchrun (``--monitor-interval 0.1``) restarts it; the new
+worker restores by itself and trains on. From wall-clock events of both attempts and the torchrun
+agent's own log line of the death, each recovery is split into:
 
-* **restart/launch**: the kill -> the new interpreter reaches the worker module (torchrun noticing
-  the death, tearing down, starting Python);
-* **import**: ``import torch, recoverkit`` and building the model and optimizer;
-* **restore read**: entering ``protect`` (Checkpointer start-up, discovery, read + verify every
-  byte, apply);
-* **first step**: the first training step after the resume;
+* **detection**: the SIGKILL -> the torchrun agent logs the worker's death;
+* **relaunch**: -> the new interpreter reaches the worker module (the agent tearing down,
+  re-rendezvous for 2 nodes, starting Python);
+* **import**: ``import torch, recoverkit``, the gloo process group (2 nodes), the model;
+* **start-up**: opening the Checkpointer (lock, tiers, the shared-memory job directory);
+* **state transfer**: ``restore``: agreeing on the newest step, reading + verifying every byte,
+  applying it (its bandwidth is compared with a memcpy of the state, and for the peer replica with
+  the gloo point-to-point bandwidth, both measured in the same run);
+* **first step**: the first training step after the restore;
 * **steps lost**: the step killed at minus the step resumed from.
 
-Sources: **local disk** (segment files, every ``save_every`` steps) and the **persistent zarr tier**
-(``TierPolicy(local_every=0, persistent_url=file://..., persistent_every=save_every)``), one process
-per node; and **local disk, 2 ranks**: a 2-rank DDP job (gloo, ``--nproc-per-node 2``) whose rank 1
-is SIGKILLed, so torchrun tears down the survivor too and restarts both (the phases are the slower
-rank's; this module is that worker: ``python -m bench.bench_mttr --worker ...``). Every torchrun
-runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with torch's default the agent's store is kept
-across restarts and gloo's ``init_process_group`` on a restart fails or hangs in about half of the
-runs (see the README, "torchrun"). The **host
-snapshot** tier lives in the trainer's own staging pool (process memory): a SIGKILL destroys it, so
-after a process kill it restores nothing and the restart falls back to the next tier. Nothing in
-recoverkit keeps it alive in a surviving agent or peer yet (ElasWave peer replicas are not built).
-What it *would* give is measured in-process: the rollback time of ``restore`` from the host snapshot
-of the last step (0 steps lost) next to an in-process restore from local disk.
+Sources (rows):
 
-Run: ``python -m bench.bench_mttr [--smoke] [--size-mib 64] [--reps 3] [--ranks 1 2] [--out-dir DIR]``.
+* **own shared memory** (``shm``): the shared-memory tier every step (it outlives the process);
+  torchrun restarts the process on the same "node" and it maps the newest complete snapshot;
+* **peer replica** (``replica``): 2 simulated nodes, one torchrun agent each (``RECOVERKIT_NODE``
+  per agent, a c10d rendezvous on 127.0.0.1), one rank per node, DDP; shared memory + a replica of
+  every step on the other node. Node 1 is lost: its shared memory is deleted
+  (``rm -rf <shm_dir>/recoverkit/<node>``) and its process SIGKILLed; both agents restart their
+  workers; rank 1 gets its state from node 0's replica. The checkpoint root is one shared
+  directory (the local tier needs a file system every rank sees), so it is not deleted: its
+  newest step is ``save_every`` steps older, and a restore from it would show as steps lost;
+* **local disk** and **persistent zarr tier**, one process (in-process host snapshot every step,
+  the durable tier every ``save_every`` steps: after a SIGKILL the host snapshot is gone);
+* **local disk, 2 nodes**: the peer-replica job's world, without the memory tiers;
+* **torchft** (:mod:`bench._torchft`): two replica groups, one killed and healed live from the
+  other, the same model; steps lost 0 by construction (the survivor's steps are kept), its
+  detection is the survivor's stall until it commits a step alone.
+
+A source whose tier kinds this recoverkit does not have (or torchft, when not installed) is
+reported as not run, with the reason. Every torchrun of recoverkit runs with
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (with torch's default the agent's store is kept across
+restarts and gloo's ``init_process_group`` on a restart fails or hangs in about half of the runs).
+
+Run: ``python -m bench.bench_mttr [--smoke] [--size-mib 64] [--reps 3] [--cases shm,replica,...]
+[--out-dir DIR]``.
 """
 
 from __future__ import annotations
 
-# ruff: noqa: E402 - the imports follow T0 on purpose
-import time
-
-T0 = time.time()  # first thing: the moment a worker's interpreter reached the module (launch time)
-
 import argparse
 import json
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
+from datetime import timedelta
 from typing import Any
 
-import torch
-
-from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy, TierPolicy
-from recoverkit.config import StagingPolicy
-
-from ._workers import event_log, small_model, train_step, width_for
+from . import _torchft
+from ._common import free_port
+from ._workers import memory_tiers_missing, width_for
 from .machine import median
 from .report import fmt_bytes, publish
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("launch", "import", "restore", "first_step")
-#: (summary key, source tier, ranks) of each case
-CASES = (("local", "local", 1), ("persistent", "persistent", 1), ("local-2rank", "local", 2))
-NAMES = {"local": "local disk", "persistent": "persistent zarr tier", "local-2rank": "local disk, 2 ranks (DDP)"}
+PHASES = ("detection", "relaunch", "import", "startup", "transfer", "first_step")
+#: (case, source tier, nodes: 1 = one process under one agent, 2 = one rank per node, 2 agents)
+CASES = (("shm", "shm", 1), ("replica", "replica", 2), ("local", "local", 1), ("persistent", "persistent", 1),
+         ("local-2node", "local", 2))
+NAMES = {
+    "shm": "own shared memory (1 process)",
+    "replica": "peer replica (2 nodes, node 1 lost)",
+    "local": "local disk (1 process)",
+    "persistent": "persistent zarr tier (1 process)",
+    "local-2node": "local disk (2 nodes, process killed)",
+    "torchft": "torchft: live from the healthy replica group",
+}
+ALL_CASES = tuple(c for c, _s, _n in CASES) + ("torchft",)
+_DEATH = re.compile(r"^[EWI](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2}\.\d+) .*failed \(exitcode: -9\)", re.M)
 
 
 def torchrun_env() -> dict[str, str]:
-    """The environment of every torchrun here: the agent's store is not shared with the workers."""
+    """The environment of every recoverkit torchrun here: the agent's store is not shared."""
     return dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
@@ -74,217 +92,298 @@ def _torchrun() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _one(
-    base: str, case: str, source: str, ranks: int, width: int, steps: int, save_every: int, die_at: int, i: int
-) -> dict[str, Any]:
+def _death_time(log_text: str, near: float) -> float | None:
+    """The wall-clock time of the agent's log line of a SIGKILLed worker (glog-style, local time)."""
+    m = _DEATH.search(log_text)
+    if not m:
+        return None
+    mon, day, hh, mm, ss = m.groups()
+    lt = time.localtime(near)
+    # the line has no year: the kill's
+    return time.mktime((lt.tm_year, int(mon), int(day), int(hh), int(mm), 0, 0, 0, lt.tm_isdst)) + float(ss)
+
+
+# --------------------------------------------------------------------------- one recovery
+def _one(base: str, case: str, source: str, nodes: int, width: int, steps: int, save_every: int, die_at: int,
+         i: int) -> dict[str, Any]:
     d = os.path.join(base, f"{case}-{i}")
     os.makedirs(d)
-    root, events = os.path.join(d, "ckpt"), os.path.join(d, "events.jsonl")
-    purl = f"file://{d}/zarr"
-    args = [root, events, source, str(steps), str(save_every), str(die_at), str(width), purl]
-    worker = ["bench._workers", "mttr"] if ranks == 1 else ["bench.bench_mttr", "--worker"]
-    cmd = _torchrun() + [
-        "--standalone", f"--nproc-per-node={ranks}", "--max-restarts=1", "--monitor-interval=0.1", "-m", *worker, *args,
-    ]
-    t = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=torchrun_env())
-    wall = time.time() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    shm_dir = tempfile.mkdtemp(prefix=f"rk-bench-mttr-{case}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else d)
+    events = os.path.join(d, "events.jsonl")
+    cfg = {"root": os.path.join(d, "ckpt"), "events": events, "source": source, "steps": steps,
+           "save_every": save_every, "die_at": die_at, "width": width, "purl": f"file://{d}/zarr"}
+    try:
+        procs, logs = [], []
+        rdzv = ["--standalone"] if nodes == 1 else [
+            "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id=mttr-{case}-{i}"]
+        t = time.time()
+        for n in range(nodes):
+            env = dict(torchrun_env(), RECOVERKIT_SHM_DIR=shm_dir, RECOVERKIT_NODE=f"node{n}")
+            cmd = _torchrun() + rdzv + ["--nproc-per-node=1", "--max-restarts=1", "--monitor-interval=0.1",
+                                        "-m", "bench._workers", "mttr", json.dumps(cfg)]
+            log = os.path.join(d, f"agent{n}.log")
+            logs.append(log)
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 600
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=30)
+        wall = time.time() - t
+        texts = [open(f, errors="replace").read() for f in logs]
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            raise RuntimeError(f"{case}: torchrun exit codes {codes}:\n" + "\n".join(x[-2500:] for x in texts))
+        shm_left = sum(len(fs) for _, _, fs in os.walk(shm_dir))
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
     evs = [json.loads(line) for line in open(events)]
     kill = next(e for e in evs if e["event"] == "kill")
+    # the second life of each rank: processes launched after the kill (a survivor's agent may
+    # restart it for the membership change without counting an attempt, so not by attempt)
+    pids = {e["pid"] for e in evs if e["event"] == "launched" and e["t"] > kill["t"]}
+    after = [e for e in evs if e["pid"] in pids]
     # the job is back when its slowest rank made its first step: that rank's phases
-    firsts = [e for e in evs if e["attempt"] == 1 and e["event"] == "first_step"]
-    if len(firsts) != ranks:
-        raise RuntimeError(f"{case}: {len(firsts)} of {ranks} ranks made a step after the restart")
+    firsts = [e for e in after if e["event"] == "first_step"]
+    if len(firsts) != nodes:
+        raise RuntimeError(f"{case}: {len(firsts)} of {nodes} ranks made a step after the restart: {evs[-12:]}")
     first = max(firsts, key=lambda e: e["t"])
-    a1 = {e["event"]: e for e in evs if e["attempt"] == 1 and e["pid"] == first["pid"]}
-    out = {
-        "case": case,
-        "ranks": ranks,
-        "source": source,
-        "killed_at_step": kill["step"],
-        "resumed_from": a1["restored"]["resumed"],
-        "steps_lost": kill["step"] - (a1["restored"]["resumed"] or 0),
-        "launch": a1["launched"]["t"] - kill["t"],
-        "import": a1["restored"]["t_enter"] - a1["launched"]["t"],  # + building the model
-        "restore": a1["restored"]["t"] - a1["restored"]["t_enter"],
-        "first_step": first["t"] - a1["restored"]["t"],
+    a1 = {e["event"]: e for e in after if e["pid"] == first["pid"]}
+    r = a1["restored"]
+    died = _death_time(texts[nodes - 1], kill["t"])  # the killed rank's agent
+    detect = (died - kill["t"]) if died is not None and died >= kill["t"] - 0.01 else None
+    resumed = min(e["resumed"] or 0 for e in after if e["event"] == "restored")
+    return {
+        "case": case, "nodes": nodes, "source": source,
+        "killed_at_step": kill["step"], "resumed_from": resumed, "steps_lost": kill["step"] - resumed,
+        "detection": detect if detect is not None else 0.0,
+        "detection_measured": detect is not None,
+        "relaunch": a1["launched"]["t"] - kill["t"] - (detect or 0.0),
+        "import": r["t_enter"] - a1["launched"]["t"],
+        "startup": r["t_open"] - r["t_enter"],
+        "transfer": r["t"] - r["t_open"],
+        "first_step": first["t"] - r["t"],
         "mttr": first["t"] - kill["t"],
-        "finished": sum(e["event"] == "done" and e["attempt"] == 1 for e in evs) == ranks,
+        "bytes": r["bytes"],
+        "transfer_gbps": r["bytes"] / max(1e-9, r["t"] - r["t_open"]) / 1e9,
+        "finished": sum(e["event"] == "done" for e in after) == nodes,
+        "shm_files_left": shm_left,
         "torchrun_wall_s": wall,
     }
-    return out
 
 
-def _host_inprocess(width: int, save_every: int, base: str, reps: int) -> dict[str, Any]:
-    """Rollback in a live process: restore from the host snapshot vs from local disk."""
-    model, opt = small_model(width)
-    nbytes = sum(p.numel() * 4 for p in model.parameters()) * 3
-    state = {"model": model, "optimizer": opt}
-    opts = CheckpointOptions(tiers=TierPolicy(host_keep=1, local_every=save_every), retention=RetentionPolicy(keep_last=2),
-                             staging=StagingPolicy(budget_bytes=4 * nbytes + (16 << 20)))
-    host, local = [], []
-    with Checkpointer(os.path.join(base, "host"), options=opts) as ckpt:
-        for s in range(1, 2 * save_every + 4):
-            train_step(model, opt, s)
-            ckpt.save_async(s, state)
-        ckpt.wait()
-        last = s
-        for _ in range(reps):
+# --------------------------------------------------------------------------- the limits, same run
+def memcpy_gbps(nbytes: int, reps: int = 5) -> float:
+    """A plain 1-thread memcpy of ``nbytes`` (numpy), GB/s, median of ``reps``."""
+    import numpy as np
+
+    src = np.ones(max(1, nbytes), dtype=np.uint8)
+    dst = np.empty_like(src)
+    ts = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t)
+    return nbytes / median(ts[1:]) / 1e9
+
+
+def _p2p_rank(rank: int, port: int, nbytes: int, reps: int, q: Any) -> None:
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=120))
+        buf = torch.ones(nbytes, dtype=torch.uint8)
+        ts = []
+        for _ in range(reps + 1):
+            dist.barrier()
             t = time.perf_counter()
-            got = ckpt.restore(state)  # the newest step is only in host memory
-            host.append(time.perf_counter() - t)
-            assert got == last, (got, last)
-    with Checkpointer(os.path.join(base, "host"), options=CheckpointOptions(lock=False)) as ck2:
-        for _ in range(reps):
-            t = time.perf_counter()
-            got_local = ck2.restore(state)
-            local.append(time.perf_counter() - t)
-    return {"host_restore_s": median(host), "local_restore_s": median(local), "host_step": last,
-            "local_step": got_local, "host_steps_lost": 0, "local_steps_lost": last - got_local, "bytes": nbytes}
-
-
-def _ranked_worker(argv: list[str]) -> None:
-    """python -m bench.bench_mttr --worker ROOT EVENTS SOURCE STEPS SAVE_EVERY DIE_AT WIDTH [PURL]
-
-    The multi-rank job: DDP over gloo under ``recoverkit.protect``, each rank's batch keyed by
-    (step, rank). On torchrun's first attempt rank 1 SIGKILLs itself after step DIE_AT (once the
-    saves made so far have drained). Every rank appends its events to EVENTS.
-    """
-    root, events, source, steps, save_every, die_at, width = argv[:7]
-    purl = argv[7] if len(argv) > 7 else None
-    steps_i, save_every_i, die_at_i, width_i = int(steps), int(save_every), int(die_at), int(width)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    rank = int(os.environ.get("RANK", "0"))
-    log = event_log(events, rank=rank)
-
-    log(event="launched", t=T0)
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    import recoverkit
-
-    log(event="imported", t=time.time())
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    net, opt = small_model(width_i)
-    model = DistributedDataParallel(net)
-    if source == "persistent":
-        tiers = TierPolicy(host_keep=1, local_every=0, persistent_url=purl, persistent_every=save_every_i)
-    else:
-        tiers = TierPolicy(host_keep=1, local_every=save_every_i)
-    nbytes = sum(p.numel() * 4 for p in net.parameters()) * 3
-    opts = CheckpointOptions(
-        tiers=tiers, retention=RetentionPolicy(keep_last=2), staging=StagingPolicy(budget_bytes=4 * nbytes + (16 << 20)),
-        commit_timeout_s=10.0,
-    )
-    t_enter = time.time()
-    with recoverkit.protect(root, model=model, optimizer=opt, loader=list(range(steps_i)), save_every=1, epochs=None,
-                            max_steps=steps_i, options=opts) as run:
-        log(event="restored", t=time.time(), t_enter=t_enter, resumed=run.resumed_from)
-        first = True
-        for _ in run:
-            done = run.step + 1
-            g = torch.Generator().manual_seed(1000 * done + rank)
-            loss = model(torch.randn(16, width_i, generator=g)).square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if first:
-                log(event="first_step", t=time.time(), step=done)
-                first = False
-            if done == die_at_i and attempt == 0 and rank == 1:
-                run.ckpt.wait()  # the saves made so far have drained (a steady-state crash)
-                log(event="kill", t=time.time(), step=done)
-                os.kill(os.getpid(), signal.SIGKILL)
-    log(event="done", t=time.time(), step=run.step)
-    dist.barrier()
-    dist.destroy_process_group()
+            if rank == 0:
+                dist.send(buf, 1)
+            else:
+                dist.recv(buf, 0)
+            ts.append(time.perf_counter() - t)
+        if rank == 1:
+            q.put(("ok", ts[1:]))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
+def gloo_p2p_gbps(nbytes: int, reps: int = 3, timeout_s: float = 120.0) -> float:
+    """gloo point-to-point bandwidth between two processes on 127.0.0.1 (send -> recv), GB/s."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_p2p_rank, args=(r, port, nbytes, reps, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        status, value = q.get(timeout=timeout_s)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeError(f"gloo p2p bandwidth: {value}")
+    return nbytes / median(value) / 1e9
+
+
+# --------------------------------------------------------------------------- run
 def run(
     smoke: bool = False, size_mib: int | None = None, reps: int | None = None, workdir: str | None = None,
-    ranks: tuple[int, ...] = (1, 2),
+    cases: tuple[str, ...] = ALL_CASES, torchft_transport: str = "pg",
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    torch.set_num_threads(1)
     size_mib = size_mib or (4 if smoke else 64)
     reps = reps or (1 if smoke else 3)
     width = width_for(size_mib << 20)
     steps, save_every, die_at = (14, 5, 12) if smoke else (30, 10, 25)
     base = tempfile.mkdtemp(prefix="rk-bench-mttr-", dir=workdir)
     runs: list[dict[str, Any]] = []
+    not_run: dict[str, str] = {}
+    torchft: dict[str, Any] | None = None
+    state_bytes = width * width * 3 * 4 * 3
     try:
-        for i in range(reps):
-            for case, source, n in CASES:
-                if n in ranks:
-                    runs.append(_one(base, case, source, n, width, steps, save_every, die_at, i))
-        host = _host_inprocess(width, save_every, base, 3)
+        for case, source, nodes in CASES:
+            if case not in cases:
+                continue
+            why = memory_tiers_missing(source)
+            if why:
+                not_run[case] = why
+                continue
+            for i in range(reps):
+                try:
+                    runs.append(_one(base, case, source, nodes, width, steps, save_every, die_at, i))
+                except Exception as e:  # noqa: BLE001 - one source failing leaves the others' rows
+                    not_run[case] = f"failed: {str(e)[-1500:]}"
+                    print(f"[mttr] {case} failed:\n{e}", file=sys.stderr, flush=True)
+                    break
+        if "torchft" in cases:
+            why = _torchft.available()
+            if why:
+                not_run["torchft"] = why
+            else:
+                try:
+                    torchft = _torchft.run_mttr(width, die_at=die_at, reps=reps, transport=torchft_transport,
+                                                workdir=base)
+                except Exception as e:  # noqa: BLE001
+                    not_run["torchft"] = f"failed: {str(e)[-1500:]}"
+                    print(f"[mttr] torchft failed:\n{e}", file=sys.stderr, flush=True)
+        memcpy = memcpy_gbps(state_bytes)
+        p2p = gloo_p2p_gbps(state_bytes) if any(r["case"] == "replica" for r in runs) or not smoke else None
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    summary = {}
-    for case, _source, _n in CASES:
+    summary: dict[str, dict[str, Any]] = {}
+    for case in ALL_CASES:
         rs = [r for r in runs if r["case"] == case]
         if rs:
-            summary[case] = {k: median([r[k] for r in rs]) for k in (*PHASES, "mttr", "steps_lost")}
+            summary[case] = {k: median([r[k] for r in rs]) for k in (*PHASES, "mttr", "steps_lost", "transfer_gbps")}
+            summary[case]["runs"] = len(rs)
+    if torchft is not None:
+        s = torchft["summary"]
+        summary["torchft"] = {
+            "detection": s["detection"], "relaunch": s["relaunch"], "import": s["import"], "startup": 0.0,
+            "transfer": s["join_transfer"], "first_step": s["first_step"], "mttr": s["mttr"], "steps_lost": 0,
+            "transfer_gbps": s["transfer_gbps"], "runs": len(torchft["runs"]),
+        }
+    targets: dict[str, Any] = {}
+    if "shm" in summary:
+        targets["shm_transfer_vs_memcpy"] = summary["shm"]["transfer_gbps"] / memcpy
+        targets["shm_steps_lost"] = summary["shm"]["steps_lost"]
+    if "replica" in summary and p2p:
+        targets["replica_transfer_vs_gloo_p2p"] = summary["replica"]["transfer_gbps"] / p2p
+        targets["replica_steps_lost"] = summary["replica"]["steps_lost"]
     return {
-        "scenario": "mttr", "smoke": smoke, "state_bytes": host["bytes"], "reps": reps, "ranks": list(ranks),
+        "scenario": "mttr", "smoke": smoke, "state_bytes": state_bytes, "reps": reps, "cases": list(cases),
         "steps": steps, "save_every": save_every, "die_at": die_at,
-        "summary": summary, "host_inprocess": host, "runs": runs,
-        "host_after_process_kill": "not restorable: the snapshot lives in the killed process's staging pool",
+        "memcpy_gbps": memcpy, "gloo_p2p_gbps": p2p, "summary": summary, "targets": targets, "runs": runs,
+        "torchft": torchft, "not_run": not_run,
+        "shm_files_left": sum(r["shm_files_left"] for r in runs),
         "runtime_s": time.perf_counter() - t0,
     }
 
 
 def table(r: dict[str, Any]) -> str:
-    h = r["host_inprocess"]
     lines = [
-        f"state {fmt_bytes(r['state_bytes'])} (MLP + AdamW); lazy save every step, durable tier every {r['save_every']} steps; "
-        f"SIGKILL after step {r['die_at']}; median of {r['reps']}" + (" [smoke]" if r["smoke"] else "")
+        f"state {fmt_bytes(r['state_bytes'])} (MLP + AdamW); save_async every step (memory tiers every step, the disk "
+        f"tier every {r['save_every']} steps); SIGKILL after step {r['die_at']}; torchrun --max-restarts=1 "
+        f"--monitor-interval=0.1; median of {r['reps']}" + (" [smoke]" if r["smoke"] else "")
         + f"; runtime {r['runtime_s']:.0f} s",
         "",
-        "| restored from | restart/launch s | import s | restore read s | first step s | MTTR s | steps lost |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        "| host snapshot (after a process kill) | - | - | not available | - | falls back to the next tier | - |",
+        "| restored from | detection s | relaunch s | import s | start-up s | state transfer s (GB/s) | first step s "
+        "| MTTR s | steps lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for case, s in r["summary"].items():
-        name = NAMES.get(case, case)
-        lines.append(f"| {name} | {s['launch']:.2f} | {s['import']:.2f} | {s['restore']:.3f} | {s['first_step']:.3f} | "
-                     f"{s['mttr']:.2f} | {s['steps_lost']:.0f} |")
+    for case in ALL_CASES:
+        s = r["summary"].get(case)
+        if s is None:
+            if case in r["not_run"]:
+                lines.append(f"| {NAMES[case]} | not run: {r['not_run'][case].splitlines()[0][:160]} ||||||||")
+            continue
+        gbps = f" ({s['transfer_gbps']:.2f})" if s.get("transfer_gbps") else ""
+        lines.append(
+            f"| {NAMES[case]} | {s['detection']:.2f} | {s['relaunch']:.2f} | {s['import']:.2f} | {s['startup']:.3f} | "
+            f"{s['transfer']:.3f}{gbps} | {s['first_step']:.3f} | {s['mttr']:.2f} | {s['steps_lost']:.0f} |")
+    lines.append("")
+    lines.append(f"- limits in the same run: memcpy of the state {r['memcpy_gbps']:.2f} GB/s (1 thread)"
+                 + (f"; gloo point-to-point {r['gloo_p2p_gbps']:.2f} GB/s (127.0.0.1)" if r["gloo_p2p_gbps"] else ""))
+    t = r["targets"]
+    if "shm_transfer_vs_memcpy" in t:
+        lines.append(f"- own shared memory: state transfer {t['shm_transfer_vs_memcpy']:.2f}x memcpy (target >= 0.5: "
+                     f"{'met' if t['shm_transfer_vs_memcpy'] >= 0.5 else 'MISSED'}); steps lost "
+                     f"{t['shm_steps_lost']:.0f} (target 0: {'met' if t['shm_steps_lost'] == 0 else 'MISSED'})")
+    if "replica_transfer_vs_gloo_p2p" in t:
+        lines.append(f"- peer replica: state transfer {t['replica_transfer_vs_gloo_p2p']:.2f}x the gloo point-to-point "
+                     f"bandwidth (target >= 0.5: {'met' if t['replica_transfer_vs_gloo_p2p'] >= 0.5 else 'MISSED'}); "
+                     f"steps lost {t['replica_steps_lost']:.0f} (target 0: "
+                     f"{'met' if t['replica_steps_lost'] == 0 else 'MISSED'})")
     lines += [
-        "",
-        f"- host snapshot in a live process (rollback, e.g. the loss guard): restore {h['host_restore_s'] * 1e3:.1f} ms, "
-        f"0 steps lost, vs an in-process restore from local disk {h['local_restore_s'] * 1e3:.1f} ms "
-        f"({h['local_steps_lost']} steps lost). After a SIGKILL the host snapshot is gone with the process: "
-        "no surviving agent or peer keeps it today.",
-        "- restart/launch includes torchrun noticing the death (monitor interval 0.1 s) and starting a new interpreter; "
-        "import includes building the model; restore read is protect() entry (start-up, discovery, verified read, apply).",
-        "- 2 ranks: rank 1 is killed; the survivor's collective fails and torchrun restarts both; the phases are those of "
-        "the rank that made its first step last, and its import includes init_process_group. Every torchrun ran with "
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.",
+        "- state transfer is the whole `restore` (agreeing on the step, reading and verifying every byte, applying); "
+        "its GB/s is the state's bytes over that time. Detection is the torchrun agent's log line of the death; "
+        "relaunch includes the agent's teardown (and the 2-node re-rendezvous); import includes the process group and "
+        "the model. 2 nodes: the phases of the rank that made its first step last.",
     ]
+    ft = r.get("torchft")
+    if ft:
+        s = ft["summary"]
+        lines.append(
+            f"- torchft ({ft['settings']['transport']} transport; lighthouse heartbeat timeout "
+            f"{ft['settings']['lighthouse']['heartbeat_timeout_ms']} ms): detection is the surviving group's stall until "
+            f"it commits a step alone; the healed group's state transfer column is joining the quorum + receiving the "
+            f"state ({(s['transfer'] or 0) * 1e3:.1f} ms of it the transport's receive) + applying it; the survivor made "
+            f"{s['survivor_steps_alone']:.0f} steps with half the replicas meanwhile; nothing is rolled back.")
+    if r["shm_files_left"]:
+        lines.append(f"- {r['shm_files_left']} file(s) were left in the runs' shared-memory directories")
     return "\n".join(lines)
 
 
 def _plot(r: dict[str, Any]) -> Any:
     def draw(fig: Any) -> None:
         ax = fig.subplots()
-        rows = list(r["summary"].items())
-        for y, (_src, s) in enumerate(rows):
+        rows = [(c, s) for c, s in r["summary"].items()]
+        for y, (_c, s) in enumerate(rows):
             left = 0.0
             for j, ph in enumerate(PHASES):
                 ax.barh(y, s[ph], left=left, color=f"C{j}", label=ph if y == 0 else None)
                 left += s[ph]
-        ax.set_yticks(range(len(rows)), [f"{NAMES.get(c, c)}\n({s['steps_lost']:.0f} steps lost)" for c, s in rows])
+        ax.set_yticks(range(len(rows)), [f"{NAMES.get(c, c)}\n({s['steps_lost']:.0f} steps lost)" for c, s in rows],
+                      fontsize=7)
         ax.set_xlabel("seconds from the SIGKILL")
-        ax.set_title("recovery timeline under torchrun --max-restarts")
-        ax.legend(loc="lower right")
+        ax.set_title("recovery timeline")
+        ax.legend(loc="lower right", fontsize=7)
 
     return draw
 
@@ -294,12 +393,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--size-mib", type=int, default=None, help="state size (default 64; smoke 4)")
     ap.add_argument("--reps", type=int, default=None, help="restarts per source (default 3; smoke 1)")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=[1, 2],
-                    help="process counts to measure (default: 1 and 2)")
+    ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {','.join(ALL_CASES)}")
+    ap.add_argument("--torchft-transport", default="pg", choices=["pg", "http"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args(argv)
-    r = run(a.smoke, a.size_mib, a.reps, a.workdir, tuple(a.ranks))
+    cases = tuple(c.strip() for c in a.cases.split(",") if c.strip())
+    unknown = sorted(set(cases) - set(ALL_CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {', '.join(ALL_CASES)}")
+    r = run(a.smoke, a.size_mib, a.reps, a.workdir, cases, a.torchft_transport)
     text = table(r)
     print(text)
     publish("mttr", r, text, plot=_plot(r), out_dir=a.out_dir)
@@ -307,7 +410,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        _ranked_worker(sys.argv[2:])
-    else:
-        main()
+    main()

@@ -12,8 +12,6 @@ import math
 import subprocess
 import sys
 
-import pytest
-
 from tests.bench_helpers import REPO, numbers
 
 
@@ -68,16 +66,6 @@ def test_rank_failure_smoke(tmp_path):
     assert r["detection_rate"] == 1.0 and r["detected"] == r["surviving_ranks"] > 0
     assert r["previous_step_latest"] == r["trials"]
     assert r["all_within_timeout"] is True
-
-
-@pytest.mark.slow
-def test_mttr_smoke(tmp_path):
-    r = _run("mttr", tmp_path)
-    for src in ("local", "persistent"):
-        s = r["summary"][src]
-        assert s["mttr"] > 0 and s["steps_lost"] >= 0
-    assert all(x["finished"] and x["resumed_from"] is not None for x in r["runs"])
-    assert r["host_inprocess"]["host_steps_lost"] == 0
 
 
 def test_effective_smoke(tmp_path):
