@@ -7,6 +7,11 @@ sizes, CUDA devices), every ShardedTensor region against its target, then ``stat
 (modules, optimizers and schedulers by a dry run, tensors, sampler and data position).
 Only then are the objects loaded, the ShardedTensor regions copied into the targets'
 local tensors, plain values replaced, and the random streams restored last.
+
+A tree read in place (``restore.in_place``) first has its PendingTensors resolved: those
+that fit their live target put the target itself in the tree (the checks see it, the loads
+find nothing to copy) and their verified bytes are copied into it once every check passed,
+right before the first load; the others become new tensors, as a copy read gives them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..staging.plan import RNG_KEY
 from ..state import RNGState, apply, capture, rebuild_container
 from ..state.dtensor import as_sharded, is_dtensor, local_of
 from ..state.sharded import ShardedTensor, unwrap
+from .in_place import copy_all, resolve
 
 __all__ = ["apply_restored", "target_shards"]
 
@@ -49,17 +55,22 @@ def _walk(tree: Any, path: str, found: dict[str, ShardedTensor]) -> None:
 def apply_restored(state: MutableMapping[str, Any], captured: dict[str, Any], *, restore_rng: bool) -> None:
     """Load ``captured`` into ``state``; every check happens before the first change.
 
+    ``captured`` may come from a read in place (it may hold PendingTensors): their bytes land
+    in the live tensors that fit them, after every check (see the module docstring).
+
     Raises:
         IncompatibleCheckpointError: something does not fit (or is damaged beyond what
             the checksums can see); no live object was changed.
     """
+    targets = {k: unwrap(v) for k, v in state.items()}
+    in_place = resolve(targets, captured)  # none left pending; the fitting targets stand in
     rng = captured.pop(RNG_KEY, None)
     if rng is not None and restore_rng:
         RNGState().validate_state_dict(rng)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     captured = {k: _swap_shards(_target_tree(state, k), v, copies) for k, v in captured.items()}
-    targets = {k: unwrap(v) for k, v in state.items()}
-    apply(targets, captured)  # state.check first: nothing changes unless everything fits
+    # state.check first: nothing changes unless everything fits; then the bytes land in place
+    apply(targets, captured, before_load=lambda: copy_all(in_place))
     for dst, src in copies:
         dst.copy_(src)
     for k, v in targets.items():  # plain values were replaced in `targets`

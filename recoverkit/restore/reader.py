@@ -10,6 +10,11 @@ reading leaves the training state untouched.
 Rank-local tensors of a multi-rank step live under ``rank-RRRRR/``; a rank that did not
 exist when the step was saved (the world grew) reads rank 0's local state.
 
+Read *in place* (``in_place=True``, or inside :func:`in_place_reads`: restore only), a
+whole tensor whose pieces a tier holds in memory is not copied here at all: it comes back as
+a verified :class:`~recoverkit.restore.in_place.PendingTensor` that ``restore.apply`` copies
+straight into its live target (see :mod:`recoverkit.restore.in_place`).
+
 Torch is imported only where a tensor is made: checking a blob (``check_blob``), resolving
 records and reading raw bytes (:func:`read_raw`) need none of it, so the CLI's read-only
 commands and ``--format torch`` run without importing torch.
@@ -17,6 +22,8 @@ commands and ``--format torch`` run without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import mmap
 import warnings
 from collections.abc import Collection, Iterator, Mapping
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOT_READ", "read_state", "read_region", "read_raw", "tensor_leaves", "blob_rank", "resolve_record", "check_blob",
+    "in_place_reads", "slab_layout",
 ]  # fmt: skip
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
@@ -49,6 +57,29 @@ class _NotRead:
 
 #: the value of an entry ``read_state`` was asked not to read
 NOT_READ: Any = _NotRead()
+
+_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("recoverkit_in_place_reads", default=False)
+
+
+@contextlib.contextmanager
+def in_place_reads(enabled: bool = True) -> Iterator[None]:
+    """Within the block, :func:`read_state` reads in place unless told otherwise: what a
+    restore wraps around its recovery chain, so that every strategy's reads (whatever tier
+    they come from) hand ``restore.apply`` tensors it can copy straight into the live ones.
+    Only for trees that go to ``apply_restored``.
+
+    Example:
+        >>> with in_place_reads():
+        ...     _IN_PLACE.get()
+        True
+        >>> _IN_PLACE.get()
+        False
+    """
+    token = _IN_PLACE.set(enabled)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
 
 
 def blob_rank(manifest: Manifest, rank: int) -> int:
@@ -72,16 +103,24 @@ def read_state(
     allow_pickle: bool = False,
     sharded: Mapping[str, ShardedTensor] | None = None,
     entries: Collection[str] | None = None,
+    in_place: bool | None = None,
 ) -> Any:
     """Read rank ``rank``'s state tree of ``step``.
 
     ``sharded`` maps tensor keys to the ShardedTensors the restoring rank holds; for those
     only the rank's region is read, and the tree gets a new ShardedTensor in their place.
     ``entries`` names the top-level entries to read; the others keep their name with the
-    value :data:`NOT_READ` and none of their tensors is read.
+    value :data:`NOT_READ` and none of their tensors is read. ``in_place`` (default: as
+    :func:`in_place_reads` says, else False): a whole tensor the tier holds in memory comes
+    back as a verified PendingTensor for ``restore.apply`` (see the module docstring); every
+    CRC of those is checked before this returns.
     """
     from ..state.flatten import unflatten
     from ..state.sharded import ShardedTensor
+    from .in_place import PendingTensor, Unit, collect, verify
+
+    if in_place is None:
+        in_place = _IN_PLACE.get()
 
     src = blob_rank(manifest, rank)
     blob_rec = manifest.blob_for(src)
@@ -93,10 +132,15 @@ def read_state(
     sharded = sharded or {}
     values: dict[str, Any] = {}
     regions: list[_Region] = []
+    units: dict[tuple[str, int, int], Unit] = {}  # regions in memory, verified below
     for key in sorted(set(tensor_leaves(skeleton))):
         rec = resolve_record(manifest, key, src)
         if rec.key in values:
             values[key] = values[rec.key]
+            continue
+        pending = collect(tier, step, rec, units) if in_place and key not in sharded else None
+        if pending is not None:
+            values[key] = values[rec.key] = pending
             continue
         if key in sharded:
             target = sharded[key]
@@ -112,6 +156,12 @@ def read_state(
             values[key] = region.out
         regions.append(region)
         values[rec.key] = values[key]
+    if units:  # every region in memory, before anything is read or applied
+        verify(list(units.values()), engine=getattr(tier, "engine", None))
+        for leaf in _leaves(skeleton):  # a new tensor made of one is a Parameter again
+            value = values.get(leaf.key)
+            if leaf.parameter and isinstance(value, PendingTensor):
+                value.parameter = leaf.requires_grad
     # every piece that lands in place, of every tensor, in one request (one pass per file)
     tier.read(step, [req for r in regions for req in r.direct])
     for region in regions:
@@ -175,16 +225,37 @@ def read_raw(tier: ReadableTier, step: int, rec: TensorRecord) -> bytearray | mm
     """The whole tensor of ``rec`` as bytes (C order) when its pieces are slabs along dim 0
     that tile it: every piece is read in place and CRC-checked by the tier, and no torch is
     needed. None for any other layout of pieces (:func:`read_region` assembles those)."""
-    numel = _numel(rec.shape)
-    if numel == 0:
+    if _numel(rec.shape) == 0:
         return bytearray()
+    layout = slab_layout(step, rec)
+    if layout is None:
+        return None
+    row_bytes, slabs = layout
+    out = _buffer(rec.nbytes)
+    view = memoryview(out)
+    tier.read(step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in slabs])
+    return out
+
+
+def slab_layout(step: int, rec: TensorRecord) -> tuple[int, list[tuple[int, int, ShardRecord]]] | None:
+    """``(row_bytes, [(first row, rows, shard)])`` when the pieces of ``rec`` are whole rows
+    (slabs along dim 0) that tile it in order, each row exactly once (a 0-d tensor: its one
+    piece, as one row); None for any other layout. IntegrityError when such slabs leave
+    rows uncovered.
+
+    Example:
+        >>> piece = ShardRecord(0, "f", 0, 16, 0, (0, 0), (2, 2))
+        >>> slab_layout(1, TensorRecord("w", "float32", (2, 2), (piece,)))[0]
+        8
+    """
+    numel = _numel(rec.shape)
     if not rec.shape:  # 0-d: one piece holds it
         if len(rec.shards) != 1:
             return None
-        out0 = bytearray(rec.shards[0].nbytes)
-        tier.read(step, [(rec.shards[0], out0)])
-        return out0
+        return rec.shards[0].nbytes, [(0, 1, rec.shards[0])]
     rows = rec.shape[0]
+    if numel == 0:
+        return None
     row_bytes = numel // rows * dtype_itemsize(rec.dtype)
     pieces = []
     for s in rec.shards:
@@ -199,10 +270,7 @@ def read_raw(tier: ReadableTier, step: int, rec: TensorRecord) -> bytearray | mm
         at += n
     if at != rows:
         raise IntegrityError(f"step {step}: the saved pieces of {rec.key!r} cover {at} of its {rows} rows")
-    out = _buffer(rows * row_bytes)
-    view = memoryview(out)
-    tier.read(step, [(s, view[start * row_bytes : (start + n) * row_bytes]) for start, n, s in pieces])
-    return out
+    return row_bytes, pieces
 
 
 def _buffer(nbytes: int) -> bytearray | mmap.mmap:
@@ -213,15 +281,19 @@ def _buffer(nbytes: int) -> bytearray | mmap.mmap:
 
 def tensor_leaves(tree: Any) -> Iterator[str]:
     """Keys of every tensor placeholder in a decoded object tree."""
+    return (leaf.key for leaf in _leaves(tree))
+
+
+def _leaves(tree: Any) -> Iterator[TensorLeaf]:
     if isinstance(tree, TensorLeaf):
-        yield tree.key
+        yield tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
-            yield from tensor_leaves(k)
-            yield from tensor_leaves(v)
+            yield from _leaves(k)
+            yield from _leaves(v)
     elif isinstance(tree, (list, tuple, set, frozenset)):
         for v in tree:
-            yield from tensor_leaves(v)
+            yield from _leaves(v)
 
 
 def resolve_record(manifest: Manifest, key: str, rank: int = 0) -> TensorRecord:

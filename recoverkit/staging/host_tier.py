@@ -10,6 +10,10 @@ restorable from host memory only when every rank holds it and can serve its own 
 it: :meth:`HostTier.agree` (collective, called by ``restore`` on every rank) settles that
 through the coordinator, bounded by a timeout; until then, and for every step not agreed,
 restore falls through to the disk tiers.
+
+A restore into live tensors reads no copy at all: :meth:`HostTier.memory_view` hands out
+read-only views of the staged ranges, which ``restore.in_place`` verifies (CRC-32C, every
+region before the first byte lands) and copies straight into the targets.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class HostTier(SnapshotTier):
         self._lock = threading.Lock()
         self._snaps: deque[HostSnapshot] = deque()
         self._agreed: set[int] = set()  # steps every rank holds (world_size > 1)
+        # the snapshot whose staged extents (pool offset -> nbytes) were looked up last
+        self._extents: tuple[HostSnapshot | None, dict[int, int]] = (None, {})
 
     # ------------------------------------------------------------ the cache
     def offer(self, snap: HostSnapshot) -> bool:
@@ -184,6 +190,48 @@ class HostTier(SnapshotTier):
                     f"host snapshot of step {step}: region at {rec.offset} has crc {hexcrc(found)}, "
                     f"staged {hexcrc(rec.crc32c)}"
                 )
+
+    def memory_view(self, step: int, rec: Region) -> memoryview | None:
+        """A read-only view of a staged region of ``step`` (its pool range, or the blob).
+
+        Only the exact regions this tier's manifest lists are served: a record whose
+        ``(offset, nbytes)`` is not one of the snapshot's staged shards is ValueError, so no
+        view reaches past what the snapshot holds. The bytes are not verified here (the
+        caller checks them against ``rec.crc32c``). CheckpointNotFoundError if the step is
+        not held.
+
+        Example:
+            >>> tier = HostTier(keep=0)
+            >>> tier.memory_view(3, BlobRecord(0, "host:blob", 0, 1, 0))
+            Traceback (most recent call last):
+            ...
+            recoverkit.errors.CheckpointNotFoundError: no host snapshot of step 3
+        """
+        snap = self._snap(step)
+        if rec.file == _BLOB:
+            if rec.offset != 0 or rec.nbytes != len(snap.blob):
+                raise ValueError(
+                    f"host snapshot of step {step}: blob region [{rec.offset}, +{rec.nbytes}) is not the "
+                    f"staged blob of {len(snap.blob)} bytes"
+                )
+            return memoryview(snap.blob).toreadonly()
+        if rec.file != _POOL or self._staged(snap).get(rec.offset) != rec.nbytes:
+            raise ValueError(
+                f"host snapshot of step {step}: region {rec.file!r} [{rec.offset}, +{rec.nbytes}) is not "
+                "a staged shard of it"
+            )
+        if rec.nbytes == 0:
+            return memoryview(b"")
+        # the pool's own view holds the arena: the bytes stay mapped while the view lives
+        return snap._pool.view(rec.offset, rec.nbytes).toreadonly()  # noqa: SLF001 (no public view yet)
+
+    def _staged(self, snap: HostSnapshot) -> dict[int, int]:
+        """Pool offset -> nbytes of every shard ``snap`` staged (cached for the last one asked)."""
+        held, extents = self._extents
+        if held is not snap:
+            extents = {off: n for _, off, n, _ in snap.entries}
+            self._extents = (snap, extents)
+        return extents
 
     def describe(self, step: int) -> str:
         return f"host snapshot of step {step}"

@@ -20,7 +20,7 @@ of their ``load_state_dict`` on a scratch copy, see :mod:`~recoverkit.state.pref
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -101,12 +101,15 @@ def check(state: Mapping[str, Any], captured: Mapping[str, Any]) -> None:
             validate(value)
 
 
-def apply(state: MutableMapping[str, Any], captured: Mapping[str, Any]) -> None:
+def apply(
+    state: MutableMapping[str, Any], captured: Mapping[str, Any], *, before_load: Callable[[], None] | None = None
+) -> None:
     """Load ``captured`` into the objects of ``state`` after :func:`check` passed.
 
     Stateful objects get ``load_state_dict`` (modules with ``strict=True``); tensors are
     overwritten in place with ``copy_`` (parameters included); other values are replaced
-    in ``state``.
+    in ``state``. ``before_load`` runs once every check passed, before the first object
+    changes (restore copies bytes straight into live tensors there).
 
     Raises:
         IncompatibleCheckpointError: from :func:`check`; nothing was changed.
@@ -120,6 +123,8 @@ def apply(state: MutableMapping[str, Any], captured: Mapping[str, Any]) -> None:
         (3, True)
     """
     check(state, captured)
+    if before_load is not None:
+        before_load()
     for name, target in list(state.items()):
         value = captured[name]
         if isinstance(target, torch.nn.Module):

@@ -163,6 +163,30 @@ class ReadableTier(ABC):
         """Where the step lives, for messages."""
         return f"{self.name} step {step}"
 
+    def memory_view(self, step: int, rec: Region) -> memoryview | None:
+        """A read-only view of ``rec``'s bytes when this tier holds them in memory, else None.
+
+        Optional (the default: None, the bytes come through :meth:`read`). A tier that holds a
+        step in memory (a host snapshot: its pool range; shared memory: its mapped slot; bytes
+        fetched from a peer) returns exactly ``rec.nbytes`` bytes, after checking that the
+        region lies inside what it holds (ValueError otherwise, naming it). The bytes are
+        **not** verified: the caller checks them against ``rec.crc32c`` (a packed shard's
+        through its pack: ask for the :class:`PackRecord`) before it uses them, which is how
+        restore copies a step straight into live tensors (``restore.in_place``). The view
+        stays valid while the tier holds the step; a snapshot the tier gives up meanwhile may
+        change its bytes, which is why callers verify right before they copy.
+
+        Example:
+            >>> class Disk(ReadableTier):
+            ...     name = "disk"
+            ...     def steps(self): return []
+            ...     def manifest(self, step): raise FileNotFoundError(step)
+            ...     def read(self, step, requests): pass
+            >>> Disk().memory_view(1, BlobRecord(0, "f", 0, 4, 0)) is None
+            True
+        """
+        return None
+
 
 class Tier(ReadableTier):
     """A storage level that steps are committed to (see the module docstring for the order)."""
