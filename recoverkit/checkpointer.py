@@ -356,13 +356,14 @@ class Checkpointer:
         """
         self.settle()
         # every rank: which snapshots every rank holds. Lazy saves are collective, so a
-        # Checkpointer that staged none holds none on any rank: no exchange (a restore at
-        # start-up, or on one rank only, never waits for the others)
-        if self._pipeline is not None:
-            for t in self._snapshot_tiers():
-                agree = getattr(t, "agree", None)
-                if callable(agree):
-                    agree()
+        # Checkpointer that staged none holds none in its process on any rank: no exchange
+        # (a restore at start-up, or on one rank only, never waits for the others). Tiers
+        # whose snapshots outlive the process (shared memory, ``early``) may hold an
+        # earlier process's: they agree at start-up too (every rank restores then).
+        for t in self._snapshot_tiers():
+            agree = getattr(t, "agree", None)
+            if callable(agree) and (self._pipeline is not None or t.early):
+                agree()
         return self._reader().restore(state, step, strict=strict)
 
     def _reader(self, *, durable: bool = False) -> CheckpointReader:
@@ -411,8 +412,13 @@ class Checkpointer:
         return self._reader(durable=True).manifest(step)
 
     # ------------------------------------------------------------- lifecycle
-    def close(self) -> None:
+    def close(self, *, keep_snapshots: bool = False) -> None:
         """Flush pending saves, stop the pipeline and release the run lock.
+
+        A normal close ends the job: snapshots kept beyond the process (shared memory) are
+        deleted. ``keep_snapshots=True`` keeps them for a process restarted on this node:
+        leaving a ``with`` block on an exception does so, and so does ``protect`` after a
+        preemption signal (a crash never gets here: they stay).
 
         Raises:
             CommitError: after everything is closed and the lock released, if a save
@@ -431,6 +437,9 @@ class Checkpointer:
             try:
                 for t in self._snapshot_tiers():
                     t.close()
+                if not keep_snapshots:
+                    for t in self._snapshot_tiers():
+                        t.discard()
             finally:
                 self._release_locks()
         if failed:
@@ -448,7 +457,7 @@ class Checkpointer:
             self.close()
             return
         try:
-            self.close()
+            self.close(keep_snapshots=True)  # the job may be restarted: its memory stays
         except CommitError as e:  # already logged; the exception in flight matters more
             log.debug("recoverkit: closing after %s: %s", getattr(exc_type, "__name__", exc_type), e)
 

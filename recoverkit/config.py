@@ -76,8 +76,10 @@ class TierSpec:
     (:mod:`recoverkit.staging.registry`): ``"host"`` (snapshots kept in host memory by
     ``save_async``; settings ``keep``), ``"local"`` (segment files under a root; settings
     ``root``, default the Checkpointer's), ``"persistent"`` (zarr v3 in any tensorstore
-    kvstore; settings ``url``, ``compression``, ``compression_level``). The list is ordered
-    fastest first; restore looks in that order.
+    kvstore; settings ``url``, ``compression``, ``compression_level``), ``"shm"`` (per-step
+    snapshots in shared memory that survive the process; :meth:`shm`), ``"replica"``
+    (those snapshots replicated to peers; :meth:`replica`). The list is ordered fastest
+    first; restore looks in that order.
 
     Attributes:
         kind: the registry key of the tier's class.
@@ -146,6 +148,73 @@ class TierSpec:
             raise ConfigError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}")
         settings = {"url": url, "compression": compression, "compression_level": compression_level}
         return cls(kind="persistent", every_steps=every_steps, every_s=every_s, settings=settings)
+
+
+    @classmethod
+    def shm(
+        cls, *, every_steps: int | None = 1, every_s: float | None = None, slots: int = 2,
+        budget_bytes: int | None = None, shm_dir: str | None = None,
+    ) -> TierSpec:
+        """Per-step snapshots in shared memory that outlive the process (``save_async``).
+
+        Each staged save due is copied into one of ``slots`` double-buffered slots under
+        ``shm_dir`` (default ``RECOVERKIT_SHM_DIR``, else ``/dev/shm``), right after staging
+        and before the disk commits; a process restarted on the same node with the same
+        root restores from the newest complete one. ``budget_bytes`` bounds the shared
+        memory of this rank (default: twice ``StagingPolicy.budget_bytes``, room for two
+        snapshots as large as the staging pool). The regions are removed when the
+        Checkpointer closes normally, kept after a crash or a preemption signal (for the
+        restarted process), and ``recoverkit gc ROOT --yes`` removes what a dead job left.
+
+        Example:
+            >>> TierSpec.shm(budget_bytes=8 << 30).settings["budget_bytes"]
+            8589934592
+        """
+        if not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= 16:
+            raise ConfigError(f"slots must be an integer in [2, 16] (double buffering at least), got {slots!r}")
+        if budget_bytes is not None and (
+            not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 4096
+        ):
+            raise ConfigError(f"budget_bytes must be an integer >= 4096 or None, got {budget_bytes!r}")
+        if shm_dir is not None and (not isinstance(shm_dir, str) or not shm_dir):
+            raise ConfigError(f"shm_dir must be a non-empty path or None, got {shm_dir!r}")
+        settings: dict[str, Any] = {"slots": slots}
+        if budget_bytes is not None:
+            settings["budget_bytes"] = budget_bytes
+        if shm_dir is not None:
+            settings["shm_dir"] = shm_dir
+        return cls(kind="shm", every_steps=every_steps, every_s=every_s, settings=settings)
+
+    @classmethod
+    def replica(
+        cls, *, k: int = 1, groups: Sequence[Sequence[str]] | None = None, every_steps: int | None = 1,
+        budget_bytes: int | None = None,
+    ) -> TierSpec:
+        """Replicas of each rank's shared-memory snapshot in the memory of ``k`` peers on
+        other nodes (placement by node; ``groups``: lists of node names, e.g. racks, a
+        replica is placed outside its owner's group). Needs a ``shm`` tier in the list.
+        ``budget_bytes`` bounds the replicas this rank holds (default as for ``shm``).
+
+        Example:
+            >>> TierSpec.replica(k=1, groups=[["n0", "n1"], ["n2", "n3"]]).settings["groups"]
+            (('n0', 'n1'), ('n2', 'n3'))
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+        if budget_bytes is not None and (
+            not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 4096
+        ):
+            raise ConfigError(f"budget_bytes must be an integer >= 4096 or None, got {budget_bytes!r}")
+        settings: dict[str, Any] = {"k": k}
+        if groups is not None:
+            if isinstance(groups, (str, bytes)) or not all(
+                not isinstance(g, (str, bytes)) and all(isinstance(n, str) and n for n in g) for g in groups
+            ):
+                raise ConfigError(f"groups must be lists of node names, got {groups!r}")
+            settings["groups"] = tuple(tuple(g) for g in groups)  # hashable: options stay hashable
+        if budget_bytes is not None:
+            settings["budget_bytes"] = budget_bytes
+        return cls(kind="replica", every_steps=every_steps, settings=settings)
 
 
 def default_tiers() -> tuple[TierSpec, ...]:

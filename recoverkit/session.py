@@ -30,7 +30,9 @@ naming them after everything is flushed and released, ``"exit"`` exits with stat
 one error line, ``"warn"`` only logs a warning.
 
 Entering ``protect`` takes the root's run lock, a staging pipeline and the signal handlers;
-every way out (a failure on entry included) gives all of them back.
+every way out (a failure on entry included) gives all of them back. Snapshots kept in shared
+memory (a ``shm`` tier) are deleted only when the loop ends normally; after an exception or
+a preemption signal they stay for the restarted process.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ class Run:
         self._signals = PreemptionSignals()
         self._unquiet: Callable[[], None] | None = None
         self._closed = False
+        #: keep snapshots that outlive the process (shared memory) when the Checkpointer is
+        #: closed: only a loop that ended normally (no exception, no signal) ends the job
+        self._keep_snapshots = True
         self._saved_step: int | None = None  # the newest step saved (or restored): never saved twice
         self._unlogged: list[Any] = []  # handles of saves whose commit is not logged yet
 
@@ -151,6 +156,9 @@ class Run:
             self._check_saves()
             self.release(close=self.ckpt.settle(0))
             return
+        self._keep_snapshots = self.preempted is not None or not (
+            exc is None or (isinstance(exc, SystemExit) and not exc.code)
+        )
         try:
             self._settle()
             self._check_saves()
@@ -177,7 +185,7 @@ class Run:
             return
         self._closed = True
         try:
-            self.ckpt.close()
+            self.ckpt.close(keep_snapshots=self._keep_snapshots)
         except CommitError as e:  # only a save made meanwhile by another thread: logged already
             self.failed_saves.append((e.step if e.step is not None else -1, e))
 
@@ -461,7 +469,7 @@ def protect(
         try:
             return Run(state=state, loader=loader, options=loop, checkpointer=ckpt)
         except BaseException:
-            ckpt.close()  # nothing was saved: this only stops the pipeline and drops the lock
+            ckpt.close(keep_snapshots=True)  # nothing saved: stops the pipeline, drops the lock
             raise
 
     return _Protected(build)

@@ -11,8 +11,13 @@ report* for one step, so a reader turns it into a manifest with
     {"format": "recoverkit-shm-index", "version": 1, "step": S, "run_id": "...",
      "world_size": W, "rank": R, "data_bytes": N,
      "records": {"rank": R, "blob": {...}, "shards": [[key, {...}], ...], "files": {F: N}},
-     "meta": {"tensors": {key: [dtype, shape]}, "aliases": {key: {...}}}}
+     "meta": {"tensors": {key: [dtype, shape]}, "aliases": {key: {...}}},
+     "self_contained": true}
     <8 hex digits: CRC-32C of the JSON line above>
+
+``self_contained`` (optional, default true) says whether the rank restores from this
+snapshot alone (``SavePlan.self_contained``: no tensor it needs was written by another
+rank), so one rank's memory can restore it in a job of several ranks.
 
 Every record (blob and shards) names the file ``F = rank-RRRRR.data`` (the owner's bytes,
 whatever slot holds them) and lies inside its ``N`` bytes.
@@ -70,6 +75,7 @@ MAX_STEP = 1 << 62
 MAX_WORLD = 1 << 20
 MAX_RUN_ID = 256
 _FIELDS = frozenset({"format", "version", "step", "run_id", "world_size", "rank", "data_bytes", "records", "meta"})
+_OPTIONAL = frozenset({"self_contained"})
 _RECORD_FIELDS = frozenset({"rank", "blob", "shards", "files"})
 _META_FIELDS = frozenset({"tensors", "aliases"})
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
@@ -103,6 +109,7 @@ class ShmIndex:
     shards: tuple[tuple[str, ShardRecord], ...]
     files: Mapping[str, int]
     meta: Mapping[str, Any]
+    self_contained: bool = True
 
     @property
     def file(self) -> str:
@@ -119,6 +126,7 @@ def make_index(
     shards_meta: Iterable[Any] | Mapping[str, Any],
     aliases: Mapping[str, Any],
     data_bytes: int,
+    self_contained: bool = True,
 ) -> bytes:
     """The bytes of an index, for writers (the shm tier, the replicator's receiver).
 
@@ -128,12 +136,13 @@ def make_index(
         shards_meta: the shards the records answer (objects with ``key``, ``dtype`` and
             ``global_shape``, e.g. planned shards), or the ``meta["tensors"]`` mapping itself.
         aliases: key -> ``TensorRecord`` (or its JSON) of the rank's aliases.
+        self_contained: the rank restores from this snapshot alone (see the module docstring).
     """
     if isinstance(shards_meta, Mapping):
         tensors = {str(k): [str(v[0]), [int(x) for x in v[1]]] for k, v in shards_meta.items()}
     else:
         tensors = {s.key: [s.dtype, list(s.global_shape)] for s in cast(Iterable[Any], shards_meta)}
-    body = {
+    body: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "step": step,
@@ -147,6 +156,8 @@ def make_index(
             "aliases": {k: (t.to_json() if isinstance(t, TensorRecord) else t) for k, t in aliases.items()},
         },
     }
+    if not self_contained:
+        body["self_contained"] = False
     text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
     return text + b"\n" + hexcrc(crc32c(text))[2:].encode("ascii") + b"\n"
 
@@ -180,7 +191,10 @@ def decode_index(data: bytes | memoryview, *, path: str) -> ShmIndex:
 
 
 def _index(body: Any) -> ShmIndex:
-    _exact(body, _FIELDS, "index")
+    _exact(body, _FIELDS, "index", optional=_OPTIONAL)
+    self_contained = body.get("self_contained", True)
+    if type(self_contained) is not bool:
+        raise IntegrityError(f"self_contained must be true or false, got {_short(self_contained)}")
     if body["format"] != INDEX_FORMAT or body["version"] != INDEX_VERSION or type(body["version"]) is not int:
         raise IntegrityError(
             f"not a {INDEX_FORMAT} version {INDEX_VERSION} (format {_short(body['format'])}, "
@@ -230,6 +244,7 @@ def _index(body: Any) -> ShmIndex:
     return ShmIndex(
         step=step, run_id=run_id, world_size=world, rank=rank, data_bytes=data_bytes, blob=blob,
         shards=tuple(shards), files={file: data_bytes}, meta={"tensors": tensors, "aliases": aliases},
+        self_contained=self_contained,
     )
 
 
@@ -244,11 +259,11 @@ def _extent(
         raise IntegrityError(f"{what}: crc32c {crc} is not a 32-bit checksum")
 
 
-def _exact(d: Any, fields: frozenset[str], what: str) -> None:
+def _exact(d: Any, fields: frozenset[str], what: str, *, optional: frozenset[str] = frozenset()) -> None:
     if type(d) is not dict:
         raise TypeError(f"{what} must be a JSON object, got {type(d).__name__}")
-    if d.keys() != fields:
-        missing, extra = sorted(fields - d.keys()), sorted(d.keys() - fields)
+    if d.keys() - optional != fields:
+        missing, extra = sorted(fields - d.keys()), sorted(d.keys() - fields - optional)
         raise ValueError(f"{what} fields: missing {missing}, unknown {[_short(k) for k in extra[:4]]}")
 
 

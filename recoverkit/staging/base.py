@@ -11,9 +11,10 @@
   every save: ``mutated_storages(target)`` names the storages copied lazily. Before its step,
   the target's hook calls ``before_step(target)``, which returns once the copies landed.
 * :class:`SnapshotTier`: a tier fed from the staged snapshots of ``save_async`` rather than
-  through the commit protocol (host memory today; shared memory and peer replicas next). The
-  drain offers each staged save to the snapshot tiers due for its step; the pool asks them
-  to give memory back when a new save needs room.
+  through the commit protocol (host memory, shared memory, peer replicas). The drain offers
+  each staged save to the snapshot tiers due for its step (the :attr:`SnapshotTier.early`
+  ones, which copy what they need, before the disk commits); the pool asks them to give
+  memory back when a new save needs room.
 """
 
 from __future__ import annotations
@@ -55,9 +56,17 @@ class SnapshotTier(ReadableTier):
 
     The drain calls :meth:`offer` once per staged save due for this tier, after the save
     settled on the disk tiers (``offer`` of a failed save: only if some tier committed it);
-    :meth:`withdraw` when a save it was offered failed on every tier; the stager calls
-    :meth:`evict_one` when the pool is full; the Checkpointer calls :meth:`close` last.
+    an :attr:`early` tier instead right after the save is staged, before the disk commits,
+    whatever they do; :meth:`withdraw` when a save it was offered failed on every tier; the
+    stager calls :meth:`evict_one` when the pool is full; the Checkpointer calls
+    :meth:`close` last, and :meth:`discard` before it when the job ends normally (no
+    exception in flight, no preemption signal).
     """
+
+    #: offered each staged save right after staging, before the disk commits (in list
+    #: order). Such a tier copies what it needs and never owns the snapshot (``offer``
+    #: returns False); a failure of its ``offer`` is logged and counted, never fails the save
+    early: bool = False
 
     @abstractmethod
     def offer(self, snap: Any) -> bool:
@@ -75,4 +84,8 @@ class SnapshotTier(ReadableTier):
 
     @abstractmethod
     def close(self) -> None:
-        """Release everything held."""
+        """Release everything held by this process (what outlives it stays: see discard)."""
+
+    def discard(self) -> None:
+        """The job ended normally: delete what this tier keeps beyond the process (shared
+        memory a restarted process would have restored from). Default: nothing to delete."""

@@ -2,9 +2,14 @@
 
 ::
 
-    drain thread:  wait staged -> committer: for each tier due, two-phase commit from the
-                   staged bytes -> durable(tier) -> retention -> settled
-                   -> offer the snapshot to the snapshot tiers due (the host cache)
+    drain thread:  wait staged -> the early snapshot tiers due copy it (shared memory,
+                   peer replicas) -> committer: for each tier due, two-phase commit from
+                   the staged bytes -> durable(tier) -> retention -> settled
+                   -> offer the snapshot to the other snapshot tiers due (the host cache)
+
+An early tier (:attr:`SnapshotTier.early`) is offered the snapshot as soon as every byte
+is staged, so a crash during the disk commit still finds the step in shared memory; its
+failure is logged and counted (:attr:`Drain.early_failures`), never fails the save.
 
 Every rank commits the same steps in the same order. A rank that had to skip a save (pool
 full) still takes part in its commit and reports the skip, so the step fails on every rank
@@ -86,6 +91,8 @@ class Drain:
         #: staged saves the drain has not started yet (under ``_lock``): the ones a newer
         #: save may supersede before they are written, to free their memory
         self._waiting: list[DrainJob] = []
+        #: tier name -> offers of an early snapshot tier that failed (each logged)
+        self.early_failures: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="recoverkit-drain", daemon=True)
         self._thread.start()
 
@@ -183,6 +190,8 @@ class Drain:
             except BaseException as e:  # noqa: BLE001 - reported through the commit
                 failure = e
             handle.metrics.staged()
+            if failure is None:
+                self._offer_early(job)
         handle.staged.set()
         if failure is None:
             handle.superseded.update({t.name: newer[t.name] for t in job.tiers if t.name in newer})
@@ -210,14 +219,33 @@ class Drain:
             return e
         return failure
 
+    def _offer_early(self, job: DrainJob) -> None:
+        """The early snapshot tiers due copy the staged snapshot, in list order; a failure
+        is logged and counted, and the save goes on."""
+        snap = job.snap
+        assert snap is not None
+        for tier in job.keep_in:
+            if not tier.early:
+                continue
+            try:
+                owned = tier.offer(snap)
+            except Exception as e:  # noqa: BLE001 - never fails the save
+                with self._lock:
+                    self.early_failures[tier.name] = self.early_failures.get(tier.name, 0) + 1
+                log.warning("recoverkit: step %d was not kept in the %s tier: %s", job.handle.step, tier.name, e)
+                continue
+            if owned:  # pragma: no cover - a contract violation: the drain still releases it
+                log.error("recoverkit: the early tier %s claimed a staged snapshot it must only copy", tier.name)
+
     def _keep(self, job: DrainJob, *, offer: bool) -> None:
-        """Hand the snapshot to the first snapshot tier due that takes it; else release it."""
+        """Hand the snapshot to the first (not early) snapshot tier due that takes it; else
+        release it."""
         snap = job.snap
         assert snap is not None
         owned = False
         if offer and not snap.released:
             for tier in job.keep_in:
-                if tier.offer(snap):
+                if not tier.early and tier.offer(snap):
                     owned = True
                     break
         if not owned:

@@ -3,8 +3,9 @@
 ``CheckpointOptions.tiers`` lists :class:`~recoverkit.config.TierSpec` entries; the
 Checkpointer hands each to :func:`build_tier` with what it owns (root, file system, engine,
 fault injector, coordinator) and gets the tier back, never naming a kind itself. A new tier
-is one class registered here with :func:`register_tier` (the shared-memory and peer-replica
-tiers of the next issue are two more entries).
+is one class registered here with :func:`register_tier` (``shm``: per-step snapshots in
+shared memory; ``replica``: those snapshots replicated to peers, built by
+``staging.replica.build_replica_tier``).
 
 A built tier is either a :class:`~recoverkit.storage.base.Tier` (committed through the
 two-phase commit protocol by the blocking save and the drain) or a
@@ -136,3 +137,40 @@ def _host(spec: TierSpec, ctx: TierContext) -> ReadableTier:
     return HostTier(
         keep=keep, run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world_size, agree=agree
     )
+
+
+@register_tier("shm")
+def _shm(spec: TierSpec, ctx: TierContext) -> ReadableTier:
+    from ..storage.shm import ShmStore
+    from .agreement import agree_steps
+    from .shm_tier import ShmTier
+
+    s = _settings(spec, ("slots", "budget_bytes", "shm_dir"))
+    budget = s.get("budget_bytes") or 2 * ctx.options.staging.budget_bytes
+    try:  # the node's name (RECOVERKIT_NODE) is checked here, before step 1
+        store = ShmStore(ctx.root, shm_dir=s.get("shm_dir"), budget_bytes=int(budget), slots=int(s.get("slots", 2)),
+                         fs=LocalFS(engine=ctx.engine))  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"tier {spec.name!r} (shm): {e}") from e
+    calls = itertools.count()
+
+    def agree(held: list[int]) -> list[int]:
+        scope = f"{ctx.run_id}/{spec.name}/agree/{next(calls)}"
+        return agree_steps(ctx.coordinator, scope, held, timeout_s=ctx.options.commit_timeout_s)
+
+    return ShmTier(
+        store, run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world_size, coordinator=ctx.coordinator,
+        timeout_s=ctx.options.commit_timeout_s, engine=ctx.engine, faults=ctx.faults, agree=agree,
+    )
+
+
+@register_tier("replica")
+def _replica(spec: TierSpec, ctx: TierContext) -> ReadableTier:
+    try:
+        from .replica import build_replica_tier  # type: ignore[attr-defined,unused-ignore]
+    except ImportError as e:
+        raise ConfigError(
+            f"tier {spec.name!r} (replica): peer replicas are not available in this build ({e})"
+        ) from e
+    tier: ReadableTier = build_replica_tier(spec, ctx)
+    return tier

@@ -338,6 +338,22 @@ class ShmStore:
         for s in sets:
             s.close()
 
+    def clear(self) -> None:
+        """Delete the slots of every owner this store handed out (own snapshots and the
+        replicas held), then the job directory if nothing else is left in it (another
+        process's owners on this node keep it)."""
+        with self._lock:
+            sets = list(self._sets.values())
+        for s in sets:
+            s.clear()
+        try:
+            left = [n for n in os.listdir(self.job_dir) if n != JOB_FILE and not n.startswith(JOB_FILE + ".tmp-")]
+        except FileNotFoundError:
+            return
+        if not left:
+            _remove_job_dir(self.job_dir)
+            self._made = False
+
     def remove_job(self) -> None:
         """Delete this job's shared memory on this node (and the node directory if empty)."""
         self.close()
@@ -480,6 +496,11 @@ class SlotSet:
         """Steps of the complete snapshots, ascending (each index validated)."""
         with self._lock:
             return sorted({idx.step for idx in self._complete().values()})
+
+    def indexes(self) -> list[ShmIndex]:
+        """The validated indexes of the complete snapshots, by step."""
+        with self._lock:
+            return sorted(self._complete().values(), key=lambda i: i.step)
 
     def newest(self) -> int | None:
         """The newest complete step, or None."""

@@ -151,3 +151,12 @@ def test_strict_json_and_size_cap():
 
     with pytest.raises(IntegrityError, match="more than an index may have"):
         decode_index(Huge(), path="x")  # type: ignore[arg-type]
+
+
+def test_self_contained_is_optional_and_strict():
+    assert decode_index(_index(), path="x").self_contained
+    assert not decode_index(_index(self_contained=False), path="x").self_contained
+    body = _body()
+    body["self_contained"] = 1
+    with pytest.raises(IntegrityError, match="self_contained must be true or false"):
+        decode_index(_resign(body), path="x")

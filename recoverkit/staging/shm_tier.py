@@ -1,0 +1,335 @@
+"""Tier 1b: every staged step copied into shared memory, where a crash does not take it.
+
+Where it sits: the drain offers each staged ``save_async`` to this tier right after staging
+(it is an *early* snapshot tier), before the disk commits::
+
+    staged snapshot (pool) --copy engine, CRC on the fly--> slot of storage.shm (mmap)
+        every CRC checked against the staged one -> index (format.shm_index) written last
+
+so the step is complete in shared memory even if the process dies while the disk commit
+runs. A process restarted on the same node with the same root (torchrun
+``--max-restarts``, the user's relaunch) finds the slots again: this tier lists their steps
+and restores from them like any tier (``steps`` / ``manifest`` / ``read``, and
+``memory_view`` for restores straight into live tensors). The snapshot's run id may be an
+earlier run's: restore does not compare run ids.
+
+A snapshot holds one rank's part. In a world of one it is the whole state; in a job of
+several ranks, :meth:`ShmTier.agree` (collective, like the host tier's) offers only the
+steps every rank holds and can restore from its own memory alone; the memory restore across
+ranks (``recovery.memory``) builds on :attr:`ShmTier.store` for the rest.
+
+Lifecycle: the regions stay when the process dies or is stopped by a signal (the restarted
+process needs them) and are removed by :meth:`ShmTier.discard` when the Checkpointer closes
+normally; ``recoverkit gc ROOT --yes`` removes those of a job that is gone.
+
+Example:
+    >>> import tempfile, torch
+    >>> from recoverkit import CheckpointOptions, Checkpointer, TierSpec
+    >>> root, shm = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> opts = CheckpointOptions(tiers=[TierSpec.shm(shm_dir=shm), TierSpec.local(every_steps=0)])
+    >>> w = torch.arange(4.0)
+    >>> with Checkpointer(root, options=opts) as ckpt:
+    ...     _ = ckpt.save_async(1, {"w": w}); _ = ckpt.wait()
+    ...     ckpt.tiers["shm"].steps()
+    [1]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..distributed.commit import build_manifest
+from ..distributed.coordinator import Coordinator
+from ..errors import CheckpointNotFoundError, IntegrityError
+from ..format.checksum import hexcrc
+from ..format.dtypes import itemsize as dtype_itemsize
+from ..format.manifest import BlobRecord, Manifest, ShardRecord
+from ..format.segment import align_up
+from ..format.shm_index import ShmIndex, data_file, make_index
+from ..format.validate import check_manifest
+from ..storage.base import Buffer, RankRecords, Region, destination
+from ..storage.faults import FaultInjector
+from ..storage.shm import ShmStore, SnapshotView
+from .base import SnapshotTier
+from .snapshot import HostSnapshot
+
+__all__ = ["ShmTier"]
+
+log = logging.getLogger("recoverkit")
+
+#: shards of at least this many bytes start on a page of the slot, smaller ones on 64 bytes
+_PAGE_FROM = 64 << 10
+
+
+class ShmTier(SnapshotTier):
+    """This rank's per-step snapshots in shared memory (see the module docstring).
+
+    Args:
+        store: the node's shared memory for this root (its own slots are ``rank``'s).
+        run_id: the run id written into the indexes (a restore accepts an earlier run's).
+        rank, world_size: this process's place in the job.
+        coordinator: the job's coordinator (agreement across ranks; the memory restore).
+        timeout_s: how long an exchange with the other ranks may take.
+        engine: the engine module whose copy engine reads snapshots back out.
+        faults: told of ``shm_copy`` (copies submitted, not yet landed) and ``shm_index``
+            (bytes verified, index not yet written), with the step and rank.
+        agree: ``agree(held_steps) -> steps every rank holds`` (world_size > 1).
+    """
+
+    name = "shm"
+    early = True
+
+    def __init__(
+        self,
+        store: ShmStore,
+        *,
+        run_id: str = "",
+        rank: int = 0,
+        world_size: int = 1,
+        coordinator: Coordinator | None = None,
+        timeout_s: float = 300.0,
+        engine: Any = None,
+        faults: FaultInjector | None = None,
+        agree: Callable[[list[int]], list[int]] | None = None,
+    ) -> None:
+        self.store = store
+        self.slots = store.slots(rank)
+        self.run_id = run_id
+        self.rank = rank
+        self.world_size = world_size
+        self.coordinator = coordinator
+        self.timeout_s = timeout_s
+        self.faults = faults or FaultInjector()
+        self._engine = engine
+        self._agree = agree
+        self._agreed: set[int] = set()
+        self._lock = threading.Lock()
+        self._views: dict[int, SnapshotView] = {}
+        self._reading = 0  # reads in progress (their views stay open)
+        self._copier: Any = None
+        #: offers that failed (each also logged by the drain); the save went on
+        self.failed_writes = 0
+        #: snapshots written by this process
+        self.written = 0
+
+    @property
+    def file(self) -> str:
+        """The file name every record of this rank's snapshots names."""
+        return data_file(self.rank)
+
+    # ------------------------------------------------------------ writing
+    def offer(self, snap: HostSnapshot) -> bool:
+        """Copy ``snap`` into a slot, verify every CRC, write the index; False (the caller
+        keeps the snapshot). Raises on failure (the slot stays torn, never listed)."""
+        if snap.released:
+            return False
+        self._close_views(idle_only=True)
+        try:
+            self._write(snap)
+        except BaseException:
+            self.failed_writes += 1
+            raise
+        self.written += 1
+        return False
+
+    def _write(self, snap: HostSnapshot) -> None:
+        entries = snap.entries
+        blob = snap.blob
+        at, offsets = len(blob), []
+        for _, _, n, _ in entries:
+            at = align_up(at, 4096 if n >= _PAGE_FROM else 64)
+            offsets.append(at)
+            at += n
+        data_bytes = at
+        step, copier = snap.step, snap.copier
+        w = self.slots.begin(step, data_bytes)
+        copies: list[Any] = []
+        try:
+            if blob:
+                src = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
+                copies.append(copier.submit(src, w.address, len(blob), crc=True))
+            for (_, off, n, _), dst in zip(entries, offsets):
+                if n:
+                    copies.append(copier.submit(snap.address(off), w.address + dst, n, crc=True))
+            self.faults.reached("shm_copy", step=step, rank=self.rank)
+            found = iter([h.result() for h in copies])
+            blob_crc = next(found) if blob else 0
+            shards = []
+            for (p, _, n, staged), dst in zip(entries, offsets):
+                crc = next(found) if n else 0
+                if staged is None or crc != staged:
+                    raise IntegrityError(
+                        f"step {step}: {p.key!r} copied to shared memory with crc {hexcrc(crc)}, staged "
+                        f"{'none' if staged is None else hexcrc(staged)}"
+                    )
+                shards.append((p.key, ShardRecord(self.rank, self.file, dst, n, crc, p.offsets, p.shape)))
+            records = RankRecords(
+                self.rank, BlobRecord(self.rank, self.file, 0, len(blob), blob_crc), shards, {self.file: data_bytes}
+            )
+            index = make_index(
+                step=step, run_id=self.run_id, world_size=self.world_size, rank=self.rank, records=records,
+                shards_meta=[p for p, _, _, _ in entries], aliases=snap.aliases, data_bytes=data_bytes,
+                self_contained=snap.self_contained,
+            )
+            self.faults.reached("shm_index", step=step, rank=self.rank)
+            w.commit(index)
+        except BaseException:
+            for h in copies:  # nothing writes into the slot once it is given back
+                h.wait(None)
+            w.abort()
+            raise
+
+    def withdraw(self, snap: HostSnapshot) -> None:
+        """Its save failed on every tier: the step is not offered from shared memory either."""
+        self._close_views(idle_only=True, step=snap.step)
+        self.slots.invalidate(snap.step)
+
+    def evict_one(self) -> bool:
+        return False  # holds no pool memory
+
+    def close(self) -> None:
+        """Unmap what this process mapped; the snapshots stay in shared memory."""
+        self._close_views(idle_only=False)
+        with self._lock:
+            copier, self._copier = self._copier, None
+        if copier is not None:
+            copier.close()
+        self.store.close()
+
+    def discard(self) -> None:
+        """The job ended normally: delete this rank's slots (and the replicas this store
+        held), and the job's directory once no other rank's are left in it."""
+        self.close()
+        self.store.clear()
+
+    # ------------------------------------------------------------ reading
+    def _held(self) -> dict[int, ShmIndex]:
+        """Complete snapshots of this job's world size, by step."""
+        return {i.step: i for i in self.slots.indexes() if i.world_size == self.world_size}
+
+    def agree(self) -> list[int]:
+        """Every rank: settle which steps every rank holds and can restore from its own
+        snapshot alone (collective; a world of one needs no exchange)."""
+        held = sorted(s for s, i in self._held().items() if i.self_contained)
+        if self.world_size <= 1:
+            return held
+        agreed = set(self._agree(held)) & set(held) if self._agree is not None else set()
+        self._agreed = agreed
+        return sorted(agreed)
+
+    def steps(self) -> list[int]:
+        held = sorted(self._held())
+        return held if self.world_size <= 1 else [s for s in held if s in self._agreed]
+
+    def index(self, step: int) -> ShmIndex:
+        """The validated index of this rank's snapshot of ``step``."""
+        idx = self._held().get(step)
+        if idx is None:
+            raise CheckpointNotFoundError(f"no shared-memory snapshot of step {step} in {self.slots.dir}")
+        return idx
+
+    def manifest(self, step: int) -> Manifest:
+        """The step's manifest from this rank's index (world of one: through the one gate,
+        ``format.validate``; several ranks: every shard's geometry checked)."""
+        idx = self.index(step)
+        records = RankRecords(idx.rank, idx.blob, list(idx.shards), dict(idx.files))
+        try:
+            m = build_manifest(step=step, run_id=idx.run_id, world_size=idx.world_size, ranks=[(records, idx.meta)])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"{self.describe(step)}: malformed index ({e})") from None
+        if idx.world_size == 1:
+            check_manifest(m, where=self.describe(step))
+        else:
+            _check_geometry(m, self.describe(step))
+        return m
+
+    def _view(self, step: int) -> SnapshotView:
+        with self._lock:
+            v = self._views.get(step)
+            if v is None or v.closed:
+                v = self._views[step] = self.slots.open(step)
+            return v
+
+    def _close_views(self, *, idle_only: bool, step: int | None = None) -> None:
+        with self._lock:
+            if idle_only and self._reading:
+                return
+            doomed = [s for s in self._views if step is None or s == step]
+            views = [self._views.pop(s) for s in doomed]
+        for v in views:
+            v.close()  # unmapped once the memoryviews handed out are gone; pinned till then
+
+    def _region(self, step: int, rec: Region, view: SnapshotView) -> None:
+        if rec.file != self.file or rec.offset < 0 or rec.nbytes < 0 or rec.offset + rec.nbytes > view.index.data_bytes:
+            raise IntegrityError(
+                f"{self.describe(step)}: region {rec.file!r} [{rec.offset}, +{rec.nbytes}) is not inside "
+                f"{self.file!r} ({view.index.data_bytes} bytes)"
+            )
+
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
+        """Copy each region out of the mapped slot with the copy engine (CRC on the fly) and
+        check every CRC against the index's."""
+        with self._lock:
+            self._reading += 1
+        try:
+            view = self._view(step)
+            copier = self._copier_()
+            copies: list[tuple[Region, Any]] = []
+            try:
+                for rec, buf in requests:
+                    ptr = destination(buf, rec.nbytes, self.describe(step))
+                    self._region(step, rec, view)
+                    if rec.nbytes:
+                        copies.append((rec, copier.submit(view.address + rec.offset, ptr, rec.nbytes, crc=True)))
+            finally:
+                for _, h in copies:
+                    h.wait(None)
+            for rec, h in copies:
+                found = h.result()
+                if found != rec.crc32c:
+                    raise IntegrityError(
+                        f"{self.describe(step)}: region at {rec.offset} has crc {hexcrc(found)}, "
+                        f"recorded {hexcrc(rec.crc32c)}"
+                    )
+        finally:
+            with self._lock:
+                self._reading -= 1
+
+    def memory_view(self, step: int, rec: Region) -> memoryview | None:
+        """A read-only view of ``rec``'s bytes in the mapped slot (bounds-checked, not
+        verified: the caller checks the CRC). It pins the slot until it is released."""
+        view = self._view(step)
+        self._region(step, rec, view)
+        return view.memory_view(rec.offset, rec.nbytes)
+
+    def _copier_(self) -> Any:
+        with self._lock:
+            if self._copier is None:
+                from .. import _native
+
+                self._copier = _native.resolve(self._engine).CopyEngine(2)
+            return self._copier
+
+    def describe(self, step: int) -> str:
+        return f"shared-memory snapshot of step {step} ({self.slots.dir})"
+
+
+def _check_geometry(m: Manifest, where: str) -> None:
+    """One rank's part of a step (it cannot cover the tensors of others): every shard has a
+    known dtype, lies inside its tensor and records ``numel x itemsize`` bytes."""
+    for key, t in m.tensors.items():
+        if t.alias_of is not None:
+            continue
+        size = dtype_itemsize(t.dtype)
+        for s in t.shards:
+            if len(s.offsets) != len(t.shape) or len(s.shape) != len(t.shape) or any(
+                o < 0 or n < 0 or o + n > g for o, n, g in zip(s.offsets, s.shape, t.shape)
+            ):
+                raise IntegrityError(f"{where}: tensor {key!r}: shard {list(s.offsets)}+{list(s.shape)} is outside {list(t.shape)}")
+            if math.prod(s.shape) * size != s.nbytes:
+                raise IntegrityError(f"{where}: tensor {key!r}: shard of shape {list(s.shape)} records {s.nbytes} bytes")
