@@ -1,0 +1,162 @@
+"""The bytes a memory restore gathered, readable as a tier: file ``rank-RRRRR.data`` -> owner R.
+
+Where it sits: made by :class:`~recoverkit.recovery.memory.MemoryRestore` once every rank
+verified every region it needs, and handed to ``use`` inside a
+:class:`~recoverkit.recovery.tier_fallback.TierSource`, so the reader restores from it like
+from any tier. Each owner's bytes are either a read-only map of a shared-memory slot on this
+node (own snapshot, or a replica) or a private buffer filled by the peer transport.
+
+:meth:`MemoryTier.read` copies and checks every CRC again while copying (a slot in shared
+memory can be overwritten by a writer of a newer step meanwhile: that is caught, never
+applied); :meth:`MemoryTier.memory_view` hands the restore's in-place path a read-only view
+of a region that passed the verification, and nothing else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointNotFoundError, IntegrityError
+from ..format.checksum import crc32c, crc32c_ptr, hexcrc
+from ..format.manifest import Manifest, PackRecord
+from ..storage.base import Buffer, ReadableTier, Region, destination
+
+__all__ = ["MemoryTier", "OwnerBytes", "data_name"]
+
+
+def data_name(owner: int) -> str:
+    """The file name an owner rank's snapshot records use.
+
+    Example:
+        >>> data_name(3)
+        'rank-00003.data'
+    """
+    return f"rank-{owner:05d}.data"
+
+
+@dataclass
+class OwnerBytes:
+    """One owner rank's snapshot bytes as this rank holds them.
+
+    Attributes:
+        data: the bytes (a read-only view of a shared-memory slot, or a fetched buffer).
+        address: where ``data`` starts in this process's memory.
+        where: where they come from, for messages ("own shm on node a", "replica on node b
+            via rank 2").
+        verified: the ``(offset, nbytes)`` regions whose CRC passed before anything was applied.
+        close: releases what holds ``data`` (a slot's map, a buffer).
+    """
+
+    data: memoryview
+    address: int
+    where: str
+    verified: set[tuple[int, int]] = field(default_factory=set)
+    close: Callable[[], None] = lambda: None
+
+
+class MemoryTier(ReadableTier):
+    """Step ``step`` of every owner rank's snapshot, from memory (see the module docstring).
+
+    Example:
+        >>> from recoverkit.format.manifest import BlobRecord, Manifest
+        >>> import ctypes
+        >>> data = bytearray(b"{}")
+        >>> blob = BlobRecord(0, data_name(0), 0, 2, crc32c(data))
+        >>> m = Manifest(step=5, run_id="r", world_size=1, blobs=(blob,), files={data_name(0): 2})
+        >>> at = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        >>> tier = MemoryTier(m, {0: OwnerBytes(memoryview(data), at, "own shm", {(0, 2)})})
+        >>> out = bytearray(2)
+        >>> tier.read(5, [(blob, out)]); bytes(out)
+        b'{}'
+    """
+
+    name = "memory"
+
+    def __init__(self, manifest: Manifest, owners: Mapping[int, OwnerBytes]) -> None:
+        self.step = manifest.step
+        self._manifest = manifest
+        self.owners = dict(owners)
+        self._packs: dict[PackRecord, bool] = {}
+
+    def steps(self) -> list[int]:
+        return [self.step]
+
+    def manifest(self, step: int) -> Manifest:
+        self._check_step(step)
+        return self._manifest
+
+    def describe(self, step: int) -> str:
+        where = "; ".join(f"rank {o}: {b.where}" for o, b in sorted(self.owners.items()))
+        return f"memory snapshot of step {step} ({where})"
+
+    def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
+        self._check_step(step)
+        for rec, buf in requests:
+            ptr = destination(buf, rec.nbytes, f"memory snapshot of step {step}")
+            self._region(rec)  # inside the owner's bytes
+            if rec.nbytes == 0:
+                continue
+            pack = getattr(rec, "pack", None)
+            if pack is not None:  # no CRC of its own: its pack's, checked once over the source
+                self._check_pack(pack)
+            ctypes.memmove(ptr, self.owners[rec.rank].address + rec.offset, rec.nbytes)
+            if pack is None:
+                found = crc32c_ptr(ptr, rec.nbytes)
+                if found != rec.crc32c:
+                    raise IntegrityError(
+                        f"memory snapshot of step {step}: rank {rec.rank}'s bytes at {rec.offset} "
+                        f"({self.owners[rec.rank].where}) have crc {hexcrc(found)}, recorded "
+                        f"{hexcrc(rec.crc32c)}"
+                    )
+
+    def memory_view(self, step: int, rec: Region | PackRecord) -> memoryview | None:
+        """A read-only view of ``rec``'s bytes (a pack's for a packed shard: ask for the
+        :class:`PackRecord`) if they passed the verification before the restore began; None
+        otherwise (the bytes then come through :meth:`read`). The caller checks the CRC again
+        before it copies (see :meth:`ReadableTier.memory_view`)."""
+        if step != self.step:
+            return None
+        owner = self.owners.get(rec.rank)
+        if owner is None or (rec.offset, rec.nbytes) not in owner.verified:
+            return None
+        return self._region(rec).toreadonly()
+
+    def close(self) -> None:
+        """Release every slot map and buffer (idempotent)."""
+        owners, self.owners = self.owners, {}
+        for b in owners.values():
+            b.close()
+
+    # ------------------------------------------------------------------ internals
+    def _check_step(self, step: int) -> None:
+        if step != self.step:
+            raise CheckpointNotFoundError(f"memory holds step {self.step}, not {step}")
+
+    def _region(self, rec: Region | PackRecord) -> memoryview:
+        owner = self.owners.get(rec.rank)
+        if owner is None:
+            raise CheckpointNotFoundError(
+                f"memory snapshot of step {self.step}: rank {rec.rank}'s bytes were not gathered"
+            )
+        if rec.file != data_name(rec.rank) or rec.offset < 0 or rec.nbytes < 0:
+            raise IntegrityError(f"memory snapshot of step {self.step}: record {rec} is not rank {rec.rank}'s")
+        if rec.offset + rec.nbytes > owner.data.nbytes:
+            raise IntegrityError(
+                f"memory snapshot of step {self.step}: bytes [{rec.offset}, {rec.offset + rec.nbytes}) "
+                f"lie outside rank {rec.rank}'s {owner.data.nbytes}"
+            )
+        return owner.data[rec.offset : rec.offset + rec.nbytes]
+
+    def _check_pack(self, pack: PackRecord) -> None:
+        if pack in self._packs:
+            return
+        found = crc32c(self._region(pack))
+        if found != pack.crc32c:
+            raise IntegrityError(
+                f"memory snapshot of step {self.step}: rank {pack.rank}'s pack at {pack.offset} has crc "
+                f"{hexcrc(found)}, recorded {hexcrc(pack.crc32c)}"
+            )
+        self._packs[pack] = True
+
