@@ -1,0 +1,447 @@
+"""The replication rounds: each rank's newest shared-memory snapshot copied to its holders.
+
+Where it sits: the peer-replica tier (:mod:`recoverkit.staging.replica`) runs one
+:class:`Replicator` thread per rank over a :class:`~recoverkit.distributed.transport.PeerTransport`
+of its own (its own process group, so training collectives never queue behind it). The shm
+tier writes this rank's own snapshots into ``store.slots(rank)``; the replicator sends the
+newest of them to this rank's *holders* and receives its *owners'* snapshots into
+``store.slots(owner, replica=True)``. Holders and owners come from
+:mod:`recoverkit.distributed.placement`.
+
+Rounds run in lock-step with every peer (holder or owner), two exchanges each::
+
+    header  every peer, both ways, one message each (:data:`HEADER` + index bytes):
+              to a holder:  "my newest snapshot is step S of N bytes" + its index
+                            (only while the holder lacks it), or nothing new
+              to an owner:  "I hold your step H; I take up to C bytes" (C = 0 while stopping)
+              either way:   the stopping flag; a CRC-32C of the message itself
+    data    every peer, both ways: the snapshot's bytes where a transfer was agreed, else
+            0 bytes. Owner and holder agree without another message: a transfer happens
+            exactly when the owner announced S > H within C (both saw both headers).
+            A holder that refuses what was announced (an index its hostile decoder
+            rejects, another owner or step, no free slot, over its budget) posts a 0-byte
+            buffer: the transport refuses it on both ends before a byte moves.
+
+The receiver writes straight into a replica slot (``begin(step, N).view``), then checks the
+CRC-32C of *every* record of the index (blob and shards) before ``commit(index)``; a bad
+transfer is aborted (the slot stays torn, never listed), counted and logged, and the next
+round offers the owner's newest snapshot again. A replica counts as held only once
+committed; only then is it published (``publish``).
+
+At most one replication is in flight per rank: a round sends one snapshot, the newest
+complete one when it starts; steps offered meanwhile and never sent are *superseded*
+(counted in :attr:`Replicator.stats`, logged at debug). The sender keeps its slot open
+(pinned: the shm tier's next write never reuses it) until the round's data exchange ends.
+A round where nothing moves waits up to ``idle_s`` (or until :meth:`Replicator.wake`).
+
+Errors. The transport raises one error for a whole exchange, without saying which transfers
+did get through, so no decision here rests on it: a header is checked by its own CRC, a
+replica by its records' CRCs, and a sender learns from the holder's next header what it
+holds (it announces again until then). A lost or stuck peer (PeerLostError /
+PeerTimeoutError, within the transport's timeout) ends the thread with the error logged and
+kept in ``stats["error"]``.
+
+Stopping. :meth:`Replicator.stop` sets the stopping flag; each pair of peers stops once
+both sent their flag (both sides see that in the same round), and the thread ends when no
+pair is left, so no rank waits on a peer that already left.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import IntegrityError, StorageError, TransportError
+from ..format.checksum import crc32c, hexcrc
+from ..format.shm_index import MAX_INDEX_BYTES, ShmIndex, decode_index
+
+__all__ = ["HEADER", "Replicator", "verify_records"]
+
+log = logging.getLogger("recoverkit")
+
+#: magic, version, flags, reserved, round, step, data_bytes, held, capacity, index_cap,
+#: index_len, crc
+HEADER = struct.Struct("<4sBBHQqQqQIII")
+MAGIC, VERSION = b"RKRH", 1
+STOP, ANNOUNCE, OVERSIZE, HOLDER = 1, 2, 4, 8
+#: index bytes a header buffer takes at first; grown (both sides alike) for a larger index
+FIRST_INDEX_CAP = 1 << 20
+NO_LIMIT = (1 << 63) - 1
+
+
+@dataclass
+class Header:
+    flags: int
+    round: int
+    step: int
+    data_bytes: int
+    held: int
+    capacity: int
+    index_cap: int  # (HOLDER) the index bytes its header buffer takes
+    index: bytes  # the announced index (ANNOUNCE), else empty
+    index_len: int = 0  # its length (ANNOUNCE, OVERSIZE)
+
+
+def encode_header(h: Header) -> bytes:
+    index = h.index if h.flags & ANNOUNCE else b""
+    n = len(h.index) if h.flags & (ANNOUNCE | OVERSIZE) else 0
+    fields = (MAGIC, VERSION, h.flags, 0, h.round, h.step, h.data_bytes, h.held, h.capacity, h.index_cap, n)
+    crc = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
+    return HEADER.pack(*fields, crc) + index
+
+
+def decode_header(buf: bytearray, round_: int, peer: int) -> Header:
+    """Parse a header from ``peer`` as hostile input (IntegrityError naming what is wrong)."""
+    if len(buf) < HEADER.size:
+        raise IntegrityError(f"replication header from rank {peer}: buffer of {len(buf)} bytes")
+    magic, ver, flags, _, rnd, step, nbytes, held, cap, icap, n, crc = HEADER.unpack_from(buf)
+    if magic != MAGIC or ver != VERSION:
+        raise IntegrityError(f"replication header from rank {peer}: not one (magic {magic!r}, version {ver})")
+    body = n if flags & ANNOUNCE else 0
+    if body > len(buf) - HEADER.size:
+        raise IntegrityError(f"replication header from rank {peer}: {n} index bytes do not fit its buffer")
+    fields = (magic, ver, flags, 0, rnd, step, nbytes, held, cap, icap, n)
+    index = bytes(buf[HEADER.size : HEADER.size + body])
+    found = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
+    if found != crc:
+        raise IntegrityError(
+            f"replication header from rank {peer} fails its CRC-32C (sent {hexcrc(crc)}, found {hexcrc(found)})"
+        )
+    if rnd != round_:
+        raise IntegrityError(f"replication header from rank {peer} is of round {rnd}, expected {round_}")
+    return Header(flags, rnd, step, nbytes, held, cap, icap, index, n if flags & (ANNOUNCE | OVERSIZE) else 0)
+
+
+def verify_records(index: ShmIndex, data: memoryview, *, engine: Any = None) -> str | None:
+    """Check the CRC-32C of every record of ``index`` (blob and shards) over ``data``; the
+    first record that fails, described, or None when all pass."""
+    records = [("the blob", index.blob.offset, index.blob.nbytes, index.blob.crc32c)]
+    records += [(f"shard {key!r}", s.offset, s.nbytes, s.crc32c) for key, s in index.shards]
+    for what, off, n, want in records:
+        found = crc32c(data[off : off + n], engine=engine) if n else 0
+        if found != want:
+            return f"{what} at [{off}, {off + n}) has crc {hexcrc(found)}, the index records {hexcrc(want)}"
+    return None
+
+
+class _Peer:
+    """One peer's pair state (the same round count on both sides)."""
+
+    def __init__(self, rank: int, *, holder: bool, owner: bool) -> None:
+        self.rank = rank
+        self.holder = holder  # it holds replicas of this rank's snapshots
+        self.owner = owner  # this rank holds replicas of its snapshots
+        self.round = 0
+        self.send_cap = FIRST_INDEX_CAP  # (holder) the index bytes its header buffer takes
+        self.recv_cap = FIRST_INDEX_CAP if owner else 0  # (owner) the index bytes ours takes
+        self.buf = bytearray(HEADER.size + self.recv_cap)  # its headers land here
+        self.known_held = -1  # (holder) the newest of our steps it holds, as far as we know
+        self.sent_stop = self.got_stop = self.done = False
+        self.warned = False  # a snapshot too large for it was warned about
+
+    def grow_send(self, index_len: int) -> None:
+        """We announced an index too large for its buffer: it grows it (see grow_recv);
+        its next header says the size it took."""
+        if self.send_cap < index_len <= MAX_INDEX_BYTES:
+            self.send_cap = index_len
+
+    def grow_recv(self, index_len: int) -> None:
+        """It announced an index too large for our buffer: grow it for the next round
+        (up to the largest index a decoder takes; a larger one is never accepted)."""
+        if self.recv_cap < index_len <= MAX_INDEX_BYTES:
+            self.recv_cap = index_len
+            self.buf = bytearray(HEADER.size + index_len)
+
+
+class Replicator:
+    """One rank's replication thread (see the module docstring).
+
+    Args:
+        transport: the peer transport (its own process group), used by this thread only.
+        rank, world_size: this rank and the job's size (an index of another world is refused).
+        holders: the ranks holding this rank's replicas; owners: the ranks whose replicas
+            this rank holds (both from the placement).
+        source: this rank's own snapshots (``store.slots(rank)``: ``newest()``, ``open()``).
+        sink: ``sink(owner)`` -> the replica slots of ``owner`` (``store.slots(owner, replica=True)``).
+        capacity: the largest snapshot accepted from one owner (the replica budget's share).
+        publish: called with ``{owner: step}`` (every replica held, committed) after a commit.
+        idle_s: how long a round where nothing moved waits before the next.
+        engine: the copy engine computing the CRCs (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        *,
+        rank: int,
+        world_size: int,
+        holders: Sequence[int],
+        owners: Sequence[int],
+        source: Any,
+        sink: Callable[[int], Any],
+        capacity: int = NO_LIMIT,
+        publish: Callable[[Mapping[int, int]], None] | None = None,
+        idle_s: float = 0.05,
+        engine: Any = None,
+    ) -> None:
+        self.transport = transport
+        self.rank = rank
+        self.world_size = world_size
+        self.source = source
+        self.sink = sink
+        self.capacity = capacity
+        self.publish = publish
+        self.idle_s = idle_s
+        self.engine = engine
+        self.peers = {
+            p: _Peer(p, holder=p in holders, owner=p in owners) for p in sorted({*holders, *owners})
+        }
+        self.held: dict[int, int] = {}  # owner -> newest replica step committed here
+        for o in owners:
+            newest = sink(o).newest()
+            self.held[o] = -1 if newest is None else newest
+        self._lock = threading.Lock()
+        self._offered: set[int] = set()
+        self._picked = -1
+        self._stats: dict[str, Any] = dict.fromkeys(
+            ("rounds", "announced", "sent", "bytes_sent", "received", "bytes_received", "superseded",
+             "bad_transfers", "refused", "transport_errors"), 0,
+        )  # fmt: skip
+        self._stats.update(in_flight=None, error=None, stopped=False)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ control
+    def start(self) -> None:
+        if self.peers and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"recoverkit-replica-{self.rank}", daemon=True)
+            self._thread.start()
+
+    def offered(self, step: int) -> None:
+        """Step ``step`` is (about to be) in this rank's shm slots: wake the thread."""
+        with self._lock:
+            self._offered.add(step)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread to end; True when it did (or never ran)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self._stats[k] += v
+
+    # ------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        try:
+            while any(not p.done for p in self.peers.values()):
+                moved = self._round()
+                if not moved and not self._stop.is_set():
+                    self._wake.wait(self.idle_s)
+                self._wake.clear()
+        except TransportError as e:
+            log.error("recoverkit: replication on rank %d stopped: %s", self.rank, e)
+            with self._lock:
+                self._stats["error"] = f"{type(e).__name__}: {e}"
+        except BaseException as e:  # noqa: BLE001 - a background thread: logged, kept in stats
+            log.exception("recoverkit: replication on rank %d failed", self.rank)
+            with self._lock:
+                self._stats["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                self._stats["stopped"] = True
+                self._stats["in_flight"] = None
+
+    def _pick(self, active: list[_Peer]) -> Any:
+        """The view of the newest own snapshot if a holder lacks it (pinned), else None."""
+        newest = self.source.newest()
+        if newest is None:
+            return None
+        with self._lock:
+            if newest != self._picked:
+                skipped = sorted(s for s in self._offered if self._picked < s < newest)
+                if skipped and self._picked >= 0:
+                    self._stats["superseded"] += len(skipped)
+                    log.debug("recoverkit: rank %d replicates step %d, superseding steps %s", self.rank, newest, skipped)
+                self._offered = {s for s in self._offered if s > newest}
+                self._picked = newest
+        if not any(p.holder and p.known_held < newest for p in active):
+            return None
+        try:
+            return self.source.open(newest)
+        except (OSError, IntegrityError) as e:  # overwritten meanwhile: the next round picks again
+            log.debug("recoverkit: rank %d cannot open its step %d to replicate: %s", self.rank, newest, e)
+            return None
+
+    def _round(self) -> bool:
+        stopping = self._stop.is_set()
+        active = [p for p in self.peers.values() if not p.done]
+        view = None if stopping else self._pick(active)
+        try:
+            return self._exchange(active, view, stopping)
+        finally:
+            if view is not None:
+                view.close()
+
+    def _exchange(self, active: list[_Peer], view: Any, stopping: bool) -> bool:
+        # ---- headers
+        sent: dict[int, Header] = {}
+        for p in active:
+            flags = STOP if stopping else 0
+            h = Header(flags, p.round, -1, 0, -1, 0, 0, b"")
+            if p.holder and view is not None and view.step > p.known_held:
+                raw = view.index_bytes
+                h.flags |= ANNOUNCE if len(raw) <= p.send_cap else OVERSIZE
+                h.step, h.data_bytes, h.index = view.step, view.index.data_bytes, raw
+            if p.owner:
+                h.flags |= HOLDER
+                h.held = self.held.get(p.rank, -1)
+                h.capacity = 0 if stopping else self.capacity
+                h.index_cap = p.recv_cap
+            sent[p.rank] = h
+        got: dict[int, Header | None] = {}
+        try:
+            self.transport.exchange(
+                {r: encode_header(h) for r, h in sent.items()}, {p.rank: p.buf for p in active}, exact=False
+            )
+        except IntegrityError as e:  # which transfer failed is found below, header by header
+            self._count(transport_errors=1)
+            log.debug("recoverkit: rank %d, replication headers: %s", self.rank, e)
+        for p in active:
+            try:
+                got[p.rank] = decode_header(p.buf, p.round, p.rank)
+            except IntegrityError as e:
+                got[p.rank] = None
+                log.warning("recoverkit: rank %d: %s", self.rank, e)
+        with self._lock:
+            self._stats["rounds"] += 1
+        # ---- what moves: both ends decide alike from both headers
+        sends: dict[int, Any] = {}
+        recvs: dict[int, Any] = {}
+        writers: dict[int, tuple[Any, ShmIndex, bytes]] = {}
+        moved = False
+        for p in active:
+            mine, theirs = sent[p.rank], got[p.rank]
+            p.round += 1
+            p.sent_stop |= stopping
+            if theirs is not None and theirs.flags & STOP:
+                p.got_stop = True
+            if mine.flags & (ANNOUNCE | OVERSIZE):
+                self._count(announced=1)
+            if p.holder:
+                send = b""
+                if theirs is not None and theirs.flags & HOLDER:
+                    p.known_held, p.send_cap = theirs.held, theirs.index_cap
+                    if mine.flags & ANNOUNCE and mine.step > theirs.held:
+                        if mine.data_bytes <= theirs.capacity:
+                            send = view.data
+                        elif not p.warned:  # once per peer
+                            p.warned = True
+                            log.warning(
+                                "recoverkit: rank %d: step %d (%d bytes) exceeds what rank %d takes as its "
+                                "replica (%d bytes: raise the replica tier's budget_bytes)",
+                                self.rank, mine.step, mine.data_bytes, p.rank, theirs.capacity,
+                            )  # fmt: skip
+                sends[p.rank] = send
+            if mine.flags & OVERSIZE:  # both ends grow the buffer for the next round
+                p.grow_send(len(mine.index))
+            if p.owner:
+                recvs[p.rank] = bytearray(0)
+                if theirs is not None and theirs.flags & OVERSIZE:
+                    p.grow_recv(theirs.index_len)
+                if theirs is not None and theirs.flags & ANNOUNCE:
+                    if theirs.step > mine.held and theirs.data_bytes <= mine.capacity:
+                        w = self._accept(p.rank, theirs)
+                        if w is not None:
+                            writers[p.rank] = w
+                            recvs[p.rank] = w[0].view
+        # ---- data
+        ok = True
+        with self._lock:
+            self._stats["in_flight"] = self._stats["rounds"]
+        try:
+            self.transport.exchange(sends, recvs, exact=True)
+        except IntegrityError as e:
+            ok = False
+            self._count(transport_errors=1)
+            log.debug("recoverkit: rank %d, replication data: %s", self.rank, e)
+        except BaseException:
+            for w, _, _ in writers.values():
+                w.abort()
+            raise
+        finally:
+            with self._lock:
+                self._stats["in_flight"] = None
+        for r, data in sends.items():
+            if len(data) and ok:
+                self.peers[r].known_held = view.step
+                self._count(sent=1, bytes_sent=len(data))
+                moved = True
+        if writers:
+            moved = True
+            self._commit(writers)
+        for p in active:
+            p.done = p.sent_stop and p.got_stop
+        return moved
+
+    def _accept(self, owner: int, h: Header) -> tuple[Any, ShmIndex, bytes] | None:
+        """A replica slot for what ``owner`` announced, or None (refused: 0-byte receive)."""
+        try:
+            idx = decode_index(h.index, path=f"index announced by rank {owner}")
+            if idx.rank != owner or idx.step != h.step or idx.data_bytes != h.data_bytes:
+                raise IntegrityError(
+                    f"rank {owner} announced step {h.step} of {h.data_bytes} bytes with the index of rank "
+                    f"{idx.rank} step {idx.step} of {idx.data_bytes} bytes"
+                )
+            if idx.world_size != self.world_size:
+                raise IntegrityError(f"rank {owner} announced a snapshot of a world of {idx.world_size}")
+            return self.sink(owner).begin(idx.step, idx.data_bytes), idx, h.index
+        except (IntegrityError, StorageError, ValueError) as e:
+            self._count(refused=1)
+            log.warning("recoverkit: rank %d refuses the replica of rank %d step %d: %s", self.rank, owner, h.step, e)
+            return None
+
+    def _commit(self, writers: Mapping[int, tuple[Any, ShmIndex, bytes]]) -> None:
+        """Check every record of each received replica, then commit it (or abort it)."""
+        committed = False
+        for owner, (w, idx, raw) in writers.items():
+            try:
+                bad = verify_records(idx, w.view, engine=self.engine)
+                if bad is not None:
+                    w.abort()
+                    self._count(bad_transfers=1)
+                    log.warning(
+                        "recoverkit: rank %d: the replica of rank %d step %d arrived damaged (%s); not kept, "
+                        "the next round sends the newest again", self.rank, owner, idx.step, bad,
+                    )  # fmt: skip
+                    continue
+                w.commit(raw)
+            except BaseException:
+                w.abort()
+                raise
+            self.held[owner] = idx.step
+            self._count(received=1, bytes_received=idx.data_bytes)
+            committed = True
+        if committed and self.publish is not None:
+            self.publish(dict(self.held))
