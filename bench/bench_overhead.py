@@ -54,10 +54,13 @@ from ._common import free_port, keep_last
 from .machine import median
 from .report import publish
 
-METHODS = ("recoverkit", "torch_save", "dcp_save", "dcp_async_save")
+METHODS = ("recoverkit", "recoverkit_memory", "torch_save", "dcp_save", "dcp_async_save")
+#: a separate world of its own (bench._torchft), run after the cell's when torchft is installed
+TORCHFT = "torchft"
 DEFAULT_SIZES = (256, 1024, 2304)
 DEFAULT_INTERVALS = (1, 10, 100)
-COLORS = {"recoverkit": "tab:blue", "torch_save": "tab:orange", "dcp_save": "tab:green", "dcp_async_save": "tab:red"}
+COLORS = {"recoverkit": "tab:blue", "recoverkit_memory": "tab:cyan", "torch_save": "tab:orange",
+          "dcp_save": "tab:green", "dcp_async_save": "tab:red", TORCHFT: "tab:purple"}
 
 
 # --------------------------------------------------------------------------- methods
@@ -89,18 +92,35 @@ class _Method:
         pass
 
 
+def memory_tiers(world: int) -> list[Any]:
+    """``recoverkit_memory``'s tiers: shared memory every step, + a peer replica every step
+    when there is another node (world 2: one rank per simulated node)."""
+    from recoverkit import TierSpec
+
+    tiers = [TierSpec.shm()]  # type: ignore[attr-defined]
+    if world > 1:
+        tiers.append(TierSpec.replica(k=1))  # type: ignore[attr-defined]
+    return tiers
+
+
 class _Recoverkit(_Method):
+    """``recoverkit``: host snapshot + local disk every checkpoint; ``recoverkit_memory``: the
+    memory tiers of :func:`memory_tiers` only (no disk)."""
+
     name = "recoverkit"
 
-    def __init__(self, root: str, state: dict[str, Any], nbytes: int) -> None:
-        from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy
-        from recoverkit.config import StagingPolicy, TierPolicy
+    def __init__(self, root: str, state: dict[str, Any], nbytes: int, tiers: list[Any] | None = None,
+                 name: str = "recoverkit") -> None:
+        from recoverkit import Checkpointer, CheckpointOptions, RetentionPolicy, TierSpec
+        from recoverkit.config import StagingPolicy
 
+        self.name = name
         pieces = nbytes // (64 << 20) + 128
+        self.budget_bytes = 2 * (nbytes + pieces * 4096) + (16 << 20)
         opts = CheckpointOptions(
             retention=RetentionPolicy(keep_last=1),
-            tiers=TierPolicy(host_keep=1, local_every=1),
-            staging=StagingPolicy(budget_bytes=2 * (nbytes + pieces * 4096) + (16 << 20)),
+            tiers=tiers or [TierSpec.host(keep=1), TierSpec.local(every_steps=1)],
+            staging=StagingPolicy(budget_bytes=self.budget_bytes),
         )
         self.ckpt = Checkpointer(root, options=opts)
         self.state = state
@@ -227,6 +247,65 @@ class _AsyncSave(_Method):
         keep_last(self.dirs, 0)
 
 
+# --------------------------------------------------------------------------- host memory
+def _status_kib(keys: tuple[str, ...]) -> dict[str, int]:
+    out = dict.fromkeys(keys, 0)
+    with open("/proc/self/status") as f:
+        for line in f:
+            k = line.split(":", 1)[0]
+            if k in out:
+                out[k] = int(line.split()[1])
+    return out
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes the files below ``path`` occupy (allocated blocks: what tmpfs holds in memory)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class _HostMemory:
+    """Peak host memory a method adds: private memory (RssAnon, sampled every 10 ms) above its
+    value at the start, plus the bytes of the shared-memory directory (``shm_bytes()``, read by
+    the caller while the method still holds its snapshots). Shared pages a process maps are
+    not counted twice: tmpfs files are counted once, by their blocks."""
+
+    def __init__(self, shm_dir: str | None) -> None:
+        import threading
+
+        self.shm_dir = shm_dir
+        self.base = _status_kib(("RssAnon",))["RssAnon"]
+        self.peak = self.base
+        self.shm_base = self._shm_now()  # what an earlier method left there is not this one's
+        self.shm_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _status_kib(("RssAnon",))["RssAnon"])
+
+    def _shm_now(self) -> int:
+        return dir_bytes(self.shm_dir) if self.shm_dir and os.path.isdir(self.shm_dir) else 0
+
+    def shm_bytes(self) -> int:
+        self.shm_peak = max(self.shm_peak, self._shm_now() - self.shm_base)
+        return self.shm_peak
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        anon = (self.peak - self.base) * 1024
+        return {"anon_added_bytes": anon, "shm_bytes": self.shm_peak, "added_bytes": anon + self.shm_peak}
+
+
 # --------------------------------------------------------------------------- the loop
 class _Loop:
     def __init__(self, model: Any, opt: Any, x: Any, world: int) -> None:
@@ -310,6 +389,9 @@ def _rank_main(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     def make(name: str) -> _Method:
         if name == "recoverkit":
             return _Recoverkit(os.path.join(work, "rk"), {"model": ddp, "optimizer": opt}, nbytes)
+        if name == "recoverkit_memory":
+            return _Recoverkit(os.path.join(work, "rk-memory"), {"model": ddp, "optimizer": opt}, nbytes,
+                               tiers=memory_tiers(world), name=name)
         if name == "torch_save":
             def ts(step: int) -> str:
                 p = os.path.join(work, f"torch-{step:06d}.pt")
@@ -332,6 +414,8 @@ def _rank_main(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     for name in cfg["methods"]:
         t_m = time.perf_counter()
         dist.barrier()
+        gc.collect()
+        mem = _HostMemory(cfg.get("shm_dir"))
         m = make(name)
         res: dict[str, Any] = {"iteration_s": {}, "mode": {}, "steps": {}}
         # interval 1, directly: warm-up checkpoint(s), then n1 counted ones, then one more step
@@ -340,6 +424,7 @@ def _rank_main(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         loop.run(m, 1, 0)  # the last checkpoint's pre-step wait lands here
         stalls1 = m.stalls()[warm : warm + cfg["n1"]]
         m.drain()
+        mem.shm_bytes()
         res["iteration_s"]["1"] = sum(t1) / len(t1)
         res["mode"]["1"], res["steps"]["1"] = "measured", len(t1)
         res["k1_step_s"] = t1
@@ -367,7 +452,10 @@ def _rank_main(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             else:  # composed below, once the baseline after every method is known too
                 res["mode"][str(k)] = "window + baseline"
                 res["steps"][str(k)] = sum(len(w) for w in windows)
+        mem.shm_bytes()
         m.close()
+        res["host_memory"] = mem.stop()
+        res["budget_bytes"] = getattr(m, "budget_bytes", None)
         res["info"] = getattr(m, "info", getattr(m, "options", {}))
         if isinstance(res["info"], dict):
             res["info"] = {k: str(v) for k, v in res["info"].items()}
@@ -406,6 +494,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    if cfg.get("shm_dir"):  # one simulated node per rank, their shared memory in the cell's directory
+        os.environ.update(RECOVERKIT_SHM_DIR=cfg["shm_dir"], RECOVERKIT_NODE=f"node{rank}")
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=900))
     try:
         queue.put((rank, "ok", _rank_main(rank, world, cfg)))
@@ -487,22 +577,39 @@ def run(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     intervals = sorted(set(intervals) | {1})
-    methods = list(methods or METHODS)
+    methods = list(methods or (*METHODS, TORCHFT))
+    not_run: dict[str, str] = {}
+    if "recoverkit_memory" in methods:
+        from ._workers import memory_tiers_missing
+
+        why = memory_tiers_missing("replica" if max(worlds) > 1 else "shm")
+        if why:
+            not_run["recoverkit_memory"] = why
+    if TORCHFT in methods:
+        from . import _torchft
+
+        why = _torchft.available() or (None if 2 in worlds else "torchft runs in the 2-rank cells only")
+        if why:
+            not_run[TORCHFT] = why
+    world_methods = [m for m in methods if m != TORCHFT and m not in not_run]
     cells: list[dict[str, Any]] = []
     for world in worlds:
         for size in sizes:
             base = tempfile.mkdtemp(prefix=f"rk-bench-overhead-{size}m-{world}r-", dir=workdir)
+            shm_dir = tempfile.mkdtemp(prefix="rk-bench-overhead-", dir="/dev/shm" if os.path.isdir("/dev/shm") else base)
             cfg = {
-                "size_mib": size, "methods": methods, "intervals": intervals, "n1": n1, "warmup": warmup,
+                "size_mib": size, "methods": world_methods, "intervals": intervals, "n1": n1, "warmup": warmup,
                 "windows": windows, "tail": tail, "max_window": min(max(intervals) + 1, 30), "base_steps": base_steps,
                 "direct": direct, "direct_intervals": direct_intervals, "cal_reps": cal_reps,
-                "max_batch": max_batch, "workdir": base,
+                "max_batch": max_batch, "workdir": base, "shm_dir": shm_dir,
             }
             t_cell = time.perf_counter()
             try:
                 ranks = run_world(world, cfg, timeout_s)
             finally:
                 shutil.rmtree(base, ignore_errors=True)
+                shm_left = dir_bytes(shm_dir)
+                shutil.rmtree(shm_dir, ignore_errors=True)
             r0 = ranks[0]
             cell: dict[str, Any] = {
                 "size_mib": size, "world": world, "bytes": r0["bytes"], "params": r0["params"],
@@ -511,9 +618,10 @@ def run(
                 "baseline_iteration_s": _stats(r0["baseline_s"]),
                 "baseline_before_after_median_s": [median(r0["baseline_before_s"]), median(r0["baseline_after_s"])],
                 "methods": {},
+                "shm_bytes_left_after_close": shm_left,
                 "runtime_s": time.perf_counter() - t_cell,
             }
-            for name in methods:
+            for name in world_methods:
                 mr = r0["methods"][name]
                 stall_all = [x for r in ranks for x in r["methods"][name]["stall_every_step_s"]]
                 cell["methods"][name] = {
@@ -528,8 +636,19 @@ def run(
                     "window_busy_steps": mr["window_busy_steps"],
                     "k1_step_s": mr["k1_step_s"],
                     "info": mr["info"],
+                    "host_memory": mr["host_memory"],
+                    "host_memory_max_over_ranks": max(r["methods"][name]["host_memory"]["added_bytes"] for r in ranks),
+                    "budget_bytes": mr["budget_bytes"],
                     "runtime_s": mr["runtime_s"],
                 }
+            if world == 2 and TORCHFT in methods and TORCHFT not in not_run:
+                from . import _torchft
+
+                try:
+                    cell[TORCHFT] = _torchft.run_overhead(size, cell["batch"], steps=max(3, base_steps), timeout_s=timeout_s)
+                except Exception as e:  # noqa: BLE001 - the other rows stand
+                    cell[TORCHFT] = {"error": str(e)[-2000:]}
+                    print(f"[overhead] torchft failed: {e}", file=sys.stderr, flush=True)
             cells.append(cell)
             print(f"[overhead] {size} MiB x {world} rank(s): {cell['runtime_s']:.0f} s", file=sys.stderr, flush=True)
     return {
@@ -538,7 +657,8 @@ def run(
         "sizes_mib": sizes,
         "worlds": worlds,
         "intervals": intervals,
-        "methods": methods,
+        "methods": world_methods + ([TORCHFT] if TORCHFT in methods and TORCHFT not in not_run else []),
+        "not_run": not_run,
         "step_counts": {
             "warmup_checkpoints": warmup, "interval_1_counted_checkpoints": n1, "windows_per_method": windows,
             "tail_steps": tail, "baseline_steps": base_steps, "direct": direct, "direct_intervals": direct_intervals,
@@ -594,7 +714,36 @@ def table(r: dict[str, Any]) -> str:
                 for n in others
             )
             lines += ["", f"- recoverkit stall / other method's stall (k=1): {ratios}"]
+        mem = c["methods"].get("recoverkit_memory")
+        if mem:
+            ov = mem["overhead"]["1"]
+            what = "shared memory + a peer replica" if c["world"] > 1 else "shared memory"
+            lines.append(f"- recoverkit_memory ({what} every step, no disk): {ov * 100:+.1f}% per step vs no "
+                         f"checkpoint (target <= 3 %: {'met' if ov <= 0.03 else 'MISSED'})")
+        ft = c.get(TORCHFT)
+        if ft and "error" not in ft:
+            line = (f"- torchft (2 replica groups of 1 process: Manager quorum every step, torchft DDP, same model "
+                    f"and batch, its own world): {ft['torchft_step_s']:.3f} s per step vs {ft['baseline_step_s']:.3f} s "
+                    f"plain DDP on the same processes: {ft['overhead'] * 100:+.1f}%")
+            if mem:
+                line += f"; recoverkit_memory {mem['overhead']['1'] * 100:+.1f}%"
+            lines.append(line)
+        elif ft:
+            lines.append(f"- torchft: failed: {ft['error'].splitlines()[-1][:200]}")
+        mems = [(n, m) for n, m in c["methods"].items() if m.get("host_memory")]
+        if mems:
+            lines.append("- peak host memory added per rank (private RSS above the start + shared-memory files; "
+                         "staging budget): " + ", ".join(
+                             f"{n} {m['host_memory']['added_bytes'] / 2**20:.0f} MiB"
+                             + (f" ({m['host_memory']['shm_bytes'] / 2**20:.0f} MiB in /dev/shm)"
+                                if m["host_memory"]["shm_bytes"] else "")
+                             + (f" of budget {m['budget_bytes'] / 2**20:.0f} MiB" if m.get("budget_bytes") else "")
+                             for n, m in mems))
+        if c.get("shm_bytes_left_after_close"):
+            lines.append(f"- {c['shm_bytes_left_after_close']} bytes left in shared memory after every Checkpointer closed")
         lines.append("")
+    for name, why in r.get("not_run", {}).items():
+        lines.append(f"- {name}: not run: {why}")
     lines.append(f"- runtime {r['runtime_s']:.0f} s")
     return "\n".join(lines)
 
@@ -636,7 +785,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sizes", type=_ints, default=list(DEFAULT_SIZES), help="state sizes in MiB (params + AdamW)")
     ap.add_argument("--worlds", type=_ints, default=[1, 2])
     ap.add_argument("--intervals", type=_ints, default=list(DEFAULT_INTERVALS))
-    ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=[*METHODS, TORCHFT],
+                    help=f"comma-separated, of {','.join((*METHODS, TORCHFT))} (torchft: 2-rank cells, when installed)")
     ap.add_argument("--n1", type=int, default=3, help="counted back-to-back checkpoints at interval 1")
     ap.add_argument("--windows", type=int, default=1, help="isolated checkpoint windows per method")
     ap.add_argument("--tail", type=int, default=2, help="steps after the background work ends, per window")
