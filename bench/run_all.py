@@ -42,6 +42,7 @@ SCENARIOS = [
     "storage_faults",
     "rank_failure",
     "small_tensors",
+    "restore_memory",
 ]
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)

@@ -247,7 +247,7 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
     def run(parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
         return [(i, s, e, int(eng.crc32c(units[i].view[s:e]))) for i, s, e in parts]
 
-    n_threads = threads if threads is not None else _threads()
+    n_threads = threads if threads is not None else worker_threads()
     if total < PARALLEL_BYTES or n_threads <= 1 or len(tasks) <= 1:
         results = [run(t) for t in tasks]
     else:
@@ -270,7 +270,9 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
         )
 
 
-def _threads() -> int:
+def worker_threads() -> int:
+    """Threads the CRC pass and the engine copies use: the CPUs this process may run on,
+    at most :data:`MAX_THREADS`."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
@@ -391,7 +393,7 @@ def copy_all(copies: Sequence[Copy], *, engine: Any = None) -> None:
     were verified), the rest through torch's ``copy_`` (host -> device for a GPU target).
     """
     eng = _native.resolve(engine)
-    threads = _threads()
+    threads = worker_threads()
     by_engine = (
         getattr(eng, "BACKEND", "") == "native"
         and threads > 1
