@@ -300,6 +300,20 @@ def lose_node(shm_dir: str, node: str) -> None:
     shutil.rmtree(os.path.join(shm_dir, "recoverkit", node), ignore_errors=True)
 
 
+def _wait_replicated(ckpt: Any, rank: int, step: int, timeout_s: float) -> int | None:
+    """Wait (at most ``timeout_s``) until a peer holds ``rank``'s replica of ``step``; the
+    newest step a peer holds then (None: none)."""
+    tier = ckpt.tiers.get("replica")
+    held: int | None = None
+    deadline = time.monotonic() + timeout_s
+    while tier is not None and time.monotonic() < deadline:
+        held = max(tier.holdings().get(rank, {}).values(), default=None)
+        if held is not None and held >= step:
+            break
+        time.sleep(0.01)
+    return held
+
+
 def _mttr_worker(cfg: dict[str, Any]) -> None:
     """python -m bench._workers mttr CONFIG_JSON
 
@@ -308,7 +322,8 @@ def _mttr_worker(cfg: dict[str, Any]) -> None:
     ``root`` with the tiers of ``source`` (see :func:`mttr_tiers`), restores the newest
     valid step, trains to ``steps`` with ``save_async`` every step. On torchrun's first
     attempt the last rank, once the saves made so far have drained (a steady-state crash),
-    loses its node (``source == "replica"``: its shared memory is deleted) and SIGKILLs
+    waits until a peer holds its replica of that step (``source == "replica"``, bounded),
+    loses its node (its shared memory is deleted) and SIGKILLs
     itself after step ``die_at``. Appends JSON events with wall-clock times to ``events``:
     launched, imported (+ the process group and the model), opened (Checkpointer start-up),
     restored (discovery, verified read, apply), first_step, kill, done.
@@ -367,6 +382,7 @@ def _mttr_worker(cfg: dict[str, Any]) -> None:
         if step == die_at and attempt == 0 and rank == world - 1:
             ckpt.wait()  # the saves made so far have drained (a steady-state crash)
             if cfg["source"] == "replica":
+                log(event="replicated", t=time.time(), held=_wait_replicated(ckpt, rank, step, 30.0))
                 lose_node(os.environ.get("RECOVERKIT_SHM_DIR", "/dev/shm"), os.environ["RECOVERKIT_NODE"])
             log(event="kill", t=time.time(), step=step)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -170,6 +170,7 @@ def _one(base: str, case: str, source: str, nodes: int, width: int, steps: int, 
         "bytes": r["bytes"],
         "transfer_gbps": r["bytes"] / max(1e-9, r["t"] - r["t_open"]) / 1e9,
         "finished": sum(e["event"] == "done" for e in after) == nodes,
+        "replica_held_at_kill": next((e["held"] for e in evs if e["event"] == "replicated"), None),
         "shm_files_left": shm_left,
         "torchrun_wall_s": wall,
     }
@@ -365,8 +366,10 @@ def table(r: dict[str, Any]) -> str:
             f"it commits a step alone; the healed group's state transfer column is joining the quorum + receiving the "
             f"state ({(s['transfer'] or 0) * 1e3:.1f} ms of it the transport's receive) + applying it; the survivor made "
             f"{s['survivor_steps_alone']:.0f} steps with half the replicas meanwhile; nothing is rolled back.")
-    if r["shm_files_left"]:
-        lines.append(f"- {r['shm_files_left']} file(s) were left in the runs' shared-memory directories")
+    left = {x["case"]: x["shm_files_left"] for x in r["runs"] if x["shm_files_left"]}
+    if left:
+        lines.append("- files left in the run's shared-memory directory after the job ended normally: "
+                     + ", ".join(f"{NAMES[c]} {n}" for c, n in left.items()))
     return "\n".join(lines)
 
 
