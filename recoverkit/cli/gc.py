@@ -14,11 +14,18 @@ The steps that failed are known bad: they are not counted among the last N (a ro
 must not push a good one out), they are reported, and they are *kept* (a damaged step is
 evidence of what went wrong) unless ``--delete-damaged`` is given. Older steps are decided by
 the same rule as the trainer's retention (:func:`recoverkit.storage.discovery.decide_retention`).
+
+Shared memory: the per-step snapshots a ``shm`` tier keeps (``storage.shm``) outlive a
+crashed trainer on purpose, for its restart. When the job is gone for good, gc finds the
+root's regions (every node's job directory of this root under the shared-memory directory,
+``--shm-dir`` or ``RECOVERKIT_SHM_DIR``, default /dev/shm), reports them, and with ``--yes``
+removes them, under the same run lock: never while a live trainer holds it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +49,45 @@ if TYPE_CHECKING:
     from ..storage.local import LocalTier
 
 __all__ = ["gc", "plan_gc", "known_by_crc_pass", "Decision"]
+
+
+def shm_regions(root: str, shm_dir: str | None = None) -> list[tuple[str, str, int]]:
+    """``(node, path, bytes)`` of every shared-memory job directory of ``root`` (any node
+    under ``shm_dir``): what a ``shm`` tier of a trainer on this root left there."""
+    from ..storage.shm import ShmStore, job_key
+
+    key, full = job_key(root), os.path.abspath(root)
+    out = []
+    for job in ShmStore.jobs(shm_dir):
+        if job.job_key == key and job.root in (None, full):
+            out.append((job.node, job.path, _tree_bytes(job.path)))
+    return out
+
+
+def remove_shm_regions(root: str, shm_dir: str | None = None) -> list[tuple[str, str, int]]:
+    """Remove every shared-memory job directory of ``root``; returns what was removed.
+    The caller holds the root's run lock (no live trainer uses them)."""
+    from ..storage.shm import ShmStore, job_key
+
+    key, full = job_key(root), os.path.abspath(root)
+    removed = []
+    for job in ShmStore.jobs(shm_dir):
+        if job.job_key == key and job.root in (None, full):
+            size = _tree_bytes(job.path)
+            ShmStore.remove(job)
+            removed.append((job.node, job.path, size))
+    return removed
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for base, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(base, f)).st_size
+            except OSError:
+                pass
+    return total
 
 
 @dataclass(frozen=True)
@@ -74,7 +120,7 @@ def known_by_crc_pass(tier: LocalTier) -> tuple[dict[int, str], dict[int, str]]:
 
 
 def plan_gc(
-    tier: LocalTier, keep_last: int, keep_every: int | None, *, delete_damaged: bool = False
+    tier: LocalTier, keep_last: int | None, keep_every: int | None, *, delete_damaged: bool = False
 ) -> list[Decision]:
     """Decide every committed step, newest first (see the module docstring for the rule).
 
@@ -107,6 +153,7 @@ EPILOG = (
 Examples:
   recoverkit gc ckpt/ --keep-last 3                     # dry run: what would go
   recoverkit gc ckpt/ --keep-last 3 --keep-every 1000 --yes
+  recoverkit gc ckpt/ --shm-only --yes                  # a dead job's shared memory only
 
 \b
 gc first CRC-checks the steps newest first until one passes: that step (the
@@ -116,7 +163,10 @@ of what went wrong; --delete-damaged deletes them too. --yes takes the root's
 run lock; while a live trainer holds it,
 gc refuses with exit code 5 (no override: let the trainer's RetentionPolicy
 prune a running job, or stop it first). Dry runs work while a trainer runs.
-With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
+With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too,
+and so does the shared memory a trainer of ROOT kept per-step snapshots in
+(a shm tier keeps it after a crash, for the restart); --shm-only removes
+that alone and deletes no step.
 
 """
     + EXIT_CODES_EPILOG
@@ -128,8 +178,8 @@ With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
 @click.option(
     "--keep-last",
     type=click.IntRange(min=1),
-    required=True,
-    help="Keep the newest N committed steps.",
+    default=None,
+    help="Keep the newest N committed steps (required unless --shm-only).",
 )
 @click.option(
     "--keep-every",
@@ -143,29 +193,49 @@ With --yes, leftovers of interrupted saves/deletes (.tmp-*, .trash-*) go too.
     is_flag=True,
     help="Also delete steps that fail the CRC pass (default: keep them as evidence).",
 )
+@click.option(
+    "--shm-only",
+    is_flag=True,
+    help="Only the shared memory a trainer of ROOT left: delete no step.",
+)
+@click.option(
+    "--shm-dir",
+    default=None,
+    metavar="DIR",
+    help="Where shared memory lives (default: $RECOVERKIT_SHM_DIR, else /dev/shm).",
+)
 @json_option
 @handle_errors
 def gc(
     root: str,
-    keep_last: int,
+    keep_last: int | None,
     keep_every: int | None,
     yes: bool,
     delete_damaged: bool,
+    shm_only: bool,
+    shm_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Delete the steps of ROOT that --keep-last/--keep-every do not keep (dry run unless --yes)."""
+    """Delete the steps of ROOT that --keep-last/--keep-every do not keep, and the shared
+    memory a trainer of ROOT left (dry run unless --yes)."""
     from ..storage.local import LocalTier
     from ..storage.lock import RunLock
 
+    if keep_last is None and not shm_only:
+        raise click.UsageError("Missing option '--keep-last' (or --shm-only: shared memory only, no step deleted).")
+    if shm_only and (keep_last is not None or keep_every is not None or delete_damaged):
+        raise click.UsageError("--shm-only deletes no step: it takes no --keep-last, --keep-every or --delete-damaged")
     loc = locate(root)
     if loc.step is not None or not isinstance(loc.tier, LocalTier):
         raise click.UsageError(
             f"{root}: gc works on a node-local checkpoint root, not a step or URL"
         )
     tier = loc.tier
-    committed_steps(loc)
+    regions = shm_regions(tier.root, shm_dir)
+    if not regions:
+        committed_steps(loc)  # not a checkpoint root (nor one with shared memory): an error
     if not yes:
-        plan = plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)
+        plan = [] if shm_only else plan_gc(tier, keep_last, keep_every, delete_damaged=delete_damaged)
         _report(
             tier.root,
             plan,
@@ -174,6 +244,7 @@ def gc(
             dry_run=True,
             holder=lock_holder(tier.root),
             as_json=as_json,
+            shm=regions,
         )
         return
     try:
@@ -183,14 +254,17 @@ def gc(
             f"{e}; gc --yes refuses while a trainer runs (it would race the trainer's own saves and "
             "retention). Stop the trainer, or prune through its RetentionPolicy; a dry run works now."
         ) from None
+    plan, deleted, removed = [], [], []
     try:
-        plan = plan_gc(
-            tier, keep_last, keep_every, delete_damaged=delete_damaged
-        )  # decided under the lock
-        deleted = sorted(
-            delete_decided(tier, plan), reverse=True
-        )  # reported newest first, as planned
-        removed = tier.cleanup()
+        if not shm_only:
+            plan = plan_gc(
+                tier, keep_last, keep_every, delete_damaged=delete_damaged
+            )  # decided under the lock
+            deleted = sorted(
+                delete_decided(tier, plan), reverse=True
+            )  # reported newest first, as planned
+            removed = tier.cleanup()
+        regions = remove_shm_regions(tier.root, shm_dir)
     finally:
         lock.release()
     _report(
@@ -201,6 +275,7 @@ def gc(
         dry_run=False,
         holder=None,
         as_json=as_json,
+        shm=regions,
     )
 
 
@@ -213,8 +288,10 @@ def _report(
     dry_run: bool,
     holder: str | None,
     as_json: bool,
+    shm: Sequence[tuple[str, str, int]] = (),
 ) -> None:
     doomed = [d for d in plan if not d.keep]
+    shm_json = [{"node": n, "path": p, "nbytes": b} for n, p, b in shm]
     freed = sum(d.nbytes for d in doomed)
     if as_json:
         emit_json(
@@ -233,6 +310,8 @@ def _report(
                 ],
                 "deleted": deleted,
                 "leftovers_removed": removed,
+                "shm": shm_json if dry_run else [],
+                "shm_removed": [] if dry_run else shm_json,
                 "nbytes": freed,
             }
         )
@@ -252,6 +331,9 @@ def _report(
         )
     for name in removed:
         console.print(f"[red]removed[/] leftover {name}")
+    for node, path, nbytes in shm:
+        what = "would remove" if dry_run else "[red]removed[/]"
+        console.print(f"{what} shared memory of node {escape(node)}: {escape(path)} ({human_bytes(nbytes)})")
     console.print(f"{verb} {len(doomed)} of {len(plan)} step(s), {human_bytes(freed)}")
     bad = [d for d in plan if d.damaged]
     if bad:
