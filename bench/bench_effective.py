@@ -8,8 +8,11 @@ method). Restarts are forks of this warm process (a fork server: no interpreter 
 ``import torch``, which ``bench_mttr`` measures separately), so the figure isolates what the
 checkpointing method costs: save stalls, work lost since the last durable checkpoint, restore.
 
-Methods: recoverkit ``save_async`` every step and every 5 steps (host snapshot + local disk on
-each save, ``keep_last=2``); ``torch.save`` every 10 and every 50 steps (to a temporary file,
+Methods: recoverkit ``save_async`` every step into the shared-memory tier (issue 12: the snapshot
+outlives the killed child, which restores from it; local disk every 50 steps), and the
+disk-only configuration: ``save_async`` every step and every 5 steps (host snapshot + local disk
+on each save, ``keep_last=2``; after a SIGKILL the host snapshot is gone, the disk restores);
+``torch.save`` every 10 and every 50 steps (to a temporary file,
 fsync, atomic rename, fsync of the directory: as durable as recoverkit's commit; restart loads
 the file). Effective ratio = useful training time (steps x t_step) / wall time. The final model is
 compared with the failure-free run's (bit-identical resume). A method that cannot finish (its
@@ -31,11 +34,22 @@ from typing import Any
 import torch  # noqa: F401 - imported once, before forking
 
 from ._common import fsync_dir
-from ._workers import emit, fork_child, small_model, state_digest, train_step, warm, width_for
+from ._workers import (
+    emit,
+    fork_child,
+    memory_tiers_missing,
+    small_model,
+    state_digest,
+    train_step,
+    warm,
+    width_for,
+)
 from .report import fmt_bytes, publish
 
 KILL_EVERY_STEPS = 50
+SHM_DISK_EVERY = 50
 METHODS = {
+    "recoverkit shared memory every step (+ disk every 50)": ("rk-shm", 1),
     "recoverkit save_async every step": ("rk", 1),
     "recoverkit save_async every 5": ("rk", 5),
     "torch.save every 10": ("torch", 10),
@@ -48,18 +62,22 @@ def _life(w: int, kind: str, every: int, root: str, width: int, steps: int, batc
     t = time.perf_counter()
     start = 0
     ckpt = None
-    if kind == "rk":
+    if kind in ("rk", "rk-shm"):
         from recoverkit import (
             Checkpointer,
             CheckpointNotFoundError,
             CheckpointOptions,
             RetentionPolicy,
-            TierPolicy,
+            TierSpec,
         )
         from recoverkit.config import StagingPolicy
 
         nbytes = sum(p.numel() * 4 for p in model.parameters()) * 3
-        opts = CheckpointOptions(tiers=TierPolicy(host_keep=1, local_every=1), retention=RetentionPolicy(keep_last=2),
+        if kind == "rk":  # every save to the host snapshot and the local disk
+            tiers = [TierSpec.host(keep=1), TierSpec.local(every_steps=1)]
+        else:  # every save to shared memory (it outlives the killed child), the disk every 50
+            tiers = [TierSpec.shm(), TierSpec.local(every_steps=SHM_DISK_EVERY)]  # type: ignore[attr-defined]
+        opts = CheckpointOptions(tiers=tiers, retention=RetentionPolicy(keep_last=2),
                                  staging=StagingPolicy(budget_bytes=3 * nbytes + (16 << 20)))
         ckpt = Checkpointer(root, options=opts)
         state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
@@ -78,7 +96,7 @@ def _life(w: int, kind: str, every: int, root: str, width: int, steps: int, batc
     emit(w, "R", start, time.perf_counter() - t)
     for s in range(start + 1, steps + 1):
         train_step(model, opt, s, batch)
-        if kind == "rk" and s % every == 0:
+        if kind in ("rk", "rk-shm") and s % every == 0:
             assert ckpt is not None
             state["step"] = s
             ckpt.save_async(s, state)
@@ -154,8 +172,22 @@ def run(smoke: bool = False, steps: int | None = None, size_mib: int | None = No
         period = KILL_EVERY_STEPS * t_step
         cap = 2.5 * ref["wall_s"] + (2 if smoke else 10)
         results = {}
+        not_run: dict[str, str] = {}
         for name, (kind, every) in METHODS.items():
-            r = _job(kind, every, os.path.join(base, name.replace(" ", "_")), width, steps, batch, period, cap)
+            why = memory_tiers_missing("shm") if kind == "rk-shm" else None
+            if why:
+                not_run[name] = why
+                continue
+            # the children inherit a shared-memory directory of this method's own
+            shm_dir = tempfile.mkdtemp(prefix="rk-bench-effective-", dir="/dev/shm" if os.path.isdir("/dev/shm") else base)
+            os.environ["RECOVERKIT_SHM_DIR"] = shm_dir
+            try:
+                r = _job(kind, every, os.path.join(base, f"m{len(results)}"), width, steps, batch, period, cap)
+            finally:
+                r_left = sum(len(fs) for _, _, fs in os.walk(shm_dir))
+                shutil.rmtree(shm_dir, ignore_errors=True)
+                os.environ.pop("RECOVERKIT_SHM_DIR", None)
+            r["shm_files_left"] = r_left
             r["effective"] = r["durable_progress"] * t_step / r["wall_s"]
             r["bit_identical"] = r["digest"] == ref["digest"]
             r["restore_s_median"] = sorted(r["restore_s"])[len(r["restore_s"]) // 2] if r["restore_s"] else 0.0
@@ -167,7 +199,8 @@ def run(smoke: bool = False, steps: int | None = None, size_mib: int | None = No
     return {
         "scenario": "effective", "smoke": smoke, "steps": steps, "state_bytes": model_bytes,
         "t_step_s": t_step, "kill_period_s": period, "kill_every_steps": KILL_EVERY_STEPS, "cap_s": cap,
-        "batch": batch, "reference_wall_s": ref["wall_s"], "methods": results, "runtime_s": time.perf_counter() - t_start,
+        "batch": batch, "reference_wall_s": ref["wall_s"], "methods": results, "not_run": not_run,
+        "runtime_s": time.perf_counter() - t_start,
     }
 
 
@@ -187,8 +220,15 @@ def table(r: dict[str, Any]) -> str:
             f"{m['restore_s_median'] * 1e3:.1f} ms | {'yes' if m['finished'] else 'no (cap)'} | "
             f"{'yes' if m['bit_identical'] else ('-' if not m['finished'] else 'NO')} |"
         )
+    for name, why in r.get("not_run", {}).items():
+        lines.append(f"| {name} | not run: {why} ||||||||")
     lines += ["", "- a checkpoint interval at or above the time between failures makes no durable progress at all "
-              "(each life ends before its first save): the torch.save-every-50 row shows what that costs."]
+              "(each life ends before its first save): the torch.save-every-50 row shows what that costs.",
+              "- shared memory: the killed child's snapshots outlive it (each method's children share one "
+              "RECOVERKIT_SHM_DIR); the peer replica needs a second node and is measured by `mttr` and `overhead`."]
+    left = {n: m["shm_files_left"] for n, m in r["methods"].items() if m.get("shm_files_left")}
+    if left:
+        lines.append(f"- files left in shared memory after the method's last child closed normally: {left}")
     return "\n".join(lines)
 
 
