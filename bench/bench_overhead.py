@@ -123,6 +123,9 @@ class _Recoverkit(_Method):
             staging=StagingPolicy(budget_bytes=self.budget_bytes),
         )
         self.ckpt = Checkpointer(root, options=opts)
+        # the memory the method may take: the staging pool + every shared-memory store's budget
+        self.budget_bytes += sum(int(getattr(getattr(t, "store", None), "budget_bytes", 0) or 0)
+                                 for t in self.ckpt.tiers.values())
         self.state = state
         self.handles: list[Any] = []
 
@@ -733,7 +736,7 @@ def table(r: dict[str, Any]) -> str:
         mems = [(n, m) for n, m in c["methods"].items() if m.get("host_memory")]
         if mems:
             lines.append("- peak host memory added per rank (private RSS above the start + shared-memory files; "
-                         "staging budget): " + ", ".join(
+                         "budget: staging pool + shared-memory stores): " + ", ".join(
                              f"{n} {m['host_memory']['added_bytes'] / 2**20:.0f} MiB"
                              + (f" ({m['host_memory']['shm_bytes'] / 2**20:.0f} MiB in /dev/shm)"
                                 if m["host_memory"]["shm_bytes"] else "")
