@@ -87,6 +87,7 @@ class ReplicaTier(SnapshotTier):
         self._replicator = replicator
         self._read_holdings = read_holdings
         self._closed = False
+        self._stopped = False  # the thread ended (or never ran): the store may be cleared
 
     # ------------------------------------------------------------ the snapshot tier
     def offer(self, snap: Any) -> bool:
@@ -108,7 +109,7 @@ class ReplicaTier(SnapshotTier):
         if self._closed:
             return
         self._closed = True
-        done = True
+        done = self._stopped = True
         if self._replicator is not None:
             self._replicator.stop()
             done = self._replicator.join(self.timeout_s + 5.0)
@@ -122,8 +123,19 @@ class ReplicaTier(SnapshotTier):
                 self.transport.close()
             except Exception as e:  # noqa: BLE001 - a broken group is gone anyway
                 log.debug("recoverkit: rank %d: closing the replication transport: %s", self.rank, e)
+        self._stopped = done
         if done:
             self.store.close()
+
+    def discard(self) -> None:
+        """The job ended normally: delete the replicas held here (and the job's directory
+        on this node once nothing else is left in it)."""
+        if not self._stopped:
+            log.error("recoverkit: rank %d: replicas kept in shared memory (the replication never stopped)", self.rank)
+            return
+        for owner in self.owners():
+            self.store.slots(owner, replica=True)
+        self.store.clear()
 
     # ------------------------------------------------------------ what is held
     def holders(self, owner: int) -> list[int]:
@@ -173,8 +185,9 @@ def join_replication(
     *,
     coordinator: Coordinator,
     k: int = 1,
-    groups: Mapping[str, str] | None = None,
+    groups: Mapping[str, str] | Sequence[Sequence[str]] | None = None,
     budget_bytes: int | None = None,
+    run_id: str | None = None,
     shm_dir: str | None = None,
     node: str | None = None,
     timeout_s: float = 60.0,
@@ -191,11 +204,14 @@ def join_replication(
         coordinator: the job's coordinator (nodes gathered through it, holdings published in
             its store).
         k: replicas of each rank's snapshot, each on another node.
-        groups: ``node -> group`` (e.g. rack): holders on other groups first.
+        groups: ``node -> group``, or lists of node names (e.g. racks): holders on nodes
+            of other groups first.
         budget_bytes: the most replica bytes this rank holds, every owner and slot
             together (default :data:`DEFAULT_BUDGET_BYTES` per owner); a snapshot larger
             than one slot's share (budget / owners / slots) is not sent, with a warning on
             its owner.
+        run_id: this run's id (only its snapshots are sent, only its replicas count as
+            held); None: any.
         timeout_s: the transport's bound on every exchange (a dead peer ends replication
             within it) and on close.
         on_arrival: test seam of the transport (``on_arrival(peer, bytes)`` before its CRC check).
@@ -205,7 +221,7 @@ def join_replication(
     publish, read = _holdings(coordinator, f"{scope}/holdings", rank, world)
     publish({})  # every key exists before the gather below completes
     nodes = _gather_nodes(coordinator, scope, node, timeout_s)
-    placement = place_replicas(nodes, k=k, groups=groups)
+    placement = place_replicas(nodes, k=k, groups=_group_map(groups))
     owners = owners_of(placement, rank)
     budget = DEFAULT_BUDGET_BYTES * max(1, len(owners)) if budget_bytes is None else int(budget_bytes)
     replicas = ShmStore(root, shm_dir=shm_dir, node=node, budget_bytes=budget)
@@ -229,6 +245,7 @@ def join_replication(
             publish=publish,
             idle_s=idle_s,
             engine=engine,
+            run_id=run_id,
         )
         replicator.start()
     return ReplicaTier(
@@ -242,6 +259,22 @@ def join_replication(
         read_holdings=read,
         timeout_s=timeout_s,
     )
+
+
+def _group_map(groups: Mapping[str, str] | Sequence[Sequence[str]] | None) -> dict[str, str] | None:
+    """``node -> group`` from either form (lists of nodes: group ``g<i>``)."""
+    if not groups:
+        return None
+    if isinstance(groups, Mapping):
+        return {str(n): str(g) for n, g in groups.items()}
+    out: dict[str, str] = {}
+    for i, members in enumerate(groups):
+        if isinstance(members, str):
+            raise ConfigError(f"groups must be lists of node names, got {groups!r}")
+        for n in members:
+            if out.setdefault(str(n), f"g{i}") != f"g{i}":
+                raise ConfigError(f"node {n!r} is in two replica groups")
+    return out
 
 
 def _gather_nodes(coordinator: Coordinator, scope: str, node: str, timeout_s: float) -> list[str]:
@@ -312,8 +345,9 @@ def _invert(per_holder: Mapping[int, Mapping[int, int]]) -> dict[int, dict[int, 
 
 def build_replica_tier(spec: Any, ctx: Any) -> ReplicaTier:
     """The registry's factory for kind ``"replica"`` (settings ``k``, ``groups``,
-    ``budget_bytes``): joins the replication with the Checkpointer's context. The shared
-    memory is the shm tier's (its ``shm_dir``); a tier list without one is refused."""
+    ``budget_bytes``, default as for the shm tier: twice the staging pool's): joins the
+    replication with the Checkpointer's context. The shared memory is the shm tier's (its
+    ``shm_dir``); a tier list without one is refused."""
     s = dict(spec.settings)
     extra = sorted(set(s) - {"k", "groups", "budget_bytes"})
     if extra:
@@ -327,13 +361,13 @@ def build_replica_tier(spec: Any, ctx: Any) -> ReplicaTier:
             "its slot is pinned, and the shm tier skips the steps that find no free slot (use TierSpec.shm(slots=3))",
             spec.name,
         )
-    groups = s.get("groups")
     return join_replication(
         ctx.root,
         coordinator=ctx.coordinator,
         k=int(s.get("k", 1)),
-        groups=dict(groups) if groups else None,
-        budget_bytes=s.get("budget_bytes"),
+        groups=s.get("groups"),
+        budget_bytes=int(s.get("budget_bytes") or 2 * ctx.options.staging.budget_bytes),
+        run_id=ctx.run_id,
         shm_dir=shm[0].settings.get("shm_dir"),
         timeout_s=float(ctx.options.commit_timeout_s),
         scope=f"{ctx.run_id}/{spec.name}",

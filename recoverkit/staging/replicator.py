@@ -171,6 +171,9 @@ class Replicator:
         publish: called with ``{owner: step}`` (every replica held, committed) after a commit.
         idle_s: how long a round where nothing moved waits before the next.
         engine: the copy engine computing the CRCs (default: the process-wide one).
+        run_id: this run's id: only snapshots of this run are sent, and only replicas of
+            this run count as held (a restarted job's new run never mistakes the replicas
+            of a dead run's steps for its own); None: any run.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class Replicator:
         publish: Callable[[Mapping[int, int]], None] | None = None,
         idle_s: float = 0.05,
         engine: Any = None,
+        run_id: str | None = None,
     ) -> None:
         self.transport = transport
         self.rank = rank
@@ -201,9 +205,9 @@ class Replicator:
             p: _Peer(p, holder=p in holders, owner=p in owners) for p in sorted({*holders, *owners})
         }
         self.held: dict[int, int] = {}  # owner -> newest replica step committed here
+        self.run_id = run_id
         for o in owners:
-            newest = sink(o).newest()
-            self.held[o] = -1 if newest is None else newest
+            self.held[o] = max((i.step for i in self._ours(sink(o))), default=-1)
         self._lock = threading.Lock()
         self._offered: set[int] = set()
         self._picked = -1
@@ -273,15 +277,24 @@ class Replicator:
                 self._stats["stopped"] = True
                 self._stats["in_flight"] = None
 
+    def _ours(self, slots: Any) -> list[ShmIndex]:
+        """The complete snapshots in ``slots`` of this run, by step."""
+        return [i for i in slots.indexes() if self.run_id is None or i.run_id == self.run_id]
+
     def _pick(self, active: list[_Peer]) -> Any:
-        """The view of the newest own snapshot if a holder lacks it (pinned), else None."""
-        newest = self.source.newest()
-        if newest is None:
+        """The view of the newest own snapshot offered if a holder lacks it (pinned), else None.
+
+        Only offered steps are sent (the tier's schedule, and this run's snapshots only)."""
+        with self._lock:
+            offered = {*self._offered, self._picked}
+        complete = [i.step for i in self._ours(self.source) if i.step in offered]
+        if not complete:
             return None
+        newest = max(complete)
         with self._lock:
             if newest != self._picked:
                 skipped = sorted(s for s in self._offered if self._picked < s < newest)
-                if skipped and self._picked >= 0:
+                if skipped:
                     self._stats["superseded"] += len(skipped)
                     log.debug("recoverkit: rank %d replicates step %d, superseding steps %s", self.rank, newest, skipped)
                 self._offered = {s for s in self._offered if s > newest}
@@ -378,8 +391,9 @@ class Replicator:
                             recvs[p.rank] = w[0].view
         # ---- data
         ok = True
+        busy = bool(writers) or any(len(d) for d in sends.values())
         with self._lock:
-            self._stats["in_flight"] = self._stats["rounds"]
+            self._stats["in_flight"] = self._stats["rounds"] if busy else None
         try:
             self.transport.exchange(sends, recvs, exact=True)
         except IntegrityError as e:
@@ -422,6 +436,19 @@ class Replicator:
             log.warning("recoverkit: rank %d refuses the replica of rank %d step %d: %s", self.rank, owner, h.step, e)
             return None
 
+    def _drop_dead_timeline(self, owner: int, idx: ShmIndex) -> None:
+        """Replicas of ``owner`` from another run past this step are of a timeline that
+        ended (the job restarted from an earlier step): never offered for restore. (An
+        older copy of the same step was dropped by the commit.)"""
+        slots = self.sink(owner)
+        for other in slots.indexes():
+            if other.run_id != idx.run_id and other.step > idx.step:
+                slots.invalidate(other.step)
+                log.info(
+                    "recoverkit: rank %d dropped the replica of rank %d step %d of an earlier run",
+                    self.rank, owner, other.step,
+                )  # fmt: skip
+
     def _commit(self, writers: Mapping[int, tuple[Any, ShmIndex, bytes]]) -> None:
         """Check every record of each received replica, then commit it (or abort it)."""
         committed = False
@@ -440,6 +467,7 @@ class Replicator:
             except BaseException:
                 w.abort()
                 raise
+            self._drop_dead_timeline(owner, idx)
             self.held[owner] = idx.step
             self._count(received=1, bytes_received=idx.data_bytes)
             committed = True
