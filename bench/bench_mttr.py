@@ -245,13 +245,15 @@ def gloo_p2p_gbps(nbytes: int, reps: int = 3, timeout_s: float = 120.0) -> float
 # --------------------------------------------------------------------------- run
 def run(
     smoke: bool = False, size_mib: int | None = None, reps: int | None = None, workdir: str | None = None,
-    cases: tuple[str, ...] = ALL_CASES, torchft_transport: str = "pg",
+    cases: tuple[str, ...] = ALL_CASES, torchft_transport: str = "pg", schedule: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     size_mib = size_mib or (4 if smoke else 64)
     reps = reps or (1 if smoke else 3)
     width = width_for(size_mib << 20)
-    steps, save_every, die_at = (14, 5, 12) if smoke else (30, 10, 25)
+    steps, save_every, die_at = schedule or ((14, 5, 12) if smoke else (30, 10, 25))
+    if not 0 < die_at < steps or save_every < 1:
+        raise ValueError(f"need 0 < die_at < steps and save_every >= 1, got {(steps, save_every, die_at)}")
     base = tempfile.mkdtemp(prefix="rk-bench-mttr-", dir=workdir)
     runs: list[dict[str, Any]] = []
     not_run: dict[str, str] = {}
@@ -398,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=None, help="restarts per source (default 3; smoke 1)")
     ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {','.join(ALL_CASES)}")
     ap.add_argument("--torchft-transport", default="pg", choices=["pg", "http"])
+    ap.add_argument("--schedule", default=None, help="STEPS,SAVE_EVERY,DIE_AT (default 30,10,25; smoke 14,5,12): "
+                    "steps per job, the disk tier's interval, the step killed after")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args(argv)
@@ -405,7 +409,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(cases) - set(ALL_CASES))
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(ALL_CASES)}")
-    r = run(a.smoke, a.size_mib, a.reps, a.workdir, cases, a.torchft_transport)
+    schedule = None
+    if a.schedule:
+        try:
+            steps, every, die = (int(x) for x in a.schedule.split(","))
+        except ValueError:
+            ap.error(f"--schedule takes STEPS,SAVE_EVERY,DIE_AT, got {a.schedule!r}")
+        schedule = (steps, every, die)
+    r = run(a.smoke, a.size_mib, a.reps, a.workdir, cases, a.torchft_transport, schedule)
     text = table(r)
     print(text)
     publish("mttr", r, text, plot=_plot(r), out_dir=a.out_dir)

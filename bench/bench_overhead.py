@@ -709,6 +709,11 @@ def table(r: dict[str, Any]) -> str:
                 f"| {name} | " + " | ".join(row)
                 + f" | {m['stall_every_step_s']['median']:.3f} | {m['stall_isolated_s']['median']:.3f} |"
             )
+        ft = c.get(TORCHFT)
+        if ft and "error" not in ft:
+            lines.append(f"| torchft, every step (own world; its plain DDP {ft['baseline_step_s']:.3f}) | "
+                         f"{ft['torchft_step_s']:.3f} ({ft['overhead'] * 100:+.1f}%) | " + " | ".join("-" for _ in ks[1:])
+                         + (" | " if len(ks) > 1 else "") + "- | - |")
         rk = c["methods"].get("recoverkit")
         if rk:
             others = [n for n in c["methods"] if n != "recoverkit"]
