@@ -88,7 +88,7 @@ class PendingTensor:
     (a new tensor made of it is wrapped the same way).
     """
 
-    __slots__ = ("key", "dtype", "shape", "nbytes", "pieces", "parameter", "_tensor")
+    __slots__ = ("key", "dtype", "shape", "nbytes", "pieces", "engine", "parameter", "_tensor")
 
     def __init__(
         self,
@@ -96,9 +96,12 @@ class PendingTensor:
         dtype: torch.dtype,
         shape: tuple[int, ...],
         pieces: list[tuple[int, memoryview]],
+        *,
+        engine: Any = None,
     ) -> None:
         self.key, self.dtype, self.shape, self.pieces = key, dtype, shape, pieces
         self.nbytes = sum(v.nbytes for _, v in pieces)
+        self.engine = engine  # the tier's engine (None: the process-wide one)
         self.parameter: bool | None = None
         self._tensor: torch.Tensor | None = None
 
@@ -171,7 +174,17 @@ def collect(
         if view is None:
             return None
         pieces.append((start * row_bytes, view))
-    return PendingTensor(rec.key, dtype_from_name(rec.dtype), tuple(rec.shape), pieces)
+    return PendingTensor(
+        rec.key, dtype_from_name(rec.dtype), tuple(rec.shape), pieces, engine=tier_engine(tier)
+    )
+
+
+def tier_engine(tier: ReadableTier) -> Any:
+    """The engine ``tier`` computes with (its own ``engine``, or its file system's), or None
+    for the process-wide one: the CRC pass and the copies of a restore use the engine the
+    Checkpointer was given."""
+    engine = getattr(tier, "engine", None)
+    return engine if engine is not None else getattr(getattr(tier, "fs", None), "engine", None)
 
 
 def _piece_view(
@@ -225,7 +238,7 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
         >>> verify([Unit(data, 0, "'x' region at 0 (9 bytes)")])
         Traceback (most recent call last):
         ...
-        recoverkit.errors.IntegrityError: 1 region(s) in memory do not match their CRC-32C: 'x' region at 0 (9 bytes) has 0xe3069283, expected 0x00000000
+        recoverkit.errors.IntegrityError: 1 region(s) in memory fail their checksum: 'x' region at 0 (9 bytes) has crc 0xe3069283, expected 0x00000000
     """
     eng = _native.resolve(engine)
     tasks: list[list[tuple[int, int, int]]] = []  # per task: (unit, start, end)
@@ -262,11 +275,11 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
     bad = [(u, f) for u, f in zip(units, found) if f != u.crc32c]
     if bad:
         shown = "; ".join(
-            f"{u.what} has {hexcrc(f)}, expected {hexcrc(u.crc32c)}" for u, f in bad[:3]
+            f"{u.what} has crc {hexcrc(f)}, expected {hexcrc(u.crc32c)}" for u, f in bad[:3]
         )
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise IntegrityError(
-            f"{len(bad)} region(s) in memory do not match their CRC-32C: {shown}{more}"
+            f"{len(bad)} region(s) in memory fail their checksum: {shown}{more}"
         )
 
 
@@ -385,14 +398,17 @@ def _holds_pending(items: Iterable[Any]) -> bool:
     return False
 
 
-def copy_all(copies: Sequence[Copy], *, engine: Any = None) -> None:
+def copy_all(copies: Sequence[Copy]) -> None:
     """Land every planned copy (after every check passed).
 
-    Large pieces bound for CPU targets go through the native copy engine (a private one of
-    up to :data:`MAX_THREADS` threads, closed on return; streaming stores, no CRC: the bytes
-    were verified), the rest through torch's ``copy_`` (host -> device for a GPU target).
+    Large pieces bound for CPU targets go through the native copy engine of the tier they
+    came from (a private copier of up to :data:`MAX_THREADS` threads, closed on return;
+    streaming stores, no CRC: the bytes were verified), the rest through torch's ``copy_``
+    (host -> device for a GPU target).
     """
-    eng = _native.resolve(engine)
+    if not copies:
+        return
+    eng = _native.resolve(copies[0][1].engine)
     threads = worker_threads()
     by_engine = (
         getattr(eng, "BACKEND", "") == "native"

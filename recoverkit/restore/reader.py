@@ -117,7 +117,7 @@ def read_state(
     """
     from ..state.flatten import unflatten
     from ..state.sharded import ShardedTensor
-    from .in_place import PendingTensor, Unit, collect, verify
+    from .in_place import PendingTensor, Unit, collect, tier_engine, verify
 
     if in_place is None:
         in_place = _IN_PLACE.get()
@@ -157,7 +157,7 @@ def read_state(
         regions.append(region)
         values[rec.key] = values[key]
     if units:  # every region in memory, before anything is read or applied
-        verify(list(units.values()), engine=getattr(tier, "engine", None))
+        verify(list(units.values()), engine=tier_engine(tier))
         for leaf in _leaves(skeleton):  # a new tensor made of one is a Parameter again
             value = values.get(leaf.key)
             if leaf.parameter and isinstance(value, PendingTensor):

@@ -49,6 +49,8 @@ class HostTier(SnapshotTier):
             (:meth:`agree`).
         agree: ``agree(held_steps) -> steps every rank holds`` (the Checkpointer's
             coordinator exchange, bounded by its timeout); needed when ``world_size > 1``.
+        engine: the engine a restore in place verifies and copies with (the Checkpointer's;
+            None: the process-wide one).
     """
 
     name = "host"
@@ -61,8 +63,10 @@ class HostTier(SnapshotTier):
         rank: int = 0,
         world_size: int = 1,
         agree: Callable[[list[int]], list[int]] | None = None,
+        engine: Any = None,
     ) -> None:
         self.keep = keep
+        self.engine = engine
         self.run_id = run_id
         self.rank = rank
         self.world_size = world_size
