@@ -4,6 +4,13 @@ restore: a recovery chain (``recovery``; by default tier fallback: steps newest 
 tier first -> manifest) -> read + verify every byte (``restore.reader``) -> keep the entries
 asked for -> check they fit -> apply (``restore.apply``)
 
+Over tiers that include a shared-memory tier (``staging.shm_tier``), a restore first tries
+the memory restore across ranks (``recovery.memory``: the newest step complete in memory on
+any live node, own snapshots and peer replicas, unless a disk holds a newer one; collective,
+every rank of the job restores together), then tier fallback over the other tiers: the
+fastest source of the newest step. Which source each rank used is logged (logger
+``recoverkit``, INFO).
+
 The one restore path: :class:`CheckpointReader` serves readers beside a training job (evaluation,
 export, the CLI), and the Checkpointer delegates its restore and discovery to one built over its
 tiers. A reader takes no lock and never writes, creates or deletes (DESIGN invariant 10): its
@@ -15,6 +22,8 @@ it warns (:class:`StepDeletedWarning`) and starts over from the newest step.
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 from collections.abc import Callable, Collection, MutableMapping, Sequence
 from typing import Any
 
@@ -27,6 +36,8 @@ from .storage.fs import LocalFS
 from .storage.local import LocalTier
 
 __all__ = ["CheckpointReader", "RestoreResult", "StateTree", "StepDeletedWarning", "ReadOnlyFS"]
+
+log = logging.getLogger("recoverkit")
 
 
 class RestoreResult(int):
@@ -67,7 +78,9 @@ class CheckpointReader:
         learn: told ``learn(tier, good=step)`` of the step a restore used and
             ``learn(tier, bad=step)`` of each damaged one (the Checkpointer's retention).
         strategies: the recovery strategies tried in order (default: tier fallback over
-            ``tiers``, reporting to ``learn``).
+            ``tiers``, reporting to ``learn``; a restore over tiers that include a
+            shared-memory tier tries the memory restore across ranks first, then tier
+            fallback over the other tiers).
 
     Example:
         >>> import tempfile, torch, recoverkit
@@ -113,6 +126,14 @@ class CheckpointReader:
         self.chain = RecoveryChain(
             strategies or [TierFallback(label=self.label, learn=self._learn)]
         )
+        #: restore's chain and the tiers it reads: the memory restore first when a
+        #: shared-memory tier is among the tiers (its tiers are the memory restore's own)
+        self._restore_chain, self._restore_tiers = self.chain, tuple(self.tiers)
+        memory = _memory_restore(self.tiers) if strategies is None else None
+        if memory is not None:
+            strategy, held = memory
+            self._restore_chain = RecoveryChain([strategy, TierFallback(label=self.label, learn=self._learn)])
+            self._restore_tiers = tuple(t for t in self.tiers if all(t is not m for m in held))
 
     def steps(self) -> list[int]:
         """Committed steps on any tier, ascending (manifests not read)."""
@@ -206,11 +227,14 @@ class CheckpointReader:
 
         try:
             sharded = target_shards(state)
-            done = self.chain.run(Loss(step=step), self._survivors(), use)
+            survivors = Survivors(tiers=self._restore_tiers)
+            done = self._restore_chain.run(Loss(step=step), survivors, use)
             prepared = []
         finally:
             for o in prepared:
                 o.state.clear()
+        log.info("recoverkit: rank %d restored step %d with %s from %s", self.rank, done.step, done.strategy,
+                 done.source.describe())
         if done.source.tier_name is not None:
             self._learn(done.source.tier_name, good=done.step)
         missing, unexpected = done.value
@@ -219,6 +243,22 @@ class CheckpointReader:
     # -------------------------------------------------------------- internals
     def _survivors(self) -> Survivors:
         return Survivors(tiers=tuple(self.tiers))
+
+
+def _memory_restore(tiers: Sequence[ReadableTier]) -> tuple[RecoveryStrategy, list[ReadableTier]] | None:
+    """The memory restore over the shared-memory tier among ``tiers`` (and the replica tier,
+    if any), with the tiers it covers; None without a shared-memory tier of a job of several
+    ranks. A tier of a kind
+    whose module was never imported cannot be among them, so nothing is imported to look."""
+    shm_mod = sys.modules.get("recoverkit.staging.shm_tier")
+    shm = next((t for t in tiers if shm_mod is not None and isinstance(t, shm_mod.ShmTier)), None)
+    if shm is None or shm.world_size <= 1:  # one rank: its own snapshot is the whole state,
+        return None  # read by tier fallback like any tier (verified before anything is applied)
+    replica_mod = sys.modules.get("recoverkit.staging.replica")
+    replica = next((t for t in tiers if replica_mod is not None and isinstance(t, replica_mod.ReplicaTier)), None)
+    from .recovery.memory import MemoryRestore
+
+    return MemoryRestore(shm, replica=replica), [t for t in (shm, replica) if t is not None]
 
 
 def _apply(

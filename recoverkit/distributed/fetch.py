@@ -25,10 +25,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import IntegrityError, TransportError, add_note
-from .transport import Buffer, PeerTransport
+
+if TYPE_CHECKING:  # types only: planning and parsing a plan need no torch
+    from .transport import Buffer, PeerTransport
 
 __all__ = ["Transfer", "plan_transfers", "rounds", "run_transfers"]
 

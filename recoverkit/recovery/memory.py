@@ -101,6 +101,8 @@ class MemoryRestore(RecoveryStrategy):
     Args:
         shm: the shared-memory tier of this rank (its store, coordinator, rank, world size
             and timeout are used).
+        replica: the peer-replica tier, if any: its store is searched too when its shared
+            memory is not the shm tier's (its own transport stays its replicator's).
         transport: moves bytes between nodes (default: ``survivors.transport``, else one
             built together on every rank when a plan needs it).
         make_transport: builds that transport (every rank calls it at the same point;
@@ -118,10 +120,15 @@ class MemoryRestore(RecoveryStrategy):
         self,
         shm: MemoryHolder,
         *,
+        replica: Any = None,
         transport: Any = None,
         make_transport: Callable[[float], Any] | None = None,
     ) -> None:
         self.shm = shm
+        self.stores = [shm.store]
+        other = getattr(replica, "store", None)
+        if isinstance(other, ShmStore) and other.job_dir != shm.store.job_dir:
+            self.stores.append(other)
         self.transport = transport
         self._make_transport = make_transport or _process_group_transport
         self._transport: Any = None
@@ -238,7 +245,7 @@ class _Attempt:
     ) -> None:
         shm = strategy.shm
         self.strategy, self.scope, self.loss, self.disk, self.bad = strategy, scope, loss, disk, bad
-        self.coord, self.store, self.rank, self.world = shm.coordinator, shm.store, shm.rank, shm.world_size
+        self.coord, self.stores, self.rank, self.world = shm.coordinator, strategy.stores, shm.rank, shm.world_size
         self.timeout_s, self.node = shm.timeout_s, shm.store.node
         self._views: list[Any] = []  # slot views this attempt opened
         self._owners: dict[int, OwnerBytes] = {}  # every owner's bytes as this rank holds them
@@ -285,7 +292,7 @@ class _Attempt:
 
     def _run(self) -> _Ready | _Refused:
         # 1. what every node holds, and the newest step on every disk
-        mine = {"node": self.node, "held": [c.to_json() for c in _scan(self.store)], "disk": _newest_on(self.disk)}
+        mine = {"node": self.node, "held": [c.to_json() for c in _scan(self.stores)], "disk": _newest_on(self.disk)}
         choice = self._exchange("held", mine, self._choose, "choice")
         if not choice["ok"]:
             return _Refused(str(choice["reason"]), warn=bool(choice.get("warn")))
@@ -448,9 +455,9 @@ class _Attempt:
         for v in self._views:
             if v.index.rank == owner and v.step == step and crc32c(v.index_bytes) == crc:
                 return v
-        for replica in (False, True):
+        for store, replica in ((st, r) for r in (False, True) for st in self.stores):
             try:
-                v = self.store.slots(owner, replica=replica).open(step)
+                v = store.slots(owner, replica=replica).open(step)
             except (IntegrityError, OSError):
                 continue
             if crc32c(v.index_bytes) == crc:
@@ -508,24 +515,27 @@ def _verify(
     return None
 
 
-def _scan(store: ShmStore) -> list[_Copy]:
-    """Every complete snapshot in this node's job dir (own and replicas), with its index CRC."""
-    out = []
-    for owner, replica in _owner_dirs(store.job_dir):
-        slots = store.slots(owner, replica=replica)
-        try:
-            steps = slots.steps()
-        except OSError:
-            continue
-        for step in steps:
+def _scan(stores: Sequence[ShmStore]) -> list[_Copy]:
+    """Every complete snapshot in this node's job dirs (own and replicas), with its index CRC."""
+    out: dict[tuple[int, bool, int], _Copy] = {}
+    for store in stores:
+        for owner, replica in _owner_dirs(store.job_dir):
+            slots = store.slots(owner, replica=replica)
             try:
-                idx = slots.index(step)
-                with slots.open(step) as v:
-                    raw = v.index_bytes
-            except (IntegrityError, OSError):  # overwritten or removed meanwhile
+                steps = slots.steps()
+            except OSError:
                 continue
-            out.append(_Copy(owner, replica, step, crc32c(raw), len(raw), idx.data_bytes, idx.run_id, idx.world_size))
-    return out
+            for step in steps:
+                try:
+                    with slots.open(step) as v:
+                        raw, idx = v.index_bytes, v.index
+                except (IntegrityError, OSError):  # overwritten or removed meanwhile
+                    continue
+                out.setdefault(
+                    (owner, replica, step),
+                    _Copy(owner, replica, step, crc32c(raw), len(raw), idx.data_bytes, idx.run_id, idx.world_size),
+                )
+    return list(out.values())
 
 
 def _owner_dirs(job_dir: str) -> Iterator[tuple[int, bool]]:

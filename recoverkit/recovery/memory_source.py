@@ -78,6 +78,7 @@ class MemoryTier(ReadableTier):
         self.step = manifest.step
         self._manifest = manifest
         self.owners = dict(owners)
+        self._where = {o: b.where for o, b in self.owners.items()}  # kept for messages after close
         self._packs: dict[PackRecord, bool] = {}
 
     def steps(self) -> list[int]:
@@ -88,7 +89,7 @@ class MemoryTier(ReadableTier):
         return self._manifest
 
     def describe(self, step: int) -> str:
-        where = "; ".join(f"rank {o}: {b.where}" for o, b in sorted(self.owners.items()))
+        where = "; ".join(f"rank {o}'s snapshot from {w}" for o, w in sorted(self._where.items()))
         return f"memory snapshot of step {step} ({where})"
 
     def read(self, step: int, requests: Sequence[tuple[Region, Buffer]]) -> None:
