@@ -2,17 +2,24 @@
 
 ``base`` holds the interface (:class:`Loss`, :class:`Survivors`, :class:`Source`,
 :class:`RecoveryStrategy`, :class:`Recovered` / :class:`CannotRecover`), ``chain`` runs
-strategies in order, and each strategy is one module: ``tier_fallback`` today; peer
-replicas, redistribution and CheckFree stage recovery plug in the same way.
+strategies in order, and each strategy is one module: ``tier_fallback`` (the disk tiers,
+newest valid step, fastest first) and ``memory`` (collective: the newest step complete in
+shared memory across ranks, own snapshots and peer replicas, fetched over the peer
+transport where a node lacks a copy, every region verified before anything is applied;
+``memory_source`` holds the tier its bytes are read through); redistribution and CheckFree
+stage recovery plug in the same way.
 """
 
 from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Source, Survivors, Use
 from .chain import RecoveryChain
+from .memory import MemoryRestore, MemorySkippedWarning
 from .tier_fallback import StepDeletedWarning, TierFallback, TierSource
 
 __all__ = [
     "CannotRecover",
     "Loss",
+    "MemoryRestore",
+    "MemorySkippedWarning",
     "Recovered",
     "RecoveryChain",
     "RecoveryStrategy",
