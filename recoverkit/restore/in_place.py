@@ -17,7 +17,8 @@ bytes fetched from a peer)::
                                    see it and load_state_dict has nothing left to copy. Every
                                    other PendingTensor becomes a new tensor (today's path)
                     state.check    every target fits, or nothing changes
-                    copy           view -> target storage (torch copy_: threads on the CPU,
+                    copy           view -> target storage (the tier's copy engine on several
+                                   threads for CPU targets; torch copy_ for small pieces, and
                                    host -> device for a GPU target), then load_state_dict
 
 So a restore from memory costs one CRC pass and one copy of the bytes, into memory that is
@@ -26,7 +27,9 @@ again in load_state_dict). Restore stays all or nothing (invariant 6): every CRC
 check, then the first byte.
 
 A tree read in place holds PendingTensors until :func:`resolve` runs: it is for restore
-(``apply_restored``), never handed to a user.
+(``apply_restored``), never handed to a user. Between the CRC pass and the copy the tier must
+keep the step (a Checkpointer's restore settles its saves first, so no snapshot is given up
+meanwhile; a shared-memory view pins its slot).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ __all__ = [
     "copy_all",
     "materialize",
     "resolve",
+    "tier_engine",
     "verify",
+    "worker_threads",
 ]
 
 #: bytes one CRC task covers (a large region is split, a run of small ones grouped)
@@ -199,10 +204,13 @@ def _piece_view(
     ident = (region.file, region.offset, region.nbytes)
     unit = units.get(ident)
     if unit is None:
-        view = tier.memory_view(step, region)
-        if view is None:
-            return None
-        view = _bytes_of(view, region.nbytes, f"{tier.describe(step)}: {key!r}")
+        try:  # a region the tier refuses is a fault of the step (skipped), not a crash
+            view = tier.memory_view(step, region)
+            if view is None:
+                return None
+            view = _bytes_of(view, region.nbytes, f"{tier.describe(step)}: {key!r}")
+        except ValueError as e:
+            raise IntegrityError(f"{tier.describe(step)}: {key!r}: {e}") from e
         what = f"{key!r} {'pack' if region is not shard else 'region'} at {region.offset} ({region.nbytes} bytes)"
         unit = units[ident] = Unit(view, region.crc32c, what)
     if region is shard:

@@ -335,6 +335,35 @@ def test_packed_small_tensors_are_verified_through_their_pack_and_land_in_place(
         read_state(tier, 1, manifest, in_place=True)
 
 
+def test_a_tier_serving_a_view_of_the_wrong_size_is_a_fault_of_the_step(root):
+    big = torch.randn(256, 16)
+    with Checkpointer(root, options=CheckpointOptions()) as ckpt:
+        ckpt.save(1, {"big": big})
+        local = ckpt.tiers["local"]
+
+    class Short(FileBytesTier):
+        def memory_view(self, step, rec):
+            return super().memory_view(step, rec)[:-1]
+
+    with pytest.raises(IntegrityError, match="memory view holds"):
+        read_state(Short(local), 1, local.manifest(1), in_place=True)
+
+
+def test_a_disk_tier_under_in_place_reads_takes_the_copy_path(root):
+    model, opt = _make()
+    state = {"model": model, "optim": opt}
+    with Checkpointer(root, options=CheckpointOptions(tiers=[TierSpec.local()])) as ckpt:
+        _train(model, opt, 2)
+        ckpt.save(1, state)
+        saved = _snapshot(state)
+        _train(model, opt, 2, seed=5)
+        tree = read_state(ckpt.tiers["local"], 1, ckpt.manifest(1), in_place=True)
+        assert not [v for v in tree["model"].values() if isinstance(v, PendingTensor)]
+        with in_place_reads():
+            assert ckpt.restore(state) == 1
+        _assert_restored(state, saved, same_objects=False)
+
+
 def _tensors_plain(state):
     out = {f"small/{k}": v for k, v in state["small"].items()}
     out["big"] = state["big"]
