@@ -12,6 +12,7 @@ instead (``python -m bench._workers mttr ...``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -319,14 +320,14 @@ def _mttr_worker(cfg: dict[str, Any]) -> None:
 
     One rank of an MTTR job under torchrun (one process, or DDP over gloo when torchrun's
     ``WORLD_SIZE`` > 1, each rank's batch keyed by (step, rank)): opens a Checkpointer on
-    ``root`` with the tiers of ``source`` (see :func:`mttr_tiers`), restores the newest
-    valid step, trains to ``steps`` with ``save_async`` every step. On torchrun's first
-    attempt the last rank, once the saves made so far have drained (a steady-state crash),
-    waits until a peer holds its replica of that step (``source == "replica"``, bounded),
-    loses its node (its shared memory is deleted) and SIGKILLs
-    itself after step ``die_at``. Appends JSON events with wall-clock times to ``events``:
-    launched, imported (+ the process group and the model), opened (Checkpointer start-up),
-    restored (discovery, verified read, apply), first_step, kill, done.
+    ``root`` with the tiers of ``source`` (see :func:`mttr_tiers`), restores the newest valid
+    step (``in_place``: inside ``in_place_reads()``), trains to ``steps`` with ``save_async``
+    every step. On torchrun's first attempt the last rank, after step ``die_at`` and once the
+    saves made so far have drained (a steady-state crash), waits until a peer holds its
+    replica of that step (``source == "replica"``, bounded), loses its node (its shared
+    memory is deleted) and SIGKILLs itself. Appends JSON events with wall-clock times to
+    ``events``: launched, imported (+ the process group and the model), opened (Checkpointer
+    start-up), restored (discovery, verified read, apply), first_step, kill, done.
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ.get("RANK", "0"))
@@ -363,8 +364,14 @@ def _mttr_worker(cfg: dict[str, Any]) -> None:
     t_enter = time.time()
     ckpt = Checkpointer(cfg["root"], options=opts)
     t_open = time.time()
+    reads: Any = contextlib.nullcontext()
+    if cfg.get("in_place"):  # tensors a memory tier holds copied straight into the live ones
+        from recoverkit.restore.reader import in_place_reads
+
+        reads = in_place_reads()
     try:
-        resumed: int | None = int(ckpt.restore(state))
+        with reads:
+            resumed: int | None = int(ckpt.restore(state))
     except CheckpointNotFoundError:
         resumed = None
     log(event="restored", t=time.time(), t_enter=t_enter, t_open=t_open, resumed=resumed, bytes=nbytes)

@@ -53,10 +53,11 @@ def _memory_case(r, case):
 
 
 def test_mttr_own_shared_memory_and_local_disk(tmp_path):
-    r = _run(tmp_path, "shm,local")
+    r = _run(tmp_path, "shm,shm-inplace,local")
     assert r["summary"]["local"]["steps_lost"] >= 0 and r["summary"]["local"]["mttr"] > 0
     if _memory_case(r, "shm") is not None:
         assert r["targets"]["shm_steps_lost"] == 0
+        assert _memory_case(r, "shm-inplace") is not None
 
 
 def test_mttr_peer_replica_after_a_node_loss(tmp_path):
