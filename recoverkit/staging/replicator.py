@@ -63,9 +63,9 @@ __all__ = ["HEADER", "Replicator", "verify_records"]
 
 log = logging.getLogger("recoverkit")
 
-#: magic, version, flags, reserved, round, step, data_bytes, held, capacity, index_cap,
-#: index_len, crc
-HEADER = struct.Struct("<4sBBHQqQqQIII")
+#: magic, version, flags, reserved, round, step, data_bytes, held, refused, capacity,
+#: index_cap, index_len, crc
+HEADER = struct.Struct("<4sBBHQqQqqQIII")
 MAGIC, VERSION = b"RKRH", 1
 STOP, ANNOUNCE, OVERSIZE, HOLDER = 1, 2, 4, 8
 #: index bytes a header buffer takes at first; grown (both sides alike) for a larger index
@@ -80,6 +80,7 @@ class Header:
     step: int
     data_bytes: int
     held: int
+    refused: int  # (HOLDER) the newest step it refused from the receiver (not announced again)
     capacity: int
     index_cap: int  # (HOLDER) the index bytes its header buffer takes
     index: bytes  # the announced index (ANNOUNCE), else empty
@@ -89,7 +90,7 @@ class Header:
 def encode_header(h: Header) -> bytes:
     index = h.index if h.flags & ANNOUNCE else b""
     n = len(h.index) if h.flags & (ANNOUNCE | OVERSIZE) else 0
-    fields = (MAGIC, VERSION, h.flags, 0, h.round, h.step, h.data_bytes, h.held, h.capacity, h.index_cap, n)
+    fields = (MAGIC, VERSION, h.flags, 0, h.round, h.step, h.data_bytes, h.held, h.refused, h.capacity, h.index_cap, n)
     crc = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
     return HEADER.pack(*fields, crc) + index
 
@@ -98,13 +99,13 @@ def decode_header(buf: bytearray, round_: int, peer: int) -> Header:
     """Parse a header from ``peer`` as hostile input (IntegrityError naming what is wrong)."""
     if len(buf) < HEADER.size:
         raise IntegrityError(f"replication header from rank {peer}: buffer of {len(buf)} bytes")
-    magic, ver, flags, _, rnd, step, nbytes, held, cap, icap, n, crc = HEADER.unpack_from(buf)
+    magic, ver, flags, reserved, rnd, step, nbytes, held, refused, cap, icap, n, crc = HEADER.unpack_from(buf)
     if magic != MAGIC or ver != VERSION:
         raise IntegrityError(f"replication header from rank {peer}: not one (magic {magic!r}, version {ver})")
     body = n if flags & ANNOUNCE else 0
     if body > len(buf) - HEADER.size:
         raise IntegrityError(f"replication header from rank {peer}: {n} index bytes do not fit its buffer")
-    fields = (magic, ver, flags, 0, rnd, step, nbytes, held, cap, icap, n)
+    fields = (magic, ver, flags, reserved, rnd, step, nbytes, held, refused, cap, icap, n)
     index = bytes(buf[HEADER.size : HEADER.size + body])
     found = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
     if found != crc:
@@ -113,7 +114,7 @@ def decode_header(buf: bytearray, round_: int, peer: int) -> Header:
         )
     if rnd != round_:
         raise IntegrityError(f"replication header from rank {peer} is of round {rnd}, expected {round_}")
-    return Header(flags, rnd, step, nbytes, held, cap, icap, index, n if flags & (ANNOUNCE | OVERSIZE) else 0)
+    return Header(flags, rnd, step, nbytes, held, refused, cap, icap, index, n if flags & (ANNOUNCE | OVERSIZE) else 0)
 
 
 def verify_records(index: ShmIndex, data: memoryview, *, engine: Any = None) -> str | None:
@@ -140,6 +141,8 @@ class _Peer:
         self.recv_cap = FIRST_INDEX_CAP if owner else 0  # (owner) the index bytes ours takes
         self.buf = bytearray(HEADER.size + self.recv_cap)  # its headers land here
         self.known_held = -1  # (holder) the newest of our steps it holds, as far as we know
+        self.refused_by_it = -1  # (holder) the newest of our steps it refused: not announced again
+        self.refused = -1  # (owner) the newest of its steps we refused
         self.sent_stop = self.got_stop = self.done = False
         self.warned = False  # a snapshot too large for it was warned about
 
@@ -222,6 +225,9 @@ class Replicator:
 
     # ------------------------------------------------------------ control
     def start(self) -> None:
+        """Start the thread (once); the replicas already held (this run's) are published."""
+        if self.publish is not None and any(s >= 0 for s in self.held.values()):
+            self.publish(dict(self.held))
         if self.peers and self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"recoverkit-replica-{self.rank}", daemon=True)
             self._thread.start()
@@ -299,7 +305,7 @@ class Replicator:
                     log.debug("recoverkit: rank %d replicates step %d, superseding steps %s", self.rank, newest, skipped)
                 self._offered = {s for s in self._offered if s > newest}
                 self._picked = newest
-        if not any(p.holder and p.known_held < newest for p in active):
+        if not any(p.holder and max(p.known_held, p.refused_by_it) < newest for p in active):
             return None
         try:
             return self.source.open(newest)
@@ -322,14 +328,14 @@ class Replicator:
         sent: dict[int, Header] = {}
         for p in active:
             flags = STOP if stopping else 0
-            h = Header(flags, p.round, -1, 0, -1, 0, 0, b"")
-            if p.holder and view is not None and view.step > p.known_held:
+            h = Header(flags, p.round, -1, 0, -1, -1, 0, 0, b"")
+            if p.holder and view is not None and view.step > max(p.known_held, p.refused_by_it):
                 raw = view.index_bytes
                 h.flags |= ANNOUNCE if len(raw) <= p.send_cap else OVERSIZE
                 h.step, h.data_bytes, h.index = view.step, view.index.data_bytes, raw
             if p.owner:
                 h.flags |= HOLDER
-                h.held = self.held.get(p.rank, -1)
+                h.held, h.refused = self.held.get(p.rank, -1), p.refused
                 h.capacity = 0 if stopping else self.capacity
                 h.index_cap = p.recv_cap
             sent[p.rank] = h
@@ -366,6 +372,7 @@ class Replicator:
                 send = b""
                 if theirs is not None and theirs.flags & HOLDER:
                     p.known_held, p.send_cap = theirs.held, theirs.index_cap
+                    p.refused_by_it = theirs.refused
                     if mine.flags & ANNOUNCE and mine.step > theirs.held:
                         if mine.data_bytes <= theirs.capacity:
                             send = view.data
@@ -386,7 +393,9 @@ class Replicator:
                 if theirs is not None and theirs.flags & ANNOUNCE:
                     if theirs.step > mine.held and theirs.data_bytes <= mine.capacity:
                         w = self._accept(p.rank, theirs)
-                        if w is not None:
+                        if w is None:
+                            p.refused = theirs.step
+                        else:
                             writers[p.rank] = w
                             recvs[p.rank] = w[0].view
         # ---- data

@@ -50,12 +50,12 @@ def _write(slots, rank: int, world: int, step: int, data: bytes) -> None:
     )  # fmt: skip
 
 
-def _join(rank, shm_dir, root, **kw):
+def _join(rank, shm_dir, root, per_node=2, **kw):
     from recoverkit.distributed.coordinator import default_coordinator
     from recoverkit.staging.replica import join_replication
     from recoverkit.storage.shm import ShmStore
 
-    os.environ["RECOVERKIT_NODE"] = f"node{rank // 2}"
+    os.environ["RECOVERKIT_NODE"] = f"node{rank // per_node}"
     os.environ["RECOVERKIT_SHM_DIR"] = shm_dir
     coord = default_coordinator(timeout_s=60)
     tier = join_replication(root, coordinator=coord, scope="test", **kw)
@@ -263,3 +263,65 @@ def test_a_world_of_one_replicates_nothing(tmp_path, monkeypatch, k):
     assert tier.offer(SimpleNamespace(step=1)) is False
     assert tier.steps() == [] and tier.holdings() == {}
     tier.close()
+
+
+# ------------------------------------------------------------------ over the holder's budget
+def _over_budget(rank, world, shm_dir, root):
+    import logging
+
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logging.getLogger("recoverkit").addHandler(Keep(logging.WARNING))
+    budget = 8192 if rank == 2 else None  # rank 2 holds rank 0's replicas: one slot takes 4 KiB
+    tier, own = _join(rank, shm_dir, root, k=1, timeout_s=30, budget_bytes=budget)
+    for step in (1, 2):
+        _write(own, rank, world, step, _data(rank, step))
+        tier.offer(SimpleNamespace(step=step))
+    others = [(1, 3), (2, 0), (3, 1)]
+    _wait_for(lambda: all(tier.holdings().get(o, {}).get(h) == 2 for o, h in others), "the other replicas held")
+    out = {"holdings": tier.holdings(), "stats": tier.stats, "lines": lines}
+    tier.close()
+    return out
+
+
+def test_a_snapshot_over_the_holders_budget_is_not_sent_and_its_owner_warns(tmp_path):
+    shm, root = str(tmp_path / "shm"), str(tmp_path / "root")
+    results = run_world(4, _over_budget, shm, root, timeout_s=240)
+    for r in results:
+        assert 0 not in r["holdings"], r["holdings"]  # never held, never published
+    r0, r2 = results[0], results[2]
+    assert r0["stats"]["sent"] == 0 and r2["stats"]["received"] == 0
+    assert r2["stats"]["refused"] == 0  # not even offered: both ends knew the limit
+    assert sum("exceeds what rank 2 takes" in m for m in r0["lines"]) == 1, r0["lines"]
+    assert not list((tmp_path / "shm").rglob("replica-00000/slot-*.index"))
+
+
+# ------------------------------------------------------------------ a refused announcement
+def _refused(rank, world, shm_dir, root):
+    tier, own = _join(rank, shm_dir, root, per_node=1, k=1, timeout_s=30)
+    assert tier.placement == {0: [1], 1: [2], 2: [0]}  # a ring over 3 nodes
+    # rank 0's snapshot claims another world: its holder (rank 1) refuses it, in the same
+    # exchanges where rank 1's own snapshot goes to rank 2
+    _write(own, rank, 7 if rank == 0 else world, 1, _data(rank, 1))
+    tier.offer(SimpleNamespace(step=1))
+    _wait_for(lambda: all(tier.holdings().get(o, {}).get(h) == 1 for o, h in ((1, 2), (2, 0))), "replicas held")
+    out = {"holdings": tier.holdings(), "stats": tier.stats}
+    if rank == 2:
+        out["replica"] = _replica_bytes(root, "node2", 1, shm_dir) == (1, _data(1, 1))
+    tier.close()
+    return out
+
+
+def test_a_refused_announcement_fails_only_its_own_transfer(tmp_path):
+    shm, root = str(tmp_path / "shm"), str(tmp_path / "root")
+    results = run_world(3, _refused, shm, root, timeout_s=240)
+    for r in results:
+        assert 0 not in r["holdings"], r["holdings"]
+    r1, r2 = results[1]["stats"], results[2]["stats"]
+    assert r1["refused"] == 1 and r1["received"] == 0, r1  # refused once: not announced again
+    assert r2["received"] == 1 and results[2]["replica"] is True, r2  # rank 1's went through, once
+    assert results[0]["stats"]["transport_errors"] >= 1  # the refusal reached its sender
