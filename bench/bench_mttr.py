@@ -150,12 +150,13 @@ def _one(base: str, case: str, source: str, nodes: int, width: int, steps: int, 
     # restart it for the membership change without counting an attempt, so not by attempt)
     pids = {e["pid"] for e in evs if e["event"] == "launched" and e["t"] > kill["t"]}
     after = [e for e in evs if e["pid"] in pids]
-    # the job is back when its slowest rank made its first step: that rank's phases
+    # the phases are the killed rank's (its node was lost); the job is back when its slowest
+    # rank made its first step
     firsts = [e for e in after if e["event"] == "first_step"]
     if len(firsts) != nodes:
         raise RuntimeError(f"{case}: {len(firsts)} of {nodes} ranks made a step after the restart: {evs[-12:]}")
     first = max(firsts, key=lambda e: e["t"])
-    a1 = {e["event"]: e for e in after if e["pid"] == first["pid"]}
+    a1 = {e["event"]: e for e in after if e.get("rank", 0) == kill.get("rank", 0)}
     r = a1["restored"]
     died = _death_time(texts[nodes - 1], kill["t"])  # the killed rank's agent
     detect = (died - kill["t"]) if died is not None and died >= kill["t"] - 0.01 else None
@@ -367,7 +368,7 @@ def table(r: dict[str, Any]) -> str:
         "- state transfer is the whole `restore` (agreeing on the step, reading and verifying every byte, applying); "
         "its GB/s is the state's bytes over that time. Detection is the torchrun agent's log line of the death; "
         "relaunch includes the agent's teardown (and the 2-node re-rendezvous); import includes the process group and "
-        "the model. 2 nodes: the phases of the rank that made its first step last.",
+        "the model. 2 nodes: the phases of the killed rank, its first step when the slower rank made its own.",
     ]
     ft = r.get("torchft")
     if ft:
