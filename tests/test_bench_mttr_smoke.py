@@ -61,11 +61,11 @@ def test_mttr_own_shared_memory_and_local_disk(tmp_path):
 
 
 def test_mttr_peer_replica_after_a_node_loss(tmp_path):
-    r = _run(tmp_path, "replica,local-2node")
-    s = r["summary"]["local-2node"]
-    assert s["steps_lost"] > 0  # the disk tier lags the kill by design: memory is what saves them
+    r = _run(tmp_path, "replica")
     if _memory_case(r, "replica") is not None:
         assert r["gloo_p2p_gbps"] > 0 and r["targets"]["replica_steps_lost"] == 0
+        # the disk tier lags the kill by design (every 5 steps, killed after 12): memory saved them
+        assert r["runs"][0]["replica_held_at_kill"] == r["runs"][0]["killed_at_step"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchft") is None, reason="torchft not installed (extra 'bench')")
