@@ -202,10 +202,14 @@ class ShmTier(SnapshotTier):
         self.store.close()
 
     def discard(self) -> None:
-        """The job ended normally: delete this rank's slots (and the replicas this store
-        held), and the job's directory once no other rank's are left in it."""
+        """The job ended normally: delete this rank's slots and the replicas this store
+        holds (never another rank's own slots, which that rank deletes), then the job's
+        directory once nothing else is left in it."""
         self.close()
-        self.store.clear()
+        for s in self.store.handed_out():
+            if s is self.slots or s.replica:
+                s.clear()
+        self.store.remove_if_empty()
 
     # ------------------------------------------------------------ reading
     def _held(self) -> dict[int, ShmIndex]:

@@ -338,14 +338,21 @@ class ShmStore:
         for s in sets:
             s.close()
 
+    def handed_out(self) -> list[SlotSet]:
+        """The slot sets this store handed out (:meth:`slots`), own and replica."""
+        with self._lock:
+            return list(self._sets.values())
+
     def clear(self) -> None:
         """Delete the slots of every owner this store handed out (own snapshots and the
-        replicas held), then the job directory if nothing else is left in it (another
-        process's owners on this node keep it)."""
-        with self._lock:
-            sets = list(self._sets.values())
-        for s in sets:
+        replicas held), then the job directory if nothing else is left in it."""
+        for s in self.handed_out():
             s.clear()
+        self.remove_if_empty()
+
+    def remove_if_empty(self) -> None:
+        """Delete the job directory (and empty parents) if no owner's slots are left in it
+        (another process's owners on this node keep it)."""
         try:
             left = [n for n in os.listdir(self.job_dir) if n != JOB_FILE and not n.startswith(JOB_FILE + ".tmp-")]
         except FileNotFoundError:

@@ -84,7 +84,7 @@ def test_a_shm_failure_is_logged_and_counted_never_fails_the_save(root, shm, cap
     )
     with caplog.at_level(logging.WARNING, logger="recoverkit"), Checkpointer(root, options=opts) as ckpt:
         for step in (1, 2):
-            ckpt.save_async(step, {"w": torch.zeros(10000)})
+            ckpt.save_async(step, {"w": torch.zeros(10000)}).wait()
         assert ckpt.wait() and ckpt.tiers["local"].steps() == [1, 2]
         assert ckpt.tiers["shm"].steps() == [] and ckpt.tiers["shm"].failed_writes == 2
         assert ckpt._pipeline.drain.early_failures == {"shm": 2}
@@ -134,8 +134,8 @@ def test_memory_view_is_read_only_and_bounds_checked(root, shm):
 def test_a_failed_save_is_withdrawn_from_shm(root, shm):
     faults = FaultInjector().fail_at(phase="before_data", step=2)
     with Checkpointer(root, options=_opts(shm, local_every=1), faults=faults) as ckpt:
-        for step in (1, 2):
-            ckpt.save_async(step, {"w": torch.ones(100) * step})
+        ckpt.save_async(1, {"w": torch.ones(100)}).wait()  # settled before step 2 supersedes it
+        ckpt.save_async(2, {"w": torch.ones(100) * 2})
         with pytest.raises(Exception, match="step 2"):
             ckpt.wait()
         assert ckpt.tiers["shm"].steps() == [1]
