@@ -20,9 +20,13 @@ replica of each owner it holds, committed) under its own key of the coordinator'
 :meth:`ReplicaTier.holdings` reads every rank's key. A replica is never published before
 its records' CRCs were checked and its index committed.
 
+Slots: a send in flight keeps its own slot open (pinned), so with the shm tier's two slots
+(one holding the newest complete snapshot) a slow replication would leave the shm tier no
+slot for its next step; give it a third (``TierSpec.shm(slots=3)``; a warning says so).
+
 Example (every rank; tiers built by the Checkpointer from the tier list)::
 
-    opts = CheckpointOptions(tiers=[TierSpec.shm(), TierSpec.replica(k=1), TierSpec.local(every_steps=50)])
+    opts = CheckpointOptions(tiers=[TierSpec.shm(slots=3), TierSpec.replica(k=1), TierSpec.local(every_steps=50)])
     ckpt = Checkpointer(root, options=opts)
     ...
     ckpt.tier("replica").holdings()   # {owner: {holder: step}}

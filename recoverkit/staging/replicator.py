@@ -13,14 +13,16 @@ Rounds run in lock-step with every peer (holder or owner), two exchanges each::
     header  every peer, both ways, one message each (:data:`HEADER` + index bytes):
               to a holder:  "my newest snapshot is step S of N bytes" + its index
                             (only while the holder lacks it), or nothing new
-              to an owner:  "I hold your step H; I take up to C bytes" (C = 0 while stopping)
+              to an owner:  "I hold your step H; I take up to C bytes (C = 0 while
+                            stopping); I refused your step F"
               either way:   the stopping flag; a CRC-32C of the message itself
     data    every peer, both ways: the snapshot's bytes where a transfer was agreed, else
             0 bytes. Owner and holder agree without another message: a transfer happens
             exactly when the owner announced S > H within C (both saw both headers).
             A holder that refuses what was announced (an index its hostile decoder
-            rejects, another owner or step, no free slot, over its budget) posts a 0-byte
-            buffer: the transport refuses it on both ends before a byte moves.
+            rejects, of another owner, step or world, no free slot) posts a 0-byte
+            buffer: the transport refuses it on both ends before a byte moves; its next
+            header names the step refused, and the owner announces only newer ones.
 
 The receiver writes straight into a replica slot (``begin(step, N).view``), then checks the
 CRC-32C of *every* record of the index (blob and shards) before ``commit(index)``; a bad
@@ -177,6 +179,15 @@ class Replicator:
         run_id: this run's id: only snapshots of this run are sent, and only replicas of
             this run count as held (a restarted job's new run never mistakes the replicas
             of a dead run's steps for its own); None: any run.
+
+    Example (every rank, after the placement; what ``join_replication`` does)::
+
+        r = Replicator(ProcessGroupTransport(timeout_s=60), rank=rank, world_size=world,
+                       holders=placement[rank], owners=owners_of(placement, rank),
+                       source=store.slots(rank), sink=lambda o: store.slots(o, replica=True))
+        r.start()
+        r.offered(step)          # after the shm tier wrote ``step``
+        r.stop(); r.join(65.0)   # every rank: the stop handshake
     """
 
     def __init__(

@@ -30,7 +30,7 @@ def _data(owner: int, step: int, size: int = SIZE) -> bytes:
     return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g).numpy().tobytes()
 
 
-def _write(slots, rank: int, world: int, step: int, data: bytes) -> None:
+def _write(slots, rank: int, world: int, step: int, data: bytes, run_id: str = "test") -> None:
     """Write ``data`` as rank ``rank``'s snapshot of ``step`` (a blob and one shard), as the shm tier does."""
     from recoverkit.format.checksum import crc32c
     from recoverkit.format.manifest import BlobRecord, ShardRecord
@@ -44,7 +44,7 @@ def _write(slots, rank: int, world: int, step: int, data: bytes) -> None:
     records = {"rank": rank, "blob": blob.to_json(), "shards": [["w", shard.to_json()]], "files": {f: n}}
     w.commit(
         make_index(
-            step=step, run_id="test", world_size=world, rank=rank, records=records,
+            step=step, run_id=run_id, world_size=world, rank=rank, records=records,
             shards_meta={"w": ["uint8", [n - BLOB]]}, aliases={}, data_bytes=n,
         )
     )  # fmt: skip
@@ -325,3 +325,31 @@ def test_a_refused_announcement_fails_only_its_own_transfer(tmp_path):
     assert r1["refused"] == 1 and r1["received"] == 0, r1  # refused once: not announced again
     assert r2["received"] == 1 and results[2]["replica"] is True, r2  # rank 1's went through, once
     assert results[0]["stats"]["transport_errors"] >= 1  # the refusal reached its sender
+
+
+# ------------------------------------------------------------------ a restarted job (a new run)
+def _run(rank, world, shm_dir, root, run_id, steps):
+    from recoverkit.storage.shm import ShmStore
+
+    tier, own = _join(rank, shm_dir, root, k=1, timeout_s=30, run_id=run_id)
+    first = tier.holdings()  # before this run replicated anything
+    for step in steps:
+        _write(own, rank, world, step, _data(rank, step), run_id=run_id)
+        tier.offer(SimpleNamespace(step=step))
+    _wait_for(lambda: _all_held(tier, steps[-1]), f"every replica of step {steps[-1]} held")
+    tier.close()  # as after a crash: the shared memory stays
+    (owner,) = tier.owners()
+    kept = ShmStore(root, node=f"node{rank // 2}").slots(owner, replica=True).indexes()
+    return {"first": first, "kept": [(i.step, i.run_id) for i in kept]}
+
+
+def test_a_new_run_never_counts_nor_keeps_a_dead_runs_later_replicas(tmp_path):
+    shm, root = str(tmp_path / "shm"), str(tmp_path / "root")
+    before = run_world(4, _run, shm, root, "run-1", [1, 2, 3, 4, 5], timeout_s=240)
+    assert all(r["kept"][-1] == (5, "run-1") for r in before), before
+    # the job restarts from step 2 (say the disk's): its new run replicates 3 again
+    after = run_world(4, _run, shm, root, "run-2", [3], timeout_s=240)
+    for r in after:
+        assert r["first"] == {}, r  # the dead run's replicas are not this run's holdings
+        assert (3, "run-2") in r["kept"], r
+        assert not [k for k in r["kept"] if k[1] == "run-1" and k[0] >= 3], r  # a dead timeline: dropped
