@@ -19,8 +19,6 @@ import pytest
 
 from tests.bench_helpers import REPO, numbers
 
-pytestmark = pytest.mark.slow
-
 
 def _run(tmp_path, cases, timeout=120):
     out = tmp_path / "out"
@@ -52,6 +50,7 @@ def _memory_case(r, case):
     return s
 
 
+@pytest.mark.slow
 def test_mttr_own_shared_memory_and_local_disk(tmp_path):
     r = _run(tmp_path, "shm,shm-inplace,local")
     assert r["summary"]["local"]["steps_lost"] >= 0 and r["summary"]["local"]["mttr"] > 0
@@ -60,6 +59,7 @@ def test_mttr_own_shared_memory_and_local_disk(tmp_path):
         assert _memory_case(r, "shm-inplace") is not None
 
 
+@pytest.mark.slow
 def test_mttr_peer_replica_after_a_node_loss(tmp_path):
     r = _run(tmp_path, "replica")
     if _memory_case(r, "replica") is not None:
@@ -68,6 +68,7 @@ def test_mttr_peer_replica_after_a_node_loss(tmp_path):
         assert r["runs"][0]["replica_held_at_kill"] == r["runs"][0]["killed_at_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torchft") is None, reason="torchft not installed (extra 'bench')")
 def test_mttr_torchft(tmp_path):
     r = _run(tmp_path, "torchft,persistent")
@@ -76,3 +77,15 @@ def test_mttr_torchft(tmp_path):
     assert ft["steps_lost"] == 0 and ft["resumed_at_step"] >= ft["killed_at_step"]
     assert ft["mttr"] > 0 and ft["survivor_steps_alone"] >= 1
     assert r["summary"]["persistent"]["mttr"] > 0
+
+
+@pytest.mark.parametrize("missing", ["torchft", "torchft_lighthouse"])
+def test_torchft_missing_is_a_reason_not_a_failure(monkeypatch, missing):
+    from bench import _torchft
+
+    if missing == "torchft":
+        monkeypatch.setattr(_torchft.importlib.util, "find_spec", lambda name: None)
+    else:
+        monkeypatch.setattr(_torchft, "_lighthouse_exe", lambda: None)
+    why = _torchft.available()
+    assert why and missing in why
