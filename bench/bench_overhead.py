@@ -648,7 +648,8 @@ def run(
                 from . import _torchft
 
                 try:
-                    cell[TORCHFT] = _torchft.run_overhead(size, cell["batch"], steps=max(3, base_steps), timeout_s=timeout_s)
+                    cell[TORCHFT] = _torchft.run_overhead(size, cell["batch"], steps=max(3, 2 * base_steps),
+                                                          timeout_s=timeout_s)
                 except Exception as e:  # noqa: BLE001 - the other rows stand
                     cell[TORCHFT] = {"error": str(e)[-2000:]}
                     print(f"[overhead] torchft failed: {e}", file=sys.stderr, flush=True)
