@@ -357,7 +357,7 @@ def _mttr_worker(cfg: dict[str, Any]) -> None:
     nbytes = sum(p.numel() * 4 for p in net.parameters()) * 3
     opts = CheckpointOptions(
         tiers=mttr_tiers(cfg["source"], int(cfg["save_every"]), cfg.get("purl")),
-        retention=RetentionPolicy(keep_last=2), staging=StagingPolicy(budget_bytes=4 * nbytes + (16 << 20)),
+        retention=RetentionPolicy(keep_last=2), staging=StagingPolicy(budget_bytes=3 * nbytes + (16 << 20)),
         commit_timeout_s=20.0,
     )
     state = {"model": model, "optimizer": opt}

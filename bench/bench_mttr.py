@@ -144,8 +144,10 @@ def _one(base: str, case: str, source: str, nodes: int, width: int, steps: int, 
         shm_left = sum(len(fs) for _, _, fs in os.walk(shm_dir))
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
-    evs = [json.loads(line) for line in open(events)]
-    kill = next(e for e in evs if e["event"] == "kill")
+    evs = [json.loads(line) for line in open(events)] if os.path.exists(events) else []
+    kill = next((e for e in evs if e["event"] == "kill"), None)
+    if kill is None:
+        raise RuntimeError(f"{case}: no rank was killed: {evs[-6:]}\n" + "\n".join(x[-2000:] for x in texts))
     # the second life of each rank: processes launched after the kill (a survivor's agent may
     # restart it for the membership change without counting an attempt, so not by attempt)
     pids = {e["pid"] for e in evs if e["event"] == "launched" and e["t"] > kill["t"]}
