@@ -167,3 +167,36 @@ def test_a_bad_node_name_fails_at_construction(root, shm, monkeypatch):
     monkeypatch.setenv("RECOVERKIT_NODE", "../etc")
     with pytest.raises(ConfigError, match="node name"):
         Checkpointer(root, options=_opts(shm))
+
+
+def _protected_loop(root: str, shm: str, *, stop: str | None) -> None:
+    import signal
+
+    import recoverkit
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [torch.ones(2, 4) * i for i in range(6)]
+    with recoverkit.protect(root, model=model, optimizer=opt, loader=loader, options=_opts(shm), save_every=1,
+                            log_saves=False, grace_s=30) as run:
+        for batch in run:
+            model(batch).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if run.step == 3 and stop == "signal":  # the 4th batch
+                os.kill(os.getpid(), signal.SIGTERM)  # preempted: this step is saved, then exit 143
+            if run.step == 4 and stop == "error":
+                raise RuntimeError("boom")
+
+
+def test_protect_keeps_shm_after_a_signal_or_an_exception_and_removes_it_at_the_end(root, shm):
+    with pytest.raises(SystemExit) as exit_:
+        _protected_loop(root, shm, stop="signal")
+    assert exit_.value.code == 143
+    [job] = ShmStore.jobs(shm)  # the restarted process will want them
+    assert ShmStore(root, shm_dir=shm).slots(0).steps()[-1] == 4
+    with pytest.raises(RuntimeError, match="boom"):
+        _protected_loop(root, shm, stop="error")
+    assert ShmStore.jobs(shm) == [job]
+    _protected_loop(root, shm, stop=None)  # resumes and runs to the end: the job is over
+    assert ShmStore.jobs(shm) == []
