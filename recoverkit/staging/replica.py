@@ -231,7 +231,11 @@ def join_replication(
     replicas = ShmStore(root, shm_dir=shm_dir, node=node, budget_bytes=budget)
     own = ShmStore(root, shm_dir=shm_dir, node=node)  # reads this rank's own slots only
     transport = None
-    if world > 1:
+    if any(placement.values()):  # the same on every rank: all build the group, or none
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("peer replicas need torch.distributed initialised (init_process_group) on every rank")
         from ..distributed.transport import ProcessGroupTransport
 
         transport = ProcessGroupTransport(timeout_s=timeout_s, on_arrival=on_arrival)

@@ -353,3 +353,16 @@ def test_a_new_run_never_counts_nor_keeps_a_dead_runs_later_replicas(tmp_path):
         assert r["first"] == {}, r  # the dead run's replicas are not this run's holdings
         assert (3, "run-2") in r["kept"], r
         assert not [k for k in r["kept"] if k[1] == "run-1" and k[0] >= 3], r  # a dead timeline: dropped
+
+
+def _one_node(rank, world, shm_dir, root):
+    tier, own = _join(rank, shm_dir, root, per_node=world, k=1, timeout_s=30)
+    _write(own, rank, world, 1, _data(rank, 1, 4096))
+    out = {"placement": tier.placement, "transport": tier.transport, "offer": tier.offer(SimpleNamespace(step=1))}
+    tier.close()
+    return out
+
+
+def test_ranks_on_one_node_replicate_nothing_and_build_no_group(tmp_path):
+    results = run_world(2, _one_node, str(tmp_path / "shm"), str(tmp_path / "root"), timeout_s=120)
+    assert results == [{"placement": {0: [], 1: []}, "transport": None, "offer": False}] * 2
