@@ -11,7 +11,8 @@ from them. Layout, under ``RECOVERKIT_SHM_DIR`` (default ``/dev/shm``)::
                       slot-1.data slot-1.index
         replica-RRRRR/ ...                      replicas of rank R received from a peer
 
-The node is ``RECOVERKIT_NODE`` (default: the host name). Each owner directory holds at most
+The slots themselves (writer, views, mappings, pins) are :mod:`recoverkit.storage.shm_slots`;
+their names are re-exported here. The node is ``RECOVERKIT_NODE`` (default: the host name). Each owner directory holds at most
 ``slots`` slots (2: double buffering). A slot's data file is reused across steps (mapped
 once, grown only within the store's budget, checked before growing); its index
 (``format/shm_index``) is written last, by tmp + rename. The writer flow::
@@ -52,11 +53,8 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
-import mmap
 import os
 import re
 import socket
@@ -67,9 +65,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, ConfigError, IntegrityError, StorageError
-from ..format.shm_index import MAX_DATA_BYTES, MAX_INDEX_BYTES, ShmIndex, decode_index
-from .fs import LocalFS, file_kind, open_regular
+from ..errors import ConfigError
+from .fs import LocalFS
+from .shm_slots import MAX_SLOTS, SlotBusyError, SlotSet, SlotWriter, SnapshotView, _real_dir
 
 __all__ = [
     "ENV_NODE",
@@ -90,15 +88,8 @@ ENV_SHM_DIR = "RECOVERKIT_SHM_DIR"
 TOP = "recoverkit"
 JOB_FILE = "job.json"
 MAX_OWNER = (1 << 20) - 1
-MAX_SLOTS = 16
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SLOT_INDEX = re.compile(r"slot-(\d{1,2})\.index")
 _JOB_KEY = re.compile(r"[0-9a-f]{16}")
-
-
-class SlotBusyError(StorageError):
-    """Every slot of an owner holds the newest complete snapshot or is open in this process."""
-
 
 def node_name(node: str | None = None) -> str:
     """The node's name: ``node``, else ``RECOVERKIT_NODE``, else the host name; validated
@@ -150,112 +141,6 @@ class JobInfo:
     def __iter__(self) -> Iterator[Any]:  # (node, job_key, path, info), as a tuple unpacks
         return iter((self.node, self.job_key, self.path, self.info))
 
-
-# ------------------------------------------------------------------ raw memory
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
-    ]  # fmt: skip
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def _address(obj: Any) -> int:
-    """The address of a buffer's first byte (read-only buffers too); 0 for an empty one."""
-    view = _PyBuffer()
-    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # pragma: no cover - raised as an exception
-        raise BufferError("no buffer")
-    try:
-        return int(view.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
-#: data files this process has mapped read-only, by path -> open views (pins against reuse)
-_PINS: dict[str, int] = {}
-_PINS_LOCK = threading.Lock()
-
-
-def _pin(path: str, delta: int) -> None:
-    with _PINS_LOCK:
-        n = _PINS.get(path, 0) + delta
-        if n > 0:
-            _PINS[path] = n
-        else:
-            _PINS.pop(path, None)
-
-
-def _pinned(path: str) -> bool:
-    with _PINS_LOCK:
-        return path in _PINS
-
-
-class _Mapping:
-    """One mapping of a data file; closed only when no memoryview of it is left."""
-
-    def __init__(self, fd: int, nbytes: int, *, write: bool) -> None:
-        self.nbytes = nbytes
-        if nbytes == 0:
-            self.mm: mmap.mmap | None = None
-            self.address = 0
-            return
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-        self.mm = mmap.mmap(fd, nbytes, flags=flags, prot=prot)
-        self.address = _address(self.mm)
-
-    def view(self, readonly: bool) -> memoryview:
-        if self.mm is None:
-            return memoryview(b"" if readonly else bytearray())
-        v = memoryview(self.mm)
-        return v.toreadonly() if readonly else v
-
-    def close(self) -> bool:
-        """Unmap; False (still mapped) while a memoryview of it is alive."""
-        if self.mm is None:
-            return True
-        try:
-            self.mm.close()
-        except BufferError:
-            return False
-        self.mm = None
-        return True
-
-
-def _refuse(path: str, kind: str) -> StorageError:
-    code = errno.ELOOP if kind == "a symbolic link" else errno.EINVAL
-    return StorageError(code, f"{path}: found {kind}, expected a regular file (shared memory is never followed)", path)
-
-
-def _refuse_read(path: str, kind: str) -> IntegrityError:
-    return IntegrityError(f"{path}: found {kind}, expected a regular file", path=path)
-
-
-def _real_dir(path: str, *, create: bool) -> None:
-    """``path`` is a directory of its own (not a symlink); created (0700) if ``create``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            raise
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(errno.ENOTDIR, f"{path}: found {file_kind(st.st_mode)}, expected a directory", path)
-
-
 # ------------------------------------------------------------------ the store
 class ShmStore:
     """One node's shared memory for one checkpoint root (see the module docstring).
@@ -299,7 +184,9 @@ class ShmStore:
     def __repr__(self) -> str:
         return f"ShmStore({self.job_dir!r})"
 
-    def _make_job_dir(self) -> None:
+    def make_job_dir(self) -> None:
+        """Create the job directory (0700, no symlink followed inside ``shm_dir``) and its
+        ``job.json``, unless they exist (writers call it before their first slot)."""
         if self._made and os.path.isdir(self.job_dir):
             return
         os.makedirs(self.shm_dir, 0o700, exist_ok=True)  # the user's: may be a symlink
@@ -427,381 +314,3 @@ def _remove_job_dir(path: str) -> None:
             break
 
 
-# ------------------------------------------------------------------ one owner's slots
-class SlotSet:
-    """The slots of one owner (its own snapshots, or the replicas of them held here)."""
-
-    def __init__(self, store: ShmStore, owner: int, replica: bool, path: str) -> None:
-        self.store = store
-        self.owner = owner
-        self.replica = replica
-        self.dir = path
-        self._lock = threading.Lock()
-        self._writing: set[int] = set()
-        self._maps: dict[int, tuple[_Mapping, int]] = {}  # slot -> writable mapping, inode
-        #: mappings whose close waited for a memoryview still alive, with the path they pin
-        self._lingering: list[tuple[_Mapping, str | None]] = []
-        self._cache: dict[int, tuple[tuple[int, int, int], ShmIndex, bytes]] = {}
-
-    def __repr__(self) -> str:
-        return f"SlotSet({self.dir!r})"
-
-    def _data(self, k: int) -> str:
-        return os.path.join(self.dir, f"slot-{k}.data")
-
-    def _index(self, k: int) -> str:
-        return os.path.join(self.dir, f"slot-{k}.index")
-
-    # ------------------------------------------------------------ listing
-    def _slots_on_disk(self) -> list[int]:
-        try:
-            names = os.listdir(self.dir)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(int(m.group(1)) for n in names if (m := _SLOT_INDEX.fullmatch(n)) and int(m.group(1)) < MAX_SLOTS)
-
-    def _load(self, k: int) -> tuple[ShmIndex, bytes] | None:
-        """Slot ``k``'s index if the slot is complete (a valid index, a data file of its own
-        at least ``data_bytes`` long); None otherwise (torn, being written, damaged)."""
-        path = self._index(k)
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-            hit = self._cache.get(k)
-            if hit is not None and hit[0] == sig:
-                idx, raw = hit[1], hit[2]
-            else:
-                raw = self.store.fs.read_file(path, max_bytes=MAX_INDEX_BYTES)
-                idx = decode_index(raw, path=path)
-                self._cache[k] = (sig, idx, raw)
-            self._check_index(idx, path)
-            dst = os.lstat(self._data(k))
-        except (OSError, IntegrityError):
-            self._cache.pop(k, None)
-            return None
-        if not stat.S_ISREG(dst.st_mode) or dst.st_size < idx.data_bytes:
-            return None
-        return idx, raw
-
-    def _check_index(self, idx: ShmIndex, path: str) -> None:
-        if idx.rank != self.owner:
-            raise IntegrityError(f"{path}: index of rank {idx.rank} in the slots of rank {self.owner}", path=path)
-
-    def _complete(self) -> dict[int, ShmIndex]:
-        out = {}
-        for k in self._slots_on_disk():
-            if k in self._writing:
-                continue
-            got = self._load(k)
-            if got is not None:
-                out[k] = got[0]
-        return out
-
-    def steps(self) -> list[int]:
-        """Steps of the complete snapshots, ascending (each index validated)."""
-        with self._lock:
-            return sorted({idx.step for idx in self._complete().values()})
-
-    def indexes(self) -> list[ShmIndex]:
-        """The validated indexes of the complete snapshots, by step."""
-        with self._lock:
-            return sorted(self._complete().values(), key=lambda i: i.step)
-
-    def newest(self) -> int | None:
-        """The newest complete step, or None."""
-        steps = self.steps()
-        return steps[-1] if steps else None
-
-    def index(self, step: int) -> ShmIndex:
-        """The validated index of ``step`` (CheckpointNotFoundError if no complete slot holds it)."""
-        with self._lock:
-            for idx in self._complete().values():
-                if idx.step == step:
-                    return idx
-        raise CheckpointNotFoundError(f"{self.dir}: no complete shared-memory snapshot of step {step}")
-
-    def data_file_bytes(self) -> int:
-        total = 0
-        for k in range(MAX_SLOTS):
-            try:
-                st = os.lstat(self._data(k))
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-        return total
-
-    # ------------------------------------------------------------ writing
-    def begin(self, step: int, data_bytes: int) -> SlotWriter:
-        """A slot to write ``step`` into (``data_bytes`` of data): never the one holding the
-        newest complete snapshot, nor one open in this process.
-
-        Its index is deleted first, so until :meth:`SlotWriter.commit` the slot is torn and
-        never listed. Raises SlotBusyError when no slot is free, StorageError(ENOSPC) when
-        the data file would grow past the store's budget (or the memory is full).
-        """
-        if type(step) is not int or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        if type(data_bytes) is not int or not 0 <= data_bytes <= MAX_DATA_BYTES:
-            raise ValueError(f"data_bytes must be an integer in [0, {MAX_DATA_BYTES}], got {data_bytes!r}")
-        self.store._make_job_dir()
-        _real_dir(self.dir, create=True)
-        with self._lock:
-            self._reap()
-            complete = self._complete()
-            newest = max(complete, key=lambda k: complete[k].step, default=None)
-            free = [
-                k for k in range(self.store.nslots)
-                if k != newest and k not in self._writing and not _pinned(self._data(k))
-            ]  # fmt: skip
-            if not free:
-                raise SlotBusyError(
-                    errno.EBUSY,
-                    f"{self.dir}: no free slot for step {step}: of {self.store.nslots}, one holds the newest "
-                    f"snapshot (step {complete[newest].step if newest is not None else '-'}) and the others are "
-                    "open or being written",
-                    self.dir,
-                )
-            k = min(free, key=lambda k: (k in complete, complete[k].step if k in complete else -1, k))
-            self._writing.add(k)
-        try:
-            self.store.fs.remove(self._index(k))  # torn from here until commit
-            self._cache.pop(k, None)
-            mapping = self._map_for_write(k, data_bytes)
-        except BaseException:
-            with self._lock:
-                self._writing.discard(k)
-            raise
-        return SlotWriter(self, k, step, data_bytes, mapping)
-
-    def _map_for_write(self, k: int, data_bytes: int) -> _Mapping:
-        path = self._data(k)
-        fd, st = open_regular(path, os.O_RDWR | os.O_CREAT, _refuse, mode=0o600)
-        try:
-            if st.st_nlink > 1:
-                raise StorageError(errno.EMLINK, f"{path}: has {st.st_nlink} hard links (remove it)", path)
-            size = st.st_size
-            if size < data_bytes:
-                used = self.store.used_bytes()
-                if used - size + data_bytes > self.store.budget_bytes:
-                    raise StorageError(
-                        errno.ENOSPC,
-                        f"{path}: a snapshot of {data_bytes} bytes would take this job's shared memory to "
-                        f"{used - size + data_bytes} bytes, over its budget of {self.store.budget_bytes} bytes "
-                        "(raise the shm tier's budget_bytes)",
-                        path,
-                    )
-                self._drop_map(k)
-                try:
-                    os.posix_fallocate(fd, 0, data_bytes)  # pages now: ENOSPC here, never SIGBUS later
-                except OSError as e:
-                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        os.ftruncate(fd, size)
-                        raise StorageError(
-                            e.errno, f"{path}: cannot grow to {data_bytes} bytes of shared memory: {e.strerror}", path
-                        ) from e
-                    os.ftruncate(fd, data_bytes)
-                size = data_bytes
-            held = self._maps.get(k)
-            if held is not None and (held[1] != st.st_ino or held[0].nbytes < data_bytes or held[0].mm is None):
-                self._drop_map(k)
-                held = None
-            if held is None:
-                held = (_Mapping(fd, size, write=True), st.st_ino)
-                self._maps[k] = held
-            return held[0]
-        finally:
-            os.close(fd)
-
-    def _drop_map(self, k: int) -> None:
-        held = self._maps.pop(k, None)
-        if held is not None and not held[0].close():
-            self._lingering.append((held[0], None))
-
-    def _reap(self) -> None:
-        """Unmap what waited for its last memoryview (and unpin what it pinned)."""
-        left = []
-        for m, pinned in self._lingering:
-            if not m.close():
-                left.append((m, pinned))
-            elif pinned is not None:
-                _pin(pinned, -1)
-        self._lingering = left
-
-    def _committed(self, w: SlotWriter, index_bytes: bytes) -> None:
-        path = self._index(w.slot)
-        idx = decode_index(index_bytes, path=path)  # what is written must read back
-        self._check_index(idx, path)
-        if idx.step != w.step or idx.data_bytes != w.data_bytes:
-            raise IntegrityError(
-                f"{path}: the index says step {idx.step} of {idx.data_bytes} bytes, the slot was begun for step "
-                f"{w.step} of {w.data_bytes} bytes",
-                path=path,
-            )
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        self.store.fs.remove(tmp)
-        self.store.fs.write_file(tmp, index_bytes, new=True)
-        os.replace(tmp, path)  # complete from here
-        with self._lock:
-            self._writing.discard(w.slot)
-            st = os.lstat(path)
-            self._cache[w.slot] = ((st.st_ino, st.st_mtime_ns, st.st_size), idx, bytes(index_bytes))
-            for k, other in self._complete().items():  # one slot per step: an older copy goes
-                if k != w.slot and other.step == w.step and not _pinned(self._data(k)):
-                    self.store.fs.remove(self._index(k))
-                    self._cache.pop(k, None)
-
-    def _aborted(self, w: SlotWriter) -> None:
-        with self._lock:
-            self._writing.discard(w.slot)
-
-    def invalidate(self, step: int) -> None:
-        """Make ``step`` unselectable here (its index deleted; the data stays for reuse)."""
-        with self._lock:
-            for k, idx in self._complete().items():
-                if idx.step == step:
-                    self.store.fs.remove(self._index(k))
-                    self._cache.pop(k, None)
-
-    # ------------------------------------------------------------ reading
-    def open(self, step: int) -> SnapshotView:
-        """Map the complete snapshot of ``step`` read-only; pinned until ``close()``.
-
-        Raises CheckpointNotFoundError when no complete slot holds it, IntegrityError when
-        its files are not what the index says.
-        """
-        with self._lock:
-            found = next(((k, i) for k, i in self._complete().items() if i.step == step), None)
-            if found is None:
-                raise CheckpointNotFoundError(f"{self.dir}: no complete shared-memory snapshot of step {step}")
-            k = found[0]
-            data = self._data(k)
-            _pin(data, +1)
-        try:
-            got = self._load(k)
-            if got is None or got[0].step != step:
-                raise CheckpointNotFoundError(f"{self.dir}: the snapshot of step {step} was overwritten meanwhile")
-            idx, raw = got
-            fd, st = open_regular(data, os.O_RDONLY, _refuse_read)
-            try:
-                if st.st_size < idx.data_bytes:
-                    raise IntegrityError(f"{data}: {st.st_size} bytes, the index records {idx.data_bytes}", path=data)
-                mapping = _Mapping(fd, idx.data_bytes, write=False)
-            finally:
-                os.close(fd)
-        except BaseException:
-            _pin(data, -1)
-            raise
-        return SnapshotView(self, k, idx, raw, mapping, data)
-
-    def clear(self) -> None:
-        """Delete every slot of this owner (nothing may be open)."""
-        with self._lock:
-            for k in list(self._maps):
-                self._drop_map(k)
-            self._cache.clear()
-        LocalFS().remove_tree(self.dir)
-
-    def close(self) -> None:
-        """Unmap the writable mappings (files stay)."""
-        with self._lock:
-            for k in list(self._maps):
-                self._drop_map(k)
-            self._reap()
-
-
-class SlotWriter:
-    """A slot being written (from :meth:`SlotSet.begin`): fill ``view`` (or ``address``),
-    then :meth:`commit` the index, or :meth:`abort`."""
-
-    def __init__(self, slots: SlotSet, slot: int, step: int, data_bytes: int, mapping: _Mapping) -> None:
-        self.slots = slots
-        self.slot = slot
-        self.step = step
-        self.data_bytes = data_bytes
-        self._mapping = mapping
-        self.address = mapping.address
-        self._view: memoryview | None = None
-        self.done = False
-
-    @property
-    def view(self) -> memoryview:
-        """The slot's ``data_bytes`` bytes, writable."""
-        if self.done:
-            raise ValueError("the slot writer is done")
-        if self._view is None:
-            self._view = self._mapping.view(readonly=False)[: self.data_bytes]
-        return self._view
-
-    def _release(self) -> None:
-        self.done = True
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-
-    def commit(self, index_bytes: bytes) -> None:
-        """Write the index (validated first, for this slot's step and size), last and
-        atomically: the snapshot is complete."""
-        if self.done:
-            raise ValueError("the slot writer is done")
-        try:
-            self.slots._committed(self, index_bytes)
-        except BaseException:
-            self.abort()
-            raise
-        self._release()
-
-    def abort(self) -> None:
-        """Leave the slot torn (free for the next writer)."""
-        if not self.done:
-            self._release()
-            self.slots._aborted(self)
-
-
-class SnapshotView:
-    """A complete snapshot mapped read-only (from :meth:`SlotSet.open`); pinned in this
-    process (no writer here reuses its slot) until :meth:`close`."""
-
-    def __init__(self, slots: SlotSet, slot: int, index: ShmIndex, raw: bytes, mapping: _Mapping, path: str) -> None:
-        self.slots = slots
-        self.slot = slot
-        self.step = index.step
-        self.index = index
-        self.index_bytes = raw
-        self.path = path
-        self._mapping = mapping
-        self.address = mapping.address
-        self.data: memoryview = mapping.view(readonly=True)
-        self.closed = False
-
-    def memory_view(self, offset: int, nbytes: int) -> memoryview:
-        """``nbytes`` at ``offset`` of the data, read-only; IntegrityError outside it."""
-        if self.closed:
-            raise ValueError(f"{self.path}: the snapshot view is closed")
-        if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0 or offset + nbytes > self.index.data_bytes:
-            raise IntegrityError(
-                f"{self.path}: bytes [{offset}, {offset}+{nbytes}) lie outside the {self.index.data_bytes} data bytes",
-                path=self.path,
-            )
-        return self.data[offset : offset + nbytes]
-
-    def close(self) -> None:
-        """Unmap (once every memoryview taken from it is released) and unpin."""
-        if self.closed:
-            return
-        self.closed = True
-        self.data.release()
-        if not self._mapping.close():  # a memoryview is still alive: unmapped once it is gone
-            with self.slots._lock:
-                self.slots._lingering.append((self._mapping, self.path))
-            # stays pinned: its bytes may still be read
-            return
-        _pin(self.path, -1)
-
-    def __enter__(self) -> SnapshotView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
