@@ -18,11 +18,13 @@ AdamW's two moments, every tensor materialised), in one run:
   (else reported as not run).
 
 Every figure is GB/s of the state's bytes (median of ``--reps``) and its ratio to memcpy
-(target: in place >= 0.5x memcpy). Each in-place run also checks that it was in place: the
+(target: in place >= 0.5x memcpy). The memcpy, the CRC pass and the in-place restore are timed
+round by round, one after the other in each round, so that a busy machine weighs on all three
+alike; each tier's ratio is against the memcpy of its own rounds. Each in-place run also checks that it was in place: the
 same parameter and optimizer-state tensor objects before and after, bit-exact values.
 
 Run: ``python -m bench.bench_restore_memory [--smoke] [--sizes-mib 64,256,1024] [--reps 5]
-[--out-dir DIR]`` (publishes ``restore_memory.json``, ``.md`` and ``.png`` to ``bench/results``
+[--no-shm] [--out-dir DIR]`` (publishes ``restore_memory.json``, ``.md`` and ``.png`` to ``bench/results``
 by default; smoke runs write nowhere unless ``--out-dir`` is given).
 """
 
@@ -97,8 +99,10 @@ def _checkpointer(root: str, tiers: list[TierSpec], nbytes: int) -> Iterator[Che
 def _restore_case(
     ckpt: Checkpointer, tier_name: str, state: dict[str, Any], reps: int, *, copy_path: bool = False
 ) -> dict[str, Any]:
-    """Save step 1 into ``tier_name`` (lazy save, settled), then time restores of it: in place
-    (checking it was), and the CRC pass alone; with ``copy_path`` also today's copy restore."""
+    """Save step 1 into ``tier_name`` (lazy save, settled), then time, round by round (so that
+    each round's figures see the same load on the machine): a memcpy of the state's bytes,
+    the CRC pass alone, and the in-place restore (checked to be in place and bit-exact);
+    with ``copy_path`` also the copy restore, after them (it replaces the optimizer state)."""
     model, opt = state["model"], state["optim"]
     ckpt.save_async(1, state).wait()
     ckpt.wait()
@@ -108,8 +112,7 @@ def _restore_case(
     for rec in tier.manifest(1).tensors.values():
         if rec.alias_of is None:
             collect(tier, 1, rec, found)
-    out: dict[str, Any] = {"crc_pass_s": _crc_pass(list(found.values()), reps), "regions": len(found)}
-    found.clear()
+    units = list(found.values())
     before = [(t, t.detach().clone()) for t in _live(model, opt)]
     with torch.no_grad():
         for t in _live(model, opt):
@@ -119,7 +122,8 @@ def _restore_case(
         with in_place_reads():
             assert ckpt.restore(state) == 1
 
-    out["in_place_s"] = _timed(in_place, reps)
+    out: dict[str, Any] = {**_rounds(_state_bytes(model, opt), units, in_place, reps), "regions": len(units)}
+    del units, found
     now = _live(model, opt)
     out["in_place_checked"] = len(now) == len(before) and all(
         a is b and torch.equal(a, v) for a, (b, v) in zip(now, before)
@@ -131,22 +135,34 @@ def _restore_case(
     return out
 
 
-def _crc_pass(units: list[Unit], reps: int) -> list[float]:
-    return _timed(lambda: verify(units), reps)
-
-
-def _memcpy(nbytes: int, reps: int) -> list[float]:
-    """torch ``copy_`` between two preallocated, pre-faulted tensors of ``nbytes``."""
+def _rounds(nbytes: int, units: list[Unit], in_place: Callable[[], None], reps: int) -> dict[str, list[float]]:
+    """``reps`` rounds of: torch ``copy_`` between two preallocated, pre-faulted tensors of
+    ``nbytes``, the CRC pass over ``units``, the in-place restore (after one untimed round
+    that warms up first touches, thread pools and caches)."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
     dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    return _timed(lambda: dst.copy_(src), reps)
+    steps: dict[str, Callable[[], Any]] = {
+        "memcpy_s": lambda: dst.copy_(src),
+        "crc_pass_s": lambda: verify(units),
+        "in_place_s": in_place,
+    }
+    rounds: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(reps + 1):
+        for key, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            if i:
+                rounds[key].append(time.perf_counter() - t)
+    return rounds
 
 
-def run(sizes_mib: list[int], reps: int, workdir: str | None = None) -> dict[str, Any]:
+def run(
+    sizes_mib: list[int], reps: int, workdir: str | None = None, *, shm: bool = True
+) -> dict[str, Any]:
     base = tempfile.mkdtemp(prefix="rk-bench-restore-memory-", dir=workdir)
     shm_base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else base
     shm_dir = tempfile.mkdtemp(prefix="rk-bench-restore-memory-", dir=shm_base)
-    has_shm = "shm" in tier_kinds() and hasattr(TierSpec, "shm")
+    has_shm = shm and "shm" in tier_kinds() and hasattr(TierSpec, "shm")
     sizes: list[dict[str, Any]] = []
     try:
         for mib in sizes_mib:
@@ -154,7 +170,6 @@ def run(sizes_mib: list[int], reps: int, workdir: str | None = None) -> dict[str
             state: dict[str, Any] = {"model": model, "optim": opt}
             nbytes = _state_bytes(model, opt)
             entry: dict[str, Any] = {"size_mib": mib, "state_bytes": nbytes, "tensors": len(_live(model, opt))}
-            entry["memcpy_s"] = _memcpy(nbytes, reps)
             host = [TierSpec.host(keep=1), TierSpec.local(every_steps=None)]
             with _checkpointer(os.path.join(base, f"host-{mib}"), host, nbytes) as ckpt:
                 entry["host"] = _restore_case(ckpt, "host", state, reps, copy_path=True)
@@ -169,7 +184,8 @@ def run(sizes_mib: list[int], reps: int, workdir: str | None = None) -> dict[str
         shutil.rmtree(base, ignore_errors=True)
         shm_left = sum(len(files) for _, _, files in os.walk(shm_dir))
         shutil.rmtree(shm_dir, ignore_errors=True)
-    not_run = {} if has_shm else {"shm_in_place": "this recoverkit has no 'shm' tier kind yet"}
+    why = "this recoverkit has no 'shm' tier kind yet" if shm else "left out (--no-shm)"
+    not_run = {} if has_shm else {"shm_in_place": why}
     return _summary(sizes, reps, not_run, shm_left)
 
 
@@ -177,14 +193,17 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
     rows = []
     for e in sizes:
         n = e["state_bytes"]
+        host = e["host"]
         secs = {
-            "memcpy": median(e["memcpy_s"]),
-            "crc_pass": median(e["host"]["crc_pass_s"]),
-            "host_in_place": median(e["host"]["in_place_s"]),
-            "host_copy_path": median(e["host"]["copy_path_s"]),
+            "memcpy": median(host["memcpy_s"]),
+            "crc_pass": median(host["crc_pass_s"]),
+            "host_in_place": median(host["in_place_s"]),
+            "host_copy_path": median(host["copy_path_s"]),
         }
-        if "shm" in e:
+        ratio = {k: secs["memcpy"] / v for k, v in secs.items() if k != "memcpy"}
+        if "shm" in e:  # against the memcpy of its own rounds
             secs["shm_in_place"] = median(e["shm"]["in_place_s"])
+            ratio["shm_in_place"] = median(e["shm"]["memcpy_s"]) / secs["shm_in_place"]
         gbps = {k: n / v / 1e9 for k, v in secs.items()}
         rows.append(
             {
@@ -193,7 +212,7 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
                 "tensors": e["tensors"],
                 "seconds_median": secs,
                 "gb_per_s": gbps,
-                "vs_memcpy": {k: secs["memcpy"] / v for k, v in secs.items() if k != "memcpy"},
+                "vs_memcpy": ratio,
                 "in_place_checked": {k: e[k]["in_place_checked"] for k in ("host", "shm") if k in e},
             }
         )
@@ -281,11 +300,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="one 8 MiB state, one repetition")
     ap.add_argument("--sizes-mib", default="64,256,1024", help="comma-separated state sizes")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-shm", action="store_true", help="leave out the shared-memory tier")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out-dir", default=None, help="default bench/results; smoke runs write nowhere unless given")
     a = ap.parse_args(argv)
     sizes = [8] if a.smoke else [int(s) for s in a.sizes_mib.split(",") if s.strip()]
-    r = run(sizes, 1 if a.smoke else a.reps, a.workdir)
+    r = run(sizes, 1 if a.smoke else a.reps, a.workdir, shm=not a.no_shm)
     r["smoke"] = a.smoke
     text = table(r)
     print(text)
