@@ -31,11 +31,9 @@ what is wrong.
 
 Example:
     >>> from recoverkit.format.manifest import BlobRecord
-    >>> class Records:  # what a tier reports (storage.base.RankRecords)
-    ...     def to_json(self):
-    ...         return {"rank": 0, "blob": BlobRecord(0, "rank-00000.data", 0, 4, 7).to_json(),
-    ...                 "shards": [], "files": {"rank-00000.data": 4}}
-    >>> raw = make_index(step=3, run_id="r", world_size=1, rank=0, records=Records(),
+    >>> records = {"rank": 0, "blob": BlobRecord(0, "rank-00000.data", 0, 4, 7).to_json(),
+    ...            "shards": [], "files": {"rank-00000.data": 4}}  # RankRecords.to_json()
+    >>> raw = make_index(step=3, run_id="r", world_size=1, rank=0, records=records,
     ...                  shards_meta=(), aliases={}, data_bytes=4)
     >>> decode_index(raw, path="slot-0.index").step
     3
@@ -43,10 +41,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote  # json.dumps of one str, in C
 from typing import Any, cast
 
 from ..errors import IntegrityError
@@ -61,6 +61,7 @@ __all__ = [
     "ShmIndex",
     "data_file",
     "decode_index",
+    "encode_index",
     "make_index",
 ]
 
@@ -131,18 +132,45 @@ def make_index(
     """The bytes of an index, for writers (the shm tier, the replicator's receiver).
 
     Args:
-        records: the rank's records (a ``storage.base.RankRecords`` or its JSON), every one
-            naming :func:`data_file` of ``rank`` inside ``data_bytes``.
+        records: the rank's records (a ``storage.base.RankRecords``: ``rank``, ``blob``,
+            ``shards``, ``files``; or its JSON), every one naming :func:`data_file` of
+            ``rank`` inside ``data_bytes``.
         shards_meta: the shards the records answer (objects with ``key``, ``dtype`` and
             ``global_shape``, e.g. planned shards), or the ``meta["tensors"]`` mapping itself.
         aliases: key -> ``TensorRecord`` (or its JSON) of the rank's aliases.
         self_contained: the rank restores from this snapshot alone (see the module docstring).
     """
+    return encode_index(
+        step=step, run_id=run_id, world_size=world_size, rank=rank, records=records, shards_meta=shards_meta,
+        aliases=aliases, data_bytes=data_bytes, self_contained=self_contained,
+    )[0]
+
+
+def encode_index(
+    *,
+    step: int,
+    run_id: str,
+    world_size: int,
+    rank: int,
+    records: Any,
+    shards_meta: Iterable[Any] | Mapping[str, Any],
+    aliases: Mapping[str, Any],
+    data_bytes: int,
+    self_contained: bool = True,
+) -> tuple[bytes, ShmIndex | None]:
+    """:func:`make_index`'s bytes, and the index they decode to when ``records`` is a
+    records object (None for records given as JSON): a writer that built the index itself
+    commits it without parsing its own bytes back. Records objects are encoded record by
+    record (a snapshot of 100k small tensors is one index of ~17 MB, every step)."""
     if isinstance(shards_meta, Mapping):
         tensors = {str(k): [str(v[0]), [int(x) for x in v[1]]] for k, v in shards_meta.items()}
     else:
         tensors = {s.key: [s.dtype, list(s.global_shape)] for s in cast(Iterable[Any], shards_meta)}
-    body: dict[str, Any] = {
+    meta = {
+        "tensors": tensors,
+        "aliases": {k: (t.to_json() if isinstance(t, TensorRecord) else t) for k, t in aliases.items()},
+    }
+    head: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "step": step,
@@ -150,16 +178,41 @@ def make_index(
         "world_size": world_size,
         "rank": rank,
         "data_bytes": data_bytes,
-        "records": records if isinstance(records, Mapping) else records.to_json(),
-        "meta": {
-            "tensors": tensors,
-            "aliases": {k: (t.to_json() if isinstance(t, TensorRecord) else t) for k, t in aliases.items()},
-        },
     }
     if not self_contained:
-        body["self_contained"] = False
-    text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
-    return text + b"\n" + hexcrc(crc32c(text))[2:].encode("ascii") + b"\n"
+        head["self_contained"] = False
+    dump = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    if isinstance(records, Mapping):
+        recs, index = dump(records), None
+    else:
+        recs = _records_json(records, dump)
+        index = ShmIndex(
+            step=step, run_id=run_id, world_size=world_size, rank=rank, data_bytes=data_bytes, blob=records.blob,
+            shards=tuple(records.shards), files=dict(records.files), meta=meta, self_contained=self_contained,
+        )
+    text = (dump(head)[:-1] + ',"records":' + recs + ',"meta":' + dump(meta) + "}").encode("ascii")
+    return text + b"\n" + hexcrc(crc32c(text))[2:].encode("ascii") + b"\n", index
+
+
+def _records_json(records: Any, dump: Callable[[Any], str]) -> str:
+    """``dump(records.to_json())``, record by record without a dict per record."""
+    files: dict[str, str] = {}
+    parts = []
+    for key, s in records.shards:
+        if s.pack is not None:
+            raise ValueError(f"shard {key!r}: a slot holds no packs")
+        f = files.get(s.file)
+        if f is None:
+            f = files[s.file] = _quote(s.file)
+        parts.append(
+            f'[{_quote(key)},{{"rank":{s.rank:d},"file":{f},"offset":{s.offset:d},"nbytes":{s.nbytes:d},'
+            f'"crc32c":{s.crc32c:d},"offsets":[{",".join(map(str, s.offsets))}],'
+            f'"shape":[{",".join(map(str, s.shape))}]}}]'
+        )
+    return (
+        f'{{"rank":{records.rank:d},"blob":{dump(records.blob.to_json())},"shards":[{",".join(parts)}],'
+        f'"files":{dump(records.files)}}}'
+    )
 
 
 def decode_index(data: bytes | memoryview, *, path: str) -> ShmIndex:

@@ -50,7 +50,7 @@ from ..format.checksum import hexcrc
 from ..format.dtypes import itemsize as dtype_itemsize
 from ..format.manifest import BlobRecord, Manifest, ShardRecord
 from ..format.segment import align_up
-from ..format.shm_index import ShmIndex, data_file, make_index
+from ..format.shm_index import ShmIndex, data_file, encode_index
 from ..format.validate import check_manifest
 from ..storage.base import Buffer, RankRecords, Region, destination
 from ..storage.faults import FaultInjector
@@ -171,13 +171,13 @@ class ShmTier(SnapshotTier):
             records = RankRecords(
                 self.rank, BlobRecord(self.rank, self.file, 0, len(blob), blob_crc), shards, {self.file: data_bytes}
             )
-            index = make_index(
+            raw, index = encode_index(
                 step=step, run_id=self.run_id, world_size=self.world_size, rank=self.rank, records=records,
                 shards_meta=[p for p, _, _, _ in entries], aliases=snap.aliases, data_bytes=data_bytes,
                 self_contained=snap.self_contained,
             )
             self.faults.reached("shm_index", step=step, rank=self.rank)
-            w.commit(index)
+            w.commit(raw, index=index)  # built here from verified records: not parsed back
         except BaseException:
             for h in copies:  # nothing writes into the slot once it is given back
                 h.wait(None)

@@ -350,9 +350,9 @@ class SlotSet:
                 _pin(pinned, -1)
         self._lingering = left
 
-    def _committed(self, w: SlotWriter, index_bytes: bytes) -> None:
+    def _committed(self, w: SlotWriter, index_bytes: bytes, index: ShmIndex | None) -> None:
         path = self._index(w.slot)
-        idx = decode_index(index_bytes, path=path)  # what is written must read back
+        idx = index if index is not None else decode_index(index_bytes, path=path)  # must read back
         self._check_index(idx, path)
         if idx.step != w.step or idx.data_bytes != w.data_bytes:
             raise IntegrityError(
@@ -461,13 +461,18 @@ class SlotWriter:
             self._view.release()
             self._view = None
 
-    def commit(self, index_bytes: bytes) -> None:
+    def commit(self, index_bytes: bytes, *, index: ShmIndex | None = None) -> None:
         """Write the index (validated first, for this slot's step and size), last and
-        atomically: the snapshot is complete."""
+        atomically: the snapshot is complete.
+
+        ``index``: what ``index_bytes`` decode to, when this process built them itself
+        (``format.shm_index.encode_index``): they are not parsed back. Bytes that came
+        from elsewhere (a peer) are always parsed and validated: leave it out.
+        """
         if self.done:
             raise ValueError("the slot writer is done")
         try:
-            self.slots._committed(self, index_bytes)
+            self.slots._committed(self, index_bytes, index)
         except BaseException:
             self.abort()
             raise

@@ -15,6 +15,7 @@ from recoverkit.format.shm_index import (
     MAX_INDEX_BYTES,
     data_file,
     decode_index,
+    encode_index,
     make_index,
 )
 from recoverkit.format.validate import check_manifest
@@ -160,3 +161,15 @@ def test_self_contained_is_optional_and_strict():
     body["self_contained"] = 1
     with pytest.raises(IntegrityError, match="self_contained must be true or false"):
         decode_index(_resign(body), path="x")
+
+
+def test_encode_index_writes_what_decode_reads_and_the_records_json():
+    records = _records()
+    records.shards[0] = ('w"\u00e9\u2028\\', records.shards[0][1])  # a key that needs escaping
+    meta = [ShardMeta('w"\u00e9\u2028\\', "float32", (8,), (0,), (8,)), SHARDS[1]]
+    raw, built = encode_index(step=7, run_id="run", world_size=2, rank=1, records=records, shards_meta=meta,
+                              aliases=ALIASES, data_bytes=64, self_contained=False)
+    assert decode_index(raw, path="x") == built
+    same = make_index(step=7, run_id="run", world_size=2, rank=1, records=records.to_json(), shards_meta=meta,
+                      aliases=ALIASES, data_bytes=64, self_contained=False)
+    assert json.loads(same.split(b"\n")[0]) == json.loads(raw.split(b"\n")[0])
