@@ -190,9 +190,9 @@ class Drain:
             except BaseException as e:  # noqa: BLE001 - reported through the commit
                 failure = e
             handle.metrics.staged()
-            if failure is None:
-                self._offer_early(job)
         handle.staged.set()
+        if snap is not None and failure is None:
+            self._offer_early(job)
         if failure is None:
             handle.superseded.update({t.name: newer[t.name] for t in job.tiers if t.name in newer})
             tiers = [t for t in job.tiers if t.name not in newer]
