@@ -1,0 +1,286 @@
+"""The decisions of a memory restore: what the nodes hold -> the step and its copies -> the plan.
+
+Where it sits: pure functions under :mod:`recoverkit.recovery.memory` (which runs the
+exchanges between ranks); they read no shared memory except :func:`scan` (this node's
+slots) and move no bytes. Everything a rank reports is parsed here as hostile input
+(:meth:`HeldCopy.from_json`, :func:`unb64`, :func:`check_index`)::
+
+    scan (every rank)            this node's slots -> [HeldCopy] (owner, own/replica, step,
+                                 index CRC and size, data bytes, run id, world size)
+    choose (rank 0)              every rank's report -> the newest step every owner rank
+                                 holds on a live node (not a damaged copy), unless a disk is
+                                 newer; per owner the copies with the same index, own first
+    manifest_of (every rank)     every owner's index -> build_manifest -> format/validate
+    needed_regions / plan_fetches  what each rank reads of each owner, and the transfers
+                                 to ranks whose node holds no copy of an owner they need
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..distributed.commit import build_manifest
+from ..distributed.fetch import Transfer, plan_transfers
+from ..errors import IntegrityError
+from ..format.checksum import crc32c, hexcrc
+from ..format.manifest import Manifest, local_prefix
+from ..format.shm_index import MAX_DATA_BYTES, MAX_INDEX_BYTES, ShmIndex, decode_index
+from ..format.validate import check_manifest
+from ..storage.base import RankRecords, ReadableTier
+from ..storage.shm import ShmStore
+from .memory_source import data_name
+
+__all__ = [
+    "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "check_index", "choose", "manifest_of",
+    "needed_regions", "newest_on", "plan_fetches", "scan", "span", "unb64",
+]  # fmt: skip
+
+#: a copy of one owner's snapshot on one node: (node, is a replica)
+CopyKey = tuple[str, bool]
+#: a copy found damaged: (owner, step, node, is a replica)
+Bad = tuple[int, int, str, bool]
+
+_OWNER_DIR = re.compile(r"(rank|replica)-(\d{5})")
+_LOCAL_KEY = re.compile(r"rank-\d{5}/")
+
+
+@dataclass(frozen=True)
+class HeldCopy:
+    """What one node reports of one complete slot.
+
+    Example:
+        >>> c = HeldCopy(owner=2, replica=True, step=7, crc=5, size=100, data_bytes=4096, run_id="r", world_size=4)
+        >>> HeldCopy.from_json(c.to_json()) == c
+        True
+    """
+
+    owner: int
+    replica: bool
+    step: int
+    crc: int
+    size: int
+    data_bytes: int
+    run_id: str
+    world_size: int
+
+    def to_json(self) -> list[Any]:
+        return [self.owner, int(self.replica), self.step, self.crc, self.size, self.data_bytes, self.run_id, self.world_size]
+
+    @classmethod
+    def from_json(cls, d: Any) -> HeldCopy:
+        """Parse strictly: 8 fields, non-negative integers in range and a string run id."""
+        if type(d) is not list or len(d) != 8 or type(d[6]) is not str:
+            raise IntegrityError(f"a held snapshot is 8 fields, got {str(d)[:80]}")
+        ints = [d[i] for i in (0, 1, 2, 3, 4, 5, 7)]
+        if any(type(x) is not int or x < 0 for x in ints) or d[1] > 1 or d[4] > MAX_INDEX_BYTES or d[5] > MAX_DATA_BYTES:
+            raise IntegrityError(f"held snapshot {str(d)[:80]}: fields out of range")
+        return cls(d[0], bool(d[1]), d[2], d[3], d[4], d[5], d[6], d[7])
+
+
+def scan(stores: Sequence[ShmStore]) -> list[HeldCopy]:
+    """Every complete snapshot in this node's job dirs (own ones and replicas), its index's CRC."""
+    out: dict[tuple[int, bool, int], HeldCopy] = {}
+    for store in stores:
+        for owner, replica in _owner_dirs(store.job_dir):
+            slots = store.slots(owner, replica=replica)
+            try:
+                steps = slots.steps()
+            except OSError:
+                continue
+            for step in steps:
+                try:
+                    with slots.open(step) as v:
+                        raw, idx = v.index_bytes, v.index
+                except (IntegrityError, OSError):  # overwritten or removed meanwhile
+                    continue
+                out.setdefault(
+                    (owner, replica, step),
+                    HeldCopy(owner, replica, step, crc32c(raw), len(raw), idx.data_bytes, idx.run_id, idx.world_size),
+                )
+    return list(out.values())
+
+
+def _owner_dirs(job_dir: str) -> Iterator[tuple[int, bool]]:
+    try:
+        names = sorted(os.listdir(job_dir))
+    except OSError:
+        return
+    for n in names:
+        m = _OWNER_DIR.fullmatch(n)
+        if m is not None:
+            yield int(m.group(2)), m.group(1) == "replica"
+
+
+def newest_on(tiers: Sequence[ReadableTier]) -> int:
+    """The newest step any of ``tiers`` lists (-1 if none)."""
+    newest = -1
+    for t in tiers:
+        try:
+            newest = max([newest, *t.steps()])
+        except OSError:
+            continue
+    return newest
+
+
+def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], step: int | None) -> dict[str, Any]:
+    """Rank 0's choice from every rank's report (``{"node", "held", "disk"}``, index = rank).
+
+    The newest step (``step`` if given) that every owner rank of a world of ``world`` holds
+    on some reporting node, from one run, leaving out the ``bad`` copies; refused when a
+    disk holds a newer step. Per owner: the copy whose index is used (its own snapshot
+    first, then rank 0's node, then by node name) and every copy with the same index (the
+    holders its bytes may come from); ``index_from``: who sends rank 0 an index its node
+    lacks. ``warn``: a refusal that leaves something newer than the disk unused.
+
+    Example:
+        >>> held = lambda o, r=False: HeldCopy(o, r, 7, 9, 10, 64, "run", 2).to_json()
+        >>> reports = [{"node": "a", "held": [held(0), held(1, True)], "disk": 5},
+        ...            {"node": "b", "held": [held(1)], "disk": 5}]
+        >>> c = choose(reports, world=2, bad=set(), step=None)
+        >>> c["step"], c["holders"]["1"], c["index_from"]
+        (7, [['b', False], ['a', True]], {})
+    """
+    nodes = [str(rep["node"]) for rep in reports]
+    disk = max(int(rep["disk"]) for rep in reports)
+    by_step: dict[tuple[int, str], dict[int, dict[CopyKey, HeldCopy]]] = {}
+    newest = -1
+    for rep, node in zip(reports, nodes):
+        for c in map(HeldCopy.from_json, rep["held"]):
+            if c.world_size != world or c.owner >= world:
+                continue
+            newest = max(newest, c.step)
+            if (c.owner, c.step, node, c.replica) not in bad:
+                by_step.setdefault((c.step, c.run_id), {}).setdefault(c.owner, {})[(node, c.replica)] = c
+    wanted = [k for k in by_step if step is None or k[0] == step]
+    complete = sorted((k for k in wanted if len(by_step[k]) == world), reverse=True)
+    if not complete:
+        what = "step" if step is None else f"step {step}"
+        return {"ok": False, "reason": f"no {what} is complete in memory on the live nodes{_missing(wanted, by_step, world)}",
+                "warn": newest > disk}
+    chosen_step, run_id = complete[0]
+    if disk > chosen_step:
+        return {"ok": False, "reason": f"the disk holds step {disk}, newer than step {chosen_step} in memory"}
+    crcs: dict[str, int] = {}
+    holders: dict[str, Any] = {}
+    index_from: dict[str, int] = {}
+    for o in range(world):
+        ranked = sorted(by_step[(chosen_step, run_id)][o].items(), key=lambda kv: (kv[0][1], kv[0][0] != nodes[0], kv[0][0]))
+        first = ranked[0][1]
+        same = [k for k, c in ranked if c.crc == first.crc and c.size == first.size]
+        crcs[str(o)] = first.crc
+        holders[str(o)] = [[n, r] for n, r in same]
+        if nodes[0] not in {n for n, _ in same}:  # rank 0 lacks it: the first rank of a holder sends it
+            index_from[str(o)] = min(r for r, n in enumerate(nodes) if n == same[0][0])
+    return {"ok": True, "step": chosen_step, "nodes": nodes, "crcs": crcs, "holders": holders, "index_from": index_from}
+
+
+def _missing(wanted: Sequence[tuple[int, str]], by_step: Mapping[tuple[int, str], Mapping[int, Any]], world: int) -> str:
+    """Which owners the newest step held in memory lacks, for the warning."""
+    if not wanted:
+        return " (none held)"
+    s, r = max(wanted)
+    lacking = sorted(set(range(world)) - set(by_step[(s, r)]))
+    return f" (newest: step {s}, whose snapshots of rank(s) {lacking} no live node holds intact)"
+
+
+def check_index(data: bytes, owner: int, step: int, crc: int, world: int, where: str) -> ShmIndex:
+    """``data`` decoded as hostile input, if it is the chosen copy's index of ``owner``'s ``step``."""
+    found = crc32c(data)
+    if found != crc:
+        raise IntegrityError(f"{where}: index crc {hexcrc(found)}, the chosen copy's {hexcrc(crc)}")
+    idx = decode_index(data, path=where)
+    if idx.rank != owner or idx.step != step or idx.world_size != world:
+        raise IntegrityError(f"{where}: index of rank {idx.rank} step {idx.step} world {idx.world_size}")
+    return idx
+
+
+def manifest_of(step: int, indexes: Mapping[int, ShmIndex]) -> Manifest:
+    """The manifest of ``step`` from every owner's index (``0..W-1``), through the one gate."""
+    run_ids = {i.run_id for i in indexes.values()}
+    if len(run_ids) != 1:
+        raise IntegrityError(f"the snapshots of step {step} come from several runs {sorted(run_ids)}")
+    ranks = [(RankRecords(i.rank, i.blob, list(i.shards), dict(i.files)), i.meta) for _, i in sorted(indexes.items())]
+    world = len(ranks)
+    manifest = build_manifest(step=step, run_id=run_ids.pop(), world_size=world, ranks=ranks)
+    check_manifest(manifest, where=f"memory snapshot of step {step}")
+    names = {data_name(o) for o in range(world)}
+    for name in manifest.files:
+        if name not in names:
+            raise IntegrityError(f"memory snapshot of step {step}: file {name!r} is no rank's")
+    return manifest
+
+
+def needed_regions(manifest: Manifest, rank: int) -> dict[int, dict[tuple[int, int], int]]:
+    """What rank ``rank`` reads of each owner's bytes to restore ``manifest``: owner ->
+    ``{(offset, nbytes): crc32c}`` of its object blob, its rank-local tensors and every
+    tensor that is not another rank's local one (replicated and sharded ones, all pieces).
+
+    Example:
+        >>> from recoverkit.format.manifest import BlobRecord
+        >>> blobs = tuple(BlobRecord(r, data_name(r), 0, 4, 0) for r in (0, 1))
+        >>> m = Manifest(step=1, run_id="r", world_size=2, blobs=blobs, files={data_name(0): 4, data_name(1): 4})
+        >>> needed_regions(m, 1)
+        {1: {(0, 4): 0}}
+    """
+    out: dict[int, dict[tuple[int, int], int]] = {}
+    b = manifest.blob_for(rank)
+    out.setdefault(b.rank, {})[(b.offset, b.nbytes)] = b.crc32c
+    mine = local_prefix(rank) + "/"
+    for key, rec in manifest.tensors.items():
+        if _LOCAL_KEY.match(key) and not key.startswith(mine):
+            continue
+        for s in rec.shards:
+            region = s.pack if s.pack is not None else s
+            out.setdefault(region.rank, {})[(region.offset, region.nbytes)] = region.crc32c
+    return out
+
+
+def span(regions: Mapping[tuple[int, int], int]) -> tuple[int, int]:
+    """The smallest byte range covering ``regions``, as ``(offset, nbytes)``.
+
+    Example:
+        >>> span({(100, 10): 0, (0, 4): 0})
+        (0, 110)
+    """
+    lo = min(o for o, _ in regions)
+    hi = max(o + n for o, n in regions)
+    return lo, hi - lo
+
+
+def plan_fetches(manifest: Manifest, nodes: Sequence[str], holders: Mapping[int, Sequence[CopyKey]]) -> list[Transfer]:
+    """What every rank whose node holds no copy of an owner it needs fetches (the span of its
+    regions), each from a rank of a holder node, the load spread over them."""
+    needs: dict[int, dict[int, tuple[int, int]]] = {}
+    senders: dict[int, list[int]] = {}
+    for o, hs in holders.items():
+        held_on = {n for n, _ in hs}
+        senders[o] = [r for r, n in enumerate(nodes) if n in held_on]
+    for r, node in enumerate(nodes):
+        for o, rs in needed_regions(manifest, r).items():
+            if node not in {n for n, _ in holders[o]}:
+                needs.setdefault(r, {})[o] = span(rs)
+    return plan_transfers(needs, senders)
+
+
+def bad_set(items: Any, step: int) -> set[Bad]:
+    """The damaged copies a verdict names (``[[owner, node, replica], ...]``) of ``step``."""
+    return {(int(o), step, str(n), bool(r)) for o, n, r in items}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: Any) -> bytes:
+    """An index sent through the coordinator, bounded before it is decoded."""
+    if type(text) is not str or len(text) > MAX_INDEX_BYTES * 4 // 3 + 4:
+        raise IntegrityError("an index sent by a rank is not a bounded base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise IntegrityError(f"an index sent by a rank is not base64: {e}") from None
