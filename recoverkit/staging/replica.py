@@ -46,7 +46,7 @@ from ..format.manifest import Manifest
 from ..storage.base import Buffer, Region
 from ..storage.shm import ShmStore, node_name
 from .base import SnapshotTier
-from .replicator import Replicator
+from .replicator import COUNTERS, Replicator
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "ReplicaTier", "build_replica_tier", "join_replication"]
 
@@ -134,6 +134,7 @@ class ReplicaTier(SnapshotTier):
     def discard(self) -> None:
         """The job ended normally: delete the replicas held here (and the job's directory
         on this node once nothing else is left in it)."""
+        self.close()  # (the Checkpointer closed it already: then nothing to do)
         if not self._stopped:
             log.error("recoverkit: rank %d: replicas kept in shared memory (the replication never stopped)", self.rank)
             return
@@ -161,8 +162,8 @@ class ReplicaTier(SnapshotTier):
         bytes_received, superseded, bad_transfers, refused, transport_errors; ``in_flight``
         (the round whose data exchange runs now, or None), ``error`` (what ended the thread),
         ``stopped``."""
-        if self._replicator is None:
-            return {"stopped": True, "error": None, "in_flight": None}
+        if self._replicator is None:  # nobody to replicate with
+            return {**dict.fromkeys(COUNTERS, 0), "stopped": True, "error": None, "in_flight": None}
         return self._replicator.stats
 
     # ------------------------------------------------------------ not a source by itself

@@ -61,7 +61,7 @@ from ..errors import IntegrityError, StorageError, TransportError
 from ..format.checksum import crc32c, hexcrc
 from ..format.shm_index import MAX_INDEX_BYTES, ShmIndex, decode_index
 
-__all__ = ["HEADER", "Replicator", "verify_records"]
+__all__ = ["COUNTERS", "HEADER", "Replicator", "verify_records"]
 
 log = logging.getLogger("recoverkit")
 
@@ -72,6 +72,11 @@ MAGIC, VERSION = b"RKRH", 1
 STOP, ANNOUNCE, OVERSIZE, HOLDER = 1, 2, 4, 8
 #: index bytes a header buffer takes at first; grown (both sides alike) for a larger index
 FIRST_INDEX_CAP = 1 << 20
+#: the counters of :attr:`Replicator.stats`
+COUNTERS = (
+    "rounds", "announced", "sent", "bytes_sent", "received", "bytes_received", "superseded",
+    "bad_transfers", "refused", "transport_errors",
+)  # fmt: skip
 NO_LIMIT = (1 << 63) - 1
 
 
@@ -225,10 +230,7 @@ class Replicator:
         self._lock = threading.Lock()
         self._offered: set[int] = set()
         self._picked = -1
-        self._stats: dict[str, Any] = dict.fromkeys(
-            ("rounds", "announced", "sent", "bytes_sent", "received", "bytes_received", "superseded",
-             "bad_transfers", "refused", "transport_errors"), 0,
-        )  # fmt: skip
+        self._stats: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
         self._stats.update(in_flight=None, error=None, stopped=False)
         self._wake = threading.Event()
         self._stop = threading.Event()
