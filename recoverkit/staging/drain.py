@@ -9,7 +9,8 @@
 
 An early tier (:attr:`SnapshotTier.early`) is offered the snapshot as soon as every byte
 is staged, so a crash during the disk commit still finds the step in shared memory; its
-failure is logged and counted (:attr:`Drain.early_failures`), never fails the save.
+failure is logged (the 1st, 10th, 100th, ... of a tier as a warning) and counted
+(:attr:`Drain.early_failures`), never fails the save.
 
 Every rank commits the same steps in the same order. A rank that had to skip a save (pool
 full) still takes part in its commit and reports the skip, so the step fails on every rank
@@ -33,6 +34,7 @@ since ranks would not agree on timing.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections import deque
@@ -231,8 +233,11 @@ class Drain:
                 owned = tier.offer(snap)
             except Exception as e:  # noqa: BLE001 - never fails the save
                 with self._lock:
-                    self.early_failures[tier.name] = self.early_failures.get(tier.name, 0) + 1
-                log.warning("recoverkit: step %d was not kept in the %s tier: %s", job.handle.step, tier.name, e)
+                    n = self.early_failures[tier.name] = self.early_failures.get(tier.name, 0) + 1
+                # a tier failing every step (shared memory full) warns at the 1st, 10th, 100th, ...
+                level = logging.WARNING if math.log10(n).is_integer() else logging.DEBUG
+                log.log(level, "recoverkit: step %d was not kept in the %s tier (%d failure(s) so far): %s",
+                        job.handle.step, tier.name, n, e)
                 continue
             if owned:  # pragma: no cover - a contract violation: the drain still releases it
                 log.error("recoverkit: the early tier %s claimed a staged snapshot it must only copy", tier.name)

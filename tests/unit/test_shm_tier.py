@@ -88,7 +88,7 @@ def test_a_shm_failure_is_logged_and_counted_never_fails_the_save(root, shm, cap
         assert ckpt.wait() and ckpt.tiers["local"].steps() == [1, 2]
         assert ckpt.tiers["shm"].steps() == [] and ckpt.tiers["shm"].failed_writes == 2
         assert ckpt._pipeline.drain.early_failures == {"shm": 2}
-    assert "step 1 was not kept in the shm tier" in caplog.text and "budget of 4096 bytes" in caplog.text
+    assert "step 1 was not kept in the shm tier (1 failure(s) so far)" in caplog.text and "budget of 4096 bytes" in caplog.text
 
 
 def test_damaged_shm_bytes_fall_back_to_disk(root, shm):
