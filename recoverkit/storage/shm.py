@@ -185,13 +185,15 @@ class ShmStore:
         return f"ShmStore({self.job_dir!r})"
 
     def make_job_dir(self) -> None:
-        """Create the job directory (0700, no symlink followed inside ``shm_dir``) and its
-        ``job.json``, unless they exist (writers call it before their first slot)."""
+        """Create the job directory (0700, this user's; ``recoverkit/`` and the node's
+        directory above it sticky and shared by every user; no symlink followed inside
+        ``shm_dir``) and its ``job.json``, unless they exist (writers call it first)."""
         if self._made and os.path.isdir(self.job_dir):
             return
         os.makedirs(self.shm_dir, 0o700, exist_ok=True)  # the user's: may be a symlink
-        for path in (os.path.join(self.shm_dir, TOP), os.path.dirname(self.job_dir), self.job_dir):
-            _real_dir(path, create=True)
+        for path in (os.path.join(self.shm_dir, TOP), os.path.dirname(self.job_dir)):
+            _real_dir(path, create=True, shared=True)  # every user's jobs meet here
+        _real_dir(self.job_dir, create=True)
         info = os.path.join(self.job_dir, JOB_FILE)
         if not os.path.lexists(info):
             body = {"root": self.root, "node": self.node, "created_unix": time.time()}
@@ -260,8 +262,8 @@ class ShmStore:
     def jobs(shm_dir: str | None = None) -> list[JobInfo]:
         """Every job directory under ``shm_dir`` (default as for a store), by node and key.
 
-        Names that are not a valid node or job key, and anything that is not a real
-        directory, are skipped; ``info`` is the job's ``job.json`` (size-capped, strict
+        Names that are not a valid node or job key, anything that is not a real directory,
+        and other users' jobs are skipped; ``info`` is the job's ``job.json`` (size-capped, strict
         JSON; empty when missing or unreadable).
         """
         top = os.path.join(shm_dir_of(shm_dir), TOP)
@@ -270,8 +272,8 @@ class ShmStore:
             if not _NAME.fullmatch(node):
                 continue
             for key in _listdirs(os.path.join(top, node)):
-                if _JOB_KEY.fullmatch(key):
-                    path = os.path.join(top, node, key)
+                path = os.path.join(top, node, key)
+                if _JOB_KEY.fullmatch(key) and _mine(path):
                     out.append(JobInfo(node, key, path, _read_job_info(path)))
         return out
 
@@ -294,6 +296,13 @@ def _listdirs(path: str) -> list[str]:
         except FileNotFoundError:
             continue
     return out
+
+
+def _mine(path: str) -> bool:
+    try:
+        return os.lstat(path).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _read_job_info(path: str) -> dict[str, Any]:

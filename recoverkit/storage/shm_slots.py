@@ -132,8 +132,14 @@ def _refuse_read(path: str, kind: str) -> IntegrityError:
     return IntegrityError(f"{path}: found {kind}, expected a regular file", path=path)
 
 
-def _real_dir(path: str, *, create: bool) -> None:
-    """``path`` is a directory of its own (not a symlink); created (0700) if ``create``."""
+def _real_dir(path: str, *, create: bool, shared: bool = False) -> None:
+    """``path`` is a directory of its own (not a symlink), created if ``create``.
+
+    ``shared``: a directory every user of the machine creates entries in (``recoverkit/``
+    and a node's directory under ``/dev/shm``): made 1777 (sticky, like /tmp). Otherwise a
+    job's own (0700): it must belong to this user, so nobody else can plant or swap its
+    files.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -141,11 +147,18 @@ def _real_dir(path: str, *, create: bool) -> None:
             raise
         try:
             os.mkdir(path, 0o700)
+            if shared:
+                os.chmod(path, 0o1777)  # not through the umask
         except FileExistsError:
             pass
         st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise StorageError(errno.ENOTDIR, f"{path}: found {file_kind(st.st_mode)}, expected a directory", path)
+    if not shared and st.st_uid != os.getuid():
+        raise StorageError(
+            errno.EPERM, f"{path}: belongs to user {st.st_uid}, not this process's user {os.getuid()} (remove it)", path
+        )
+
 
 # ------------------------------------------------------------------ one owner's slots
 class SlotSet:

@@ -210,3 +210,23 @@ def test_a_new_store_finds_what_an_earlier_process_wrote(tmp_path):
     assert again.slots(0).steps() == [9] and _read(again.slots(0), 9) == b"state"
     assert _write(again.slots(0), 10, b"newer") == 1
     again.remove_job()
+
+
+def test_shared_directories_are_sticky_and_a_job_directory_must_be_ours(store, tmp_path):
+    import stat
+
+    _write(store.slots(0), 1, b"x")
+    for shared in (os.path.join(store.shm_dir, "recoverkit"), os.path.dirname(store.job_dir)):
+        assert stat.S_IMODE(os.lstat(shared).st_mode) == 0o1777  # every user's jobs meet there
+    assert stat.S_IMODE(os.lstat(store.job_dir).st_mode) == 0o700
+    if os.getuid() != 0:
+        pytest.skip("changing a directory's owner needs root")
+    other = ShmStore(str(tmp_path / "other"), shm_dir=store.shm_dir, node="n0")
+    other.slots(0).begin(1, 4).abort()
+    os.chown(other.job_dir, 12345, -1)  # another user's job directory
+    assert [j.path for j in ShmStore.jobs(store.shm_dir)] == [store.job_dir]  # never listed for gc
+    fresh = ShmStore(str(tmp_path / "other"), shm_dir=store.shm_dir, node="n0")
+    with pytest.raises(StorageError, match="belongs to user 12345"):
+        fresh.slots(0).begin(2, 4)
+    os.chown(other.job_dir, os.getuid(), -1)
+    other.remove_job()
