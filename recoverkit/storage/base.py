@@ -170,11 +170,14 @@ class ReadableTier(ABC):
         step in memory (a host snapshot: its pool range; shared memory: its mapped slot; bytes
         fetched from a peer) returns exactly ``rec.nbytes`` bytes, after checking that the
         region lies inside what it holds (ValueError otherwise, naming it). The bytes are
-        **not** verified: the caller checks them against ``rec.crc32c`` (a packed shard's
+        **not** verified here: the caller checks them against ``rec.crc32c`` (a packed shard's
         through its pack: ask for the :class:`PackRecord`) before it uses them, which is how
-        restore copies a step straight into live tensors (``restore.in_place``). The view
-        stays valid while the tier holds the step; a snapshot the tier gives up meanwhile may
-        change its bytes, which is why callers verify right before they copy.
+        restore copies a step straight into live tensors (``restore.in_place``: every CRC,
+        then every check, then the copies). The view must stay valid, and its bytes
+        unchanged, while the tier holds the step: a tier that may give a step up meanwhile
+        (a snapshot evicted by a newer save) keeps it for as long as a view of it is alive,
+        or is only read while nothing writes (a Checkpointer settles its saves before it
+        restores).
 
         Example:
             >>> class Disk(ReadableTier):
