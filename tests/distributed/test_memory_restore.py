@@ -239,3 +239,48 @@ def test_both_copies_of_a_rank_gone_falls_back_to_disk_naming_what_was_skipped(t
     assert all(o["exact"] for o in out)
     for o in out:
         assert any("step 7" in w and "[2]" in w for w in o["warnings"]), o["warnings"]
+
+
+def _late_rank(rank: int, world: int, tmp: str) -> dict:
+    """Rank 1 never joins the restore: rank 0's memory restore gives up after its timeout
+    and reads the disk, with a warning."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from recoverkit import Checkpointer, CheckpointOptions
+    from recoverkit.config import TierSpec
+    from recoverkit.distributed.coordinator import default_coordinator
+    from recoverkit.reading import CheckpointReader
+    from recoverkit.recovery import MemoryRestore, TierFallback
+    from recoverkit.storage.local import LocalTier
+    from recoverkit.storage.shm import ShmStore
+
+    root, scratch, shm_dir = (os.path.join(tmp, n) for n in ("ckpt", "scratch", "shm"))
+    opts = CheckpointOptions(capture_rng=False, tiers=[TierSpec.local(every_steps=1)])
+    with Checkpointer(root, options=opts) as ckpt:
+        ckpt.save(5, _state(rank, 5))
+    with Checkpointer(scratch, options=opts) as ckpt:
+        ckpt.save(7, _state(rank, 7))
+    _to_slot(scratch, 7, rank, ShmStore(root, shm_dir=shm_dir, node="a"), replica=False)
+    coordinator = default_coordinator(timeout_s=60)
+    target, expected = _fresh(rank), _state(rank, 5)  # DDP models are built together
+    dist.barrier()
+    out: dict = {}
+    if rank == 0:
+        holder = _Holder(ShmStore(root, shm_dir=shm_dir, node="a"), coordinator, 3.0)
+        reader = CheckpointReader(root, tiers=[LocalTier(root)], rank=rank, restore_rng=False,
+                                  strategies=[MemoryRestore(holder), TierFallback()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["step"] = int(reader.restore(target))
+        out["exact"] = _same(target, expected)
+        out["warnings"] = [str(w.message) for w in caught]
+    dist.barrier()
+    return out
+
+
+def test_a_rank_that_does_not_answer_makes_the_others_read_the_disk(tmp_path):
+    out = run_world(2, _late_rank, str(tmp_path), timeout_s=120)
+    assert out[0]["step"] == 5 and out[0]["exact"]
+    assert any("not every rank answered" in w for w in out[0]["warnings"]), out[0]["warnings"]
