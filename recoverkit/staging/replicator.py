@@ -10,7 +10,7 @@ newest of them to this rank's *holders* and receives its *owners'* snapshots int
 
 Rounds run in lock-step with every peer (holder or owner), two exchanges each::
 
-    header  every peer, both ways, one message each (:data:`HEADER` + index bytes):
+    header  every peer, both ways, one message each (:mod:`.replica_wire`: fields + index):
               to a holder:  "my newest snapshot is step S of N bytes" + its index
                             (only while the holder lacks it), or nothing new
               to an owner:  "I hold your step H; I take up to C bytes (C = 0 while
@@ -51,25 +51,28 @@ pair is left, so no rank waits on a peer that already left.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import IntegrityError, StorageError, TransportError
-from ..format.checksum import crc32c, hexcrc
 from ..format.shm_index import MAX_INDEX_BYTES, ShmIndex, decode_index
+from .replica_wire import (
+    ANNOUNCE,
+    HEADER,
+    HOLDER,
+    OVERSIZE,
+    STOP,
+    Header,
+    decode_header,
+    encode_header,
+    verify_records,
+)
 
-__all__ = ["COUNTERS", "HEADER", "Replicator", "verify_records"]
+__all__ = ["COUNTERS", "Replicator"]
 
 log = logging.getLogger("recoverkit")
 
-#: magic, version, flags, reserved, round, step, data_bytes, held, refused, capacity,
-#: index_cap, index_len, crc
-HEADER = struct.Struct("<4sBBHQqQqqQIII")
-MAGIC, VERSION = b"RKRH", 1
-STOP, ANNOUNCE, OVERSIZE, HOLDER = 1, 2, 4, 8
 #: index bytes a header buffer takes at first; grown (both sides alike) for a larger index
 FIRST_INDEX_CAP = 1 << 20
 #: the counters of :attr:`Replicator.stats`
@@ -78,62 +81,6 @@ COUNTERS = (
     "bad_transfers", "refused", "transport_errors",
 )  # fmt: skip
 NO_LIMIT = (1 << 63) - 1
-
-
-@dataclass
-class Header:
-    flags: int
-    round: int
-    step: int
-    data_bytes: int
-    held: int
-    refused: int  # (HOLDER) the newest step it refused from the receiver (not announced again)
-    capacity: int
-    index_cap: int  # (HOLDER) the index bytes its header buffer takes
-    index: bytes  # the announced index (ANNOUNCE), else empty
-    index_len: int = 0  # its length (ANNOUNCE, OVERSIZE)
-
-
-def encode_header(h: Header) -> bytes:
-    index = h.index if h.flags & ANNOUNCE else b""
-    n = len(h.index) if h.flags & (ANNOUNCE | OVERSIZE) else 0
-    fields = (MAGIC, VERSION, h.flags, 0, h.round, h.step, h.data_bytes, h.held, h.refused, h.capacity, h.index_cap, n)
-    crc = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
-    return HEADER.pack(*fields, crc) + index
-
-
-def decode_header(buf: bytearray, round_: int, peer: int) -> Header:
-    """Parse a header from ``peer`` as hostile input (IntegrityError naming what is wrong)."""
-    if len(buf) < HEADER.size:
-        raise IntegrityError(f"replication header from rank {peer}: buffer of {len(buf)} bytes")
-    magic, ver, flags, reserved, rnd, step, nbytes, held, refused, cap, icap, n, crc = HEADER.unpack_from(buf)
-    if magic != MAGIC or ver != VERSION:
-        raise IntegrityError(f"replication header from rank {peer}: not one (magic {magic!r}, version {ver})")
-    body = n if flags & ANNOUNCE else 0
-    if body > len(buf) - HEADER.size:
-        raise IntegrityError(f"replication header from rank {peer}: {n} index bytes do not fit its buffer")
-    fields = (magic, ver, flags, reserved, rnd, step, nbytes, held, refused, cap, icap, n)
-    index = bytes(buf[HEADER.size : HEADER.size + body])
-    found = crc32c(index, crc32c(HEADER.pack(*fields, 0)))
-    if found != crc:
-        raise IntegrityError(
-            f"replication header from rank {peer} fails its CRC-32C (sent {hexcrc(crc)}, found {hexcrc(found)})"
-        )
-    if rnd != round_:
-        raise IntegrityError(f"replication header from rank {peer} is of round {rnd}, expected {round_}")
-    return Header(flags, rnd, step, nbytes, held, refused, cap, icap, index, n if flags & (ANNOUNCE | OVERSIZE) else 0)
-
-
-def verify_records(index: ShmIndex, data: memoryview, *, engine: Any = None) -> str | None:
-    """Check the CRC-32C of every record of ``index`` (blob and shards) over ``data``; the
-    first record that fails, described, or None when all pass."""
-    records = [("the blob", index.blob.offset, index.blob.nbytes, index.blob.crc32c)]
-    records += [(f"shard {key!r}", s.offset, s.nbytes, s.crc32c) for key, s in index.shards]
-    for what, off, n, want in records:
-        found = crc32c(data[off : off + n], engine=engine) if n else 0
-        if found != want:
-            return f"{what} at [{off}, {off + n}) has crc {hexcrc(found)}, the index records {hexcrc(want)}"
-    return None
 
 
 class _Peer:

@@ -8,7 +8,7 @@ from recoverkit.errors import IntegrityError
 from recoverkit.format.checksum import crc32c
 from recoverkit.format.manifest import BlobRecord, ShardRecord
 from recoverkit.format.shm_index import data_file, decode_index, make_index
-from recoverkit.staging.replicator import (
+from recoverkit.staging.replica_wire import (
     ANNOUNCE,
     HEADER,
     HOLDER,
