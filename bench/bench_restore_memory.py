@@ -249,7 +249,8 @@ def table(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"GB/s of the state's bytes, median of {r['reps']}; (Nx) = the ratio to memcpy (torch `copy_` between two "
-        f"preallocated tensors, {r['torch_threads']} torch thread(s)); the CRC pass runs on {r['crc_threads']} thread(s). "
+        f"preallocated tensors, {r['torch_threads']} torch thread(s), timed in the same rounds as each tier's restores: "
+        f"the memcpy column is the host tier's rounds); the CRC pass runs on {r['crc_threads']} thread(s). "
         "In place: `Checkpointer.restore` inside `in_place_reads()`, the whole call; copy path: the same restore "
         "without it (new tensors, then `load_state_dict`)."
     )

@@ -320,13 +320,13 @@ def resolve(state: Mapping[str, Any], captured: MutableMapping[str, Any]) -> lis
     for name in list(captured):
         target, value = state.get(name), captured[name]
         if isinstance(target, torch.nn.Module) and isinstance(value, dict):
-            live = target.state_dict(keep_vars=True)
+            live: Mapping[str, Any] | None = None  # asked for only if something may go in place
             for k, v in value.items():
-                value[k] = (
-                    _pair(v, live.get(k), copies)
-                    if isinstance(v, PendingTensor)
-                    else materialize(v)
-                )
+                if isinstance(v, PendingTensor):
+                    live = target.state_dict(keep_vars=True) if live is None else live
+                    value[k] = _pair(v, live.get(k), copies)
+                else:
+                    value[k] = materialize(v)
         elif (
             isinstance(target, torch.optim.Optimizer)
             and type(target).load_state_dict is torch.optim.Optimizer.load_state_dict
