@@ -29,6 +29,7 @@ from recoverkit.restore.in_place import CHUNK_BYTES, PendingTensor, Unit, verify
 from recoverkit.restore.reader import in_place_reads, read_state
 from recoverkit.storage.base import ReadableTier
 from recoverkit.storage.discovery import CheckpointSkippedWarning
+from tests.native.helpers import load_backend
 
 HOST_ONLY = [TierSpec.host(keep=2), TierSpec.local(every_steps=None)]
 
@@ -393,17 +394,19 @@ def test_host_tier_memory_view_serves_only_staged_regions(root):
 
 
 # --------------------------------------------------------------------------- verify
-def test_verify_splits_large_regions_across_threads_and_names_a_bad_one():
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_verify_splits_large_regions_across_threads_and_names_a_bad_one(backend):
+    engine = load_backend(backend)
     big = bytes(range(256)) * ((3 * CHUNK_BYTES + 1000) // 256)
     small = [os.urandom(100 + i) for i in range(50)]
     units = [Unit(memoryview(big), crc32c(big), "big")] + [Unit(memoryview(s), crc32c(s), f"s{i}") for i, s in enumerate(small)]
-    verify(units, threads=2)
-    verify(units, threads=1)
+    verify(units, threads=2, engine=engine)
+    verify(units, threads=1, engine=engine)
     damaged = bytearray(big)
     damaged[2 * CHUNK_BYTES + 7] ^= 1
     bad = [Unit(memoryview(bytes(damaged)), crc32c(big), "'w' region at 0")] + units[1:]
     with pytest.raises(IntegrityError, match="1 region\\(s\\).*'w' region at 0"):
-        verify(bad, threads=2)
+        verify(bad, threads=2, engine=engine)
 
 
 @pytest.mark.gpu
