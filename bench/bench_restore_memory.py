@@ -13,6 +13,9 @@ AdamW's two moments, every tensor materialised), in one run:
   parameters and optimizer state, random streams: the whole call;
 * **host, copy path**: the same restore without ``in_place_reads()`` (new tensors read from the
   snapshot, then ``load_state_dict``), as restores ran before issue 12;
+* **host, fresh optimizer**: the in-place restore into the live model and a new optimizer
+  without state, as a restarted process restores (the moments are new tensors: allocated and
+  page-faulted, the copy path's cost for them);
 * **shm, in place**: the same in-place restore from the shared-memory tier (``TierSpec.shm``,
   slots under a temporary directory in ``/dev/shm``), when this recoverkit has that tier kind
   (else reported as not run).
@@ -53,7 +56,7 @@ from .report import publish
 
 NAME = "restore_memory"
 TARGETS = {"host_in_place_vs_memcpy": 0.5, "shm_in_place_vs_memcpy": 0.5}
-METHODS = ("memcpy", "crc_pass", "host_in_place", "host_copy_path", "shm_in_place")
+METHODS = ("memcpy", "crc_pass", "host_in_place", "host_copy_path", "host_fresh_optimizer", "shm_in_place")
 LAYERS = 8
 
 
@@ -131,8 +134,19 @@ def _restore_case(
     del before, now
     if copy_path:
         out["copy_path_s"] = _timed(lambda: ckpt.restore(state), max(1, reps // 2))
+        out["fresh_optimizer_s"] = _timed(lambda: _fresh_optimizer_restore(ckpt, model), max(1, reps // 2))
     gc.collect()
     return out
+
+
+def _fresh_optimizer_restore(ckpt: Checkpointer, model: torch.nn.Module) -> None:
+    """An in-place restore into the live model and a new optimizer without state, as a
+    restarted process restores: the parameters take their bytes in place, the optimizer's
+    moments are new tensors (allocated and first touched here)."""
+    fresh = {"model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-5)}
+    with in_place_reads():
+        assert ckpt.restore(fresh) == 1
+    assert fresh["optim"].state, "the optimizer state was not restored"
 
 
 def _rounds(nbytes: int, units: list[Unit], in_place: Callable[[], None], reps: int) -> dict[str, list[float]]:
@@ -199,6 +213,7 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
             "crc_pass": median(host["crc_pass_s"]),
             "host_in_place": median(host["in_place_s"]),
             "host_copy_path": median(host["copy_path_s"]),
+            "host_fresh_optimizer": median(host["fresh_optimizer_s"]),
         }
         ratio = {k: secs["memcpy"] / v for k, v in secs.items() if k != "memcpy"}
         if "shm" in e:  # against the memcpy of its own rounds
@@ -241,8 +256,8 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
 
 
 def table(r: dict[str, Any]) -> str:
-    head = "| state | memcpy | CRC pass | host, in place | host, copy path | shm, in place |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = "| state | memcpy | CRC pass | host, in place | host, copy path | host, fresh optimizer | shm, in place |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for row in r["sizes"]:
         cells = " | ".join(_cell(row, k) for k in METHODS)
         lines.append(f"| {row['size_mib']} MiB ({row['tensors']} tensors) | {cells} |")
@@ -252,7 +267,8 @@ def table(r: dict[str, Any]) -> str:
         f"preallocated tensors, {r['torch_threads']} torch thread(s), timed in the same rounds as each tier's restores: "
         f"the memcpy column is the host tier's rounds); the CRC pass runs on {r['crc_threads']} thread(s). "
         "In place: `Checkpointer.restore` inside `in_place_reads()`, the whole call; copy path: the same restore "
-        "without it (new tensors, then `load_state_dict`)."
+        "without it (new tensors, then `load_state_dict`); fresh optimizer: in place into the model and a new "
+        "optimizer without state (its moments new tensors), as after a restart."
     )
     t = r["ratios"]
     for key, goal in TARGETS.items():
