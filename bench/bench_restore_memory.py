@@ -143,10 +143,10 @@ def _fresh_optimizer_restore(ckpt: Checkpointer, model: torch.nn.Module) -> None
     """An in-place restore into the live model and a new optimizer without state, as a
     restarted process restores: the parameters take their bytes in place, the optimizer's
     moments are new tensors (allocated and first touched here)."""
-    fresh = {"model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-5)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     with in_place_reads():
-        assert ckpt.restore(fresh) == 1
-    assert fresh["optim"].state, "the optimizer state was not restored"
+        assert ckpt.restore({"model": model, "optim": opt}) == 1
+    assert opt.state, "the optimizer state was not restored"
 
 
 def _rounds(nbytes: int, units: list[Unit], in_place: Callable[[], None], reps: int) -> dict[str, list[float]]:
