@@ -220,6 +220,11 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
             secs["shm_in_place"] = median(e["shm"]["in_place_s"])
             ratio["shm_in_place"] = median(e["shm"]["memcpy_s"]) / secs["shm_in_place"]
         gbps = {k: n / v / 1e9 for k, v in secs.items()}
+        # best of the rounds: what each reaches when the machine lets it (a busy machine
+        # stretches torch's memcpy, whose threads wait for each other, more than the restore)
+        best = {"host_in_place": min(host["memcpy_s"]) / min(host["in_place_s"])}
+        if "shm" in e:
+            best["shm_in_place"] = min(e["shm"]["memcpy_s"]) / min(e["shm"]["in_place_s"])
         rows.append(
             {
                 "size_mib": e["size_mib"],
@@ -228,6 +233,7 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
                 "seconds_median": secs,
                 "gb_per_s": gbps,
                 "vs_memcpy": ratio,
+                "vs_memcpy_best": best,
                 "in_place_checked": {k: e[k]["in_place_checked"] for k in ("host", "shm") if k in e},
             }
         )
@@ -271,9 +277,14 @@ def table(r: dict[str, Any]) -> str:
         "optimizer without state (its moments new tensors), as after a restart."
     )
     t = r["ratios"]
+    best = r["sizes"][-1]["vs_memcpy_best"] if r["sizes"] else {}
     for key, goal in TARGETS.items():
         if key in t:
-            lines.append(f"- {key}: {t[key]:.2f}x (target >= {goal}: {'met' if t[key] >= goal else 'MISSED'})")
+            tier = key.removesuffix("_vs_memcpy")
+            lines.append(
+                f"- {key}: {t[key]:.2f}x (target >= {goal}: {'met' if t[key] >= goal else 'MISSED'}; "
+                f"best round against best round: {best.get(tier, float('nan')):.2f}x)"
+            )
     if "host_in_place_vs_copy_path" in t:
         lines.append(f"- in place is {t['host_in_place_vs_copy_path']:.1f}x faster than the copy path (largest state)")
     for k, why in r["not_run"].items():
