@@ -74,8 +74,8 @@ class HostTier(SnapshotTier):
         self._lock = threading.Lock()
         self._snaps: deque[HostSnapshot] = deque()
         self._agreed: set[int] = set()  # steps every rank holds (world_size > 1)
-        # the snapshot whose staged extents (pool offset -> nbytes) were looked up last
-        self._extents: tuple[HostSnapshot | None, dict[int, int]] = (None, {})
+        # the snapshot whose staged extents (pool offset, nbytes) were looked up last
+        self._extents: tuple[HostSnapshot | None, frozenset[tuple[int, int]]] = (None, frozenset())
 
     # ------------------------------------------------------------ the cache
     def offer(self, snap: HostSnapshot) -> bool:
@@ -219,7 +219,7 @@ class HostTier(SnapshotTier):
                     f"staged blob of {len(snap.blob)} bytes"
                 )
             return memoryview(snap.blob).toreadonly()
-        if rec.file != _POOL or self._staged(snap).get(rec.offset) != rec.nbytes:
+        if rec.file != _POOL or (rec.offset, rec.nbytes) not in self._staged(snap):
             raise ValueError(
                 f"host snapshot of step {step}: region {rec.file!r} [{rec.offset}, +{rec.nbytes}) is not "
                 "a staged shard of it"
@@ -229,11 +229,12 @@ class HostTier(SnapshotTier):
         # the pool's own view holds the arena: the bytes stay mapped while the view lives
         return snap._pool.view(rec.offset, rec.nbytes).toreadonly()  # noqa: SLF001 (no public view yet)
 
-    def _staged(self, snap: HostSnapshot) -> dict[int, int]:
-        """Pool offset -> nbytes of every shard ``snap`` staged (cached for the last one asked)."""
+    def _staged(self, snap: HostSnapshot) -> frozenset[tuple[int, int]]:
+        """``(pool offset, nbytes)`` of every shard ``snap`` staged (an empty one may share
+        its offset with the next); cached for the last snapshot asked."""
         held, extents = self._extents
         if held is not snap:
-            extents = {off: n for _, off, n, _ in snap.entries}
+            extents = frozenset((off, n) for _, off, n, _ in snap.entries)
             self._extents = (snap, extents)
         return extents
 

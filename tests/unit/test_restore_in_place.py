@@ -167,6 +167,22 @@ def test_a_parameter_entry_and_tied_weights_stay_the_same_objects(root):
             assert id(v) == ids[k] and torch.equal(v.detach(), saved[k]), k
 
 
+def test_empty_tensors_packed_next_to_small_ones_do_not_hide_them(root):
+    """An empty shard may share its pool offset with the next small one; both restore."""
+    names = ["a", "e0", "b", "e1", "c", "e2"]
+    state = {n: (torch.empty(0) if n.startswith("e") else torch.arange(3.0) + ord(n)) for n in names}
+    with Checkpointer(root, options=_opts(capture_rng=False)) as ckpt:
+        ckpt.save_async(1, state).wait()
+        ckpt.wait()
+        saved = {n: (t, t.clone()) for n, t in state.items()}
+        for n in ("a", "b", "c"):
+            state[n].zero_()
+        with in_place_reads():
+            ckpt.restore(state)
+    for n, (obj, values) in saved.items():
+        assert state[n] is obj and torch.equal(obj, values), n
+
+
 # --------------------------------------------------------------------------- all or nothing
 def test_a_corrupted_region_changes_nothing(root):
     model, opt = _make()
