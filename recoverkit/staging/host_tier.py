@@ -211,7 +211,8 @@ class HostTier(SnapshotTier):
             ...
             recoverkit.errors.CheckpointNotFoundError: no host snapshot of step 3
         """
-        snap = self._snap(step)
+        held = self._extents[0]  # the snapshot asked last: one lookup per step, not per region
+        snap = held if held is not None and held.step == step and not held.released else self._snap(step)
         if rec.file == _BLOB:
             if rec.offset != 0 or rec.nbytes != len(snap.blob):
                 raise ValueError(
