@@ -159,6 +159,7 @@ class Checkpointer:
         )
         self.committer = Committer(coordinator=self.coordinator, run_id=self.run_id, options=self.options, faults=self.faults)
         self._pipeline: AsyncPipeline | None = None
+        self._closed = False
         self._locks: list[RunLock] = []
         if self.rank == 0 and self.options.lock:  # the roots' writer: fences other jobs
             roots = [self.root] + [r for r in dict.fromkeys(_root_of(t) for t in built) if r and r != self.root]
@@ -418,7 +419,8 @@ class Checkpointer:
         A normal close ends the job: snapshots kept beyond the process (shared memory) are
         deleted. ``keep_snapshots=True`` keeps them for a process restarted on this node:
         leaving a ``with`` block on an exception does so, and so does ``protect`` after a
-        preemption signal (a crash never gets here: they stay).
+        preemption signal (a crash never gets here: they stay). The first close decides:
+        closing again (a ``with`` block's exit after ``close``) deletes nothing.
 
         Raises:
             CommitError: after everything is closed and the lock released, if a save
@@ -427,6 +429,7 @@ class Checkpointer:
                 the original exception propagates.
         """
         failed: list[tuple[int, BaseException]] = []
+        first, self._closed = not self._closed, True  # the first close decides about the snapshots
         try:
             if self._pipeline is not None:
                 self._pipeline.flush()
@@ -437,7 +440,7 @@ class Checkpointer:
             try:
                 for t in self._snapshot_tiers():
                     t.close()
-                if not keep_snapshots:
+                if first and not keep_snapshots:
                     for t in self._snapshot_tiers():
                         t.discard()
             finally:

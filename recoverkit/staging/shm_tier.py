@@ -41,8 +41,10 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from .. import _native
 from ..distributed.commit import build_manifest
 from ..distributed.coordinator import Coordinator
 from ..errors import CheckpointNotFoundError, IntegrityError
@@ -62,8 +64,10 @@ __all__ = ["ShmTier"]
 
 log = logging.getLogger("recoverkit")
 
-#: shards of at least this many bytes start on a page of the slot, smaller ones on 64 bytes
+#: shards of at least this many bytes are copied alone, to a page of the slot (CRC on the
+#: fly); smaller ones in runs of at most ``_RUN_BYTES``, each checked where it landed
 _PAGE_FROM = 64 << 10
+_RUN_BYTES = 8 << 20
 
 
 class ShmTier(SnapshotTier):
@@ -140,37 +144,34 @@ class ShmTier(SnapshotTier):
     def _write(self, snap: HostSnapshot) -> None:
         entries = snap.entries
         blob = snap.blob
-        at, offsets = len(blob), []
-        for _, _, n, _ in entries:
-            at = align_up(at, 4096 if n >= _PAGE_FROM else 64)
-            offsets.append(at)
-            at += n
-        data_bytes = at
-        step, copier = snap.step, snap.copier
+        runs, offsets, data_bytes = _layout(entries, len(blob))
+        step, copier, rank, file = snap.step, snap.copier, self.rank, self.file
+        crc_at = _native.resolve(self._engine).crc32c_ptr
         w = self.slots.begin(step, data_bytes)
         copies: list[Any] = []
         try:
             if blob:
                 src = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
                 copies.append(copier.submit(src, w.address, len(blob), crc=True))
-            for (_, off, n, _), dst in zip(entries, offsets):
-                if n:
-                    copies.append(copier.submit(snap.address(off), w.address + dst, n, crc=True))
+            for run in runs:  # a large shard alone (CRC on the fly), small ones a run at a time
+                crc = run.count == 1 and run.nbytes >= _PAGE_FROM
+                copies.append(copier.submit(snap.address(run.src), w.address + run.dst, run.nbytes, crc=crc))
             self.faults.reached("shm_copy", step=step, rank=self.rank)
-            found = iter([h.result() for h in copies])
-            blob_crc = next(found) if blob else 0
+            landed = [h.result() for h in copies]
+            blob_crc = landed[0] if blob else 0
+            on_the_fly = {run.first: c for run, c in zip(runs, landed[1 if blob else 0 :]) if run.count == 1 and run.nbytes >= _PAGE_FROM}
             shards = []
-            for (p, _, n, staged), dst in zip(entries, offsets):
-                crc = next(found) if n else 0
-                if staged is None or crc != staged:
+            for i, ((p, _, n, staged), dst) in enumerate(zip(entries, offsets)):
+                found = on_the_fly.get(i)
+                if found is None:  # copied within a run: checked where it landed
+                    found = int(crc_at(w.address + dst, n)) if n else 0
+                if staged is None or found != staged:
                     raise IntegrityError(
-                        f"step {step}: {p.key!r} copied to shared memory with crc {hexcrc(crc)}, staged "
+                        f"step {step}: {p.key!r} copied to shared memory with crc {hexcrc(found)}, staged "
                         f"{'none' if staged is None else hexcrc(staged)}"
                     )
-                shards.append((p.key, ShardRecord(self.rank, self.file, dst, n, crc, p.offsets, p.shape)))
-            records = RankRecords(
-                self.rank, BlobRecord(self.rank, self.file, 0, len(blob), blob_crc), shards, {self.file: data_bytes}
-            )
+                shards.append((p.key, ShardRecord(rank, file, dst, n, found, p.offsets, p.shape)))
+            records = RankRecords(rank, BlobRecord(rank, file, 0, len(blob), blob_crc), shards, {file: data_bytes})
             raw, index = encode_index(
                 step=step, run_id=self.run_id, world_size=self.world_size, rank=self.rank, records=records,
                 shards_meta=[p for p, _, _, _ in entries], aliases=snap.aliases, data_bytes=data_bytes,
@@ -314,13 +315,58 @@ class ShmTier(SnapshotTier):
     def _copier_(self) -> Any:
         with self._lock:
             if self._copier is None:
-                from .. import _native
-
                 self._copier = _native.resolve(self._engine).CopyEngine(2)
             return self._copier
 
     def describe(self, step: int) -> str:
         return f"shared-memory snapshot of step {step} ({self.slots.dir})"
+
+
+@dataclass
+class _Run:
+    """Pool bytes copied into the slot as one piece: a large shard, or small shards that lie
+    next to each other in the pool (packed ranges), gaps included."""
+
+    first: int  # index of its first entry
+    src: int  # pool offset
+    dst: int  # slot offset
+    nbytes: int
+    count: int = 1
+
+
+def _layout(entries: Sequence[tuple[Any, int, int, Any]], blob_bytes: int) -> tuple[list[_Run], list[int], int]:
+    """The copies (runs), each entry's offset in the slot, and the slot's size.
+
+    The blob comes first. Runs follow in pool order: a shard of at least ``_PAGE_FROM``
+    bytes alone, on a page of the slot; small shards joined while the next starts less
+    than a page after the previous one ended (in the pool nothing else can lie there: ranges
+    are page-granular) and the run stays under ``_RUN_BYTES``. A run keeps its bytes'
+    offsets modulo 64, so every shard keeps its alignment.
+    """
+    offsets = [0] * len(entries)
+    runs: list[_Run] = []
+    at, end = blob_bytes, 0  # end: the pool offset the open run reaches
+    for i in sorted(range(len(entries)), key=lambda i: entries[i][1]):
+        _, off, n, _ = entries[i]
+        run = runs[-1] if runs else None
+        if (
+            run is not None and n < _PAGE_FROM and run.nbytes < _RUN_BYTES and (run.count > 1 or run.nbytes < _PAGE_FROM)
+            and end <= off < end + 4096
+        ):  # fmt: skip
+            run.nbytes = off + n - run.src
+            run.count += 1
+        else:
+            if run is not None:
+                at = run.dst + run.nbytes
+            dst = align_up(at, 4096) if n >= _PAGE_FROM else align_up(at, 64) + off % 64
+            run = _Run(i, off, dst, n)
+            runs.append(run)
+        offsets[i] = run.dst + off - run.src
+        end = off + n
+    if runs:
+        at = runs[-1].dst + runs[-1].nbytes
+    runs = [r for r in runs if r.nbytes]
+    return runs, offsets, at
 
 
 def _check_geometry(m: Manifest, where: str) -> None:

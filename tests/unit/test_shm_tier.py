@@ -200,3 +200,24 @@ def test_protect_keeps_shm_after_a_signal_or_an_exception_and_removes_it_at_the_
     assert ShmStore.jobs(shm) == [job]
     _protected_loop(root, shm, stop=None)  # resumes and runs to the end: the job is over
     assert ShmStore.jobs(shm) == []
+
+
+def test_small_shards_copied_in_runs_keep_their_alignment_and_bytes(root, shm):
+    from recoverkit.staging.shm_tier import _PAGE_FROM
+
+    state = {f"s{i}": torch.arange(1 + i % 13, dtype=(torch.uint8, torch.float16, torch.float64)[i % 3]) for i in range(3000)}
+    state["big"] = torch.randn(_PAGE_FROM)  # copied alone, CRC on the fly
+    state["empty"] = torch.zeros(0)
+    with Checkpointer(root, options=_opts(shm, local_every=0)) as ckpt:
+        ckpt.save_async(1, state).wait()
+        tier = ckpt.tiers["shm"]
+        assert tier.failed_writes == 0
+        m = tier.manifest(1)
+        for key, t in m.tensors.items():
+            size = state[key].element_size() if key in state else 1  # (the RNG's bytes too)
+            assert all(s.offset % size == 0 for s in t.shards), key  # natural alignment kept
+        ckpt.close(keep_snapshots=True)
+    with Checkpointer(root, options=_opts(shm, local_every=0)) as again:
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        assert again.restore(out) == 1
+        assert all(torch.equal(out[k], v) for k, v in state.items())
