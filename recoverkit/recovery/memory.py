@@ -172,14 +172,46 @@ class MemoryRestore(RecoveryStrategy):
             "recoverkit: rank %d restores step %d from memory: %s", self.shm.rank, tier.step,
             "; ".join(f"rank {o}'s snapshot from {b.where}" for o, b in sorted(tier.owners.items())),
         )
+        value: Any = None
+        error: BaseException | None = None
         try:
             source = TierSource(tier, tier.step, tier.manifest(tier.step))
-            return Recovered(self.name, source, use(source))
-        except (IntegrityError, OSError) as e:  # verified, then damaged meanwhile (a writer?)
-            warnings.warn(f"memory restore of step {tier.step}: {e}", MemorySkippedWarning, stacklevel=4)
-            return CannotRecover(self.name, f"step {tier.step} from memory failed: {e}", e)
+            value = use(source)
+        except BaseException as e:  # noqa: BLE001 - every rank learns of it below, then it goes on
+            error = e
         finally:
             tier.close()
+        failed = self._applied_everywhere(tier.step, error)  # collective: all or none from memory
+        if error is not None and not isinstance(error, (IntegrityError, OSError)):
+            raise error  # not damage: the caller's request does not fit (or an interrupt)
+        if failed is not None:  # damaged after the verdict (a writer?): the disk, on every rank
+            warnings.warn(f"memory restore of step {tier.step}: {failed}", MemorySkippedWarning, stacklevel=4)
+            return CannotRecover(self.name, f"step {tier.step} from memory failed: {failed}", error)
+        return Recovered(self.name, source, value)
+
+    def _applied_everywhere(self, step: int, error: BaseException | None) -> str | None:
+        """Every rank: whether every rank applied ``step`` from memory (None) or which did
+        not (so every rank falls back, and the disk overwrites what the others applied)."""
+        coord = self.shm.coordinator
+        n = _calls.get(coord, 0)
+        _calls[coord] = n + 1
+        scope = f"memory-restore/{n}"
+        mine = {"ok": error is None, "error": "" if error is None else f"{type(error).__name__}: {error}"}
+        try:
+            answer: dict[str, Any] | None = None
+            try:
+                reports = coord.gather(f"{scope}/applied", mine, timeout_s=self.shm.timeout_s)
+                if coord.rank == 0 and reports is not None:
+                    bad = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if not rep["ok"]]
+                    answer = {"failed": "; ".join(bad)}
+            except CommitTimeoutError as e:
+                answer = {"failed": f"not every rank answered in time ({e})"}
+            verdict = coord.broadcast(f"{scope}/done", answer, timeout_s=self.shm.timeout_s)
+        except CommitTimeoutError as e:
+            return f"no word from rank 0 in time ({e})"
+        finally:
+            coord.finish(scope, gathers=("applied",), broadcasts=("done",))
+        return str(verdict["failed"]) or None
 
     def transport_for(self, timeout_s: float) -> Any:
         """The transport of this restore: the one given, else one built now (every rank calls

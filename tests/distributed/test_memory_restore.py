@@ -284,3 +284,50 @@ def test_a_rank_that_does_not_answer_makes_the_others_read_the_disk(tmp_path):
     out = run_world(2, _late_rank, str(tmp_path), timeout_s=120)
     assert out[0]["step"] == 5 and out[0]["exact"]
     assert any("not every rank answered" in w for w in out[0]["warnings"]), out[0]["warnings"]
+
+
+def _fails_to_apply(rank: int, world: int, tmp: str) -> dict:
+    """Rank 1's ``use`` finds the memory source damaged after the verdict (as when a writer
+    overwrote a slot meanwhile): every rank falls back to the disk together."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from recoverkit import Checkpointer, CheckpointOptions
+    from recoverkit.config import TierSpec
+    from recoverkit.distributed.coordinator import default_coordinator
+    from recoverkit.errors import IntegrityError
+    from recoverkit.recovery import Loss, MemoryRestore, RecoveryChain, Survivors, TierFallback
+    from recoverkit.storage.local import LocalTier
+    from recoverkit.storage.shm import ShmStore
+
+    root, scratch, shm_dir = (os.path.join(tmp, n) for n in ("ckpt", "scratch", "shm"))
+    opts = CheckpointOptions(capture_rng=False, tiers=[TierSpec.local(every_steps=1)])
+    with Checkpointer(root, options=opts) as ckpt:
+        ckpt.save(5, _state(rank, 5))
+    with Checkpointer(scratch, options=opts) as ckpt:
+        ckpt.save(7, _state(rank, 7))
+    _to_slot(scratch, 7, rank, ShmStore(root, shm_dir=shm_dir, node="a"), replica=False)
+    holder = _Holder(ShmStore(root, shm_dir=shm_dir, node="a"), default_coordinator(timeout_s=60), 60.0)
+    dist.barrier()
+    used = []
+
+    def use(source):
+        used.append((source.step, source.tier_name))
+        if rank == 1 and source.tier_name == "memory":
+            raise IntegrityError("overwritten meanwhile")
+        return source.step
+
+    chain = RecoveryChain([MemoryRestore(holder), TierFallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = chain.run(Loss(), Survivors(tiers=[LocalTier(root)]), use)
+    return {"step": got.value, "strategy": got.strategy, "used": used, "warnings": [str(w.message) for w in caught]}
+
+
+def test_a_rank_that_cannot_apply_the_memory_step_makes_every_rank_read_the_disk(tmp_path):
+    out = run_world(2, _fails_to_apply, str(tmp_path), timeout_s=120)
+    for o in out:
+        assert o["step"] == 5 and o["strategy"] == "tier fallback", o
+        assert o["used"][0] == (7, "memory")  # both had it from memory; the disk overwrote it
+        assert any("rank 1: IntegrityError: overwritten meanwhile" in w for w in o["warnings"]), o["warnings"]
