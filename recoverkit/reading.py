@@ -8,8 +8,9 @@ Over tiers that include a shared-memory tier (``staging.shm_tier``), a restore f
 the memory restore across ranks (``recovery.memory``: the newest step complete in memory on
 any live node, own snapshots and peer replicas, unless a disk holds a newer one; collective,
 every rank of the job restores together), then tier fallback over the other tiers: the
-fastest source of the newest step. Which source each rank used is logged (logger
-``recoverkit``, INFO).
+fastest source of the newest step. Such a restore reads in place (``restore.in_place``:
+whole tensors held in memory are verified, then copied straight into the live ones). Which
+source each rank used is logged (logger ``recoverkit``, INFO).
 
 The one restore path: :class:`CheckpointReader` serves readers beside a training job (evaluation,
 export, the CLI), and the Checkpointer delegates its restore and discovery to one built over its
@@ -21,6 +22,7 @@ it warns (:class:`StepDeletedWarning`) and starts over from the newest step.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sys
@@ -31,6 +33,7 @@ from .errors import CheckpointNotFoundError, IncompatibleCheckpointError, Storag
 from .format.manifest import Manifest
 from .recovery import Loss, RecoveryChain, RecoveryStrategy, Source, Survivors, TierFallback
 from .recovery.tier_fallback import MAX_RESCANS, StepDeletedWarning  # noqa: F401 - MAX_RESCANS kept here too
+from .restore.reader import in_place_reads
 from .storage.base import ReadableTier
 from .storage.fs import LocalFS
 from .storage.local import LocalTier
@@ -129,11 +132,13 @@ class CheckpointReader:
         #: restore's chain and the tiers it reads: the memory restore first when a
         #: shared-memory tier is among the tiers (its tiers are the memory restore's own)
         self._restore_chain, self._restore_tiers = self.chain, tuple(self.tiers)
+        self._in_place = False  # restores read in place (restore.in_place) only from memory across ranks
         memory = _memory_restore(self.tiers) if strategies is None else None
         if memory is not None:
             strategy, held = memory
             self._restore_chain = RecoveryChain([strategy, TierFallback(label=self.label, learn=self._learn)])
             self._restore_tiers = tuple(t for t in self.tiers if all(t is not m for m in held))
+            self._in_place = True
 
     def steps(self) -> list[int]:
         """Committed steps on any tier, ascending (manifests not read)."""
@@ -228,7 +233,8 @@ class CheckpointReader:
         try:
             sharded = target_shards(state)
             survivors = Survivors(tiers=self._restore_tiers)
-            done = self._restore_chain.run(Loss(step=step), survivors, use)
+            with in_place_reads(True) if self._in_place else contextlib.nullcontext():
+                done = self._restore_chain.run(Loss(step=step), survivors, use)
             prepared = []
         finally:
             for o in prepared:
