@@ -482,6 +482,11 @@ def _closer(view: memoryview, buf: mmap.mmap) -> Callable[[], None]:
 
 
 def _process_group_transport(timeout_s: float) -> Any:
+    """A transport on a new group with the job's own backend (a gloo job on a machine with a
+    GPU stays on gloo; an NCCL job stages host bytes through its device)."""
+    import torch.distributed as dist
+
     from ..distributed.transport import ProcessGroupTransport
 
-    return ProcessGroupTransport(timeout_s=timeout_s)
+    backend = str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+    return ProcessGroupTransport(timeout_s=timeout_s, backend=backend)
