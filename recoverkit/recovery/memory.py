@@ -342,8 +342,9 @@ class _Attempt:
             for o, text in rep["indexes"].items():
                 raw[int(o)] = unb64(text)
         indexes: dict[int, ShmIndex] = {}
-        for o in range(self.world):
-            node, replica = holders[o][0]
+        for o in range(self.world):  # the copy read: rank 0's node's, or the one a holder sent
+            here = [(n, r) for n, r in holders[o] if n == nodes[0]]
+            node, replica = here[0] if o not in raw and here else holders[o][0]
             try:
                 if o not in raw:
                     raw[o] = self._open_here(o, step, crcs[o]).index_bytes
@@ -384,7 +385,11 @@ class _Attempt:
             indexes: dict[int, ShmIndex] = {}
             for o in range(self.world):
                 if o in local:
-                    v = self._open_here(o, step, crcs[o])
+                    try:
+                        v = self._open_here(o, step, crcs[o])
+                    except (IntegrityError, OSError) as e:  # gone meanwhile: this node's copy is out
+                        kinds = [r for n, r in holders[o] if n == self.node]
+                        return {"ok": False, "error": str(e), "bad": [[o, self.node, r] for r in kinds]}, None
                     indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.world, v.path)
                     kind = "replica" if v.slots.replica else "own shm"
                     self._owners[o] = OwnerBytes(v.data, v.address, f"{kind} on node {self.node}", close=v.close)
