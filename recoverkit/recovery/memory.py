@@ -477,8 +477,8 @@ def _mmap_address(buf: mmap.mmap) -> int:
 
 def _closer(view: memoryview, buf: mmap.mmap) -> Callable[[], None]:
     def close() -> None:
-        view.release()
         try:
+            view.release()
             buf.close()
         except BufferError:  # a view handed out is still alive: unmapped when it is collected
             pass
