@@ -235,6 +235,14 @@ class MemoryRestore(RecoveryStrategy):
 
 
 # ---------------------------------------------------------------------- outcomes
+class _CopyGone(Exception):
+    """This node's copy of an owner vanished; ``bad`` names it for rank 0."""
+
+    def __init__(self, message: str, bad: list[list[Any]]) -> None:
+        super().__init__(message)
+        self.bad = bad
+
+
 @dataclass
 class _Ready:
     tier: MemoryTier
@@ -375,52 +383,35 @@ class _Attempt:
         self, step: int, nodes: list[str], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
         plan: dict[str, Any],
     ) -> tuple[dict[str, Any], MemoryTier | None]:
-        """This rank's part of step 3: its report for rank 0, and the tier if it verified."""
-        used: dict[int, CopyKey] = {}  # owner -> the copy this rank's bytes come from
-        try:
+        """This rank's part of step 3: its report for rank 0, and the tier if it verified.
+
+        A rank that fails before the transfers still runs them (what it cannot send or take
+        is refused at once, on both ends), so no peer waits out the timeout for it."""
+        try:  # the plan is the same on every rank: a fault here is every rank's
             transfers = [Transfer.from_json(t, world_size=self.world) for t in plan["transfers"]]
             transport = self.strategy.transport_for(self.timeout_s) if transfers else None
-            shipped = {int(o): unb64(t) for o, t in plan["indexes"].items()}
-            local = {o for o in range(self.world) if self.node in {n for n, _ in holders[o]}}
-            indexes: dict[int, ShmIndex] = {}
-            for o in range(self.world):
-                if o in local:
-                    try:
-                        v = self._open_here(o, step, crcs[o])
-                    except (IntegrityError, OSError) as e:  # gone meanwhile: this node's copy is out
-                        kinds = [r for n, r in holders[o] if n == self.node]
-                        return {"ok": False, "error": str(e), "bad": [[o, self.node, r] for r in kinds]}, None
-                    indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.world, v.path)
-                    kind = "replica" if v.slots.replica else "own shm"
-                    self._owners[o] = OwnerBytes(v.data, v.address, f"{kind} on node {self.node}", close=v.close)
-                    self._owned.add(id(v))
-                    used[o] = (self.node, bool(v.slots.replica))
-                else:
-                    indexes[o] = check_index(shipped[o], o, step, crcs[o], self.world, f"rank {o}'s index (via rank 0)")
-            manifest = manifest_of(step, indexes)  # the one gate, on this rank too
-            regions = needed_regions(manifest, self.rank)
-            mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
-            want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)
-            if mine != want:
-                raise IntegrityError(f"rank 0's plan sends this rank {mine}, it needs {want}")
-            for t in transfers:
-                if t.dst != self.rank:
-                    continue
-                size = indexes[t.owner].data_bytes  # validated: every record lies inside it
-                buf = mmap.mmap(-1, max(size, 1))  # pages are given only as the bytes land
-                view = memoryview(buf)[:size]
-                where = f"node {nodes[t.src]} via rank {t.src}"
-                self._owners[t.owner] = OwnerBytes(view, _mmap_address(buf), where, close=_closer(view, buf))
-                used[t.owner] = next(((n, r) for n, r in holders[t.owner] if n == nodes[t.src]), (nodes[t.src], True))
-            if transport is not None:
-                run_transfers(
-                    transport, transfers, timeout_s=self.timeout_s,
-                    source=lambda t: self._open_here(t.owner, step, crcs[t.owner]).data[t.offset : t.offset + t.nbytes],
-                    sink=lambda t: self._owners[t.owner].data[t.offset : t.offset + t.nbytes],
-                )
-            fault = _verify(manifest, self.rank, regions, self._owners)
         except Exception as e:  # noqa: BLE001 - reported to rank 0: every rank falls back together
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}, None
+        used: dict[int, CopyKey] = {}  # owner -> the copy this rank's bytes come from
+        failed: dict[str, Any] | None = None
+        try:
+            manifest, regions = self._prepare(step, nodes, crcs, holders, plan, transfers, used)
+        except _CopyGone as e:
+            failed = {"ok": False, "error": str(e), "bad": e.bad}
+        except Exception as e:  # noqa: BLE001 - reported to rank 0: every rank falls back together
+            failed = {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}
+        if transport is not None:
+            try:
+                run_transfers(
+                    transport, transfers, timeout_s=self.timeout_s,
+                    source=lambda t: self._source(t, step, crcs[t.owner]),
+                    sink=lambda t: self._sink(t, failed is None),
+                )
+            except Exception as e:  # noqa: BLE001 - reported to rank 0 (a refusal of our own included)
+                failed = failed or {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}
+        if failed is not None:
+            return failed, None
+        fault = _verify(manifest, self.rank, regions, self._owners)
         if fault is not None:
             owner, error = fault
             node, replica = used.get(owner, (self.node, False))
@@ -430,6 +421,59 @@ class _Attempt:
             return {"ok": False, "error": f"rank {owner}'s snapshot from {where}: {error}",
                     "bad": [[owner, node, replica]]}, None
         return {"ok": True}, MemoryTier(manifest, self._owners)
+
+    def _prepare(
+        self, step: int, nodes: list[str], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
+        plan: dict[str, Any], transfers: list[Transfer], used: dict[int, CopyKey],
+    ) -> tuple[Manifest, dict[int, dict[tuple[int, int], int]]]:
+        """Every owner's index (this node's copy, else the one rank 0 shipped) -> the manifest
+        through the one gate -> this rank's regions; this node's copies mapped, a buffer sized
+        from the validated index for each owner to fetch."""
+        shipped = {int(o): unb64(t) for o, t in plan["indexes"].items()}
+        local = {o for o in range(self.world) if self.node in {n for n, _ in holders[o]}}
+        indexes: dict[int, ShmIndex] = {}
+        for o in range(self.world):
+            if o in local:
+                try:
+                    v = self._open_here(o, step, crcs[o])
+                except (IntegrityError, OSError) as e:  # gone meanwhile: this node's copy is out
+                    raise _CopyGone(str(e), [[o, self.node, r] for n, r in holders[o] if n == self.node]) from e
+                indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.world, v.path)
+                kind = "replica" if v.slots.replica else "own shm"
+                self._owners[o] = OwnerBytes(v.data, v.address, f"{kind} on node {self.node}", close=v.close)
+                self._owned.add(id(v))
+                used[o] = (self.node, bool(v.slots.replica))
+            else:
+                indexes[o] = check_index(shipped[o], o, step, crcs[o], self.world, f"rank {o}'s index (via rank 0)")
+        manifest = manifest_of(step, indexes)  # the one gate, on this rank too
+        regions = needed_regions(manifest, self.rank)
+        mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
+        want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)
+        if mine != want:
+            raise IntegrityError(f"rank 0's plan sends this rank {mine}, it needs {want}")
+        for t in transfers:
+            if t.dst == self.rank:
+                size = indexes[t.owner].data_bytes  # validated: every record lies inside it
+                buf = mmap.mmap(-1, max(size, 1))  # pages are given only as the bytes land
+                view = memoryview(buf)[:size]
+                where = f"node {nodes[t.src]} via rank {t.src}"
+                self._owners[t.owner] = OwnerBytes(view, _mmap_address(buf), where, close=_closer(view, buf))
+                used[t.owner] = next(((n, r) for n, r in holders[t.owner] if n == nodes[t.src]), (nodes[t.src], True))
+        return manifest, regions
+
+    def _source(self, t: Transfer, step: int, crc: int) -> Any:
+        """What this rank sends for ``t``: its node's copy's bytes, or nothing when it lost
+        them (the receiver refuses 0 bytes at once)."""
+        try:
+            return self._open_here(t.owner, step, crc).memory_view(t.offset, t.nbytes)
+        except (IntegrityError, OSError, ValueError):
+            return b""
+
+    def _sink(self, t: Transfer, ready: bool) -> Any:
+        """Where ``t`` lands: the buffer sized for it, or a 0-byte one this rank refuses with
+        when it failed before (both ends learn at once, nobody waits)."""
+        got = self._owners.get(t.owner) if ready else None
+        return got.data[t.offset : t.offset + t.nbytes] if got is not None else bytearray()
 
     def _open_here(self, owner: int, step: int, crc: int) -> Any:
         """This node's copy of ``owner``'s ``step`` whose index has CRC ``crc`` (own slot first)."""

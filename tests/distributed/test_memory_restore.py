@@ -118,6 +118,38 @@ def _flip(store, owner: int, step: int, *, replica: bool) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+def _vanishing_store():
+    from recoverkit.errors import CheckpointNotFoundError
+    from recoverkit.storage.shm import ShmStore
+
+    class VanishingStore(ShmStore):
+        """A store (injected, rank 2's) whose own slot of rank 2 opens once: the scan sees it,
+        then it is gone, as when its node's memory is lost in the middle of a restore."""
+
+        opened = 0
+
+        def slots(self, owner, replica=False):
+            got = super().slots(owner, replica)
+            if owner != 2 or replica:
+                return got
+            store, real = self, got.open
+
+            def open_once(step):
+                store.opened += 1
+                if store.opened > 1:
+                    raise CheckpointNotFoundError(f"{got.dir}: gone")
+                return real(step)
+
+            got.open = open_once
+            return got
+
+    return VanishingStore
+
+
+def _VanishingStore(*args, **kwargs):  # noqa: N802 - a class, built where torch is imported
+    return _vanishing_store()(*args, **kwargs)
+
+
 class _Holder:
     """What MemoryRestore uses of the shm tier: its store, coordinator, rank, world, timeout."""
 
@@ -169,7 +201,8 @@ def _world(rank: int, world: int, tmp: str, scenario: str) -> dict:
     handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
     logging.getLogger("recoverkit").addHandler(handler)
     logging.getLogger("recoverkit").setLevel(logging.INFO)
-    holder = _Holder(ShmStore(root, shm_dir=shm_dir, node=_node_of(rank)), default_coordinator(timeout_s=60), 60.0)
+    store_cls = _VanishingStore if scenario == "own copy of 2 vanishes" and rank == 2 else ShmStore
+    holder = _Holder(store_cls(root, shm_dir=shm_dir, node=_node_of(rank)), default_coordinator(timeout_s=60), 60.0)
     reader = CheckpointReader(
         root, tiers=[LocalTier(root)], rank=rank, restore_rng=False,
         strategies=[MemoryRestore(holder), TierFallback()],
@@ -223,6 +256,14 @@ def test_a_corrupted_own_copy_is_detected_and_the_replica_used(tmp_path):
     assert all(o["exact"] for o in out)
     assert "rank 2's snapshot from node a via rank" in out[2]["source"]
     assert any("rank 2's snapshot from own shm on node b" in w for w in out[2]["warnings"])
+
+
+def test_a_copy_that_vanishes_mid_restore_is_replaced_by_the_next_holder(tmp_path):
+    out = _run(tmp_path, "own copy of 2 vanishes")
+    assert [o["step"] for o in out] == [7, 7, 7, 7]
+    assert all(o["exact"] for o in out)
+    assert "rank 2's snapshot from node a via rank" in out[2]["source"]
+    assert any("no longer holds rank 2's snapshot" in w for w in out[2]["warnings"]), out[2]["warnings"]
 
 
 def test_a_corrupted_last_copy_falls_back_to_disk_on_every_rank(tmp_path):
