@@ -346,6 +346,8 @@ def table(r: dict[str, Any]) -> str:
                 lines.append(f"| {NAMES[case]} | not run: {r['not_run'][case].splitlines()[0][:160]} ||||||||")
             continue
         gbps = f" ({s['transfer_gbps']:.2f})" if s.get("transfer_gbps") else ""
+        if case == "torchft" and s.get("transfer_gbps"):
+            gbps = f" (its receive alone {s['transfer_gbps']:.2f})"
         lines.append(
             f"| {NAMES[case]} | {s['detection']:.2f} | {s['relaunch']:.2f} | {s['import']:.2f} | {s['startup']:.3f} | "
             f"{s['transfer']:.3f}{gbps} | {s['first_step']:.3f} | {s['mttr']:.2f} | {s['steps_lost']:.0f} |")
