@@ -10,6 +10,12 @@ checkpoints (the baseline) and against the others:
 * ``recoverkit``: ``Checkpointer.save_async`` (lazy copies into the staging pool overlapped with
   the next forward+backward, then host snapshot + local disk with fsync for every checkpoint);
   stall = the call + the optimizer's pre-step wait for its copies;
+* ``recoverkit_memory`` (issue 12): ``save_async`` into the shared-memory tier and, with 2 ranks
+  (one simulated node each: ``RECOVERKIT_NODE``), a peer replica of every checkpoint; no disk;
+* ``torchft`` (2-rank cells, when installed: :mod:`bench._torchft`): two replica groups of one
+  process train the same model with the same batch in a world of their own, plain DDP first
+  (its baseline), then torchft's Manager (a quorum every step) + torchft DDP; its row is that
+  world's step time and overhead;
 * ``torch_save``: ``torch.save`` of the state dicts (page cache, no fsync); stall = the call;
 * ``dcp_save``: ``torch.distributed.checkpoint.save``; stall = the call;
 * ``dcp_async_save``: ``dcp.async_save`` with a reused ``DefaultStager`` (async staging into
@@ -29,10 +35,12 @@ When the background work outlasts k steps the interval is measured directly inst
 result records which was done for every cell, and every step count.
 
 On a CPU-only machine the background copies and writes share the cores with training, so the
-iteration time, not the stall alone, is the figure to compare.
+iteration time, not the stall alone, is the figure to compare. Each method's peak host memory
+added (private RSS sampled every 10 ms + its files in the cell's shared-memory directory) is
+reported next to its budget (staging pool + shared-memory stores).
 
 Run: ``python -m bench.bench_overhead [--smoke] [--sizes 256,1024,2304] [--worlds 1,2]
-[--intervals 1,10,100] [--direct] [--out-dir DIR]``.
+[--intervals 1,10,100] [--methods recoverkit,recoverkit_memory,...,torchft] [--direct] [--out-dir DIR]``.
 """
 
 from __future__ import annotations
