@@ -365,7 +365,12 @@ class Checkpointer:
             agree = getattr(t, "agree", None)
             if callable(agree) and (self._pipeline is not None or t.early):
                 agree()
-        return self._reader().restore(state, step, strict=strict)
+        result = self._reader().restore(state, step, strict=strict)
+        for t in self._snapshot_tiers():  # later snapshots are of an abandoned timeline
+            forget = getattr(t, "forget_after", None)
+            if callable(forget):
+                forget(int(result))
+        return result
 
     def _reader(self, *, durable: bool = False) -> CheckpointReader:
         """A reader over this Checkpointer's tiers (``durable``: not host memory) that

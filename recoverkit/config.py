@@ -152,12 +152,14 @@ class TierSpec:
 
     @classmethod
     def shm(
-        cls, *, every_steps: int | None = 1, every_s: float | None = None, slots: int = 2,
+        cls, *, every_steps: int | None = 1, every_s: float | None = None, slots: int | None = None,
         budget_bytes: int | None = None, shm_dir: str | None = None,
     ) -> TierSpec:
         """Per-step snapshots in shared memory that outlive the process (``save_async``).
 
-        Each staged save due is copied into one of ``slots`` double-buffered slots under
+        Each staged save due is copied into one of ``slots`` slots (default: 2, double
+        buffering; 3 when a ``replica`` tier is in the list, since a send in flight keeps
+        its slot while the next step is written) under
         ``shm_dir`` (default ``RECOVERKIT_SHM_DIR``, else ``/dev/shm``), right after staging
         and before the disk commits; a process restarted on the same node with the same
         root restores from the newest complete one. ``budget_bytes`` bounds the shared
@@ -170,7 +172,7 @@ class TierSpec:
             >>> TierSpec.shm(budget_bytes=8 << 30).settings["budget_bytes"]
             8589934592
         """
-        if not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= 16:
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= 16):
             raise ConfigError(f"slots must be an integer in [2, 16] (double buffering at least), got {slots!r}")
         if budget_bytes is not None and (
             not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 4096
@@ -178,7 +180,7 @@ class TierSpec:
             raise ConfigError(f"budget_bytes must be an integer >= 4096 or None, got {budget_bytes!r}")
         if shm_dir is not None and (not isinstance(shm_dir, str) or not shm_dir):
             raise ConfigError(f"shm_dir must be a non-empty path or None, got {shm_dir!r}")
-        settings: dict[str, Any] = {"slots": slots}
+        settings: dict[str, Any] = {} if slots is None else {"slots": slots}
         if budget_bytes is not None:
             settings["budget_bytes"] = budget_bytes
         if shm_dir is not None:

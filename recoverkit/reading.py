@@ -84,6 +84,9 @@ class CheckpointReader:
             ``tiers``, reporting to ``learn``; a restore over tiers that include a
             shared-memory tier tries the memory restore across ranks first, then tier
             fallback over the other tiers).
+        in_place: a restore copies whole tensors a tier holds in memory straight into the
+            live tensors (verified first; the same objects afterwards); False: new tensors,
+            loaded through ``load_state_dict`` (disk tiers always take that path).
 
     Example:
         >>> import tempfile, torch, recoverkit
@@ -110,6 +113,7 @@ class CheckpointReader:
         tiers: Sequence[ReadableTier] | None = None,
         learn: Callable[..., Any] | None = None,
         strategies: Sequence[RecoveryStrategy] | None = None,
+        in_place: bool = True,
     ) -> None:
         if tiers is None:
             found: list[ReadableTier] = []
@@ -132,13 +136,16 @@ class CheckpointReader:
         #: restore's chain and the tiers it reads: the memory restore first when a
         #: shared-memory tier is among the tiers (its tiers are the memory restore's own)
         self._restore_chain, self._restore_tiers = self.chain, tuple(self.tiers)
-        self._in_place = False  # restores read in place (restore.in_place) only from memory across ranks
+        #: restores read in place (restore.in_place): a whole tensor a tier holds in memory
+        #: (host snapshot, shared memory, a memory restore's verified bytes) is verified, then
+        #: copied straight into the live tensor; disk tiers hold nothing in memory and keep
+        #: the copy path either way
+        self._in_place = in_place
         memory = _memory_restore(self.tiers) if strategies is None else None
         if memory is not None:
             strategy, held = memory
             self._restore_chain = RecoveryChain([strategy, TierFallback(label=self.label, learn=self._learn)])
             self._restore_tiers = tuple(t for t in self.tiers if all(t is not m for m in held))
-            self._in_place = True
 
     def steps(self) -> list[int]:
         """Committed steps on any tier, ascending (manifests not read)."""

@@ -135,7 +135,8 @@ def _host(spec: TierSpec, ctx: TierContext) -> ReadableTier:
         return agree_steps(ctx.coordinator, scope, held, timeout_s=ctx.options.commit_timeout_s)
 
     return HostTier(
-        keep=keep, run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world_size, agree=agree
+        keep=keep, run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world_size, agree=agree,
+        engine=ctx.engine,
     )
 
 
@@ -147,8 +148,11 @@ def _shm(spec: TierSpec, ctx: TierContext) -> ReadableTier:
 
     s = _settings(spec, ("slots", "budget_bytes", "shm_dir"))
     budget = s.get("budget_bytes") or 2 * ctx.options.staging.budget_bytes
+    # a replica send in flight pins its slot: a third keeps every step written meanwhile
+    replicated = any(t.kind == "replica" for t in ctx.options.tier_specs)
+    slots = int(s.get("slots") or (3 if replicated else 2))
     try:  # the node's name (RECOVERKIT_NODE) is checked here, before step 1
-        store = ShmStore(ctx.root, shm_dir=s.get("shm_dir"), budget_bytes=int(budget), slots=int(s.get("slots", 2)),
+        store = ShmStore(ctx.root, shm_dir=s.get("shm_dir"), budget_bytes=int(budget), slots=slots,
                          fs=LocalFS(engine=ctx.engine))  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"tier {spec.name!r} (shm): {e}") from e

@@ -22,7 +22,7 @@ its records' CRCs were checked and its index committed.
 
 Slots: a send in flight keeps its own slot open (pinned), so with the shm tier's two slots
 (one holding the newest complete snapshot) a slow replication would leave the shm tier no
-slot for its next step; give it a third (``TierSpec.shm(slots=3)``; a warning says so).
+slot for its next step; it gets a third by default when a replica tier is listed (fewer: a warning).
 
 Example (every rank; tiers built by the Checkpointer from the tier list)::
 
@@ -364,7 +364,7 @@ def build_replica_tier(spec: Any, ctx: Any) -> ReplicaTier:
     shm = [t for t in ctx.options.tiers if getattr(t, "kind", None) == "shm"]
     if not shm:
         raise ConfigError(f"tier {spec.name!r} (replica) replicates the shm tier's snapshots: list a TierSpec.shm() before it")
-    if int(shm[0].settings.get("slots", 2)) < 3:
+    if int(shm[0].settings.get("slots") or 3) < 3:  # unset: 3 with a replica tier
         log.warning(
             "recoverkit: tier %r: the shm tier has fewer than 3 slots; while a replication is in flight "
             "its slot is pinned, and the shm tier skips the steps that find no free slot (use TierSpec.shm(slots=3))",

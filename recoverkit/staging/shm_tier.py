@@ -190,6 +190,14 @@ class ShmTier(SnapshotTier):
         self._close_views(idle_only=True, step=snap.step)
         self.slots.invalidate(snap.step)
 
+    def forget_after(self, step: int) -> None:
+        """The job resumed from ``step``: this rank's snapshots of later steps belong to a
+        timeline that was abandoned (a crashed run's, or a rollback's) and are made
+        unselectable, so a later restore never mixes them with this run's."""
+        self._close_views(idle_only=True)
+        for later in [s for s in self.slots.steps() if s > step]:
+            self.slots.invalidate(later)
+
     def evict_one(self) -> bool:
         return False  # holds no pool memory
 

@@ -221,3 +221,21 @@ def test_small_shards_copied_in_runs_keep_their_alignment_and_bytes(root, shm):
         out = {k: torch.zeros_like(v) for k, v in state.items()}
         assert again.restore(out) == 1
         assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_a_rollback_makes_the_abandoned_later_snapshots_unselectable(root, shm):
+    """Resuming from an older step abandons the later snapshots: a later restore never
+    returns to them (they would mix two timelines), and the slots are reused."""
+    t = Trainer()
+    opts = _opts(shm, local_every=0, slots=3)
+    ckpt = Checkpointer(root, options=opts)
+    _train(ckpt, t, 3)
+    assert ckpt.tiers["shm"].steps() == [1, 2, 3]
+    state = t.state()
+    assert ckpt.restore(state, step=1) == 1
+    assert ckpt.tiers["shm"].steps() == [1]
+    ckpt.close(keep_snapshots=True)
+    with Checkpointer(root, options=opts) as second:  # a restart finds only step 1
+        again = Trainer(seed=1)
+        assert second.restore(again.state()) == 1
+        assert second.tiers["shm"].steps() == [1]
