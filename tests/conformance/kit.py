@@ -213,6 +213,52 @@ class HostHarness(Harness):
         self.ckpt.close()
 
 
+class ShmHarness(Harness):
+    """Shared-memory snapshots: saved by a Checkpointer's lazy path, read by a new tier object
+    over the same slots (as a restarted process builds it)."""
+
+    def __init__(self, case: TierCase, where: str, faults: FaultInjector) -> None:
+        from recoverkit import Checkpointer
+
+        self.opts = CheckpointOptions(
+            tiers=[TierSpec.shm(slots=3, shm_dir=os.path.join(where, "shm")), TierSpec.local(every_steps=0)],
+            staging=StagingPolicy(budget_bytes=16 << 20),
+            capture_rng=False,
+        )
+        self.where = where
+        self.ckpt = Checkpointer(where, options=self.opts, faults=faults)
+
+    def save(
+        self, step: int, state: Mapping[str, Any], *, retention: RetentionPolicy | None = None
+    ) -> list[int]:
+        assert retention is None, "shm snapshots are not subject to retention"
+        self.ckpt.save_async(step, state).wait(TIMEOUT_S)
+        return []
+
+    def reader_tier(self) -> ReadableTier:
+        from recoverkit.staging.registry import TierContext, build_tier
+
+        ctx = TierContext(
+            root=self.ckpt.root, fs=self.ckpt.fs, engine=self.ckpt.engine, faults=FaultInjector(),
+            options=self.opts, run_id="reader", rank=0, world_size=1, coordinator=self.ckpt.coordinator,
+        )
+        return build_tier(self.opts.tier_specs[0], ctx)
+
+    def damage_data(self, step: int) -> None:
+        from recoverkit.staging.shm_tier import ShmTier
+
+        tier = self.ckpt.tiers["shm"]
+        assert isinstance(tier, ShmTier)
+        rec = tier.manifest(step).tensors["w"].shards[0]
+        view = tier.slots.open(step)
+        path = view.path  # the slot's data file
+        view.close()
+        flip_byte(path, rec.offset + rec.nbytes // 2)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
 @dataclass(frozen=True)
 class TierCase:
     """One tier in the suite: how to build it, where its bytes lie, what does not apply."""
@@ -271,11 +317,22 @@ CASES: dict[str, TierCase] = {
         HostHarness,
         not_applicable={
             "crash": "host snapshots live in the training process's memory and die with it: "
-            "a crash leaves nothing to read (a shared-memory tier that survives it is a later issue)",
+            "a crash leaves nothing to read (the shm tier's snapshots survive it)",
             "manifest_corruption": "the host tier stores no manifest bytes: it builds the manifest "
             "from the snapshot's in-memory records on every call",
             "retention": "host snapshots are evicted by the host tier's keep, not deleted by "
             "retention (HostTier is a snapshot tier: it has no delete)",
+        },
+    ),
+    "shm": TierCase(
+        "shm",
+        ShmHarness,
+        not_applicable={
+            "crash": "the shm tier is written by the drain, not through the two-phase commit "
+            "the crash part drives; SIGKILLs during its copy are tests/integrations/test_shm_crash.py",
+            "manifest_corruption": "a damaged slot index makes the slot torn: it is no longer "
+            "listed (tests/unit/test_shm_store.py), so there is no manifest to fail",
+            "retention": "shm snapshots are overwritten slot by slot, not deleted by retention",
         },
     ),
 }
