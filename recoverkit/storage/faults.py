@@ -45,6 +45,7 @@ from .fs import LocalFS
 
 __all__ = [
     "PHASES",
+    "SHM_PHASES",
     "READ_OPS",
     "WRITE_OPS",
     "CHANGE_OPS",
@@ -63,6 +64,13 @@ PHASES = (
     "after_rename",  # the step is selectable under its final name (the commit point)
     "after_latest",  # `latest` points at the step (tiers without a pointer: the commit is done)
     "retention",  # old steps are about to be deleted
+)
+
+#: Named points of the shared-memory tier's copy of a staged step (not a commit: the drain
+#: writes it before the disk commits, so they are not among PHASES).
+SHM_PHASES = (
+    "shm_copy",  # the copies into the slot are submitted, not landed; no index yet
+    "shm_index",  # every byte landed and its CRC matched; the index is about to be written
 )
 
 #: LocalFS operations that only look: a read-only file system lets them through.
@@ -242,8 +250,8 @@ def _rule(
     times: int | None,
     when: str,
 ) -> _Rule:
-    if phase is not None and phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+    if phase is not None and phase not in PHASES + SHM_PHASES:
+        raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES + SHM_PHASES)}")
     if (phase is None) == (op is None):
         raise ValueError("name exactly one of phase= and op=")
     if when not in _WHEN:
