@@ -85,7 +85,8 @@ def test_torchft_missing_is_a_reason_not_a_failure(monkeypatch, missing):
 
     if missing == "torchft":
         monkeypatch.setattr(_torchft.importlib.util, "find_spec", lambda name: None)
-    else:
+    else:  # torchft itself importable (installed or not), its lighthouse command missing
+        monkeypatch.setattr(_torchft.importlib.util, "find_spec", lambda name: object())
         monkeypatch.setattr(_torchft, "_lighthouse_exe", lambda: None)
     why = _torchft.available()
     assert why and missing in why
