@@ -52,7 +52,9 @@ INTRO = """# recoverkit benchmarks
 
 Every figure below was measured by a script in this directory, next to the baselines it is
 compared with in the same run: `torch.save`, `torch.distributed.checkpoint` (`save` and
-`async_save`) and the hardware's own limits (plain memcpy, plain write+fsync, plain read).
+`async_save`), torchft (live recovery and per-step cost in `mttr` and `overhead`; the optional
+extra `pip install -e '.[bench]'`, without it those rows say "not run") and the hardware's own
+limits (plain memcpy, plain write+fsync, plain read, gloo point-to-point).
 Each scenario writes `results/<name>.json` (every raw number and the machine), `<name>.md`
 (the table below) and `<name>.png`. No figure here is asserted by a test; the test suite only
 runs each scenario in smoke mode so the scripts never rot.
