@@ -236,10 +236,11 @@ class Run:
                 break
             try:
                 batch = self._next_batch()
-            except RuntimeError:
+            except (RuntimeError, EOFError, ConnectionError):
                 if self.preempted is None:
                     raise
-                # a loader whose workers we could not reach died of the group's signal
+                # a loader whose workers we could not reach died of the group's signal (a
+                # worker's death, or its pipe closing while a batch's tensors were handed over)
                 log.warning("recoverkit: the data loader failed after the signal; saving step %d", self.counters.step)
                 self._exit_preempted()
             if batch is None:
