@@ -8,14 +8,19 @@ bytes fetched from a peer)::
                                    PendingTensor: views of its pieces, no allocation, no copy
     verify                         every region's CRC-32C, on several threads, before
                                    read_state returns (a fault is the step's IntegrityError;
-                                   nothing was applied)
+                                   nothing was applied); skipped for the views of a tier that
+                                   checked them itself (ReadableTier.views_verified)
     apply (restore.apply)          resolve: each PendingTensor meets its live target (a module
                                    parameter or buffer, a torch optimizer's state tensor, a
                                    plain tensor of the state); one of the same dtype and shape,
                                    contiguous, on the CPU or a GPU, takes the bytes in place:
                                    the target itself stands in the tree, so the state's checks
-                                   see it and load_state_dict has nothing left to copy. Every
-                                   other PendingTensor becomes a new tensor (today's path)
+                                   see it and load_state_dict has nothing left to copy. An
+                                   optimizer without that state yet (a restarted process's
+                                   fresh one) gets new targets built from the record, of the
+                                   dtype, shape and device torch would keep (state_target):
+                                   the bytes land in them once. Every other PendingTensor
+                                   becomes a new tensor (today's path)
                     state.check    every target fits, or nothing changes
                     copy           view -> target storage (the tier's copy engine on several
                                    threads for CPU targets; torch copy_ for small pieces, and
@@ -23,7 +28,8 @@ bytes fetched from a peer)::
 
 So a restore from memory costs one CRC pass and one copy of the bytes, into memory that is
 already there (the copy path allocated and page-faulted a new tensor per piece, then copied
-again in load_state_dict). Restore stays all or nothing (invariant 6): every CRC, then every
+again in load_state_dict); for a fresh optimizer's state, into new memory whose pages the
+engine's threads fault in parallel as they copy. Restore stays all or nothing (invariant 6): every CRC, then every
 check, then the first byte.
 
 A tree read in place holds PendingTensors until :func:`resolve` runs: it is for restore
@@ -60,8 +66,10 @@ __all__ = [
     "copy_all",
     "materialize",
     "resolve",
+    "state_target",
     "tier_engine",
     "verify",
+    "views_verified",
     "worker_threads",
 ]
 
@@ -81,6 +89,9 @@ class Unit:
     view: memoryview  # read-only, format "B", exactly the region's bytes
     crc32c: int
     what: str  # for messages: the tensor key and the region
+    #: the tier already checked these bytes against ``crc32c`` (``ReadableTier.views_verified``):
+    #: :func:`verify` skips the unit
+    verified: bool = False
 
 
 class PendingTensor:
@@ -212,7 +223,7 @@ def _piece_view(
         except ValueError as e:
             raise IntegrityError(f"{tier.describe(step)}: {key!r}: {e}") from e
         what = f"{key!r} {'pack' if region is not shard else 'region'} at {region.offset} ({region.nbytes} bytes)"
-        unit = units[ident] = Unit(view, region.crc32c, what)
+        unit = units[ident] = Unit(view, region.crc32c, what, verified=views_verified(tier))
     if region is shard:
         return unit.view
     start = shard.offset - region.offset
@@ -222,6 +233,12 @@ def _piece_view(
             f"at {region.offset} (+{region.nbytes})"
         )
     return unit.view[start : start + shard.nbytes]
+
+
+def views_verified(tier: ReadableTier) -> bool:
+    """Whether ``tier`` promises that its memory views were CRC-checked already
+    (:attr:`ReadableTier.views_verified`, exactly True; anything else: no)."""
+    return getattr(tier, "views_verified", False) is True
 
 
 def _bytes_of(view: memoryview, nbytes: int, what: str) -> memoryview:
@@ -237,7 +254,8 @@ def _bytes_of(view: memoryview, nbytes: int, what: str) -> memoryview:
 def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = None) -> None:
     """Check every unit's CRC-32C (large ones split into chunks, small ones grouped, on up to
     ``threads`` threads: the engine's CRC releases the GIL); raise IntegrityError naming the
-    regions that do not match. Nothing is written anywhere.
+    regions that do not match. Nothing is written anywhere. A unit marked ``verified`` (its
+    tier checked the bytes already, :attr:`ReadableTier.views_verified`) is not checked again.
 
     Example:
         >>> from recoverkit.format.checksum import crc32c
@@ -253,6 +271,8 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
     task: list[tuple[int, int, int]] = []
     filled = total = 0
     for i, unit in enumerate(units):
+        if unit.verified:
+            continue
         n = unit.view.nbytes
         total += n
         for start in range(0, n, CHUNK_BYTES):
@@ -280,7 +300,7 @@ def verify(units: Sequence[Unit], *, engine: Any = None, threads: int | None = N
     for parts in results:  # tasks and their parts are in unit order, then offset order
         for i, s, e, crc in parts:
             found[i] = crc if s == 0 else int(eng.crc32c_combine(found[i], crc, e - s))
-    bad = [(u, f) for u, f in zip(units, found) if f != u.crc32c]
+    bad = [(u, f) for u, f in zip(units, found) if not u.verified and f != u.crc32c]
     if bad:
         shown = "; ".join(
             f"{u.what} has crc {hexcrc(f)}, expected {hexcrc(u.crc32c)}" for u, f in bad[:3]
@@ -347,6 +367,18 @@ def _pair(pending: PendingTensor, target: Any, copies: dict[int, Copy]) -> Any:
     return pending.materialize()
 
 
+def _pair_new(pending: PendingTensor, param: Any, key: Any, copies: dict[int, Copy]) -> Any:
+    """A new target for an optimizer state entry (:func:`state_target`), one per
+    PendingTensor (an alias gets the same tensor), else a materialised tensor."""
+    if pending._tensor is None:
+        target = state_target(pending, param, key)
+        if target is None:
+            return pending.materialize()
+        pending._tensor = target  # its bytes land in copy_all, before the first load
+        copies[id(target)] = (target, pending)
+    return pending._tensor
+
+
 def _pair_optimizer(
     opt: torch.optim.Optimizer, value: dict[Any, Any], copies: dict[int, Copy]
 ) -> None:
@@ -363,18 +395,42 @@ def _pair_optimizer(
         for pid, per_param in saved_state.items():
             param = live_of.get(pid) if type(pid) is int else None
             live = opt.state.get(param) if param is not None else None  # never creates an entry
-            if isinstance(per_param, dict) and isinstance(live, dict):
+            if isinstance(per_param, dict) and param is not None:
+                live = live if isinstance(live, dict) else {}  # a fresh optimizer: no state yet
                 for k, v in per_param.items():
-                    per_param[k] = (
-                        _pair(v, live.get(k), copies)
-                        if isinstance(v, PendingTensor)
-                        else materialize(v)
-                    )
+                    if not isinstance(v, PendingTensor):
+                        per_param[k] = materialize(v)
+                    elif v.fits(live.get(k)):
+                        per_param[k] = _pair(v, live.get(k), copies)
+                    else:
+                        per_param[k] = _pair_new(v, param, k, copies)
             else:
                 saved_state[pid] = materialize(per_param)
     for k, v in value.items():
         if k != "state":
             value[k] = materialize(v)
+
+
+def state_target(pending: PendingTensor, param: Any, key: Any) -> torch.Tensor | None:
+    """A new, empty tensor for a torch optimizer's state entry ``key`` of ``param`` that
+    ``load_state_dict`` keeps as it is, or None (the entry is materialised, then cast by
+    torch as before).
+
+    torch casts a state tensor to its parameter's dtype (a floating-point parameter) and
+    device (every parameter), and leaves ``step`` alone unless the group is fused or
+    capturable: so a tensor of the saved dtype and shape on the parameter's device, when the
+    cast would not change the dtype, is exactly what torch would keep. Building it here lets
+    the verified bytes land in it once (the native engine's threads fault its pages in
+    parallel), where the copy path allocated a CPU tensor, copied into it on one thread and
+    then cast or moved it again. Its size is the record's, whose bytes the tier holds.
+    """
+    if key == "step" or not isinstance(param, torch.Tensor) or type(param) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if param.layout != torch.strided or param.device.type not in ("cpu", "cuda"):
+        return None
+    if param.is_floating_point() and param.dtype != pending.dtype:
+        return None  # torch casts: the copy path's new tensor, cast by load_state_dict
+    return torch.empty(pending.shape, dtype=pending.dtype, device=param.device)
 
 
 def materialize(tree: Any) -> Any:

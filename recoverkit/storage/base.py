@@ -140,6 +140,10 @@ class ReadableTier(ABC):
     """A place committed steps can be restored from."""
 
     name: str
+    #: every view :meth:`memory_view` returns was already checked against its record's CRC
+    #: and stays unchanged until the restore ends (see there); the in-place path then makes
+    #: no CRC pass of its own over this tier's views
+    views_verified: bool = False
 
     @abstractmethod
     def steps(self) -> list[int]:
@@ -178,6 +182,15 @@ class ReadableTier(ABC):
         (a snapshot evicted by a newer save) keeps it for as long as a view of it is alive,
         or is only read while nothing writes (a Checkpointer settles its saves before it
         restores).
+
+        ``views_verified`` (a class or instance attribute, default False) lets a tier that
+        checks the bytes itself spare restore the second pass: set to True, it promises that
+        every view it returns was already CRC-checked against ``rec.crc32c`` (the tier fetched
+        or mapped the bytes and verified them on the way) and cannot change until the restore
+        that asked for it ends; the in-place path then trusts those views and checks only
+        the others. Only the value True counts; a tier that cannot keep that promise (its
+        memory may be written meanwhile, or it checks lazily) leaves the flag False, and its
+        views are checked before any byte is used, as above.
 
         Example:
             >>> class Disk(ReadableTier):
