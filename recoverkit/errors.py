@@ -30,6 +30,7 @@ __all__ = [
     "TransportError",
     "PeerLostError",
     "PeerTimeoutError",
+    "RegroupError",
     "add_note",
 ]
 
@@ -133,6 +134,26 @@ class PeerLostError(TransportError):
 
 class PeerTimeoutError(TransportError, TimeoutError):
     """``peer`` did not take part in a transfer within the timeout (dead or stuck)."""
+
+
+class RegroupError(RecoverkitError, RuntimeError):
+    """The survivors of a lost rank could not re-form the process group in process.
+
+    The caller falls back to the restart path (end the process; torchrun restarts the
+    workers, which restore from memory). ``reason`` says why: ``"store_lost"`` (the store the
+    workers share is gone: the node hosting it was the lost one), ``"excluded"`` (this
+    process joined after the others had agreed without it), ``"timeout"`` (no agreement or no
+    new group within the timeout) or ``"invalid"`` (the store held a malformed record).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def store_lost(self) -> bool:
+        """True when in-process re-forming is impossible because the shared store is gone."""
+        return self.reason == "store_lost"
 
 
 def add_note(error: BaseException, note: str) -> None:
