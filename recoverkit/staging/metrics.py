@@ -23,7 +23,8 @@ class SaveMetrics(Mapping[str, Any]):
 
     Keys: ``call_s``, ``eager_copy_s``, ``bytes``, ``prestep_wait_s`` (the lazy path),
     ``staging_s``, ``durable_s/<tier>`` (seconds from the call), ``commit/<tier>`` and
-    ``retention/<tier>`` (seconds each took), ``superseded_by``.
+    ``retention/<tier>`` (seconds each took), ``superseded_by``, ``staged_in`` (``"shm"``:
+    straight into a shared-memory slot; ``"pool"``: the staging pool).
 
     Example:
         >>> m = SaveMetrics()
@@ -46,6 +47,10 @@ class SaveMetrics(Mapping[str, Any]):
         """The caller: the call returned after ``call_s``; the eager copies took ``eager_copy_s``."""
         extra = {} if eager_copy_s is None else {"eager_copy_s": eager_copy_s, "bytes": nbytes}
         self._put(call_s=call_s, **extra)
+
+    def staged_in(self, where: str) -> None:
+        """The stager: the save's ranges are in ``where`` (``"shm"`` or ``"pool"``)."""
+        self._put(staged_in=where)
 
     def waited(self, seconds: float) -> None:
         """A pre-step hook (or ``before_update``): training waited ``seconds`` for copies."""

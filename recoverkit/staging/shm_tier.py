@@ -1,13 +1,25 @@
 """Tier 1b: every staged step copied into shared memory, where a crash does not take it.
 
 Where it sits: the drain offers each staged ``save_async`` to this tier right after staging
-(it is an *early* snapshot tier), before the disk commits::
+(it is an *early* snapshot tier), before the disk commits. Two paths; the first whenever it
+can be taken::
 
-    staged snapshot (pool) --copy engine, CRC on the fly--> slot of storage.shm (mmap)
-        every CRC checked against the staged one -> index (format.shm_index) written last
+    staged in place   save_async: the stager asks :meth:`ShmTier.arena` for a free slot and
+                      stages the save into it (``staging.slot_arena``: the engine's copies
+                      land in shared memory, their CRCs are the records')
+                      offer: the blob and the index (format.shm_index) written, index last
+    copied            the save was staged into the pool (no slot was free, or the step was
+                      not expected): pool --copy engine, CRC on the fly--> slot (mmap),
+                      every CRC checked against the staged one -> index written last
 
 so the step is complete in shared memory even if the process dies while the disk commit
-runs. A process restarted on the same node with the same root (torchrun
+runs. A slot lent as an arena stays pinned until the snapshot is released by every user
+(the disk tiers, the host tier); its snapshot is listed as soon as its index is written.
+Whether the save was due here is known to the stager when the caller passes the tiers due;
+otherwise this tier predicts it from the steps it was offered (every ``g`` steps, ``g`` the
+last gap): a miss costs a pool staging (and a copy), or a slot staged but never committed
+(torn; the older snapshot it held is gone, the newest never is). Counted in
+:attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. A process restarted on the same node with the same root (torchrun
 ``--max-restarts``, the user's relaunch) finds the slots again: this tier lists their steps
 and restores from them like any tier (``steps`` / ``manifest`` / ``read``, and
 ``memory_view`` for restores straight into live tensors). The snapshot's run id may be an
@@ -48,7 +60,7 @@ from .. import _native
 from ..distributed.commit import build_manifest
 from ..distributed.coordinator import Coordinator
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.checksum import hexcrc
+from ..format.checksum import crc32c, hexcrc
 from ..format.dtypes import itemsize as dtype_itemsize
 from ..format.manifest import BlobRecord, Manifest, ShardRecord
 from ..format.segment import align_up
@@ -58,6 +70,8 @@ from ..storage.base import Buffer, RankRecords, Region, destination
 from ..storage.faults import FaultInjector
 from ..storage.shm import ShmStore, SnapshotView
 from .base import SnapshotTier
+from .plan import SavePlan
+from .slot_arena import SlotArena
 from .snapshot import HostSnapshot
 
 __all__ = ["ShmTier"]
@@ -80,8 +94,9 @@ class ShmTier(SnapshotTier):
         coordinator: the job's coordinator (agreement across ranks; the memory restore).
         timeout_s: how long an exchange with the other ranks may take.
         engine: the engine module whose copy engine reads snapshots back out.
-        faults: told of ``shm_copy`` (copies submitted, not yet landed) and ``shm_index``
-            (bytes verified, index not yet written), with the step and rank.
+        faults: told of ``shm_stage`` (a slot lent as a save's arena, nothing staged yet),
+            ``shm_copy`` (copies submitted, not yet landed; staged in place: landed) and
+            ``shm_index`` (bytes verified, index not yet written), with the step and rank.
         agree: ``agree(held_steps) -> steps every rank holds`` (world_size > 1).
     """
 
@@ -120,6 +135,13 @@ class ShmTier(SnapshotTier):
         self.failed_writes = 0
         #: snapshots written by this process
         self.written = 0
+        #: of them, staged straight into their slot / copied from the pool into it
+        self.in_place = 0
+        self.copied = 0
+        #: arenas asked for and not lent (no free slot, over the budget)
+        self.arena_misses = 0
+        self._last_offer: int | None = None  # the newest step offered
+        self._offer_gap: int | None = None  # the gap between the last two offered steps
 
     @property
     def file(self) -> str:
@@ -127,19 +149,96 @@ class ShmTier(SnapshotTier):
         return data_file(self.rank)
 
     # ------------------------------------------------------------ writing
-    def offer(self, snap: HostSnapshot) -> bool:
-        """Copy ``snap`` into a slot, verify every CRC, write the index; False (the caller
-        keeps the snapshot). Raises on failure (the slot stays torn, never listed)."""
-        if snap.released:
-            return False
+    def expects(self, step: int) -> bool:
+        """Whether ``step`` will probably be offered here: the offers so far came every
+        ``g`` steps and ``step`` is a multiple of ``g`` past the last (False until two)."""
+        with self._lock:
+            last, gap = self._last_offer, self._offer_gap
+        return last is not None and gap is not None and step > last and (step - last) % gap == 0
+
+    def arena(self, step: int, plan: SavePlan, alignment: int, *, due: bool | None = None) -> SlotArena | None:
+        """The stager: a free slot to stage ``step`` into, held until the snapshot is
+        released; None when the step is not due (``due`` None: :meth:`expects`) or no slot
+        is free (each holds the newest snapshot, is pinned or in use) or the budget is spent.
+
+        The slot's index is deleted here: it is torn until :meth:`offer` writes it.
+        """
+        if not (self.expects(step) if due is None else due):
+            return None
+        nbytes = align_up(len(plan.blob), alignment) + HostSnapshot.footprint(plan, alignment)
         self._close_views(idle_only=True)
         try:
-            self._write(snap)
+            w = self.slots.begin(step, nbytes, hold=True)
+        except (OSError, ValueError) as e:  # SlotBusyError, the budget (ENOSPC): the pool path
+            self.arena_misses += 1
+            log.debug("recoverkit: step %d: no shared-memory slot to stage into: %s", step, e)
+            return None
+        try:
+            self.faults.reached("shm_stage", step=step, rank=self.rank)
+            return SlotArena(w, alignment=alignment, base=len(plan.blob), tier=self)
+        except BaseException:
+            w.release()
+            raise
+
+    def offer(self, snap: HostSnapshot) -> bool:
+        """Write ``snap`` into a slot (staged in place: its index only; else copied, every
+        CRC verified, then the index); False (the caller keeps the snapshot). Raises on
+        failure (the slot stays torn, never listed)."""
+        if snap.released:
+            return False
+        self._noted(snap)
+        in_place = snap.arena is not None and snap.arena.tier is self
+        if not in_place:
+            self._close_views(idle_only=True)
+        try:
+            if in_place:
+                assert snap.arena is not None
+                self._commit_staged(snap, snap.arena)
+            else:
+                self._write(snap)
         except BaseException:
             self.failed_writes += 1
             raise
         self.written += 1
+        if in_place:
+            self.in_place += 1
+        else:
+            self.copied += 1
         return False
+
+    def _noted(self, snap: HostSnapshot) -> None:
+        """Learn the offer schedule, and lend arenas to the stager that staged ``snap``."""
+        with self._lock:
+            if self._last_offer is not None:
+                self._offer_gap = snap.step - self._last_offer if snap.step > self._last_offer else None
+            self._last_offer = snap.step
+        if snap.stager is not None and callable(getattr(snap.stager, "attach", None)):
+            snap.stager.attach(self)
+
+    def _commit_staged(self, snap: HostSnapshot, arena: SlotArena) -> None:
+        """``snap`` was staged into its slot: write the blob, then the index from the CRCs
+        computed as the bytes landed (no second copy, no second pass)."""
+        w = arena.writer
+        step, rank, file, blob = snap.step, self.rank, self.file, snap.blob
+        if step != w.step or len(blob) > arena.base:
+            raise IntegrityError(f"step {step}: staged into the slot of step {w.step} with room for {arena.base} blob bytes")
+        if blob:
+            arena.view(0, len(blob))[:] = blob
+        self.faults.reached("shm_copy", step=step, rank=rank)
+        entries = snap.entries
+        shards = []
+        for p, off, n, crc in entries:
+            if crc is None:
+                raise IntegrityError(f"step {step}: {p.key!r} has no staged CRC")
+            shards.append((p.key, ShardRecord(rank, file, off, n, crc, p.offsets, p.shape)))
+        records = RankRecords(rank, BlobRecord(rank, file, 0, len(blob), crc32c(blob)), shards, {file: w.data_bytes})
+        raw, index = encode_index(
+            step=step, run_id=self.run_id, world_size=self.world_size, rank=rank, records=records,
+            shards_meta=[p for p, _, _, _ in entries], aliases=snap.aliases, data_bytes=w.data_bytes,
+            self_contained=snap.self_contained,
+        )
+        self.faults.reached("shm_index", step=step, rank=rank)
+        w.commit(raw, index=index)  # the slot stays held (pinned) until the snapshot is released
 
     def _write(self, snap: HostSnapshot) -> None:
         entries = snap.entries

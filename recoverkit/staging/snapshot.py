@@ -10,6 +10,11 @@ pre-step hook waits only for them. Everything else (small tensors, buffers the f
 pass may change, non-contiguous views) is copied during the call, a packed range's shards
 in one gather. Every shard's CRC-32C is computed as it lands (by the engine, or right
 after the eager copy). Source tensors stay referenced until their copy has landed.
+
+The ranges come from the staging pool, or from a shared-memory slot the shm tier lent as
+the save's arena (:class:`~recoverkit.staging.slot_arena.SlotArena`, same interface): then
+the copies land in shared memory directly and :meth:`HostSnapshot.release` hands the slot
+back.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..state.dtensor import local_of
 from ..storage.base import RankPayload, ShardData
 from .metrics import SaveMetrics
 from .plan import PlannedShard, SavePlan
+from .slot_arena import SlotArena
 
 __all__ = ["BLOCK_BYTES", "HostSnapshot", "storage_id"]
 
@@ -99,6 +105,10 @@ class HostSnapshot:
         self.nbytes = len(plan.blob) + sum(p.nbytes for p in plan.shards)
         self.metrics = metrics or SaveMetrics()  # its save's (the guard charges waits there)
         self._on_release = on_release  # told once its ranges are back in the pool
+        #: the shared-memory slot it is staged into (``pool`` is a SlotArena), else None
+        self.arena: SlotArena | None = pool if isinstance(pool, SlotArena) else None
+        #: the stager that staged it (a snapshot tier may lend it arenas: ``Stager.attach``)
+        self.stager: Any = None
 
     @property
     def copier(self) -> Any:
@@ -241,7 +251,7 @@ class HostSnapshot:
         return RankPayload(rank, self.blob, shards)
 
     def release(self) -> None:
-        """Give the pool ranges back (after waiting for any copy still in flight)."""
+        """Give the pool ranges (or the slot) back, after waiting for any copy still in flight."""
         with self._lock:
             if self.released:
                 return
@@ -253,6 +263,8 @@ class HostSnapshot:
             self._pool.free(off)
         self._entries = []
         self._ranges = []
+        if self.arena is not None:
+            self.arena.release()
         if self._on_release is not None:
             self._on_release()
 

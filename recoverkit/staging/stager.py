@@ -6,6 +6,13 @@
                       -> hook the targets (pre-step waits) -> eager copies now, lazy
                       copies submitted to the engine -> the snapshot
 
+A snapshot tier that lends arenas (the shm tier: :mod:`.slot_arena`) and is due for the
+save is asked first: when it has a free slot, the save is staged into it (the pool is not
+touched; no copy from the pool into shared memory follows); otherwise into the pool. Which
+path each save took is counted here (``into_slot`` / ``into_pool``) and in its metrics
+(``staged_in``). The tiers due are passed by the caller (``keep_in``); without them, the
+tiers attached (:meth:`Stager.attach`) say themselves whether they expect the step.
+
 When the pool is full, room is made first by the caller's ``make_room`` (the snapshot
 tiers evict their oldest snapshot; a one-process job drops a staged save a newer one
 supersedes); otherwise ``StagingPolicy.when_full`` says whether to wait for snapshots to be
@@ -14,6 +21,7 @@ released (at most ``wait_timeout_s``) or to skip the save. A skipped save is cou
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +36,8 @@ from .snapshot import HostSnapshot
 
 __all__ = ["Stager"]
 
+log = logging.getLogger("recoverkit")
+
 
 class Stager:
     """Owns the staging pool and the copy engine; turns plans into snapshots."""
@@ -38,7 +48,18 @@ class Stager:
         self.copier = engine.CopyEngine(policy.copy_threads)
         self.guard = guard
         self.skipped = 0  # saves skipped because the pool stayed full
+        self.into_slot = 0  # saves staged straight into a shared-memory slot
+        self.into_pool = 0  # saves staged into the pool
+        self._lenders: list[Any] = []  # snapshot tiers that lend arenas (attach)
         self._freed = threading.Condition()
+
+    def attach(self, lender: Any) -> None:
+        """``lender`` (a snapshot tier with ``arena(step, plan, alignment, due=)``) may lend
+        the saves it expects a slot to stage into (the shm tier attaches itself when it is
+        first offered a snapshot of this stager)."""
+        with self._freed:
+            if all(x is not lender for x in self._lenders):
+                self._lenders.append(lender)
 
     def _notify(self) -> None:
         with self._freed:
@@ -51,18 +72,25 @@ class Stager:
         targets: Sequence[Any],
         metrics: SaveMetrics,
         make_room: Callable[[], bool],
+        *,
+        keep_in: Sequence[Any] | None = None,
     ) -> HostSnapshot | None:
         """Allocate and start copying ``plan``; None when the save is skipped (pool full).
+
+        ``keep_in``: the snapshot tiers due for the step (None: ask the attached ones).
 
         Raises:
             PoolExhaustedError: the plan needs more than the whole pool.
         """
-        snap = HostSnapshot(
-            step, plan, self.pool, self.copier, metrics=metrics, on_release=self._notify
-        )
-        if not self._allocate(snap, plan, make_room):
-            self.skipped += 1
-            return None
+        snap = self._into_slot(step, plan, metrics, keep_in)
+        if snap is None:
+            snap = HostSnapshot(step, plan, self.pool, self.copier, metrics=metrics, on_release=self._notify)
+            if not self._allocate(snap, plan, make_room):
+                self.skipped += 1
+                return None
+            self.into_pool += 1
+            metrics.staged_in("pool")
+        snap.stager = self
         lazy: set[int] = set()
         for target in targets:
             lazy |= self.guard.watch(target)
@@ -72,6 +100,35 @@ class Stager:
             call_s=time.perf_counter() - metrics.started, eager_copy_s=eager_s, nbytes=snap.nbytes
         )
         return snap
+
+    def _into_slot(
+        self, step: int, plan: SavePlan, metrics: SaveMetrics, keep_in: Sequence[Any] | None
+    ) -> HostSnapshot | None:
+        """The snapshot allocated in a slot a lender due for ``step`` lent, or None."""
+        if keep_in is None:
+            with self._freed:
+                lenders, due = list(self._lenders), None
+        else:
+            lenders, due = [t for t in keep_in if callable(getattr(t, "arena", None))], True
+        for lender in lenders:
+            try:
+                arena = lender.arena(step, plan, self.pool.alignment, due=due)
+            except Exception as e:  # noqa: BLE001 - the pool path still works
+                log.warning("recoverkit: step %d: no shared-memory slot to stage into (%s); staging into the pool", step, e)
+                continue
+            if arena is None:
+                continue
+            snap = HostSnapshot(step, plan, arena, self.copier, metrics=metrics, on_release=self._notify)
+            try:
+                snap.allocate(plan)
+            except PoolExhaustedError as e:  # the lender sized it too small: a bug, not fatal
+                log.error("recoverkit: step %d: the slot lent to stage into is too small: %s", step, e)
+                arena.release()
+                continue
+            self.into_slot += 1
+            metrics.staged_in("shm")
+            return snap
+        return None
 
     def _allocate(self, snap: HostSnapshot, plan: SavePlan, make_room: Callable[[], bool]) -> bool:
         need = HostSnapshot.footprint(plan, self.pool.alignment)

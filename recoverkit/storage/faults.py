@@ -69,7 +69,8 @@ PHASES = (
 #: Named points of the shared-memory tier's copy of a staged step (not a commit: the drain
 #: writes it before the disk commits, so they are not among PHASES).
 SHM_PHASES = (
-    "shm_copy",  # the copies into the slot are submitted, not landed; no index yet
+    "shm_stage",  # a slot is taken as the save's staging arena (index gone); nothing staged yet
+    "shm_copy",  # the copies into the slot are submitted (or, staged in place, landed); no index yet
     "shm_index",  # every byte landed and its CRC matched; the index is about to be written
 )
 

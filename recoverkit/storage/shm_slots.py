@@ -267,13 +267,18 @@ class SlotSet:
         return total
 
     # ------------------------------------------------------------ writing
-    def begin(self, step: int, data_bytes: int) -> SlotWriter:
+    def begin(self, step: int, data_bytes: int, *, hold: bool = False) -> SlotWriter:
         """A slot to write ``step`` into (``data_bytes`` of data): never the one holding the
-        newest complete snapshot, nor one open in this process.
+        newest complete snapshot, nor one open, pinned or held in this process.
 
         Its index is deleted first, so until :meth:`SlotWriter.commit` the slot is torn and
         never listed. Raises SlotBusyError when no slot is free, StorageError(ENOSPC) when
         the data file would grow past the store's budget (or the memory is full).
+
+        ``hold``: the slot is an arena a snapshot is staged into (``staging.slot_arena``):
+        it stays pinned in this process, through the commit, until
+        :meth:`SlotWriter.release` (its bytes are still read, and a lazy copy may still
+        write them, after the index is written). No writer of this process takes it meanwhile.
         """
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
@@ -299,6 +304,8 @@ class SlotSet:
                 )
             k = min(free, key=lambda k: (k in complete, complete[k].step if k in complete else -1, k))
             self._writing.add(k)
+            if hold:
+                _pin(self._data(k), +1)  # until release(): no writer of this process takes it
         try:
             self.store.fs.remove(self._index(k))  # torn from here until commit
             self._cache.pop(k, None)
@@ -306,8 +313,10 @@ class SlotSet:
         except BaseException:
             with self._lock:
                 self._writing.discard(k)
+                if hold:
+                    _pin(self._data(k), -1)
             raise
-        return SlotWriter(self, k, step, data_bytes, mapping)
+        return SlotWriter(self, k, step, data_bytes, mapping, hold=hold)
 
     def _map_for_write(self, k: int, data_bytes: int) -> _Mapping:
         path = self._data(k)
@@ -390,6 +399,11 @@ class SlotSet:
         with self._lock:
             self._writing.discard(w.slot)
 
+    def _released(self, w: SlotWriter) -> None:
+        with self._lock:
+            self._writing.discard(w.slot)
+            _pin(self._data(w.slot), -1)
+
     def invalidate(self, step: int) -> None:
         """Make ``step`` unselectable here (its index deleted; the data stays for reuse)."""
         with self._lock:
@@ -447,17 +461,24 @@ class SlotSet:
 
 class SlotWriter:
     """A slot being written (from :meth:`SlotSet.begin`): fill ``view`` (or ``address``),
-    then :meth:`commit` the index, or :meth:`abort`."""
+    then :meth:`commit` the index, or :meth:`abort`.
 
-    def __init__(self, slots: SlotSet, slot: int, step: int, data_bytes: int, mapping: _Mapping) -> None:
+    A held writer (``begin(..., hold=True)``) keeps the slot pinned and its view valid after
+    the commit, until :meth:`release` (or :meth:`abort`)."""
+
+    def __init__(
+        self, slots: SlotSet, slot: int, step: int, data_bytes: int, mapping: _Mapping, *, hold: bool = False
+    ) -> None:
         self.slots = slots
         self.slot = slot
         self.step = step
         self.data_bytes = data_bytes
+        self.hold = hold
         self._mapping = mapping
         self.address = mapping.address
         self._view: memoryview | None = None
-        self.done = False
+        self.done = False  # no longer the writer's (released, aborted, or committed unheld)
+        self.committed = False
 
     @property
     def view(self) -> memoryview:
@@ -482,20 +503,33 @@ class SlotWriter:
         (``format.shm_index.encode_index``): they are not parsed back. Bytes that came
         from elsewhere (a peer) are always parsed and validated: leave it out.
         """
-        if self.done:
+        if self.done or self.committed:
             raise ValueError("the slot writer is done")
         try:
             self.slots._committed(self, index_bytes, index)
         except BaseException:
-            self.abort()
+            if not self.hold:  # a held slot stays held (torn) until release()
+                self.abort()
             raise
-        self._release()
+        self.committed = True
+        if not self.hold:
+            self._release()
 
     def abort(self) -> None:
-        """Leave the slot torn (free for the next writer)."""
+        """Leave the slot torn (free for the next writer); a held writer already committed
+        keeps its snapshot (as :meth:`release`)."""
         if not self.done:
             self._release()
-            self.slots._aborted(self)
+            if self.hold:
+                self.slots._released(self)
+            else:
+                self.slots._aborted(self)
+
+    def release(self) -> None:
+        """A held writer: nothing reads or writes the slot through it any more, so a writer
+        may take it again (committed: its snapshot stays listed until then; not committed:
+        torn). An unheld writer: as :meth:`abort`."""
+        self.abort()
 
 
 class SnapshotView:
