@@ -18,10 +18,20 @@ AdamW's two moments, every tensor materialised), in one run:
   page-faulted, the copy path's cost for them);
 * **shm, in place**: the same in-place restore from the shared-memory tier (``TierSpec.shm``,
   slots under a temporary directory in ``/dev/shm``), when this recoverkit has that tier kind
-  (else reported as not run).
+  (else reported as not run);
+* **shm, restarted process**: what a process restarted on the node does: a new Python process
+  per round builds a fresh model (initialised anew) and a fresh AdamW without state, opens a
+  Checkpointer on the same root and restores the snapshot the first process left in shared
+  memory (the whole ``restore`` call, the first in that process: the optimizer's moments are
+  new memory, page-faulted as the bytes land). The same process then times a memcpy of the
+  state's bytes into newly allocated memory (``torch.empty`` + ``copy_``: the fair hardware
+  figure here, it faults its pages too) and into the same, now pre-faulted, memory; the row
+  gives the ratio to both, and checks the restore bit-exact (parameters, moments, step
+  counts, parameter groups).
 
 Every figure is GB/s of the state's bytes (median of ``--reps``) and its ratio to memcpy
-(target: in place >= 0.5x memcpy). The memcpy, the CRC pass and the in-place restore are timed
+(target: in place >= 0.5x memcpy; for the restarted process, >= 0.5x a memcpy into new
+memory). The memcpy, the CRC pass and the in-place restore are timed
 round by round, one after the other in each round, so that a busy machine weighs on all three
 alike; each tier's ratio is against the memcpy of its own rounds. Each in-place run also checks that it was in place: the
 same parameter and optimizer-state tensor objects before and after, bit-exact values.
@@ -36,8 +46,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -55,16 +68,29 @@ from .machine import describe, median
 from .report import publish
 
 NAME = "restore_memory"
-TARGETS = {"host_in_place_vs_memcpy": 0.5, "shm_in_place_vs_memcpy": 0.5}
-METHODS = ("memcpy", "crc_pass", "host_in_place", "host_copy_path", "host_fresh_optimizer", "shm_in_place")
+TARGETS = {
+    "host_in_place_vs_memcpy": 0.5,
+    "shm_in_place_vs_memcpy": 0.5,
+    "shm_restarted_vs_memcpy_fresh": 0.5,
+}
+METHODS = (
+    "memcpy", "crc_pass", "host_in_place", "host_copy_path", "host_fresh_optimizer", "shm_in_place",
+    "shm_restarted",
+)
 LAYERS = 8
+#: a restarted-process round (a new Python process) may take this long at most
+CHILD_TIMEOUT_S = 600
+
+
+def _model(total_mib: int, seed: int) -> torch.nn.Module:
+    side = max(16, int((total_mib * 2**20 / 3 / LAYERS / 4) ** 0.5) // 16 * 16)
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*(torch.nn.Linear(side, side, bias=False) for _ in range(LAYERS)))
 
 
 def make_state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """An MLP of LAYERS square layers whose parameters + AdamW's two moments are ~total_mib."""
-    side = max(16, int((total_mib * 2**20 / 3 / LAYERS / 4) ** 0.5) // 16 * 16)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*(torch.nn.Linear(side, side, bias=False) for _ in range(LAYERS)))
+    model = _model(total_mib, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for p in model.parameters():  # materialise AdamW's state
         p.grad = torch.full_like(p, 1e-3)
@@ -149,6 +175,77 @@ def _fresh_optimizer_restore(ckpt: Checkpointer, model: torch.nn.Module) -> None
     assert opt.state, "the optimizer state was not restored"
 
 
+def _restart_case(root: str, shm_dir: str, mib: int, nbytes: int, reps: int) -> dict[str, Any]:
+    """Save step 1 into the shared-memory tier and leave it there (as a crash would), then
+    ``reps`` rounds (one untimed first) of a new process restoring it (:func:`_restart_child`)."""
+    spec = TierSpec.shm(shm_dir=shm_dir, budget_bytes=3 * nbytes + (64 << 20))  # type: ignore[attr-defined]
+    model, opt = make_state(mib)
+    with _checkpointer(root, [spec, TierSpec.local(every_steps=None)], nbytes) as ckpt:
+        ckpt.save_async(1, {"model": model, "optim": opt}).wait()
+        ckpt.wait()
+        ckpt.close(keep_snapshots=True)
+    del model, opt
+    gc.collect()
+    job = json.dumps({"root": root, "shm_dir": shm_dir, "mib": mib, "nbytes": nbytes})
+    rounds: list[dict[str, Any]] = []
+    try:
+        for i in range(reps + 1):
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.bench_restore_memory", "--restart-child", job],
+                capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the restarted process failed ({done.returncode}): {done.stderr[-2000:]}")
+            if i:
+                rounds.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    finally:  # the job's shared memory: a normal close removes it
+        with _checkpointer(root, [spec, TierSpec.local(every_steps=None)], nbytes):
+            pass
+    out: dict[str, Any] = {k: [r[k] for r in rounds] for k in ("restore_s", "memcpy_fresh_s", "memcpy_prefaulted_s")}
+    out["checked"] = all(r["checked"] for r in rounds)
+    return out
+
+
+def _restart_child(job: dict[str, Any]) -> dict[str, Any]:
+    """One restarted process: a fresh model and AdamW restore step 1 from shared memory
+    (timed, the whole call), checked bit-exact against the state that was saved; then a
+    memcpy of the same bytes into new memory and into the same memory again."""
+    mib, nbytes = int(job["mib"]), int(job["nbytes"])
+    model = _model(mib, 1)  # initialised anew, as a restarted script builds it
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # no state, another lr: restored
+    spec = TierSpec.shm(shm_dir=job["shm_dir"], budget_bytes=3 * nbytes + (64 << 20))  # type: ignore[attr-defined]
+    with _checkpointer(job["root"], [spec, TierSpec.local(every_steps=None)], nbytes) as ckpt:
+        t = time.perf_counter()
+        step = ckpt.restore({"model": model, "optim": opt})
+        restore_s = time.perf_counter() - t
+        ckpt.close(keep_snapshots=True)  # the next round restores it again
+    ref_model, ref_opt = make_state(mib)
+    checked = (
+        step == 1
+        and _state_bytes(model, opt) == nbytes
+        and all(torch.equal(a, b) for a, b in zip(_live(model, opt), _live(ref_model, ref_opt)))
+        and [
+            {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+        ] == [{k: v for k, v in g.items() if k != "params"} for g in ref_opt.param_groups]
+        and all(
+            torch.equal(opt.state[p]["step"], ref_opt.state[q]["step"])
+            for p, q in zip(model.parameters(), ref_model.parameters())
+        )
+    )
+    del ref_model, ref_opt
+    gc.collect()
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
+    t = time.perf_counter()
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)
+    fresh_s = time.perf_counter() - t
+    t = time.perf_counter()
+    dst.copy_(src)
+    prefaulted_s = time.perf_counter() - t
+    return {"restore_s": restore_s, "memcpy_fresh_s": fresh_s, "memcpy_prefaulted_s": prefaulted_s, "checked": checked}
+
+
 def _rounds(nbytes: int, units: list[Unit], in_place: Callable[[], None], reps: int) -> dict[str, list[float]]:
     """``reps`` rounds of: torch ``copy_`` between two preallocated, pre-faulted tensors of
     ``nbytes``, the CRC pass over ``units``, the in-place restore (after one untimed round
@@ -191,6 +288,7 @@ def run(
                 spec = TierSpec.shm(shm_dir=shm_dir, budget_bytes=3 * nbytes + (64 << 20))  # type: ignore[attr-defined]
                 with _checkpointer(os.path.join(base, f"shm-{mib}"), [spec, TierSpec.local(every_steps=None)], nbytes) as ckpt:
                     entry["shm"] = _restore_case(ckpt, spec.name, state, reps)
+                entry["restart"] = _restart_case(os.path.join(base, f"restart-{mib}"), shm_dir, mib, nbytes, reps)
             sizes.append(entry)
             del model, opt, state
             gc.collect()
@@ -199,7 +297,7 @@ def run(
         shm_left = sum(len(files) for _, _, files in os.walk(shm_dir))
         shutil.rmtree(shm_dir, ignore_errors=True)
     why = "this recoverkit has no 'shm' tier kind yet" if shm else "left out (--no-shm)"
-    not_run = {} if has_shm else {"shm_in_place": why}
+    not_run = {} if has_shm else {"shm_in_place": why, "shm_restarted": why}
     return _summary(sizes, reps, not_run, shm_left)
 
 
@@ -219,12 +317,27 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
         if "shm" in e:  # against the memcpy of its own rounds
             secs["shm_in_place"] = median(e["shm"]["in_place_s"])
             ratio["shm_in_place"] = median(e["shm"]["memcpy_s"]) / secs["shm_in_place"]
+        restart: dict[str, Any] = {}
+        if "restart" in e:  # against the memcpy of its own processes: into new memory, and pre-faulted
+            r = e["restart"]
+            secs["shm_restarted"] = median(r["restore_s"])
+            restart = {
+                "memcpy_fresh_s": median(r["memcpy_fresh_s"]),
+                "memcpy_prefaulted_s": median(r["memcpy_prefaulted_s"]),
+            }
+            ratio["shm_restarted"] = restart["memcpy_fresh_s"] / secs["shm_restarted"]
+            restart["vs_memcpy_fresh"] = ratio["shm_restarted"]
+            restart["vs_memcpy_prefaulted"] = restart["memcpy_prefaulted_s"] / secs["shm_restarted"]
+            restart["memcpy_fresh_gb_per_s"] = n / restart["memcpy_fresh_s"] / 1e9
+            restart["memcpy_prefaulted_gb_per_s"] = n / restart["memcpy_prefaulted_s"] / 1e9
         gbps = {k: n / v / 1e9 for k, v in secs.items()}
         # best of the rounds: what each reaches when the machine lets it (a busy machine
         # stretches torch's memcpy, whose threads wait for each other, more than the restore)
         best = {"host_in_place": min(host["memcpy_s"]) / min(host["in_place_s"])}
         if "shm" in e:
             best["shm_in_place"] = min(e["shm"]["memcpy_s"]) / min(e["shm"]["in_place_s"])
+        if "restart" in e:
+            best["shm_restarted"] = min(e["restart"]["memcpy_fresh_s"]) / min(e["restart"]["restore_s"])
         rows.append(
             {
                 "size_mib": e["size_mib"],
@@ -235,6 +348,8 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
                 "vs_memcpy": ratio,
                 "vs_memcpy_best": best,
                 "in_place_checked": {k: e[k]["in_place_checked"] for k in ("host", "shm") if k in e},
+                "restarted": restart,
+                "restarted_checked": e["restart"]["checked"] if "restart" in e else None,
             }
         )
     largest = rows[-1] if rows else None
@@ -243,6 +358,9 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
         ratios["host_in_place_vs_memcpy"] = largest["vs_memcpy"]["host_in_place"]
         if "shm_in_place" in largest["vs_memcpy"]:
             ratios["shm_in_place_vs_memcpy"] = largest["vs_memcpy"]["shm_in_place"]
+        if largest["restarted"]:
+            ratios["shm_restarted_vs_memcpy_fresh"] = largest["restarted"]["vs_memcpy_fresh"]
+            ratios["shm_restarted_vs_memcpy_prefaulted"] = largest["restarted"]["vs_memcpy_prefaulted"]
         ratios["host_in_place_vs_copy_path"] = (
             largest["seconds_median"]["host_copy_path"] / largest["seconds_median"]["host_in_place"]
         )
@@ -262,8 +380,11 @@ def _summary(sizes: list[dict[str, Any]], reps: int, not_run: dict[str, str], sh
 
 
 def table(r: dict[str, Any]) -> str:
-    head = "| state | memcpy | CRC pass | host, in place | host, copy path | host, fresh optimizer | shm, in place |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = (
+        "| state | memcpy | CRC pass | host, in place | host, copy path | host, fresh optimizer | shm, in place "
+        "| shm, restarted process |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for row in r["sizes"]:
         cells = " | ".join(_cell(row, k) for k in METHODS)
         lines.append(f"| {row['size_mib']} MiB ({row['tensors']} tensors) | {cells} |")
@@ -274,13 +395,24 @@ def table(r: dict[str, Any]) -> str:
         f"the memcpy column is the host tier's rounds); the CRC pass runs on {r['crc_threads']} thread(s). "
         "In place: `Checkpointer.restore` inside `in_place_reads()`, the whole call; copy path: the same restore "
         "without it (new tensors, then `load_state_dict`); fresh optimizer: in place into the model and a new "
-        "optimizer without state (its moments new tensors), as after a restart."
+        "optimizer without state (its moments new tensors), as after a restart. Restarted process: a new process "
+        "per round, fresh model and AdamW, restoring from the shared memory the first process left; (Nx) against a "
+        "memcpy into new memory in the same process."
     )
+    for row in r["sizes"]:
+        rs = row.get("restarted")
+        if rs:
+            lines.append(
+                f"- restarted process, {row['size_mib']} MiB: restore {row['gb_per_s']['shm_restarted']:.2f} GB/s; memcpy "
+                f"into new memory {rs['memcpy_fresh_gb_per_s']:.2f} GB/s ({rs['vs_memcpy_fresh']:.2f}x), into pre-faulted "
+                f"memory {rs['memcpy_prefaulted_gb_per_s']:.2f} GB/s ({rs['vs_memcpy_prefaulted']:.2f}x)"
+                + ("" if row["restarted_checked"] else "; NOT bit-exact")
+            )
     t = r["ratios"]
     best = r["sizes"][-1]["vs_memcpy_best"] if r["sizes"] else {}
     for key, goal in TARGETS.items():
         if key in t:
-            tier = key.removesuffix("_vs_memcpy")
+            tier = key.split("_vs_memcpy")[0]
             lines.append(
                 f"- {key}: {t[key]:.2f}x (target >= {goal}: {'met' if t[key] >= goal else 'MISSED'}; "
                 f"best round against best round: {best.get(tier, float('nan')):.2f}x)"
@@ -331,7 +463,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-shm", action="store_true", help="leave out the shared-memory tier")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out-dir", default=None, help="default bench/results; smoke runs write nowhere unless given")
+    ap.add_argument("--restart-child", default=None, help=argparse.SUPPRESS)  # one restarted-process round
     a = ap.parse_args(argv)
+    if a.restart_child is not None:
+        out = _restart_child(json.loads(a.restart_child))
+        print(json.dumps(out))
+        return out
     sizes = [8] if a.smoke else [int(s) for s in a.sizes_mib.split(",") if s.strip()]
     r = run(sizes, 1 if a.smoke else a.reps, a.workdir, shm=not a.no_shm)
     r["smoke"] = a.smoke

@@ -54,7 +54,6 @@ from ..errors import IntegrityError
 from ..format.checksum import hexcrc
 from ..format.dtypes import dtype_from_name, from_bytes, itemsize
 from ..format.manifest import PackRecord, ShardRecord, TensorRecord
-from ..state.flatten import rebuild_container
 from ..storage.base import ReadableTier
 from .reader import slab_layout
 
@@ -104,7 +103,7 @@ class PendingTensor:
     (a new tensor made of it is wrapped the same way).
     """
 
-    __slots__ = ("key", "dtype", "shape", "nbytes", "pieces", "engine", "parameter", "_tensor")
+    __slots__ = ("key", "dtype", "shape", "nbytes", "pieces", "engine", "parameter", "into_new", "_tensor")
 
     def __init__(
         self,
@@ -119,6 +118,7 @@ class PendingTensor:
         self.nbytes = sum(v.nbytes for _, v in pieces)
         self.engine = engine  # the tier's engine (None: the process-wide one)
         self.parameter: bool | None = None
+        self.into_new = False  # its target is new memory (state_target): never touched yet
         self._tensor: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -375,6 +375,7 @@ def _pair_new(pending: PendingTensor, param: Any, key: Any, copies: dict[int, Co
         if target is None:
             return pending.materialize()
         pending._tensor = target  # its bytes land in copy_all, before the first load
+        pending.into_new = True
         copies[id(target)] = (target, pending)
     return pending._tensor
 
@@ -447,6 +448,11 @@ def materialize(tree: Any) -> Any:
         tree[:] = [materialize(v) for v in tree]
         return tree
     if isinstance(tree, tuple) and _holds_pending(tree):
+        # imported here: loading the submodule ``state.flatten`` shadows the package's lazy
+        # ``flatten`` function with the module (plan.py imports the function), and this
+        # module is imported early (recovery), before any save planned
+        from ..state.flatten import rebuild_container
+
         return rebuild_container(tree, [materialize(v) for v in tree])
     return tree
 
@@ -465,10 +471,13 @@ def _holds_pending(items: Iterable[Any]) -> bool:
 def copy_all(copies: Sequence[Copy]) -> None:
     """Land every planned copy (after every check passed).
 
-    Large pieces bound for CPU targets go through the native copy engine of the tier they
-    came from (a private copier of up to :data:`MAX_THREADS` threads, closed on return;
+    Large pieces bound for live CPU targets go through the native copy engine of the tier
+    they came from (a private copier of up to :data:`MAX_THREADS` threads, closed on return;
     streaming stores, no CRC: the bytes were verified), the rest through torch's ``copy_``
-    (host -> device for a GPU target).
+    (host -> device for a GPU target). A target that is new memory (a fresh optimizer's
+    state, :func:`state_target`) takes torch's ``copy_`` too, one call per piece on torch's
+    own threads: the first touch of a page faults it in, and ordinary stores into the page
+    the kernel has just cleared (still in cache) beat the engine's streaming stores there.
     """
     if not copies:
         return
@@ -477,7 +486,7 @@ def copy_all(copies: Sequence[Copy]) -> None:
     by_engine = (
         getattr(eng, "BACKEND", "") == "native"
         and threads > 1
-        and (sum(p.nbytes for t, p in copies if t.device.type == "cpu") >= PARALLEL_BYTES)
+        and sum(p.nbytes for t, p in copies if t.device.type == "cpu" and not p.into_new) >= PARALLEL_BYTES
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # frombuffer of read-only memory: only read
@@ -490,7 +499,12 @@ def copy_all(copies: Sequence[Copy]) -> None:
             handles = []
             for target, pending in copies:
                 dst = _byte_view(target)
-                if target.device.type != "cpu" or dst is None or pending.nbytes < ENGINE_BYTES:
+                if (
+                    target.device.type != "cpu"
+                    or dst is None
+                    or pending.nbytes < ENGINE_BYTES
+                    or pending.into_new
+                ):
                     pending.copy_into(target)
                     continue
                 base = int(dst.data_ptr())
