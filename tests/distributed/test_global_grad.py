@@ -1,0 +1,176 @@
+"""Gradients normalized by the global sample count, in real gloo worlds of 4, 3 and 2 ranks.
+
+The same float64 model (dropout on, keyed to the micro-batch), data and
+:class:`GlobalBatchSampler` are trained for 20 steps at each world size, with each gradient
+path: DDP with :func:`sum_allreduce_hook`, :func:`allreduce_grads_sum`, and the deterministic
+:class:`OrderedGradSum`. The world-4 run also changes its world mid-run (4 ranks, then 3 on a
+subgroup: the shape of a shrink). Checked against the failure-free 4-rank run:
+
+* deterministic mode: losses and final parameters bit-identical at every world size and
+  across the world change;
+* SUM all-reduce (DDP hook and helper): within 1e-12 relative (the figure measured is printed);
+* "shrink the batch" (rank 3's share dropped, mean over the 3 live ranks) and training
+  without keyed random streams: visibly different.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_world
+
+STEPS, SWITCH_AT = 20, 7
+NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH, SEED = 120, 24, 4, 3
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(NUM_SAMPLES, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ w / 2) + 0.05 * torch.randn(NUM_SAMPLES, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 32),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(32, 1),
+    ).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    return x, y, model, opt
+
+
+def _train(rank, mode, plan):
+    """Train ``STEPS`` steps. ``plan[k]`` is ``(group, world, rank_in_group)`` for step k, or
+    ``None`` when this rank is not in the world any more. Returns (losses, params)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from recoverkit.distributed.global_grad import (
+        OrderedGradSum,
+        allreduce_grads_sum,
+        grad_sync,
+        sum_allreduce_hook,
+    )
+    from recoverkit.state.global_batch import GlobalBatchSampler
+    from recoverkit.state.keyed_rng import keyed_rng
+
+    x, y, model, opt = _setup()
+    torch.manual_seed(100 + rank)  # every rank's own outer stream differs, as in a real job
+    sampler = GlobalBatchSampler(NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH, seed=SEED)
+    net = model
+    if mode == "ddp":
+        net = DDP(model)
+        net.register_comm_hook(None, sum_allreduce_hook)
+    losses = []
+    for step in range(STEPS):
+        if plan[step] is None:
+            break
+        group, world, me = plan[step]
+        share = 4 if mode == "shrink" else world  # shrink: rank 3's share of the 4-rank plan is lost
+        mbs = sampler.assign(sampler.step, me, share)
+        G = sampler.batch_size(sampler.step)
+        local = sum(len(mb) for mb in mbs)
+        norm = local if mode == "shrink" else G
+        ordered = OrderedGradSum(model.parameters(), group) if mode in ("ordered", "unkeyed") else None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, mb in enumerate(mbs):
+            rows = list(mb.samples)
+            with grad_sync(net, last=i == len(mbs) - 1):
+                if mode == "unkeyed":
+                    out = net(x[rows])
+                else:
+                    with keyed_rng(SEED, *mb.key):
+                        out = net(x[rows])
+                loss = ((out - y[rows]) ** 2).sum() / norm
+                loss.backward()
+            if ordered is not None:
+                ordered.add(mb.index, loss.detach())
+            else:
+                loss_sum += loss.detach()
+        if ordered is not None:
+            step_loss = ordered.reduce(len(sampler.micro_batches(sampler.step)))
+        else:
+            if mode in ("sum", "shrink"):
+                allreduce_grads_sum(model.parameters(), group, mode="shrink" if mode == "shrink" else "global")
+            dist.all_reduce(loss_sum, group=group)
+            step_loss = loss_sum.item() / (world if mode == "shrink" else 1)
+        losses.append(step_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sampler.advance()
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    return losses, params
+
+
+def _world(rank, world):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    same = [(None, world, rank)] * STEPS
+    out = {mode: _train(rank, mode, same) for mode in ("ordered", "sum", "ddp")}
+    if world in (3, 4):
+        out["unkeyed"] = _train(rank, "unkeyed", same)
+    if world == 3:
+        out["shrink"] = _train(rank, "shrink", same)
+    if world == 4:
+        sub = dist.new_group([0, 1, 2])
+        after = (sub, 3, rank) if rank < 3 else None
+        plan = [(None, 4, rank)] * SWITCH_AT + [after] * (STEPS - SWITCH_AT)
+        for mode in ("ordered", "sum"):
+            out["switch_" + mode] = _train(rank, mode, plan)
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {w: run_world(w, _world, timeout_s=300) for w in (4, 3, 2)}
+
+
+def _rel(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_ranks_agree_and_training_learns(runs):
+    for world, ranks in runs.items():
+        for mode, (losses, params) in ranks[0].items():
+            assert len(losses) == STEPS
+            for r in range(1, world):
+                if mode.startswith("switch") and r == 3:
+                    continue
+                assert _rel(ranks[r][mode][1], params) <= 1e-15, (world, mode, r)
+    ref_losses = runs[4][0]["ordered"][0]
+    assert sum(ref_losses[-5:]) < 0.5 * sum(ref_losses[:5]), ref_losses
+
+
+def test_deterministic_mode_is_bit_identical_at_every_world_size(runs):
+    ref = runs[4][0]["ordered"]
+    for world in (3, 2):
+        assert runs[world][0]["ordered"] == ref, world
+    assert runs[4][0]["switch_ordered"] == ref  # 4 ranks for 7 steps, then 3
+
+
+def test_sum_allreduce_stays_within_1e12_of_the_failure_free_run(runs):
+    ref_losses, ref_params = runs[4][0]["ordered"]
+    worst = {}
+    for world in (4, 3, 2):
+        for mode in ("sum", "ddp"):
+            losses, params = runs[world][0][mode]
+            worst[(world, mode)] = max(
+                _rel(params, ref_params), max(_rel([a], [b]) for a, b in zip(losses, ref_losses))
+            )
+    losses, params = runs[4][0]["switch_sum"]
+    worst[("4->3", "sum")] = max(_rel(params, ref_params), _rel(losses, ref_losses))
+    print("max relative deviation from the deterministic 4-rank run:", worst)
+    assert max(worst.values()) <= 1e-12, worst
+
+
+def test_shrinking_the_batch_or_unkeyed_dropout_visibly_diverges(runs):
+    ref_losses, ref_params = runs[4][0]["ordered"]
+    losses, params = runs[3][0]["shrink"]
+    assert _rel(params, ref_params) > 1e-3 and _rel(losses, ref_losses) > 1e-3
+    # without keyed streams a micro-batch's dropout depends on the rank that runs it
+    a, b = runs[4][0]["unkeyed"], runs[3][0]["unkeyed"]
+    assert _rel(a[1], b[1]) > 1e-6
