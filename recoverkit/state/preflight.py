@@ -8,7 +8,11 @@ dict, per-parameter state an optimizer's ``__setstate__`` cannot read, a schedul
 ``ReduceLROnPlateau`` refuses, an ``lr_lambdas`` list of the wrong length ...) is found by
 running torch's own ``load_state_dict`` on a scratch copy:
 
-* optimizers: a new object of the same class sharing nothing mutable with the live one,
+* optimizers: torch's elementwise optimizers (Adam, AdamW, SGD, ...) first get every state
+  tensor of more than one element checked against its parameter's shape (torch's
+  ``load_state_dict`` takes any shape, and a moment of the wrong one fails only at the next
+  ``step``, after the restore changed everything); then
+  a new object of the same class sharing nothing mutable with the live one,
   whose parameters are empty stand-ins of the same dtype and device; the saved state's
   tensors are replaced by one-element views of themselves, so the dry run costs no memory
   and no copies, yet runs every cast and check torch runs. Load hooks (user code
@@ -53,6 +57,7 @@ def check_optimizer_load(name: str, opt: torch.optim.Optimizer, value: Mapping[s
             raise IncompatibleCheckpointError(
                 f"{name!r}: the state of parameter {pid!r} is {_what(st)}, not a dict"
             )
+    _check_state_shapes(name, opt, value)
     if type(opt).load_state_dict is not torch.optim.Optimizer.load_state_dict:
         return
     scratch = object.__new__(type(opt))
@@ -72,6 +77,50 @@ def check_optimizer_load(name: str, opt: torch.optim.Optimizer, value: Mapping[s
             f"{name!r}: the saved optimizer state cannot be loaded into {type(opt).__name__} "
             f"({type(e).__name__}: {_line(e)})"
         ) from None
+
+
+#: torch optimizers whose per-parameter state tensors are the parameter's shape (or scalars)
+_ELEMENTWISE = tuple(
+    cls
+    for cls in (getattr(torch.optim, n, None) for n in (
+        "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD",
+    ))
+    if isinstance(cls, type)
+)  # fmt: skip
+
+
+def _check_state_shapes(name: str, opt: torch.optim.Optimizer, value: Mapping[str, Any]) -> None:
+    """For torch's elementwise optimizers (exactly those classes): every saved state tensor
+    of more than one element has its parameter's shape (saved ids map to the live
+    parameters by position in the groups, as torch maps them).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2, 3))
+        >>> opt = torch.optim.AdamW([p])
+        >>> sd = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(6),
+        ...       "exp_avg_sq": torch.zeros(2, 3)}}, "param_groups": [{**opt.defaults, "params": [0]}]}
+        >>> _check_state_shapes("optim", opt, sd)
+        Traceback (most recent call last):
+        ...
+        recoverkit.errors.IncompatibleCheckpointError: 'optim': saved state 'exp_avg' of parameter 0 is [6], the parameter [2, 3]
+    """
+    if type(opt) not in _ELEMENTWISE:
+        return
+    live_of: dict[Any, torch.Tensor] = {}
+    for saved, group in zip(value["param_groups"], opt.param_groups):
+        ids = saved.get("params") if isinstance(saved, Mapping) else None
+        if isinstance(ids, list):
+            live_of.update((i, p) for i, p in zip(ids, group["params"]) if type(i) is int)
+    for pid, st in value["state"].items():
+        param = live_of.get(pid) if type(pid) is int else None
+        if not isinstance(param, torch.Tensor):
+            continue
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and v.numel() > 1 and tuple(v.shape) != tuple(param.shape):
+                raise IncompatibleCheckpointError(
+                    f"{name!r}: saved state {key!r} of parameter {pid!r} is {list(v.shape)}, "
+                    f"the parameter {list(param.shape)}"
+                )
 
 
 def check_scheduler_load(name: str, sched: Any, value: Any, live: Iterable[Any] = ()) -> None:
