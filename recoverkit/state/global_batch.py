@@ -43,8 +43,19 @@ DataLoader that prefetches does not move it. Example, one rank of a world of ``W
 
 With a DataLoader, ``DataLoader(ds, batch_sampler=sampler.rank_batches(rank, W))`` yields
 the rank's micro-batches in the same order as ``assign`` lists them, step after step, from
-the saved position to the end of the epoch; that batch sampler also carries the sampler's
-``state_dict``, so ``protect()`` saves it with the loader.
+the position to the end of the epoch. With ``protect()``, pass a :class:`GlobalBatchLoader`:
+each item is one step's :class:`StepBatch` (micro-batches with their keys and data), and
+the loader saves the sampler's state as its own, so a resume continues at the same global
+step at any world size::
+
+    loader = GlobalBatchLoader(ds, sampler, rank, W, num_workers=2)
+    with recoverkit.protect(root, model=model, optimizer=opt, loader=loader) as run:
+        for step_batch in run:
+            for mb, (x, y) in step_batch:
+                with keyed_rng(seed, *mb.key):
+                    loss = loss_fn(model(x), y, reduction="sum") / step_batch.batch_size
+                loss.backward()
+            ...
 """
 
 from __future__ import annotations
@@ -55,12 +66,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import IncompatibleCheckpointError
 from .keyed_rng import keyed_seed
 
-__all__ = ["GlobalBatchSampler", "MicroBatch", "RankBatchSampler", "split_micro_batches"]
+__all__ = [
+    "GlobalBatchSampler",
+    "GlobalBatchLoader",
+    "MicroBatch",
+    "StepBatch",
+    "RankBatchSampler",
+    "split_micro_batches",
+]
 
 #: the key part that separates the epoch-order stream from any user stream of the same seed
 ORDER_KEY = "recoverkit.global_batch.order"
@@ -329,15 +347,15 @@ class GlobalBatchSampler:
 
 
 class RankBatchSampler(Sampler[list[int]]):
-    """One rank's micro-batches as a DataLoader ``batch_sampler``.
+    """One rank's micro-batches as a DataLoader ``batch_sampler``, for loops that drive the
+    sampler themselves (with ``protect()``, use :class:`GlobalBatchLoader`).
 
     Iterating yields the sample lists of ``assign(k, rank, world_size)`` for ``k`` from the
-    sampler's current step to the end of its current epoch, micro-batch after micro-batch.
-    It never moves the position (the loop's :meth:`GlobalBatchSampler.advance` does), so a
-    prefetching DataLoader cannot make a save skip samples. :meth:`plan` lists the same
-    micro-batches as :class:`MicroBatch` objects (with their keys), in the same order.
-    ``set_epoch``, ``state_dict`` and ``load_state_dict`` are the sampler's, so ``protect()``
-    finds and saves the position through the loader.
+    sampler's position (read when the iteration starts) to the end of its epoch, micro-batch
+    after micro-batch. It never moves the position (the loop's
+    :meth:`GlobalBatchSampler.advance` does), so a prefetching DataLoader cannot make a save
+    skip samples. :meth:`plan` lists the same micro-batches as :class:`MicroBatch` objects
+    (with their keys), in the same order. It keeps no state: save the sampler itself.
     """
 
     def __init__(self, sampler: GlobalBatchSampler, rank: int, world_size: int) -> None:
@@ -356,8 +374,7 @@ class RankBatchSampler(Sampler[list[int]]):
         ]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for mb in self.plan():
-            yield list(mb.samples)
+        return iter([list(mb.samples) for mb in self.plan()])  # fixed when iteration starts
 
     def __len__(self) -> int:
         s = self.sampler
@@ -369,6 +386,125 @@ class RankBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one rank trains on in one step: its micro-batches with their loaded data.
+
+    ``batch_size`` is the step's *global* sample count, the loss normalizer. Iterating
+    yields ``(MicroBatch, data)`` pairs in global micro-batch order.
+    """
+
+    epoch: int
+    step: int
+    batch_size: int
+    micro_batches: tuple[tuple[MicroBatch, Any], ...]
+
+    def __iter__(self) -> Iterator[tuple[MicroBatch, Any]]:
+        return iter(self.micro_batches)
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+
+class _PlanSampler(Sampler[list[int]]):
+    def __init__(self, plan: list[list[int]]) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class GlobalBatchLoader:
+    """One rank's steps for ``protect()`` (or any loop): an iterable of :class:`StepBatch`
+    that saves its own, world-size-independent position.
+
+    Args:
+        dataset: a map-style dataset.
+        sampler: the :class:`GlobalBatchSampler` (its state is this loader's state).
+        rank, world_size: this rank's place in the current world.
+        **loader_kwargs: passed to the ``DataLoader`` that loads the micro-batches
+            (``num_workers``, ``collate_fn``, ``pin_memory`` ...; not ``batch_size``,
+            ``sampler``, ``batch_sampler`` or ``shuffle``).
+
+    Iterating yields the steps from the sampler's position to the end of its epoch and
+    advances the sampler as each step is handed out: a step handed out counts as consumed,
+    which is what ``protect()`` needs (it saves after the step's work is done; this is
+    torchdata's ``StatefulDataLoader`` contract, and protect keeps such a loader as it is
+    and saves its ``state_dict``). Micro-batch data is loaded by a DataLoader that may
+    prefetch; that never moves the position. :meth:`set_world` changes the rank and world
+    size for the next iteration (a shrink or a grow at a step boundary): the global batches
+    stay the same and the state needs nothing else, being the sampler's.
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(12.0))
+        >>> s = GlobalBatchSampler(12, global_batch=6, micro_batch=2, shuffle=False)
+        >>> loader = GlobalBatchLoader(ds, s, rank=1, world_size=2)
+        >>> [[mb.index for mb, _ in step] for step in loader]
+        [[2], [2]]
+        >>> loader.state_dict()["epoch"], loader.state_dict()["step"]
+        (1, 0)
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sampler: GlobalBatchSampler,
+        rank: int,
+        world_size: int,
+        **loader_kwargs: Any,
+    ) -> None:
+        bad = {"batch_size", "sampler", "batch_sampler", "shuffle", "drop_last"} & set(
+            loader_kwargs
+        )
+        if bad:
+            raise ValueError(f"GlobalBatchLoader decides {sorted(bad)} itself")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.loader_kwargs = loader_kwargs
+        self.rank, self.world_size = 0, 1
+        self.set_world(rank, world_size)
+
+    def set_world(self, rank: int, world_size: int) -> None:
+        """This rank's place from the next iteration on (any world size)."""
+        split_micro_batches(0, rank, world_size)  # validates
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        """Steps left in the current epoch."""
+        return self.sampler.steps_per_epoch - self.sampler.step
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        s = self.sampler
+        epoch = s.epoch
+        steps = [(k, s.assign(k, self.rank, self.world_size)) for k in range(s.step, len(s))]
+        plan = [list(mb.samples) for _, mbs in steps for mb in mbs]
+        data = iter(())
+        if plan:
+            loader = DataLoader(
+                self.dataset, batch_sampler=_PlanSampler(plan), **self.loader_kwargs
+            )
+            data = iter(loader)
+        return self._run(epoch, steps, data)
+
+    def _run(
+        self, epoch: int, steps: list[tuple[int, list[MicroBatch]]], data: Iterator[Any]
+    ) -> Iterator[StepBatch]:
+        s = self.sampler
+        for k, mbs in steps:
+            pairs = tuple((mb, next(data)) for mb in mbs)
+            if (s.epoch, s.step) != (epoch, k):
+                raise RuntimeError(
+                    f"the sampler moved to epoch {s.epoch} step {s.step} while the loader was at "
+                    f"epoch {epoch} step {k}: do not call advance() when GlobalBatchLoader drives it"
+                )
+            size = s.batch_size(k)
+            s.advance()  # handed out = consumed
+            yield StepBatch(epoch, k, size, pairs)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -11,7 +11,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from recoverkit.errors import IncompatibleCheckpointError
-from recoverkit.state.global_batch import GlobalBatchSampler, split_micro_batches
+from recoverkit.state.global_batch import (
+    GlobalBatchLoader,
+    GlobalBatchSampler,
+    split_micro_batches,
+)
 from recoverkit.state.keyed_rng import keyed_seed
 
 
@@ -137,14 +141,92 @@ def test_rank_batches_feed_a_dataloader_and_carry_the_state():
         got.extend(i for b in loaded for i in b)
     assert sorted(got) == sorted(i for k in range(2, 5) for i in s.global_batch_samples(k))
     assert (s.epoch, s.step) == (0, 2)  # iterating (and prefetching) does not move the position
-    batches = s.rank_batches(0, 3)
-    assert batches.state_dict() == s.state_dict()
-    batches.set_epoch(1)
+    s.rank_batches(0, 3).set_epoch(1)
     assert (s.epoch, s.step) == (1, 0)
-    batches.load_state_dict({**s.state_dict(), "step": 3})
-    assert s.step == 3
     with pytest.raises(ValueError):
         s.rank_batches(3, 3)
+
+
+def _ranks(world, state=None, **kw):
+    """One (sampler, loader) per rank, as each process of a world holds its own."""
+    ds = TensorDataset(torch.arange(60))
+    out = []
+    for rank in range(world):
+        s = GlobalBatchSampler(60, global_batch=12, micro_batch=3, seed=6)
+        if state is not None:
+            s.load_state_dict(state)
+        out.append(GlobalBatchLoader(ds, s, rank, world, **kw))
+    return out
+
+
+def _take(loaders, steps):
+    seen = []
+    its = [iter(loader) for loader in loaders]
+    for _ in range(steps):
+        for it in its:
+            sb = next(it)
+            for mb, (x,) in sb:
+                assert x.tolist() == list(mb.samples) and mb.key == (sb.epoch, sb.step, mb.index)
+                seen.extend(mb.samples)
+            assert sb.batch_size == 12
+    return seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_batch_loader_resumes_at_another_world_size(workers):
+    kw = {"num_workers": workers} if workers else {}
+    four = _ranks(4, **kw)
+    seen = _take(four, 2)  # prefetching workers do not move the position past what was handed out
+    states = [loader.state_dict() for loader in four]
+    assert all(st == states[0] for st in states) and states[0]["step"] == 2
+    three = _ranks(3, states[0], **kw)
+    assert [len(loader) for loader in three] == [3, 3, 3]
+    seen += _take(three, 3)
+    assert sorted(seen) == list(range(60))  # every sample of the epoch once, across 4 -> 3
+    assert three[0].state_dict()["epoch"] == 1 and three[0].state_dict()["step"] == 0
+    # set_world: the same loader continues at another world size from the next iteration
+    one = three[0]
+    one.set_world(0, 1)
+    assert sorted(_take([one], 5)) == list(range(60))
+    with pytest.raises(ValueError, match="decides"):
+        GlobalBatchLoader(TensorDataset(torch.arange(60)), one.sampler, 0, 1, batch_size=4)
+
+
+def test_global_batch_loader_refuses_a_sampler_moved_under_it():
+    (loader,) = _ranks(1)
+    it = iter(loader)
+    next(it)
+    loader.sampler.advance()
+    with pytest.raises(RuntimeError, match="do not call advance"):
+        next(it)
+
+
+def test_protect_saves_and_resumes_the_global_position(tmp_path, monkeypatch):
+    import recoverkit
+
+    monkeypatch.setenv("RECOVERKIT_SHM_DIR", str(tmp_path / "shm"))
+    root = str(tmp_path / "ckpt")
+    ds = TensorDataset(torch.arange(60))
+
+    def run(world, max_steps):
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        s = GlobalBatchSampler(60, global_batch=12, micro_batch=3, seed=6)
+        loader = GlobalBatchLoader(ds, s, 0, world)
+        steps = []
+        with recoverkit.protect(
+            root, model=model, optimizer=opt, loader=loader, save_every=1, epochs=None,
+            max_steps=max_steps,
+        ) as r:  # fmt: skip
+            for sb in r:
+                steps.append((sb.epoch, sb.step, [mb.index for mb, _ in sb]))
+        return steps, r.resumed_from
+
+    first, resumed = run(world=1, max_steps=3)
+    assert first == [(0, k, [0, 1, 2, 3]) for k in range(3)] and resumed is None
+    rest, resumed = run(world=2, max_steps=7)  # the same global steps on, as rank 0 of 2
+    assert resumed == 3
+    assert rest == [(0, 3, [0, 1]), (0, 4, [0, 1]), (1, 0, [0, 1]), (1, 1, [0, 1])]
 
 
 def _valid():
