@@ -1,0 +1,445 @@
+"""Re-form the process group of the survivors of a lost rank, in process.
+
+Where it sits: a training loop whose collective failed (a peer's process or node died) calls
+:func:`regroup` on every surviving rank instead of exiting. The survivors agree on who is
+alive through the key-value store the workers already share, tear down the old default group
+and form a new one of the survivors with dense ranks, and go on; redistribution of the lost
+rank's state (recovery/) then runs over the new group. Where re-forming is impossible,
+:class:`~recoverkit.errors.RegroupError` says so and the caller falls back to the restart path
+(torchrun restarts the workers, which restore from memory).
+
+The flow, per survivor::
+
+    collective raises (peer reset / gloo timeout)  or  Heartbeat.lost()
+      -> regroup(store, membership)
+           destroy the old default group (gloo: fast after a failed collective)
+           join:   set  <ns>/g<N>/join/<launch rank>, add <ns>/g<N>/count
+           wait:   every old member joined; or, with a Heartbeat, the missing ones did not
+                   acknowledge within ack_s (their heartbeat threads answer a started regroup
+                   with <ns>/g<N>/alive/<launch rank>) or their beats stopped; without one,
+                   join_window_s; all bounded by timeout_s
+           decide: compare_set <ns>/g<N>/decided "" -> sorted joined ranks (first writer wins;
+                   every survivor reads the same list back and validates it)
+           form:   init_process_group(store=PrefixStore(<ns>/g<N>/pg, store), dense ranks)
+      -> Membership(generation N, members, rank, world_size, rank_map)
+
+Detection (measured with gloo on one host, torch 2.13): a SIGKILLed peer resets its sockets,
+and every survivor's pending collective raises within tens of milliseconds (the survivors
+that were not talking to the dead rank see their neighbours' groups close). A peer that hangs
+or whose node drops off the network without closing its sockets is seen only when gloo's
+timeout (the group's ``timeout``) expires. :class:`Heartbeat` sees a stopped peer after
+``miss_s`` whatever the collectives do, but in torch 2.13 neither ``_abort_process_group`` nor
+``destroy_process_group`` interrupts a pending gloo collective (both return only when the
+collective's own timeout expires), so the group's timeout bounds recovery from a hang. The
+heartbeat's uses: to see a loss between collectives, and to let :func:`regroup` agree fast:
+survivors cannot tell a dead member from a late one, but a live member's heartbeat thread
+acknowledges a started regroup within a beat, so the membership closes after ``ack_s``
+(a few beats) instead of a blind ``join_window_s``.
+
+Where the store lives under torchrun (torch 2.13): with the default
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0`` the workers are clients
+(``TORCHELASTIC_USE_AGENT_STORE=True``) of a TCPStore hosted by the agent of node rank 0;
+with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` the worker of global rank 0 hosts it (on
+``MASTER_ADDR:MASTER_PORT``). Either way it lives on node rank 0: when that node is the lost
+one, the store is gone and :func:`regroup` raises ``RegroupError(reason="store_lost")`` as
+soon as a store call fails. torchrun's agent on a surviving node does not restart its workers
+when another node's agent vanishes (it restarts on a failed local worker or on a node
+*waiting to join*); after its workers exit it waits in its exit barrier for the lost agent,
+``exit_barrier_timeout`` (300 s, not settable from the command line), then exits.
+
+Every value read from the store is hostile: sizes are capped, integers and membership lists
+are validated against the previous generation before they are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ..errors import ConfigError, RegroupError
+
+__all__ = ["Membership", "Heartbeat", "regroup", "job_store", "NAMESPACE"]
+
+#: the root of every key this module writes
+NAMESPACE = "recoverkit/regroup"
+#: the largest record read from the store (a membership list of MAX_WORLD ranks fits)
+MAX_VALUE_BYTES = 1 << 20
+#: the largest world a membership may name
+MAX_WORLD = 1 << 16
+_POLL_S = 0.01
+
+
+def _store_call(what: str, fn: Any, *args: Any) -> Any:
+    """Runs one store call; any failure means the store is unreachable (its host is gone)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - DistNetworkError, DistStoreError, RuntimeError
+        raise RegroupError(
+            f"the shared store is unreachable ({what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the node hosting it is probably the lost one: in-process re-forming is impossible, "
+            "fall back to the restart path",
+            reason="store_lost",
+        ) from e
+
+
+def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RegroupError(f"{what}: expected an integer in [{lo}, {hi}], got {value!r:.80}", reason="invalid")
+    return value
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Who is in the job's default process group, generation by generation.
+
+    Ranks are named by their *launch rank* (the global rank at generation 0, stable across
+    regroups); ``members[i]`` is the launch rank of the process whose rank is ``i`` in this
+    generation.
+
+    Attributes:
+        namespace: the store prefix this job's regroups use (agreed at generation 0).
+        generation: 0 for the world as launched, +1 per regroup.
+        members: launch ranks alive in this generation, sorted; index = rank.
+        launch_rank: this process's launch rank.
+        previous: ``members`` of the generation before (equal to ``members`` at 0).
+        formed_in_s: seconds :func:`regroup` took to form this generation (0.0 at generation 0).
+    """
+
+    namespace: str
+    generation: int
+    members: tuple[int, ...]
+    launch_rank: int
+    previous: tuple[int, ...]
+    formed_in_s: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in this generation's default group."""
+        return self.members.index(self.launch_rank)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    @property
+    def rank_map(self) -> dict[int, int]:
+        """Rank in the previous generation -> rank in this one, for every survivor."""
+        return {self.previous.index(r): i for i, r in enumerate(self.members)}
+
+    @property
+    def lost(self) -> tuple[int, ...]:
+        """Launch ranks of the previous generation that are not in this one."""
+        return tuple(r for r in self.previous if r not in self.members)
+
+    @classmethod
+    def initial(cls, store: Any) -> Membership:
+        """Generation 0: the current default group, under a namespace no earlier attempt used.
+
+        Collective: every rank calls it once, while the group is healthy. Rank 0 takes a fresh
+        epoch from the store with an atomic ``add`` and broadcasts it, because the store may
+        outlive earlier attempts of the job (torchrun's agent store keeps its keys across
+        restarts) and torchrun's restart count differs between nodes.
+
+        Example:
+            >>> dist.init_process_group("gloo")                       # doctest: +SKIP
+            >>> store = job_store(timeout_s=30)                       # doctest: +SKIP
+            >>> membership = Membership.initial(store)                # doctest: +SKIP
+        """
+        import torch
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        epoch = torch.zeros(1, dtype=torch.int64)
+        if rank == 0:
+            epoch[0] = _store_call("take an epoch", store.add, f"{NAMESPACE}/epoch", 1)
+        dist.broadcast(epoch, 0)
+        e = _check_int(int(epoch.item()), "regroup epoch", 1, 2**62)
+        members = tuple(range(world))
+        return cls(namespace=f"{NAMESPACE}/{e}", generation=0, members=members, launch_rank=rank, previous=members)
+
+
+def job_store(*, timeout_s: float) -> Any:
+    """The store torchrun's workers share: the default group's own TCPStore, unwrapped.
+
+    Call it while the default group exists, and keep the result for the life of the job:
+    with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` the store's server lives in global rank 0's
+    default group, and :func:`regroup` destroying that group would end the server for
+    everyone if nothing else held it. Without a default group, a new client of
+    ``MASTER_ADDR:MASTER_PORT`` whose calls fail after ``timeout_s``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        for _ in range(16):  # the group's PrefixStores around the shared TCPStore
+            if not isinstance(store, dist.PrefixStore):
+                break
+            store = store.underlying_store
+        return store
+    host = os.environ.get("MASTER_ADDR", "")
+    port_text = os.environ.get("MASTER_PORT", "")
+    if not host or not port_text.isdigit():
+        raise ConfigError("job_store needs a default process group, or MASTER_ADDR and MASTER_PORT (set by torchrun)")
+    port = _check_int(int(port_text), "MASTER_PORT", 1, 65535)
+    return _store_call(
+        "connect", lambda: dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    )
+
+
+class Heartbeat:
+    """A thread that beats for this rank in the store, watches the others, and answers regroups.
+
+    Each beat (every ``interval_s``) it bumps this rank's counter, reads the other members'
+    counters, and looks whether a regroup of the next generation has started (its join count
+    is above 0); if so it acknowledges, once, that this process is alive (``alive/<rank>``),
+    even while the training thread is still blocked in a collective. :func:`regroup` waits
+    for the members that acknowledged and closes the membership without the others after
+    ``ack_s``: a dead process never acknowledges, so the survivors agree within a few beats
+    instead of a long join window. A member is also *dead* once its counter has not moved
+    for ``miss_s`` (on this process's monotonic clock: the nodes' clocks need not agree).
+
+    The thread uses its own connection to the store (``store.clone()``), so the training
+    loop's store calls never delay a beat; every store call fails within the store's timeout
+    (at once when its host is gone: then ``store_error`` is set and the thread ends), and
+    ``stop`` joins the thread within ``miss_s``.
+
+    Example:
+        >>> hb = Heartbeat(store, membership, interval_s=0.1, miss_s=1.0).start()  # doctest: +SKIP
+        >>> if hb.lost():                                   # a rank died between collectives
+        ...     membership = regroup(store, membership, timeout_s=30, heartbeat=hb)
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        membership: Membership,
+        *,
+        interval_s: float = 0.1,
+        miss_s: float = 1.0,
+        ack_s: float | None = None,
+    ) -> None:
+        if not 0 < interval_s < miss_s:
+            raise ConfigError(f"Heartbeat: need 0 < interval_s < miss_s, got {interval_s} and {miss_s}")
+        self.ack_s = 3 * interval_s if ack_s is None else ack_s
+        if not interval_s < self.ack_s:
+            raise ConfigError(f"Heartbeat: need ack_s > interval_s, got {self.ack_s} and {interval_s}")
+        self._store = store.clone() if hasattr(store, "clone") else store
+        self.interval_s, self.miss_s = interval_s, miss_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: dict[int, tuple[int, float]] = {}
+        self._dead_since: float | None = None
+        self._acked = False
+        self.store_error: BaseException | None = None
+        self.watch(membership)
+
+    def watch(self, membership: Membership) -> None:
+        """Beats and watches under ``membership`` (:func:`regroup` calls it with the new one)."""
+        with self._lock:
+            self._prefix = f"{membership.namespace}/hb"
+            self._next = f"{membership.namespace}/g{membership.generation + 1}"
+            self._me = membership.launch_rank
+            now = time.monotonic()
+            self._seen = {r: (-1, now) for r in membership.members if r != self._me}
+            self._acked = False
+
+    def start(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="recoverkit-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.miss_s + 1.0)
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._beat()
+            except Exception as e:  # noqa: BLE001 - the store is gone: report it, stop beating
+                self.store_error = e
+                return
+            self._stop.wait(self.interval_s)
+
+    def _beat(self) -> None:
+        with self._lock:
+            prefix, nxt, me, acked = self._prefix, self._next, self._me, self._acked
+            others = list(self._seen)
+        self._store.add(f"{prefix}/{me}", 1)
+        if not acked and _check_int(int(self._store.add(f"{nxt}/count", 0)), "join count", 0, MAX_WORLD) > 0:
+            self._store.set(f"{nxt}/alive/{me}", "1")
+            with self._lock:
+                if self._next == nxt:
+                    self._acked = True
+        now = time.monotonic()
+        for r in others:
+            count = _check_int(int(self._store.add(f"{prefix}/{r}", 0)), f"heartbeat of rank {r}", 0, 2**62)
+            with self._lock:
+                if r not in self._seen:
+                    continue
+                last, since = self._seen[r]
+                if count != last:
+                    self._seen[r] = (count, now)
+                elif now - since > self.miss_s and self._dead_since is None:
+                    self._dead_since = now
+
+    def dead(self) -> set[int]:
+        """Launch ranks whose counter has not moved for ``miss_s``."""
+        now = time.monotonic()
+        with self._lock:
+            return {r for r, (_, since) in self._seen.items() if now - since > self.miss_s}
+
+    def lost(self) -> bool:
+        """True once a watched member is dead, or the store is gone."""
+        return self.store_error is not None or bool(self.dead())
+
+    @property
+    def lost_at(self) -> float | None:
+        """``time.monotonic()`` when the thread first saw a dead member, in any generation (None: never)."""
+        with self._lock:
+            return self._dead_since
+
+
+def _read_decision(store: Any, key: str, previous: tuple[int, ...]) -> tuple[int, ...]:
+    raw = _store_call("read the decision", store.get, key)
+    if not isinstance(raw, bytes) or not 0 < len(raw) <= MAX_VALUE_BYTES:
+        raise RegroupError(f"{key}: a record of {len(raw) if isinstance(raw, bytes) else '?'} bytes", reason="invalid")
+    try:
+        value = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RegroupError(f"{key}: not a JSON list ({e})", reason="invalid") from e
+    if not isinstance(value, list) or not 0 < len(value) <= len(previous):
+        raise RegroupError(f"{key}: expected a list of 1..{len(previous)} ranks, got {str(value)[:80]}", reason="invalid")
+    members = tuple(_check_int(r, f"{key}: a rank", 0, MAX_WORLD - 1) for r in value)
+    if list(members) != sorted(set(members)) or not set(members) <= set(previous):
+        raise RegroupError(f"{key}: {list(members)[:16]} is not a sorted subset of {list(previous)[:16]}", reason="invalid")
+    return members
+
+
+def regroup(
+    store: Any,
+    membership: Membership,
+    *,
+    timeout_s: float,
+    join_window_s: float = 2.0,
+    heartbeat: Heartbeat | None = None,
+    backend: str = "gloo",
+    pg_timeout_s: float | None = None,
+) -> Membership:
+    """Re-forms the default process group from the survivors; returns the new membership.
+
+    Called by every survivor after a failed collective (or :meth:`Heartbeat.lost`). Returns
+    once the new default group exists (dense ranks 0..n-1 in launch-rank order); raises
+    :class:`RegroupError` when the store is gone (``reason="store_lost"``), when this process
+    arrived after the others had agreed without it (``"excluded"``), when no new group formed
+    within ``timeout_s`` (``"timeout"``), or on a malformed record (``"invalid"``).
+
+    Args:
+        store: the store every worker shares (:func:`job_store`), not the old group's.
+        membership: the current generation (:meth:`Membership.initial` or the last regroup).
+        timeout_s: bound on the whole call, old group teardown excepted (see the module doc).
+        join_window_s: without a heartbeat, how long a survivor waits for old members that
+            have not joined, counted from its own arrival. With one, it waits for the members
+            whose heartbeat acknowledged the regroup (until ``timeout_s``), and for the others
+            ``heartbeat.ack_s`` (or until their beats stop for ``heartbeat.miss_s``).
+        heartbeat: a running :class:`Heartbeat`; it is switched to the new generation.
+        backend: the new group's backend.
+        pg_timeout_s: the new group's collective timeout (default: ``timeout_s``).
+
+    Example:
+        >>> try:                                                        # doctest: +SKIP
+        ...     dist.all_reduce(t)
+        ... except RuntimeError:
+        ...     membership = regroup(store, membership, timeout_s=30, heartbeat=hb)
+    """
+    import torch.distributed as dist
+
+    if not 0 < join_window_s <= timeout_s:
+        raise ConfigError(f"regroup: need 0 < join_window_s <= timeout_s, got {join_window_s} and {timeout_s}")
+    start = time.monotonic()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001, S110 - a broken group: its state is dropped all the same
+            pass
+    arrived = time.monotonic()
+    deadline = arrived + timeout_s
+    gen = membership.generation + 1
+    ns = f"{membership.namespace}/g{gen}"
+    me, previous = membership.launch_rank, membership.members
+    _store_call("join", store.set, f"{ns}/join/{me}", "1")
+    _store_call("count", store.add, f"{ns}/count", 1)
+    decided_key = f"{ns}/decided"
+
+    def present(kind: str, ranks: set[int]) -> set[int]:
+        return {r for r in ranks if _store_call("check", store.check, [f"{ns}/{kind}/{r}"])}
+
+    while True:
+        if _store_call("check the decision", store.check, [decided_key]):
+            break
+        count = _check_int(int(_store_call("count", store.add, f"{ns}/count", 0)), "join count", 0, MAX_WORLD)
+        now = time.monotonic()
+        waited = now - arrived
+        if count >= len(previous) or now >= deadline:
+            close = True
+        elif heartbeat is None:
+            close = waited >= join_window_s
+        else:
+            # wait for the members alive (acknowledged, still beating); not for the dead
+            missing = set(previous) - present("join", set(previous))
+            unacked = missing - present("alive", missing)
+            dead = heartbeat.dead()
+            close = all(r in dead or (r in unacked and waited >= heartbeat.ack_s) for r in missing)
+        if close:
+            proposal = json.dumps(sorted(present("join", set(previous))))
+            _store_call("decide", store.compare_set, decided_key, "", proposal)
+            break
+        time.sleep(_POLL_S)
+    members = _read_decision(store, decided_key, previous)
+    if me not in members:
+        raise RegroupError(
+            f"generation {gen} was agreed without launch rank {me} (members {list(members)[:16]}): "
+            "it arrived after the others closed; fall back to the restart path",
+            reason="excluded",
+        )
+    pg_timeout = timedelta(seconds=pg_timeout_s if pg_timeout_s is not None else timeout_s)
+    try:
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"{ns}/pg", store),
+            rank=members.index(me),
+            world_size=len(members),
+            timeout=pg_timeout,
+        )
+    except Exception as e:  # noqa: BLE001 - a member died meanwhile, or the store did
+        raise RegroupError(
+            f"generation {gen} (members {list(members)[:16]}) did not form: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}",
+            reason="timeout",
+        ) from e
+    new = Membership(
+        namespace=membership.namespace,
+        generation=gen,
+        members=members,
+        launch_rank=me,
+        previous=previous,
+        formed_in_s=time.monotonic() - start,
+    )
+    if heartbeat is not None:
+        heartbeat.watch(new)
+    return new

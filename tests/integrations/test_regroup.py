@@ -1,0 +1,157 @@
+"""A node lost under torchrun, and the survivors re-form the process group in process.
+
+Two torchrun agents on this machine, one per simulated node (``RECOVERKIT_NODE`` a and b),
+``--nnodes 1:2 --nproc-per-node 2`` with a c10d rendezvous on localhost and no restarts, run
+4 gloo ranks (tests/integrations/regroup_worker.py) that all-reduce in a loop. The test
+SIGKILLs one node: its agent's process group and its workers (torchrun starts each worker
+in its own session).
+
+- Node b lost: the 2 survivors on node a see their collective fail within the group's
+  timeout, agree through the shared store (hosted on node a) on a world of 2, form a new
+  default group with dense ranks (launch ranks 0, 1 -> 0, 1) and all-reduce the right sum;
+  node a's agent does not restart them, and they exit 0.
+- Node a lost (the store lives there, whether the agent or global rank 0 hosts it): the
+  survivors on node b get ``RegroupError(reason="store_lost")`` within the bound, no hang.
+
+Bounds, not speed: detection must come within the group's timeout plus slack for a loaded
+machine. The figures (detection, re-forming) are printed for the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.distributed.harness import free_port
+from tests.integrations.test_torchrun_restart import REPO, torchrun_env
+
+PG_TIMEOUT_S = 10.0
+SLACK_S = 15.0  # a loaded 2-core machine
+
+
+def _launch(base: str, env_extra: dict[str, str]) -> tuple[list[subprocess.Popen], str]:
+    out = os.path.join(base, "out")
+    os.makedirs(out, exist_ok=True)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    port = free_port()
+    procs = []
+    for node in ("a", "b"):
+        cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+        cmd += ["--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=regroup", "--max-restarts=0", "--monitor-interval=0.1",
+                "-m", "tests.integrations.regroup_worker", out, str(PG_TIMEOUT_S)]
+        env = dict(torchrun_env(), RECOVERKIT_NODE=node, **env_extra)
+        log = open(os.path.join(base, f"agent-{node}.log"), "w")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()
+        if node == "a":
+            time.sleep(1.0)  # its agent binds the rendezvous port first
+    return procs, out
+
+
+def _wait_files(out: str, names: list[str], timeout_s: float, procs: list[subprocess.Popen], base: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(os.path.join(out, n)) for n in names):
+        if time.monotonic() > deadline:
+            logs = {n: open(os.path.join(base, f"agent-{n}.log")).read()[-3000:] for n in "ab"}
+            raise AssertionError(f"missing {[n for n in names if not os.path.exists(os.path.join(out, n))]}; "
+                                 f"have {sorted(os.listdir(out))}; logs {logs}")
+        time.sleep(0.05)
+
+
+def _pids(out: str, node: str) -> dict[int, int]:
+    pids = {}
+    for name in os.listdir(out):
+        if name.startswith(f"pid-{node}-") and not name.endswith(".tmp"):
+            with open(os.path.join(out, name)) as f:
+                pids[int(name.rsplit("-", 1)[1])] = int(json.load(f))
+    return pids
+
+
+def _kill_node(procs: list[subprocess.Popen], out: str, node: str) -> None:
+    """SIGKILL a node: its agent's process group and its workers; records the time first."""
+    agent = procs["ab".index(node)]
+    workers = _pids(out, node)
+    t = time.time()
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in workers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with open(os.path.join(out, "killed.tmp"), "w") as f:
+        f.write(repr(t))
+    os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
+
+
+def _end(procs: list[subprocess.Popen], out: str) -> None:
+    """Ends whatever is left: the agents' process groups and every worker recorded."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=30)
+    for node in "ab":
+        for pid in _pids(out, node).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _result(out: str, rank: int) -> dict:
+    with open(os.path.join(out, f"result-{rank}.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_survivors_of_a_lost_node_regroup_in_process(tmp_path):
+    procs, out = _launch(str(tmp_path), {})
+    try:
+        _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
+        before = _pids(out, "a")
+        _kill_node(procs, out, "b")
+        _wait_files(out, ["result-0.json", "result-1.json", "exit-0", "exit-1"], PG_TIMEOUT_S + 20 + SLACK_S, procs, str(tmp_path))
+        results = [_result(out, r) for r in (0, 1)]
+        for r, res in enumerate(results):
+            assert "error" not in res, res
+            assert res["generation"] == 1 and res["members"] == [0, 1] and res["lost"] == [2, 3], res
+            assert res["rank"] == r and res["world_size"] == 2 and res["rank_map"] == {"0": 0, "1": 1}, res
+            assert res["sum"] == 3.0, res  # launch ranks 0 and 1 contribute 1 and 2
+            assert res["detect_s"] is not None and res["detect_s"] < PG_TIMEOUT_S + SLACK_S, res
+        # node a's agent did not restart its workers (same processes), and they exited 0
+        assert _pids(out, "a") == before
+        time.sleep(0.5)
+        log_a = open(tmp_path / "agent-a.log").read()
+        assert "will restart worker group" not in log_a, log_a[-3000:]
+        print("\nregroup figures:", json.dumps([{k: res[k] for k in ("detect_s", "heartbeat_detect_s", "reform_s", "formed_in_s")} for res in results]))
+    finally:
+        _end(procs, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["rank0", "agent"])
+def test_losing_the_node_that_hosts_the_store_raises_regroup_error(tmp_path, host):
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1" if host == "rank0" else "0"}
+    procs, out = _launch(str(tmp_path), env)
+    try:
+        _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
+        _kill_node(procs, out, "a")
+        _wait_files(out, ["result-2.json", "result-3.json"], PG_TIMEOUT_S + 20 + SLACK_S, procs, str(tmp_path))
+        for rank in (2, 3):
+            res = _result(out, rank)
+            assert res.get("error") == "store_lost", res
+            assert res["detect_s"] is not None and res["detect_s"] < PG_TIMEOUT_S + SLACK_S, res
+            assert res["regroup_s"] < 20 + SLACK_S, res
+        print("\nstore-lost figures:", json.dumps([{k: _result(out, r)[k] for k in ("detect_s", "regroup_s")} for r in (2, 3)]))
+    finally:
+        _end(procs, out)
