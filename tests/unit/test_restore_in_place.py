@@ -5,9 +5,11 @@ Real Checkpointers, real host snapshots in the staging pool, real bytes corrupte
 memory. What is checked: the restore is bit-exact (parameters, buffers, optimizer state,
 plain tensors), keeps every live tensor object and its storage (optimizer state included,
 which the copy path replaces), is all or nothing (a corrupted region or a target that does
-not fit changes nothing), and targets that cannot take the bytes in place (another dtype,
-a strided view, a fresh optimizer without state, non-tensor owners) get them through the
-copy path.
+not fit changes nothing), targets that cannot take the bytes in place (another dtype,
+a strided view, non-tensor owners) get them through the copy path, and a fresh optimizer
+without state gets its state tensors built new (see also test_restore_restarted.py). A tier
+whose views are verified already (``views_verified``) is trusted; any other tier's views are
+checked.
 """
 
 from __future__ import annotations
@@ -350,6 +352,67 @@ def test_packed_small_tensors_are_verified_through_their_pack_and_land_in_place(
     tier.bytes[seg] = bytes(data)
     with pytest.raises(IntegrityError, match="pack at"):
         read_state(tier, 1, manifest, in_place=True)
+
+
+def _damaged_bytes(root):
+    """A saved step whose bytes in memory have one byte of the big tensor flipped: (the
+    local tier, the manifest, those bytes by path, the saved tensor)."""
+    big = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    with Checkpointer(root, options=CheckpointOptions()) as ckpt:
+        ckpt.save(1, {"big": big})
+        local = ckpt.tiers["local"]
+        manifest = local.manifest(1)
+    shard = manifest.tensors["big"].shards[0]
+    path = os.path.join(local.step_path(1), shard.file)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[shard.offset + 4 * 10] ^= 0x01  # the low bit of element 10
+    return local, manifest, {path: bytes(data)}, big
+
+
+class VerifiedBytesTier(FileBytesTier):
+    """Promises its views were checked already (as a tier that verified them on fetch)."""
+
+    views_verified = True
+
+
+def test_a_tier_with_verified_views_is_trusted_and_any_other_is_checked(root):
+    local, manifest, damaged, big = _damaged_bytes(root)
+
+    def tier(cls, flag=None):
+        t = cls(local)
+        t.bytes = dict(damaged)
+        if flag is not None:
+            t.views_verified = flag
+        return t
+
+    # the flag as a class attribute: no CRC pass of its own, the bytes are used as served
+    tree = read_state(tier(VerifiedBytesTier), 1, manifest, in_place=True)
+    assert isinstance(tree["big"], PendingTensor)
+    target = {"big": torch.zeros(64, 64)}
+    apply_restored(target, tree, restore_rng=False)
+    assert (target["big"] != big).nonzero().tolist() == [[0, 10]]  # the tier's promise made these count
+    # the flag as an instance attribute works the same
+    assert isinstance(read_state(tier(FileBytesTier, True), 1, manifest, in_place=True)["big"], PendingTensor)
+    # without the flag (or with anything but True) the damaged view is refused, nothing applied
+    for flag in (None, False, 1, "yes"):
+        target = {"big": torch.zeros(64, 64)}
+        with pytest.raises(IntegrityError, match="'big' (region|pack) at .* has crc"):
+            apply_restored(target, read_state(tier(FileBytesTier, flag), 1, manifest, in_place=True), restore_rng=False)
+        assert not target["big"].any()
+    # and the undamaged bytes restore through the check
+    clean = FileBytesTier(local)
+    target = {"big": torch.zeros(64, 64)}
+    apply_restored(target, read_state(clean, 1, manifest, in_place=True), restore_rng=False)
+    assert torch.equal(target["big"], big)
+
+
+def test_verify_skips_units_marked_verified_and_checks_the_rest():
+    data = memoryview(b"123456789")
+    verify([Unit(data, 0, "trusted", verified=True)])  # a wrong CRC, never computed
+    with pytest.raises(IntegrityError, match="1 region\\(s\\).*'x'"):
+        verify([Unit(data, 0, "trusted", verified=True), Unit(data, 0, "'x'")])
+    assert ReadableTier.views_verified is False
 
 
 def test_a_tier_serving_a_view_of_the_wrong_size_is_a_fault_of_the_step(root):
