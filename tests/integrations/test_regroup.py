@@ -36,7 +36,7 @@ PG_TIMEOUT_S = 10.0
 SLACK_S = 15.0  # a loaded 2-core machine
 
 
-def _launch(base: str, env_extra: dict[str, str]) -> tuple[list[subprocess.Popen], str]:
+def _launch(base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S) -> tuple[list[subprocess.Popen], str]:
     out = os.path.join(base, "out")
     os.makedirs(out, exist_ok=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -45,9 +45,9 @@ def _launch(base: str, env_extra: dict[str, str]) -> tuple[list[subprocess.Popen
     for node in ("a", "b"):
         cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
         cmd += ["--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=regroup", "--max-restarts=0", "--monitor-interval=0.1",
-                "-m", "tests.integrations.regroup_worker", out, str(PG_TIMEOUT_S)]
-        env = dict(torchrun_env(), RECOVERKIT_NODE=node, **env_extra)
+                "--rdzv-id=regroup", "--max-restarts=1", "--monitor-interval=0.1",
+                "-m", "tests.integrations.regroup_worker", out, str(pg_timeout_s)]
+        env = dict(torchrun_env(), RECOVERKIT_NODE=node, LOGLEVEL="INFO", **env_extra)
         log = open(os.path.join(base, f"agent-{node}.log"), "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
@@ -75,15 +75,15 @@ def _pids(out: str, node: str) -> dict[int, int]:
     return pids
 
 
-def _kill_node(procs: list[subprocess.Popen], out: str, node: str) -> None:
-    """SIGKILL a node: its agent's process group and its workers; records the time first."""
+def _kill_node(procs: list[subprocess.Popen], out: str, node: str, sig: int = signal.SIGKILL) -> None:
+    """SIGKILL (or SIGSTOP) a node: its agent's process group and its workers; records the time first."""
     agent = procs["ab".index(node)]
     workers = _pids(out, node)
     t = time.time()
-    os.killpg(agent.pid, signal.SIGKILL)
+    os.killpg(agent.pid, sig)
     for pid in workers.values():
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
     with open(os.path.join(out, "killed.tmp"), "w") as f:
@@ -113,29 +113,55 @@ def _result(out: str, rank: int) -> dict:
         return json.load(f)
 
 
-@pytest.mark.slow
-def test_survivors_of_a_lost_node_regroup_in_process(tmp_path):
-    procs, out = _launch(str(tmp_path), {})
+def _survive(tmp_path, sig: int, pg_timeout_s: float) -> list[dict]:
+    """Node b SIGKILLed (or SIGSTOPped: its sockets stay open); node a's 2 ranks go on as a world of 2."""
+    procs, out = _launch(str(tmp_path), {}, pg_timeout_s)
     try:
         _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
         before = _pids(out, "a")
-        _kill_node(procs, out, "b")
-        _wait_files(out, ["result-0.json", "result-1.json", "exit-0", "exit-1"], PG_TIMEOUT_S + 20 + SLACK_S, procs, str(tmp_path))
+        _kill_node(procs, out, "b", sig)
+        _wait_files(out, ["result-0.json", "result-1.json", "exit-0", "exit-1"], pg_timeout_s + 20 + SLACK_S, procs, str(tmp_path))
         results = [_result(out, r) for r in (0, 1)]
         for r, res in enumerate(results):
             assert "error" not in res, res
             assert res["generation"] == 1 and res["members"] == [0, 1] and res["lost"] == [2, 3], res
             assert res["rank"] == r and res["world_size"] == 2 and res["rank_map"] == {"0": 0, "1": 1}, res
             assert res["sum"] == 3.0, res  # launch ranks 0 and 1 contribute 1 and 2
-            assert res["detect_s"] is not None and res["detect_s"] < PG_TIMEOUT_S + SLACK_S, res
-        # node a's agent did not restart its workers (same processes), and they exited 0
+            assert res["detect_s"] is not None and res["detect_s"] < pg_timeout_s + SLACK_S, res
+        # node a's agent (restarts allowed) did not restart its workers: same processes, and
+        # after they exited 0 it reports success and waits in its exit barrier for node b
+        log = str(tmp_path / "agent-a.log")
+        deadline = time.monotonic() + 30
+        while "worker group successfully finished" not in open(log).read() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = open(log).read()
+        assert "worker group successfully finished" in text, text[-3000:]
+        assert "will restart worker group" not in text, text[-3000:]
         assert _pids(out, "a") == before
-        time.sleep(0.5)
-        log_a = open(tmp_path / "agent-a.log").read()
-        assert "will restart worker group" not in log_a, log_a[-3000:]
-        print("\nregroup figures:", json.dumps([{k: res[k] for k in ("detect_s", "heartbeat_detect_s", "reform_s", "formed_in_s")} for res in results]))
+        assert procs[0].poll() is None  # in its exit barrier (300 s), not restarting
+        return results
     finally:
         _end(procs, out)
+
+
+def _figures(results: list[dict]) -> str:
+    keys = ("detect_s", "heartbeat_detect_s", "reform_s", "formed_in_s")
+    return json.dumps([{k: res[k] for k in keys} for res in results])
+
+
+@pytest.mark.slow
+def test_survivors_of_a_lost_node_regroup_in_process(tmp_path):
+    print("\nregroup figures (SIGKILL):", _figures(_survive(tmp_path, signal.SIGKILL, PG_TIMEOUT_S)))
+
+
+@pytest.mark.slow
+def test_survivors_of_a_frozen_node_regroup_after_the_group_timeout(tmp_path):
+    """SIGSTOP keeps the node's sockets open: no reset, only gloo's timeout ends the collective,
+    and the stopped ranks' heartbeats neither beat nor acknowledge: they are left out."""
+    results = _survive(tmp_path, signal.SIGSTOP, 5.0)
+    for res in results:
+        assert res["heartbeat_detect_s"] is not None, res
+    print("\nregroup figures (SIGSTOP):", _figures(results))
 
 
 @pytest.mark.slow
