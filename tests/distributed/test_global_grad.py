@@ -174,3 +174,83 @@ def test_shrinking_the_batch_or_unkeyed_dropout_visibly_diverges(runs):
     # without keyed streams a micro-batch's dropout depends on the rank that runs it
     a, b = runs[4][0]["unkeyed"], runs[3][0]["unkeyed"]
     assert _rel(a[1], b[1]) > 1e-6
+
+
+def _refusals(rank, world):
+    import torch.distributed as dist
+
+    from recoverkit.distributed.global_grad import OrderedGradSum, allreduce_grads_sum
+
+    torch.set_num_threads(1)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    out = {}
+    # a rank that ran no micro-batch (no .grad) takes part with zeros
+    if rank == 0:
+        p.grad = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    allreduce_grads_sum([p])
+    out["idle"] = p.grad.tolist()
+    if rank == 1:
+        p.grad = None  # again a rank without micro-batches: the mean over 2 live ranks halves
+    allreduce_grads_sum([p], mode="shrink")
+    out["shrink"] = p.grad.tolist()
+    try:
+        allreduce_grads_sum([p], mode="mean")
+    except ValueError as e:
+        out["mode"] = str(e)
+    errors = []
+    for case in ("duplicate", "missing", "too_many", "ok"):
+        ordered = OrderedGradSum([p])
+        mine = {
+            "duplicate": [0],  # both ranks claim micro-batch 0
+            "missing": [rank * 2],  # nobody runs 1 and 3
+            "too_many": [0, 1, 2] if rank == 0 else [],
+            "ok": [rank, rank + 2],
+        }[case]
+        for i in mine:
+            p.grad = torch.full((3,), float(i + 1), dtype=torch.float64)
+            ordered.add(i, loss=float(i))
+        try:
+            out["loss"] = ordered.reduce(4 if case != "too_many" else 2)
+            out["sum"] = p.grad.tolist()
+        except RuntimeError as e:
+            errors.append((case, str(e)))
+    out["errors"] = errors
+    dist.barrier()
+    return out
+
+
+def test_reduction_helpers_refuse_a_wrong_plan_on_every_rank():
+    for res in run_world(2, _refusals, timeout_s=120):
+        assert res["idle"] == [1.0, 2.0, 4.0] and res["shrink"] == [0.5, 1.0, 2.0]
+        assert "mode must be" in res["mode"]
+        assert res["loss"] == 0.0 + 1.0 + 2.0 + 3.0 and res["sum"] == [10.0] * 3
+        cases = dict(res["errors"])
+        assert sorted(cases) == ["duplicate", "missing", "too_many"]
+        assert "already sent" in cases["duplicate"]
+        assert "[1, 3]" in cases["missing"]
+        assert "holds 3 micro-batches; the step has 2" in cases["too_many"]
+
+
+def _late_peer(rank, world):
+    import time
+
+    from recoverkit.distributed.global_grad import OrderedGradSum
+
+    torch.set_num_threads(1)
+    p = torch.nn.Parameter(torch.zeros(2))
+    if rank == 1:
+        time.sleep(6)  # never joins the reduction
+        return None
+    ordered = OrderedGradSum([p], timeout_s=1.0)
+    p.grad = torch.ones(2)
+    ordered.add(0)
+    try:
+        ordered.reduce(1)
+    except TimeoutError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_peer_that_never_reduces_is_a_timeout_not_a_hang():
+    res = run_world(2, _late_peer, timeout_s=120, final_barrier=False)
+    assert res[0] is not None and "did not complete within 1.0 s" in res[0], res
