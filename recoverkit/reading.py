@@ -4,11 +4,12 @@ restore: a recovery chain (``recovery``; by default tier fallback: steps newest 
 tier first -> manifest) -> read + verify every byte (``restore.reader``) -> keep the entries
 asked for -> check they fit -> apply (``restore.apply``)
 
-Over tiers that include a shared-memory tier (``staging.shm_tier``), a restore first tries
+Over tiers that include a memory tier of a job of several ranks (the host tier
+``staging.host_tier``, the shared-memory tier ``staging.shm_tier``), a restore first tries
 the memory restore across ranks (``recovery.memory``: the newest step complete in memory on
-any live node, own snapshots and peer replicas, unless a disk holds a newer one; collective,
-every rank of the job restores together), then tier fallback over the other tiers: the
-fastest source of the newest step. Such a restore reads in place (``restore.in_place``:
+any live rank or node, own snapshots, other ranks' host snapshots and peer replicas, unless a
+disk holds a newer one; collective, every rank of the job restores together), then tier
+fallback over the other tiers: the fastest source of the newest step. Such a restore reads in place (``restore.in_place``:
 whole tensors held in memory are verified, then copied straight into the live ones). Which
 source each rank used is logged (logger ``recoverkit``, INFO).
 
@@ -82,8 +83,8 @@ class CheckpointReader:
             ``learn(tier, bad=step)`` of each damaged one (the Checkpointer's retention).
         strategies: the recovery strategies tried in order (default: tier fallback over
             ``tiers``, reporting to ``learn``; a restore over tiers that include a
-            shared-memory tier tries the memory restore across ranks first, then tier
-            fallback over the other tiers).
+            memory tier of several ranks (host, shared memory) tries the memory restore
+            across ranks first, then tier fallback over the other tiers).
         in_place: a restore copies whole tensors a tier holds in memory straight into the
             live tensors (verified first; the same objects afterwards); False: new tensors,
             loaded through ``load_state_dict`` (disk tiers always take that path).
@@ -134,7 +135,7 @@ class CheckpointReader:
             strategies or [TierFallback(label=self.label, learn=self._learn)]
         )
         #: restore's chain and the tiers it reads: the memory restore first when a
-        #: shared-memory tier is among the tiers (its tiers are the memory restore's own)
+        #: memory tier of several ranks is among the tiers (its tiers are the memory restore's own)
         self._restore_chain, self._restore_tiers = self.chain, tuple(self.tiers)
         #: restores read in place (restore.in_place): a whole tensor a tier holds in memory
         #: (host snapshot, shared memory, a memory restore's verified bytes) is verified, then
@@ -259,19 +260,29 @@ class CheckpointReader:
 
 
 def _memory_restore(tiers: Sequence[ReadableTier]) -> tuple[RecoveryStrategy, list[ReadableTier]] | None:
-    """The memory restore over the shared-memory tier among ``tiers`` (and the replica tier,
-    if any), with the tiers it covers; None without a shared-memory tier of a job of several
-    ranks. A tier of a kind
-    whose module was never imported cannot be among them, so nothing is imported to look."""
-    shm_mod = sys.modules.get("recoverkit.staging.shm_tier")
-    shm = next((t for t in tiers if shm_mod is not None and isinstance(t, shm_mod.ShmTier)), None)
-    if shm is None or shm.world_size <= 1:  # one rank: its own snapshot is the whole state,
-        return None  # read by tier fallback like any tier (verified before anything is applied)
-    replica_mod = sys.modules.get("recoverkit.staging.replica")
-    replica = next((t for t in tiers if replica_mod is not None and isinstance(t, replica_mod.ReplicaTier)), None)
+    """The memory restore over the memory tiers among ``tiers`` (the host tier, the
+    shared-memory tier and the replica tier, whichever are there), with the tiers it covers;
+    None without a memory tier of a job of several ranks. A tier of a kind whose module was
+    never imported cannot be among them, so nothing is imported to look."""
+
+    def find(module: str, name: str) -> Any:
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        return next((t for t in tiers if cls is not None and isinstance(t, cls)), None)
+
+    shm = find("recoverkit.staging.shm_tier", "ShmTier")
+    host = find("recoverkit.staging.host_tier", "HostTier")
+    # one rank: its own snapshot is the whole state, read by tier fallback like any tier
+    # (verified before anything is applied)
+    shm = shm if shm is not None and shm.world_size > 1 else None
+    host = host if host is not None and host.world_size > 1 else None
+    if shm is None and host is None:
+        return None
+    replica = find("recoverkit.staging.replica", "ReplicaTier") if shm is not None else None
     from .recovery.memory import MemoryRestore
 
-    return MemoryRestore(shm, replica=replica), [t for t in (shm, replica) if t is not None]
+    strategy = MemoryRestore(shm, replica=replica, host=host)
+    return strategy, [t for t in (host, shm, replica) if t is not None]
 
 
 def _apply(

@@ -13,7 +13,10 @@ against the snapshot's own CRCs by the layer that asked for them.
            bytes assigned so far (the load spread over every holder)
         -> rounds: the k-th transfer of each (sender, receiver) pair in round k, so one
            exchange call moves at most one buffer per peer and direction
-        -> run_transfers: every rank takes part in the rounds it has a transfer in, in order
+        -> run_transfers: every rank takes part in the rounds it has a transfer in, in order;
+           with ``check``, one verified pass: the sender computes no CRC (the bytes are
+           snapshot regions whose CRCs the receiver holds in its validated records) and the
+           receiver checks each region as the transfer lands (``check(t, landed)``)
 
 A plan made by one rank reaches the others as JSON: :meth:`Transfer.from_json` parses it as
 hostile input (exact fields, integers in range), and a receiver only ever writes into the
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import IntegrityError, TransportError, add_note
 
 if TYPE_CHECKING:  # types only: planning and parsing a plan need no torch
-    from .transport import Buffer, PeerTransport
+    from .transport import Buffer, Check, PeerTransport
 
 __all__ = ["Transfer", "plan_transfers", "rounds", "run_transfers"]
 
@@ -133,6 +136,7 @@ def run_transfers(
     source: Callable[[Transfer], Buffer],
     sink: Callable[[Transfer], Buffer],
     timeout_s: float,
+    check: Callable[[Transfer, memoryview], None] | None = None,
 ) -> int:
     """Run this rank's part of ``transfers`` (every rank calls it with the same plan).
 
@@ -143,6 +147,12 @@ def run_transfers(
     after it, so the peers are not left waiting; the first fault is raised at the end with the
     others as notes. A lost or stuck peer raises at once (the transport is broken then).
 
+    ``check(t, landed)``: every rank passes one or none. Given, the bytes move without a CRC
+    of the whole buffer (:class:`~recoverkit.distributed.transport.Unsigned`): the receiver
+    verifies ``landed`` (``t``'s bytes, once they arrived) against its own records, raising
+    IntegrityError naming the region that fails, and that is the transfer's only pass over
+    them.
+
     Example (every rank of the plan)::
 
         run_transfers(transport, plan, source=lambda t: view[t.offset:t.offset + t.nbytes],
@@ -152,16 +162,22 @@ def run_transfers(
     deadline = time.monotonic() + timeout_s
     received = 0
     faults: list[BaseException] = []
+    if check is not None:
+        from .transport import Unsigned
     for batch in rounds(transfers):
-        sends = {t.dst: source(t) for t in batch if t.src == rank}
+        sends: dict[int, Any] = {t.dst: source(t) for t in batch if t.src == rank}
         recvs = {t.src: sink(t) for t in batch if t.dst == rank}
         if not sends and not recvs:
             continue
+        checks = None
+        if check is not None:
+            sends = {p: Unsigned(b) for p, b in sends.items()}
+            checks = {t.src: _bound(check, t) for t in batch if t.dst == rank}
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TransportError(f"rank {rank}: no time left for the transfers of a restore")
         try:
-            got = transport.exchange(sends, recvs, exact=True, timeout_s=remaining)
+            got = transport.exchange(sends, recvs, exact=True, timeout_s=remaining, checks=checks)
         except IntegrityError as e:  # refused or corrupt: both ends know; the transport works on
             faults.append(e)
             continue
@@ -172,3 +188,7 @@ def run_transfers(
         raise faults[0]
     return received
 
+
+
+def _bound(check: Callable[[Transfer, memoryview], None], t: Transfer) -> Check:
+    return lambda landed: check(t, landed)

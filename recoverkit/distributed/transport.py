@@ -13,6 +13,12 @@ runs in the same order (so ranks that send to each other at once never deadlock)
 3. payload: only an accepted transfer moves its bytes, straight into the receiver's buffer;
 4. acknowledgement: the receiver recomputes the CRC-32C and tells the sender whether it matched.
 
+One verified pass for bytes that carry their own checksums (snapshot regions): the sender
+wraps them in :class:`Unsigned` (it computes no CRC; the header says so) and the receiver
+passes ``checks[peer]``, which verifies the landed bytes region by region against *its*
+records instead of a CRC over the whole buffer. A header without a CRC is refused where the
+receiver has no check for it, so no byte is ever taken unverified.
+
 So :meth:`~PeerTransport.send` returns only once the peer holds the bytes verified, a refused
 or corrupt transfer raises on both ends (and the transport stays usable for a retry), and a
 dead or stuck peer raises :class:`PeerTimeoutError` / :class:`PeerLostError` naming it within
@@ -37,18 +43,40 @@ from ..format.checksum import crc32c, hexcrc
 
 __all__ = [
     "Buffer",
+    "Check",
     "PeerLostError",
     "PeerTimeoutError",
     "PeerTransport",
     "ProcessGroupTransport",
     "TransportError",
+    "Unsigned",
 ]
 
 #: what a transfer moves: bytes-like objects, or a contiguous tensor (its bytes)
 Buffer = bytes | bytearray | memoryview | torch.Tensor
 
+#: the receiver's own verification of bytes that landed (raises IntegrityError naming what
+#: is wrong); given for a peer, it replaces the CRC over the whole buffer
+Check = Callable[[memoryview], None]
+
 MAGIC = 0x524B5450  # "RKTP": a header that is not one of ours is refused
 _HEADER, _REPLY, _PAYLOAD, _ACK = 0x5101, 0x5102, 0x5103, 0x5104  # point-to-point tags per phase
+_NO_CRC = -1  # a header's CRC field for bytes the receiver verifies by its records
+
+
+class Unsigned:
+    """Bytes sent without a CRC of their own: the receiver verifies them by its records
+    (its ``checks`` for this peer), so the sender reads them once, to send them.
+
+    Example (every region of ``view`` has a CRC in the receiver's validated records)::
+
+        transport.exchange({peer: Unsigned(view)}, None)
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Buffer) -> None:
+        self.data = data
 
 
 class PeerTransport(ABC):
@@ -71,12 +99,16 @@ class PeerTransport(ABC):
         *,
         exact: bool = True,
         timeout_s: float | None = None,
+        checks: Mapping[int, Check] | None = None,
     ) -> dict[int, int]:
         """Send each ``sends[peer]`` to its peer and receive from each peer into ``recvs[peer]``.
 
         A receive buffer is writable and sized by the caller: the peer's announced size must
         equal its length (``exact``) or not exceed it, else the transfer is refused before any
-        byte moves. Returns the number of bytes received from each peer. Raises
+        byte moves. A send wrapped in :class:`Unsigned` carries no CRC; its receiver must give
+        ``checks[peer]`` (its own verification of the landed bytes, which then replaces the
+        CRC over the whole buffer), else it refuses the transfer. Returns the number of bytes
+        received from each peer. Raises
         IntegrityError (a refused size, a CRC mismatch, a transfer out of sequence: both ends
         raise, naming the peer), PeerLostError / PeerTimeoutError (a dead or stuck peer, within
         ``timeout_s``). Several failures raise the first, the others as notes.
@@ -124,6 +156,12 @@ def _bytes_view(buf: Buffer, *, writable: bool, what: str) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only sources (bytes) are only read
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mv.cast("B"), dtype=torch.uint8)
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte view of a uint8 tensor's memory (device tensors copied to the host)."""
+    host = t if t.device.type == "cpu" else t.cpu()
+    return memoryview(host.numpy()).cast("B") if host.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -186,12 +224,13 @@ class ProcessGroupTransport(PeerTransport):
         *,
         exact: bool = True,
         timeout_s: float | None = None,
+        checks: Mapping[int, Check] | None = None,
     ) -> dict[int, int]:
         if self._broken is not None:
             raise TransportError(
                 f"rank {self.rank}: the transport is broken ({self._broken}); build a new one"
             )
-        sends, recvs = dict(sends or {}), dict(recvs or {})
+        sends, recvs, checks = dict(sends or {}), dict(recvs or {}), dict(checks or {})
         for peer in (*sends, *recvs):
             if peer == self.rank or not 0 <= peer < dist.get_world_size():
                 raise ValueError(f"rank {self.rank}: {peer} is not a peer")
@@ -204,15 +243,18 @@ class ProcessGroupTransport(PeerTransport):
             p: _bytes_view(b, writable=True, what=f"receive from rank {p}")
             for p, b in recvs.items()
         }
+        unsigned = {p for p, b in sends.items() if isinstance(b, Unsigned)}
         src = {
-            p: _bytes_view(b, writable=False, what=f"send to rank {p}") for p, b in sends.items()
+            p: _bytes_view(b.data if isinstance(b, Unsigned) else b, writable=False, what=f"send to rank {p}")
+            for p, b in sends.items()
         }
         faults: list[BaseException] = []
         # A peer lost in one phase leaves the later ones; the transfers with the others complete.
 
         # 1. headers: (magic, sequence, size, crc) each way
         hdrs = {
-            p: self._ints(MAGIC, self._sent.get(p, 0), t.numel(), _crc(t)) for p, t in src.items()
+            p: self._ints(MAGIC, self._sent.get(p, 0), t.numel(), _NO_CRC if p in unsigned else _crc(t))
+            for p, t in src.items()
         }
         got_hdr = {p: self._ints(0, 0, 0, 0) for p in out}
         self._phase("header", _HEADER, hdrs, got_hdr, deadline, faults)
@@ -228,6 +270,15 @@ class ProcessGroupTransport(PeerTransport):
             if magic != MAGIC or seq != expected_seq:
                 why = f"is not in step (header {magic:#x} #{seq}, expected #{expected_seq})"
                 faults.append(IntegrityError(f"rank {self.rank}: the transfer from rank {p} {why}"))
+            elif crc != _NO_CRC and not 0 <= crc <= 0xFFFFFFFF:
+                faults.append(IntegrityError(f"rank {self.rank}: rank {p} announced CRC {crc}: refused"))
+            elif crc == _NO_CRC and p not in checks:
+                faults.append(
+                    IntegrityError(
+                        f"rank {self.rank}: rank {p} sent {size} bytes without a CRC, and this "
+                        f"receive has no records to verify them by: refused"
+                    )
+                )
             elif size < 0 or size > limit or (exact and size != limit):
                 takes = f"{'exactly' if exact else 'at most'} {limit}"
                 faults.append(
@@ -275,6 +326,15 @@ class ProcessGroupTransport(PeerTransport):
                 view.copy_(staged_in[p])
             if self._on_arrival is not None:
                 self._on_arrival(p, view)
+            check = checks.get(p)
+            if check is not None:  # one pass: the receiver's records, region by region
+                try:
+                    check(_host_bytes(view))
+                except IntegrityError as e:
+                    faults.append(e)
+                else:
+                    verified[p] = size
+                continue
             found = _crc(view)
             if found != crc:
                 faults.append(
@@ -295,7 +355,7 @@ class ProcessGroupTransport(PeerTransport):
                 faults.append(
                     IntegrityError(
                         f"rank {self.rank}: rank {p} received {src[p].numel()} bytes that "
-                        f"failed their CRC-32C check"
+                        f"failed {'its check' if p in unsigned else 'their CRC-32C check'}"
                     )
                 )
         if faults:

@@ -1,25 +1,30 @@
-"""Restore from memory across ranks: own shared memory, a peer's replica, else the disk.
+"""Restore from memory across ranks: own host or shared memory, a peer's copy, else the disk.
 
-Where it sits: the first strategy of a restore whose tiers include a shared-memory tier
-(``staging/shm_tier``; replicas from ``staging/replica``); tier fallback (the disk) comes
-after it. Collective: every rank of the job calls :meth:`MemoryRestore.recover` together.
+Where it sits: the first strategy of a restore whose tiers include a memory tier of a job
+of several ranks: the shared-memory tier (``staging/shm_tier``; replicas from
+``staging/replica``) and the host tier (``staging/host_tier``: this process's staged
+snapshots); tier fallback (the disk) comes after it. Collective: every rank of the job calls
+:meth:`MemoryRestore.recover` together. Where a rank reads copies without a transfer is a
+*place* (``memory_held``): its node's shared memory, its own host memory.
 
 One attempt, every exchange through the coordinator and bounded by its timeout::
 
-    every rank   scan its node's shm job dir: (owner, own/replica, step, index CRC, sizes)
+    every rank   scan its places: (owner, own/replica, step, index CRC, sizes) per place
                  + the newest step on its disk tiers                     ──gather "held"──►
-    rank 0       the newest step S every owner rank of the world holds on a live node,
+    rank 0       the newest step S every owner rank of the world holds in a live place,
                  newer than (or as new as) every disk; for each owner the copy to use
                  (own snapshot first) and who sends rank 0 the indexes it lacks
                                                                 ◄──broadcast "choice"──
     holders      indexes rank 0 lacks                                    ──gather "index"──►
     rank 0       manifest of S = build_manifest(every owner's records, meta) + validate;
-                 what every rank needs of every owner; transfers from holder nodes to
-                 ranks whose node has no copy, spread over the holders   ◄──broadcast "plan"──
-    every rank   indexes (own node's shm, else the plan), the same manifest, validated
-                 here too (the one gate); local bytes mapped, remote ones fetched over the
-                 peer transport (``distributed/fetch``); every needed region's CRC and
-                 this rank's object blob checked                         ──gather "verified"──►
+                 what every rank needs of every owner; transfers from holding ranks to
+                 ranks that read no copy, spread over the holders        ◄──broadcast "plan"──
+    every rank   indexes (own places, else the plan), the same manifest, validated here
+                 too (the one gate); local bytes mapped, remote ones fetched over the peer
+                 transport (``distributed/fetch``) into one buffer per transfer sized from
+                 the validated plan, each needed region's CRC checked as it lands (the only
+                 pass: the sender computes none); the local regions and this rank's object
+                 blob checked                                            ──gather "verified"──►
     rank 0       every rank verified? else the copies that failed   ◄──broadcast "verdict"──
 
 Only after the verdict does any rank ``use`` the source (a
@@ -32,7 +37,12 @@ what was skipped when memory held something newer than the disk.
 
 In a data-parallel job (every rank alive, each with its own snapshot) this restores from
 memory although a rank's snapshot is not self-contained: the replicated tensors written by
-their owner rank come from that owner's snapshot (its node's shared memory, or the transport).
+their owner rank come from that owner's snapshot (its node's shared memory, or the transport;
+a host snapshot only ever through the transport, from its own process).
+
+Bytes that nothing can change until the restore ends (fetched buffers, this process's host
+snapshot) are verified once: the :class:`~recoverkit.recovery.memory_source.MemoryTier` says so
+(``views_verified``) and the in-place restore copies them without a second CRC pass.
 """
 
 from __future__ import annotations
@@ -42,22 +52,24 @@ import logging
 import mmap
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..distributed.coordinator import Coordinator
 from ..distributed.fetch import Transfer, run_transfers
 from ..errors import CommitTimeoutError, IntegrityError
-from ..format.checksum import crc32c, hexcrc
-from ..format.manifest import Manifest
+from ..format.checksum import crc32c
+from ..format.manifest import Manifest, PackRecord
 from ..format.shm_index import ShmIndex
 from ..restore.reader import check_blob
 from ..storage.base import ReadableTier
 from ..storage.discovery import CheckpointSkippedWarning
 from ..storage.shm import ShmStore
 from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T, Use
+from .memory_held import HeldSource, HeldView, HostSource, ShmSource
 from .memory_plan import (
+    HOST_PLACE,
     Bad,
     CopyKey,
     b64,
@@ -68,7 +80,6 @@ from .memory_plan import (
     needed_regions,
     newest_on,
     plan_fetches,
-    scan,
     span,
     unb64,
 )  # fmt: skip
@@ -106,7 +117,10 @@ class MemoryRestore(RecoveryStrategy):
 
     Args:
         shm: the shared-memory tier of this rank (its store, coordinator, rank, world size
-            and timeout are used).
+            and timeout are used), or None.
+        host: the host tier of this rank (``staging.host_tier.HostTier``: its snapshots are
+            a place only this rank reads; its coordinator, else the process's default one,
+            and its timeout are used without ``shm``), or None.
         replica: the peer-replica tier, if any: its store is searched too when its shared
             memory is not the shm tier's (its own transport stays its replicator's).
         transport: moves bytes between nodes (default: ``survivors.transport``, else one
@@ -124,25 +138,46 @@ class MemoryRestore(RecoveryStrategy):
 
     def __init__(
         self,
-        shm: MemoryHolder,
+        shm: MemoryHolder | None = None,
         *,
         replica: Any = None,
+        host: Any = None,
         transport: Any = None,
         make_transport: Callable[[float], Any] | None = None,
     ) -> None:
+        if shm is None and host is None:
+            raise ValueError("a memory restore needs a shared-memory tier or a host tier")
         self.shm = shm
-        self.stores = [shm.store]
-        other = getattr(replica, "store", None)
-        if isinstance(other, ShmStore) and other.job_dir != shm.store.job_dir:
-            self.stores.append(other)
+        self.sources: list[HeldSource] = [HostSource(host)] if host is not None else []  # fastest first
+        self.stores: list[ShmStore] = []
+        if shm is not None:
+            self.stores = [shm.store]
+            other = getattr(replica, "store", None)
+            if isinstance(other, ShmStore) and other.job_dir != shm.store.job_dir:
+                self.stores.append(other)
+            self.sources.append(ShmSource(self.stores))
+        first: Any = shm if shm is not None else host
+        self.rank, self.world_size, self.timeout_s = int(first.rank), int(first.world_size), float(first.timeout_s)
+        self._coordinator: Coordinator | None = first.coordinator
         self.transport = transport
         self._make_transport = make_transport or _process_group_transport
         self._transport: Any = None
         self._built = False
 
     # ------------------------------------------------------------------ the strategy
+    @property
+    def coordinator(self) -> Coordinator:
+        """The coordinator of the exchanges (a host tier without one: the process's default
+        one, built on first use: every rank restores together, so every rank builds it at
+        the same point)."""
+        if self._coordinator is None:
+            self._coordinator = _default_coordinator(self.timeout_s)
+        return self._coordinator
+
     def recover(self, loss: Loss, survivors: Survivors, use: Use[T]) -> Recovered[T] | CannotRecover:
-        coord = self.shm.coordinator
+        if not any(s.takes_part for s in self.sources):  # the same on every rank: no exchange
+            return CannotRecover(self.name, "no rank holds a snapshot in memory (none was staged in this process)")
+        coord = self.coordinator
         disk = [t for t in survivors.tiers if t.name not in loss.tiers]
         given = self.transport or survivors.transport
         self._transport, self._built = given, False
@@ -169,7 +204,7 @@ class MemoryRestore(RecoveryStrategy):
             return CannotRecover(self.name, outcome.reason)
         tier = outcome.tier
         log.info(
-            "recoverkit: rank %d restores step %d from memory: %s", self.shm.rank, tier.step,
+            "recoverkit: rank %d restores step %d from memory: %s", self.rank, tier.step,
             "; ".join(f"rank {o}'s snapshot from {b.where}" for o, b in sorted(tier.owners.items())),
         )
         value: Any = None
@@ -192,7 +227,7 @@ class MemoryRestore(RecoveryStrategy):
     def _applied_everywhere(self, step: int, error: BaseException | None) -> str | None:
         """Every rank: whether every rank applied ``step`` from memory (None) or which did
         not (so every rank falls back, and the disk overwrites what the others applied)."""
-        coord = self.shm.coordinator
+        coord = self.coordinator
         n = _calls.get(coord, 0)
         _calls[coord] = n + 1
         scope = f"memory-restore/{n}"
@@ -200,13 +235,13 @@ class MemoryRestore(RecoveryStrategy):
         try:
             answer: dict[str, Any] | None = None
             try:
-                reports = coord.gather(f"{scope}/applied", mine, timeout_s=self.shm.timeout_s)
+                reports = coord.gather(f"{scope}/applied", mine, timeout_s=self.timeout_s)
                 if coord.rank == 0 and reports is not None:
                     bad = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if not rep["ok"]]
                     answer = {"failed": "; ".join(bad)}
             except CommitTimeoutError as e:
                 answer = {"failed": f"not every rank answered in time ({e})"}
-            verdict = coord.broadcast(f"{scope}/done", answer, timeout_s=self.shm.timeout_s)
+            verdict = coord.broadcast(f"{scope}/done", answer, timeout_s=self.timeout_s)
         except CommitTimeoutError as e:
             return f"no word from rank 0 in time ({e})"
         finally:
@@ -263,13 +298,16 @@ class _Attempt:
         self, strategy: MemoryRestore, scope: str, loss: Loss, disk: Sequence[ReadableTier],
         bad: set[Bad],
     ) -> None:
-        shm = strategy.shm
         self.strategy, self.scope, self.loss, self.disk, self.bad = strategy, scope, loss, disk, bad
-        self.coord, self.stores, self.rank, self.world = shm.coordinator, strategy.stores, shm.rank, shm.world_size
-        self.timeout_s, self.node = shm.timeout_s, shm.store.node
-        self._views: list[Any] = []  # slot views this attempt opened
+        self.coord, self.rank, self.world = strategy.coordinator, strategy.rank, strategy.world_size
+        self.timeout_s, self.sources = strategy.timeout_s, strategy.sources
+        self.places = [src.place for src in self.sources]
+        self._views: list[HeldView] = []  # copies this attempt opened
         self._owners: dict[int, OwnerBytes] = {}  # every owner's bytes as this rank holds them
         self._owned: set[int] = set()  # ids of the views the owners' bytes are
+        self._regions: dict[int, dict[tuple[int, int], int]] = {}  # what this rank needs of each owner
+        self._names: dict[tuple[int, int, int], str] = {}  # (owner, offset, nbytes) -> tensor, for messages
+        self._landed_bad: list[int] = []  # owners whose fetched bytes failed their records
 
     def run(self) -> _Ready | _Refused:
         ready: _Ready | _Refused
@@ -311,12 +349,13 @@ class _Attempt:
         return self.coord.broadcast(f"{self.scope}/{out}", answer, timeout_s=self.timeout_s)
 
     def _run(self) -> _Ready | _Refused:
-        # 1. what every node holds, and the newest step on every disk
-        mine = {"node": self.node, "held": [c.to_json() for c in scan(self.stores)], "disk": newest_on(self.disk)}
+        # 1. what every place holds, and the newest step on every disk
+        held = {src.place: [c.to_json() for c in src.scan()] for src in self.sources}
+        mine = {"node": self.places[-1], "places": self.places, "held": held, "disk": newest_on(self.disk)}
         choice = self._exchange("held", mine, lambda g: choose(g, world=self.world, bad=self.bad, step=self.loss.step), "choice")
         if not choice["ok"]:
             return _Refused(str(choice["reason"]), warn=bool(choice.get("warn")))
-        step, nodes = int(choice["step"]), [str(n) for n in choice["nodes"]]
+        step, nodes = int(choice["step"]), [[str(p) for p in ps] for ps in choice["places"]]
         crcs = {int(o): int(c) for o, c in choice["crcs"].items()}
         holders = {int(o): [(str(n), bool(r)) for n, r in hs] for o, hs in choice["holders"].items()}
         if len(nodes) != self.world or set(crcs) != set(range(self.world)) or set(holders) != set(crcs):
@@ -342,7 +381,7 @@ class _Attempt:
 
     # ------------------------------------------------------------------ rank 0's decisions
     def _plan(
-        self, gathered: list[dict[str, Any]], step: int, nodes: list[str],
+        self, gathered: list[dict[str, Any]], step: int, nodes: list[list[str]],
         crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
     ) -> dict[str, Any]:
         raw: dict[int, bytes] = {}
@@ -350,15 +389,15 @@ class _Attempt:
             for o, text in rep["indexes"].items():
                 raw[int(o)] = unb64(text)
         indexes: dict[int, ShmIndex] = {}
-        for o in range(self.world):  # the copy read: rank 0's node's, or the one a holder sent
-            here = [(n, r) for n, r in holders[o] if n == nodes[0]]
+        for o in range(self.world):  # the copy read: rank 0's place's, or the one a holder sent
+            here = [(n, r) for n, r in holders[o] if n in nodes[0]]
             node, replica = here[0] if o not in raw and here else holders[o][0]
             try:
                 if o not in raw:
                     raw[o] = self._open_here(o, step, crcs[o]).index_bytes
-                indexes[o] = check_index(raw[o], o, step, crcs[o], self.world, f"rank {o}'s index from node {node}")
+                indexes[o] = check_index(raw[o], o, step, crcs[o], self.world, f"rank {o}'s index from {_in(node)}")
             except (IntegrityError, OSError) as e:
-                return {"ok": False, "reason": f"rank {o}'s snapshot of step {step} on node {node}: {e}",
+                return {"ok": False, "reason": f"rank {o}'s snapshot of step {step} in {_in(node)}: {e}",
                         "warn": True, "bad": [[o, node, replica]]}
         try:
             manifest = manifest_of(step, indexes)
@@ -366,7 +405,7 @@ class _Attempt:
             return {"ok": False, "reason": f"step {step} in memory does not form a valid checkpoint: {e}",
                     "warn": True, "bad": [[o, n, r] for o in range(self.world) for n, r in holders[o]]}
         transfers = plan_fetches(manifest, nodes, holders)
-        lacking = {o for o in range(self.world) for n in nodes if n not in {h for h, _ in holders[o]}}
+        lacking = {o for o in range(self.world) for ps in nodes if not set(ps) & {h for h, _ in holders[o]}}
         return {"ok": True, "indexes": {str(o): b64(raw[o]) for o in sorted(lacking)},
                 "transfers": [t.to_json() for t in transfers]}
 
@@ -380,7 +419,7 @@ class _Attempt:
 
     # ------------------------------------------------------------------ every rank
     def _fetch_and_verify(
-        self, step: int, nodes: list[str], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
+        self, step: int, nodes: list[list[str]], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
         plan: dict[str, Any],
     ) -> tuple[dict[str, Any], MemoryTier | None]:
         """This rank's part of step 3: its report for rank 0, and the tier if it verified.
@@ -400,66 +439,107 @@ class _Attempt:
             failed = {"ok": False, "error": str(e), "bad": e.bad}
         except Exception as e:  # noqa: BLE001 - reported to rank 0: every rank falls back together
             failed = {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}
+        moved: dict[str, Any] | None = None  # what went wrong in the transfers
         if transport is not None:
             try:
                 run_transfers(
                     transport, transfers, timeout_s=self.timeout_s,
                     source=lambda t: self._source(t, step, crcs[t.owner]),
                     sink=lambda t: self._sink(t, failed is None),
+                    check=self._check_landed,
                 )
             except Exception as e:  # noqa: BLE001 - reported to rank 0 (a refusal of our own included)
-                failed = failed or {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}
+                bad = [[o, *used[o]] for o in dict.fromkeys(self._landed_bad) if o in used]
+                moved = {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": bad}
         if failed is not None:
             return failed, None
-        fault = _verify(manifest, self.rank, regions, self._owners)
+        # the local copies are checked even when a transfer failed (a damaged copy this rank
+        # sent is named here: the receiver only knows it came through this rank)
+        fetched = {t.owner for t in transfers if t.dst == self.rank}
+        fault = _verify(manifest, self.rank, regions, self._owners, self._names,
+                        skip=fetched if moved is not None else ())  # fmt: skip
         if fault is not None:
             owner, error = fault
-            node, replica = used.get(owner, (self.node, False))
+            node, replica = used.get(owner, (self.places[0], False))
             where = self._owners[owner].where if owner in self._owners else "not gathered"
             log.warning("recoverkit: rank %d: rank %d's snapshot of step %d from %s is damaged: %s",
                         self.rank, owner, step, where, error)
-            return {"ok": False, "error": f"rank {owner}'s snapshot from {where}: {error}",
-                    "bad": [[owner, node, replica]]}, None
+            report = {"ok": False, "error": f"rank {owner}'s snapshot from {where}: {error}",
+                      "bad": [[owner, node, replica]]}  # fmt: skip
+            if moved is not None:
+                report["error"] += f"; {moved['error']}"
+                report["bad"] += moved["bad"]
+            return report, None
+        if moved is not None:
+            return moved, None
         return {"ok": True}, MemoryTier(manifest, self._owners)
 
     def _prepare(
-        self, step: int, nodes: list[str], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
+        self, step: int, nodes: list[list[str]], crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
         plan: dict[str, Any], transfers: list[Transfer], used: dict[int, CopyKey],
     ) -> tuple[Manifest, dict[int, dict[tuple[int, int], int]]]:
-        """Every owner's index (this node's copy, else the one rank 0 shipped) -> the manifest
-        through the one gate -> this rank's regions; this node's copies mapped, a buffer sized
-        from the validated index for each owner to fetch."""
+        """Every owner's index (a copy in this rank's places, else the one rank 0 shipped) ->
+        the manifest through the one gate -> this rank's regions; local copies mapped, one
+        buffer per transfer to this rank, sized from the validated plan (the span of the
+        regions it needs of that owner, checked against the manifest here)."""
         shipped = {int(o): unb64(t) for o, t in plan["indexes"].items()}
-        local = {o for o in range(self.world) if self.node in {n for n, _ in holders[o]}}
+        mine_at = set(self.places)
+        local = {o for o in range(self.world) if mine_at & {n for n, _ in holders[o]}}
         indexes: dict[int, ShmIndex] = {}
         for o in range(self.world):
             if o in local:
                 try:
                     v = self._open_here(o, step, crcs[o])
-                except (IntegrityError, OSError) as e:  # gone meanwhile: this node's copy is out
-                    raise _CopyGone(str(e), [[o, self.node, r] for n, r in holders[o] if n == self.node]) from e
+                except (IntegrityError, OSError) as e:  # gone meanwhile: this place's copy is out
+                    raise _CopyGone(str(e), [[o, n, r] for n, r in holders[o] if n in mine_at]) from e
                 indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.world, v.path)
-                kind = "replica" if v.slots.replica else "own shm"
-                self._owners[o] = OwnerBytes(v.data, v.address, f"{kind} on node {self.node}", close=v.close)
+                kind = "replica" if v.replica else ("own host memory" if v.place.startswith(HOST_PLACE) else "own shm")
+                where = kind if kind == "own host memory" else f"{kind} on node {v.place}"
+                self._owners[o] = v.owner_bytes(where)
                 self._owned.add(id(v))
-                used[o] = (self.node, bool(v.slots.replica))
+                used[o] = (v.place, v.replica)
             else:
                 indexes[o] = check_index(shipped[o], o, step, crcs[o], self.world, f"rank {o}'s index (via rank 0)")
         manifest = manifest_of(step, indexes)  # the one gate, on this rank too
-        regions = needed_regions(manifest, self.rank)
+        regions = self._regions = needed_regions(manifest, self.rank)
+        self._names = _region_names(manifest, regions)
         mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
         want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)
         if mine != want:
             raise IntegrityError(f"rank 0's plan sends this rank {mine}, it needs {want}")
         for t in transfers:
-            if t.dst == self.rank:
-                size = indexes[t.owner].data_bytes  # validated: every record lies inside it
-                buf = mmap.mmap(-1, max(size, 1))  # pages are given only as the bytes land
-                view = memoryview(buf)[:size]
-                where = f"node {nodes[t.src]} via rank {t.src}"
-                self._owners[t.owner] = OwnerBytes(view, _mmap_address(buf), where, close=_closer(view, buf))
-                used[t.owner] = next(((n, r) for n, r in holders[t.owner] if n == nodes[t.src]), (nodes[t.src], True))
+            if t.dst == self.rank:  # t.nbytes: the span just checked against the manifest
+                buf = mmap.mmap(-1, max(t.nbytes, 1), flags=_PRIVATE)
+                view = memoryview(buf)[: t.nbytes]
+                held = next(((n, r) for n, r in holders[t.owner] if n in nodes[t.src]), (nodes[t.src][0], True))
+                where = f"{_in(held[0])} via rank {t.src}"
+                self._owners[t.owner] = OwnerBytes(
+                    view, _mmap_address(buf), where, close=_closer(view, buf), base=t.offset, stable=True
+                )
+                used[t.owner] = held
         return manifest, regions
+
+    def _check_landed(self, t: Transfer, landed: memoryview) -> None:
+        """The one pass over fetched bytes: every region this rank needs of ``t.owner``,
+        against the manifest's CRC, as the transfer lands (IntegrityError naming the tensor)."""
+        from ..restore.in_place import Unit, verify  # here: see _verify
+
+        owner = self._owners.get(t.owner)
+        rs = self._regions.get(t.owner)
+        if owner is None or rs is None or landed.nbytes != t.nbytes:
+            raise IntegrityError(f"rank {self.rank}: no buffer for rank {t.owner}'s bytes from rank {t.src}")
+        units = []
+        for (offset, nbytes), crc in sorted(rs.items()):
+            at = offset - t.offset
+            if at < 0 or at + nbytes > t.nbytes:
+                raise IntegrityError(f"rank {t.owner}'s bytes [{offset}, +{nbytes}) lie outside the transfer")
+            units.append(Unit(landed[at : at + nbytes], crc, _what(self._names, t.owner, offset, nbytes)))
+        try:
+            verify(units)
+        except IntegrityError as e:
+            self._landed_bad.append(t.owner)
+            raise IntegrityError(f"rank {self.rank}: rank {t.owner}'s snapshot from {owner.where}: {e}") from None
+        owner.verified.update(rs)
 
     def _source(self, t: Transfer, step: int, crc: int) -> Any:
         """What this rank sends for ``t``: its node's copy's bytes, or nothing when it lost
@@ -473,46 +553,99 @@ class _Attempt:
         """Where ``t`` lands: the buffer sized for it, or a 0-byte one this rank refuses with
         when it failed before (both ends learn at once, nobody waits)."""
         got = self._owners.get(t.owner) if ready else None
-        return got.data[t.offset : t.offset + t.nbytes] if got is not None else bytearray()
+        if got is None or got.base != t.offset or got.data.nbytes != t.nbytes:
+            return bytearray()
+        return got.data
 
-    def _open_here(self, owner: int, step: int, crc: int) -> Any:
-        """This node's copy of ``owner``'s ``step`` whose index has CRC ``crc`` (own slot first)."""
+    def _open_here(self, owner: int, step: int, crc: int) -> HeldView:
+        """A copy of ``owner``'s ``step`` in this rank's places whose index has CRC ``crc``
+        (the fastest place first, own snapshot before a replica)."""
         for v in self._views:
-            if v.index.rank == owner and v.step == step and crc32c(v.index_bytes) == crc:
+            if not v.closed and v.index.rank == owner and v.index.step == step and crc32c(v.index_bytes) == crc:
                 return v
-        for store, replica in ((st, r) for r in (False, True) for st in self.stores):
+        for src in self.sources:
             try:
-                v = store.slots(owner, replica=replica).open(step)
+                v = src.open(owner, step, crc)
             except (IntegrityError, OSError):
                 continue
-            if crc32c(v.index_bytes) == crc:
-                self._views.append(v)
-                return v
-            v.close()
-        raise IntegrityError(f"node {self.node} no longer holds rank {owner}'s snapshot of step {step}")
+            self._views.append(v)
+            return v
+        where = " or ".join(map(_in, self.places))
+        raise IntegrityError(f"{where} no longer holds rank {owner}'s snapshot of step {step}")
 
 
 # ---------------------------------------------------------------------- helpers
 def _verify(
-    manifest: Manifest, rank: int, regions: Mapping[int, Mapping[tuple[int, int], int]], owners: Mapping[int, OwnerBytes]
+    manifest: Manifest, rank: int, regions: Mapping[int, Mapping[tuple[int, int], int]], owners: Mapping[int, OwnerBytes],
+    names: Mapping[tuple[int, int, int], str], *, skip: Collection[int] = (),
 ) -> tuple[int, str] | None:
-    """Check every needed region's CRC, then this rank's object blob; (owner, fault) of the
-    first that fails, or None. Verified regions are recorded on their owner's bytes."""
+    """Check every needed region's CRC not verified yet (those that landed were checked as
+    they did), then this rank's object blob; (owner, fault) of the first owner that fails,
+    or None. Verified regions are recorded on their owner's bytes. ``skip``: owners not
+    checked (their transfer failed), nor the blob when it is one of theirs."""
+    # imported here: importing restore.in_place (which imports the module state.flatten)
+    # before staging.plan's ``from ..state import flatten`` makes that name the module
+    from ..restore.in_place import Unit, verify
+
     for o, rs in sorted(regions.items()):
-        data = owners[o].data
+        if o in skip:
+            continue
+        held = owners[o]
+        units = []
         for (offset, nbytes), crc in sorted(rs.items()):
-            if offset + nbytes > data.nbytes:
-                return o, f"bytes [{offset}, {offset + nbytes}) lie outside its {data.nbytes}"
-            found = crc32c(data[offset : offset + nbytes]) if nbytes else 0
-            if found != crc:
-                return o, f"bytes [{offset}, {offset + nbytes}) have crc {hexcrc(found)}, recorded {hexcrc(crc)}"
-            owners[o].verified.add((offset, nbytes))
+            if (offset, nbytes) in held.verified:
+                continue
+            found = held.locate(offset, nbytes)
+            if found is None:
+                return o, f"bytes [{offset}, {offset + nbytes}) lie outside what this rank holds of it"
+            units.append(Unit(found[0], crc, _what(names, o, offset, nbytes)))
+        try:
+            verify(units)
+        except IntegrityError as e:
+            return o, str(e)
+        held.verified.update(rs)
     b = manifest.blob_for(rank)
+    if b.rank in skip:
+        return None
     try:
-        check_blob(manifest, rank, bytes(owners[b.rank].data[b.offset : b.offset + b.nbytes]))
+        found = owners[b.rank].locate(b.offset, b.nbytes)
+        if found is None:
+            raise IntegrityError(f"rank {b.rank}'s object blob lies outside what this rank holds of it")
+        check_blob(manifest, rank, bytes(found[0]))
     except IntegrityError as e:
         return b.rank, str(e)
     return None
+
+
+def _region_names(
+    manifest: Manifest, regions: Mapping[int, Mapping[tuple[int, int], int]]
+) -> dict[tuple[int, int, int], str]:
+    """(owner, offset, nbytes) -> the tensor (or object blob) each needed region holds."""
+    out: dict[tuple[int, int, int], str] = {}
+    for key, rec in manifest.tensors.items():
+        for s in rec.shards:
+            region = s.pack if s.pack is not None else s
+            if (region.offset, region.nbytes) in regions.get(region.rank, {}):
+                what = f"a pack holding {key!r}" if isinstance(region, PackRecord) else repr(key)
+                out.setdefault((region.rank, region.offset, region.nbytes), what)
+    for b in manifest.blobs:
+        out.setdefault((b.rank, b.offset, b.nbytes), f"rank {b.rank}'s object blob")
+    return out
+
+
+def _what(names: Mapping[tuple[int, int, int], str], owner: int, offset: int, nbytes: int) -> str:
+    name = names.get((owner, offset, nbytes), "a region")
+    return f"{name} at {offset} ({nbytes} bytes)"
+
+
+def _in(place: str) -> str:
+    """A place for messages: ``node a``, ``the host memory of rank 1``."""
+    if place.startswith(HOST_PLACE):
+        return f"the host memory of rank {int(place.rsplit('-', 1)[-1])}"
+    return f"node {place}"
+
+
+_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
 
 
 def _mmap_address(buf: mmap.mmap) -> int:
@@ -528,6 +661,19 @@ def _closer(view: memoryview, buf: mmap.mmap) -> Callable[[], None]:
             pass
 
     return close
+
+
+_default: list[Coordinator] = []  # the process's default coordinator, built once
+
+
+def _default_coordinator(timeout_s: float) -> Coordinator:
+    """The process's default coordinator (collective the first time: every rank builds it
+    at the same point of a restore)."""
+    if not _default:
+        from ..distributed.coordinator import default_coordinator
+
+        _default.append(default_coordinator(timeout_s=timeout_s))
+    return _default[0]
 
 
 def _process_group_transport(timeout_s: float) -> Any:

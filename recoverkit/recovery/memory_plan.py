@@ -6,13 +6,17 @@ slots) and move no bytes. Everything a rank reports is parsed here as hostile in
 (:meth:`HeldCopy.from_json`, :func:`unb64`, :func:`check_index`)::
 
     scan (every rank)            this node's slots -> [HeldCopy] (owner, own/replica, step,
-                                 index CRC and size, data bytes, run id, world size)
+                                 index CRC and size, data bytes, run id, world size); a
+                                 rank's host snapshots are reported alike (``memory_held``)
     choose (rank 0)              every rank's report -> the newest step every owner rank
-                                 holds on a live node (not a damaged copy), unless a disk is
+                                 holds in a live place (not a damaged copy), unless a disk is
                                  newer; per owner the copies with the same index, own first
     manifest_of (every rank)     every owner's index -> build_manifest -> format/validate
     needed_regions / plan_fetches  what each rank reads of each owner, and the transfers
-                                 to ranks whose node holds no copy of an owner they need
+                                 to ranks that read no copy of an owner they need
+
+A *place* is where a rank reads copies without a transfer: its node's shared memory (named
+by the node) or its own process's host memory (``host:rank-RRRRR``, read by that rank only).
 """
 
 from __future__ import annotations
@@ -36,15 +40,18 @@ from ..storage.shm import ShmStore
 from .memory_source import data_name
 
 __all__ = [
-    "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "check_index", "choose", "manifest_of",
-    "needed_regions", "newest_on", "plan_fetches", "scan", "span", "unb64",
+    "HOST_PLACE", "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "check_index", "choose", "held_of",
+    "manifest_of", "needed_regions", "newest_on", "places_of", "plan_fetches", "scan", "span", "unb64",
 ]  # fmt: skip
 
-#: a copy of one owner's snapshot on one node: (node, is a replica)
+#: a copy of one owner's snapshot in one place: (place, is a replica); a place is a node's
+#: shared memory (the node's name) or one process's host memory (``host:rank-RRRRR``)
 CopyKey = tuple[str, bool]
-#: a copy found damaged: (owner, step, node, is a replica)
+#: a copy found damaged: (owner, step, place, is a replica)
 Bad = tuple[int, int, str, bool]
 
+#: the prefix of a place that is one process's host memory (a node's name has no ':')
+HOST_PLACE = "host:"
 _OWNER_DIR = re.compile(r"(rank|replica)-(\d{5})")
 _LOCAL_KEY = re.compile(r"rank-\d{5}/")
 
@@ -128,34 +135,44 @@ def newest_on(tiers: Sequence[ReadableTier]) -> int:
 
 
 def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], step: int | None) -> dict[str, Any]:
-    """Rank 0's choice from every rank's report (``{"node", "held", "disk"}``, index = rank).
+    """Rank 0's choice from every rank's report (index = rank).
+
+    A report is ``{"node", "places", "held", "disk"}``: ``places`` the places the rank reads
+    from without a transfer (its node's shared memory, its own host memory; default
+    ``[node]``), ``held`` the copies there (``{place: [HeldCopy JSON]}``, or a list of the
+    node's copies).
 
     The newest step (``step`` if given) that every owner rank of a world of ``world`` holds
-    on some reporting node, from one run, leaving out the ``bad`` copies; refused when a
+    in some reported place, from one run, leaving out the ``bad`` copies; refused when a
     disk holds a newer step. Per owner: the copy whose index is used (its own snapshot
-    first, then rank 0's node, then by node name) and every copy with the same index (the
-    holders its bytes may come from); ``index_from``: who sends rank 0 an index its node
-    lacks. ``warn``: a refusal that leaves something newer than the disk unused.
+    first, then the place the most ranks read, this process's host memory before shared
+    memory, then rank 0's place, then by name) and every copy with the same index (the
+    holders its bytes may come from); ``index_from``: who sends rank 0 an index its places
+    lack. ``warn``: a refusal that leaves something newer than the disk unused.
 
     Example:
         >>> held = lambda o, r=False: HeldCopy(o, r, 7, 9, 10, 64, "run", 2).to_json()
         >>> reports = [{"node": "a", "held": [held(0), held(1, True)], "disk": 5},
         ...            {"node": "b", "held": [held(1)], "disk": 5}]
         >>> c = choose(reports, world=2, bad=set(), step=None)
-        >>> c["step"], c["holders"]["1"], c["index_from"]
-        (7, [['b', False], ['a', True]], {})
+        >>> c["step"], c["holders"]["1"], c["index_from"], c["places"]
+        (7, [['b', False], ['a', True]], {}, [['a'], ['b']])
     """
-    nodes = [str(rep["node"]) for rep in reports]
+    places = [places_of(rep) for rep in reports]
+    readers: dict[str, int] = {}
+    for ps in places:
+        for p in ps:
+            readers[p] = readers.get(p, 0) + 1
     disk = max(int(rep["disk"]) for rep in reports)
     by_step: dict[tuple[int, str], dict[int, dict[CopyKey, HeldCopy]]] = {}
     newest = -1
-    for rep, node in zip(reports, nodes):
-        for c in map(HeldCopy.from_json, rep["held"]):
+    for rep, ps in zip(reports, places):
+        for place, c in held_of(rep, ps):
             if c.world_size != world or c.owner >= world:
                 continue
             newest = max(newest, c.step)
-            if (c.owner, c.step, node, c.replica) not in bad:
-                by_step.setdefault((c.step, c.run_id), {}).setdefault(c.owner, {})[(node, c.replica)] = c
+            if (c.owner, c.step, place, c.replica) not in bad:
+                by_step.setdefault((c.step, c.run_id), {}).setdefault(c.owner, {})[(place, c.replica)] = c
     wanted = [k for k in by_step if step is None or k[0] == step]
     complete = sorted((k for k in wanted if len(by_step[k]) == world), reverse=True)
     if not complete:
@@ -168,15 +185,47 @@ def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], s
     crcs: dict[str, int] = {}
     holders: dict[str, Any] = {}
     index_from: dict[str, int] = {}
+
+    def rank_of(key: CopyKey) -> tuple[bool, int, bool, bool, str]:
+        place, replica = key
+        return replica, -readers.get(place, 0), not place.startswith(HOST_PLACE), place not in places[0], place
+
     for o in range(world):
-        ranked = sorted(by_step[(chosen_step, run_id)][o].items(), key=lambda kv: (kv[0][1], kv[0][0] != nodes[0], kv[0][0]))
+        ranked = sorted(by_step[(chosen_step, run_id)][o].items(), key=lambda kv: rank_of(kv[0]))
         first = ranked[0][1]
         same = [k for k, c in ranked if c.crc == first.crc and c.size == first.size]
         crcs[str(o)] = first.crc
         holders[str(o)] = [[n, r] for n, r in same]
-        if nodes[0] not in {n for n, _ in same}:  # rank 0 lacks it: the first rank of a holder sends it
-            index_from[str(o)] = min(r for r, n in enumerate(nodes) if n == same[0][0])
-    return {"ok": True, "step": chosen_step, "nodes": nodes, "crcs": crcs, "holders": holders, "index_from": index_from}
+        if not set(places[0]) & {n for n, _ in same}:  # rank 0 lacks it: the first rank of a holder sends it
+            index_from[str(o)] = min(r for r, ps in enumerate(places) if same[0][0] in ps)
+    return {"ok": True, "step": chosen_step, "nodes": [ps[0] for ps in places], "places": places, "crcs": crcs,
+            "holders": holders, "index_from": index_from}
+
+
+def places_of(rep: Mapping[str, Any]) -> list[str]:
+    """A report's places (``[node]`` when it names none), parsed as hostile input."""
+    places = rep.get("places")
+    if places is None:
+        return [str(rep["node"])]
+    if type(places) is not list or not places or len(places) > 16 or any(type(p) is not str for p in places):
+        raise IntegrityError(f"a rank's places are 1-16 strings, got {str(places)[:80]}")
+    return list(places)
+
+
+def held_of(rep: Mapping[str, Any], places: Sequence[str]) -> Iterator[tuple[str, HeldCopy]]:
+    """``(place, copy)`` of every copy a report names, each copy parsed as hostile input."""
+    held = rep["held"]
+    if type(held) is dict:
+        for place, copies in held.items():
+            if place not in places or type(copies) is not list:
+                raise IntegrityError(f"a rank reports copies in {str(place)[:40]!r}, not one of its places")
+            for c in copies:
+                yield place, HeldCopy.from_json(c)
+    elif type(held) is list:
+        for c in held:
+            yield places[0], HeldCopy.from_json(c)
+    else:
+        raise IntegrityError(f"a rank's held copies are a list or a mapping, got {type(held).__name__}")
 
 
 def _missing(wanted: Sequence[tuple[int, str]], by_step: Mapping[tuple[int, str], Mapping[int, Any]], world: int) -> str:
@@ -252,17 +301,21 @@ def span(regions: Mapping[tuple[int, int], int]) -> tuple[int, int]:
     return lo, hi - lo
 
 
-def plan_fetches(manifest: Manifest, nodes: Sequence[str], holders: Mapping[int, Sequence[CopyKey]]) -> list[Transfer]:
-    """What every rank whose node holds no copy of an owner it needs fetches (the span of its
-    regions), each from a rank of a holder node, the load spread over them."""
+def plan_fetches(
+    manifest: Manifest, places: Sequence[str | Sequence[str]], holders: Mapping[int, Sequence[CopyKey]]
+) -> list[Transfer]:
+    """What every rank that reads no copy of an owner it needs fetches (the span of its
+    regions), each from a rank that reads a copy, the load spread over them. ``places[r]``:
+    the place(s) rank ``r`` reads without a transfer (a node's name, or a list)."""
+    mine = [{p} if isinstance(p, str) else set(p) for p in places]
     needs: dict[int, dict[int, tuple[int, int]]] = {}
     senders: dict[int, list[int]] = {}
     for o, hs in holders.items():
         held_on = {n for n, _ in hs}
-        senders[o] = [r for r, n in enumerate(nodes) if n in held_on]
-    for r, node in enumerate(nodes):
+        senders[o] = [r for r, ps in enumerate(mine) if ps & held_on]
+    for r, ps in enumerate(mine):
         for o, rs in needed_regions(manifest, r).items():
-            if node not in {n for n, _ in holders[o]}:
+            if not ps & {n for n, _ in holders[o]}:
                 needs.setdefault(r, {})[o] = span(rs)
     return plan_transfers(needs, senders)
 

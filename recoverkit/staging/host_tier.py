@@ -5,11 +5,17 @@ snapshots in the staging pool (older ones, and any the pool needs for a new save
 released). Restoring from them needs no disk: every region is copied out by the copy
 engine and verified against the CRC-32C computed while staging.
 
-A snapshot holds only this rank's shards, so in a job of several ranks a step is
-restorable from host memory only when every rank holds it and can serve its own part from
-it: :meth:`HostTier.agree` (collective, called by ``restore`` on every rank) settles that
-through the coordinator, bounded by a timeout; until then, and for every step not agreed,
-restore falls through to the disk tiers.
+A snapshot holds only this rank's shards (a replicated tensor is staged by its owner rank
+only), so in a job of several ranks a step is restored from host memory across ranks: the
+memory restore (``recovery.memory``, collective) gathers which steps every rank holds, and
+each rank serves the regions others need from its own snapshot over the peer transport.
+:meth:`HostTier.held_index` describes a snapshot for it as one rank's commit report (the
+shared-memory index format: records at pool offsets, the object blob placed right after
+the pool, :meth:`HostTier.areas`), which goes through ``build_manifest`` and the one gate
+like any step. :meth:`HostTier.agree` (collective too) settles which steps every rank can
+restore from its own snapshot alone (tier fallback then offers only those).
+Nothing here survives the process: after a restart the tier holds nothing and restore goes
+on to the shared-memory and disk tiers.
 
 A restore into live tensors reads no copy at all: :meth:`HostTier.memory_view` hands out
 read-only views of the staged ranges, which ``restore.in_place`` verifies (CRC-32C, every
@@ -28,6 +34,7 @@ from ..distributed.commit import LocalRank, build_manifest
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.checksum import crc32c, hexcrc
 from ..format.manifest import BlobRecord, Manifest, ShardRecord
+from ..format.shm_index import ShmIndex, data_file, encode_index
 from ..storage.base import Buffer, RankRecords, Region, destination
 from .base import SnapshotTier
 from .snapshot import HostSnapshot
@@ -51,6 +58,9 @@ class HostTier(SnapshotTier):
             coordinator exchange, bounded by its timeout); needed when ``world_size > 1``.
         engine: the engine a restore in place verifies and copies with (the Checkpointer's;
             None: the process-wide one).
+        coordinator: the job's coordinator (the memory restore across ranks; None: the
+            process's default one).
+        timeout_s: how long an exchange with the other ranks may take (the memory restore).
     """
 
     name = "host"
@@ -64,8 +74,17 @@ class HostTier(SnapshotTier):
         world_size: int = 1,
         agree: Callable[[list[int]], list[int]] | None = None,
         engine: Any = None,
+        coordinator: Any = None,
+        timeout_s: float = 300.0,
     ) -> None:
         self.keep = keep
+        self.coordinator = coordinator
+        self.timeout_s = timeout_s
+        #: snapshots offered so far: saves are collective, so every rank saw as many (none:
+        #: no rank holds anything, and a memory restore needs no exchange)
+        self.offered = 0
+        #: step -> (snapshot, index bytes, index) of the last snapshot described
+        self._indexes: dict[int, tuple[HostSnapshot, bytes, ShmIndex]] = {}
         self.engine = engine
         self.run_id = run_id
         self.rank = rank
@@ -79,6 +98,7 @@ class HostTier(SnapshotTier):
 
     # ------------------------------------------------------------ the cache
     def offer(self, snap: HostSnapshot) -> bool:
+        self.offered += 1
         if self.keep <= 0 or snap.released:
             return False
         dropped = []
@@ -141,6 +161,48 @@ class HostTier(SnapshotTier):
     def snapshot(self, step: int) -> HostSnapshot:
         """The held snapshot of ``step`` (CheckpointNotFoundError if none)."""
         return self._snap(step)
+
+    def held_index(self, step: int) -> tuple[bytes, ShmIndex]:
+        """The held snapshot of ``step`` as this rank's commit report: the bytes of an index
+        in the shared-memory format (``format.shm_index``) and the index, for the memory
+        restore across ranks. Every record names ``rank-RRRRR.data``: shards at their pool
+        offsets, the object blob right after the pool (:meth:`areas`). Cached per snapshot.
+        CheckpointNotFoundError if not held; ValueError if a copy has not landed."""
+        snap = self._snap(step)
+        cached = self._indexes.get(step)
+        if cached is not None and cached[0] is snap:
+            return cached[1], cached[2]
+        entries = snap.entries
+        if any(crc is None for _, _, _, crc in entries):
+            raise ValueError(f"host snapshot of step {step}: a copy has not landed")
+        pool_bytes = self._pool_of(snap).capacity
+        r, file = self.rank, data_file(self.rank)
+        records = RankRecords(
+            rank=r,
+            blob=BlobRecord(r, file, pool_bytes, len(snap.blob), crc32c(snap.blob, engine=self.engine)),
+            shards=[(p.key, ShardRecord(r, file, off, n, int(crc or 0), p.offsets, p.shape)) for p, off, n, crc in entries],
+            files={file: pool_bytes + len(snap.blob)},
+        )
+        raw, index = encode_index(
+            step=step, run_id=self.run_id, world_size=self.world_size, rank=r, records=records,
+            shards_meta=[p for p, _, _, _ in entries], aliases=snap.aliases, data_bytes=pool_bytes + len(snap.blob),
+            self_contained=snap.self_contained,
+        )
+        assert index is not None  # records given as an object: the index comes with its bytes
+        self._indexes = {step: (snap, raw, index)}  # one kept: the step a restore asks for
+        return raw, index
+
+    def areas(self, step: int) -> tuple[memoryview, int, memoryview, int]:
+        """The bytes :meth:`held_index` describes: the whole pool (read-only) and its address,
+        the object blob and its address. CheckpointNotFoundError if not held."""
+        snap = self._snap(step)
+        pool = self._pool_of(snap)
+        blob_at = ctypes.cast(ctypes.c_char_p(snap.blob), ctypes.c_void_p).value or 0
+        return pool.view(0, pool.capacity).toreadonly(), snap.address(0), memoryview(snap.blob), blob_at
+
+    @staticmethod
+    def _pool_of(snap: HostSnapshot) -> Any:
+        return snap._pool  # noqa: SLF001 (the snapshot's pool has no public accessor yet)
 
     def _snap(self, step: int) -> HostSnapshot:
         with self._lock:

@@ -271,7 +271,7 @@ def test_a_corrupted_last_copy_falls_back_to_disk_on_every_rank(tmp_path):
     assert [o["step"] for o in out] == [5, 5, 5, 5]
     assert all(o["exact"] for o in out)
     assert all(o["source"] is None for o in out)
-    assert any("replica on node a" in w and "crc" in w for w in out[0]["warnings"])
+    assert any("replica on node a" in w and "crc" in w for w in out[0]["warnings"]), out[0]["warnings"]
 
 
 def test_both_copies_of_a_rank_gone_falls_back_to_disk_naming_what_was_skipped(tmp_path):
