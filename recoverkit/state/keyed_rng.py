@@ -15,7 +15,8 @@ back afterwards, so ``nn.Dropout`` and friends inside draw keyed numbers while t
 training stream (and so every later draw of the loop) is untouched.
 
 **What** :func:`keyed_rng` **covers**: torch's global CPU generator and the global generator
-of each CUDA device it forks (default: every visible device). Everything that draws from
+of each CUDA device it forks (default: the current device, when this process has already
+initialized CUDA; pass ``devices=`` for more). Everything that draws from
 those without a ``generator=`` argument is covered: ``nn.Dropout``, ``F.dropout``,
 ``torch.rand*``, ``torch.bernoulli``, ``torch.randperm``, ``Tensor.uniform_`` ...
 
@@ -135,9 +136,9 @@ def _cuda_devices(devices: Sequence[int | str | torch.device] | None) -> list[in
                 raise ValueError(f"keyed_rng: devices lists CUDA devices only, got {d!r}")
             out.append(dev.index if dev.index is not None else torch.cuda.current_device())
         return sorted(set(out))
-    if not torch.cuda.is_available():
-        return []
-    return list(range(torch.cuda.device_count()))
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []  # never create a CUDA context for a process that does not use CUDA
+    return [torch.cuda.current_device()]
 
 
 @contextmanager
@@ -147,7 +148,9 @@ def keyed_rng(
     """Draw from torch's global streams seeded by ``(seed, *key)`` inside the block only.
 
     On entry the torch CPU generator and the generators of the CUDA ``devices`` (default:
-    every visible CUDA device; none without CUDA) are saved (``torch.random.fork_rng``)
+    the current CUDA device if this process has initialized CUDA, else none: a CPU-only
+    process on a GPU machine never gets a CUDA context from this) are saved
+    (``torch.random.fork_rng``)
     and all of them are seeded with ``keyed_seed(seed, *key)``, the same seed on every
     device, so a micro-batch draws the same numbers whether it runs on ``cuda:0`` or
     ``cuda:3``. On exit (also on an exception) the saved states are put back: the outer
@@ -161,7 +164,8 @@ def keyed_rng(
         seed: the run's base seed.
         *key: the logical key, e.g. ``(epoch, step, micro_batch_index)``.
         devices: CUDA devices to fork and seed (ints, ``"cuda:1"``, ``torch.device``);
-            ``[]`` leaves CUDA alone.
+            ``[]`` leaves CUDA alone. Name them when the block is the first CUDA work of
+            the process, or when it draws on more than the current device.
 
     Example:
         >>> before = torch.get_rng_state()

@@ -204,3 +204,26 @@ def test_cuda_streams_are_keyed_and_restored():
         torch.cuda.manual_seed_all(7)
         c = drop(x)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_documented_examples_run():
+    import doctest
+
+    import recoverkit.state.global_batch as gb
+    import recoverkit.state.keyed_rng as kr
+
+    for module in (kr, gb):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_a_cpu_only_process_gets_no_cuda_context():
+    """keyed_rng on a GPU machine must not create a CUDA context for a CPU-only rank."""
+    code = (
+        "import torch\nfrom recoverkit.state.keyed_rng import keyed_rng\n"
+        "with keyed_rng(0, 1):\n    torch.rand(2)\nprint(torch.cuda.is_initialized())"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
