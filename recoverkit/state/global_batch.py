@@ -273,7 +273,9 @@ class GlobalBatchSampler:
 
     def advance(self, steps: int = 1) -> None:
         """Record that ``steps`` more steps were trained; rolls over into the next epoch."""
-        self.step += int(steps)
+        if type(steps) is not int or steps < 0:
+            raise ValueError(f"advance() takes a non-negative int, got {steps!r}")
+        self.step += steps
         n = self.steps_per_epoch
         while n and self.step >= n:
             self.epoch, self.step = self.epoch + 1, self.step - n

@@ -284,3 +284,14 @@ def test_micro_batch_keys_name_the_logical_micro_batch():
     s.set_epoch(2)
     mbs = s.assign(3, 1, 2)
     assert [mb.key for mb in mbs] == [(2, 3, 2), (2, 3, 3)]
+
+
+def test_advance_moves_forward_only():
+    s = GlobalBatchSampler(40, global_batch=8, micro_batch=2)
+    s.advance(7)
+    assert (s.epoch, s.step) == (1, 2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="advance"):
+            s.advance(bad)
+    with pytest.raises(ValueError, match="epoch"):
+        s.set_epoch(-1)
