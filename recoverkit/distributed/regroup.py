@@ -78,6 +78,8 @@ def _store_call(what: str, fn: Any, *args: Any) -> Any:
     """Runs one store call; any failure means the store is unreachable (its host is gone)."""
     try:
         return fn(*args)
+    except RegroupError:
+        raise
     except Exception as e:  # noqa: BLE001 - DistNetworkError, DistStoreError, RuntimeError
         raise RegroupError(
             f"the shared store is unreachable ({what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -91,6 +93,21 @@ def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise RegroupError(f"{what}: expected an integer in [{lo}, {hi}], got {value!r:.80}", reason="invalid")
     return value
+
+
+def _read_count(store: Any, key: str, what: str) -> int:
+    """A counter another process bumps with ``add``, read without ``add``: 0 while it is absent.
+
+    ``add(key, 0)`` would read it too, but a TCPStore server drops the connection of a client
+    whose ``add`` meets a value that is not an integer, so a hostile value would cost this
+    process its store connection. Read as bytes, it is checked instead.
+    """
+    if not store.check([key]):
+        return 0
+    raw = store.get(key)
+    if not isinstance(raw, bytes) or not 0 < len(raw) <= 20 or not raw.isdigit():
+        raise RegroupError(f"{what} ({key}): expected a decimal counter, got {bytes(raw)[:24]!r}", reason="invalid")
+    return _check_int(int(raw), what, 0, 2**62)
 
 
 @dataclass(frozen=True)
@@ -281,28 +298,38 @@ class Heartbeat:
             prefix, nxt, me, acked = self._prefix, self._next, self._me, self._acked
             others = list(self._seen)
         self._store.add(f"{prefix}/{me}", 1)
-        if not acked and _check_int(int(self._store.add(f"{nxt}/count", 0)), "join count", 0, MAX_WORLD) > 0:
+        if not acked and self._count(f"{nxt}/count", "join count") > 0:
             self._store.set(f"{nxt}/alive/{me}", "1")
             with self._lock:
                 if self._next == nxt:
                     self._acked = True
         now = time.monotonic()
         for r in others:
-            count = _check_int(int(self._store.add(f"{prefix}/{r}", 0)), f"heartbeat of rank {r}", 0, 2**62)
+            count = self._count(f"{prefix}/{r}", f"heartbeat of rank {r}")
             with self._lock:
                 if r not in self._seen:
                     continue
                 last, since = self._seen[r]
-                if count != last:
+                if count >= 0 and count != last:
                     self._seen[r] = (count, now)
                 elif now - since > self.miss_s and self._dead_since is None:
                     self._dead_since = now
+
+    def _count(self, key: str, what: str) -> int:
+        """A counter; -1 when its value is malformed (an unreadable beat is no beat)."""
+        try:
+            return _read_count(self._store, key, what)
+        except RegroupError:
+            return -1
 
     def dead(self) -> set[int]:
         """Launch ranks whose counter has not moved for ``miss_s``."""
         now = time.monotonic()
         with self._lock:
-            return {r for r, (_, since) in self._seen.items() if now - since > self.miss_s}
+            dead = {r for r, (_, since) in self._seen.items() if now - since > self.miss_s}
+            if dead and self._dead_since is None:
+                self._dead_since = now
+            return dead
 
     def lost(self) -> bool:
         """True once a watched member is dead, or the store is gone."""
@@ -392,7 +419,7 @@ def regroup(
     while True:
         if _store_call("check the decision", store.check, [decided_key]):
             break
-        count = _check_int(int(_store_call("count", store.add, f"{ns}/count", 0)), "join count", 0, MAX_WORLD)
+        count = _store_call("count", _read_count, store, f"{ns}/count", "join count")
         now = time.monotonic()
         waited = now - arrived
         if count >= len(previous) or now >= deadline:
