@@ -476,8 +476,10 @@ def copy_all(copies: Sequence[Copy]) -> None:
     streaming stores, no CRC: the bytes were verified), the rest through torch's ``copy_``
     (host -> device for a GPU target). A target that is new memory (a fresh optimizer's
     state, :func:`state_target`) takes torch's ``copy_`` too, one call per piece on torch's
-    own threads: the first touch of a page faults it in, and ordinary stores into the page
-    the kernel has just cleared (still in cache) beat the engine's streaming stores there.
+    own threads, once the engine's copies are done (the two pools never compete for the
+    cores): the first touch of a page faults it in, and torch's copy into such pages costs
+    what a plain memcpy into new memory costs, the engine's streaming stores about half as
+    much again (CPU time measured on 176 MiB of new pages: 75 ms against 118 ms).
     """
     if not copies:
         return
@@ -495,16 +497,15 @@ def copy_all(copies: Sequence[Copy]) -> None:
                 pending.copy_into(target)
             return
         copier = eng.CopyEngine(threads)
+        later: list[Copy] = []  # into new memory: after the engine's copies
         try:
             handles = []
             for target, pending in copies:
                 dst = _byte_view(target)
-                if (
-                    target.device.type != "cpu"
-                    or dst is None
-                    or pending.nbytes < ENGINE_BYTES
-                    or pending.into_new
-                ):
+                if pending.into_new:
+                    later.append((target, pending))
+                    continue
+                if target.device.type != "cpu" or dst is None or pending.nbytes < ENGINE_BYTES:
                     pending.copy_into(target)
                     continue
                 base = int(dst.data_ptr())
@@ -517,6 +518,8 @@ def copy_all(copies: Sequence[Copy]) -> None:
                 h.result()
         finally:
             copier.close()
+        for target, pending in later:
+            pending.copy_into(target)
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor | None:
