@@ -6,10 +6,13 @@ Two torchrun agents on this machine, one per simulated node (``RECOVERKIT_NODE``
 SIGKILLs one node: its agent's process group and its workers (torchrun starts each worker
 in its own session).
 
-- Node b lost: the 2 survivors on node a see their collective fail within the group's
-  timeout, agree through the shared store (hosted on node a) on a world of 2, form a new
-  default group with dense ranks (launch ranks 0, 1 -> 0, 1) and all-reduce the right sum;
-  node a's agent does not restart them, and they exit 0.
+- Node b lost (SIGKILL): the 2 survivors on node a see their collective fail within the
+  group's timeout, agree through the shared store (on node a, hosted by global rank 0 or, with
+  torch's default TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0, by node a's agent) on a world of 2,
+  form a new default group with dense ranks (launch ranks 0, 1 -> 0, 1) and all-reduce the
+  right sum; node a's agent (restarts allowed) does not restart them, and they exit 0.
+- Node b frozen (SIGSTOP: no socket closes): the collective ends at gloo's timeout, the
+  frozen ranks neither beat nor acknowledge, and the survivors go on without them.
 - Node a lost (the store lives there, whether the agent or global rank 0 hosts it): the
   survivors on node b get ``RegroupError(reason="store_lost")`` within the bound, no hang.
 
@@ -113,9 +116,10 @@ def _result(out: str, rank: int) -> dict:
         return json.load(f)
 
 
-def _survive(tmp_path, sig: int, pg_timeout_s: float) -> list[dict]:
+def _survive(tmp_path, sig: int, pg_timeout_s: float, share_store: bool = False) -> list[dict]:
     """Node b SIGKILLed (or SIGSTOPped: its sockets stay open); node a's 2 ranks go on as a world of 2."""
-    procs, out = _launch(str(tmp_path), {}, pg_timeout_s)
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if share_store else "1"}
+    procs, out = _launch(str(tmp_path), env, pg_timeout_s)
     try:
         _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
         before = _pids(out, "a")
@@ -150,8 +154,11 @@ def _figures(results: list[dict]) -> str:
 
 
 @pytest.mark.slow
-def test_survivors_of_a_lost_node_regroup_in_process(tmp_path):
-    print("\nregroup figures (SIGKILL):", _figures(_survive(tmp_path, signal.SIGKILL, PG_TIMEOUT_S)))
+@pytest.mark.parametrize("host", ["rank0", "agent"])
+def test_survivors_of_a_lost_node_regroup_in_process(tmp_path, host):
+    """The store on node a: hosted by global rank 0 (as the project's launches do) or by node a's agent."""
+    results = _survive(tmp_path, signal.SIGKILL, PG_TIMEOUT_S, share_store=host == "agent")
+    print(f"\nregroup figures (SIGKILL, store in {host}):", _figures(results))
 
 
 @pytest.mark.slow
