@@ -3,7 +3,7 @@
 The same float64 model (dropout on, keyed to the micro-batch), data and
 :class:`GlobalBatchSampler` are trained for 20 steps at each world size, with each gradient
 path: DDP with :func:`sum_allreduce_hook`, :func:`allreduce_grads_sum`, and the deterministic
-:class:`OrderedGradSum`. The world-4 run also changes its world mid-run (4 ranks, then 3 on a
+:class:`OrderedGradSum` (plain, and over a DDP model run under ``no_sync``). The world-4 run also changes its world mid-run (4 ranks, then 3 on a
 subgroup: the shape of a shrink). Checked against the failure-free 4-rank run:
 
 * deterministic mode: losses and final parameters bit-identical at every world size and
@@ -59,9 +59,10 @@ def _train(rank, mode, plan):
     torch.manual_seed(100 + rank)  # every rank's own outer stream differs, as in a real job
     sampler = GlobalBatchSampler(NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH, seed=SEED)
     net = model
-    if mode == "ddp":
+    if mode in ("ddp", "ddp_ordered"):
         net = DDP(model)
-        net.register_comm_hook(None, sum_allreduce_hook)
+        if mode == "ddp":
+            net.register_comm_hook(None, sum_allreduce_hook)
     losses = []
     for step in range(STEPS):
         if plan[step] is None:
@@ -72,11 +73,17 @@ def _train(rank, mode, plan):
         G = sampler.batch_size(sampler.step)
         local = sum(len(mb) for mb in mbs)
         norm = local if mode == "shrink" else G
-        ordered = OrderedGradSum(model.parameters(), group) if mode in ("ordered", "unkeyed") else None
+        ordered = (
+            OrderedGradSum(net.parameters(), group)
+            if mode in ("ordered", "unkeyed", "ddp_ordered")
+            else None
+        )
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, mb in enumerate(mbs):
             rows = list(mb.samples)
-            with grad_sync(net, last=i == len(mbs) - 1):
+            # ordered with DDP: every micro-batch under no_sync(), OrderedGradSum reduces
+            last = i == len(mbs) - 1 and mode != "ddp_ordered"
+            with grad_sync(net, last=last):
                 if mode == "unkeyed":
                     out = net(x[rows])
                 else:
@@ -108,7 +115,7 @@ def _world(rank, world):
 
     torch.set_num_threads(1)
     same = [(None, world, rank)] * STEPS
-    out = {mode: _train(rank, mode, same) for mode in ("ordered", "sum", "ddp")}
+    out = {mode: _train(rank, mode, same) for mode in ("ordered", "sum", "ddp", "ddp_ordered")}
     if world in (3, 4):
         out["unkeyed"] = _train(rank, "unkeyed", same)
     if world == 3:
@@ -147,8 +154,9 @@ def test_ranks_agree_and_training_learns(runs):
 
 def test_deterministic_mode_is_bit_identical_at_every_world_size(runs):
     ref = runs[4][0]["ordered"]
-    for world in (3, 2):
+    for world in (4, 3, 2):
         assert runs[world][0]["ordered"] == ref, world
+        assert runs[world][0]["ddp_ordered"] == ref, world  # DDP under no_sync, reduced in order
     assert runs[4][0]["switch_ordered"] == ref  # 4 ranks for 7 steps, then 3
 
 
