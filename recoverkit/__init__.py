@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .reading import CheckpointReader
     from .session import protect
     from .staging.handle import SaveHandle
+    from .state.global_batch import GlobalBatchLoader, GlobalBatchSampler
+    from .state.keyed_rng import keyed_generator, keyed_rng, keyed_seed
     from .state.sampler import ResumableSampler
     from .state.sharded import ShardedTensor, replicated
     from .state.stateful import Stateful
@@ -62,6 +64,11 @@ __all__ = [
     "replicated",
     "Stateful",
     "ResumableSampler",
+    "GlobalBatchSampler",
+    "GlobalBatchLoader",
+    "keyed_rng",
+    "keyed_seed",
+    "keyed_generator",
     "RecoverkitError",
     "CheckpointNotFoundError",
     "IntegrityError",
@@ -90,6 +97,11 @@ _WHERE = {
     "replicated": ".state.sharded",
     "Stateful": ".state.stateful",
     "ResumableSampler": ".state.sampler",
+    "GlobalBatchSampler": ".state.global_batch",
+    "GlobalBatchLoader": ".state.global_batch",
+    "keyed_rng": ".state.keyed_rng",
+    "keyed_seed": ".state.keyed_rng",
+    "keyed_generator": ".state.keyed_rng",
     "RecoverkitError": ".errors",
     "CheckpointNotFoundError": ".errors",
     "IntegrityError": ".errors",

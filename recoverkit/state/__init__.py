@@ -5,7 +5,9 @@ Save: ``capture`` (Stateful objects -> trees) -> ``flatten`` (tensors out, place
 no pickle). Restore: ``decode`` -> the reader's tensors (``from_bytes``) -> ``unflatten`` ->
 ``apply`` (check everything, then change the live objects). ``RNGState``,
 ``ResumableSampler`` and ``DataPosition`` are the Stateful pieces a run needs besides its
-model and optimizer to resume bit-identically.
+model and optimizer to resume bit-identically; ``GlobalBatchSampler`` and ``keyed_rng`` make
+a step compute the same numbers at any world size (global batches and random streams keyed
+to the logical micro-batch, not to the rank).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ if TYPE_CHECKING:
         to_bytes_view,
     )
     from .flatten import TensorRef, flatten, rebuild_container, unflatten
+    from .global_batch import (
+        GlobalBatchLoader,
+        GlobalBatchSampler,
+        MicroBatch,
+        RankBatchSampler,
+        StepBatch,
+    )
+    from .keyed_rng import keyed_generator, keyed_rng, keyed_seed
     from .leaf import TensorLeaf
     from .rng import RNGState
     from .sampler import DataPosition, ResumableSampler
@@ -38,6 +48,9 @@ _WHERE = {
     "from_bytes": ".dtypes", "nbytes": ".dtypes", "to_bytes_view": ".dtypes",
     "TensorRef": ".flatten", "flatten": ".flatten", "rebuild_container": ".flatten", "unflatten": ".flatten",
     "TensorLeaf": ".leaf",
+    "GlobalBatchSampler": ".global_batch", "GlobalBatchLoader": ".global_batch", "MicroBatch": ".global_batch",
+    "RankBatchSampler": ".global_batch", "StepBatch": ".global_batch",
+    "keyed_seed": ".keyed_rng", "keyed_generator": ".keyed_rng", "keyed_rng": ".keyed_rng",
     "RNGState": ".rng",
     "DataPosition": ".sampler", "ResumableSampler": ".sampler",
     "Stateful": ".stateful", "apply": ".stateful", "capture": ".stateful", "check": ".stateful",
@@ -64,6 +77,14 @@ __all__ = [
     "RNGState",
     "ResumableSampler",
     "DataPosition",
+    "GlobalBatchSampler",
+    "GlobalBatchLoader",
+    "MicroBatch",
+    "StepBatch",
+    "RankBatchSampler",
+    "keyed_seed",
+    "keyed_generator",
+    "keyed_rng",
 ]
 
 
