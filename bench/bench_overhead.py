@@ -155,7 +155,13 @@ class _Recoverkit(_Method):
 
     def close(self) -> None:
         self.drain()
-        self.info = {"skipped_saves": self.ckpt.skipped_saves}
+        staged = [h.metrics.get("staged_in") for h in self.handles]
+        self.info = {"skipped_saves": self.ckpt.skipped_saves,
+                     # saves staged straight into a shared-memory slot / into the staging pool
+                     "staged_in_shm": staged.count("shm"), "staged_in_pool": staged.count("pool")}
+        shm = self.ckpt.tiers.get("shm")
+        if shm is not None:  # shm snapshots written in place / copied from the pool
+            self.info.update(shm_in_place=getattr(shm, "in_place", 0), shm_copied=getattr(shm, "copied", 0))
         self.ckpt.close()
 
 

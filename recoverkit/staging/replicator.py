@@ -25,7 +25,12 @@ Rounds run in lock-step with every peer (holder or owner), two exchanges each::
             header names the step refused, and the owner announces only newer ones.
 
 The receiver writes straight into a replica slot (``begin(step, N).view``), then checks the
-CRC-32C of *every* record of the index (blob and shards) before ``commit(index)``; a bad
+CRC-32C of *every* record of the index (blob and shards) before ``commit(index)``. Where the
+transport takes bytes verified by the receiver's records (``distributed.transport.Unsigned``
+and ``exchange(checks=)``), the sender computes no CRC of its own (the records' are in the
+index it announced: it reads the slot once, to send it) and the receiver's records check is
+the transport's one pass over the landed bytes; otherwise the transport's CRC over the
+whole buffer comes on top. A bad
 transfer is aborted (the slot stays torn, never listed), counted and logged, and the next
 round offers the owner's newest snapshot again. A replica counts as held only once
 committed; only then is it published (``publish``).
@@ -50,9 +55,11 @@ pair is left, so no rank waits on a peer that already left.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..errors import IntegrityError, StorageError, TransportError
@@ -81,6 +88,17 @@ COUNTERS = (
     "bad_transfers", "refused", "transport_errors",
 )  # fmt: skip
 NO_LIMIT = (1 << 63) - 1
+
+
+def _unsigned_sends(transport: Any) -> Callable[[Any], Any] | None:
+    """The transport's wrapper for bytes it sends without a CRC (the receiver verifies them
+    by its records: ``exchange(checks=)``), or None where it has none."""
+    wrap = getattr(importlib.import_module("recoverkit.distributed.transport"), "Unsigned", None)
+    try:
+        takes_checks = "checks" in inspect.signature(transport.exchange).parameters
+    except (TypeError, ValueError):  # pragma: no cover - not introspectable
+        return None
+    return wrap if callable(wrap) and takes_checks else None
 
 
 class _Peer:
@@ -182,6 +200,7 @@ class Replicator:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unsigned = _unsigned_sends(transport)  # None: the transport CRCs every buffer
 
     # ------------------------------------------------------------ control
     def start(self) -> None:
@@ -335,7 +354,7 @@ class Replicator:
                     p.refused_by_it = theirs.refused
                     if mine.flags & ANNOUNCE and mine.step > theirs.held:
                         if mine.data_bytes <= theirs.capacity:
-                            send = view.data
+                            send = view.data if self._unsigned is None else self._unsigned(view.data)
                         elif not p.warned:  # once per peer
                             p.warned = True
                             log.warning(
@@ -360,11 +379,16 @@ class Replicator:
                             recvs[p.rank] = w[0].view
         # ---- data
         ok = True
-        busy = bool(writers) or any(len(d) for d in sends.values())
+        busy = bool(writers) or any(_nbytes(d) for d in sends.values())
         with self._lock:
             self._stats["in_flight"] = self._stats["rounds"] if busy else None
+        verified: set[int] = set()  # owners whose replica passed every record's CRC on arrival
         try:
-            self.transport.exchange(sends, recvs, exact=True)
+            if self._unsigned is None:
+                self.transport.exchange(sends, recvs, exact=True)
+            else:
+                checks = {o: self._check(o, idx, verified) for o, (_, idx, _) in writers.items()}
+                self.transport.exchange(sends, recvs, exact=True, checks=checks)
         except IntegrityError as e:
             ok = False
             self._count(transport_errors=1)
@@ -377,13 +401,13 @@ class Replicator:
             with self._lock:
                 self._stats["in_flight"] = None
         for r, data in sends.items():
-            if len(data) and ok:
+            if _nbytes(data) and ok:
                 self.peers[r].known_held = view.step
-                self._count(sent=1, bytes_sent=len(data))
+                self._count(sent=1, bytes_sent=_nbytes(data))
                 moved = True
         if writers:
             moved = True
-            self._commit(writers)
+            self._commit(writers, verified)
         for p in active:
             p.done = p.sent_stop and p.got_stop
         return moved
@@ -418,12 +442,24 @@ class Replicator:
                     self.rank, owner, other.step,
                 )  # fmt: skip
 
-    def _commit(self, writers: Mapping[int, tuple[Any, ShmIndex, bytes]]) -> None:
-        """Check every record of each received replica, then commit it (or abort it)."""
+    def _check(self, owner: int, idx: ShmIndex, verified: set[int]) -> Callable[[memoryview], None]:
+        """The transport's check of ``owner``'s replica as it lands: every record's CRC."""
+
+        def check(data: memoryview) -> None:
+            bad = verify_records(idx, data, engine=self.engine)
+            if bad is not None:
+                raise IntegrityError(f"rank {self.rank}: the replica of rank {owner} step {idx.step}: {bad}")
+            verified.add(owner)
+
+        return check
+
+    def _commit(self, writers: Mapping[int, tuple[Any, ShmIndex, bytes]], verified: Collection[int] = ()) -> None:
+        """Check every record of each received replica (unless the transport's check did as
+        it landed: ``verified``), then commit it (or abort it)."""
         committed = False
         for owner, (w, idx, raw) in writers.items():
             try:
-                bad = verify_records(idx, w.view, engine=self.engine)
+                bad = None if owner in verified else verify_records(idx, w.view, engine=self.engine)
                 if bad is not None:
                     w.abort()
                     self._count(bad_transfers=1)
@@ -442,3 +478,8 @@ class Replicator:
             committed = True
         if committed and self.publish is not None:
             self.publish(dict(self.held))
+
+
+def _nbytes(data: Any) -> int:
+    """Bytes of a send (a buffer, or the transport's wrapper of one)."""
+    return len(getattr(data, "data", data))

@@ -17,7 +17,7 @@ runs. A slot lent as an arena stays pinned until the snapshot is released by eve
 (the disk tiers, the host tier); its snapshot is listed as soon as its index is written.
 Whether the save was due here is known to the stager when the caller passes the tiers due;
 otherwise this tier predicts it from the steps it was offered (every ``g`` steps, ``g`` the
-last gap): a miss costs a pool staging (and a copy), or a slot staged but never committed
+last gap; every step after the first offer): a miss costs a pool staging (and a copy), or a slot staged but never committed
 (torn; the older snapshot it held is gone, the newest never is). Counted in
 :attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. A process restarted on the same node with the same root (torchrun
 ``--max-restarts``, the user's relaunch) finds the slots again: this tier lists their steps
@@ -150,11 +150,12 @@ class ShmTier(SnapshotTier):
 
     # ------------------------------------------------------------ writing
     def expects(self, step: int) -> bool:
-        """Whether ``step`` will probably be offered here: the offers so far came every
-        ``g`` steps and ``step`` is a multiple of ``g`` past the last (False until two)."""
+        """Whether ``step`` will probably be offered here: it is past the last step offered
+        and, once two were, a multiple of their gap past it. (After one offer a miss costs
+        nothing: the newest snapshot is never lent, and no older one of this run exists.)"""
         with self._lock:
             last, gap = self._last_offer, self._offer_gap
-        return last is not None and gap is not None and step > last and (step - last) % gap == 0
+        return last is not None and step > last and (gap is None or (step - last) % gap == 0)
 
     def arena(self, step: int, plan: SavePlan, alignment: int, *, due: bool | None = None) -> SlotArena | None:
         """The stager: a free slot to stage ``step`` into, held until the snapshot is
