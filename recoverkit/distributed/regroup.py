@@ -125,6 +125,8 @@ class Membership:
         launch_rank: this process's launch rank.
         previous: ``members`` of the generation before (equal to ``members`` at 0).
         formed_in_s: seconds :func:`regroup` took to form this generation (0.0 at generation 0).
+        phases_s: where those seconds went: ``teardown`` (destroying the old group),
+            ``agree`` (join, wait, decision), ``init`` (the new group's rendezvous).
     """
 
     namespace: str
@@ -133,6 +135,7 @@ class Membership:
     launch_rank: int
     previous: tuple[int, ...]
     formed_in_s: float = 0.0
+    phases_s: tuple[tuple[str, float], ...] = ()
 
     @property
     def rank(self) -> int:
@@ -438,6 +441,7 @@ def regroup(
             break
         time.sleep(_POLL_S)
     members = _read_decision(store, decided_key, previous)
+    agreed = time.monotonic()
     if me not in members:
         raise RegroupError(
             f"generation {gen} was agreed without launch rank {me} (members {list(members)[:16]}): "
@@ -466,6 +470,7 @@ def regroup(
         launch_rank=me,
         previous=previous,
         formed_in_s=time.monotonic() - start,
+        phases_s=(("teardown", arrived - start), ("agree", agreed - arrived), ("init", time.monotonic() - agreed)),
     )
     if heartbeat is not None:
         heartbeat.watch(new)

@@ -6,7 +6,8 @@ spawned processes form a gloo world over it, one is SIGKILLed while another is b
 "computing" (away from any collective) for 2 s. The busy one's heartbeat thread
 acknowledges the regroup, so the first survivor waits for it instead of closing after
 ``ack_s``; without a heartbeat, the join window covers it. Either way the new world is
-{0, 1} with dense ranks and a right all-reduce. The record tests write malformed values
+{0, 1} with dense ranks and a right all-reduce. Two losses in a row (4 -> 3 -> 2) give two
+generations, each rank map relative to the generation before. The record tests write malformed values
 where regroup reads its decision and counters, and end the store's server under a client.
 """
 
@@ -90,6 +91,79 @@ def test_a_live_latecomer_is_waited_for_and_the_dead_left_out(use_heartbeat):
     for rank in (0, 1):
         assert results[rank] == {"members": [0, 1], "rank": rank, "rank_map": {0: 0, 1: 1}, "sum": 3.0}, results
     assert [p.exitcode for p in procs] == [0, 0, -signal.SIGKILL]
+
+
+def _twice(rank: int, port: int, queue) -> None:  # noqa: ANN001
+    """4 ranks; launch rank 3 dies, then launch rank 1: two regroups, 4 -> 3 -> 2."""
+    import torch
+    import torch.distributed as dist
+
+    from recoverkit.distributed.regroup import Heartbeat, Membership, regroup
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=20))
+    dist.init_process_group("gloo", store=dist.PrefixStore("t2/pg0", store), rank=rank, world_size=4, timeout=timedelta(seconds=10))
+    m = Membership(namespace="t2", generation=0, members=(0, 1, 2, 3), launch_rank=rank, previous=(0, 1, 2, 3))
+    hb = Heartbeat(store, m, interval_s=0.1, miss_s=1.0).start()
+    rounds = []
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    store.set(f"ready0/{rank}", "1")
+    for generation in (1, 2):
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                dist.all_reduce(t)
+                time.sleep(0.01)
+            queue.put((rank, f"no failure seen before generation {generation}"))
+            os._exit(3)
+        except RuntimeError:
+            pass
+        try:
+            m = regroup(store, m, timeout_s=20.0, heartbeat=hb, pg_timeout_s=10.0)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            queue.put((rank, f"{type(e).__name__}: {e}"))
+            os._exit(0)
+        x = torch.tensor([float(rank + 1)])
+        dist.all_reduce(x)
+        rounds.append({"generation": m.generation, "members": list(m.members), "rank": m.rank, "rank_map": m.rank_map, "sum": x.item()})
+        store.set(f"ready{generation}/{rank}", "1")
+    queue.put((rank, rounds))
+    hb.stop()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_two_losses_two_generations():
+    import torch.distributed as dist
+
+    store = dist.TCPStore(HOST, 0, is_master=True, timeout=timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_twice, args=(r, store.port, queue)) for r in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        store.wait([f"ready0/{r}" for r in range(4)], timedelta(seconds=60))
+        os.kill(procs[3].pid, signal.SIGKILL)
+        store.wait([f"ready1/{r}" for r in range(3)], timedelta(seconds=60))
+        os.kill(procs[1].pid, signal.SIGKILL)
+        results = dict(queue.get(timeout=60) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    for launch, final_rank in ((0, 0), (2, 1)):
+        first, second = results[launch]
+        assert first == {"generation": 1, "members": [0, 1, 2], "rank": launch, "rank_map": {0: 0, 1: 1, 2: 2}, "sum": 6.0}
+        # generation 2 maps generation 1's ranks: launch 2 was rank 2, is now rank 1
+        assert second == {"generation": 2, "members": [0, 2], "rank": final_rank, "rank_map": {0: 0, 2: 1}, "sum": 4.0}
+    assert [p.exitcode for p in procs] == [0, -signal.SIGKILL, 0, -signal.SIGKILL]
 
 
 def _membership(rank: int = 0):  # noqa: ANN202

@@ -104,6 +104,7 @@ def main(out: str, pg_timeout_s: float) -> None:
         sum=t.item(),
         reform_s=reformed - failed_mono,
         formed_in_s=m.formed_in_s,
+        phases_s=dict(m.phases_s),
         heartbeat_detect_s=None if (lost_at is None or killed is None) else (failed_wall - killed) + (lost_at - failed_mono),
     )
     _write(os.path.join(out, f"result-{rank}.json"), result)

@@ -149,7 +149,7 @@ def _survive(tmp_path, sig: int, pg_timeout_s: float, share_store: bool = False)
 
 
 def _figures(results: list[dict]) -> str:
-    keys = ("detect_s", "heartbeat_detect_s", "reform_s", "formed_in_s")
+    keys = ("detect_s", "heartbeat_detect_s", "reform_s", "phases_s")
     return json.dumps([{k: res[k] for k in keys} for res in results])
 
 
