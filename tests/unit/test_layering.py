@@ -38,6 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("recovery",),
     ("reading",),
     ("checkpointer",),
+    ("elastic",),
     ("health",),
     ("session",),
     ("integrations",),
