@@ -10,9 +10,9 @@ rank's state (recovery/) then runs over the new group. Where re-forming is impos
 
 The flow, per survivor::
 
-    collective raises (peer reset / gloo timeout)  or  Heartbeat.lost()
+    collective raises (peer reset / gloo timeout), wait_alive raises, or Heartbeat.lost()
       -> regroup(store, membership)
-           destroy the old default group (gloo: fast after a failed collective)
+           destroy the old default group (kept aside if a collective is stuck in it)
            join:   set  <ns>/g<N>/join/<launch rank>, add <ns>/g<N>/count
            wait:   every old member joined; or, with a Heartbeat, the missing ones did not
                    acknowledge within ack_s (their heartbeat threads answer a started regroup
@@ -25,16 +25,24 @@ The flow, per survivor::
 
 Detection (measured with gloo on one host, torch 2.13): a SIGKILLed peer resets its sockets,
 and every survivor's pending collective raises within tens of milliseconds (the survivors
-that were not talking to the dead rank see their neighbours' groups close). A peer that hangs
-or whose node drops off the network without closing its sockets is seen only when gloo's
-timeout (the group's ``timeout``) expires. :class:`Heartbeat` sees a stopped peer after
-``miss_s`` whatever the collectives do, but in torch 2.13 neither ``_abort_process_group`` nor
-``destroy_process_group`` interrupts a pending gloo collective (both return only when the
-collective's own timeout expires), so the group's timeout bounds recovery from a hang. The
-heartbeat's uses: to see a loss between collectives, and to let :func:`regroup` agree fast:
-survivors cannot tell a dead member from a late one, but a live member's heartbeat thread
-acknowledges a started regroup within a beat, so the membership closes after ``ack_s``
-(a few beats) instead of a blind ``join_window_s``.
+that were not talking to the dead rank see their neighbours' groups close). A peer that is
+frozen, or whose node drops off the network without closing its sockets, is seen by a plain
+collective only when gloo's timeout (the group's ``timeout``) expires. :class:`Heartbeat`
+sees it after ``miss_s`` whatever the collectives do, and :func:`wait_alive` waits for a
+collective's work in slices so that the loss raises then. Tearing down does not wait for the
+stuck collective either: in torch 2.13, ``destroy_process_group``, ``_abort_process_group``
+and ``ProcessGroup.shutdown`` + destroy all return only when a pending gloo collective's own
+timeout expires (they join gloo's worker thread). So when :func:`wait_alive` gave up on a
+collective, :func:`regroup` keeps the old group referenced (aside, not joined) and destroys
+only the default group's bookkeeping, which is immediate; otherwise (the collective failed)
+it destroys the group for real, which is fast and closes its sockets, so that survivors still
+blocked in a collective with this process fail at once (the cascade that makes SIGKILL
+detection take milliseconds on every survivor). A survivor's heartbeat also sees that
+another survivor started a regroup, and :func:`wait_alive` then raises within a beat.
+The heartbeat also lets :func:`regroup` agree fast: survivors cannot tell a dead
+member from a late one, but a live member's heartbeat thread acknowledges a started regroup
+within a beat, so the membership closes after ``ack_s`` (a few beats) instead of a blind
+``join_window_s``.
 
 Where the store lives under torchrun (torch 2.13): with the default
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0`` the workers are clients
@@ -61,9 +69,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..errors import ConfigError, RegroupError
+from ..errors import ConfigError, PeerLostError, PeerTimeoutError, RegroupError
 
-__all__ = ["Membership", "Heartbeat", "regroup", "job_store", "NAMESPACE"]
+__all__ = ["Membership", "Heartbeat", "regroup", "wait_alive", "release_retired", "job_store", "NAMESPACE"]
 
 #: the root of every key this module writes
 NAMESPACE = "recoverkit/regroup"
@@ -72,6 +80,11 @@ MAX_VALUE_BYTES = 1 << 20
 #: the largest world a membership may name
 MAX_WORLD = 1 << 16
 _POLL_S = 0.01
+#: old default groups kept referenced by regroup (see release_retired); at most this many
+_MAX_RETIRED = 8
+_retired: list[Any] = []
+#: set by wait_alive when it gives up on a collective still in flight (until the next regroup)
+_abandoned: list[bool] = []
 
 
 def _store_call(what: str, fn: Any, *args: Any) -> Any:
@@ -306,6 +319,8 @@ class Heartbeat:
             with self._lock:
                 if self._next == nxt:
                     self._acked = True
+                    if self._dead_since is None:
+                        self._dead_since = time.monotonic()
         now = time.monotonic()
         for r in others:
             count = self._count(f"{prefix}/{r}", f"heartbeat of rank {r}")
@@ -335,14 +350,72 @@ class Heartbeat:
             return dead
 
     def lost(self) -> bool:
-        """True once a watched member is dead, or the store is gone."""
-        return self.store_error is not None or bool(self.dead())
+        """True once a watched member is dead, another survivor started a regroup, or the store is gone."""
+        with self._lock:
+            started = self._acked
+        return started or self.store_error is not None or bool(self.dead())
 
     @property
     def lost_at(self) -> float | None:
-        """``time.monotonic()`` when the thread first saw a dead member, in any generation (None: never)."""
+        """``time.monotonic()`` when the thread first saw a dead member or a started regroup,
+        in any generation (None: never)."""
         with self._lock:
             return self._dead_since
+
+
+def wait_alive(work: Any, heartbeat: Heartbeat, *, timeout_s: float) -> None:
+    """Waits for a collective's ``work`` while watching the heartbeat: a peer lost is seen in ``miss_s``.
+
+    A collective on a frozen or unreachable peer (no socket closed) otherwise ends only at the
+    group's timeout. This waits in slices of ``heartbeat.interval_s`` (gloo's ``wait(timeout)``
+    can be called again after a slice runs out) and raises as soon as the heartbeat sees a
+    member dead, a regroup started by another survivor, or the store gone. Then call
+    :func:`regroup`: it does not wait for the stuck collective (the old group is kept aside,
+    not joined). The tensors of an abandoned
+    collective are undefined afterwards: do not reuse their contents.
+
+    Raises:
+        PeerLostError: the collective failed (a peer's connection closed or gloo's timeout
+            ran out: the error is chained), or the heartbeat saw a member dead or a regroup
+            started.
+        PeerTimeoutError: ``timeout_s`` passed with every member beating (a slow collective).
+
+    Example:
+        >>> work = dist.all_reduce(grad, async_op=True)                 # doctest: +SKIP
+        >>> try:
+        ...     wait_alive(work, hb, timeout_s=600)
+        ... except PeerLostError:
+        ...     membership = regroup(store, membership, timeout_s=30, heartbeat=hb)
+    """
+    slice_s = timedelta(seconds=heartbeat.interval_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            work.wait(timeout=slice_s)
+            return
+        except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError / DistError for both
+            if work.is_completed():  # the collective itself failed, not the slice
+                raise PeerLostError(f"a collective failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+        if heartbeat.lost():
+            _abandoned.append(True)
+            dead = heartbeat.dead()
+            raise PeerLostError(
+                f"launch ranks {sorted(dead)} stopped beating for {heartbeat.miss_s} s" if dead
+                else f"the store is gone ({heartbeat.store_error})" if heartbeat.store_error is not None
+                else "another survivor started a regroup",
+                peer=min(dead) if dead else None,
+            )
+        if time.monotonic() >= deadline:
+            raise PeerTimeoutError(f"a collective did not finish within {timeout_s} s, every member beating")
+
+
+def release_retired() -> None:
+    """Drops the old groups :func:`regroup` kept aside; blocks until their stuck collectives time out.
+
+    Optional: a worker that ends with ``os._exit`` never needs it.
+    """
+    while _retired:
+        _retired.pop()
 
 
 def _read_decision(store: Any, key: str, previous: tuple[int, ...]) -> tuple[int, ...]:
@@ -403,6 +476,14 @@ def regroup(
         raise ConfigError(f"regroup: need 0 < join_window_s <= timeout_s, got {join_window_s} and {timeout_s}")
     start = time.monotonic()
     if dist.is_initialized():
+        if _abandoned:
+            # A collective is stuck on a frozen peer: destroying the group's last reference
+            # would join gloo's worker thread, i.e. wait out the group's timeout. Keep it aside.
+            _retired.append(dist.group.WORLD)
+            del _retired[:-_MAX_RETIRED]
+        # Otherwise destroy it for real: its sockets close, and survivors still blocked in a
+        # collective with this process see their collective fail at once.
+        _abandoned.clear()
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001, S110 - a broken group: its state is dropped all the same

@@ -1,9 +1,10 @@
 """The job of test_regroup.py: 4 gloo ranks on 2 simulated nodes that survive a lost node.
 
-``python -m tests.integrations.regroup_worker OUT PG_TIMEOUT_S`` on each node's torchrun agent
-(``RECOVERKIT_NODE`` names the node). Each rank writes ``pid-<node>-<rank>`` (its pid), then
-all-reduces its launch rank + 1 every ~20 ms and, once the sum is right, writes
-``step-<rank>``. The test then SIGKILLs one node (its agent and its workers) and writes
+``python -m tests.integrations.regroup_worker OUT PG_TIMEOUT_S WAIT`` on each node's torchrun
+agent (``RECOVERKIT_NODE`` names the node). Each rank writes ``pid-<node>-<rank>`` (its pid),
+then all-reduces its launch rank + 1 every ~20 ms and, once the sum is right, writes
+``step-<rank>``. WAIT is ``plain`` (a blocking all-reduce: a lost peer is seen when the
+collective raises) or ``alive`` (:func:`wait_alive`: also when the heartbeat stops). The test then SIGKILLs one node (its agent and its workers) and writes
 ``killed`` (the wall time just before the kill). The survivors' next collective fails; they
 call :func:`regroup`, all-reduce launch rank + 1 over the new group and write
 ``result-<launch rank>.json`` (the new membership, the sum, detection and re-forming
@@ -40,12 +41,12 @@ def _killed_at(out: str, limit_s: float = 30.0) -> float | None:
     return None
 
 
-def main(out: str, pg_timeout_s: float) -> None:
+def main(out: str, pg_timeout_s: float, wait: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store, regroup
-    from recoverkit.errors import RegroupError
+    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store, regroup, wait_alive
+    from recoverkit.errors import PeerLostError, RegroupError
 
     node = os.environ["RECOVERKIT_NODE"]
     torch.set_num_threads(1)
@@ -62,8 +63,11 @@ def main(out: str, pg_timeout_s: float) -> None:
     while time.monotonic() < deadline:
         t = torch.tensor([float(rank + 1)])
         try:
-            dist.all_reduce(t)
-        except RuntimeError as e:  # a peer died: gloo's reset / timeout (DistError is a RuntimeError)
+            if wait == "alive":
+                wait_alive(dist.all_reduce(t, async_op=True), heartbeat, timeout_s=60.0)
+            else:
+                dist.all_reduce(t)
+        except (RuntimeError, PeerLostError) as e:  # a peer died: gloo's reset / timeout, or no beat
             failure = (time.time(), time.monotonic(), type(e).__name__, str(e).splitlines()[0][:200])
             break
         assert t.item() == expected, (t.item(), expected)
@@ -118,4 +122,4 @@ def main(out: str, pg_timeout_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])

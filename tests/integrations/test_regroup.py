@@ -11,8 +11,9 @@ in its own session).
   torch's default TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0, by node a's agent) on a world of 2,
   form a new default group with dense ranks (launch ranks 0, 1 -> 0, 1) and all-reduce the
   right sum; node a's agent (restarts allowed) does not restart them, and they exit 0.
-- Node b frozen (SIGSTOP: no socket closes): the collective ends at gloo's timeout, the
-  frozen ranks neither beat nor acknowledge, and the survivors go on without them.
+- Node b frozen (SIGSTOP: no socket closes): a plain collective ends at gloo's timeout;
+  waited with ``wait_alive``, it raises once the frozen ranks' heartbeats stop. The frozen
+  ranks neither beat nor acknowledge, and the survivors go on without them.
 - Node a lost (the store lives there, whether the agent or global rank 0 hosts it): the
   survivors on node b get ``RegroupError(reason="store_lost")`` within the bound, no hang.
 
@@ -39,7 +40,7 @@ PG_TIMEOUT_S = 10.0
 SLACK_S = 15.0  # a loaded 2-core machine
 
 
-def _launch(base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S) -> tuple[list[subprocess.Popen], str]:
+def _launch(base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S, wait: str = "alive") -> tuple[list[subprocess.Popen], str]:
     out = os.path.join(base, "out")
     os.makedirs(out, exist_ok=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -49,7 +50,7 @@ def _launch(base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEO
         cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
         cmd += ["--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=regroup", "--max-restarts=1", "--monitor-interval=0.1",
-                "-m", "tests.integrations.regroup_worker", out, str(pg_timeout_s)]
+                "-m", "tests.integrations.regroup_worker", out, str(pg_timeout_s), wait]
         env = dict(torchrun_env(), RECOVERKIT_NODE=node, LOGLEVEL="INFO", **env_extra)
         log = open(os.path.join(base, f"agent-{node}.log"), "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -116,10 +117,10 @@ def _result(out: str, rank: int) -> dict:
         return json.load(f)
 
 
-def _survive(tmp_path, sig: int, pg_timeout_s: float, share_store: bool = False) -> list[dict]:
+def _survive(tmp_path, sig: int, pg_timeout_s: float, share_store: bool = False, wait: str = "alive") -> list[dict]:
     """Node b SIGKILLed (or SIGSTOPped: its sockets stay open); node a's 2 ranks go on as a world of 2."""
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if share_store else "1"}
-    procs, out = _launch(str(tmp_path), env, pg_timeout_s)
+    procs, out = _launch(str(tmp_path), env, pg_timeout_s, wait)
     try:
         _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
         before = _pids(out, "a")
@@ -154,21 +155,29 @@ def _figures(results: list[dict]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("host", ["rank0", "agent"])
-def test_survivors_of_a_lost_node_regroup_in_process(tmp_path, host):
-    """The store on node a: hosted by global rank 0 (as the project's launches do) or by node a's agent."""
-    results = _survive(tmp_path, signal.SIGKILL, PG_TIMEOUT_S, share_store=host == "agent")
-    print(f"\nregroup figures (SIGKILL, store in {host}):", _figures(results))
+@pytest.mark.parametrize(("host", "wait"), [("rank0", "alive"), ("agent", "alive"), ("rank0", "plain")])
+def test_survivors_of_a_lost_node_regroup_in_process(tmp_path, host, wait):
+    """The store on node a: hosted by global rank 0 (as the project's launches do) or by node
+    a's agent; collectives waited with wait_alive or plainly."""
+    results = _survive(tmp_path, signal.SIGKILL, PG_TIMEOUT_S, share_store=host == "agent", wait=wait)
+    print(f"\nregroup figures (SIGKILL, store in {host}, {wait}):", _figures(results))
 
 
 @pytest.mark.slow
-def test_survivors_of_a_frozen_node_regroup_after_the_group_timeout(tmp_path):
-    """SIGSTOP keeps the node's sockets open: no reset, only gloo's timeout ends the collective,
-    and the stopped ranks' heartbeats neither beat nor acknowledge: they are left out."""
-    results = _survive(tmp_path, signal.SIGSTOP, 5.0)
+@pytest.mark.parametrize("wait", ["alive", "plain"])
+def test_survivors_of_a_frozen_node_regroup(tmp_path, wait):
+    """SIGSTOP keeps the node's sockets open: no reset. A plain collective ends only at gloo's
+    timeout (20 s here); wait_alive raises once the frozen ranks' heartbeats stop (1 s), and
+    regroup does not wait for the stuck collective. The frozen ranks neither beat nor
+    acknowledge: they are left out either way."""
+    pg_timeout_s = 20.0
+    results = _survive(tmp_path, signal.SIGSTOP, pg_timeout_s, wait=wait)
     for res in results:
         assert res["heartbeat_detect_s"] is not None, res
-    print("\nregroup figures (SIGSTOP):", _figures(results))
+        if wait == "alive":  # seen by the heartbeat, not by gloo's timeout (a bound, with slack)
+            assert res["detect_s"] < pg_timeout_s, res
+            assert "stopped beating" in res["collective_error"], res
+    print(f"\nregroup figures (SIGSTOP, {wait}):", _figures(results))
 
 
 @pytest.mark.slow
