@@ -244,11 +244,12 @@ def test_heartbeats_see_a_stopped_peer_and_acknowledge_a_regroup(store):
         assert not a.lost() and not b.lost()
         store.add("h/g1/count", 1)  # a regroup of generation 1 started
         store.wait(["h/g1/alive/0", "h/g1/alive/1"], timedelta(seconds=10))
+        assert a.lost() and a.lost_at is not None and not a.dead()  # told, before anyone is dead
         b.stop()
         deadline = time.monotonic() + 10
-        while not a.lost() and time.monotonic() < deadline:
+        while not a.dead() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert a.dead() == {1} and a.lost_at is not None
+        assert a.dead() == {1}
         store.set("h/hb/1", "garbage")  # an unreadable beat is no beat, and the thread goes on
         time.sleep(0.2)
         assert a.store_error is None and a.dead() == {1}
