@@ -55,6 +55,18 @@ when another node's agent vanishes (it restarts on a failed local worker or on a
 *waiting to join*); after its workers exit it waits in its exit barrier for the lost agent,
 ``exit_barrier_timeout`` (300 s, not settable from the command line), then exits.
 
+Compared with torchft (read, not copied): its Manager asks a separate lighthouse service for a
+quorum each step and, when the quorum id changes, reconfigures a *wrapper* process group
+(not the default group) over ``PrefixStore(<store>/torchft/<quorum id>/<rank>)``, dropping the
+old backend's reference rather than joining it (its gloo ``shutdown`` is a TODO); errors are
+latched and the step's commit is voted away. Here the quorum is agreed through the store
+torchrun already provides, the default group itself is re-formed (so code that uses
+``torch.distributed`` without a group argument keeps working), and the lost node hosting the
+store is a clear error instead of a lighthouse to run. Users hit the same gloo limits:
+pytorch/pytorch#130345 asks for a gloo ``shutdown`` for faster recovery, pytorch/gloo#388
+(gloo abort) is still open, and pytorch/gloo#520 is a lazy-init connect that ignores its
+timeout after a peer dies (this module does not use ``TORCH_GLOO_LAZY_INIT``).
+
 Every value read from the store is hostile: sizes are capped, integers and membership lists
 are validated against the previous generation before they are used.
 """

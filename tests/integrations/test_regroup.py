@@ -176,7 +176,8 @@ def test_survivors_of_a_frozen_node_regroup(tmp_path, wait):
         assert res["heartbeat_detect_s"] is not None, res
         if wait == "alive":  # seen by the heartbeat, not by gloo's timeout (a bound, with slack)
             assert res["detect_s"] < pg_timeout_s, res
-            assert "stopped beating" in res["collective_error"], res
+            # its own heartbeat saw them stop, or saw the other survivor's regroup first
+            assert "stopped beating" in res["collective_error"] or "started a regroup" in res["collective_error"], res
     print(f"\nregroup figures (SIGSTOP, {wait}):", _figures(results))
 
 
