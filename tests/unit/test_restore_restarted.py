@@ -249,3 +249,33 @@ class _Saved:
 
     def load_state_dict(self, sd):  # pragma: no cover - only saved
         self.sd = sd
+
+
+@pytest.mark.gpu
+def test_a_fresh_optimizer_on_a_gpu_gets_its_state_straight_on_the_device(root, shm):
+    """The new state tensors are built on the parameter's device: one host -> device copy,
+    no host tensor cast or moved by load_state_dict afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 64, device="cuda")).sum().backward()
+    opt.step()
+    ckpt = Checkpointer(root, options=_opts(shm))
+    ckpt.save_async(1, {"model": model, "optim": opt}).wait()
+    ckpt.wait()
+    ckpt.close(keep_snapshots=True)
+    torch.manual_seed(1)
+    fresh = torch.nn.Linear(64, 32).cuda()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with Checkpointer(root, options=_opts(shm)) as again:
+        tier = again.tiers["shm"]
+        tree = read_state(tier, 1, tier.manifest(1), in_place=True)
+        resolve({"model": fresh, "optim": fresh_opt}, tree)
+        for st in tree["optim"]["state"].values():
+            assert all(t.device.type == "cuda" for k, t in st.items() if k != "step")
+        again.restore({"model": fresh, "optim": fresh_opt})
+    for p, q in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+        for k, v in opt.state[q].items():
+            got = fresh_opt.state[p][k]
+            assert got.device == v.device and torch.equal(got, v), k
