@@ -14,8 +14,9 @@ AdamW's two moments, every tensor materialised), in one run:
 * **host, copy path**: the same restore without ``in_place_reads()`` (new tensors read from the
   snapshot, then ``load_state_dict``), as restores ran before issue 12;
 * **host, fresh optimizer**: the in-place restore into the live model and a new optimizer
-  without state, as a restarted process restores (the moments are new tensors: allocated and
-  page-faulted, the copy path's cost for them);
+  without state, in this process (the moments land in new tensors built from the record:
+  allocated and page-faulted as the bytes land; memory this process freed before may be
+  reused, so the restarted-process row below is the faithful one);
 * **shm, in place**: the same in-place restore from the shared-memory tier (``TierSpec.shm``,
   slots under a temporary directory in ``/dev/shm``), when this recoverkit has that tier kind
   (else reported as not run);
@@ -27,7 +28,9 @@ AdamW's two moments, every tensor materialised), in one run:
   state's bytes into newly allocated memory (``torch.empty`` + ``copy_``: the fair hardware
   figure here, it faults its pages too) and into the same, now pre-faulted, memory; the row
   gives the ratio to both, and checks the restore bit-exact (parameters, moments, step
-  counts, parameter groups).
+  counts, parameter groups). Two thirds of the bytes (AdamW's moments) land in new memory
+  there, so the kernel's page faults bound it as they bound the memcpy into new memory; the
+  CRC pass comes on top.
 
 Every figure is GB/s of the state's bytes (median of ``--reps``) and its ratio to memcpy
 (target: in place >= 0.5x memcpy; for the restarted process, >= 0.5x a memcpy into new
