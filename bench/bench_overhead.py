@@ -10,6 +10,8 @@ checkpoints (the baseline) and against the others:
 * ``recoverkit``: ``Checkpointer.save_async`` (lazy copies into the staging pool overlapped with
   the next forward+backward, then host snapshot + local disk with fsync for every checkpoint);
   stall = the call + the optimizer's pre-step wait for its copies;
+* ``recoverkit_host`` (opt-in, ``--methods``): ``save_async`` into the host tier only (staging
+  pool, no shared memory, no disk): the in-memory reference ``recoverkit_memory`` is read against;
 * ``recoverkit_memory`` (issue 12): ``save_async`` into the shared-memory tier and, with 2 ranks
   (one simulated node each: ``RECOVERKIT_NODE``), a peer replica of every checkpoint; no disk;
 * ``torchft`` (2-rank cells, when installed: :mod:`bench._torchft`): two replica groups of one
@@ -67,7 +69,9 @@ METHODS = ("recoverkit", "recoverkit_memory", "torch_save", "dcp_save", "dcp_asy
 TORCHFT = "torchft"
 DEFAULT_SIZES = (256, 1024, 2304)
 DEFAULT_INTERVALS = (1, 10, 100)
-COLORS = {"recoverkit": "tab:blue", "recoverkit_memory": "tab:cyan", "torch_save": "tab:orange",
+#: accepted by ``--methods``, not run by default
+OPT_IN = ("recoverkit_host",)
+COLORS = {"recoverkit": "tab:blue", "recoverkit_host": "tab:olive", "recoverkit_memory": "tab:cyan", "torch_save": "tab:orange",
           "dcp_save": "tab:green", "dcp_async_save": "tab:red", TORCHFT: "tab:purple"}
 
 
@@ -406,6 +410,11 @@ def _rank_main(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     def make(name: str) -> _Method:
         if name == "recoverkit":
             return _Recoverkit(os.path.join(work, "rk"), {"model": ddp, "optimizer": opt}, nbytes)
+        if name == "recoverkit_host":
+            from recoverkit import TierSpec
+
+            return _Recoverkit(os.path.join(work, "rk-host"), {"model": ddp, "optimizer": opt}, nbytes,
+                               tiers=[TierSpec.host(keep=1), TierSpec.local(every_steps=0)], name=name)
         if name == "recoverkit_memory":
             return _Recoverkit(os.path.join(work, "rk-memory"), {"model": ddp, "optimizer": opt}, nbytes,
                                tiers=memory_tiers(world), name=name)
@@ -809,7 +818,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--worlds", type=_ints, default=[1, 2])
     ap.add_argument("--intervals", type=_ints, default=list(DEFAULT_INTERVALS))
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[*METHODS, TORCHFT],
-                    help=f"comma-separated, of {','.join((*METHODS, TORCHFT))} (torchft: 2-rank cells, when installed)")
+                    help=f"comma-separated, of {','.join((*METHODS, TORCHFT, *OPT_IN))} (torchft: 2-rank cells, "
+                         "when installed)")
     ap.add_argument("--n1", type=int, default=3, help="counted back-to-back checkpoints at interval 1")
     ap.add_argument("--windows", type=int, default=1, help="isolated checkpoint windows per method")
     ap.add_argument("--tail", type=int, default=2, help="steps after the background work ends, per window")

@@ -15,15 +15,22 @@ can be taken::
 so the step is complete in shared memory even if the process dies while the disk commit
 runs. A slot lent as an arena stays pinned until the snapshot is released by every user
 (the disk tiers, the host tier); its snapshot is listed as soon as its index is written.
-Whether the save was due here is known to the stager when the caller passes the tiers due;
+A slot is lent only once this process maps it with room for the save (the copy path
+creates, grows and maps slots, on the drain thread), so a process's first saves are copied.
+Whether a save is due here is known to the stager when the caller passes the tiers due;
 otherwise this tier predicts it from the steps it was offered (every ``g`` steps, ``g`` the
-last gap; every step after the first offer): a miss costs a pool staging (and a copy), or a slot staged but never committed
-(torn; the older snapshot it held is gone, the newest never is). Counted in
-:attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. A process restarted on the same node with the same root (torchrun
-``--max-restarts``, the user's relaunch) finds the slots again: this tier lists their steps
-and restores from them like any tier (``steps`` / ``manifest`` / ``read``, and
-``memory_view`` for restores straight into live tensors). The snapshot's run id may be an
-earlier run's: restore does not compare run ids.
+last gap; every step after the first offer): a miss costs a pool staging and a copy, or a
+slot staged but never committed (torn; the older snapshot it held is gone, the newest never
+is). Counted in :attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. A save staged into
+the pool while the drain lagged can find no free slot because a newer save was lent one
+meanwhile: it is superseded by that newer step (counted, :attr:`ShmTier.superseded`), as
+a replication that cannot keep up is.
+
+A process restarted on the same node with the same root (torchrun ``--max-restarts``, the
+user's relaunch) finds the slots again: this tier lists their steps and restores from them
+like any tier (``steps`` / ``manifest`` / ``read``, and ``memory_view`` for restores
+straight into live tensors). The snapshot's run id may be an earlier run's: restore does not
+compare run ids.
 
 A snapshot holds one rank's part. In a world of one it is the whole state; in a job of
 several ranks, :meth:`ShmTier.agree` (collective, like the host tier's) offers only the
@@ -68,7 +75,7 @@ from ..format.shm_index import ShmIndex, data_file, encode_index
 from ..format.validate import check_manifest
 from ..storage.base import Buffer, RankRecords, Region, destination
 from ..storage.faults import FaultInjector
-from ..storage.shm import ShmStore, SnapshotView
+from ..storage.shm import ShmStore, SlotBusyError, SnapshotView
 from .base import SnapshotTier
 from .plan import SavePlan
 from .slot_arena import SlotArena
@@ -140,6 +147,10 @@ class ShmTier(SnapshotTier):
         self.copied = 0
         #: arenas asked for and not lent (no free slot, over the budget)
         self.arena_misses = 0
+        #: saves staged into the pool that found no free slot because a newer save was
+        #: staged into one meanwhile (that newer step is written instead; not a failure)
+        self.superseded = 0
+        self._newest_lent = -1  # the newest step lent a slot
         self._last_offer: int | None = None  # the newest step offered
         self._offer_gap: int | None = None  # the gap between the last two offered steps
 
@@ -160,23 +171,28 @@ class ShmTier(SnapshotTier):
     def arena(self, step: int, plan: SavePlan, alignment: int, *, due: bool | None = None) -> SlotArena | None:
         """The stager: a free slot to stage ``step`` into, held until the snapshot is
         released; None when the step is not due (``due`` None: :meth:`expects`) or no slot
-        is free (each holds the newest snapshot, is pinned or in use) or the budget is spent.
+        is free (each holds the newest snapshot, is pinned or in use) or ready: a slot is lent
+        only once mapped here with room for the save (the copy path, on the drain thread,
+        creates, grows and maps slots; nothing of that runs in ``save_async``).
 
         The slot's index is deleted here: it is torn until :meth:`offer` writes it.
         """
         if not (self.expects(step) if due is None else due):
             return None
-        nbytes = align_up(len(plan.blob), alignment) + HostSnapshot.footprint(plan, alignment)
+        nbytes = HostSnapshot.slot_bytes(plan, alignment)
         self._close_views(idle_only=True)
         try:
-            w = self.slots.begin(step, nbytes, hold=True)
+            w = self.slots.begin(step, nbytes, hold=True, mapped_only=True)
         except (OSError, ValueError) as e:  # SlotBusyError, the budget (ENOSPC): the pool path
             self.arena_misses += 1
             log.debug("recoverkit: step %d: no shared-memory slot to stage into: %s", step, e)
             return None
         try:
             self.faults.reached("shm_stage", step=step, rank=self.rank)
-            return SlotArena(w, alignment=alignment, base=len(plan.blob), tier=self)
+            arena = SlotArena(w, alignment=alignment, base=len(plan.blob), tier=self)
+            with self._lock:
+                self._newest_lent = max(self._newest_lent, step)
+            return arena
         except BaseException:
             w.release()
             raise
@@ -197,6 +213,15 @@ class ShmTier(SnapshotTier):
                 self._commit_staged(snap, snap.arena)
             else:
                 self._write(snap)
+        except SlotBusyError as e:
+            with self._lock:
+                newer = self._newest_lent > snap.step
+            if not newer:
+                self.failed_writes += 1
+                raise
+            self.superseded += 1  # the slots hold the newest and a newer save staged in place
+            log.debug("recoverkit: step %d not written to shared memory: superseded by a newer save (%s)", snap.step, e)
+            return False
         except BaseException:
             self.failed_writes += 1
             raise
@@ -247,7 +272,7 @@ class ShmTier(SnapshotTier):
         runs, offsets, data_bytes = _layout(entries, len(blob))
         step, copier, rank, file = snap.step, snap.copier, self.rank, self.file
         crc_at = _native.resolve(self._engine).crc32c_ptr
-        w = self.slots.begin(step, data_bytes)
+        w = self.slots.begin(step, data_bytes, room=snap.arena_bytes)  # room to stage a later save in place
         copies: list[Any] = []
         try:
             if blob:

@@ -129,6 +129,17 @@ class HostSnapshot:
         """Pool bytes the plan needs."""
         return sum(align_up(max(n, 1), alignment) for n in _pack(plan, alignment)[0])
 
+    @staticmethod
+    def slot_bytes(plan: SavePlan, alignment: int) -> int:
+        """Bytes of a shared-memory slot the plan is staged into (the blob first, then its
+        ranges at ``alignment``): what ``ShmTier.arena`` asks for."""
+        return _slot_bytes(len(plan.blob), _pack(plan, alignment)[0], alignment)
+
+    @property
+    def arena_bytes(self) -> int:
+        """:meth:`slot_bytes` of this snapshot (its ranges at its pool's alignment)."""
+        return _slot_bytes(len(self.blob), self._sizes, self._pool.alignment)
+
     def allocate(self, plan: SavePlan) -> None:
         """Take pool ranges for every shard, or none (PoolExhaustedError)."""
         sizes, where = _pack(plan, self._pool.alignment)
@@ -267,6 +278,10 @@ class HostSnapshot:
             self.arena.release()
         if self._on_release is not None:
             self._on_release()
+
+
+def _slot_bytes(blob_bytes: int, range_sizes: list[int], alignment: int) -> int:
+    return align_up(blob_bytes, alignment) + sum(align_up(max(n, 1), alignment) for n in range_sizes)
 
 
 def _bytes_of(src: torch.Tensor) -> torch.Tensor:

@@ -267,7 +267,9 @@ class SlotSet:
         return total
 
     # ------------------------------------------------------------ writing
-    def begin(self, step: int, data_bytes: int, *, hold: bool = False) -> SlotWriter:
+    def begin(
+        self, step: int, data_bytes: int, *, hold: bool = False, mapped_only: bool = False, room: int = 0
+    ) -> SlotWriter:
         """A slot to write ``step`` into (``data_bytes`` of data): never the one holding the
         newest complete snapshot, nor one open, pinned or held in this process.
 
@@ -279,6 +281,12 @@ class SlotSet:
         it stays pinned in this process, through the commit, until
         :meth:`SlotWriter.release` (its bytes are still read, and a lazy copy may still
         write them, after the index is written). No writer of this process takes it meanwhile.
+
+        ``mapped_only``: only if the slot it would take is already mapped writable here with
+        room for ``data_bytes`` (no file to create, grow or map: nothing slow for a caller on
+        the training thread); SlotBusyError otherwise. ``room``: grow the data file to
+        at least this many bytes (within the budget) though ``data_bytes`` are written, so a
+        later ``mapped_only`` writer of that size finds the slot ready.
         """
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
@@ -294,22 +302,27 @@ class SlotSet:
                 k for k in range(self.store.nslots)
                 if k != newest and k not in self._writing and not _pinned(self._data(k))
             ]  # fmt: skip
+            # the slot to take: an unused one first, else the oldest snapshot's
+            pick = min(free, key=lambda k: (k in complete, complete[k].step if k in complete else -1, k), default=None)
+            if mapped_only and pick is not None and not self._mapped(pick, data_bytes):
+                free = []  # not ready: never another slot instead (that would drop an older snapshot)
             if not free:
                 raise SlotBusyError(
                     errno.EBUSY,
                     f"{self.dir}: no free slot for step {step}: of {self.store.nslots}, one holds the newest "
                     f"snapshot (step {complete[newest].step if newest is not None else '-'}) and the others are "
-                    "open or being written",
+                    "open or being written" + (f" (or not yet mapped for {data_bytes} bytes)" if mapped_only else ""),
                     self.dir,
                 )
-            k = min(free, key=lambda k: (k in complete, complete[k].step if k in complete else -1, k))
+            assert pick is not None
+            k = pick
             self._writing.add(k)
             if hold:
                 _pin(self._data(k), +1)  # until release(): no writer of this process takes it
         try:
             self.store.fs.remove(self._index(k))  # torn from here until commit
             self._cache.pop(k, None)
-            mapping = self._map_for_write(k, data_bytes)
+            mapping = self._map_for_write(k, data_bytes, max(data_bytes, min(int(room), MAX_DATA_BYTES)))
         except BaseException:
             with self._lock:
                 self._writing.discard(k)
@@ -318,13 +331,22 @@ class SlotSet:
             raise
         return SlotWriter(self, k, step, data_bytes, mapping, hold=hold)
 
-    def _map_for_write(self, k: int, data_bytes: int) -> _Mapping:
+    def _mapped(self, k: int, data_bytes: int) -> bool:
+        """Slot ``k`` is mapped writable here with room for ``data_bytes``."""
+        held = self._maps.get(k)
+        return held is not None and held[0].mm is not None and held[0].nbytes >= data_bytes
+
+    def _map_for_write(self, k: int, data_bytes: int, room: int) -> _Mapping:
+        """Slot ``k``'s writable mapping, its file grown to ``room`` bytes if smaller than
+        ``data_bytes`` (just ``data_bytes`` where ``room`` would pass the budget)."""
         path = self._data(k)
         fd, st = open_regular(path, os.O_RDWR | os.O_CREAT, _refuse, mode=0o600)
         try:
             if st.st_nlink > 1:
                 raise StorageError(errno.EMLINK, f"{path}: has {st.st_nlink} hard links (remove it)", path)
             size = st.st_size
+            if size < room and self.store.used_bytes() - size + room <= self.store.budget_bytes:
+                data_bytes = room  # room for both layouts, within the budget
             if size < data_bytes:
                 used = self.store.used_bytes()
                 if used - size + data_bytes > self.store.budget_bytes:

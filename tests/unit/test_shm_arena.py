@@ -72,6 +72,10 @@ def parts(tmp_path, shm):
     store = ShmStore(str(tmp_path / "root"), shm_dir=shm, node="n0", budget_bytes=64 << 20, slots=2)
     tier = ShmTier(store, run_id="r", engine=engine, faults=FaultInjector())
     stager = Stager(engine=engine, policy=StagingPolicy(budget_bytes=16 << 20), guard=StepGuard())
+    # a slot is lent only once mapped with room (what a copied save does): map both, torn
+    writers = [tier.slots.begin(0, 4 << 20) for _ in range(2)]
+    for w in writers:
+        w.abort()
     yield tier, stager
     tier.discard()
     stager.close()
@@ -151,6 +155,24 @@ def test_no_free_slot_falls_back_to_the_pool_and_the_copy_path(parts):
     assert tier.in_place == 2 and tier.steps() == [3, 4] and _records(tier, 3) == _records(tier, 4)
 
 
+def test_a_slot_not_mapped_with_room_is_not_lent(parts):
+    tier, stager = parts
+    big = {"big": torch.zeros(2 << 20)}  # 8 MiB: more than either slot maps
+    first = _stage(stager, 1, big, keep_in=[tier])
+    assert first.arena is None and tier.arena_misses == 1  # no growth on the training thread
+    tier.offer(first)  # the copy path grows and maps a slot (the drain's thread)
+    first.release()
+    second = _stage(stager, 2, big, keep_in=[tier])
+    assert second.arena is None  # the other slot is still too small; the grown one is the newest
+    tier.offer(second)
+    second.release()
+    third = _stage(stager, 3, big, keep_in=[tier])
+    assert third.arena is not None
+    tier.offer(third)
+    third.release()
+    assert tier.steps() == [2, 3] and _records(tier, 2) == _records(tier, 3)
+
+
 def test_an_arena_not_committed_leaves_its_slot_torn_and_free(parts):
     tier, stager = parts
     first = _stage(stager, 1, _state(), keep_in=[tier])
@@ -198,8 +220,9 @@ def test_checkpointer_stages_every_step_into_shm_and_restores_bit_exact(root, sh
         handles.append(ckpt.save_async(t.step, t.state()))
         ckpt.wait()
     tier = ckpt.tiers["shm"]
-    assert [h.metrics["staged_in"] for h in handles] == ["pool"] + ["shm"] * 6  # lent from the 2nd on
-    assert tier.in_place == 6 and tier.written == 7 and tier.steps() == [6, 7]
+    # the first two saves create and map the two slots (copied); from the 3rd on, staged in place
+    assert [h.metrics["staged_in"] for h in handles] == ["pool"] * 2 + ["shm"] * 5
+    assert tier.in_place == 5 and tier.written == 7 and tier.steps() == [6, 7]
     assert ckpt.tiers["local"].steps()[-1] == 6  # the disk wrote from the slot's ranges
     ckpt.close(keep_snapshots=True)
     again = Trainer(seed=1)
