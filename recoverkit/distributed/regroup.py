@@ -53,7 +53,13 @@ one, the store is gone and :func:`regroup` raises ``RegroupError(reason="store_l
 soon as a store call fails. torchrun's agent on a surviving node does not restart its workers
 when another node's agent vanishes (it restarts on a failed local worker or on a node
 *waiting to join*); after its workers exit it waits in its exit barrier for the lost agent,
-``exit_barrier_timeout`` (300 s, not settable from the command line), then exits.
+``exit_barrier_timeout`` (300 s, not settable from the command line), then exits. Unless the
+lost agent hosted the c10d *rendezvous* store (the agent that bound ``--rdzv-endpoint``, or the
+one given ``--rdzv-conf is_host=1``): then, within about a second (its cached rendezvous
+state expires), the surviving agent's ``num_nodes_waiting`` raises
+RendezvousConnectionError, and it ends its own workers and exits non-zero. In-process
+re-forming therefore needs the rendezvous host and the store host to survive: put both on
+one node (node rank 0) or outside the workers' nodes.
 
 Compared with torchft (read, not copied): its Manager asks a separate lighthouse service for a
 quorum each step and, when the quorum id changes, reconfigures a *wrapper* process group

@@ -8,7 +8,8 @@ collective raises) or ``alive`` (:func:`wait_alive`: also when the heartbeat sto
 ``killed`` (the wall time just before the kill). The survivors' next collective fails; they
 call :func:`regroup`, all-reduce launch rank + 1 over the new group and write
 ``result-<launch rank>.json`` (the new membership, the sum, detection and re-forming
-times), or, on a RegroupError, the error's reason. They end with ``barrier();
+times), or, on a RegroupError, the error's reason; with ``RECOVERKIT_REGROUP_LINGER_S`` set,
+they go on all-reducing in the new world that long. They end with ``barrier();
 destroy_process_group(); os._exit(0)`` and write ``exit-<launch rank>`` just before.
 """
 
@@ -112,6 +113,10 @@ def main(out: str, pg_timeout_s: float, wait: str) -> None:
         heartbeat_detect_s=None if (lost_at is None or killed is None) else (failed_wall - killed) + (lost_at - failed_mono),
     )
     _write(os.path.join(out, f"result-{rank}.json"), result)
+    linger = time.monotonic() + float(os.environ.get("RECOVERKIT_REGROUP_LINGER_S", "0"))
+    while time.monotonic() < linger:  # training goes on in the new world
+        dist.all_reduce(t)
+        time.sleep(0.05)
     heartbeat.stop()
     dist.barrier()
     dist.destroy_process_group()

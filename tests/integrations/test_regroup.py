@@ -16,6 +16,12 @@ in its own session).
   ranks neither beat nor acknowledge, and the survivors go on without them.
 - Node a lost (the store lives there, whether the agent or global rank 0 hosts it): the
   survivors on node b get ``RegroupError(reason="store_lost")`` within the bound, no hang.
+- The lost node hosted the c10d rendezvous: the surviving agent fails and ends its workers
+  (torchrun's behaviour, recorded here: in-process recovery needs the rendezvous host alive).
+
+Which node hosts what is fixed, not raced: ``--rdzv-conf is_host=`` picks the rendezvous host,
+and ``--local-addr`` (127.0.0.1 for node a, localhost for node b) puts global ranks 0 and 1 on
+node a.
 
 Bounds, not speed: detection must come within the group's timeout plus slack for a loaded
 machine. The figures (detection, re-forming) are printed for the record.
@@ -40,23 +46,28 @@ PG_TIMEOUT_S = 10.0
 SLACK_S = 15.0  # a loaded 2-core machine
 
 
-def _launch(base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S, wait: str = "alive") -> tuple[list[subprocess.Popen], str]:
+def _launch(
+    base: str, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S, wait: str = "alive", rdzv_host: str = "a"
+) -> tuple[list[subprocess.Popen], str]:
+    """Both agents. Node a gets global ranks 0 and 1: the rendezvous numbers the nodes in the
+    order of their addresses (then pids), and a's 127.0.0.1 sorts before b's localhost. The
+    agent of ``rdzv_host`` hosts the c10d rendezvous store (``is_host``), the other connects
+    to it (retrying until it is up)."""
     out = os.path.join(base, "out")
     os.makedirs(out, exist_ok=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     port = free_port()
     procs = []
-    for node in ("a", "b"):
+    for node, addr in (("a", "127.0.0.1"), ("b", "localhost")):
         cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
         cmd += ["--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--rdzv-conf=is_host={int(node == rdzv_host)}", f"--local-addr={addr}",
                 "--rdzv-id=regroup", "--max-restarts=1", "--monitor-interval=0.1",
                 "-m", "tests.integrations.regroup_worker", out, str(pg_timeout_s), wait]
         env = dict(torchrun_env(), RECOVERKIT_NODE=node, LOGLEVEL="INFO", **env_extra)
         log = open(os.path.join(base, f"agent-{node}.log"), "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
-        if node == "a":
-            time.sleep(1.0)  # its agent binds the rendezvous port first
     return procs, out
 
 
@@ -124,6 +135,7 @@ def _survive(tmp_path, sig: int, pg_timeout_s: float, share_store: bool = False,
     try:
         _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
         before = _pids(out, "a")
+        assert sorted(before) == [0, 1], before
         _kill_node(procs, out, "b", sig)
         _wait_files(out, ["result-0.json", "result-1.json", "exit-0", "exit-1"], pg_timeout_s + 20 + SLACK_S, procs, str(tmp_path))
         results = [_result(out, r) for r in (0, 1)]
@@ -184,10 +196,13 @@ def test_survivors_of_a_frozen_node_regroup(tmp_path, wait):
 @pytest.mark.slow
 @pytest.mark.parametrize("host", ["rank0", "agent"])
 def test_losing_the_node_that_hosts_the_store_raises_regroup_error(tmp_path, host):
+    """Node a holds the store (in global rank 0, or in its agent); the rendezvous is on node b,
+    so node b's agent lives on and only the store is gone."""
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1" if host == "rank0" else "0"}
-    procs, out = _launch(str(tmp_path), env)
+    procs, out = _launch(str(tmp_path), env, rdzv_host="b")
     try:
         _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
+        assert sorted(_pids(out, "a")) == [0, 1], _pids(out, "a")
         _kill_node(procs, out, "a")
         _wait_files(out, ["result-2.json", "result-3.json"], PG_TIMEOUT_S + 20 + SLACK_S, procs, str(tmp_path))
         for rank in (2, 3):
@@ -196,5 +211,28 @@ def test_losing_the_node_that_hosts_the_store_raises_regroup_error(tmp_path, hos
             assert res["detect_s"] is not None and res["detect_s"] < PG_TIMEOUT_S + SLACK_S, res
             assert res["regroup_s"] < 20 + SLACK_S, res
         print("\nstore-lost figures:", json.dumps([{k: _result(out, r)[k] for k in ("detect_s", "regroup_s")} for r in (2, 3)]))
+    finally:
+        _end(procs, out)
+
+
+@pytest.mark.slow
+def test_losing_the_rendezvous_host_ends_the_surviving_agent(tmp_path):
+    """torchrun's behaviour, recorded: when the lost node's agent hosted the c10d rendezvous
+    store, the surviving agent's next look at the rendezvous (``num_nodes_waiting``, every
+    monitor interval) raises RendezvousConnectionError, and the agent ends its own workers and
+    exits non-zero, whatever they were doing. In-process recovery needs the rendezvous host
+    (in production: a node that is not lost, or an etcd/external store) to survive."""
+    procs, out = _launch(str(tmp_path), {"RECOVERKIT_REGROUP_LINGER_S": "30"}, rdzv_host="b")
+    try:
+        _wait_files(out, [f"step-{r}" for r in range(4)], 120, procs, str(tmp_path))
+        _kill_node(procs, out, "b")
+        try:
+            code = procs[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            code = None
+        text = open(tmp_path / "agent-a.log").read()
+        assert code not in (0, None), (code, text[-3000:])
+        assert "RendezvousConnectionError" in text, text[-3000:]
+        assert not os.path.exists(os.path.join(out, "exit-0")), "the workers were ended by their agent, before their end"
     finally:
         _end(procs, out)
