@@ -12,7 +12,7 @@ The flow, per survivor::
 
     collective raises (peer reset / gloo timeout), wait_alive raises, or Heartbeat.lost()
       -> regroup(store, membership)
-           destroy the old default group (kept aside if a collective is stuck in it)
+           destroy the old default group (dropped on a background thread: never blocks)
            join:   set  <ns>/g<N>/join/<launch rank>, add <ns>/g<N>/count
            wait:   every old member joined; or, with a Heartbeat, the missing ones did not
                    acknowledge within ack_s (their heartbeat threads answer a started regroup
@@ -32,12 +32,12 @@ sees it after ``miss_s`` whatever the collectives do, and :func:`wait_alive` wai
 collective's work in slices so that the loss raises then. Tearing down does not wait for the
 stuck collective either: in torch 2.13, ``destroy_process_group``, ``_abort_process_group``
 and ``ProcessGroup.shutdown`` + destroy all return only when a pending gloo collective's own
-timeout expires (they join gloo's worker thread). So when :func:`wait_alive` gave up on a
-collective, :func:`regroup` keeps the old group referenced (aside, not joined) and destroys
-only the default group's bookkeeping, which is immediate; otherwise (the collective failed)
-it destroys the group for real, which is fast and closes its sockets, so that survivors still
-blocked in a collective with this process fail at once (the cascade that makes SIGKILL
-detection take milliseconds on every survivor). A survivor's heartbeat also sees that
+timeout expires (the group's destructor joins gloo's worker thread). So :func:`regroup`
+destroys the default group's bookkeeping itself, which is immediate, and drops the group on a
+background thread (:func:`retire`): after a failed collective that is immediate too, and it
+closes the group's sockets, so that survivors still blocked in a collective with this process
+fail at once (the cascade that makes SIGKILL detection take milliseconds on every survivor);
+with a collective stuck on a frozen peer, only that thread waits. A survivor's heartbeat also sees that
 another survivor started a regroup, and :func:`wait_alive` then raises within a beat.
 The heartbeat also lets :func:`regroup` agree fast: survivors cannot tell a dead
 member from a late one, but a live member's heartbeat thread acknowledges a started regroup
@@ -89,7 +89,7 @@ from typing import Any
 
 from ..errors import ConfigError, PeerLostError, PeerTimeoutError, RegroupError
 
-__all__ = ["Membership", "Heartbeat", "regroup", "wait_alive", "release_retired", "job_store", "NAMESPACE"]
+__all__ = ["Membership", "Heartbeat", "regroup", "wait_alive", "retire", "job_store", "NAMESPACE"]
 
 #: the root of every key this module writes
 NAMESPACE = "recoverkit/regroup"
@@ -98,11 +98,6 @@ MAX_VALUE_BYTES = 1 << 20
 #: the largest world a membership may name
 MAX_WORLD = 1 << 16
 _POLL_S = 0.01
-#: old default groups kept referenced by regroup (see release_retired); at most this many
-_MAX_RETIRED = 8
-_retired: list[Any] = []
-#: set by wait_alive when it gives up on a collective still in flight (until the next regroup)
-_abandoned: list[bool] = []
 
 
 def _store_call(what: str, fn: Any, *args: Any) -> Any:
@@ -388,8 +383,8 @@ def wait_alive(work: Any, heartbeat: Heartbeat, *, timeout_s: float) -> None:
     group's timeout. This waits in slices of ``heartbeat.interval_s`` (gloo's ``wait(timeout)``
     can be called again after a slice runs out) and raises as soon as the heartbeat sees a
     member dead, a regroup started by another survivor, or the store gone. Then call
-    :func:`regroup`: it does not wait for the stuck collective (the old group is kept aside,
-    not joined). The tensors of an abandoned
+    :func:`regroup`: it does not wait for the stuck collective (the old group is dropped on
+    a background thread). The tensors of an abandoned
     collective are undefined afterwards: do not reuse their contents.
 
     Raises:
@@ -415,7 +410,6 @@ def wait_alive(work: Any, heartbeat: Heartbeat, *, timeout_s: float) -> None:
             if work.is_completed():  # the collective itself failed, not the slice
                 raise PeerLostError(f"a collective failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
         if heartbeat.lost():
-            _abandoned.append(True)
             dead = heartbeat.dead()
             raise PeerLostError(
                 f"launch ranks {sorted(dead)} stopped beating for {heartbeat.miss_s} s" if dead
@@ -427,13 +421,24 @@ def wait_alive(work: Any, heartbeat: Heartbeat, *, timeout_s: float) -> None:
             raise PeerTimeoutError(f"a collective did not finish within {timeout_s} s, every member beating")
 
 
-def release_retired() -> None:
-    """Drops the old groups :func:`regroup` kept aside; blocks until their stuck collectives time out.
+def retire(objects: list[Any]) -> None:
+    """Empties ``objects`` on a background thread, so that a destructor that waits never blocks the caller.
 
-    Optional: a worker that ends with ``os._exit`` never needs it.
+    A process group whose collective is stuck on a frozen peer waits out the group's timeout
+    when its last reference goes (gloo joins its worker thread; measured: the GIL is free
+    meanwhile). :func:`regroup` retires the old default group this way; retire what else
+    holds it the same way (the old ``DistributedDataParallel`` wrapper, subgroups), and hold
+    no other reference: the list must be the last one.
+
+    Example:
+        >>> old = [ddp_model]; del ddp_model            # doctest: +SKIP
+        >>> retire(old)
     """
-    while _retired:
-        _retired.pop()
+
+    def drop() -> None:
+        objects.clear()
+
+    threading.Thread(target=drop, name="recoverkit-retire", daemon=True).start()
 
 
 def _read_decision(store: Any, key: str, previous: tuple[int, ...]) -> tuple[int, ...]:
@@ -494,18 +499,17 @@ def regroup(
         raise ConfigError(f"regroup: need 0 < join_window_s <= timeout_s, got {join_window_s} and {timeout_s}")
     start = time.monotonic()
     if dist.is_initialized():
-        if _abandoned:
-            # A collective is stuck on a frozen peer: destroying the group's last reference
-            # would join gloo's worker thread, i.e. wait out the group's timeout. Keep it aside.
-            _retired.append(dist.group.WORLD)
-            del _retired[:-_MAX_RETIRED]
-        # Otherwise destroy it for real: its sockets close, and survivors still blocked in a
-        # collective with this process see their collective fail at once.
-        _abandoned.clear()
+        # Destroy the default group's bookkeeping here, and drop the group itself on a
+        # background thread: its destructor joins gloo's worker thread, which is immediate
+        # after a failed collective (and closes its sockets, so the survivors still blocked
+        # in a collective with this process fail at once), but waits out the group's timeout
+        # when a collective is stuck on a frozen peer.
+        box = [dist.group.WORLD]
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001, S110 - a broken group: its state is dropped all the same
             pass
+        retire(box)
     arrived = time.monotonic()
     deadline = arrived + timeout_s
     gen = membership.generation + 1
