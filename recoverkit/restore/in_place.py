@@ -29,8 +29,8 @@ bytes fetched from a peer)::
 So a restore from memory costs one CRC pass and one copy of the bytes, into memory that is
 already there (the copy path allocated and page-faulted a new tensor per piece, then copied
 again in load_state_dict); for a fresh optimizer's state, into new memory whose pages the
-engine's threads fault in parallel as they copy. Restore stays all or nothing (invariant 6): every CRC, then every
-check, then the first byte.
+engine's threads fault in as they copy. Restore stays all or nothing (invariant 6): every
+CRC, then every check, then the first byte (new targets are seen by nobody before that).
 
 A tree read in place holds PendingTensors until :func:`resolve` runs: it is for restore
 (``apply_restored``), never handed to a user. Between the CRC pass and the copy the tier must
@@ -424,9 +424,19 @@ def state_target(pending: PendingTensor, param: Any, key: Any) -> torch.Tensor |
     device (every parameter), and leaves ``step`` alone unless the group is fused or
     capturable: so a tensor of the saved dtype and shape on the parameter's device, when the
     cast would not change the dtype, is exactly what torch would keep. Building it here lets
-    the verified bytes land in it once (the native engine's threads fault its pages in
-    parallel), where the copy path allocated a CPU tensor, copied into it on one thread and
-    then cast or moved it again. Its size is the record's, whose bytes the tier holds.
+    the verified bytes land in it once, after every check (the engine's threads fault its
+    pages in as they copy; a GPU parameter's state goes host -> device directly), where
+    before it was materialised as a CPU tensor before the checks and, for a GPU parameter,
+    moved to the device again by ``load_state_dict``. Its size is the record's, whose bytes
+    the tier holds (``collect`` checked the record's shape against them).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2, 3))
+        >>> moment = PendingTensor("m", torch.float32, (2, 3), [(0, memoryview(bytes(24)))])
+        >>> state_target(moment, p, "exp_avg").shape, state_target(moment, p, "step")
+        (torch.Size([2, 3]), None)
+        >>> state_target(moment, p.double(), "exp_avg") is None  # torch would cast it
+        True
     """
     if key == "step" or not isinstance(param, torch.Tensor) or type(param) not in (torch.Tensor, torch.nn.Parameter):
         return None
