@@ -7,7 +7,9 @@ spawned processes form a gloo world over it, one is SIGKILLed while another is b
 acknowledges the regroup, so the first survivor waits for it instead of closing after
 ``ack_s``; without a heartbeat, the join window covers it. Either way the new world is
 {0, 1} with dense ranks and a right all-reduce. Two losses in a row (4 -> 3 -> 2) give two
-generations, each rank map relative to the generation before. The record tests write malformed values
+generations, each rank map relative to the generation before. A frozen peer (SIGSTOP) is
+left behind through ``wait_alive`` without waiting for its stuck collective, a DDP wrapper of
+the old group retired, a new one trained. The record tests write malformed values
 where regroup reads its decision and counters, and end the store's server under a client.
 """
 
@@ -164,6 +166,84 @@ def test_two_losses_two_generations():
         # generation 2 maps generation 1's ranks: launch 2 was rank 2, is now rank 1
         assert second == {"generation": 2, "members": [0, 2], "rank": final_rank, "rank_map": {0: 0, 2: 1}, "sum": 4.0}
     assert [p.exitcode for p in procs] == [0, -signal.SIGKILL, 0, -signal.SIGKILL]
+
+
+def _frozen(rank: int, port: int, queue) -> None:  # noqa: ANN001
+    """3 ranks with a DDP model; rank 2 is frozen (SIGSTOP) mid-run by the test."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from recoverkit.distributed.regroup import Heartbeat, Membership, regroup, retire, wait_alive
+    from recoverkit.errors import PeerLostError
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=20))
+    dist.init_process_group("gloo", store=dist.PrefixStore("t3/pg0", store), rank=rank, world_size=3, timeout=timedelta(seconds=60))
+    m = Membership(namespace="t3", generation=0, members=(0, 1, 2), launch_rank=rank, previous=(0, 1, 2))
+    hb = Heartbeat(store, m, interval_s=0.1, miss_s=1.0).start()
+    torch.manual_seed(0)
+    ddp = DDP(torch.nn.Linear(8, 2))
+    ddp(torch.randn(4, 8)).sum().backward()
+    store.set(f"ready/{rank}", "1")
+    t = torch.ones(1)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            work = dist.all_reduce(t, async_op=True)
+            wait_alive(work, hb, timeout_s=30.0)
+            time.sleep(0.01)
+        queue.put((rank, "no failure seen"))
+        os._exit(3)
+    except PeerLostError as e:
+        why = str(e)
+    m = regroup(store, m, timeout_s=20.0, heartbeat=hb, pg_timeout_s=10.0)
+    old = [ddp]
+    del ddp
+    retire(old)  # its reducer holds the old group, whose collective is stuck for 60 s
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    model = DDP(torch.nn.Linear(8, 2))  # a wrapper of the new group trains
+    model(torch.randn(4, 8)).sum().backward()
+    queue.put((rank, {"why": why, "members": list(m.members), "sum": x.item(), "stuck_still_pending": not work.is_completed()}))
+    hb.stop()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_frozen_peer_is_left_behind_without_waiting_for_its_stuck_collective():
+    """wait_alive raises on the heartbeat; regroup and retire do not wait for the old group's
+    collective, stuck on the frozen rank for the group's 60 s timeout: the new world has
+    all-reduced and trained a DDP step while that collective is still pending."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(HOST, 0, is_master=True, timeout=timedelta(seconds=30))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_frozen, args=(r, store.port, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        store.wait([f"ready/{r}" for r in range(3)], timedelta(seconds=60))
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        results = dict(queue.get(timeout=60) for _ in range(2))
+    finally:
+        procs[2].kill()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    for rank in (0, 1):
+        res = results[rank]
+        assert isinstance(res, dict), results
+        assert res["members"] == [0, 1] and res["sum"] == 3.0, res
+        assert "stopped beating" in res["why"] or "started a regroup" in res["why"], res
+        assert res["stuck_still_pending"], res
+    assert [p.exitcode for p in procs[:2]] == [0, 0]
 
 
 def _membership(rank: int = 0):  # noqa: ANN202
