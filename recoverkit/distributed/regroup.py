@@ -478,7 +478,8 @@ def regroup(
     Args:
         store: the store every worker shares (:func:`job_store`), not the old group's.
         membership: the current generation (:meth:`Membership.initial` or the last regroup).
-        timeout_s: bound on the whole call, old group teardown excepted (see the module doc).
+        timeout_s: bound on the agreement (the new group's rendezvous is bounded by
+            ``pg_timeout_s``); the old group's teardown never blocks (see :func:`retire`).
         join_window_s: without a heartbeat, how long a survivor waits for old members that
             have not joined, counted from its own arrival. With one, it waits for the members
             whose heartbeat acknowledged the regroup (until ``timeout_s``), and for the others
@@ -522,6 +523,7 @@ def regroup(
     def present(kind: str, ranks: set[int]) -> set[int]:
         return {r for r in ranks if _store_call("check", store.check, [f"{ns}/{kind}/{r}"])}
 
+    joined: tuple[int, set[int]] = (-1, set())  # (join count, joined ranks): looked up when the count moves
     while True:
         if _store_call("check the decision", store.check, [decided_key]):
             break
@@ -534,7 +536,9 @@ def regroup(
             close = waited >= join_window_s
         else:
             # wait for the members alive (acknowledged, still beating); not for the dead
-            missing = set(previous) - present("join", set(previous))
+            if joined[0] != count:
+                joined = (count, present("join", set(previous)))
+            missing = set(previous) - joined[1]
             unacked = missing - present("alive", missing)
             dead = heartbeat.dead()
             close = all(r in dead or (r in unacked and waited >= heartbeat.ack_s) for r in missing)
