@@ -21,10 +21,12 @@ Whether a save is due here is known to the stager when the caller passes the tie
 otherwise this tier predicts it from the steps it was offered (every ``g`` steps, ``g`` the
 last gap; every step after the first offer): a miss costs a pool staging and a copy, or a
 slot staged but never committed (torn; the older snapshot it held is gone, the newest never
-is). Counted in :attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. A save staged into
-the pool while the drain lagged can find no free slot because a newer save was lent one
-meanwhile: it is superseded by that newer step (counted, :attr:`ShmTier.superseded`), as
-a replication that cannot keep up is.
+is). Counted in :attr:`ShmTier.in_place` and :attr:`ShmTier.copied`. Once a save due here
+was staged into the pool, later saves are not lent a slot until it was offered (the copy
+needs a slot; a newer save taking it would supersede it), so every step offered still lands
+in shared memory as before. Should a pool-staged save find no free slot because a newer one
+was lent (a step not expected), it is superseded by that newer step (counted,
+:attr:`ShmTier.superseded`), as a replication that cannot keep up is.
 
 A process restarted on the same node with the same root (torchrun ``--max-restarts``, the
 user's relaunch) finds the slots again: this tier lists their steps and restores from them
@@ -151,6 +153,9 @@ class ShmTier(SnapshotTier):
         #: staged into one meanwhile (that newer step is written instead; not a failure)
         self.superseded = 0
         self._newest_lent = -1  # the newest step lent a slot
+        #: the newest step expected here but staged into the pool: until a step as new is
+        #: offered, no later save is lent a slot (it would take the slot the copy needs)
+        self._pool_pending = -1
         self._last_offer: int | None = None  # the newest step offered
         self._offer_gap: int | None = None  # the gap between the last two offered steps
 
@@ -179,11 +184,19 @@ class ShmTier(SnapshotTier):
         """
         if not (self.expects(step) if due is None else due):
             return None
+        with self._lock:  # an earlier save staged into the pool is not written yet: it goes first
+            last = -1 if self._last_offer is None else self._last_offer
+            if self._pool_pending > last:
+                self._pool_pending = max(self._pool_pending, step)
+                self.arena_misses += 1
+                return None
         nbytes = HostSnapshot.slot_bytes(plan, alignment)
         self._close_views(idle_only=True)
         try:
             w = self.slots.begin(step, nbytes, hold=True, mapped_only=True)
         except (OSError, ValueError) as e:  # SlotBusyError, the budget (ENOSPC): the pool path
+            with self._lock:
+                self._pool_pending = max(self._pool_pending, step)
             self.arena_misses += 1
             log.debug("recoverkit: step %d: no shared-memory slot to stage into: %s", step, e)
             return None

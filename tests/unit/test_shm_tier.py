@@ -48,9 +48,8 @@ def test_a_new_checkpointer_restores_the_newest_shm_step_bit_exact(root, shm):
     ckpt = Checkpointer(root, options=_opts(shm))
     _train(ckpt, t, 7)
     shm_tier = ckpt.tiers["shm"]
-    # step 6 may be superseded by 7 (staged in place while the disk commit of 5 held the drain)
-    assert shm_tier.steps() in ([6, 7], [5, 7]) and ckpt.tiers["local"].steps() == [5]
-    assert shm_tier.written + shm_tier.superseded == 7 and shm_tier.in_place >= 3
+    assert shm_tier.steps() == [6, 7] and ckpt.tiers["local"].steps() == [5]
+    assert shm_tier.written == 7 and shm_tier.in_place >= 1  # staged in place where a slot was ready
     ckpt.close(keep_snapshots=True)  # as a crash would leave it
     again = Trainer(seed=1)
     with Checkpointer(root, options=_opts(shm)) as second:  # a new run id: accepted
@@ -62,7 +61,7 @@ def test_a_new_checkpointer_restores_the_newest_shm_step_bit_exact(root, shm):
         # the restored process goes on; its slots are reused, the newest never overwritten
         again.step = 7
         _train(second, again, 3)
-        assert second.tiers["shm"].steps()[-1] == 10
+        assert second.tiers["shm"].steps() == [9, 10]
         t2 = Trainer()
         _ = [t2.train_step() for _ in range(10)]
         assert params_equal(again.model, t2.model)
