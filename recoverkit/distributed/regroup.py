@@ -216,7 +216,9 @@ def job_store(*, timeout_s: float) -> Any:
     with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` the store's server lives in global rank 0's
     default group, and :func:`regroup` destroying that group would end the server for
     everyone if nothing else held it. Without a default group, a new client of
-    ``MASTER_ADDR:MASTER_PORT`` whose calls fail after ``timeout_s``.
+    ``MASTER_ADDR:MASTER_PORT`` whose calls fail after ``timeout_s``. (The default group's
+    store is reached through ``distributed_c10d._get_default_store``, private in torch 2.13
+    but unchanged for years; the PrefixStores around it are public.)
     """
     import torch.distributed as dist
 
