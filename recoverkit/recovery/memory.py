@@ -464,12 +464,10 @@ class _Attempt:
             where = self._owners[owner].where if owner in self._owners else "not gathered"
             log.warning("recoverkit: rank %d: rank %d's snapshot of step %d from %s is damaged: %s",
                         self.rank, owner, step, where, error)
-            report = {"ok": False, "error": f"rank {owner}'s snapshot from {where}: {error}",
-                      "bad": [[owner, node, replica]]}  # fmt: skip
+            text, bad = f"rank {owner}'s snapshot from {where}: {error}", [[owner, node, replica]]
             if moved is not None:
-                report["error"] += f"; {moved['error']}"
-                report["bad"] += moved["bad"]
-            return report, None
+                text, bad = f"{text}; {moved['error']}", bad + moved["bad"]
+            return {"ok": False, "error": text, "bad": bad}, None
         if moved is not None:
             return moved, None
         return {"ok": True}, MemoryTier(manifest, self._owners)
@@ -645,7 +643,7 @@ def _in(place: str) -> str:
     return f"node {place}"
 
 
-_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _mmap_address(buf: mmap.mmap) -> int:
