@@ -339,3 +339,86 @@ def test_survivors_that_disagree_on_the_completed_step_take_the_state_of_the_one
         assert res["source"] == 0 and res["behind"] == [1, 2] and res["nbytes"] > 0, res
         assert res["steps_done"] == 4 and res["position"] == [0, 4] and res["adam_step"] == 4.0, res
         assert res["params"] == ref_params, f"rank {r} is not bit-identical to the failure-free run"
+
+
+# ---------------------------------------------------------------------- hostile input, saved position
+
+
+def _trainer(rank: int = 0, world: int = 1):
+    from recoverkit.distributed.regroup import Membership
+    from recoverkit.elastic import ElasticTrainer
+
+    x, y = W.make_data()
+    model, sampler = W.make_model(), W.make_sampler()
+    membership = Membership(namespace="t", generation=0, members=tuple(range(world)), launch_rank=rank,
+                            previous=tuple(range(world)))
+    return ElasticTrainer(model, W.make_optimizer(model), sampler, lambda m, mb: W.loss_sum(m, x, y, mb.samples),
+                          store=None, membership=membership, seed=W.SEED)
+
+
+def test_the_trainer_position_is_saved_and_restored_by_the_checkpointer(tmp_path):
+    from recoverkit import Checkpointer
+    from recoverkit.errors import IncompatibleCheckpointError
+
+    t = _trainer()
+    t.sampler.advance(7)
+    t.steps_done = 7
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(7, {"model": t.model, "optimizer": t.optimizer, "trainer": t})
+        fresh = _trainer()
+        assert ckpt.restore({"model": fresh.model, "optimizer": fresh.optimizer, "trainer": fresh}) == 7
+    assert fresh.steps_done == 7 and (fresh.sampler.epoch, fresh.sampler.step) == (1, 2)
+    assert fresh.resumed_membership == (0, (0,)) and fresh.membership.generation == 0
+    good = t.state_dict()
+    for bad in ({**good, "steps_done": -1}, {**good, "members": [1, 0]}, {**good, "extra": 1},
+                {**good, "generation": True}, {**good, "sampler": {**good["sampler"], "global_batch": 25}}):
+        with pytest.raises(IncompatibleCheckpointError):
+            fresh.validate_state_dict(bad)
+
+
+def test_a_hostile_state_header_is_refused_before_anything_is_allocated():
+    from recoverkit.elastic.reconcile import _plan
+    from recoverkit.errors import IntegrityError
+
+    ok = {"skeleton": {}, "tensors": [["a", "float64", [2, 3], ""], ["b", "float64", [2, 3], "a"]],
+          "nbytes": 48, "crc32c": 0}
+    _plan(ok, 1 << 20)
+    bad = [
+        {**ok, "nbytes": 1 << 40},                                     # beyond the cap
+        {**ok, "tensors": [["a", "float64", [1 << 30, 1 << 30], ""]]},  # overruns the payload
+        {**ok, "tensors": [["a", "object", [2], ""]]},                  # not a storable dtype
+        {**ok, "tensors": [["a", "float64", [2, 3], ""], ["a", "float64", [2, 3], ""]]},  # repeated key
+        {**ok, "tensors": [["b", "float64", [2, 3], "a"]]},             # alias of nothing
+        {**ok, "tensors": [["a", "float64", [-1], ""]]},                # negative size
+        {**ok, "tensors": [["a", "float64", [2, 2], ""]]},              # fills 32 of 48 bytes
+        {**ok, "crc32c": -5},
+        [1, 2],
+    ]
+    for doc in bad:
+        with pytest.raises(IntegrityError):
+            _plan(doc, 1 << 20)
+
+
+def _capped(rank: int, world: int) -> str:
+    import torch.distributed as dist
+
+    from recoverkit.elastic import reconcile
+    from recoverkit.errors import RegroupError
+
+    t = _trainer(rank, world)
+    if rank == 0:
+        t.steps_done, _ = 1, t.sampler.advance()
+    try:
+        reconcile({"model": t.model, "optimizer": t.optimizer, "trainer": t}, steps_done=t.steps_done,
+                  epoch=t.sampler.epoch, step=t.sampler.step, generation=0,
+                  max_bytes=64 if rank == 2 else 1 << 24, timeout_s=30)
+    except RegroupError as e:
+        dist.barrier()  # every rank is here: nobody left in a broadcast
+        return f"{e.reason}: {e}"
+    return "no error"
+
+
+def test_a_state_over_a_receivers_cap_fails_every_rank_alike_without_a_hang():
+    results = run_world(3, _capped, timeout_s=120)
+    for res in results:
+        assert res.startswith("diverged: ") and "rank(s) [2]" in res, res
