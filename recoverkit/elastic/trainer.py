@@ -70,6 +70,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -170,6 +171,15 @@ class ElasticTrainer:
         heartbeat: an optional running :class:`~recoverkit.distributed.regroup.Heartbeat`:
             a loss between collectives is seen before the next step, and survivors agree
             within a few beats instead of a join window.
+        wrap: builds the model's DDP wrapper on the current default group, called now and
+            after every re-forming (DDP binds its group when it is built; the broken one
+            is dropped first). ``loss_fn`` then gets the wrapper. Mode "global": register
+            :func:`~recoverkit.distributed.global_grad.sum_allreduce_hook` in it (DDP's own
+            hook divides by the world size); "shrink": DDP's own mean is TorchFT's; the
+            micro-batches run under ``no_sync`` but the last, whose backward reduces (so
+            every rank needs a micro-batch: world size <= micro-batches per step).
+            "ordered": every micro-batch under ``no_sync``, OrderedGradSum reduces. A
+            failure inside the reducing backward counts as a failed collective.
 
     Stateful: ``state_dict()`` holds ``steps_done``, the sampler's state and the membership
     (generation, launch ranks) for the record; ``load_state_dict`` restores the first two
@@ -188,9 +198,12 @@ class ElasticTrainer:
         seed: int,
         options: ElasticOptions | None = None,
         heartbeat: Heartbeat | None = None,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise TypeError("ElasticTrainer reduces the gradients itself: pass the plain module, not a DDP wrapper")
+            raise TypeError("ElasticTrainer: pass the plain module, and wrap= to build its DDP wrapper (rebuilt after each re-forming)")
+        self._wrap = wrap
+        self.ddp: torch.nn.Module | None = wrap(model) if wrap is not None else None
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.store, self.membership, self.seed = store, membership, seed
         self.options = options if options is not None else ElasticOptions()
@@ -253,10 +266,24 @@ class ElasticTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         summer = OrderedGradSum(self._params, timeout_s=timeout) if mode == "ordered" else None
         local = 0.0
-        for mb in mbs:
-            with keyed_rng(self.seed, *mb.key):
-                loss = self.loss_fn(self.model, mb) / scale
-                loss.backward()
+        ddp = self.ddp
+        if ddp is not None and summer is None and not mbs:
+            raise RuntimeError(
+                f"step {k}: this rank has no micro-batch at world {self.membership.world_size}, and a DDP "
+                "model reduces in the backward pass: use more micro-batches per step than ranks, or mode='ordered'"
+            )
+        for i, mb in enumerate(mbs):
+            reduces = ddp is not None and summer is None and i == len(mbs) - 1
+            sync = ddp.no_sync() if ddp is not None and not reduces else nullcontext()  # type: ignore[operator]
+            try:
+                with sync, keyed_rng(self.seed, *mb.key):
+                    loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
+                    loss.backward()
+            except RuntimeError as e:
+                if not reduces:
+                    raise
+                how = f"collective (DDP reduction in backward): {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                raise Lost(how, e) from None
             if summer is not None:
                 summer.add(mb.index, loss.detach())
             else:
@@ -272,14 +299,11 @@ class ElasticTrainer:
                 raise Lost(how, e, abandoned=pending) from None
             value = float("nan") if total is None else total
         else:
-            grads = []
-            for p in self._params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
+            grads = [] if ddp is not None else self._grads()
             world = self.membership.world_size
             divide = world if mode == "shrink" else 1
-            allreduce_sum(grads, "gradient all-reduce", divide_by=divide, **self._wait_kw())
+            if grads:
+                allreduce_sum(grads, "gradient all-reduce", divide_by=divide, **self._wait_kw())
             t = torch.tensor([local], dtype=torch.float64)
             allreduce_sum([t], "loss all-reduce", divide_by=divide, **self._wait_kw())
             value = float(t.item())
@@ -295,6 +319,16 @@ class ElasticTrainer:
             world_size=self.membership.world_size,
             seconds=0.0,
         )
+
+    def _grads(self) -> list[torch.Tensor]:
+        """The trainable parameters' gradients, zeros where a parameter has none (a rank
+        that ran no micro-batch still takes part in the reduction)."""
+        grads = []
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        return grads
 
     def _wait_kw(self) -> dict[str, Any]:
         timeout = self.options.collective_timeout_s
@@ -321,6 +355,7 @@ class ElasticTrainer:
             k, epoch, old.generation, old.world_size, lost.how,
         )
         teardown = time.monotonic()
+        self.ddp = None  # its reducer is bound to the broken group
         if lost.group is not None:  # a collective may still be pending on it: never join its threads
             self._abandoned.append(lost.group)
         lost.group = None
@@ -344,6 +379,8 @@ class ElasticTrainer:
             max_bytes=self._sync_max_bytes(),
             timeout_s=o.pg_timeout_s,
         )
+        if self._wrap is not None:
+            self.ddp = self._wrap(self.model)  # DDP binds its group when built: on the new one
         k2 = self.sampler.step
         moved = tuple(sorted({mb.index for mb in self.assignment(k2)} - (before if k2 == k else set())))
         recovery = Recovery(

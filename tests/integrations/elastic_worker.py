@@ -1,6 +1,6 @@
 """The job of test_elastic_shrink.py: a float64 MLP trained by ElasticTrainer on 4 nodes.
 
-``python -m tests.integrations.elastic_worker OUT MODE VICTIM KILL_STEP STEPS PG_TIMEOUT_S``
+``python -m tests.integrations.elastic_worker OUT MODE VICTIM KILL_STEP STEPS PG_TIMEOUT_S [ddp]``
 under one torchrun agent per simulated node (``RECOVERKIT_NODE``), one rank each. Each rank
 writes ``pid-<node>-<rank>`` (its pid), trains ``STEPS`` steps with
 :class:`~recoverkit.elastic.ElasticTrainer` in ``MODE`` and, after each completed step,
@@ -11,6 +11,9 @@ others wait in the step's collective until the kill resets it, then recover and 
 Survivors write ``result-<launch rank>.json`` (final parameters as hex, the recoveries'
 figures, or on a RegroupError its reason) and end with ``barrier();
 destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
+
+With ``ddp``, the trainer wraps the model in DDP (re-wrapped on the new group after the
+re-forming); mode "global" registers the SUM hook.
 
 The model, data, sampler and loss are built by the functions below, which the test process
 uses for its failure-free reference.
@@ -96,7 +99,22 @@ def _finish(code: int, group: bool) -> None:
     os._exit(code)
 
 
-def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeout_s: float) -> None:
+def _ddp(mode: str) -> Any:
+    """Builds the DDP wrapper on the current default group (mode "global": SUM, no division)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from recoverkit.distributed.global_grad import sum_allreduce_hook
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        ddp = DistributedDataParallel(model)
+        if mode == "global":
+            ddp.register_comm_hook(None, sum_allreduce_hook)
+        return ddp
+
+    return wrap
+
+
+def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeout_s: float, ddp: bool) -> None:
     import torch.distributed as dist
 
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
@@ -134,7 +152,7 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
                              pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     trainer = ElasticTrainer(
         model, opt, make_sampler(), loss_fn, store=store, membership=membership, seed=SEED,
-        options=options, heartbeat=heartbeat,
+        options=options, heartbeat=heartbeat, wrap=_ddp(mode) if ddp else None,
     )
     log_path = os.path.join(out, f"steps-{rank}.jsonl")
     result: dict[str, Any] = {"launch_rank": rank}
@@ -178,4 +196,4 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), float(a[5]))
+    main(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), float(a[5]), a[6:] == ["ddp"])
