@@ -133,11 +133,14 @@ def _end_node_b(ckpt, roots: str, out: str, step: int) -> None:
         time.sleep(0.02)
     with open(os.path.join(out, "pid-3")) as f:
         sibling = int(f.read())
-    os.kill(sibling, signal.SIGKILL)
+    # freeze the sibling first: a dead worker makes the agent end this one too, which must not
+    # happen before node b's memory and disk are gone and the marker is written
+    os.kill(sibling, signal.SIGSTOP)
     shutil.rmtree(os.path.join(os.environ["RECOVERKIT_SHM_DIR"], "recoverkit", "b"), ignore_errors=True)
     shutil.rmtree(os.path.join(roots, "host-b"), ignore_errors=True)
     with open(os.path.join(out, "node-b-lost"), "w") as f:
         f.write(str(step))
+    os.kill(sibling, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -29,7 +29,7 @@ TOTAL, DIE_AT = 12, 7
 
 
 def _launch(base: str, *, die_at: int, timeout_s: float = 300) -> list[subprocess.CompletedProcess]:
-    """Both agents, node a first (it hosts the rendezvous store); returns their results."""
+    """Both agents (node a hosts the rendezvous store); returns their results."""
     roots, out, shm = (os.path.join(base, n) for n in ("roots", "out", "shm"))
     for d in (roots, out, shm):
         os.makedirs(d, exist_ok=True)
@@ -40,11 +40,12 @@ def _launch(base: str, *, die_at: int, timeout_s: float = 300) -> list[subproces
         cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
         cmd += ["--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=node-loss", "--max-restarts=2", "--monitor-interval=0.1",
+                # node a hosts the rendezvous and sorts first (global ranks 0-1), whichever
+                # agent starts first on a loaded machine
+                f"--rdzv-conf=is_host={int(node == 'a')}", f"--local-addr={'127.0.0.1' if node == 'a' else 'localhost'}",
                 "-m", "tests.integrations.node_loss_worker", roots, out, str(TOTAL), str(die_at)]
         env = dict(torchrun_env(), RECOVERKIT_NODE=node, RECOVERKIT_SHM_DIR=shm)
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        if node == "a":
-            time.sleep(1.0)  # its agent binds the rendezvous port first
     results = []
     deadline = time.monotonic() + timeout_s
     for p in procs:
