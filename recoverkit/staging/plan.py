@@ -22,8 +22,9 @@ import torch
 
 from ..format.manifest import TensorRecord
 from ..gcpause import paused
-from ..state import RNGState, capture, dtype_name, encode, flatten
+from ..state import RNGState, capture, dtype_name, encode
 from ..state.dtensor import as_sharded, is_dtensor
+from ..state.flatten import flatten
 from ..state.sharded import (
     ShardedTensor,
     assign_owners,

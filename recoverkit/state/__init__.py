@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         nbytes,
         to_bytes_view,
     )
-    from .flatten import TensorRef, flatten, rebuild_container, unflatten
+    from .flatten import TensorRef, rebuild_container, unflatten
     from .global_batch import (
         GlobalBatchLoader,
         GlobalBatchSampler,
@@ -41,12 +41,15 @@ if TYPE_CHECKING:
     from .stateful import Stateful, apply, capture, check
 
 #: where each public name lives: imported on first use, so ``recoverkit.state.leaf`` or
-#: ``recoverkit.state.codec`` load without the torch-side modules
+#: ``recoverkit.state.codec`` load without the torch-side modules. The function ``flatten``
+#: is not among them: ``recoverkit.state.flatten`` is its module, and importing that module
+#: (``from .flatten import ...`` anywhere) makes the package attribute the module whatever
+#: was cached before; call ``recoverkit.state.flatten.flatten``
 _WHERE = {
     "decode": ".codec", "encode": ".codec",
     "STORABLE_DTYPES": ".dtypes", "dtype_from_name": ".dtypes", "dtype_name": ".dtypes",
     "from_bytes": ".dtypes", "nbytes": ".dtypes", "to_bytes_view": ".dtypes",
-    "TensorRef": ".flatten", "flatten": ".flatten", "rebuild_container": ".flatten", "unflatten": ".flatten",
+    "TensorRef": ".flatten", "rebuild_container": ".flatten", "unflatten": ".flatten",
     "TensorLeaf": ".leaf",
     "GlobalBatchSampler": ".global_batch", "GlobalBatchLoader": ".global_batch", "MicroBatch": ".global_batch",
     "RankBatchSampler": ".global_batch", "StepBatch": ".global_batch",
@@ -63,7 +66,6 @@ __all__ = [
     "apply",
     "TensorLeaf",
     "TensorRef",
-    "flatten",
     "unflatten",
     "rebuild_container",
     "encode",

@@ -16,13 +16,13 @@ from recoverkit.state import (
     dtype_from_name,
     dtype_name,
     encode,
-    flatten,
     from_bytes,
     nbytes,
     to_bytes_view,
     unflatten,
 )
 from recoverkit.state.dtypes import _storage_bytes
+from recoverkit.state.flatten import flatten
 
 
 def _through_bytes(refs):
@@ -242,3 +242,19 @@ def test_view_preconditions():
         from_bytes(torch.zeros(2, dtype=torch.int8), torch.int8, (2,))
     out = from_bytes(torch.zeros(0, dtype=torch.uint8), torch.float64, (0, 3))
     assert out.shape == (0, 3) and out.dtype == torch.float64
+
+
+def test_saving_works_whatever_imported_the_flatten_module_first(tmp_path):
+    """Importing the module ``recoverkit.state.flatten`` first (a restore path does) makes the
+    package attribute ``flatten`` that module; nothing may look the function up through it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import recoverkit.state.flatten, recoverkit.restore.in_place, torch, recoverkit\n"
+        "with recoverkit.Checkpointer(%r) as c:\n"
+        "    c.save(1, {'m': torch.nn.Linear(2, 2)})\n"
+        "    print(c.restore({'m': torch.nn.Linear(2, 2)}))\n"
+    ) % str(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]

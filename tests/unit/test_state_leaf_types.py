@@ -10,7 +10,8 @@ import torch
 
 from recoverkit import Checkpointer
 from recoverkit.errors import EncodeError, IntegrityError
-from recoverkit.state import TensorLeaf, decode, encode, flatten, rebuild_container, unflatten
+from recoverkit.state import TensorLeaf, decode, encode, rebuild_container, unflatten
+from recoverkit.state.flatten import flatten
 
 
 def _round_trip(tree):

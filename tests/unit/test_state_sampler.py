@@ -20,9 +20,9 @@ from recoverkit.state import (
     capture,
     decode,
     encode,
-    flatten,
     unflatten,
 )
+from recoverkit.state.flatten import flatten
 from recoverkit.state.sampler import EpochStreams, ReplaySampler
 
 
