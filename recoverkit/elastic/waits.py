@@ -34,9 +34,10 @@ class Lost(Exception):
 
     Attributes:
         how: what was seen, for the log.
-        cause: the collective's exception, if any. Its frames are cleared: their locals hold
-            the failed work, which holds the old group, whose connections must close when
-            the group is destroyed (the far side's pending collective fails only then).
+        cause: the collective's exception, if any. :meth:`release` clears the frames it
+            went through: their locals hold the failed work, which holds the old group,
+            whose connections must close when the group is destroyed (a peer blocked
+            receiving from this rank is woken only then).
         abandoned: a collective may still be pending on the old group (heartbeat miss,
             poll deadline): keep the group referenced (``group``), never join its threads.
         group: the old group, kept alive when ``abandoned``.
@@ -50,13 +51,18 @@ class Lost(Exception):
         self.group: Any = dist.group.WORLD if abandoned and dist.is_initialized() else None
         self.wall = time.time()
         self.mono = time.monotonic()
+
+    def release(self) -> None:
+        """Clears the locals of the finished frames this failure and its cause went through
+        (call it where the failure is caught): they hold the failed work, which holds the
+        old group. Frames still executing are left alone."""
         seen: set[int] = set()
-        e = cause
+        e: BaseException | None = self
         while e is not None and id(e) not in seen:
             seen.add(id(e))
             if e.__traceback__ is not None:
                 traceback.clear_frames(e.__traceback__)
-            e = e.__cause__ or e.__context__
+            e = e.__cause__ or e.__context__ or (e.cause if isinstance(e, Lost) else None)
 
 
 def _describe(e: BaseException) -> str:
