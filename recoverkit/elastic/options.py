@@ -49,6 +49,14 @@ class ElasticOptions:
         sync_max_bytes: the most bytes of model + optimizer state a rank accepts from a
             peer when survivors disagree on the last completed step (``None``: eight times
             this rank's own parameters and buffers, plus 1 MiB).
+
+    Example:
+        >>> ElasticOptions(mode="ordered", collective_timeout_s=5.0).mode
+        'ordered'
+        >>> ElasticOptions(mode="mean")
+        Traceback (most recent call last):
+        ...
+        recoverkit.errors.ConfigError: ElasticOptions.mode must be one of ['global', 'ordered', 'shrink'], got 'mean'
     """
 
     mode: ReduceMode = "global"

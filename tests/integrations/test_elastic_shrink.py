@@ -431,3 +431,17 @@ def test_a_state_over_a_receivers_cap_fails_every_rank_alike_without_a_hang():
     results = run_world(3, _capped, timeout_s=120)
     for res in results:
         assert res.startswith("diverged: ") and "rank(s) [2]" in res, res
+
+
+def test_the_options_examples_run_and_bad_options_are_named():
+    import doctest
+
+    from recoverkit.elastic import ElasticOptions, options
+    from recoverkit.errors import ConfigError
+
+    result = doctest.testmod(options, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+    for bad in ({"regroup_timeout_s": 0}, {"join_window_s": 90.0}, {"collective_timeout_s": True},
+                {"max_recoveries_per_step": 0}, {"sync_max_bytes": 0}, {"poll_s": -1.0}):
+        with pytest.raises(ConfigError):
+            ElasticOptions(**bad)
