@@ -10,9 +10,9 @@ while the operation goes on in its thread) and asks the heartbeat between polls;
 member stopped beating it gives the collective up as :class:`Lost` with ``abandoned=True``.
 
 An abandoned operation still runs in the old group's thread until the group's timeout, and
-destroying a group joins its threads: the trainer keeps a reference to an abandoned group
-(:attr:`Lost.group`) so that the re-forming does not block on it, and frees it once its
-operations ended.
+freeing a group joins its threads: the trainer keeps a reference to an abandoned group
+(:attr:`Lost.group`) for its own lifetime (one group per such recovery), so that neither the
+re-forming nor the collector ever blocks on it.
 """
 
 from __future__ import annotations
