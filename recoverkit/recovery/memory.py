@@ -194,7 +194,8 @@ class MemoryRestore(RecoveryStrategy):
                     coord.finish(scope, gathers=_GATHERS, broadcasts=_BROADCASTS)
                 if isinstance(outcome, _Ready) or not outcome.bad - bad:
                     break
-                warnings.warn(f"memory restore: {outcome.reason}: trying another copy", MemorySkippedWarning, stacklevel=4)
+                warnings.warn(f"memory restore: {outcome.reason}: skipping that copy, trying another",
+                              MemorySkippedWarning, stacklevel=4)  # fmt: skip
                 bad |= outcome.bad
         finally:
             self.drop_transport()
