@@ -26,7 +26,7 @@ Example:
     >>> from recoverkit.storage.shm import ShmStore
     >>> store = ShmStore(tempfile.mkdtemp(), shm_dir=tempfile.mkdtemp(), node="n0", budget_bytes=1 << 20)
     >>> arena = SlotArena(store.slots(0).begin(7, 3 * 4096, hold=True), alignment=4096, base=10)
-    >>> arena.alloc(100), arena.alloc(5000), arena.capacity
+    >>> arena.alloc(100), arena.alloc(4000), arena.capacity
     (4096, 8192, 12288)
     >>> arena.release(); store.remove_job()
 """
