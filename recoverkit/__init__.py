@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         TierPolicy,
         TierSpec,
     )
+    from .elastic import ElasticOptions, ElasticTrainer
     from .errors import (
         CheckpointLockedError,
         CheckpointNotFoundError,
@@ -69,6 +70,8 @@ __all__ = [
     "keyed_rng",
     "keyed_seed",
     "keyed_generator",
+    "ElasticTrainer",
+    "ElasticOptions",
     "RecoverkitError",
     "CheckpointNotFoundError",
     "IntegrityError",
@@ -102,6 +105,8 @@ _WHERE = {
     "keyed_rng": ".state.keyed_rng",
     "keyed_seed": ".state.keyed_rng",
     "keyed_generator": ".state.keyed_rng",
+    "ElasticTrainer": ".elastic",
+    "ElasticOptions": ".elastic",
     "RecoverkitError": ".errors",
     "CheckpointNotFoundError": ".errors",
     "IntegrityError": ".errors",
