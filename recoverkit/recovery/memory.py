@@ -405,7 +405,8 @@ class _Attempt:
         except (IntegrityError, ValueError, KeyError) as e:  # the copies do not fit together: not this step
             return {"ok": False, "reason": f"step {step} in memory does not form a valid checkpoint: {e}",
                     "warn": True, "bad": [[o, n, r] for o in range(self.world) for n, r in holders[o]]}
-        transfers = plan_fetches(manifest, nodes, holders)
+        alone = {o for o, i in indexes.items() if i.self_contained}
+        transfers = plan_fetches(manifest, nodes, holders, alone)
         lacking = {o for o in range(self.world) for ps in nodes if not set(ps) & {h for h, _ in holders[o]}}
         return {"ok": True, "indexes": {str(o): b64(raw[o]) for o in sorted(lacking)},
                 "transfers": [t.to_json() for t in transfers]}
@@ -500,7 +501,7 @@ class _Attempt:
             else:
                 indexes[o] = check_index(shipped[o], o, step, crcs[o], self.world, f"rank {o}'s index (via rank 0)")
         manifest = manifest_of(step, indexes)  # the one gate, on this rank too
-        regions = self._regions = needed_regions(manifest, self.rank)
+        regions = self._regions = needed_regions(manifest, self.rank, alone=indexes[self.rank].self_contained)
         self._names = _region_names(manifest, regions)
         mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
         want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,10 +264,14 @@ def manifest_of(step: int, indexes: Mapping[int, ShmIndex]) -> Manifest:
     return manifest
 
 
-def needed_regions(manifest: Manifest, rank: int) -> dict[int, dict[tuple[int, int], int]]:
+def needed_regions(manifest: Manifest, rank: int, *, alone: bool = False) -> dict[int, dict[tuple[int, int], int]]:
     """What rank ``rank`` reads of each owner's bytes to restore ``manifest``: owner ->
     ``{(offset, nbytes): crc32c}`` of its object blob, its rank-local tensors and every
     tensor that is not another rank's local one (replicated and sharded ones, all pieces).
+    ``alone``: the rank's own snapshot restores it alone (its index says
+    ``self_contained``: e.g. FSDP shards, rank-local state): only its own bytes, so a job
+    whose snapshots all restore their rank alone moves nothing between ranks (a restore
+    that asks for more, into another sharding, finds it missing and goes to the disk).
 
     Example:
         >>> from recoverkit.format.manifest import BlobRecord
@@ -286,7 +290,7 @@ def needed_regions(manifest: Manifest, rank: int) -> dict[int, dict[tuple[int, i
         for s in rec.shards:
             region = s.pack if s.pack is not None else s
             out.setdefault(region.rank, {})[(region.offset, region.nbytes)] = region.crc32c
-    return out
+    return {rank: out.get(rank, {})} if alone else out
 
 
 def span(regions: Mapping[tuple[int, int], int]) -> tuple[int, int]:
@@ -302,11 +306,13 @@ def span(regions: Mapping[tuple[int, int], int]) -> tuple[int, int]:
 
 
 def plan_fetches(
-    manifest: Manifest, places: Sequence[str | Sequence[str]], holders: Mapping[int, Sequence[CopyKey]]
+    manifest: Manifest, places: Sequence[str | Sequence[str]], holders: Mapping[int, Sequence[CopyKey]],
+    alone: Collection[int] = (),
 ) -> list[Transfer]:
     """What every rank that reads no copy of an owner it needs fetches (the span of its
     regions), each from a rank that reads a copy, the load spread over them. ``places[r]``:
-    the place(s) rank ``r`` reads without a transfer (a node's name, or a list)."""
+    the place(s) rank ``r`` reads without a transfer (a node's name, or a list); ``alone``:
+    the ranks whose own snapshot restores them alone (:func:`needed_regions`)."""
     mine = [{p} if isinstance(p, str) else set(p) for p in places]
     needs: dict[int, dict[int, tuple[int, int]]] = {}
     senders: dict[int, list[int]] = {}
@@ -314,7 +320,7 @@ def plan_fetches(
         held_on = {n for n, _ in hs}
         senders[o] = [r for r, ps in enumerate(mine) if ps & held_on]
     for r, ps in enumerate(mine):
-        for o, rs in needed_regions(manifest, r).items():
+        for o, rs in needed_regions(manifest, r, alone=r in alone).items():
             if not ps & {n for n, _ in holders[o]}:
                 needs.setdefault(r, {})[o] = span(rs)
     return plan_transfers(needs, senders)

@@ -140,3 +140,32 @@ def test_a_world_of_one_restores_from_the_host_tier_directly(tmp_path):
     (o,) = run_world(1, _single, str(tmp_path / "ckpt"))
     assert o["step"] == 12 and o["diff"] == []
     assert o["log"] and "with tier fallback from host snapshot of step 12" in o["log"][0], o["log"]
+
+
+def _alone(rank: int, world: int, root: str) -> dict:
+    from recoverkit import Checkpointer
+
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 4))  # rank-local state
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    state = {"model": model, "optim": opt, "extra": {"x": torch.zeros(16)}}
+    messages = _capture_log()
+    with Checkpointer(root, options=_options("host")) as ckpt:
+        for step in range(1, 13):
+            _train(model, opt, rank, step)
+            state["extra"]["x"] = torch.full((16,), float(100 * rank + step))
+            ckpt.save_async(step, state)
+        ckpt.wait()
+        want = _snapshot(model, opt, state["extra"])
+        _train(model, opt, rank, 99)
+        step = int(ckpt.restore(state))
+        diff = _diff(_snapshot(model, opt, state["extra"]), want)
+    return {"step": step, "diff": diff, "log": [m for m in messages if "restored step" in m]}
+
+
+def test_snapshots_that_restore_their_rank_alone_move_nothing_between_ranks(tmp_path):
+    out = run_world(2, _alone, str(tmp_path / "ckpt"))
+    for r, o in enumerate(out):
+        assert o["step"] == 12 and o["diff"] == []
+        assert o["log"] and "with memory restore" in o["log"][0], o["log"]
+        assert f"rank {r}'s snapshot from own host memory" in o["log"][0] and "via rank" not in o["log"][0]
