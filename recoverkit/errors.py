@@ -143,7 +143,11 @@ class RegroupError(RecoverkitError, RuntimeError):
     workers, which restore from memory). ``reason`` says why: ``"store_lost"`` (the store the
     workers share is gone: the node hosting it was the lost one), ``"excluded"`` (this
     process joined after the others had agreed without it), ``"timeout"`` (no agreement or no
-    new group within the timeout) or ``"invalid"`` (the store held a malformed record).
+    new group within the timeout), ``"invalid"`` (the store held a malformed record) or
+    ``"diverged"`` (the survivors' positions cannot be reconciled,
+    :func:`~recoverkit.elastic.reconcile.reconcile`: their completed steps differ by more than
+    one, their membership generations differ, the ranks ahead disagree on the data position,
+    or a rank could not apply the state it received; raised on every rank alike).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

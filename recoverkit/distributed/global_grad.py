@@ -34,6 +34,15 @@ and for small models; the default sum is the production path.
 
 Every collective here runs on ``group`` (default: the world) and is bounded by that
 group's timeout (``init_process_group(timeout=...)``), or by ``timeout_s`` where offered.
+**Waits that can be cut short**: with ``abort=`` (a callable asked every ``poll_s`` while a
+collective is pending; :class:`~recoverkit.elastic.trainer.ElasticTrainer` passes its
+heartbeat's verdict), a rank whose collective never talks to a dead peer (the far side of
+gloo's ring, waiting for a send) gives it up as :class:`~recoverkit.errors.PeerLostError`
+as soon as ``abort()`` names a reason, instead of at the timeout. A wait that runs out is
+:class:`~recoverkit.errors.PeerTimeoutError` (a ``TimeoutError``); a collective that
+completed with an error (a peer's connection reset) raises that error as it is. After a
+give-up the collective may still be pending in the group's thread: the group must stay
+referenced until its own timeout (freeing it joins that thread).
 
 Example, one step on one rank (``W`` ranks, any ``W``)::
 
@@ -48,7 +57,8 @@ Example, one step on one rank (``W`` ranks, any ``W``)::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any, Literal
@@ -56,10 +66,14 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ..errors import PeerLostError, PeerTimeoutError
+
 __all__ = [
     "GradMode",
     "sum_allreduce_hook",
+    "allreduce_sum",
     "allreduce_grads_sum",
+    "Abort",
     "grad_sync",
     "OrderedGradSum",
 ]
@@ -109,14 +123,61 @@ def grad_sync(model: Any, *, last: bool) -> AbstractContextManager[Any]:
     return ctx
 
 
-def _wait(work: Any, timeout_s: float | None, what: str) -> None:
-    if timeout_s is None:
+#: ``abort()``, asked between polls of a pending collective: ``None`` to go on waiting, or
+#: why the wait is given up (a heartbeat that saw a member die, a stop request)
+Abort = Callable[[], str | None]
+#: how often a wait with ``abort`` asks it, unless the caller says otherwise
+POLL_S = 0.05
+_MIN_SLICE_S = 0.001  # gloo reads a wait of 0 ms as "no timeout": never ask for less
+
+
+def _check_wait(timeout_s: float | None, poll_s: float) -> None:
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not 0 < timeout_s < 1e6):
+        raise ValueError(f"timeout_s must be None or seconds in (0, 1e6), got {timeout_s!r}")
+    if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0 < poll_s < 1e6:
+        raise ValueError(f"poll_s must be seconds in (0, 1e6), got {poll_s!r}")
+
+
+def _wait(
+    work: Any,
+    what: str,
+    *,
+    timeout_s: float | None = None,
+    abort: Abort | None = None,
+    poll_s: float = POLL_S,
+) -> None:
+    """Waits for a collective's ``work``, bounded by ``timeout_s`` and cut short by ``abort``.
+
+    Polls ``work.wait(timeout=poll_s)`` (gloo lets a wait run out and be called again while
+    the operation goes on in its thread) and asks ``abort()`` between polls. Without
+    ``abort`` it is one wait of ``timeout_s`` (``None``: the group's timeout).
+
+    Raises:
+        the collective's own error: the work completed with an error (a peer's connection
+            reset, the group's timeout): re-raised as it is, never turned into a timeout.
+        PeerLostError: ``abort()`` named a reason (in the message); the collective may
+            still be pending in the group's thread.
+        PeerTimeoutError: ``timeout_s`` passed (a ``TimeoutError``); it may still be pending.
+    """
+    if abort is None and timeout_s is None:
         work.wait()
         return
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as e:
-        raise TimeoutError(f"{what} did not complete within {timeout_s} s: {e}") from e
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = poll_s if deadline is None else deadline - time.monotonic()
+        if left > 0:
+            slice_s = max(_MIN_SLICE_S, left if abort is None else min(poll_s, left))
+            try:
+                work.wait(timeout=timedelta(seconds=slice_s))
+                return
+            except Exception:  # gloo raises RuntimeError / DistError for a failure and a slice alike
+                if work.is_completed():  # the operation itself failed: its own error
+                    raise
+        why = abort() if abort is not None else None
+        if why is not None:
+            raise PeerLostError(f"{what} given up while pending: {why}")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise PeerTimeoutError(f"{what} did not complete within {timeout_s} s")
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -138,12 +199,52 @@ def _by_kind(tensors: list[torch.Tensor]) -> dict[tuple[torch.dtype, torch.devic
     return kinds
 
 
+def allreduce_sum(
+    tensors: Iterable[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    *,
+    mean: bool = False,
+    timeout_s: float | None = None,
+    abort: Abort | None = None,
+    poll_s: float = POLL_S,
+    what: str = "the all-reduce",
+) -> None:
+    """SUM all-reduce of ``tensors`` over ``group`` in place (``mean``: divided by the
+    group's size), one flat buffer and one collective per dtype and device.
+
+    Every wait is bounded by ``timeout_s`` (default: the group's timeout) and, with
+    ``abort``, asks it every ``poll_s`` while the collective is pending (see
+    :func:`allreduce_grads_sum` for what each failure raises; ``what`` names the
+    collective in the errors). The tensors' contents are undefined after a failure.
+
+    Example:
+        >>> # loss = torch.tensor([local_loss], dtype=torch.float64)
+        >>> # allreduce_sum([loss], what="the loss all-reduce")
+    """
+    _check_wait(timeout_s, poll_s)
+    items = list(tensors)
+    size = dist.get_world_size(group) if mean else 1
+    for idx in _by_kind(items).values():
+        parts = [items[i] for i in idx]
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        _wait(work, what, timeout_s=timeout_s, abort=abort, poll_s=poll_s)
+        if size != 1:
+            flat /= size
+        offset = 0
+        for t in parts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def allreduce_grads_sum(
     params: Iterable[torch.Tensor],
     group: dist.ProcessGroup | None = None,
     *,
     mode: GradMode = "global",
     timeout_s: float | None = None,
+    abort: Abort | None = None,
+    poll_s: float = POLL_S,
 ) -> None:
     """All-reduce the gradients of ``params`` over ``group``: SUM (``"global"``) or the
     mean over the live ranks (``"shrink"``), in place.
@@ -153,25 +254,31 @@ def allreduce_grads_sum(
     ``.grad`` tensors are created as zeros). Gradients are flattened into one buffer per
     dtype and device, so a step costs one all-reduce per kind.
 
+    Args:
+        params: the trainable parameters.
+        group: the live ranks (default: the world).
+        mode: ``"global"`` or ``"shrink"``.
+        timeout_s: bound on each wait (default: the group's timeout).
+        abort: asked every ``poll_s`` while a collective is pending; a reason (``str``)
+            gives the wait up: a rank whose collective never talks to a dead peer (the far
+            side of gloo's ring) sees the loss when its heartbeat does, not at the timeout.
+
+    Raises:
+        PeerLostError: ``abort()`` gave the wait up; the message holds its reason.
+        PeerTimeoutError: a wait passed ``timeout_s`` (a ``TimeoutError``).
+        RuntimeError: the collective's own error, as the backend raised it (a peer's
+            connection reset, the group's timeout).
+
     Example:
         >>> # (after each micro-batch's (loss_sum / G).backward() on this rank)
-        >>> # allreduce_grads_sum(model.parameters())
+        >>> # allreduce_grads_sum(model.parameters(), abort=lambda: heartbeat_says_dead())
     """
     if mode not in ("global", "shrink"):
         raise ValueError(f"mode must be 'global' or 'shrink', got {mode!r}")
-    grads = _grads(params)
-    size = dist.get_world_size(group)
-    for idx in _by_kind(grads).values():
-        parts = [grads[i] for i in idx]
-        flat = torch.cat([g.reshape(-1) for g in parts])
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        _wait(work, timeout_s, "the gradient all-reduce")
-        if mode == "shrink":
-            flat /= size
-        offset = 0
-        for g in parts:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    allreduce_sum(
+        _grads(params), group, mean=mode == "shrink", timeout_s=timeout_s, abort=abort,
+        poll_s=poll_s, what="the gradient all-reduce",
+    )
 
 
 class OrderedGradSum:
@@ -183,6 +290,8 @@ class OrderedGradSum:
             run under ``no_sync()``, since this class does the reduction).
         group: the live ranks (default: the world).
         timeout_s: bound on each collective's wait (default: the group's timeout).
+        abort, poll_s: as in :func:`allreduce_grads_sum` (each of the three all-gathers
+            asks ``abort()`` every ``poll_s`` while pending); so are the errors.
 
     Per step: after each micro-batch's backward call :meth:`add` with its global index (and
     optionally its loss); the gradients are moved out of ``.grad`` so the next micro-batch
@@ -198,12 +307,20 @@ class OrderedGradSum:
         group: dist.ProcessGroup | None = None,
         *,
         timeout_s: float | None = None,
+        abort: Abort | None = None,
+        poll_s: float = POLL_S,
     ) -> None:
+        _check_wait(timeout_s, poll_s)
         self.params = [p for p in params if p.requires_grad]
         self.group = group
         self.timeout_s = timeout_s
+        self.abort = abort
+        self.poll_s = poll_s
         self._rows: list[tuple[int, float | None, list[torch.Tensor]]] = []
         self._kinds = _by_kind(self.params)
+
+    def _wait_kw(self) -> dict[str, Any]:
+        return {"timeout_s": self.timeout_s, "abort": self.abort, "poll_s": self.poll_s}
 
     def add(self, index: int, loss: torch.Tensor | float | None = None) -> None:
         """Take the gradients of micro-batch ``index`` (its global index in the step)."""
@@ -237,8 +354,8 @@ class OrderedGradSum:
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
         _wait(
             dist.all_gather(counts, count, group=self.group, async_op=True),
-            self.timeout_s,
             "the micro-batch count all-gather",
+            **self._wait_kw(),
         )
         held = [int(c.item()) for c in counts]
         bad = [r for r, n in enumerate(held) if not 0 <= n <= num_micro_batches]
@@ -254,8 +371,8 @@ class OrderedGradSum:
         metas = [torch.empty_like(meta) for _ in range(world)]
         _wait(
             dist.all_gather(metas, meta, group=self.group, async_op=True),
-            self.timeout_s,
             "the micro-batch index all-gather",
+            **self._wait_kw(),
         )
         where: dict[int, tuple[int, int]] = {}
         losses: dict[int, float | None] = {}
@@ -284,8 +401,8 @@ class OrderedGradSum:
             gathered = [torch.empty_like(local) for _ in range(world)]
             _wait(
                 dist.all_gather(gathered, local, group=self.group, async_op=True),
-                self.timeout_s,
                 "the gradient all-gather",
+                **self._wait_kw(),
             )
             total = gathered[order[0][0]][order[0][1]].clone()
             for r, j in order[1:]:

@@ -40,10 +40,10 @@ class ElasticOptions:
         collective_timeout_s: bound on each wait of the gradient reduction (``None``: the
             group's timeout). A wait past it is given up as a loss: the group is re-formed
             (with the same members if none is dead) and the step redone.
-        poll_s: how often a pending collective of the "global" and "shrink" modes asks the
-            heartbeat whether a member died (a survivor whose collective never talks to the
-            dead rank is woken this way, not by a reset). The "ordered" mode's waits are
-            bounded by ``collective_timeout_s`` or the group's timeout only.
+        poll_s: how often a pending collective of the reduction asks the heartbeat whether
+            a member died (a survivor whose collective never talks to the dead rank is woken
+            this way, not by a reset), in every mode. A DDP model's reduction in the
+            backward pass is DDP's own wait: bounded by the group's timeout only.
         max_recoveries_per_step: re-formings one step may go through before the trainer
             gives up with the last failure (a failure that a new group does not cure).
         sync_max_bytes: the most bytes of model + optimizer state a rank accepts from a

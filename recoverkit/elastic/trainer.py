@@ -20,8 +20,8 @@ The flow of :meth:`ElasticTrainer.step` (step ``k`` of epoch ``e``, ``G`` sample
                                  "ordered" OrderedGradSum       (bit-identical, any world)
                                  "shrink"  mean over live ranks (TorchFT's shrink)
       a collective fails (peer reset, gloo timeout), or the heartbeat sees a dead member
-      while a "global"/"shrink" collective is pending (elastic/waits), or a wait passes
-      collective_timeout_s  -> recover, redo step k
+      while a collective is pending (global_grad's waits with abort=, elastic/waits), or
+      a wait passes collective_timeout_s  -> recover, redo step k
     optimizer.step(); sampler.advance(); steps_done += 1
 
     recover:  destroy the old group; one with an operation given up while pending is
@@ -45,9 +45,9 @@ gives up after ``max_recoveries_per_step`` re-formings. Detection, measured unde
 on one host (tests/integrations/test_elastic_shrink.py): the survivors next to a SIGKILLed
 rank see their collective fail within ~20 ms; one whose pending collective never talks to
 it (the far side of gloo's ring, waiting for a send) is not woken by any reset and sees the
-loss through the heartbeat (``miss_s``) in "global"/"shrink" mode, or at
-``collective_timeout_s`` in "ordered" mode (OrderedGradSum's waits cannot ask the
-heartbeat). Keep ``regroup_timeout_s`` above those bounds, or a late survivor is left out.
+loss through the heartbeat (``miss_s``) in every mode but a DDP model's reduction in the
+backward pass (DDP's waits cannot ask the heartbeat: there it is the group's timeout).
+Keep ``regroup_timeout_s`` above those bounds, or a late survivor is left out.
 
 Example::
 
@@ -75,14 +75,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed.global_grad import OrderedGradSum
+from ..distributed.global_grad import OrderedGradSum, allreduce_grads_sum, allreduce_sum
 from ..distributed.regroup import Heartbeat, Membership, regroup
 from ..errors import IncompatibleCheckpointError
 from ..state.global_batch import GlobalBatchSampler, MicroBatch
 from ..state.keyed_rng import keyed_rng
 from .options import ElasticOptions
 from .reconcile import Reconciled, reconcile
-from .waits import Lost, allreduce_sum
+from .waits import Lost, reducing
 
 __all__ = ["ElasticTrainer", "StepResult", "Recovery", "LossFn"]
 
@@ -256,14 +256,14 @@ class ElasticTrainer:
 
     def _attempt(self) -> StepResult:
         self._attempt_started = time.monotonic()
-        s, mode, timeout = self.sampler, self.options.mode, self.options.collective_timeout_s
+        s, mode = self.sampler, self.options.mode
         epoch, k = s.epoch, s.step
         global_size = s.batch_size(k)
         mbs = self.assignment(k)
         own = sum(len(mb) for mb in mbs)
         scale = own if mode == "shrink" else global_size
         self.optimizer.zero_grad(set_to_none=True)
-        summer = OrderedGradSum(self._params, timeout_s=timeout) if mode == "ordered" else None
+        summer = OrderedGradSum(self._params, **self._wait_kw()) if mode == "ordered" else None
         local = 0.0
         ddp = self.ddp
         if ddp is not None and summer is None and not mbs:
@@ -274,37 +274,25 @@ class ElasticTrainer:
         for i, mb in enumerate(mbs):
             reduces = ddp is not None and summer is None and i == len(mbs) - 1
             sync = ddp.no_sync() if ddp is not None and not reduces else nullcontext()  # type: ignore[operator]
-            try:
-                with sync, keyed_rng(self.seed, *mb.key):
-                    loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
-                    loss.backward()
-            except RuntimeError as e:
-                if not reduces:
-                    raise
-                how = f"collective (DDP reduction in backward): {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                raise Lost(how, e) from None
+            # the reducing backward's waits are DDP's: only its own error or timeout ends them
+            with reducing("DDP reduction in backward") if reduces else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
+                loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
+                loss.backward()
             if summer is not None:
                 summer.add(mb.index, loss.detach())
             else:
                 local += float(loss.detach())
         if summer is not None:
-            try:
+            with reducing("ordered reduction"):
                 total = summer.reduce(len(s.micro_batches(k)))
-            except (RuntimeError, TimeoutError) as e:  # a peer died (reset) or hung (timeout)
-                how = f"collective (ordered reduction): {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                # OrderedGradSum turns every failed wait into a TimeoutError; the cause says
-                # whether the collective ended (a reset) or may still be pending (timed out)
-                pending = isinstance(e, TimeoutError) and "timed out" in str(e.__cause__ or e).lower()
-                raise Lost(how, e, abandoned=pending) from None
             value = float("nan") if total is None else total
         else:
-            grads = [] if ddp is not None else self._grads()
-            world = self.membership.world_size
-            divide = world if mode == "shrink" else 1
-            if grads:
-                allreduce_sum(grads, "gradient all-reduce", divide_by=divide, **self._wait_kw())
+            if ddp is None:
+                with reducing("gradient all-reduce"):
+                    allreduce_grads_sum(self._params, mode="shrink" if mode == "shrink" else "global", **self._wait_kw())
             t = torch.tensor([local], dtype=torch.float64)
-            allreduce_sum([t], "loss all-reduce", divide_by=divide, **self._wait_kw())
+            with reducing("loss all-reduce"):
+                allreduce_sum([t], mean=mode == "shrink", what="the loss all-reduce", **self._wait_kw())
             value = float(t.item())
         self.optimizer.step()
         s.advance()
@@ -319,19 +307,11 @@ class ElasticTrainer:
             seconds=0.0,
         )
 
-    def _grads(self) -> list[torch.Tensor]:
-        """The trainable parameters' gradients, zeros where a parameter has none (a rank
-        that ran no micro-batch still takes part in the reduction)."""
-        grads = []
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        return grads
-
     def _wait_kw(self) -> dict[str, Any]:
-        timeout = self.options.collective_timeout_s
-        return {"poll_s": self.options.poll_s, "timeout_s": float("inf") if timeout is None else timeout, "lost": self._seen_lost}
+        """Every reduction wait: bounded by ``collective_timeout_s`` (or the group's
+        timeout), asking the heartbeat every ``poll_s`` while pending."""
+        o = self.options
+        return {"timeout_s": o.collective_timeout_s, "abort": self._seen_lost, "poll_s": o.poll_s}
 
     def _seen_lost(self) -> str | None:
         """What the heartbeat saw (``None``: nothing, or no heartbeat)."""

@@ -1,13 +1,17 @@
-"""Collective waits that a heartbeat can cut short, and the SUM all-reduce that uses them.
+"""What the elastic trainer makes of a failed or given-up collective: :class:`Lost`.
 
-Where it sits: under :class:`~recoverkit.elastic.trainer.ElasticTrainer`'s reduction.
-A survivor whose pending collective never talks to the dead rank (the far side of a gloo
-ring, blocked waiting for a send to complete) is not woken by the dead rank's reset, nor by
-its neighbours closing their connections; left alone it waits for the group's whole timeout
-(measured on this machine: 14 of 15 s, where the survivors next to the dead rank failed in
-10 ms). :func:`wait` polls the work (``work.wait(timeout=poll_s)``, which gloo honours
-while the operation goes on in its thread) and asks the heartbeat between polls; once a
-member stopped beating it gives the collective up as :class:`Lost` with ``abandoned=True``.
+Where it sits: under :class:`~recoverkit.elastic.trainer.ElasticTrainer`'s reduction. The
+waits themselves are :mod:`~recoverkit.distributed.global_grad`'s (every mode, the
+trainer's loss all-reduce too), with ``abort=`` wired to the heartbeat: a survivor whose
+pending collective never talks to the dead rank (the far side of a gloo ring, blocked
+waiting for a send) is not woken by the dead rank's reset, nor by its neighbours closing
+their connections; left alone it waits for the group's whole timeout (measured on this
+machine: 14 of 15 s, where the survivors next to the dead rank failed in 10 ms). Polled and
+asked between polls, it gives the collective up once a member stopped beating.
+:func:`reducing` turns what such a wait raises into :class:`Lost`, by type, never by
+message: ``PeerLostError`` (the heartbeat) and ``PeerTimeoutError`` (the wait ran out) leave
+the collective pending (``abandoned=True``); any other error is the collective's own (a
+peer's reset, the group's timeout, a peer's malformed contribution): it ended.
 
 An abandoned operation still runs in the old group's thread until the group's timeout, and
 freeing a group joins its threads: the trainer keeps a reference to an abandoned group
@@ -19,14 +23,15 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Iterable
-from datetime import timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-__all__ = ["Lost", "wait", "allreduce_sum"]
+from ..errors import PeerLostError, PeerTimeoutError
+
+__all__ = ["Lost", "reducing"]
 
 
 class Lost(Exception):
@@ -39,7 +44,7 @@ class Lost(Exception):
             whose connections must close when the group is destroyed (a peer blocked
             receiving from this rank is woken only then).
         abandoned: a collective may still be pending on the old group (heartbeat miss,
-            poll deadline): keep the group referenced (``group``), never join its threads.
+            a wait that ran out): keep the group referenced (``group``), never join its threads.
         group: the old group, kept alive when ``abandoned``.
     """
 
@@ -69,44 +74,27 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def wait(work: Any, what: str, *, poll_s: float, timeout_s: float, lost: Callable[[], str | None]) -> None:
-    """Waits for ``work``: returns when it completed, raises :class:`Lost` when it failed, when
-    ``lost()`` names a loss between polls (abandoned), or after ``timeout_s`` (abandoned)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            work.wait(timeout=timedelta(seconds=poll_s))
-            return
-        except RuntimeError as e:
-            if work.is_completed():  # it ended with an error: a peer reset, gloo's own timeout
-                raise Lost(f"collective ({what}): {_describe(e)}", e) from None
-        why = lost()
-        if why is not None:
-            raise Lost(f"heartbeat ({what} pending): {why}", abandoned=True)
-        if time.monotonic() >= deadline:
-            raise Lost(f"collective ({what}): not completed within {timeout_s} s", abandoned=True)
+@contextmanager
+def reducing(what: str) -> Iterator[None]:
+    """Turns a failure of the reduction run inside into :class:`Lost` (``what`` names it in
+    the log): ``PeerLostError`` -> ``"heartbeat: ..."``, ``PeerTimeoutError`` ->
+    ``"collective: ..."`` (both abandoned), ``RuntimeError`` (the collective's own error,
+    :class:`~recoverkit.distributed.global_grad.OrderedGradSum`'s refusal of a peer's
+    contribution) -> ``"collective (<what>): <error>"``.
 
-
-def allreduce_sum(
-    tensors: Iterable[torch.Tensor], what: str, *, divide_by: int = 1, **wait_kw: Any
-) -> None:
-    """SUM all-reduce of ``tensors`` over the default group, in place, one flat buffer per
-    dtype and device, each wait through :func:`wait` (``divide_by``: the shrink mode's mean).
-
-    The same reduction as :func:`~recoverkit.distributed.global_grad.allreduce_grads_sum`,
-    whose waits cannot be cut short by a heartbeat.
+    Example:
+        >>> try:
+        ...     with reducing("loss all-reduce"):
+        ...         raise PeerLostError("the all-reduce given up while pending: launch rank(s) [2] stopped beating")
+        ... except Lost as lost:
+        ...     (lost.how, lost.abandoned)
+        ('heartbeat: the all-reduce given up while pending: launch rank(s) [2] stopped beating', True)
     """
-    items = list(tensors)
-    kinds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in items:
-        kinds.setdefault((t.dtype, t.device), []).append(t)
-    for parts in kinds.values():
-        flat = torch.cat([t.reshape(-1) for t in parts])
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
-        wait(work, what, **wait_kw)
-        if divide_by != 1:
-            flat /= divide_by
-        offset = 0
-        for t in parts:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+    try:
+        yield
+    except PeerLostError as e:
+        raise Lost(f"heartbeat: {e}", e, abandoned=True) from None
+    except PeerTimeoutError as e:
+        raise Lost(f"collective: {e}", e, abandoned=True) from None
+    except RuntimeError as e:
+        raise Lost(f"collective ({what}): {_describe(e)}", e) from None

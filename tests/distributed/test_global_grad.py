@@ -263,3 +263,87 @@ def _late_peer(rank, world):
 def test_a_peer_that_never_reduces_is_a_timeout_not_a_hang():
     res = run_world(2, _late_peer, timeout_s=120, final_barrier=False)
     assert res[0] is not None and "did not complete within 1.0 s" in res[0], res
+
+
+def _abandoned(rank, world):
+    """Rank 1 never joins; rank 0's waits are cut short by ``abort()`` (group timeout: 60 s)."""
+    import time
+
+    from recoverkit.distributed.global_grad import OrderedGradSum, allreduce_grads_sum
+    from recoverkit.errors import PeerLostError
+
+    torch.set_num_threads(1)
+    if rank == 1:
+        time.sleep(4)  # never joins the reductions
+        return None
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    asked = {"n": 0}
+    start = time.monotonic()
+
+    def abort():
+        asked["n"] += 1
+        if time.monotonic() - start < 0.3:
+            return None
+        return "launch rank(s) [1] stopped beating"
+
+    out = {}
+    p.grad = torch.ones(2, dtype=torch.float64)
+    try:
+        allreduce_grads_sum([p], abort=abort, poll_s=0.05)
+    except PeerLostError as e:
+        # from the moment abort() would name a reason to the error: at most about one poll
+        out["sum"] = (type(e).__name__, str(e), asked["n"], time.monotonic() - start - 0.3)
+    ordered = OrderedGradSum([p], abort=abort, poll_s=0.05)
+    p.grad = torch.ones(2, dtype=torch.float64)
+    ordered.add(0)
+    try:
+        ordered.reduce(1)
+    except PeerLostError as e:
+        out["ordered"] = (type(e).__name__, str(e))
+    out["total_s"] = time.monotonic() - start
+    return out
+
+
+def test_abort_cuts_a_pending_wait_short_with_its_reason():
+    """The far side of a ring waits for a send that no dead peer's reset ever ends: its
+    ``abort()`` (a heartbeat's verdict) gives the wait up, long before the group's timeout."""
+    res = run_world(2, _abandoned, timeout_s=120, final_barrier=False)[0]
+    name, message, asked, after_s = res["sum"]
+    assert name == "PeerLostError" and asked > 1, res  # polled, then given up
+    assert message == "the gradient all-reduce given up while pending: launch rank(s) [1] stopped beating"
+    assert res["ordered"][0] == "PeerLostError" and "stopped beating" in res["ordered"][1], res
+    assert "all-gather given up while pending" in res["ordered"][1], res
+    assert res["total_s"] < 30, res  # no hang: the group's timeout is 60 s
+    print(f"\nabort: given up {after_s:.4f} s after abort() had a reason to name (poll 0.05 s); both waits in {res['total_s']:.3f} s")
+
+
+def _reset(rank, world, how):
+    import os
+    import signal
+    import time
+
+    from recoverkit.distributed.global_grad import allreduce_grads_sum
+
+    torch.set_num_threads(1)
+    if rank == 1:
+        time.sleep(0.5)  # rank 0 is waiting in the all-reduce by now
+        os.kill(os.getpid(), signal.SIGKILL)
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    p.grad = torch.ones(2, dtype=torch.float64)
+    kw = {"abort": lambda: None, "poll_s": 0.05} if how == "polled" else {}
+    start = time.monotonic()
+    try:
+        allreduce_grads_sum([p], timeout_s=30.0, **kw)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"type": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
+                "timeout": isinstance(e, TimeoutError), "message": str(e)[:200], "s": time.monotonic() - start}
+    return "no error"
+
+
+@pytest.mark.parametrize("how", ["polled", "one wait"])
+def test_a_peers_connection_reset_is_its_own_error_not_a_timeout(how):
+    res = run_world(2, _reset, how, timeout_s=120, final_barrier=False)[0]
+    assert isinstance(res, dict), res
+    assert not res["timeout"] and "RuntimeError" in res["mro"], res  # the backend's own error
+    assert "did not complete within" not in res["message"], res
+    print(f"\nreset ({how}): {res['type']} after {res['s']:.3f} s: {res['message'][:80]}")
