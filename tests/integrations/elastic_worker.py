@@ -145,9 +145,10 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
 
     model = make_model()
     opt = make_optimizer(model)
-    # the ordered reduction's waits cannot ask the heartbeat: a survivor whose collective never
-    # talks to the lost rank gives it up after collective_timeout_s (the others: at the reset,
-    # or at the heartbeat's miss_s); the regroup waits longer than any of them
+    # a survivor whose collective never talks to the lost rank gives it up when the heartbeat
+    # sees the loss (miss_s; the others: at the reset), in every mode but DDP's reduction in
+    # backward (the group's timeout); collective_timeout_s bounds every wait of the reduction;
+    # the regroup waits longer than any of them
     options = ElasticOptions(mode=mode, regroup_timeout_s=2 * pg_timeout_s, join_window_s=5.0,  # type: ignore[arg-type]
                              pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     trainer = ElasticTrainer(
