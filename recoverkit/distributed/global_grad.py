@@ -74,6 +74,7 @@ __all__ = [
     "allreduce_sum",
     "allreduce_grads_sum",
     "Abort",
+    "wait_collective",
     "grad_sync",
     "OrderedGradSum",
 ]
@@ -138,7 +139,7 @@ def _check_wait(timeout_s: float | None, poll_s: float) -> None:
         raise ValueError(f"poll_s must be seconds in (0, 1e6), got {poll_s!r}")
 
 
-def _wait(
+def wait_collective(
     work: Any,
     what: str,
     *,
@@ -146,7 +147,9 @@ def _wait(
     abort: Abort | None = None,
     poll_s: float = POLL_S,
 ) -> None:
-    """Waits for a collective's ``work``, bounded by ``timeout_s`` and cut short by ``abort``.
+    """Waits for a collective's ``work`` (``async_op=True``), bounded by ``timeout_s`` and
+    cut short by ``abort``: the wait every reduction here and the elastic trainer's
+    agreement use (``what`` names the collective in the errors).
 
     Polls ``work.wait(timeout=poll_s)`` (gloo lets a wait run out and be called again while
     the operation goes on in its thread) and asks ``abort()`` between polls. Without
@@ -158,6 +161,10 @@ def _wait(
         PeerLostError: ``abort()`` named a reason (in the message); the collective may
             still be pending in the group's thread.
         PeerTimeoutError: ``timeout_s`` passed (a ``TimeoutError``); it may still be pending.
+
+    Example:
+        >>> # work = dist.all_reduce(t, async_op=True)
+        >>> # wait_collective(work, "the all-reduce", timeout_s=30, abort=heartbeat_verdict)
     """
     if abort is None and timeout_s is None:
         work.wait()
@@ -228,7 +235,7 @@ def allreduce_sum(
         parts = [items[i] for i in idx]
         flat = torch.cat([t.reshape(-1) for t in parts])
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        _wait(work, what, timeout_s=timeout_s, abort=abort, poll_s=poll_s)
+        wait_collective(work, what, timeout_s=timeout_s, abort=abort, poll_s=poll_s)
         if size != 1:
             flat /= size
         offset = 0
@@ -352,7 +359,7 @@ class OrderedGradSum:
         world = dist.get_world_size(self.group)
         count = torch.tensor([len(rows)], dtype=torch.int64)
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        _wait(
+        wait_collective(
             dist.all_gather(counts, count, group=self.group, async_op=True),
             "the micro-batch count all-gather",
             **self._wait_kw(),
@@ -369,7 +376,7 @@ class OrderedGradSum:
             meta[j, 0] = float(index)
             meta[j, 1], meta[j, 2] = (0.0, 0.0) if loss is None else (1.0, loss)
         metas = [torch.empty_like(meta) for _ in range(world)]
-        _wait(
+        wait_collective(
             dist.all_gather(metas, meta, group=self.group, async_op=True),
             "the micro-batch index all-gather",
             **self._wait_kw(),
@@ -399,7 +406,7 @@ class OrderedGradSum:
             for j, (_, _, flat) in enumerate(rows):
                 local[j].copy_(flat[kind])
             gathered = [torch.empty_like(local) for _ in range(world)]
-            _wait(
+            wait_collective(
                 dist.all_gather(gathered, local, group=self.group, async_op=True),
                 "the gradient all-gather",
                 **self._wait_kw(),

@@ -44,12 +44,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..distributed.global_grad import wait_collective
 from ..errors import IntegrityError, RecoverkitError, RegroupError
 from ..format.checksum import crc32c, hexcrc
 from ..format.dtypes import dtype_name, from_bytes, itemsize, storable_by_name, to_bytes_view
@@ -88,10 +88,7 @@ class Reconciled:
 
 
 def _wait(work: Any, timeout_s: float, what: str) -> None:
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as e:
-        raise TimeoutError(f"reconcile: {what} did not complete within {timeout_s} s: {e}") from e
+    wait_collective(work, f"reconcile: {what}", timeout_s=timeout_s)
 
 
 def _gather(values: list[int], timeout_s: float, what: str) -> list[list[int]]:
@@ -288,7 +285,9 @@ def reconcile(
         RegroupError: ``reason="diverged"``: the positions cannot be reconciled (more than
             one step apart, different generations, or the ranks ahead disagree), or a rank
             could not apply the state it received. Raised on every rank alike.
-        TimeoutError: a collective did not complete within ``timeout_s``.
+        TimeoutError: a collective did not complete within ``timeout_s``
+            (:class:`~recoverkit.errors.PeerTimeoutError`).
+        RuntimeError: a collective failed (a peer's connection reset), the backend's error.
 
     Example:
         >>> rec = reconcile({"model": model, "optimizer": opt, "trainer": trainer},  # doctest: +SKIP
