@@ -15,7 +15,11 @@ the other owner's regions come over the transport too); then, in the same two pr
 * **restore**: the whole ``restore`` (the exchanges, the fetch, the local CRC pass, the copy
   into the live tensors), GB/s of the state's bytes.
 
-Every figure is the median of ``--reps``; the targets: fetch >= 0.5x gloo p2p.
+Every figure is the median of ``--reps``; the targets: fetch >= 0.5x gloo p2p. The JSON
+(``--json``) also holds, per rank, the seconds per restore spent in the transport's phases
+and the memory restore's steps (``parts_s``: preparing the buffers, the exchanges, the
+checks as bytes land, the local CRC pass, the whole ``recover``), to see where the rest of
+a restore goes.
 
 Run: ``python -m bench.bench_peer_restore [--smoke] [--size-mib 256] [--reps 3] [--tier host|shm]``.
 """
@@ -103,7 +107,11 @@ def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str
             setattr(owner, name, wrapper)
 
         clocked(ProcessGroupTransport, "_phase", key=1)
-        clocked(memory._Attempt, "_check_landed")
+        for owner, names in ((memory._Attempt, ("_check_landed", "_exchange", "_prepare", "_run")),
+                             (memory.MemoryRestore, ("transport_for", "_applied_everywhere", "drop_transport", "recover")),
+                             (memory, ("_verify",))):  # fmt: skip
+            for name in names:
+                clocked(owner, name)
         with Checkpointer(root, options=opts) as ckpt:
             ckpt.save_async(1, state)
             ckpt.wait()
