@@ -82,7 +82,7 @@ class AsyncPipeline:
         def make_room() -> bool:
             return any(t.evict_one() for t in self.snapshot_tiers) or self.drain.drop_waiting(handle)
 
-        snap = self.stager.stage(step, plan, targets, metrics, make_room)
+        snap = self.stager.stage(step, plan, targets, metrics, make_room, keep_in=keep_in)
         handle._snapshot = snap
         skip_error = None
         if snap is None:

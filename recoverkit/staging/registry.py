@@ -136,7 +136,7 @@ def _host(spec: TierSpec, ctx: TierContext) -> ReadableTier:
 
     return HostTier(
         keep=keep, run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world_size, agree=agree,
-        engine=ctx.engine,
+        engine=ctx.engine, coordinator=ctx.coordinator, timeout_s=ctx.options.commit_timeout_s,
     )
 
 

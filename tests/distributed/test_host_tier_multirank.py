@@ -1,6 +1,7 @@
 """The host tier in a 2-rank gloo world: a step is restored from host memory only when
-every rank holds it (agreed through the coordinator); otherwise restore falls through to
-the disk tiers, on every rank alike."""
+every rank holds it (agreed through the coordinator, or, when a rank's snapshot needs
+another's tensors, through the memory restore); otherwise restore falls through to the disk
+tiers, on every rank alike."""
 
 from __future__ import annotations
 
@@ -61,10 +62,11 @@ def test_a_step_one_rank_lost_falls_through_to_disk_on_every_rank(tmp_path):
     assert [o["agreed"] for o in out] == [[1, 2], [1, 2]]
 
 
-def test_snapshots_that_need_another_ranks_tensors_are_not_offered(tmp_path):
-    # a replicated entry is written by one owner rank: the other's snapshot lacks it
+def test_snapshots_that_need_another_ranks_tensors_are_restored_from_memory_across_ranks(tmp_path):
+    # a replicated entry is written by one owner rank: the other's snapshot lacks it, so the
+    # tier alone offers nothing, and the memory restore brings the owner's bytes over
     out = run_world(2, _host_world, str(tmp_path / "ckpt"), None, True)
-    assert [o["step"] for o in out] == [2, 2]
+    assert [o["step"] for o in out] == [3, 3]
     assert [o["agreed"] for o in out] == [[], []]
 
 
