@@ -57,9 +57,11 @@ Example, one step on one rank (``W`` ranks, any ``W``)::
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -71,6 +73,7 @@ from ..errors import PeerLostError, PeerTimeoutError
 __all__ = [
     "GradMode",
     "sum_allreduce_hook",
+    "SumHookState",
     "allreduce_sum",
     "allreduce_grads_sum",
     "Abort",
@@ -80,30 +83,83 @@ __all__ = [
 ]
 
 GradMode = Literal["global", "shrink"]
+#: ``abort()``, asked between polls of a pending collective: ``None`` to go on waiting, or
+#: why the wait is given up (a heartbeat that saw a member die, a stop request)
+Abort = Callable[[], str | None]
+#: how often a wait with ``abort`` asks it, unless the caller says otherwise
+POLL_S = 0.05
+_MIN_SLICE_S = 0.001  # gloo reads a wait of 0 ms as "no timeout": never ask for less
+
+
+@dataclass(frozen=True, kw_only=True)
+class SumHookState:
+    """The state of :func:`sum_allreduce_hook` when its waits must be bounded or cut short.
+
+    DDP waits for the hook's future inside ``backward()``, with no timeout of its own: with
+    ``abort`` or ``timeout_s`` the hook returns a future that a small thread completes after
+    :func:`wait_collective` (the reduced bucket, or the give-up's error, which the backward
+    raises as a ``RuntimeError``). Costs one short-lived thread per bucket and step.
+
+    Attributes:
+        group: the group to reduce on (``None``: the default group).
+        abort, poll_s, timeout_s: as in :func:`allreduce_grads_sum`.
+
+    Example:
+        >>> state = SumHookState(abort=lambda: None, poll_s=0.05)
+        >>> # ddp.register_comm_hook(state, sum_allreduce_hook)
+    """
+
+    group: dist.ProcessGroup | None = None
+    abort: Abort | None = None
+    timeout_s: float | None = None
+    poll_s: float = POLL_S
+
+    def __post_init__(self) -> None:
+        _check_wait(self.timeout_s, self.poll_s)
 
 
 def sum_allreduce_hook(
-    state: dist.ProcessGroup | None, bucket: dist.GradBucket
+    state: dist.ProcessGroup | SumHookState | None, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """A DDP communication hook that all-reduces with SUM and divides by nothing.
 
-    Register it with ``ddp.register_comm_hook(group_or_None, sum_allreduce_hook)``; the
-    state is the process group to reduce on (``None``: the default group). With the loss
-    divided by the global batch size, the summed gradient is the global mean gradient,
-    whatever the number of live ranks. (DDP's own hook divides by the world size: that is
+    Register it with ``ddp.register_comm_hook(state, sum_allreduce_hook)``; the state is
+    the process group to reduce on (``None``: the default group), or a
+    :class:`SumHookState` whose waits a heartbeat can cut short. With the loss divided by
+    the global batch size, the summed gradient is the global mean gradient, whatever the
+    number of live ranks. (DDP's own hook divides by the world size: that is
     ``mode="shrink"``.)
     """
-    group = state if state is not None else dist.group.WORLD
+    hook = state if isinstance(state, SumHookState) else SumHookState(group=state)
+    group = hook.group if hook.group is not None else dist.group.WORLD
     buffer = bucket.buffer()
     work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
     assert work is not None
-    return work.get_future().then(lambda fut: fut.value()[0])
+    if hook.abort is None and hook.timeout_s is None:
+        return work.get_future().then(lambda fut: fut.value()[0])
+    gate: torch.futures.Future[None] = torch.futures.Future()
+    failed: list[Exception] = []
+
+    def watch() -> None:
+        try:
+            wait_collective(work, "the DDP gradient all-reduce", timeout_s=hook.timeout_s, abort=hook.abort, poll_s=hook.poll_s)
+        except Exception as e:  # noqa: BLE001 - handed to the backward that waits on the future
+            failed.append(e)
+        gate.set_result(None)
+
+    def result(_: torch.futures.Future[None]) -> torch.Tensor:
+        if failed:  # raised in a callback: the future DDP waits on holds a real error
+            raise failed[0]
+        return buffer
+
+    threading.Thread(target=watch, name="recoverkit-ddp-sum", daemon=True).start()
+    return gate.then(result)
 
 
 # DDP checks the hook's annotations against the real objects (not the strings that
 # ``from __future__ import annotations`` leaves): give it the objects.
 sum_allreduce_hook.__annotations__ = {
-    "state": dist.ProcessGroup | None,
+    "state": dist.ProcessGroup | SumHookState | None,
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[torch.Tensor],
 }
@@ -122,14 +178,6 @@ def grad_sync(model: Any, *, last: bool) -> AbstractContextManager[Any]:
         return nullcontext()
     ctx: AbstractContextManager[Any] = no_sync()
     return ctx
-
-
-#: ``abort()``, asked between polls of a pending collective: ``None`` to go on waiting, or
-#: why the wait is given up (a heartbeat that saw a member die, a stop request)
-Abort = Callable[[], str | None]
-#: how often a wait with ``abort`` asks it, unless the caller says otherwise
-POLL_S = 0.05
-_MIN_SLICE_S = 0.001  # gloo reads a wait of 0 ms as "no timeout": never ask for less
 
 
 def _check_wait(timeout_s: float | None, poll_s: float) -> None:

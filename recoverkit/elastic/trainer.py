@@ -45,8 +45,9 @@ gives up after ``max_recoveries_per_step`` re-formings. Detection, measured unde
 on one host (tests/integrations/test_elastic_shrink.py): the survivors next to a SIGKILLed
 rank see their collective fail within ~20 ms; one whose pending collective never talks to
 it (the far side of gloo's ring, waiting for a send) is not woken by any reset and sees the
-loss through the heartbeat (``miss_s``) in every mode but a DDP model's reduction in the
-backward pass (DDP's waits cannot ask the heartbeat: there it is the group's timeout).
+loss through the heartbeat (``miss_s``) in every mode; a DDP model's reduction in the
+backward pass asks it only through a ``SumHookState(abort=...)`` hook (otherwise: the
+group's timeout).
 Keep ``regroup_timeout_s`` above those bounds, or a late survivor is left out.
 
 Example::
@@ -173,7 +174,11 @@ class ElasticTrainer:
             after every re-forming (DDP binds its group when it is built; the broken one
             is dropped first). ``loss_fn`` then gets the wrapper. Mode "global": register
             :func:`~recoverkit.distributed.global_grad.sum_allreduce_hook` in it (DDP's own
-            hook divides by the world size); "shrink": DDP's own mean is TorchFT's; the
+            hook divides by the world size), with a
+            :class:`~recoverkit.distributed.global_grad.SumHookState` whose ``abort`` asks
+            the heartbeat (``heartbeat.dead()``), so that a survivor whose reduction never
+            talks to the lost rank gives it up at the heartbeat's miss, not at the group's
+            timeout; "shrink": DDP's own mean is TorchFT's; the
             micro-batches run under ``no_sync`` but the last, whose backward reduces (so
             every rank needs a micro-batch: world size <= micro-batches per step).
             "ordered": every micro-batch under ``no_sync``, OrderedGradSum reduces. A
@@ -274,10 +279,16 @@ class ElasticTrainer:
         for i, mb in enumerate(mbs):
             reduces = ddp is not None and summer is None and i == len(mbs) - 1
             sync = ddp.no_sync() if ddp is not None and not reduces else nullcontext()  # type: ignore[operator]
-            # the reducing backward's waits are DDP's: only its own error or timeout ends them
-            with reducing("DDP reduction in backward") if reduces else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
-                loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
-                loss.backward()
+            try:
+                with reducing("DDP reduction in backward") if reduces else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
+                    loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
+                    loss.backward()
+            except Lost as lost:
+                # the hook's error reaches here as a RuntimeError, whatever it was: with a member
+                # seen dead, its collective may have been given up while pending (SumHookState)
+                if lost.abandoned or self._seen_lost() is None:
+                    raise
+                raise Lost(lost.how, lost.cause, abandoned=True) from None
             if summer is not None:
                 summer.add(mb.index, loss.detach())
             else:

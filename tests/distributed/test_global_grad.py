@@ -347,3 +347,43 @@ def test_a_peers_connection_reset_is_its_own_error_not_a_timeout(how):
     assert not res["timeout"] and "RuntimeError" in res["mro"], res  # the backend's own error
     assert "did not complete within" not in res["message"], res
     print(f"\nreset ({how}): {res['type']} after {res['s']:.3f} s: {res['message'][:80]}")
+
+
+def _ddp_abandoned(rank, world):
+    """A DDP model with the SUM hook whose waits ask ``abort()``: rank 1 never runs its backward."""
+    import time
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from recoverkit.distributed.global_grad import SumHookState, sum_allreduce_hook
+
+    torch.set_num_threads(1)
+    start = time.monotonic()
+
+    def abort():
+        return "launch rank(s) [1] stopped beating" if time.monotonic() - start > 0.3 else None
+
+    ddp = DistributedDataParallel(torch.nn.Linear(3, 1).double())
+    ddp.register_comm_hook(SumHookState(abort=abort, poll_s=0.05), sum_allreduce_hook)
+    if rank == 1:
+        time.sleep(4)  # never reduces
+        return None
+    start = time.monotonic()
+    try:
+        ddp(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+    except RuntimeError as e:
+        return {"message": str(e)[:300], "s": time.monotonic() - start}
+    return "no error"
+
+
+def test_the_ddp_sum_hook_can_be_cut_short_and_refuses_bad_waits():
+    from recoverkit.distributed.global_grad import SumHookState
+
+    res = run_world(2, _ddp_abandoned, timeout_s=120, final_barrier=False)[0]
+    assert isinstance(res, dict), res
+    assert "the DDP gradient all-reduce given up while pending: launch rank(s) [1] stopped beating" in res["message"], res
+    assert res["s"] < 30, res  # no hang: the group's timeout is 60 s
+    print(f"\nDDP hook: backward given up after {res['s']:.3f} s (abort() names a reason from 0.3 s)")
+    for bad in ({"poll_s": 0}, {"poll_s": True}, {"timeout_s": -1.0}, {"timeout_s": float("nan")}):
+        with pytest.raises(ValueError, match="poll_s|timeout_s"):
+            SumHookState(**bad)

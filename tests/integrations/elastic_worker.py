@@ -13,7 +13,7 @@ figures, or on a RegroupError its reason) and end with ``barrier();
 destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
 
 With ``ddp``, the trainer wraps the model in DDP (re-wrapped on the new group after the
-re-forming); mode "global" registers the SUM hook.
+re-forming); mode "global" registers the SUM hook with a state whose waits ask the heartbeat.
 
 The model, data, sampler and loss are built by the functions below, which the test process
 uses for its failure-free reference.
@@ -99,16 +99,21 @@ def _finish(code: int, group: bool) -> None:
     os._exit(code)
 
 
-def _ddp(mode: str) -> Any:
-    """Builds the DDP wrapper on the current default group (mode "global": SUM, no division)."""
+def _ddp(mode: str, heartbeat: Any) -> Any:
+    """Builds the DDP wrapper on the current default group (mode "global": SUM, no division,
+    its waits cut short when the heartbeat sees a member dead)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from recoverkit.distributed.global_grad import sum_allreduce_hook
+    from recoverkit.distributed.global_grad import SumHookState, sum_allreduce_hook
+
+    def abort() -> str | None:
+        dead = heartbeat.dead()
+        return f"launch rank(s) {sorted(dead)} stopped beating" if dead else None
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         ddp = DistributedDataParallel(model)
         if mode == "global":
-            ddp.register_comm_hook(None, sum_allreduce_hook)
+            ddp.register_comm_hook(SumHookState(abort=abort, timeout_s=COLLECTIVE_TIMEOUT_S), sum_allreduce_hook)
         return ddp
 
     return wrap
@@ -146,14 +151,14 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
     model = make_model()
     opt = make_optimizer(model)
     # a survivor whose collective never talks to the lost rank gives it up when the heartbeat
-    # sees the loss (miss_s; the others: at the reset), in every mode but DDP's reduction in
-    # backward (the group's timeout); collective_timeout_s bounds every wait of the reduction;
-    # the regroup waits longer than any of them
+    # sees the loss (miss_s; the others: at the reset), in every mode (DDP: through the SUM
+    # hook's state); collective_timeout_s bounds every wait of the reduction; the regroup
+    # waits longer than any of them
     options = ElasticOptions(mode=mode, regroup_timeout_s=2 * pg_timeout_s, join_window_s=5.0,  # type: ignore[arg-type]
                              pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     trainer = ElasticTrainer(
         model, opt, make_sampler(), loss_fn, store=store, membership=membership, seed=SEED,
-        options=options, heartbeat=heartbeat, wrap=_ddp(mode) if ddp else None,
+        options=options, heartbeat=heartbeat, wrap=_ddp(mode, heartbeat) if ddp else None,
     )
     log_path = os.path.join(out, f"steps-{rank}.jsonl")
     result: dict[str, Any] = {"launch_rank": rank}
