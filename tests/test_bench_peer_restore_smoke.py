@@ -1,0 +1,31 @@
+"""bench_peer_restore in smoke mode, so it never rots: both memory tiers, the figures finite.
+
+Runs exactly as ``python -m bench.bench_peer_restore --smoke --tier T --json FILE``; timings are
+never asserted (shared machines are noisy), only that every figure is there and finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.bench_helpers import REPO, numbers
+
+
+@pytest.mark.parametrize("tier", ["host", "shm"])
+def test_bench_peer_restore_smoke(tmp_path, tier):
+    out = tmp_path / "peer.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_peer_restore", "--smoke", "--tier", tier, "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RECOVERKIT_SHM_DIR": str(tmp_path / "shm")},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert all(math.isfinite(x) for x in numbers(r))
+    assert "|" in proc.stdout
