@@ -43,7 +43,7 @@ class ElasticOptions:
         poll_s: how often a pending collective of the reduction asks the heartbeat whether
             a member died (a survivor whose collective never talks to the dead rank is woken
             this way, not by a reset), in every mode. A DDP model's reduction in the
-            backward pass is DDP's own wait: bounded by the group's timeout only.
+            backward pass asks it only through its hook's ``SumHookState(abort=...)``.
         max_recoveries_per_step: re-formings one step may go through before the trainer
             gives up with the last failure (a failure that a new group does not cure).
         sync_max_bytes: the most bytes of model + optimizer state a rank accepts from a
