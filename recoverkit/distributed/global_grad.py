@@ -226,8 +226,10 @@ def wait_collective(
                 work.wait(timeout=timedelta(seconds=slice_s))
                 return
             except Exception:  # gloo raises RuntimeError / DistError for a failure and a slice alike
-                if work.is_completed():  # the operation itself failed: its own error
-                    raise
+                ended = work.is_completed()
+            if ended:  # it ended (also just as the slice ran out): its own outcome, its own error
+                work.wait()
+                return
         why = abort() if abort is not None else None
         if why is not None:
             raise PeerLostError(f"{what} given up while pending: {why}")
