@@ -68,6 +68,14 @@ How to run:
   scenario; `--help` lists its sizes and step counts.
 * `make bench-micro`: the pytest-benchmark micro-benchmarks in `micro/` (copy engine,
   CRC-32C, segment I/O, manifest, codec) compared with the saved baselines in `baselines/`.
+* `python -m bench.bench_peer_restore [--tier host|shm] [--size-mib N]`: a memory restore's
+  peer transfer next to gloo point-to-point (one way and both ways) in the same two
+  processes, with where each restore's time goes (`--json`); not part of the run above.
+* `overhead` records which path each shared-memory save took (`staged_in_shm`,
+  `staged_in_pool`, `shm_in_place`, `shm_copied` in its JSON); `--methods recoverkit_host`
+  adds the host tier alone as the in-memory reference. `restore_memory`'s restarted-process
+  row compares with a memcpy into new memory (the fair figure: a fresh optimizer's moments are
+  new memory) and into pre-faulted memory.
 
 Scenarios, in order: {order}.
 """
