@@ -61,14 +61,25 @@ class Transfer:
         return [self.owner, self.src, self.dst, self.offset, self.nbytes]
 
     @classmethod
-    def from_json(cls, d: Any, *, world_size: int) -> Transfer:
-        """Parse strictly: five integers, ranks inside the world, a sender that is not the
-        receiver, a range that cannot overflow (else IntegrityError)."""
+    def from_json(cls, d: Any, *, world_size: int, owners: int | None = None) -> Transfer:
+        """Parse strictly: five integers, sender and receiver inside the world of
+        ``world_size``, the owner one of ``owners`` ranks (default: the world's; the
+        snapshot's world when it differs, after a shrink or a grow), a sender that is not
+        the receiver, a range that cannot overflow (else IntegrityError).
+
+        Example:
+            >>> Transfer.from_json([3, 0, 2, 0, 8], world_size=3, owners=4)  # a shrink 4 -> 3
+            Transfer(owner=3, src=0, dst=2, offset=0, nbytes=8)
+        """
         if type(d) is not list or len(d) != 5 or any(type(x) is not int for x in d):
             raise IntegrityError(f"a transfer is five integers, got {str(d)[:80]}")
         owner, src, dst, offset, nbytes = d
-        if not all(0 <= r < world_size for r in (owner, src, dst)) or src == dst:
-            raise IntegrityError(f"transfer {d}: ranks outside the world of {world_size}, or to itself")
+        n_owners = world_size if owners is None else owners
+        if not (0 <= owner < n_owners and all(0 <= r < world_size for r in (src, dst))) or src == dst:
+            raise IntegrityError(
+                f"transfer {d}: owner outside the {n_owners} owner(s), ranks outside the world of {world_size}, "
+                "or to itself"
+            )
         if not (0 <= offset < _LIMIT and 0 <= nbytes < _LIMIT):
             raise IntegrityError(f"transfer {d}: byte range out of range")
         return cls(owner, src, dst, offset, nbytes)

@@ -70,10 +70,12 @@ from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T
 from .memory_held import HeldSource, HeldView, HostSource, ShmSource
 from .memory_plan import (
     HOST_PLACE,
+    MAX_OWNERS,
     Bad,
     CopyKey,
     b64,
     bad_set,
+    blob_owner,
     check_index,
     choose,
     manifest_of,
@@ -309,6 +311,7 @@ class _Attempt:
         self._regions: dict[int, dict[tuple[int, int], int]] = {}  # what this rank needs of each owner
         self._names: dict[tuple[int, int, int], str] = {}  # (owner, offset, nbytes) -> tensor, for messages
         self._landed_bad: list[int] = []  # owners whose fetched bytes failed their records
+        self.owners = self.world  # the snapshot's ranks (rank 0's choice: its world may differ)
 
     def run(self) -> _Ready | _Refused:
         ready: _Ready | _Refused
@@ -357,10 +360,17 @@ class _Attempt:
         if not choice["ok"]:
             return _Refused(str(choice["reason"]), warn=bool(choice.get("warn")))
         step, nodes = int(choice["step"]), [[str(p) for p in ps] for ps in choice["places"]]
+        owners = int(choice["owners"])
+        if not 0 < owners <= MAX_OWNERS:
+            raise IntegrityError(f"rank 0's choice names {owners} owner ranks")
+        self.owners = owners
         crcs = {int(o): int(c) for o, c in choice["crcs"].items()}
         holders = {int(o): [(str(n), bool(r)) for n, r in hs] for o, hs in choice["holders"].items()}
-        if len(nodes) != self.world or set(crcs) != set(range(self.world)) or set(holders) != set(crcs):
-            raise IntegrityError(f"rank 0's choice does not cover the world of {self.world}")
+        if len(nodes) != self.world or set(crcs) != set(range(owners)) or set(holders) != set(crcs):
+            raise IntegrityError(f"rank 0's choice does not cover the world of {self.world} and {owners} owner(s)")
+        if owners != self.world:
+            log.info("recoverkit: rank %d restores step %d saved by %d rank(s) into a world of %d",
+                     self.rank, step, owners, self.world)  # fmt: skip
         # 2. indexes rank 0 lacks, from a rank of a node holding them
         send: dict[str, str] = {}
         for o in (int(o) for o, r in choice["index_from"].items() if int(r) == self.rank and self.rank != 0):
@@ -390,13 +400,13 @@ class _Attempt:
             for o, text in rep["indexes"].items():
                 raw[int(o)] = unb64(text)
         indexes: dict[int, ShmIndex] = {}
-        for o in range(self.world):  # the copy read: rank 0's place's, or the one a holder sent
+        for o in range(self.owners):  # the copy read: rank 0's place's, or the one a holder sent
             here = [(n, r) for n, r in holders[o] if n in nodes[0]]
             node, replica = here[0] if o not in raw and here else holders[o][0]
             try:
                 if o not in raw:
                     raw[o] = self._open_here(o, step, crcs[o]).index_bytes
-                indexes[o] = check_index(raw[o], o, step, crcs[o], self.world, f"rank {o}'s index from {_in(node)}")
+                indexes[o] = check_index(raw[o], o, step, crcs[o], self.owners, f"rank {o}'s index from {_in(node)}")
             except (IntegrityError, OSError) as e:
                 return {"ok": False, "reason": f"rank {o}'s snapshot of step {step} in {_in(node)}: {e}",
                         "warn": True, "bad": [[o, node, replica]]}
@@ -404,10 +414,14 @@ class _Attempt:
             manifest = manifest_of(step, indexes)
         except (IntegrityError, ValueError, KeyError) as e:  # the copies do not fit together: not this step
             return {"ok": False, "reason": f"step {step} in memory does not form a valid checkpoint: {e}",
-                    "warn": True, "bad": [[o, n, r] for o in range(self.world) for n, r in holders[o]]}
-        alone = {o for o, i in indexes.items() if i.self_contained}
-        transfers = plan_fetches(manifest, nodes, holders, alone)
-        lacking = {o for o in range(self.world) for ps in nodes if not set(ps) & {h for h, _ in holders[o]}}
+                    "warn": True, "bad": [[o, n, r] for o in range(self.owners) for n, r in holders[o]]}
+        # a snapshot restores its rank alone only into the world that saved it
+        alone = {o for o, i in indexes.items() if i.self_contained} if self.owners == self.world else set()
+        try:
+            transfers = plan_fetches(manifest, nodes, holders, alone)
+        except (ValueError, KeyError) as e:  # e.g. no rank can send an owner's bytes
+            return {"ok": False, "reason": f"step {step} in memory cannot be gathered: {e}", "warn": True}
+        lacking = {o for o in range(self.owners) for ps in nodes if not set(ps) & {h for h, _ in holders[o]}}
         return {"ok": True, "indexes": {str(o): b64(raw[o]) for o in sorted(lacking)},
                 "transfers": [t.to_json() for t in transfers]}
 
@@ -429,7 +443,7 @@ class _Attempt:
         A rank that fails before the transfers still runs them (what it cannot send or take
         is refused at once, on both ends), so no peer waits out the timeout for it."""
         try:  # the plan is the same on every rank: a fault here is every rank's
-            transfers = [Transfer.from_json(t, world_size=self.world) for t in plan["transfers"]]
+            transfers = [Transfer.from_json(t, world_size=self.world, owners=self.owners) for t in plan["transfers"]]
             transport = self.strategy.transport_for(self.timeout_s) if transfers else None
         except Exception as e:  # noqa: BLE001 - reported to rank 0: every rank falls back together
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "bad": []}, None
@@ -484,24 +498,25 @@ class _Attempt:
         regions it needs of that owner, checked against the manifest here)."""
         shipped = {int(o): unb64(t) for o, t in plan["indexes"].items()}
         mine_at = set(self.places)
-        local = {o for o in range(self.world) if mine_at & {n for n, _ in holders[o]}}
+        local = {o for o in range(self.owners) if mine_at & {n for n, _ in holders[o]}}
         indexes: dict[int, ShmIndex] = {}
-        for o in range(self.world):
+        for o in range(self.owners):
             if o in local:
                 try:
                     v = self._open_here(o, step, crcs[o])
                 except (IntegrityError, OSError) as e:  # gone meanwhile: this place's copy is out
                     raise _CopyGone(str(e), [[o, n, r] for n, r in holders[o] if n in mine_at]) from e
-                indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.world, v.path)
+                indexes[o] = check_index(v.index_bytes, o, step, crcs[o], self.owners, v.path)
                 kind = "replica" if v.replica else ("own host memory" if v.place.startswith(HOST_PLACE) else "own shm")
                 where = kind if kind == "own host memory" else f"{kind} on node {v.place}"
                 self._owners[o] = v.owner_bytes(where)
                 self._owned.add(id(v))
                 used[o] = (v.place, v.replica)
             else:
-                indexes[o] = check_index(shipped[o], o, step, crcs[o], self.world, f"rank {o}'s index (via rank 0)")
+                indexes[o] = check_index(shipped[o], o, step, crcs[o], self.owners, f"rank {o}'s index (via rank 0)")
         manifest = manifest_of(step, indexes)  # the one gate, on this rank too
-        regions = self._regions = needed_regions(manifest, self.rank, alone=indexes[self.rank].self_contained)
+        alone = self.owners == self.world and indexes[self.rank].self_contained
+        regions = self._regions = needed_regions(manifest, self.rank, alone=alone)
         self._names = _region_names(manifest, regions)
         mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
         want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)
@@ -604,14 +619,14 @@ def _verify(
         except IntegrityError as e:
             return o, str(e)
         held.verified.update(rs)
-    b = manifest.blob_for(rank)
+    b = manifest.blob_for(blob_owner(manifest, rank))
     if b.rank in skip:
         return None
     try:
         found = owners[b.rank].locate(b.offset, b.nbytes)
         if found is None:
             raise IntegrityError(f"rank {b.rank}'s object blob lies outside what this rank holds of it")
-        check_blob(manifest, rank, bytes(found[0]))
+        check_blob(manifest, b.rank, bytes(found[0]))
     except IntegrityError as e:
         return b.rank, str(e)
     return None

@@ -40,7 +40,8 @@ from ..storage.shm import ShmStore
 from .memory_source import data_name
 
 __all__ = [
-    "HOST_PLACE", "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "check_index", "choose", "held_of",
+    "HOST_PLACE", "MAX_OWNERS", "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "blob_owner", "check_index", "choose",
+    "held_of",
     "manifest_of", "needed_regions", "newest_on", "places_of", "plan_fetches", "scan", "span", "unb64",
 ]  # fmt: skip
 
@@ -50,6 +51,8 @@ CopyKey = tuple[str, bool]
 #: a copy found damaged: (owner, step, place, is a replica)
 Bad = tuple[int, int, str, bool]
 
+#: the most owner ranks a snapshot in memory may name (a copy's world size beyond it is ignored)
+MAX_OWNERS = 1 << 16
 #: the prefix of a place that is one process's host memory (a node's name has no ':')
 HOST_PLACE = "host:"
 _OWNER_DIR = re.compile(r"(rank|replica)-(\d{5})")
@@ -142,9 +145,12 @@ def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], s
     ``[node]``), ``held`` the copies there (``{place: [HeldCopy JSON]}``, or a list of the
     node's copies).
 
-    The newest step (``step`` if given) that every owner rank of a world of ``world`` holds
-    in some reported place, from one run, leaving out the ``bad`` copies; refused when a
-    disk holds a newer step. Per owner: the copy whose index is used (its own snapshot
+    The newest step (``step`` if given) that every owner rank of the world that saved it
+    holds in some reported place, from one run, leaving out the ``bad`` copies; refused when
+    a disk holds a newer step. The owners are the snapshot's ranks ``0..W_old-1`` (each
+    copy's index names its world): ``W_old`` may differ from the restoring world ``world``
+    (a shrink or a grow: ``owners`` says which; at the same step, a snapshot of ``world``
+    ranks is preferred). Per owner: the copy whose index is used (its own snapshot
     first, then the place the most ranks read, this process's host memory before shared
     memory, then rank 0's place, then by name) and every copy with the same index (the
     holders its bytes may come from); ``index_from``: who sends rank 0 an index its places
@@ -155,8 +161,10 @@ def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], s
         >>> reports = [{"node": "a", "held": [held(0), held(1, True)], "disk": 5},
         ...            {"node": "b", "held": [held(1)], "disk": 5}]
         >>> c = choose(reports, world=2, bad=set(), step=None)
-        >>> c["step"], c["holders"]["1"], c["index_from"], c["places"]
-        (7, [['b', False], ['a', True]], {}, [['a'], ['b']])
+        >>> c["step"], c["owners"], c["holders"]["1"], c["index_from"], c["places"]
+        (7, 2, [['b', False], ['a', True]], {}, [['a'], ['b']])
+        >>> choose(reports[:1], world=1, bad=set(), step=None)["owners"]  # a shrink 2 -> 1
+        2
     """
     places = [places_of(rep) for rep in reports]
     readers: dict[str, int] = {}
@@ -164,22 +172,23 @@ def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], s
         for p in ps:
             readers[p] = readers.get(p, 0) + 1
     disk = max(int(rep["disk"]) for rep in reports)
-    by_step: dict[tuple[int, str], dict[int, dict[CopyKey, HeldCopy]]] = {}
+    by_step: dict[tuple[int, str, int], dict[int, dict[CopyKey, HeldCopy]]] = {}
     newest = -1
     for rep, ps in zip(reports, places):
         for place, c in held_of(rep, ps):
-            if c.world_size != world or c.owner >= world:
+            if not 0 < c.world_size <= MAX_OWNERS or c.owner >= c.world_size:
                 continue
             newest = max(newest, c.step)
             if (c.owner, c.step, place, c.replica) not in bad:
-                by_step.setdefault((c.step, c.run_id), {}).setdefault(c.owner, {})[(place, c.replica)] = c
+                by_step.setdefault((c.step, c.run_id, c.world_size), {}).setdefault(c.owner, {})[(place, c.replica)] = c
     wanted = [k for k in by_step if step is None or k[0] == step]
-    complete = sorted((k for k in wanted if len(by_step[k]) == world), reverse=True)
+    complete = sorted((k for k in wanted if len(by_step[k]) == k[2]), key=lambda k: (k[0], k[2] == world, k),
+                      reverse=True)  # fmt: skip
     if not complete:
         what = "step" if step is None else f"step {step}"
-        return {"ok": False, "reason": f"no {what} is complete in memory on the live nodes{_missing(wanted, by_step, world)}",
+        return {"ok": False, "reason": f"no {what} is complete in memory on the live nodes{_missing(wanted, by_step)}",
                 "warn": newest > disk}
-    chosen_step, run_id = complete[0]
+    chosen_step, run_id, owners = complete[0]
     if disk > chosen_step:
         return {"ok": False, "reason": f"the disk holds step {disk}, newer than step {chosen_step} in memory"}
     crcs: dict[str, int] = {}
@@ -190,15 +199,15 @@ def choose(reports: Sequence[Mapping[str, Any]], *, world: int, bad: set[Bad], s
         place, replica = key
         return replica, -readers.get(place, 0), not place.startswith(HOST_PLACE), place not in places[0], place
 
-    for o in range(world):
-        ranked = sorted(by_step[(chosen_step, run_id)][o].items(), key=lambda kv: rank_of(kv[0]))
+    for o in range(owners):
+        ranked = sorted(by_step[(chosen_step, run_id, owners)][o].items(), key=lambda kv: rank_of(kv[0]))
         first = ranked[0][1]
         same = [k for k, c in ranked if c.crc == first.crc and c.size == first.size]
         crcs[str(o)] = first.crc
         holders[str(o)] = [[n, r] for n, r in same]
         if not set(places[0]) & {n for n, _ in same}:  # rank 0 lacks it: the first rank of a holder sends it
             index_from[str(o)] = min(r for r, ps in enumerate(places) if same[0][0] in ps)
-    return {"ok": True, "step": chosen_step, "nodes": [ps[0] for ps in places], "places": places, "crcs": crcs,
+    return {"ok": True, "step": chosen_step, "owners": owners, "nodes": [ps[0] for ps in places], "places": places, "crcs": crcs,
             "holders": holders, "index_from": index_from}
 
 
@@ -228,12 +237,12 @@ def held_of(rep: Mapping[str, Any], places: Sequence[str]) -> Iterator[tuple[str
         raise IntegrityError(f"a rank's held copies are a list or a mapping, got {type(held).__name__}")
 
 
-def _missing(wanted: Sequence[tuple[int, str]], by_step: Mapping[tuple[int, str], Mapping[int, Any]], world: int) -> str:
+def _missing(wanted: Sequence[tuple[int, str, int]], by_step: Mapping[tuple[int, str, int], Mapping[int, Any]]) -> str:
     """Which owners the newest step held in memory lacks, for the warning."""
     if not wanted:
         return " (none held)"
-    s, r = max(wanted)
-    lacking = sorted(set(range(world)) - set(by_step[(s, r)]))
+    s, r, w = max(wanted)
+    lacking = sorted(set(range(w)) - set(by_step[(s, r, w)]))
     return f" (newest: step {s}, whose snapshots of rank(s) {lacking} no live node holds intact)"
 
 
@@ -264,10 +273,28 @@ def manifest_of(step: int, indexes: Mapping[int, ShmIndex]) -> Manifest:
     return manifest
 
 
+def blob_owner(manifest: Manifest, rank: int) -> int:
+    """Whose object state and rank-local tensors rank ``rank`` restores: its own, or rank
+    0's when the snapshot's world had no rank ``rank`` (it grew): the reader's rule for a
+    disk (``restore.reader.blob_rank``), without its warning (the reader gives it).
+
+    Example:
+        >>> from recoverkit.format.manifest import BlobRecord
+        >>> m = Manifest(step=1, run_id="r", world_size=1, blobs=(BlobRecord(0, data_name(0), 0, 4, 0),))
+        >>> blob_owner(m, 0), blob_owner(m, 2)
+        (0, 0)
+    """
+    return rank if any(b.rank == rank for b in manifest.blobs) else 0
+
+
 def needed_regions(manifest: Manifest, rank: int, *, alone: bool = False) -> dict[int, dict[tuple[int, int], int]]:
     """What rank ``rank`` reads of each owner's bytes to restore ``manifest``: owner ->
     ``{(offset, nbytes): crc32c}`` of its object blob, its rank-local tensors and every
     tensor that is not another rank's local one (replicated and sharded ones, all pieces).
+    ``rank`` is a rank of the restoring world, which may differ from the snapshot's: a rank
+    the snapshot's world had not restores rank 0's object blob and rank-local tensors
+    (:func:`blob_owner`); sharded tensors come whole (every piece, so the reader reshards
+    them into whatever sharding the restoring state has).
     ``alone``: the rank's own snapshot restores it alone (its index says
     ``self_contained``: e.g. FSDP shards, rank-local state): only its own bytes, so a job
     whose snapshots all restore their rank alone moves nothing between ranks (a restore
@@ -281,9 +308,10 @@ def needed_regions(manifest: Manifest, rank: int, *, alone: bool = False) -> dic
         {1: {(0, 4): 0}}
     """
     out: dict[int, dict[tuple[int, int], int]] = {}
-    b = manifest.blob_for(rank)
+    src = blob_owner(manifest, rank)
+    b = manifest.blob_for(src)
     out.setdefault(b.rank, {})[(b.offset, b.nbytes)] = b.crc32c
-    mine = local_prefix(rank) + "/"
+    mine = local_prefix(src) + "/"
     for key, rec in manifest.tensors.items():
         if _LOCAL_KEY.match(key) and not key.startswith(mine):
             continue

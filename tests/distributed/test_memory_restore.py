@@ -98,10 +98,17 @@ def _to_slot(scratch: str, step: int, owner: int, store, *, replica: bool) -> No
         "shards": shards,
         "files": {name: len(data)},
     }
+    # as the save says it: the rank restores from this snapshot alone unless it needs a
+    # tensor another rank wrote (a replicated one of another owner)
+    alone = all(
+        any(s.rank == owner for s in rec.shards)
+        for key, rec in m.tensors.items()
+        if rec.alias_of is None and not key.startswith("rank-")
+    )
     w = store.slots(owner, replica=replica).begin(step, len(data))
     w.view[:] = data
     w.commit(make_index(step=step, run_id=m.run_id, world_size=m.world_size, rank=owner, records=records,
-                        shards_meta=tensors, aliases=aliases, data_bytes=len(data)))
+                        shards_meta=tensors, aliases=aliases, data_bytes=len(data), self_contained=alone))
 
 
 def _flip(store, owner: int, step: int, *, replica: bool) -> None:

@@ -91,8 +91,22 @@ def test_copies_of_another_run_or_world_never_mix():
     old = [_held(o, 8, run="old") for o in (0, 1)] + [_held(2, 8, run="old", replica=True)]
     c = choose(_reports(a7 + old, b7 + [_held(3, 8)]), world=4, bad=set(), step=None)  # 8: two runs
     assert c["step"] == 7
-    two = [_held(0, 9, world=2), _held(1, 9, world=2)]  # a world of 2
-    assert choose(_reports(a7 + two, b7), world=4, bad=set(), step=None)["step"] == 7
+    mixed = [_held(0, 9, world=2), _held(1, 9), _held(2, 9, replica=True), _held(3, 9, replica=True)]
+    assert choose(_reports(a7 + mixed, b7), world=4, bad=set(), step=None)["step"] == 7  # 9: two worlds
+    two = [_held(0, 9, world=2), _held(1, 9, world=2)]  # a whole step of a world of 2: a grow 2 -> 4
+    c = choose(_reports(a7 + two, b7), world=4, bad=set(), step=None)
+    assert (c["step"], c["owners"], sorted(c["holders"])) == (9, 2, ["0", "1"])
+
+
+def test_a_snapshot_of_another_world_size_is_restored_into_this_one():
+    a7, b7 = _ring(7)
+    c = choose(_reports(a7, b7)[:3], world=3, bad=set(), step=None)  # a shrink 4 -> 3
+    assert c["ok"] and c["step"] == 7 and c["owners"] == 4 and len(c["places"]) == 3
+    assert c["holders"]["3"] == [["b", False], ["a", True]]
+    c = choose(_reports(a7, [])[:3], world=3, bad=set(), step=None)  # node b's memory lost too
+    assert c["ok"] and c["holders"]["3"] == [["a", True]] and c["index_from"] == {}
+    same = [_held(o, 7, world=3, run="later") for o in range(3)]  # the same step in both worlds
+    assert choose(_reports(a7 + same, b7)[:3], world=3, bad=set(), step=None)["owners"] == 3
 
 
 def test_a_step_asked_for():
