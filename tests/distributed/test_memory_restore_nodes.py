@@ -107,7 +107,10 @@ def _first(rank: int, world: int, base: str, shm: str, shared: bool) -> dict:
         if all(held.get(o, {}).get(h) == STEPS for o, hs in replica.placement.items() for h in hs):
             break
         time.sleep(0.05)
-    out = {"holdings": replica.holdings(), "shm": ckpt.tiers["shm"].slots.steps(), "disk": ckpt.tiers["local"].steps()}
+    out = {"holdings": replica.holdings(), "shm": ckpt.tiers["shm"].slots.steps(), "disk": ckpt.tiers["local"].steps(),
+           # step 7 as this rank holds it, for a restore into another world (numpy: a tensor
+           # would cross the queue in shared memory this process may not outlive)
+           "state": {k: v.numpy().copy() for k, v in _tensors(state).items()}}
     replica.close()  # its thread and group end; what it holds stays in shared memory
     return out  # the Checkpointer is never closed: a crash leaves the shared memory
 
@@ -143,6 +146,37 @@ def _relaunch(rank: int, world: int, base: str, shm: str) -> dict:
         "step": step,
         "diff": sorted(k for k in want if k not in got or not torch.equal(got[k], want[k])) if want else ["?"],
         "source": next((m for m in messages if "restored step" in m), None),
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+def _relaunch_resized(rank: int, world: int, base: str, shm: str, saved: list) -> dict:
+    """A relaunch in a world of another size (nodes "a", "a", "b" for 3 ranks): every rank
+    restores with a new Checkpointer; the replicated state must be step 7's, the rank-local
+    one this rank's own (rank 0's for a rank the first world had not)."""
+    _env(rank, shm)
+    from recoverkit import Checkpointer
+
+    model, opt = _make()
+    state = {"model": model, "optim": opt, "mine": {"x": torch.zeros(64)}}
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("recoverkit").addHandler(handler)
+    logging.getLogger("recoverkit").setLevel(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Checkpointer(_root(base, rank), options=_options()) as ckpt:
+            try:
+                step = int(ckpt.restore(state))
+            except Exception as e:
+                raise AssertionError(f"{e}; warnings: {[str(w.message) for w in caught]}; log: {messages}") from e
+            got = _tensors(state)
+    want = dict(saved[rank if rank < len(saved) else 0])
+    return {
+        "step": step,
+        "diff": sorted(k for k in want if k not in got or not torch.equal(got[k], want[k])),
+        "source": " | ".join(m for m in messages if "restores step" in m or "restored step" in m),
         "warnings": [str(w.message) for w in caught],
     }
 
@@ -185,6 +219,7 @@ def _crash(src, shared: bool):
     for r in first:
         assert r["holdings"] == {o: {h: STEPS} for o, h in holder.items()}, r
         assert STEPS in r["shm"] and r["disk"] == [5], r
+    torch.save([{k: torch.from_numpy(v) for k, v in r["state"].items()} for r in first], src / "saved.pt")
     return src
 
 
@@ -225,6 +260,21 @@ def test_a_lost_node_is_restored_from_memory_with_no_step_lost(crashed, tmp_path
         assert "with memory restore" in o["source"], o["source"]
     assert "rank 2's snapshot from node a via rank 0" in out[2]["source"]  # its replica's holder
     assert "rank 0's snapshot from node a via rank" in out[3]["source"]
+
+
+def test_a_lost_node_is_restored_from_memory_into_a_smaller_world(crashed, tmp_path):
+    """4 -> 3 with node b's memory and disk gone: ranks 0 and 1 on node a, the new rank 2 on
+    node b, which has nothing: every rank restores step 7 from memory (the old ranks 2 and
+    3 from their replicas on node a), the DDP state bit-exact, each rank its own local state."""
+    base, shm = _copy(crashed, tmp_path)
+    _lose_memory(shm, "b")
+    shutil.rmtree(os.path.join(base, "host-b"))
+    saved = torch.load(tmp_path / "w" / "saved.pt")
+    out = run_world(3, _relaunch_resized, base, shm, saved, timeout_s=300)
+    for r, o in enumerate(out):
+        assert o["step"] == STEPS and o["diff"] == [], (r, o)
+        assert "saved by 4 rank(s) into a world of 3" in o["source"] and "with memory restore" in o["source"], o
+    assert "rank 3's snapshot from node a via rank" in out[2]["source"], out[2]["source"]
 
 
 def test_a_corrupted_snapshot_is_detected_and_its_replica_used(crashed, tmp_path):
