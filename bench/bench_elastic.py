@@ -161,11 +161,15 @@ class _Job:
                 pass
         return t
 
-    def end(self, phase: str) -> None:
+    def end(self, phase: str, grace_s: float = 3.0) -> None:
+        """Every agent ended: given ``grace_s`` (the results are in by now), then SIGKILLed.
+        After a node loss the surviving agents wait in torchrun's exit barrier for the lost
+        one (minutes): the workers have written their results and are ending by then."""
+        deadline = time.monotonic() + grace_s
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    p.wait(timeout=20)
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
             if p.poll() is None:
@@ -343,7 +347,7 @@ def _mttr(run: dict[str, Any], kill_step: int) -> dict[str, Any]:
 
 
 def _published_restart(results_dir: str) -> dict[str, Any]:
-    """bench_mttr's last published rows (the restart path at the same world), validated; {} if none."""
+    """bench_mttr's rows in ``results_dir`` (the restart path at the same world), validated; {} if none."""
     path = os.path.join(results_dir, "mttr.json")
     try:
         with open(path) as f:
@@ -363,7 +367,7 @@ def _published_restart(results_dir: str) -> dict[str, Any]:
 
 
 def run(smoke: bool = False, modes: tuple[str, ...] = MODES, workdir: str | None = None,
-        results_dir: str = RESULTS_DIR) -> dict[str, Any]:
+        results_dirs: tuple[str, ...] = (RESULTS_DIR,)) -> dict[str, Any]:
     t_start = time.perf_counter()
     sizes = dict(SIZES[smoke])
     if "failure-free" not in modes:
@@ -410,7 +414,8 @@ def run(smoke: bool = False, modes: tuple[str, ...] = MODES, workdir: str | None
     return {
         "scenario": "elastic", "smoke": smoke, "sizes": sizes, "modes": list(modes), "world": 4, "victim": VICTIM,
         "summary": summary, "reference_rates": {"before": ref_before, "after": ref_after},
-        "curves": curves, "restart_published": _published_restart(results_dir), "not_run": not_run,
+        "curves": curves, "restart_published": next((p for p in map(_published_restart, results_dirs) if p), {}),
+        "not_run": not_run,
         "shm_files_left": shm_left, "runtime_s": time.perf_counter() - t_start,
     }
 
@@ -466,7 +471,7 @@ def table(r: dict[str, Any]) -> str:
     names = {"shm": "torchrun restart, own shared memory (1 process)", "replica": "torchrun restart, peer replica (2 nodes)",
              "local-2node": "torchrun restart, local disk (2 nodes)", "torchft": "torchft, from the healthy replica group"}
     if pub:
-        lines += ["", f"From bench_mttr's last published run ({'smoke' if pub['smoke'] else 'full'} size, its own "
+        lines += ["", f"From bench_mttr's figures (this output directory's when it ran first, else bench/results; {'smoke' if pub['smoke'] else 'full'} size, its own "
                   "model and state size; detection, relaunch, import, transfer, first step, MTTR, steps lost):", ""]
         for case, row in pub["rows"].items():
             lines.append(f"- {names[case]}: {row['detection']:.2f} / {row['relaunch']:.2f} / {row['import']:.2f} / "
@@ -545,7 +550,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
     if "failure-free" not in modes:
         ap.error("--modes must include failure-free (the reference)")
-    r = run(a.smoke, modes, a.workdir)
+    # bench_mttr's figures from this run's output (run_all runs it first), else the published ones
+    r = run(a.smoke, modes, a.workdir, tuple(d for d in (a.out_dir, RESULTS_DIR) if d))
     text = table(r)
     print(text)
     publish("elastic", r, text, plot=_plot(r), out_dir=a.out_dir)

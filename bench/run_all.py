@@ -43,6 +43,7 @@ SCENARIOS = [
     "rank_failure",
     "small_tensors",
     "restore_memory",
+    "elastic",
 ]
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
