@@ -27,7 +27,7 @@ import contextlib
 import errno
 import logging
 import sys
-from collections.abc import Callable, Collection, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from .errors import CheckpointNotFoundError, IncompatibleCheckpointError, StorageError
@@ -241,7 +241,7 @@ class CheckpointReader:
         try:
             sharded = target_shards(state)
             survivors = Survivors(tiers=self._restore_tiers)
-            with in_place_reads(True) if self._in_place else contextlib.nullcontext():
+            with in_place_reads(True) if self._in_place else contextlib.nullcontext(), _wanted(sharded):
                 done = self._restore_chain.run(Loss(step=step), survivors, use)
             prepared = []
         finally:
@@ -257,6 +257,17 @@ class CheckpointReader:
     # -------------------------------------------------------------- internals
     def _survivors(self) -> Survivors:
         return Survivors(tiers=tuple(self.tiers))
+
+
+def _wanted(sharded: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """A memory restore in the chain gathers of each sharded tensor only the pieces that
+    overlap this rank's target (``recovery.memory.wanted_regions``); nothing is imported to
+    say so when no memory restore was ever built."""
+    mod = sys.modules.get("recoverkit.recovery.memory")
+    if mod is None or not sharded:
+        return contextlib.nullcontext()
+    boxes = {k: (tuple(int(x) for x in st.offsets), tuple(int(x) for x in st.local.shape)) for k, st in sharded.items()}
+    return mod.wanted_regions(boxes)  # type: ignore[no-any-return]
 
 
 def _memory_restore(tiers: Sequence[ReadableTier]) -> tuple[RecoveryStrategy, list[ReadableTier]] | None:

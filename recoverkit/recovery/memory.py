@@ -47,12 +47,14 @@ snapshot) are verified once: the :class:`~recoverkit.recovery.memory_source.Memo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import logging
 import mmap
 import warnings
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +74,7 @@ from .memory_plan import (
     HOST_PLACE,
     MAX_OWNERS,
     Bad,
+    Box,
     CopyKey,
     b64,
     bad_set,
@@ -84,11 +87,13 @@ from .memory_plan import (
     plan_fetches,
     span,
     unb64,
+    wants_json,
+    wants_of,
 )  # fmt: skip
 from .memory_source import MemoryTier, OwnerBytes
 from .tier_fallback import TierSource
 
-__all__ = ["MemoryRestore", "MemorySkippedWarning"]
+__all__ = ["MemoryRestore", "MemorySkippedWarning", "wanted_regions"]
 
 log = logging.getLogger("recoverkit")
 
@@ -97,6 +102,28 @@ MAX_TRIES = 4
 _GATHERS = ("held", "index", "verified")
 _BROADCASTS = ("choice", "plan", "verdict")
 _calls: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_WANTED: contextvars.ContextVar[dict[str, Box] | None] = contextvars.ContextVar("recoverkit_wanted", default=None)
+
+
+@contextlib.contextmanager
+def wanted_regions(boxes: Mapping[str, Box] | None) -> Iterator[None]:
+    """Inside it, a memory restore gathers of each sharded tensor named in ``boxes`` (tensor
+    key -> ``(offsets, shape)`` of the region this rank's target holds: its ShardedTensor
+    or DTensor shard) only the saved pieces that overlap that region, as the reader reads
+    them; every rank reports its own to rank 0, which plans the transfers from them. A
+    sharded tensor not named comes whole (every piece). The reader sets it around its
+    recovery chain.
+
+    Example:
+        >>> with wanted_regions({"w": ((4, 0), (4, 8))}):
+        ...     _WANTED.get()
+        {'w': ((4, 0), (4, 8))}
+    """
+    token = _WANTED.set(None if boxes is None else dict(boxes))
+    try:
+        yield
+    finally:
+        _WANTED.reset(token)
 
 
 class MemorySkippedWarning(CheckpointSkippedWarning):
@@ -312,6 +339,8 @@ class _Attempt:
         self._names: dict[tuple[int, int, int], str] = {}  # (owner, offset, nbytes) -> tensor, for messages
         self._landed_bad: list[int] = []  # owners whose fetched bytes failed their records
         self.owners = self.world  # the snapshot's ranks (rank 0's choice: its world may differ)
+        self.wants = _WANTED.get()  # the regions this rank's sharded targets hold, if known
+        self._all_wants: list[dict[str, Box] | None] = []  # rank 0: every rank's
 
     def run(self) -> _Ready | _Refused:
         ready: _Ready | _Refused
@@ -355,8 +384,9 @@ class _Attempt:
     def _run(self) -> _Ready | _Refused:
         # 1. what every place holds, and the newest step on every disk
         held = {src.place: [c.to_json() for c in src.scan()] for src in self.sources}
-        mine = {"node": self.places[-1], "places": self.places, "held": held, "disk": newest_on(self.disk)}
-        choice = self._exchange("held", mine, lambda g: choose(g, world=self.world, bad=self.bad, step=self.loss.step), "choice")
+        mine = {"node": self.places[-1], "places": self.places, "held": held, "disk": newest_on(self.disk),
+                "wants": wants_json(self.wants)}  # fmt: skip
+        choice = self._exchange("held", mine, self._choose, "choice")
         if not choice["ok"]:
             return _Refused(str(choice["reason"]), warn=bool(choice.get("warn")))
         step, nodes = int(choice["step"]), [[str(p) for p in ps] for ps in choice["places"]]
@@ -391,6 +421,10 @@ class _Attempt:
         return _Ready(tier)
 
     # ------------------------------------------------------------------ rank 0's decisions
+    def _choose(self, gathered: list[dict[str, Any]]) -> dict[str, Any]:
+        self._all_wants = [wants_of(rep.get("wants")) for rep in gathered]
+        return choose(gathered, world=self.world, bad=self.bad, step=self.loss.step)
+
     def _plan(
         self, gathered: list[dict[str, Any]], step: int, nodes: list[list[str]],
         crcs: Mapping[int, int], holders: Mapping[int, list[CopyKey]],
@@ -418,7 +452,7 @@ class _Attempt:
         # a snapshot restores its rank alone only into the world that saved it
         alone = {o for o, i in indexes.items() if i.self_contained} if self.owners == self.world else set()
         try:
-            transfers = plan_fetches(manifest, nodes, holders, alone)
+            transfers = plan_fetches(manifest, nodes, holders, alone, wants=self._all_wants)
         except (ValueError, KeyError) as e:  # e.g. no rank can send an owner's bytes
             return {"ok": False, "reason": f"step {step} in memory cannot be gathered: {e}", "warn": True}
         lacking = {o for o in range(self.owners) for ps in nodes if not set(ps) & {h for h, _ in holders[o]}}
@@ -516,7 +550,7 @@ class _Attempt:
                 indexes[o] = check_index(shipped[o], o, step, crcs[o], self.owners, f"rank {o}'s index (via rank 0)")
         manifest = manifest_of(step, indexes)  # the one gate, on this rank too
         alone = self.owners == self.world and indexes[self.rank].self_contained
-        regions = self._regions = needed_regions(manifest, self.rank, alone=alone)
+        regions = self._regions = needed_regions(manifest, self.rank, alone=alone, wants=self.wants)
         self._names = _region_names(manifest, regions)
         mine = sorted((t.owner, t.offset, t.nbytes) for t in transfers if t.dst == self.rank)
         want = sorted((o, *span(rs)) for o, rs in regions.items() if o not in local)

@@ -40,8 +40,8 @@ from ..storage.shm import ShmStore
 from .memory_source import data_name
 
 __all__ = [
-    "HOST_PLACE", "MAX_OWNERS", "Bad", "CopyKey", "HeldCopy", "b64", "bad_set", "blob_owner", "check_index", "choose",
-    "held_of",
+    "HOST_PLACE", "MAX_OWNERS", "Bad", "Box", "CopyKey", "HeldCopy", "b64", "bad_set", "blob_owner", "check_index", "choose",
+    "held_of", "wants_json", "wants_of",
     "manifest_of", "needed_regions", "newest_on", "places_of", "plan_fetches", "scan", "span", "unb64",
 ]  # fmt: skip
 
@@ -51,6 +51,10 @@ CopyKey = tuple[str, bool]
 #: a copy found damaged: (owner, step, place, is a replica)
 Bad = tuple[int, int, str, bool]
 
+#: a region of a global tensor, ``(offsets, shape)``: what a rank's sharded target holds
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+#: the most sharded targets and dimensions a rank may report wanting
+MAX_WANTS, MAX_DIMS = 1 << 16, 64
 #: the most owner ranks a snapshot in memory may name (a copy's world size beyond it is ignored)
 MAX_OWNERS = 1 << 16
 #: the prefix of a place that is one process's host memory (a node's name has no ':')
@@ -287,14 +291,52 @@ def blob_owner(manifest: Manifest, rank: int) -> int:
     return rank if any(b.rank == rank for b in manifest.blobs) else 0
 
 
-def needed_regions(manifest: Manifest, rank: int, *, alone: bool = False) -> dict[int, dict[tuple[int, int], int]]:
+def wants_json(wants: Mapping[str, Box] | None) -> dict[str, list[list[int]]] | None:
+    """The sharded targets a rank holds, for its report (None: not known)."""
+    return None if wants is None else {k: [list(o), list(n)] for k, (o, n) in wants.items()}
+
+
+def wants_of(d: Any) -> dict[str, Box] | None:
+    """A rank's reported sharded targets, parsed as hostile input: a bounded mapping of
+    tensor keys to ``[offsets, shape]`` of non-negative integers of one length.
+
+    Example:
+        >>> wants_of(wants_json({"w": ((4, 0), (4, 8))}))
+        {'w': ((4, 0), (4, 8))}
+    """
+    if d is None:
+        return None
+    if type(d) is not dict or len(d) > MAX_WANTS:
+        raise IntegrityError(f"a rank's sharded targets are a mapping of at most {MAX_WANTS}, got {str(d)[:80]}")
+    out: dict[str, Box] = {}
+    for k, box in d.items():
+        ok = type(k) is str and len(k) <= 4096 and type(box) is list and len(box) == 2
+        ok = ok and all(type(v) is list and len(v) == len(box[0]) <= MAX_DIMS for v in box)
+        if not ok or any(type(x) is not int or not 0 <= x < 1 << 62 for v in box for x in v):
+            raise IntegrityError(f"a rank's sharded target {str(k)[:80]!r} is not [offsets, shape]: {str(box)[:80]}")
+        out[k] = (tuple(box[0]), tuple(box[1]))
+    return out
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    """Whether two regions of one tensor share an element (the reader's rule: a piece that
+    overlaps a target's region is read)."""
+    return len(a[0]) == len(b[0]) and all(
+        max(ao, bo) < min(ao + an, bo + bn) for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1])
+    )
+
+
+def needed_regions(
+    manifest: Manifest, rank: int, *, alone: bool = False, wants: Mapping[str, Box] | None = None
+) -> dict[int, dict[tuple[int, int], int]]:
     """What rank ``rank`` reads of each owner's bytes to restore ``manifest``: owner ->
     ``{(offset, nbytes): crc32c}`` of its object blob, its rank-local tensors and every
     tensor that is not another rank's local one (replicated and sharded ones, all pieces).
     ``rank`` is a rank of the restoring world, which may differ from the snapshot's: a rank
     the snapshot's world had not restores rank 0's object blob and rank-local tensors
-    (:func:`blob_owner`); sharded tensors come whole (every piece, so the reader reshards
-    them into whatever sharding the restoring state has).
+    (:func:`blob_owner`). ``wants``: the region the rank's target holds of each sharded
+    tensor (a ShardedTensor or DTensor target, by key): only the saved pieces overlapping it
+    are read, as the reader reads them; a sharded tensor not named there comes whole.
     ``alone``: the rank's own snapshot restores it alone (its index says
     ``self_contained``: e.g. FSDP shards, rank-local state): only its own bytes, so a job
     whose snapshots all restore their rank alone moves nothing between ranks (a restore
@@ -315,7 +357,10 @@ def needed_regions(manifest: Manifest, rank: int, *, alone: bool = False) -> dic
     for key, rec in manifest.tensors.items():
         if _LOCAL_KEY.match(key) and not key.startswith(mine):
             continue
+        box = wants.get(key) if wants is not None and rec.alias_of is None else None
         for s in rec.shards:
+            if box is not None and not _overlaps((tuple(s.offsets), tuple(s.shape)), box):
+                continue
             region = s.pack if s.pack is not None else s
             out.setdefault(region.rank, {})[(region.offset, region.nbytes)] = region.crc32c
     return {rank: out.get(rank, {})} if alone else out
@@ -335,12 +380,13 @@ def span(regions: Mapping[tuple[int, int], int]) -> tuple[int, int]:
 
 def plan_fetches(
     manifest: Manifest, places: Sequence[str | Sequence[str]], holders: Mapping[int, Sequence[CopyKey]],
-    alone: Collection[int] = (),
+    alone: Collection[int] = (), wants: Sequence[Mapping[str, Box] | None] | None = None,
 ) -> list[Transfer]:
     """What every rank that reads no copy of an owner it needs fetches (the span of its
     regions), each from a rank that reads a copy, the load spread over them. ``places[r]``:
     the place(s) rank ``r`` reads without a transfer (a node's name, or a list); ``alone``:
-    the ranks whose own snapshot restores them alone (:func:`needed_regions`)."""
+    the ranks whose own snapshot restores them alone; ``wants[r]``: the sharded targets of
+    rank ``r`` (:func:`needed_regions`)."""
     mine = [{p} if isinstance(p, str) else set(p) for p in places]
     needs: dict[int, dict[int, tuple[int, int]]] = {}
     senders: dict[int, list[int]] = {}
@@ -348,7 +394,8 @@ def plan_fetches(
         held_on = {n for n, _ in hs}
         senders[o] = [r for r, ps in enumerate(mine) if ps & held_on]
     for r, ps in enumerate(mine):
-        for o, rs in needed_regions(manifest, r, alone=r in alone).items():
+        box = wants[r] if wants is not None else None
+        for o, rs in needed_regions(manifest, r, alone=r in alone, wants=box).items():
             if not ps & {n for n, _ in holders[o]}:
                 needs.setdefault(r, {})[o] = span(rs)
     return plan_transfers(needs, senders)

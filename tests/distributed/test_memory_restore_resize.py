@@ -136,7 +136,16 @@ def _restore(rank: int, world: int, tmp: str) -> dict:
         warnings.simplefilter("ignore")  # the reader's "rank 0's local state" note, given above too
         disk.restore(reference, strict=False)
     got, want = _tensors(target), _tensors(reference)
+    # what this rank gathers of the sharded tensor: only the saved pieces overlapping its rows
+    from recoverkit.recovery.memory_plan import needed_regions
+
+    m = LocalTier(scratch).manifest(7)
+    per = ROWS // world
+    regions = needed_regions(m, rank, wants={"w": ((rank * per, 0), (per, 8))})
+    pieces = sorted(s.offsets[0] for s in m.tensors["w"].shards
+                    if (s.offset, s.nbytes) in regions.get(s.rank, {}))  # fmt: skip
     return {
+        "pieces": pieces,
         "step": step,
         "diff": sorted(k for k in want if not torch.equal(got[k], want[k])),
         "mine": float(target["mine"]["x"][0]),
@@ -182,6 +191,8 @@ def test_shrink_4_to_3_restores_from_memory_resharded_bit_exact(saved4, tmp_path
         assert "saved by 4 rank(s) into a world of 3" in o["source"], o["source"]
         assert o["mine"] == 1000 * r + 7 and o["n"] == 7, o
     assert "rank 3's snapshot from node a via rank" in out[2]["source"], out[2]["source"]
+    # rows 0-3, 4-7, 8-11 of pieces 0-2, 3-5, 6-8, 9-11: each new rank reads two of the four
+    assert [o["pieces"] for o in out] == [[0, 3], [3, 6], [6, 9]]
 
 
 def test_grow_2_to_3_restores_from_memory_the_new_rank_gets_rank_0s_local_state(tmp_path):
@@ -191,6 +202,7 @@ def test_grow_2_to_3_restores_from_memory_the_new_rank_gets_rank_0s_local_state(
         assert o["step"] == 7 and o["diff"] == [], (r, o)
         assert "saved by 2 rank(s) into a world of 3" in o["source"], o["source"]
     assert [o["mine"] for o in out] == [7.0, 1007.0, 7.0]  # the new rank 2: rank 0's
+    assert [o["pieces"] for o in out] == [[0], [0, 6], [6]]  # rows 0-3, 4-7, 8-11 of 0-5, 6-11
     assert any("rank 0's local state" in w for w in out[2]["warnings"]), out[2]["warnings"]
 
 
