@@ -9,11 +9,12 @@ snapshots); tier fallback (the disk) comes after it. Collective: every rank of t
 
 One attempt, every exchange through the coordinator and bounded by its timeout::
 
-    every rank   scan its places: (owner, own/replica, step, index CRC, sizes) per place
-                 + the newest step on its disk tiers                     ──gather "held"──►
-    rank 0       the newest step S every owner rank of the world holds in a live place,
-                 newer than (or as new as) every disk; for each owner the copy to use
-                 (own snapshot first) and who sends rank 0 the indexes it lacks
+    every rank   scan its places: (owner, own/replica, step, index CRC, sizes, world) per
+                 place + the newest step on its disk tiers + the regions its sharded
+                 targets hold (``wanted_regions``)                      ──gather "held"──►
+    rank 0       the newest step S every owner rank of the world that saved it holds in
+                 a live place, newer than (or as new as) every disk; for each owner the
+                 copy to use (own snapshot first) and who sends rank 0 the indexes it lacks
                                                                 ◄──broadcast "choice"──
     holders      indexes rank 0 lacks                                    ──gather "index"──►
     rank 0       manifest of S = build_manifest(every owner's records, meta) + validate;
@@ -34,6 +35,20 @@ and the attempt repeats (the next holder, else an older step); a rank that does 
 a disk newer than memory, or a step no live node holds completely ends in
 :class:`~recoverkit.recovery.base.CannotRecover` on every rank alike, with a warning naming
 what was skipped when memory held something newer than the disk.
+
+**A world of another size** (issue 13: a shrink after a lost node, a grow back): the
+*owners* are the snapshot's ranks ``0..W_old-1`` (the world size its indexes record; copies
+of different worlds never mix in one step), the *receivers* the restoring world's ranks.
+Each receiver gathers what the reader's resharding rules read (``memory_plan.needed_regions``):
+replicated tensors from their owner; of a sharded tensor (ShardedTensor, DTensor) the
+saved pieces overlapping its target's region, or every piece when the target's region is
+not known; its own object blob and rank-local tensors (``rank-RRRRR/``), or rank 0's when
+the snapshot's world had no such rank (the world grew: the reader's rule for a disk, with
+its warning; after a shrink, the rank-local state of the old ranks beyond the new world is
+read by no rank, as from a disk). A
+snapshot that says it restores its rank alone (``self_contained``) does so only in the
+world that saved it. The transfers are planned over every holder of a copy, verified, agreed
+and only then applied, exactly as without a change.
 
 In a data-parallel job (every rank alive, each with its own snapshot) this restores from
 memory although a rank's snapshot is not self-contained: the replicated tensors written by

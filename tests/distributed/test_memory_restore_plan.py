@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from recoverkit.distributed.fetch import Transfer
 from recoverkit.errors import IntegrityError
-from recoverkit.recovery.memory_plan import HeldCopy, choose, span, unb64
+from recoverkit.recovery.memory_plan import HeldCopy, choose, span, unb64, wants_json, wants_of
 
 
 def _held(owner, step, *, replica=False, crc=None, run="r", world=4):
@@ -139,3 +140,28 @@ def test_an_index_sent_through_the_coordinator_is_bounded_base64():
     with pytest.raises(IntegrityError):
         unb64(12)
     assert span({(4096, 10): 0, (0, 8): 0}) == (0, 4106)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], {"w": [[0], [1, 2]]}, {"w": [[0, 0], [1, -2]]}, {"w": [[0.0], [1]]}, {"w": [[0], [1], [2]]}, {3: [[0], [1]]},
+     {"w": [[0] * 65, [1] * 65]}, {"w": [[1 << 62], [1]]}, {"w": "x"}],
+)
+def test_a_ranks_sharded_targets_are_parsed_as_hostile_input(bad):
+    with pytest.raises(IntegrityError):
+        wants_of(bad)
+
+
+def test_sharded_targets_round_trip_and_none_means_unknown():
+    assert wants_of(wants_json({"a/b": ((0, 4), (3, 4))})) == {"a/b": ((0, 4), (3, 4))}
+    assert wants_of(None) is None and wants_json(None) is None
+
+
+def test_a_transfer_may_carry_an_owner_beyond_the_world_only_when_told():
+    assert Transfer.from_json([3, 0, 2, 0, 8], world_size=3, owners=4).owner == 3  # a shrink 4 -> 3
+    with pytest.raises(IntegrityError):
+        Transfer.from_json([3, 0, 2, 0, 8], world_size=3)
+    with pytest.raises(IntegrityError):
+        Transfer.from_json([4, 0, 2, 0, 8], world_size=3, owners=4)
+    with pytest.raises(IntegrityError):
+        Transfer.from_json([0, 0, 3, 0, 8], world_size=3, owners=4)  # a receiver outside the world
