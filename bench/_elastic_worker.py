@@ -6,7 +6,8 @@
 victim (-1: none), the step it is lost at and, for the checkpoint-restart path, the phase:
 
 * ``phase="train"``: train ``steps`` steps in ``mode`` from scratch. The rank whose launch
-  rank is ``victim`` stops inside its first micro-batch of ``kill_step``, writes ``paused``
+  rank is ``victim`` stops inside its first micro-batch of step ``kill_step`` (counted over
+  epochs), writes ``paused``
   and waits (bounded) for the harness's SIGKILL of its node. With ``ckpt_every`` > 0, launch
   rank 0 saves model, optimizer and trainer position with a
   :class:`~recoverkit.Checkpointer` (one writer: the state is replicated) every
@@ -135,7 +136,7 @@ def main(cfg: dict[str, Any]) -> None:
     grouped = time.time()
 
     def loss_fn(model: torch.nn.Module, mb: Any) -> torch.Tensor:
-        if phase == "train" and rank == victim and mb.step == kill_step and mb.epoch == 0:
+        if phase == "train" and rank == victim and trainer.steps_done == kill_step:
             _write(os.path.join(out, "paused"), rank)
             time.sleep(PAUSE_LIMIT_S)  # the harness SIGKILLs this node meanwhile
             _finish(4, False)
