@@ -153,10 +153,10 @@ def main(cfg: dict[str, Any]) -> None:
     result: dict[str, Any] = {"launch_rank": rank, "started": started, "grouped": grouped}
     if phase == "resume":
         t = time.time()
-        for r in range(dist.get_world_size()):
-            if r == rank:
-                with Checkpointer(root, coordinator=LocalCoordinator()) as ckpt:
-                    result["resumed_from"] = int(ckpt.restore(state))
+        for turn in range(dist.get_world_size()):
+            if turn == rank:
+                with Checkpointer(root, coordinator=LocalCoordinator()) as reader:
+                    result["resumed_from"] = int(reader.restore(state))
             dist.barrier()
         result["restore_s"] = time.time() - t
         result["restored"] = time.time()
