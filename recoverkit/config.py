@@ -403,6 +403,13 @@ class ProtectOptions:
         on_failed_saves: when the loop ends normally and lazy saves failed: ``"raise"`` a
             CommitError naming them, ``"exit"`` with status 1, or ``"warn"`` only.
         log_saves: one INFO line (logger ``recoverkit``) per committed save.
+        keyed_rng: run each step's body under
+            :func:`~recoverkit.state.keyed_rng.keyed_rng`, keyed by ``(seed, "protect",
+            epoch, batch index in the epoch, rank)`` (``run.rng_key``): dropout and every
+            other draw from torch's global generators inside the loop body depend on which
+            batch it is, not on what ran before (a batch the loss guard rejected, a restart),
+            and the outer streams, saved with the checkpoint, are left untouched.
+        seed: the base seed of those keyed streams (the data order is the loader's own).
 
     Example:
         >>> ProtectOptions(save_every=50, max_steps=1000, epochs=None).save_every
@@ -420,8 +427,14 @@ class ProtectOptions:
     spike_factor: float | None = None
     on_failed_saves: OnFailedSaves = "raise"
     log_saves: bool = True
+    keyed_rng: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keyed_rng, bool):
+            raise ConfigError(f"keyed_rng must be True or False, got {self.keyed_rng!r}")
+        if type(self.seed) is not int or not -(1 << 127) <= self.seed < 1 << 127:
+            raise ConfigError(f"seed must be an int that fits in 128 signed bits, got {self.seed!r}")
         if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 1:
             raise ConfigError(f"save_every must be an integer >= 1, got {self.save_every!r}")
         for name in ("epochs", "max_steps"):

@@ -49,6 +49,7 @@ from .config import CheckpointOptions, OnFailedSaves, ProtectOptions
 from .errors import CheckpointNotFoundError, CommitError
 from .health.loss import LossGuard, as_float
 from .health.signals import PreemptionSignals, exit_code_for, quiet_workers
+from .state.keyed_rng import keyed_rng
 
 __all__ = ["protect", "Run", "exit_code_for"]
 
@@ -101,6 +102,7 @@ class Run:
         self._restart = False
         self._rejected = False
         self._current: tuple[int, int] | None = None
+        self._key: tuple[int | str, ...] | None = None
         self._last_handle: Any = None
         #: (step, error) of every lazy save that failed (each is also logged as an error)
         self.failed_saves: list[tuple[int, BaseException]] = []
@@ -121,6 +123,15 @@ class Run:
     spike_factor = property(lambda self: self.options.spike_factor)
     on_failed_saves = property(lambda self: self.options.on_failed_saves)
     log_saves = property(lambda self: self.options.log_saves)
+
+    @property
+    def rng_key(self) -> tuple[int | str, ...] | None:
+        """The key of the current batch's random streams (``None`` between steps):
+        ``("protect", epoch, batch index in the epoch, rank)``; with a loader that saves its
+        own position, ``("protect", epoch, step, rank)``. The body runs under
+        ``keyed_rng(seed, *run.rng_key)`` when ``keyed_rng=True``; use the same key for
+        other streams, e.g. ``np.random.default_rng(keyed_seed(run.options.seed, *run.rng_key))``."""
+        return self._key
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> Run:
@@ -245,7 +256,15 @@ class Run:
                 self._exit_preempted()
             if batch is None:
                 break
-            yield batch
+            if self.options.keyed_rng and self._key is not None:
+                # the body runs while this generator waits at the yield: inside the keyed
+                # streams; they are left (outer streams back) before the step is counted
+                # and saved, or when the loop is left (the generator is closed)
+                with keyed_rng(self.options.seed, *self._key):
+                    yield batch
+            else:
+                yield batch
+            self._key = None
         if self.counters.step > 0 and self._saved_step != self.counters.step:
             self._save_now()  # the final step, whatever save_every is
 
@@ -261,6 +280,7 @@ class Run:
             while self.epochs is None or epoch < self.epochs:
                 for batch in self.loader:
                     self._current = (epoch, 1)
+                    self._key = ("protect", epoch, self.counters.step, _rank())
                     yield batch
                 epoch += 1
             return
@@ -273,6 +293,7 @@ class Run:
                     log.warning("recoverkit: skipping the batch at epoch %d batch %d (rejected by the loss guard)", *where)
                     continue
                 self._current = (epoch, 1)
+                self._key = ("protect", *where, _rank())
                 yield batch
             pos.next_epoch()
 
@@ -397,7 +418,8 @@ def protect(
     max_steps: int | None = _DEFAULTS.max_steps,
     grace_s: float = _DEFAULTS.grace_s,
     spike_factor: float | None = _DEFAULTS.spike_factor,
-    seed: int = 0,
+    seed: int = _DEFAULTS.seed,
+    keyed_rng: bool = _DEFAULTS.keyed_rng,
     options: CheckpointOptions | None = None,
     checkpointer: Checkpointer | None = None,
     on_failed_saves: OnFailedSaves = _DEFAULTS.on_failed_saves,
@@ -427,7 +449,8 @@ def protect(
             steps between lazy saves, when the iteration ends, the preemption grace period,
             the loss guard's spike threshold, what a failed lazy save does when the loop
             ends (``"raise"``, ``"exit"`` with status 1, ``"warn"``), one INFO line per save.
-        seed: kept for compatibility; the data order is the loader's own.
+        seed, keyed_rng: the body's random streams keyed to the batch
+            (:class:`~recoverkit.config.ProtectOptions`); the data order is the loader's own.
         options: the Checkpointer's :class:`~recoverkit.CheckpointOptions`.
         checkpointer: a Checkpointer to use instead of building one from ``root`` and
             ``options``; ``protect`` owns it from then on and closes it however the block
@@ -451,7 +474,8 @@ def protect(
         (4, 2)
     """
     loop = ProtectOptions(save_every=save_every, epochs=epochs, max_steps=max_steps, grace_s=grace_s,
-                          spike_factor=spike_factor, on_failed_saves=on_failed_saves, log_saves=log_saves)
+                          spike_factor=spike_factor, on_failed_saves=on_failed_saves, log_saves=log_saves,
+                         keyed_rng=keyed_rng, seed=seed)
     _check_checkpointer(root, options, checkpointer)
     state: dict[str, Any] = {}
     for name, value in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -515,6 +539,10 @@ class _Protected:
             # lost, the saves before it were flushed; the launcher still sees a preemption
             log.warning("recoverkit: the data loader's workers died of %s at step %d", run.preempted, run.step)
             raise SystemExit(exit_code_for(run.preempted)) from exc
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def _size(nbytes: int) -> str:
