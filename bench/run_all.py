@@ -77,6 +77,12 @@ How to run:
   adds the host tier alone as the in-memory reference. `restore_memory`'s restarted-process
   row compares with a memcpy into new memory (the fair figure: a fresh optimizer's moments are
   new memory) and into pre-faulted memory.
+* `elastic` (`python -m bench.bench_elastic [--smoke] [--modes ...]`): a node of a 4-agent
+  torchrun job SIGKILLed at step k; the convergence deviation from the failure-free run, the
+  MTTR split (detection, re-forming, reconcile, redo) and the throughput after the shrink vs
+  (N-1)/N, for `ElasticTrainer` in modes ordered and global (global batch kept), shrink
+  (TorchFT's behaviour: the batch shrinks) and checkpoint-restart (resubmitted at world 3 from
+  the last Checkpointer save); `mttr`'s same-world restart and torchft rows beside it.
 
 Scenarios, in order: {order}.
 """
