@@ -1,0 +1,446 @@
+"""A pipeline-parallel job on ``torch.distributed.pipelining`` that survives a lost stage.
+
+Where it sits: the training loop of each process of a pipeline job (one stage per process,
+plus spare processes) wraps its stage in :class:`StagePipeline`. Steps run PyTorch's own
+schedules (``ScheduleGPipe`` or ``Schedule1F1B`` over ``PipelineStage``). Recovery uses the
+layers below: :func:`~recoverkit.distributed.regroup.regroup` (the survivors and the spares
+re-form the process group, in process), :mod:`.stage_recovery` (exact replica first,
+CheckFree last, through a recovery chain) and :mod:`recoverkit.recovery.checkfree` (the rule).
+
+One step, on every stage process::
+
+    schedule.step(...)            forward and backward of every micro-batch (gradients
+                                  averaged over the micro-batches by the schedule)
+    clip_and_record               per-stage clipping, the clipped norm n_k of this step
+    all_gather (n_k, step)        on the stages' group: every stage knows every norm (its
+                                  neighbours' two among them); the step is committed here
+    optimizer.step()              steps_done += 1
+    replica ring (opt-in)         each stage's model + optimizer to the next stage's process
+
+A lost stage (its process SIGKILLed)::
+
+    neighbours' p2p fails at once (socket reset); the others when the stages' group of a
+    failed survivor is dropped (its sockets close), at the latest at pg_timeout_s; a spare
+    sees it through the heartbeat
+    -> regroup (survivors + spares), the lost stage handed to a spare
+    -> the members agree on steps_done (every survivor must have completed the same step)
+    -> the spare rebuilds the stage (stage_recovery.rebuild_stage), the others serve it
+    -> a new stages' group, new PipelineStage objects and schedule; the failed step is
+       redone from its start by every stage. No surviving stage rolls back.
+
+Limits: one stage lost at a time (a second loss during a recovery fails with
+:class:`PipelineRecoveryError`), one spare per lost stage; torchrun's restart of a single
+rank cannot be used (its agent restarts every local worker, rolling every stage back), so the
+replacement is a spare launched with the job. CheckFree+'s swapped order of the edge stages
+(odd micro-batches run the first two stages, and the last two, in the other order) is not
+expressible as one of these schedules: a ``PipelineStage`` sends to the next stage index on
+a fixed stage-to-rank map, the same for every micro-batch, and the first stage's module also
+holds the embedding, so a swapped micro-batch would visit the first stage's process twice
+(embedding, partner's blocks, own blocks): it needs a multi-stage custom schedule (two
+virtual stages on that process and a second stage order for odd micro-batches), which this
+runtime does not build. A lost edge stage here recovers only from its replica; CheckFree+
+runs in the convergence benchmark (:func:`~recoverkit.recovery.checkfree.copy_partner`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.regroup import Heartbeat, Membership, regroup, retire
+from ..distributed.transport import ProcessGroupTransport
+from ..errors import ConfigError, RecoverkitError
+from ..recovery.checkfree import CheckFreeOptions, clip_and_record
+from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
+from .stage_wire import nbytes, optimizer_entries, pack, stage_template
+
+__all__ = [
+    "PipelineOptions",
+    "PipelineRecoveryError",
+    "StagePipeline",
+    "StageRecovery",
+    "StepRecord",
+]
+
+Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class PipelineRecoveryError(RecoverkitError, RuntimeError):
+    """The pipeline cannot recover in process (too many stages lost, survivors at different
+    steps, or no spare left); the caller falls back to restarting the job from a checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """How a :class:`StagePipeline` runs and recovers.
+
+    Attributes:
+        num_stages: stages of the pipeline (launch ranks 0..num_stages-1 hold them; the
+            launch ranks above are spares).
+        n_microbatches: micro-batches per step.
+        schedule: ``"gpipe"`` or ``"1f1b"`` (PyTorch's ScheduleGPipe / Schedule1F1B).
+        checkfree: the rule's options (per-stage clipping bound, weights, learning-rate scale).
+        replicate: each step, send every stage's model and optimizer to the next stage's
+            process: a lost stage then comes back exactly (CheckFree only if that copy is
+            gone too). Costs one state-sized transfer per stage per step.
+        pg_timeout_s: the stages' group timeout: bound on every pipeline wait (a frozen peer).
+        regroup_timeout_s: bound on re-forming the group.
+        transfer_timeout_s: bound on each recovery transfer.
+        max_recoveries_per_step: recoveries one step may go through before giving up.
+    """
+
+    num_stages: int
+    n_microbatches: int
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    checkfree: CheckFreeOptions = field(default_factory=CheckFreeOptions)
+    replicate: bool = False
+    pg_timeout_s: float = 30.0
+    regroup_timeout_s: float = 60.0
+    transfer_timeout_s: float = 60.0
+    max_recoveries_per_step: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_stages, int) or self.num_stages < 2:
+            raise ConfigError(f"PipelineOptions.num_stages must be >= 2, got {self.num_stages!r}")
+        if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
+            raise ConfigError(
+                f"PipelineOptions.n_microbatches must be >= 1, got {self.n_microbatches!r}"
+            )
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(
+                f"PipelineOptions.schedule must be 'gpipe' or '1f1b', got {self.schedule!r}"
+            )
+        for name in ("pg_timeout_s", "regroup_timeout_s", "transfer_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+                raise ConfigError(f"PipelineOptions.{name} must be seconds in (0, 1e6), got {v!r}")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One completed step: its index, the last stage's mean loss (None elsewhere), this
+    stage's clipped gradient norm and every stage's, and its seconds."""
+
+    step: int
+    loss: float | None
+    norm: float
+    norms: tuple[float, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StageRecovery:
+    """One recovery as this process saw it (times are ``time.time()`` / seconds)."""
+
+    step: int
+    lost_stages: tuple[int, ...]
+    replaced_by: dict[int, int]
+    detected_at: float
+    detected_by: str
+    regroup_s: float
+    rebuild_s: float
+    total_s: float
+    strategy: str | None
+    source: str | None
+    served: tuple[str, ...]
+
+
+class StagePipeline:
+    """This process's side of the pipeline: a stage (launch rank < num_stages) or a spare.
+
+    Args:
+        build_stage: ``build_stage(i)`` makes stage ``i``'s module (same structure on every
+            call; called again to size transfers and to build a replacement).
+        make_optimizer: the stage's optimizer over a module.
+        loss_fn: ``loss_fn(output, target)`` of the last stage, per micro-batch.
+        batch: ``batch(step)`` -> (inputs of the first stage, targets of the last), the same
+            on every call for a step (a redone step reads it again).
+        store / membership / heartbeat: the job's store, generation-0 membership and running
+            heartbeat (:mod:`recoverkit.distributed.regroup`).
+
+    Construct on every member together (it creates the stages' group). Stages call
+    :meth:`step`; spares call :meth:`wait_for_role`, which returns True once they hold a
+    stage (then they call :meth:`step` like the others) or False when the job ended.
+    """
+
+    def __init__(
+        self,
+        build_stage: Callable[[int], torch.nn.Module],
+        make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batch: Batch,
+        *,
+        store: Any,
+        membership: Membership,
+        heartbeat: Heartbeat,
+        options: PipelineOptions,
+    ) -> None:
+        self.build_stage, self.make_optimizer = build_stage, make_optimizer
+        self.loss_fn, self.batch, self.options = loss_fn, batch, options
+        self.store, self.membership, self.heartbeat = store, membership, heartbeat
+        s = options.num_stages
+        if membership.world_size < s:
+            raise ConfigError(
+                f"{s} stages need at least {s} processes, got {membership.world_size}"
+            )
+        self.holder = {i: i for i in range(s)}  # stage -> launch rank
+        me = membership.launch_rank
+        self.stage: int | None = me if me < s else None
+        self.module: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.stage is not None:
+            self.module = build_stage(self.stage)
+            self.optimizer = make_optimizer(self.module)
+        self.steps_done = 0
+        self.norms: tuple[float, ...] = (math.nan,) * s
+        self.replica: Replica | None = None
+        self.recoveries: list[StageRecovery] = []
+        self._templates: dict[int, torch.nn.Module] = {}
+        self._replica_layout: int | None = None
+        self._group: Any = None
+        self._schedule: Any = None
+        self._pipe: Any = None
+        self._ring: ProcessGroupTransport | None = None
+        self._form()
+
+    # ------------------------------------------------------------------ the stages' group
+    def _rank(self, launch_rank: int) -> int:
+        return self.membership.members.index(launch_rank)
+
+    def _form(self) -> None:
+        """New stages' group (every member calls), PipelineStage and schedule (stages only)."""
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        s = self.options.num_stages
+        ranks = sorted(self._rank(self.holder[i]) for i in range(s))
+        self._group = dist.new_group(
+            ranks=ranks, timeout=timedelta(seconds=self.options.pg_timeout_s)
+        )
+        if self.stage is None or self.module is None:
+            return
+        pipe = PipelineStage(self.module, self.stage, s, torch.device("cpu"), group=self._group)
+        pipe.stage_index_to_group_rank = {
+            i: ranks.index(self._rank(self.holder[i])) for i in range(s)
+        }
+        kind = ScheduleGPipe if self.options.schedule == "gpipe" else Schedule1F1B
+        self._pipe = pipe
+        self._schedule = kind(pipe, self.options.n_microbatches, loss_fn=self.loss_fn)
+        if self.options.replicate:
+            self._ring = ProcessGroupTransport(
+                group=self._group, timeout_s=self.options.pg_timeout_s
+            )
+
+    def _template(self, stage: int) -> torch.nn.Module:
+        return stage_template(self.build_stage, stage, self._templates)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> StepRecord:
+        """Run step ``steps_done`` to completion, recovering from lost stages on the way."""
+        if self.stage is None:
+            raise PipelineRecoveryError("a spare holds no stage: call wait_for_role first")
+        tries = 0
+        while True:
+            try:
+                return self._run(self.steps_done)
+            except (RuntimeError, ConnectionError, TimeoutError) as e:
+                if isinstance(e, RecoverkitError) and not isinstance(e, ConnectionError):
+                    raise
+                tries += 1
+                if tries > self.options.max_recoveries_per_step:
+                    raise
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            # outside the except clause: the traceback's frames (holding the stages' group)
+            # are gone, so dropping the group closes its sockets now
+            self._recover(why)
+
+    def _run(self, k: int) -> StepRecord:
+        assert self.module is not None and self.optimizer is not None and self.stage is not None
+        start = time.perf_counter()
+        s = self.options.num_stages
+        x, y = self.batch(k)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        if self.stage == 0:
+            self._schedule.step(x)
+        elif self.stage == s - 1:
+            self._schedule.step(target=y, losses=losses)
+        else:
+            self._schedule.step()
+        norm = clip_and_record(self.module.parameters(), self.options.checkfree.max_grad_norm)
+        mine = torch.tensor([norm, float(k), float(self.stage)], dtype=torch.float64)
+        got = [torch.zeros(3, dtype=torch.float64) for _ in range(s)]
+        dist.all_gather(got, mine, group=self._group)
+        norms = [math.nan] * s
+        for t in got:
+            stage, step = int(t[2].item()), int(t[1].item())
+            if step != k or not 0 <= stage < s:
+                raise PipelineRecoveryError(f"stage {stage} reported step {step} during step {k}")
+            norms[stage] = float(t[0].item())
+        self.optimizer.step()
+        self.steps_done, self.norms = k + 1, tuple(norms)
+        if self._ring is not None:
+            self._replicate(k + 1)
+        loss = float(torch.stack([v.detach() for v in losses]).mean()) if losses else None
+        return StepRecord(k, loss, norm, self.norms, time.perf_counter() - start)
+
+    def _replicate(self, step: int) -> None:
+        """Ring: this stage's model + optimizer to the next stage's process, the previous one's in."""
+        assert self.module is not None and self.optimizer is not None and self.stage is not None
+        assert self._ring is not None
+        s = self.options.num_stages
+        prev, nxt = (self.stage - 1) % s, (self.stage + 1) % s
+        if self._replica_layout is None:
+            model_l, opt_l = full_layout(self._template(prev), self.make_optimizer)
+            self._replica_layout = nbytes(model_l + opt_l)
+        mine = {**self.module.state_dict(), **optimizer_entries(self.optimizer)}
+        from .stage_wire import layout_of
+
+        data = pack(mine, layout_of(mine))
+        buf = torch.empty(self._replica_layout, dtype=torch.uint8)
+        glob = self.membership.members  # launch ranks by global rank
+        self._ring.exchange(
+            {glob.index(self.holder[nxt]): data}, {glob.index(self.holder[prev]): buf}
+        )
+        self.replica = Replica(prev, step, buf)
+
+    # ------------------------------------------------------------------ spares
+    def wait_for_role(self, *, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """A spare's loop: True once it holds a lost stage (recovered: call :meth:`step`),
+        False when the job ended (:meth:`finish`) or ``timeout_s`` passed without either."""
+        deadline = time.monotonic() + timeout_s
+        done_key = f"{self.membership.namespace}/pipeline/done"
+        while time.monotonic() < deadline:
+            # a survivor started a regroup (its pipeline op failed, or timed out on a frozen
+            # peer): the spare joins it. The heartbeat's own "dead" verdict is not used here:
+            # a starved heartbeat thread on a loaded host must not start a regroup alone.
+            started = f"{self.membership.namespace}/g{self.membership.generation + 1}/count"
+            if self.store.check([started]):
+                self._recover("a survivor started a regroup")
+                if self.stage is not None:
+                    return True
+                deadline = time.monotonic() + timeout_s
+                continue
+            if self.store.check([done_key]):
+                return False
+            time.sleep(poll_s)
+        return False
+
+    def finish(self) -> None:
+        """The last stage's process tells the spares the job ended (call after the last step)."""
+        self.store.set(f"{self.membership.namespace}/pipeline/done", "1")
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, why: str) -> None:
+        detected_at = time.time()
+        t0 = time.perf_counter()
+        # Drop the stages' group first: unregistered here, its last references released on a
+        # background thread, whose destructor closes its sockets, so that a stage still
+        # blocked in a point-to-point op with this process fails now, not at pg_timeout_s.
+        group = self._group
+        box = [self._schedule, self._pipe, self._ring, group]
+        self._schedule = self._pipe = self._ring = self._group = None
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001, S110 - a broken group is dropped all the same
+                pass
+        del group
+        retire(box)
+        before = self.membership
+        self.membership = regroup(
+            self.store,
+            before,
+            timeout_s=self.options.regroup_timeout_s,
+            heartbeat=self.heartbeat,
+            pg_timeout_s=self.options.pg_timeout_s,
+        )
+        regroup_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        members = self.membership.members
+        lost = [i for i in range(self.options.num_stages) if self.holder[i] not in members]
+        spares = sorted(r for r in members if r not in self.holder.values())
+        if len(lost) > 1:
+            raise PipelineRecoveryError(
+                f"stages {lost} were lost at once: one at a time is supported"
+            )
+        if len(lost) > len(spares):
+            raise PipelineRecoveryError(f"stage(s) {lost} lost and no spare left")
+        replaced = dict(zip(lost, spares))
+        self.holder.update(replaced)
+        me = self.membership.launch_rank
+        rebuilding = [i for i, r in replaced.items() if r == me]
+        if rebuilding:
+            self.stage = rebuilding[0]
+            self.module = self.build_stage(self.stage)
+            self.optimizer = None
+        # agree on the step: every survivor holding a stage must have completed the same one
+        mine = torch.tensor(
+            [self.steps_done if self.optimizer is not None else -1], dtype=torch.int64
+        )
+        got = [torch.zeros(1, dtype=torch.int64) for _ in members]
+        dist.all_gather(got, mine)
+        steps = {int(t.item()) for t in got} - {-1}
+        if len(steps) != 1:
+            raise PipelineRecoveryError(f"the survivors completed different steps {sorted(steps)}")
+        step = steps.pop()
+        transport = ProcessGroupTransport(
+            group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
+        )
+        strategy = source = None
+        served: list[str] = []
+        if lost:
+            lost_stage, repl = lost[0], self._rank(replaced[lost[0]])
+            if rebuilding:
+                assert self.module is not None
+                got_back = rebuild_stage(
+                    transport,
+                    stage=lost_stage,
+                    num_stages=self.options.num_stages,
+                    step=step,
+                    ranks={i: self._rank(r) for i, r in self.holder.items() if i != lost_stage},
+                    others=[i for i in range(len(members)) if i != self.membership.rank],
+                    module=self.module,
+                    make_optimizer=self.make_optimizer,
+                    replicate=self.options.replicate,
+                    options=self.options.checkfree,
+                    timeout_s=self.options.transfer_timeout_s,
+                )
+                self.optimizer = got_back.value
+                self.steps_done = step
+                strategy, source = got_back.strategy, got_back.source.describe()
+            else:
+                served = serve_requests(
+                    transport,
+                    repl,
+                    num_stages=self.options.num_stages,
+                    stage=self.stage,
+                    module=self.module,
+                    step=step,
+                    norm=self.norms[self.stage] if self.stage is not None else 0.0,
+                    replica=self.replica,
+                    template=self._template,
+                    timeout_s=self.options.transfer_timeout_s,
+                )
+        self._form()
+        self.recoveries.append(
+            StageRecovery(
+                step=step,
+                lost_stages=tuple(lost),
+                replaced_by=replaced,
+                detected_at=detected_at,
+                detected_by=why,
+                regroup_s=regroup_s,
+                rebuild_s=time.perf_counter() - t1,
+                total_s=time.perf_counter() - t0,
+                strategy=strategy,
+                source=source,
+                served=tuple(served),
+            )
+        )

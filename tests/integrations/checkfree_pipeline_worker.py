@@ -1,0 +1,239 @@
+"""The job of test_checkfree_pipeline.py: a 4-stage byte-level model on torch.distributed.pipelining.
+
+``python -m tests.integrations.checkfree_pipeline_worker OUT MODE KILL_STEP STEPS`` on 5
+processes (torchrun): launch ranks 0-3 hold stages 0-3, launch rank 4 is the spare. MODE:
+``free`` (nothing fails), ``checkfree`` (no replica: a lost stage is rebuilt from its
+neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
+lost stage comes back exactly). The process holding stage ``VICTIM`` stops inside the first
+micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
+for the test's SIGKILL of its node.
+
+Every stage process writes, after each completed step, ``state-<stage>-<step>.pt`` (its stage's
+state dict after that step) and a line of ``steps-<launch rank>.jsonl`` (step, loss, norms,
+seconds); a replacement writes ``rebuilt-<stage>.pt`` (the state it was rebuilt to, before
+redoing the step); every process writes ``result-<launch rank>.json`` (its recoveries) and ends
+with ``barrier(); destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
+
+The model, data and optimizer are the functions below (the test uses them for its checks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+NUM_STAGES, VICTIM = 4, 2
+D, LAYERS, SEQ, BATCH, MICRO = 32, 1, 16, 8, 4
+PAUSE_LIMIT_S = 90.0
+PG_TIMEOUT_S = 20.0
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(D)
+        self.up = torch.nn.Linear(D, 2 * D)
+        self.down = torch.nn.Linear(2 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class Stage(torch.nn.Module):
+    """Blocks named alike on every stage; the first also embeds bytes, the last also predicts them."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, D) if index == 0 else None
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(LAYERS))
+        last = index == NUM_STAGES - 1
+        self.head_norm = torch.nn.LayerNorm(D) if last else None
+        self.head = torch.nn.Linear(D, 256) if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None and self.head_norm is not None:
+            x = self.head(self.head_norm(x))
+        return x
+
+
+def build_stage(index: int) -> torch.nn.Module:
+    torch.manual_seed(100 + index)
+    return Stage(index)
+
+
+def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.01)
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output.reshape(-1, 256), target.reshape(-1))
+
+
+def _text() -> torch.Tensor:
+    import sysconfig
+
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")
+    with open(path, "rb") as f:
+        data = f.read()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+
+
+_TOKENS: list[torch.Tensor] = []
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte windows of the standard library's textwrap.py: (inputs, next bytes)."""
+    if not _TOKENS:
+        _TOKENS.append(_text())
+    tokens = _TOKENS[0]
+    span = (tokens.numel() - SEQ - 1) // BATCH
+    rows = [(step * 131 + j * span) % (tokens.numel() - SEQ - 1) for j in range(BATCH)]
+    x = torch.stack([tokens[o : o + SEQ] for o in rows])
+    y = torch.stack([tokens[o + 1 : o + SEQ + 1] for o in rows])
+    return x, y
+
+
+def _write(path: str, payload: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def _save(path: str, module: torch.nn.Module) -> None:
+    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _finish(code: int, group: bool) -> None:
+    if group:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(out: str, mode: str, kill_step: int, steps: int) -> None:
+    import torch.distributed as dist
+
+    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
+    from recoverkit.elastic.pipeline import PipelineOptions, StagePipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
+    signal.signal(
+        signal.SIGTERM, signal.SIG_IGN
+    )  # agents of a lost node: the workers end themselves
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    rank = dist.get_rank()
+    node = os.environ.get("RECOVERKIT_NODE", "single")
+    _write(os.path.join(out, f"pid-{node}-{rank}"), os.getpid())
+    store = job_store(timeout_s=30.0)
+    membership = Membership.initial(store)
+    # generous on a loaded host: a starved heartbeat thread must not look dead
+    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=2.0, ack_s=1.0).start()
+    options = PipelineOptions(
+        num_stages=NUM_STAGES,
+        n_microbatches=MICRO,
+        replicate=mode == "replica",
+        pg_timeout_s=PG_TIMEOUT_S,
+        regroup_timeout_s=40.0,
+        transfer_timeout_s=30.0,
+    )
+    pipe = StagePipeline(
+        build_stage,
+        make_optimizer,
+        loss_fn,
+        batch,
+        store=store,
+        membership=membership,
+        heartbeat=heartbeat,
+        options=options,
+    )
+
+    if pipe.stage == VICTIM and mode != "free" and pipe.module is not None:
+
+        def pause(_module: Any, _args: Any) -> None:
+            if pipe.steps_done == kill_step:
+                _write(os.path.join(out, "paused"), rank)
+                time.sleep(PAUSE_LIMIT_S)  # the test SIGKILLs this node meanwhile
+                _finish(4, False)
+
+        pipe.module.register_forward_pre_hook(pause)
+
+    result: dict[str, Any] = {"launch_rank": rank, "stage": pipe.stage}
+    if pipe.stage is None:
+        took = pipe.wait_for_role(timeout_s=240.0)
+        result["took_stage"] = pipe.stage if took else None
+        if took and pipe.module is not None:
+            _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
+    log_path = os.path.join(out, f"steps-{rank}.jsonl")
+    while pipe.stage is not None and pipe.steps_done < steps:
+        rec = pipe.step()
+        assert pipe.module is not None
+        _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
+        with open(log_path, "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "step": rec.step,
+                        "stage": pipe.stage,
+                        "loss": rec.loss,
+                        "norm": rec.norm,
+                        "norms": list(rec.norms),
+                        "seconds": rec.seconds,
+                    }
+                )
+                + "\n"
+            )
+    if pipe.stage == NUM_STAGES - 1:
+        pipe.finish()
+    try:
+        with open(os.path.join(out, "killed")) as f:
+            result["killed"] = float(f.read())
+    except (OSError, ValueError):
+        result["killed"] = None
+    result["steps_done"] = pipe.steps_done
+    result["recoveries"] = [
+        {
+            "step": r.step,
+            "lost": list(r.lost_stages),
+            "replaced_by": {str(k): v for k, v in r.replaced_by.items()},
+            "detected_at": r.detected_at,
+            "detected_by": r.detected_by,
+            "regroup_s": r.regroup_s,
+            "rebuild_s": r.rebuild_s,
+            "total_s": r.total_s,
+            "strategy": r.strategy,
+            "source": r.source,
+            "served": list(r.served),
+        }
+        for r in pipe.recoveries
+    ]
+    result["lr"] = (
+        [g["lr"] for g in pipe.optimizer.param_groups] if pipe.optimizer is not None else None
+    )
+    _write(os.path.join(out, f"result-{rank}.json"), result)
+    heartbeat.stop()
+    _write(os.path.join(out, f"exit-{rank}"), 0)
+    _finish(0, True)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], int(a[2]), int(a[3]))

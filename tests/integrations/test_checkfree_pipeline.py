@@ -1,0 +1,344 @@
+"""A lost pipeline stage on torch.distributed.pipelining, brought back in process, no rollback.
+
+A 4-stage byte-level model (tests/integrations/checkfree_pipeline_worker.py) trains with
+PyTorch's ScheduleGPipe over gloo, one stage per process, plus one spare process. The
+failure-free run is one torchrun agent with 5 workers. The failure runs are five torchrun
+agents on this machine, one per simulated node (``--nnodes 5 --nproc-per-node 1``, c10d
+rendezvous on localhost, no restarts); the process of stage 2 stops inside step ``KILL_STEP``
+and the test SIGKILLs its node (agent and worker). The survivors see their pipeline's
+point-to-point ops fail, the spare sees the heartbeat stop; all re-form the group in process,
+the spare takes stage 2 and rebuilds it, the failed step is redone, the job finishes.
+
+- ``checkfree`` (no copy of stage 2 survives): the rebuilt stage equals, bit for bit,
+  ``average_neighbours`` of stages 1 and 3 of the failure-free run after step KILL_STEP-1,
+  weighted by their clipped gradient norms of that step; the other stages' states match the
+  failure-free run bit for bit up to that step (none rolled back); the rebuilt stage's
+  optimizer is fresh with the learning rate x 1.1; the chain's log says CheckFree was used.
+- ``replica`` (each stage's model and optimizer copied to the next stage's process every
+  step): the exact copy is used, not CheckFree, and every stage's state after every step, and
+  every loss, is bit-identical to the failure-free run.
+
+Figures (printed, never asserted): per-step time, detection (SIGKILL -> each survivor's
+error), regroup, rebuild and total recovery; written to bench/results/checkfree_pipeline.json
+by ``python -m tests.integrations.test_checkfree_pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.distributed.harness import free_port
+from tests.integrations import checkfree_pipeline_worker as W
+from tests.integrations.test_torchrun_restart import REPO, torchrun_env
+
+NODES = "abcde"
+STEPS = 5
+KILL_STEP = 2
+SLACK_S = 60.0  # a loaded 2-core machine
+JOB_TIMEOUT_S = 240.0
+
+
+def _torchrun() -> list[str]:
+    found = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _worker_args(out: str, mode: str) -> list[str]:
+    return [
+        "-m",
+        "tests.integrations.checkfree_pipeline_worker",
+        out,
+        mode,
+        str(KILL_STEP),
+        str(STEPS),
+    ]
+
+
+def run_free(base: str) -> str:
+    """The failure-free run: one agent, five workers."""
+    out = os.path.join(base, "free")
+    os.makedirs(out, exist_ok=True)
+    cmd = _torchrun() + [
+        "--standalone",
+        "--nproc-per-node=5",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+    ]
+    done = subprocess.run(
+        cmd + _worker_args(out, "free"),
+        cwd=REPO,
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _pids(out: str) -> dict[int, tuple[str, int]]:
+    found = {}
+    for name in os.listdir(out):
+        if name.startswith("pid-") and not name.endswith(".tmp"):
+            _, node, rank = name.split("-")
+            with open(os.path.join(out, name)) as f:
+                found[int(rank)] = (node, int(json.load(f)))
+    return found
+
+
+def _logs(base: str) -> str:
+    return "\n".join(
+        f"--- agent {n}:\n" + open(os.path.join(base, f"agent-{n}.log")).read()[-3000:]
+        for n in NODES
+    )
+
+
+def _wait_files(out: str, names: list[str], timeout_s: float, base: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(os.path.join(out, n)) for n in names):
+        if time.monotonic() > deadline:
+            missing = [n for n in names if not os.path.exists(os.path.join(out, n))]
+            raise AssertionError(
+                f"missing {missing}; have {sorted(os.listdir(out))}\n{_logs(base)}"
+            )
+        time.sleep(0.05)
+
+
+def run_failure(base: str, mode: str) -> tuple[str, str]:
+    """Five agents; the node of stage 2 SIGKILLed inside step KILL_STEP. Returns (out, logs)."""
+    out = os.path.join(base, mode)
+    os.makedirs(out, exist_ok=True)
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for node in NODES:
+            cmd = (
+                _torchrun()
+                + [
+                    "--nnodes=5",
+                    "--nproc-per-node=1",
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=checkfree",
+                    "--max-restarts=0",
+                    "--monitor-interval=0.1",
+                ]
+                + _worker_args(out, mode)
+            )
+            log = open(os.path.join(base, f"agent-{node}.log"), "w")
+            env = dict(torchrun_env(), RECOVERKIT_NODE=node)
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
+            if node == "a":
+                time.sleep(1.0)  # its agent binds the rendezvous port first
+        _wait_files(out, ["paused"], JOB_TIMEOUT_S, base)
+        deadline = time.monotonic() + 30
+        while len(_pids(out)) < len(NODES) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        node, pid = _pids(out)[W.VICTIM]
+        assert node != "a", "the victim's node hosts the rendezvous"
+        killed = time.time()
+        os.killpg(procs[NODES.index(node)].pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        with open(os.path.join(out, "killed.tmp"), "w") as f:
+            f.write(repr(killed))
+        os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
+        survivors = [r for r in range(len(NODES)) if r != W.VICTIM]
+        _wait_files(
+            out,
+            [f"exit-{r}" for r in survivors],
+            W.PG_TIMEOUT_S + JOB_TIMEOUT_S / 2 + SLACK_S,
+            base,
+        )
+        time.sleep(0.5)  # the final barrier's output
+        return out, _logs(base)
+    finally:
+        for p in procs:  # agents wait in torchrun's exit barrier for the lost node: end them
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait(timeout=30)
+        for _, pid in _pids(out).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _state(out: str, stage: int, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out, f"state-{stage}-{step}.pt"), weights_only=True)
+
+
+def _steps(out: str, rank: int) -> list[dict]:
+    path = os.path.join(out, f"steps-{rank}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _result(out: str, rank: int) -> dict:
+    with open(os.path.join(out, f"result-{rank}.json")) as f:
+        return json.load(f)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def figures(free: str, failed: str) -> dict:
+    """Per-step time (failure-free run), detection, regroup, rebuild, recovery (failure run)."""
+    step_s = [s["seconds"] for r in range(W.NUM_STAGES) for s in _steps(free, r)[1:]]
+    results = {r: _result(failed, r) for r in range(len(NODES)) if r != W.VICTIM}
+    rows = []
+    for r, res in sorted(results.items()):
+        for rec in res["recoveries"]:
+            rows.append(
+                {
+                    "launch_rank": r,
+                    "stage": res.get("stage"),
+                    "detect_s": rec["detected_at"] - res["killed"],
+                    "regroup_s": rec["regroup_s"],
+                    "rebuild_s": rec["rebuild_s"],
+                    "total_s": rec["total_s"],
+                    "strategy": rec["strategy"],
+                    "detected_by": rec["detected_by"][:80],
+                }
+            )
+    spare = [row for row in rows if row["strategy"] is not None]
+    redo = [s["seconds"] for s in _steps(failed, len(NODES) - 1) if s["step"] == KILL_STEP]
+    detect = max(row["detect_s"] for row in rows)
+    return {
+        "summary": {
+            "step_s": statistics.median(step_s),
+            "detection_s": detect,
+            "relaunch_s": spare[0]["regroup_s"] if spare else None,
+            "fetch_s": spare[0]["rebuild_s"] if spare else None,
+            "recovery_s": max(row["total_s"] for row in rows),
+            "redo_step_s": redo[0] if redo else None,
+        },
+        "per_process": rows,
+    }
+
+
+@pytest.fixture(scope="module")
+def free(tmp_path_factory) -> str:
+    """The failure-free run, shared by the tests of this module."""
+    return run_free(str(tmp_path_factory.mktemp("free")))
+
+
+def test_a_lost_stage_is_rebuilt_from_its_neighbours(tmp_path, free):
+    from recoverkit.recovery.checkfree import CheckFreeOptions, average_neighbours
+
+    out, logs = run_failure(str(tmp_path), "checkfree")
+    k = KILL_STEP
+    spare = len(NODES) - 1
+    res = _result(out, spare)
+    assert res["took_stage"] == W.VICTIM and res["steps_done"] == STEPS, res
+    (rec,) = res["recoveries"]
+    assert rec["strategy"] == "checkfree" and rec["step"] == k and rec["lost"] == [W.VICTIM], rec
+    assert "recovered step 2 with checkfree from CheckFree average of stages 1 and 3" in logs
+    # the rebuilt stage: the neighbours' average at the failure step, weighted by their norms
+    norms = _steps(free, W.VICTIM - 1)[k - 1]["norms"]
+    expect = average_neighbours(
+        _state(free, 1, k - 1),
+        _state(free, 3, k - 1),
+        norms[1],
+        norms[3],
+        CheckFreeOptions(),
+        keys=list(W.build_stage(W.VICTIM).state_dict()),
+    )
+    rebuilt = torch.load(os.path.join(out, f"rebuilt-{W.VICTIM}.pt"), weights_only=True)
+    assert _same(rebuilt, expect)
+    assert not _same(rebuilt, _state(free, W.VICTIM, k - 1))  # an approximation, not the lost state
+    # fresh optimizer, lr x 1.1 kept for that stage
+    assert res["lr"] == [pytest.approx(3e-3 * 1.1)], res["lr"]
+    # no survivor rolled back: their states match the failure-free run up to the failure step
+    for stage in (0, 1, 3):
+        r = _result(out, stage)
+        assert r["steps_done"] == STEPS and len(r["recoveries"]) == 1, r
+        assert r["recoveries"][0]["step"] == k and r["lr"] == [pytest.approx(3e-3)]
+        for step in range(k):
+            assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
+        assert [s["step"] for s in _steps(out, stage)] == list(range(STEPS))
+    assert [s["step"] for s in _steps(out, spare)] == list(range(k, STEPS))
+    served = sorted(x for r in (1, 3) for x in _result(out, r)["recoveries"][0]["served"])
+    assert served == ["neighbour of stage 2", "neighbour of stage 2"], served
+    fig = figures(free, out)
+    print("\ncheckfree pipeline figures:", json.dumps(fig, indent=1))
+
+
+def test_a_surviving_replica_is_preferred_and_exact(tmp_path, free):
+    out, logs = run_failure(str(tmp_path), "replica")
+    spare = len(NODES) - 1
+    res = _result(out, spare)
+    (rec,) = res["recoveries"]
+    assert rec["strategy"] == "stage replica" and rec["step"] == KILL_STEP, rec
+    assert "recovered step 2 with stage replica from the replica held by stage 3" in logs
+    assert "with checkfree" not in logs and "checkfree cannot" not in logs
+    assert res["lr"] == [pytest.approx(3e-3)]
+    for stage in range(W.NUM_STAGES):
+        for step in range(STEPS):
+            assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
+    assert [s["loss"] for s in _steps(out, 3)] == [s["loss"] for s in _steps(free, 3)]
+    print("\nreplica pipeline figures:", json.dumps(figures(free, out), indent=1))
+
+
+def main() -> None:
+    """Measure once and write bench/results/checkfree_pipeline.json."""
+    import platform
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="checkfree-pipeline-")
+    try:
+        free = run_free(base)
+        out, _ = run_failure(base, "checkfree")
+        fig = figures(free, out)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    fig["setup"] = {
+        "stages": W.NUM_STAGES,
+        "spares": 1,
+        "schedule": "ScheduleGPipe",
+        "micro_batches": W.MICRO,
+        "backend": "gloo",
+        "model": f"byte-level, d={W.D}, {W.LAYERS} block(s) per stage",
+        "steps": STEPS,
+        "kill_step": KILL_STEP,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "launch": "5 torchrun agents (one per simulated node), the victim's node SIGKILLed",
+    }
+    path = os.path.join(REPO, "bench", "results", "checkfree_pipeline.json")
+    with open(path, "w") as f:
+        json.dump(fig, f, indent=1)
+        f.write("\n")
+    print(json.dumps(fig, indent=1))
+
+
+if __name__ == "__main__":
+    main()
