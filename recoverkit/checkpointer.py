@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -54,6 +55,9 @@ from .storage.lock import RunLock
 __all__ = ["Checkpointer", "SaveResult"]
 
 log = logging.getLogger("recoverkit")
+
+#: :meth:`Checkpointer.abandon`: seconds the tiers' close gets once the pending saves settled
+ABANDON_PEERS_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -453,9 +457,67 @@ class Checkpointer:
         if failed:
             raise _failed_saves_error(failed)
 
+    def abandon(self, timeout_s: float) -> bool:
+        """Close after the job's process group broke, keeping every snapshot; bounded.
+
+        For in-process recovery (``recoverkit.elastic``): a rank was lost, the survivors
+        formed a new group and build a new Checkpointer over the same root, which restores
+        from the snapshots and replicas held in memory. This one is closed as
+        ``close(keep_snapshots=True)`` would, on a daemon thread: pending saves settle into
+        shared memory (given ``timeout_s``), then the tiers close, nothing in shared memory
+        deleted. A replication's stop handshake with peers of the broken group rarely
+        completes (a peer's thread ends when its group is destroyed), so past the pending
+        saves the close gets at most :data:`ABANDON_PEERS_S` more; what is still running
+        then (a replication stuck on the lost rank, a commit waiting for it) is left
+        behind, logged, and the run lock released, so the new Checkpointer can take it.
+        Failed saves are logged, not raised.
+
+        Returns:
+            True when everything closed in time without an error.
+
+        Example:
+            >>> import tempfile, torch
+            >>> ckpt = Checkpointer(tempfile.mkdtemp())
+            >>> ckpt.abandon(timeout_s=10.0)
+            True
+        """
+        errors: list[BaseException] = []
+        settled = threading.Event()
+
+        def run() -> None:
+            try:
+                try:
+                    self.settle(timeout_s)  # what is staged lands in shared memory first
+                finally:
+                    settled.set()
+                self.close(keep_snapshots=True)
+            except BaseException as e:  # noqa: BLE001 - reported below, on the caller's thread
+                errors.append(e)
+
+        deadline = time.monotonic() + timeout_s
+        worker = threading.Thread(target=run, name="recoverkit-abandon", daemon=True)
+        worker.start()
+        settled.wait(timeout_s)
+        worker.join(max(0.0, min(deadline - time.monotonic(), ABANDON_PEERS_S)))
+        if worker.is_alive():
+            log.warning(
+                "recoverkit: rank %d: the Checkpointer did not close in time after the group broke "
+                "(pending saves %s); left behind, its snapshots stay in shared memory",
+                self.rank, "settled" if settled.is_set() else "not settled",
+            )  # fmt: skip
+            self._release_locks()
+            return False
+        if errors:
+            log.warning("recoverkit: rank %d: closing the Checkpointer after the group broke: %s", self.rank, errors[0])
+        return not errors
+
     def _release_locks(self) -> None:
-        while self._locks:
-            self._locks.pop().release()
+        while True:  # pop is atomic: a close left behind on another thread may release too
+            try:
+                lock = self._locks.pop()
+            except IndexError:
+                return
+            lock.release()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -83,6 +83,7 @@ from ..state.global_batch import GlobalBatchSampler, MicroBatch
 from ..state.keyed_rng import keyed_rng
 from .options import ElasticOptions
 from .reconcile import Reconciled, reconcile
+from .reshard import Reshard
 from .waits import Lost, reducing
 
 __all__ = ["ElasticTrainer", "StepResult", "Recovery", "LossFn"]
@@ -183,6 +184,12 @@ class ElasticTrainer:
             every rank needs a micro-batch: world size <= micro-batches per step).
             "ordered": every micro-batch under ``no_sync``, OrderedGradSum reduces. A
             failure inside the reducing backward counts as a failed collective.
+        rebuild: a sharded (FSDP2) model: a :class:`~recoverkit.elastic.reshard.Reshard`,
+            used after every re-forming instead of the agreement: the survivors build model,
+            optimizer and Checkpointer anew on the new group and restore the newest step
+            complete in memory, resharded, the trainer's position included (steps after it
+            are redone). Every micro-batch then counts as a collective (FSDP's all-gathers);
+            ``wrap=fsdp_wrap(mode)`` (mode "global" or "shrink") makes its backward reduce.
 
     Stateful: ``state_dict()`` holds ``steps_done``, the sampler's state and the membership
     (generation, launch ranks) for the record; ``load_state_dict`` restores the first two
@@ -202,10 +209,13 @@ class ElasticTrainer:
         options: ElasticOptions | None = None,
         heartbeat: Heartbeat | None = None,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        rebuild: Reshard | None = None,
     ) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise TypeError("ElasticTrainer: pass the plain module, and wrap= to build its DDP wrapper (rebuilt after each re-forming)")
         self._wrap = wrap
+        #: a sharded model: rebuilt and restored from memory after a re-forming (not reconciled)
+        self._rebuild = rebuild
         self.ddp: torch.nn.Module | None = wrap(model) if wrap is not None else None
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.store, self.membership, self.seed = store, membership, seed
@@ -279,8 +289,10 @@ class ElasticTrainer:
         for i, mb in enumerate(mbs):
             reduces = ddp is not None and summer is None and i == len(mbs) - 1
             sync = ddp.no_sync() if ddp is not None and not reduces else nullcontext()  # type: ignore[operator]
+            # a sharded model's forward and backward run collectives in every micro-batch
+            watch = "DDP reduction in backward" if reduces else "sharded model's collectives" if self._rebuild else None
             try:
-                with reducing("DDP reduction in backward") if reduces else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
+                with reducing(watch) if watch else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
                     loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale
                     loss.backward()
             except Lost as lost:
@@ -360,15 +372,19 @@ class ElasticTrainer:
             pg_timeout_s=o.pg_timeout_s,
         )  # RegroupError propagates: the restart path
         new = self.membership
-        rec = reconcile(
-            {"model": self.model, "optimizer": self.optimizer, "trainer": self},
-            steps_done=self.steps_done,
-            epoch=self.sampler.epoch,
-            step=self.sampler.step,
-            generation=new.generation,
-            max_bytes=self._sync_max_bytes(),
-            timeout_s=o.pg_timeout_s,
-        )
+        if self._rebuild is not None:  # sharded: rebuilt, restored from memory (trainer position too)
+            rec: Reconciled = self._rebuild.recover(self, new)
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            rec = reconcile(
+                {"model": self.model, "optimizer": self.optimizer, "trainer": self},
+                steps_done=self.steps_done,
+                epoch=self.sampler.epoch,
+                step=self.sampler.step,
+                generation=new.generation,
+                max_bytes=self._sync_max_bytes(),
+                timeout_s=o.pg_timeout_s,
+            )
         if self._wrap is not None:
             self.ddp = self._wrap(self.model)  # DDP binds its group when built: on the new one
         k2 = self.sampler.step

@@ -1,0 +1,243 @@
+"""The job of test_elastic_fsdp2.py: a float64 FSDP2 model trained by ElasticTrainer on 4 nodes.
+
+``python -m tests.integrations.elastic_fsdp2_worker OUT ROOT VICTIM KILL_STEP PG_TIMEOUT_S``
+under one torchrun agent per simulated node (``RECOVERKIT_NODE`` a..d, one rank each,
+``RECOVERKIT_SHM_DIR`` the shared memory of every node). The model is sharded with
+``fully_shard`` over the world; a :class:`~recoverkit.Checkpointer` with a shared-memory tier
+and peer replicas (k=1, on another node) snapshots model, optimizer and the trainer's
+position every ``SAVE_EVERY`` steps (``save_async``). The trainer runs mode "global" with
+``wrap=fsdp_wrap("global")`` and ``rebuild=Reshard(build, ...)``: after a lost rank the
+survivors rebuild the sharded model, optimizer and Checkpointer at world 3 and restore the
+newest snapshot complete in memory, resharded, then redo the steps after it.
+
+The rank whose launch rank is ``VICTIM`` stops inside its first micro-batch of step
+``KILL_STEP`` once its snapshot of the last save is held by its replica's holder, writes
+``paused`` and waits (bounded) for the test's SIGKILL of its node (the test also deletes
+that node's shared memory). Each rank appends every completed step to
+``steps-<launch rank>.jsonl`` (step, generation, loss, samples). Survivors write
+``result-<launch rank>.json``: the final parameters as full tensors (hex), the recovery's
+figures, or on a RegroupError its reason; they end with ``barrier();
+destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
+
+:func:`train` is also the failure-free reference (``VICTIM`` -1, no checkpointing) that the
+test runs as a 4-rank world.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+SEED = 11
+NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH = 120, 24, 2  # 5 steps an epoch, 12 micro-batches a step
+STEPS = 5
+SAVE_EVERY = 2  # snapshots after steps 2 and 4: a loss in step 4 (index 3) redoes two steps
+PAUSE_LIMIT_S = 60.0
+COLLECTIVE_TIMEOUT_S = 5.0
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # 24 and 12 rows: 6 and 3 per rank at world 4, 8 and 4 at world 3
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 24), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(24, 12)
+    ).double()
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on the current default group: each Linear, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=0.02)
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(NUM_SAMPLES, 6, generator=g, dtype=torch.float64)
+    return x, torch.sin(x.sum(1)) + 0.1 * x[:, 0] ** 2
+
+
+def make_sampler() -> Any:
+    from recoverkit.state.global_batch import GlobalBatchSampler
+
+    return GlobalBatchSampler(NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH, seed=SEED)
+
+
+def loss_sum(model: Any, x: torch.Tensor, y: torch.Tensor, samples: tuple[int, ...]) -> torch.Tensor:
+    idx = list(samples)
+    return ((model(x[idx]).mean(-1) - y[idx]) ** 2).sum()
+
+
+def full_hex(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter as its full tensor (a collective: every rank, same order), as hex."""
+    out = {}
+    for k, v in model.state_dict().items():
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = full.detach().contiguous().numpy().tobytes().hex()
+    return out
+
+
+def checkpoint_options(shm_dir: str) -> Any:
+    from recoverkit import CheckpointOptions
+    from recoverkit.config import StagingPolicy, TierSpec
+
+    return CheckpointOptions(
+        capture_rng=False,  # the random streams are keyed to the micro-batch
+        commit_timeout_s=20.0,
+        tiers=[TierSpec.shm(slots=3, shm_dir=shm_dir), TierSpec.replica(k=1), TierSpec.local(every_steps=0)],
+        staging=StagingPolicy(budget_bytes=8 << 20),
+    )
+
+
+def _write(path: str, payload: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def _finish(code: int, group: bool) -> None:
+    if group:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _wait_replica(reshard: Any, rank: int, step: int, limit_s: float) -> bool:
+    """The victim: wait until a holder publishes this rank's replica of ``step``."""
+    reshard.checkpointer.wait(limit_s)
+    replica = reshard.checkpointer.tiers["replica"]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        held = replica.holdings().get(rank, {})
+        if any(s >= step for s in held.values()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def train(rank: int, world: int, out: str | None = None, root: str | None = None, victim: int = -1,
+          kill_step: int = -1, pg_timeout_s: float = 10.0) -> dict[str, Any]:
+    """Train one epoch on the default group; with ``root``, snapshots and in-process reshard.
+
+    Returns the final parameters (hex), the losses per step and the recoveries' figures."""
+    from recoverkit import Checkpointer
+    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
+    from recoverkit.elastic import ElasticOptions, ElasticTrainer
+    from recoverkit.elastic.reshard import Rebuilt, Reshard, fsdp_wrap
+
+    store = job_store(timeout_s=10.0)
+    membership = Membership.initial(store)
+    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=1.0).start() if root else None
+    x, y = make_data()
+    shm_dir = os.environ.get("RECOVERKIT_SHM_DIR", "")
+
+    def build(m: Any) -> Rebuilt:
+        model = shard(make_model())
+        opt = make_optimizer(model)
+        assert root is not None
+        return Rebuilt(model, opt, Checkpointer(root, options=checkpoint_options(shm_dir)))
+
+    reshard: Any = None
+
+    def loss_fn(model: Any, mb: Any) -> torch.Tensor:
+        if membership.launch_rank == victim and mb.step == kill_step and out is not None:
+            held = _wait_replica(reshard, victim, kill_step // SAVE_EVERY * SAVE_EVERY, 30.0)
+            _write(os.path.join(out, "paused"), {"rank": rank, "replica_held": held})
+            time.sleep(PAUSE_LIMIT_S)  # the test SIGKILLs this node meanwhile
+            _finish(4, False)
+        return loss_sum(model, x, y, mb.samples)
+
+    if root:
+        first = build(membership)
+        reshard = Reshard(build, first, close_timeout_s=3.0, timeout_s=30.0)
+        model, opt = first.model, first.optimizer
+    else:
+        model = shard(make_model())
+        opt = make_optimizer(model)
+    options = ElasticOptions(mode="global", regroup_timeout_s=2 * pg_timeout_s + 10, join_window_s=5.0,
+                             pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    trainer = ElasticTrainer(model, opt, make_sampler(), loss_fn, store=store, membership=membership, seed=SEED,
+                             options=options, heartbeat=heartbeat, wrap=fsdp_wrap("global"), rebuild=reshard)
+    losses: dict[int, str] = {}
+    log_path = os.path.join(out, f"steps-{membership.launch_rank}.jsonl") if out else None
+    while trainer.steps_done < STEPS:
+        r = trainer.step()
+        losses[r.step] = r.loss.hex()
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": r.step, "generation": trainer.membership.generation, "loss": r.loss.hex(),
+                                    "samples": list(r.samples), "world": r.world_size}) + "\n")
+        if reshard is not None and trainer.steps_done % SAVE_EVERY == 0:
+            reshard.save(trainer)
+    result: dict[str, Any] = {
+        "launch_rank": membership.launch_rank,
+        "params": full_hex(trainer.model),
+        "losses": losses,
+        "steps_done": trainer.steps_done,
+        "generation": trainer.membership.generation,
+        "members": list(trainer.membership.members),
+        "recoveries": [
+            {
+                "step": rec.step, "detected_by": rec.detected_by, "detected_at": rec.detected_at,
+                "lost": list(rec.lost), "world_size": rec.world_size, "regroup_s": rec.regroup_s,
+                "redo_s": rec.redo_s, "moved": list(rec.moved),
+                **{k: getattr(rec.reconcile, k) for k in ("steps_done", "nbytes", "seconds", "step", "close_s",
+                                                         "build_s", "restore_s", "closed", "where")
+                   if hasattr(rec.reconcile, k)},
+            }
+            for rec in trainer.recoveries
+        ],
+    }
+    if reshard is not None:
+        reshard.checkpointer.close()
+    if heartbeat is not None:
+        heartbeat.stop()
+    return result
+
+
+def main(out: str, root: str, victim: int, kill_step: int, pg_timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    from recoverkit.errors import RegroupError
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(message)s")
+    node = os.environ["RECOVERKIT_NODE"]
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a lost rendezvous host: report, end ourselves
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=pg_timeout_s))
+    rank = dist.get_rank()
+    _write(os.path.join(out, f"pid-{node}-{rank}"), os.getpid())
+    try:
+        result = train(rank, dist.get_world_size(), out, root, victim, kill_step, pg_timeout_s)
+    except RegroupError as e:
+        _write(os.path.join(out, f"result-{rank}.json"), {"launch_rank": rank, "error": e.reason, "message": str(e)[:800]})
+        _write(os.path.join(out, f"exit-{rank}"), 0)
+        _finish(0, False)
+    _write(os.path.join(out, f"result-{rank}.json"), result)
+    _write(os.path.join(out, f"exit-{rank}"), 0)
+    _finish(0, True)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], int(a[2]), int(a[3]), float(a[4]))
