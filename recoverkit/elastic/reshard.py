@@ -30,9 +30,12 @@ The flow (every survivor, the same calls in the same order)::
                                                 CRC-checked on arrival, agreed before applied;
                                                 the trainer's position (sampler, steps_done)
                                                 comes from the same snapshot
-    all-gather (ok, steps_done)                 every survivor restored the same step, or
+    all-gather (ok, steps_done, step)           every survivor restored the same step, or
                                                 every survivor raises RegroupError
-                                                (reason "restore"): the restart path
+                                                (reason "restore"): the restart path, which
+                                                restores from the same memory (the new
+                                                Checkpointer is abandoned too, nothing of
+                                                shared memory deleted)
 
 The trainer then adopts the new model and optimizer and redoes every step after the
 snapshot with the new assignment (the global batch and its gradient scale kept). Nothing of
@@ -265,6 +268,8 @@ class Reshard:
         rows = _gather([0 if error is None else 1, trainer.steps_done, step], self.timeout_s)
         failed = [r for r, row in enumerate(rows) if row[0]]
         if failed or len({(row[1], row[2]) for row in rows}) != 1:
+            if rebuilt is not None:  # the restart path restores from the memory it holds: keep it
+                rebuilt.checkpointer.abandon(self.close_timeout_s)
             here = "" if error is None else f" (here: {type(error).__name__}: {str(error)[:300]})"
             raise RegroupError(
                 f"reshard: the survivors could not restore one step from memory at world {membership.world_size}: "

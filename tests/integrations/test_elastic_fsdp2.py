@@ -178,3 +178,44 @@ def test_abandon_keeps_the_snapshots_and_releases_the_lock(tmp_path):
     with Checkpointer(root, options=opts) as new:  # takes the lock the old one held
         assert int(new.restore({"w": target})) == 3
     assert torch.equal(target, w)
+
+
+def _nothing_in_memory(rank: int, world: int, tmp: str) -> dict:
+    """Survivors whose memory holds no snapshot: Reshard.recover raises RegroupError on every rank."""
+    import torch
+
+    from recoverkit import Checkpointer
+    from recoverkit.distributed.regroup import Membership, job_store
+    from recoverkit.elastic import ElasticTrainer
+    from recoverkit.elastic.reshard import Rebuilt, Reshard, fsdp_wrap
+    from recoverkit.errors import RegroupError
+
+    os.environ["RECOVERKIT_NODE"] = "abc"[rank]
+    root, shm = os.path.join(tmp, "root"), os.path.join(tmp, "shm")
+
+    def build(m):
+        model = W.shard(W.make_model())
+        return Rebuilt(model, W.make_optimizer(model), Checkpointer(root, options=W.checkpoint_options(shm)))
+
+    store = job_store(timeout_s=10.0)
+    membership = Membership.initial(store)
+    first = build(membership)
+    reshard = Reshard(build, first, close_timeout_s=3.0, timeout_s=30.0)
+    trainer = ElasticTrainer(first.model, first.optimizer, W.make_sampler(), lambda m, mb: torch.zeros(()),
+                             store=store, membership=membership, seed=W.SEED, wrap=fsdp_wrap("global"), rebuild=reshard)
+    start = time.monotonic()
+    try:
+        reshard.recover(trainer, membership)
+    except RegroupError as e:
+        return {"reason": e.reason, "message": str(e), "seconds": time.monotonic() - start,
+                "kept": trainer.model is first.model}
+    return {"reason": None}
+
+
+def test_no_step_in_memory_falls_back_to_the_restart_path_on_every_rank(tmp_path):
+    out = run_world(3, _nothing_in_memory, str(tmp_path), timeout_s=180)
+    for o in out:
+        assert o["reason"] == "restore", o
+        assert "could not restore one step from memory at world 3" in o["message"], o
+        assert "CheckpointNotFoundError" in o["message"] and o["kept"], o
+    print("\nno snapshot in memory: RegroupError on every rank after", [round(o["seconds"], 3) for o in out], "s")
