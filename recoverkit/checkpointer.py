@@ -57,7 +57,7 @@ __all__ = ["Checkpointer", "SaveResult"]
 log = logging.getLogger("recoverkit")
 
 #: :meth:`Checkpointer.abandon`: seconds the tiers' close gets once the pending saves settled
-ABANDON_PEERS_S = 1.0
+ABANDON_PEERS_S = 0.25
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,10 @@ The trainer then adopts the new model and optimizer and redoes every step after 
 snapshot with the new assignment (the global batch and its gradient scale kept). Nothing of
 the old model is reused: its DTensors are bound to the broken group.
 
-The gradient reduction of an FSDP2 model runs in its backward pass (reduce-scatter), so
-the trainer treats it like a DDP model: :func:`fsdp_wrap` is its ``wrap=`` (every
-micro-batch but the last accumulates without a reduction; mode "global" sums, FSDP's
-division by the world size switched off). Every micro-batch of a sharded model runs
-collectives (the forward's all-gathers), so each is watched as a reduction is: a failure in
-any of them is a loss. A far-side survivor blocked in FSDP's own collective is freed by the
-group's timeout (FSDP's waits cannot be polled), so keep ``pg_timeout_s`` short.
+The step side of an FSDP2 model (its reduction in the backward pass, collectives that a
+heartbeat cuts short) is :mod:`.sharded`'s :func:`~recoverkit.elastic.sharded.fsdp_wrap`,
+the trainer's ``wrap=``; the trainer watches every micro-batch of a sharded model as a
+collective (the forward's all-gathers): a failure in any of them is a loss.
 
 Example::
 
@@ -60,7 +57,7 @@ Example::
     reshard = Reshard(build, first)
     trainer = ElasticTrainer(first.model, first.optimizer, sampler, loss_fn, store=store,
                              membership=membership, seed=0, heartbeat=hb,
-                             wrap=fsdp_wrap("global"), rebuild=reshard)
+                             wrap=fsdp_wrap("global", abort=verdict), rebuild=reshard)
     while sampler.epoch < epochs:
         trainer.step()
         reshard.save(trainer)                    # save_async of model, optimizer, position
@@ -87,7 +84,7 @@ if TYPE_CHECKING:
     from ..checkpointer import Checkpointer
     from ..staging.handle import SaveHandle
 
-__all__ = ["Rebuilt", "Reshard", "Resharded", "ShardedSync", "fsdp_wrap"]
+__all__ = ["Rebuilt", "Reshard", "Resharded"]
 
 log = logging.getLogger("recoverkit")
 
@@ -131,61 +128,6 @@ class Resharded(Reconciled):
     restore_s: float = 0.0
     closed: bool = True
     where: str = ""
-
-
-class ShardedSync(torch.nn.Module):
-    """An FSDP2 model as the trainer's ``wrap=`` result: ``no_sync()`` like DDP's.
-
-    Inside ``no_sync()`` the backward accumulates unsharded gradients without reducing
-    (``set_requires_gradient_sync(False)``); the last micro-batch's backward reduce-scatters
-    the sum. ``sum_=True`` (mode "global") switches FSDP's division by the world size off on
-    every FSDP module (``set_gradient_divide_factor(1.0)``): the loss is already divided by
-    the global sample count. Calls go to the model.
-    """
-
-    def __init__(self, module: torch.nn.Module, *, sum_: bool) -> None:
-        super().__init__()
-        from torch.distributed.fsdp import FSDPModule
-
-        fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
-        if not isinstance(module, FSDPModule):
-            raise TypeError(f"fsdp_wrap: expected a module that fully_shard was applied to, got {type(module).__name__}")
-        if sum_:
-            for m in fsdp:
-                m.set_gradient_divide_factor(1.0)
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
-        m: Any = self.module
-        m.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            m.set_requires_gradient_sync(True)
-
-
-def fsdp_wrap(mode: str = "global") -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """The trainer's ``wrap=`` for an FSDP2 model in ``mode`` ("global": summed gradients;
-    "shrink": FSDP's mean over the live ranks, TorchFT's; "ordered" is not supported: FSDP
-    reduces every micro-batch's gradients together).
-
-    Example:
-        >>> fsdp_wrap("ordered")
-        Traceback (most recent call last):
-        ...
-        ValueError: fsdp_wrap: mode must be 'global' or 'shrink' (FSDP2 reduces in its backward pass), got 'ordered'
-    """
-    if mode not in ("global", "shrink"):
-        raise ValueError(f"fsdp_wrap: mode must be 'global' or 'shrink' (FSDP2 reduces in its backward pass), got {mode!r}")
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return ShardedSync(model, sum_=mode == "global")
-
-    return wrap
 
 
 class Reshard:

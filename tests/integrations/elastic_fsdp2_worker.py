@@ -143,7 +143,8 @@ def train(rank: int, world: int, out: str | None = None, root: str | None = None
     from recoverkit import Checkpointer
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
     from recoverkit.elastic import ElasticOptions, ElasticTrainer
-    from recoverkit.elastic.reshard import Rebuilt, Reshard, fsdp_wrap
+    from recoverkit.elastic.reshard import Rebuilt, Reshard
+    from recoverkit.elastic.sharded import fsdp_wrap
 
     store = job_store(timeout_s=10.0)
     membership = Membership.initial(store)
@@ -176,8 +177,13 @@ def train(rank: int, world: int, out: str | None = None, root: str | None = None
         opt = make_optimizer(model)
     options = ElasticOptions(mode="global", regroup_timeout_s=2 * pg_timeout_s + 10, join_window_s=5.0,
                              pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    def abort() -> str | None:  # FSDP's collectives give up when the heartbeat sees a member dead
+        dead = heartbeat.dead() if heartbeat is not None else set()
+        return f"launch rank(s) {sorted(dead)} stopped beating" if dead else None
+
+    wrap = fsdp_wrap("global", abort=abort if heartbeat is not None else None, poll_s=0.05)
     trainer = ElasticTrainer(model, opt, make_sampler(), loss_fn, store=store, membership=membership, seed=SEED,
-                             options=options, heartbeat=heartbeat, wrap=fsdp_wrap("global"), rebuild=reshard)
+                             options=options, heartbeat=heartbeat, wrap=wrap, rebuild=reshard)
     losses: dict[int, str] = {}
     log_path = os.path.join(out, f"steps-{membership.launch_rank}.jsonl") if out else None
     while trainer.steps_done < STEPS:

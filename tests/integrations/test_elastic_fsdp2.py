@@ -187,7 +187,8 @@ def _nothing_in_memory(rank: int, world: int, tmp: str) -> dict:
     from recoverkit import Checkpointer
     from recoverkit.distributed.regroup import Membership, job_store
     from recoverkit.elastic import ElasticTrainer
-    from recoverkit.elastic.reshard import Rebuilt, Reshard, fsdp_wrap
+    from recoverkit.elastic.reshard import Rebuilt, Reshard
+    from recoverkit.elastic.sharded import fsdp_wrap
     from recoverkit.errors import RegroupError
 
     os.environ["RECOVERKIT_NODE"] = "abc"[rank]
