@@ -44,6 +44,7 @@ SCENARIOS = [
     "small_tensors",
     "restore_memory",
     "elastic",
+    "checkfree",
 ]
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
