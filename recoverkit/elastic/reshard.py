@@ -61,6 +61,7 @@ Example::
     while sampler.epoch < epochs:
         trainer.step()
         reshard.save(trainer)                    # save_async of model, optimizer, position
+    reshard.close()                              # also what earlier worlds left in memory
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class Reshard:
             raise TypeError("Reshard: build must be callable: build(membership) -> Rebuilt")
         self.build = build
         self.current = first
+        #: the Checkpointers of earlier worlds, abandoned (their snapshots kept until :meth:`close`)
+        self.abandoned: list[Checkpointer] = []
         self.close_timeout_s = close_timeout_s
         self.timeout_s = timeout_s
         self.trainer_key = trainer_key
@@ -180,6 +183,23 @@ class Reshard:
         """``save_async`` of :meth:`state` as step ``trainer.steps_done`` (call after each step)."""
         return self.checkpointer.save_async(trainer.steps_done, self.state(trainer))
 
+    def close(self) -> None:
+        """End of the job (every rank, together): the current Checkpointer's close (its
+        snapshots deleted, as a normal close does), then what the abandoned ones of earlier
+        worlds left in this node's shared memory: this process's own snapshots under a rank
+        number the current world no longer has (a shrink renumbers the ranks; a number the
+        current world has is its owner's now, deleted by that owner's close)."""
+        from ..staging.shm_tier import ShmTier
+
+        self.checkpointer.close()
+        world = self.checkpointer.world_size
+        for old in self.abandoned:
+            for t in old.tiers.values():
+                if isinstance(t, ShmTier) and t.rank >= world:
+                    t.slots.clear()
+                    t.store.remove_if_empty()
+        self.abandoned.clear()
+
     def recover(self, trainer: Any, membership: Membership) -> Resharded:
         """Every survivor, after the regroup: close, build, restore, agree (module doc); the
         trainer takes the new model and optimizer and the restored position.
@@ -192,6 +212,7 @@ class Reshard:
         start = time.monotonic()
         old = self.current
         closed = old.checkpointer.abandon(self.close_timeout_s)
+        self.abandoned.append(old.checkpointer)
         closed_at = time.monotonic()
         error: BaseException | None = None
         rebuilt: Rebuilt | None = None
@@ -212,6 +233,7 @@ class Reshard:
         if failed or len({(row[1], row[2]) for row in rows}) != 1:
             if rebuilt is not None:  # the restart path restores from the memory it holds: keep it
                 rebuilt.checkpointer.abandon(self.close_timeout_s)
+                self.abandoned.append(rebuilt.checkpointer)
             here = "" if error is None else f" (here: {type(error).__name__}: {str(error)[:300]})"
             raise RegroupError(
                 f"reshard: the survivors could not restore one step from memory at world {membership.world_size}: "

@@ -189,7 +189,8 @@ class ElasticTrainer:
             optimizer and Checkpointer anew on the new group and restore the newest step
             complete in memory, resharded, the trainer's position included (steps after it
             are redone). Every micro-batch then counts as a collective (FSDP's all-gathers);
-            ``wrap=fsdp_wrap(mode)`` (mode "global" or "shrink") makes its backward reduce.
+            :func:`~recoverkit.elastic.sharded.fsdp_wrap` as ``wrap=`` makes its backward
+            reduce (mode "global" or "shrink"; "ordered" is refused).
 
     Stateful: ``state_dict()`` holds ``steps_done``, the sampler's state and the membership
     (generation, launch ranks) for the record; ``load_state_dict`` restores the first two
@@ -216,6 +217,8 @@ class ElasticTrainer:
         self._wrap = wrap
         #: a sharded model: rebuilt and restored from memory after a re-forming (not reconciled)
         self._rebuild = rebuild
+        if rebuild is not None and options is not None and options.mode == "ordered":
+            raise ValueError("ElasticTrainer: a sharded model (rebuild=) reduces in its backward pass: mode 'global' or 'shrink'")
         self.ddp: torch.nn.Module | None = wrap(model) if wrap is not None else None
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.store, self.membership, self.seed = store, membership, seed

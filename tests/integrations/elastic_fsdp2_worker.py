@@ -215,7 +215,7 @@ def train(rank: int, world: int, out: str | None = None, root: str | None = None
         ],
     }
     if reshard is not None:
-        reshard.checkpointer.close()
+        reshard.close()
     if heartbeat is not None:
         heartbeat.stop()
     return result

@@ -144,6 +144,10 @@ def test_fsdp2_survivors_reshard_from_memory_in_process_and_match_the_failure_fr
     assert rel < 1e-12, rel
     assert loss_rel <= 1e-12, (losses, ref_losses)
 
+    # nothing left in shared memory after the normal end (old-world snapshots included)
+    left = [os.path.join(d, f) for d, _, files in os.walk(shm) for f in files]
+    assert left == [], left
+
     # the final timeline: every step's samples from the generation that completed it last
     logs = {r: _steps(out, r) for r in range(len(NODES))}
     assert [s["step"] for s in logs[VICTIM]] == [0, 1, 2], logs[VICTIM]
