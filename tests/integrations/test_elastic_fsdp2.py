@@ -224,3 +224,19 @@ def test_no_step_in_memory_falls_back_to_the_restart_path_on_every_rank(tmp_path
         assert "could not restore one step from memory at world 3" in o["message"], o
         assert "CheckpointNotFoundError" in o["message"] and o["kept"], o
     print("\nno snapshot in memory: RegroupError on every rank after", [round(o["seconds"], 3) for o in out], "s")
+
+
+def test_the_documented_examples_run():
+    import doctest
+    import inspect
+
+    from recoverkit import Checkpointer
+    from recoverkit.elastic.sharded import fsdp_wrap
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for obj in (Checkpointer.abandon, fsdp_wrap):
+        module = inspect.getmodule(obj)
+        for t in doctest.DocTestFinder(recurse=False).find(obj, module=module, globs=dict(vars(module))):
+            runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 2 and result.failed == 0
