@@ -31,15 +31,18 @@ A lost stage (its process SIGKILLed)::
 Limits: one stage lost at a time (a second loss during a recovery fails with
 :class:`PipelineRecoveryError`), one spare per lost stage; torchrun's restart of a single
 rank cannot be used (its agent restarts every local worker, rolling every stage back), so the
-replacement is a spare launched with the job. CheckFree+'s swapped order of the edge stages
-(odd micro-batches run the first two stages, and the last two, in the other order) is not
-expressible as one of these schedules: a ``PipelineStage`` sends to the next stage index on
-a fixed stage-to-rank map, the same for every micro-batch, and the first stage's module also
-holds the embedding, so a swapped micro-batch would visit the first stage's process twice
-(embedding, partner's blocks, own blocks): it needs a multi-stage custom schedule (two
-virtual stages on that process and a second stage order for odd micro-batches), which this
-runtime does not build. A lost edge stage here recovers only from its replica; CheckFree+
-runs in the convergence benchmark (:func:`~recoverkit.recovery.checkfree.copy_partner`).
+replacement is a spare launched with the job.
+
+CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
+embedding, blocks and head): a single-stage schedule cannot express it, since a
+``PipelineStage`` sends to the next stage index on one stage-to-rank map for every
+micro-batch, and a swapped micro-batch visits the first stage's process twice (embedding,
+then the partner's blocks, then its own). So each step runs two schedules over the same
+parameters: the even micro-batches in order (``ScheduleGPipe``) and the odd ones through
+:mod:`.swap_schedule`'s pipeline of S + 2 virtual stages (torch's schedule runtime), each loss
+divided by the step's micro-batch count. Every ``extras_every`` steps the edge stages' own
+keys (embedding, head) are copied to their partners' processes; a lost edge stage is then
+rebuilt as its partner's blocks plus that copy (:func:`~recoverkit.recovery.checkfree.copy_partner`).
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ import torch.distributed as dist
 from ..distributed.regroup import Heartbeat, Membership, regroup, retire
 from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
-from ..recovery.checkfree import CheckFreeOptions, clip_and_record
+from ..recovery.checkfree import CheckFreeOptions, clip_and_record, swap_partner
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
-from .stage_wire import nbytes, optimizer_entries, pack, stage_template
+from .stage_wire import edge_layout, nbytes, optimizer_entries, pack, stage_template
+from .swap_schedule import Split, build_swapped
 
 __all__ = [
     "PipelineOptions",
@@ -94,6 +98,9 @@ class PipelineOptions:
         regroup_timeout_s: bound on re-forming the group.
         transfer_timeout_s: bound on each recovery transfer.
         max_recoveries_per_step: recoveries one step may go through before giving up.
+        extras_every: with ``checkfree.plus``: every this many steps, the first stage's
+            embedding and the last stage's head (the keys a stage holds and its swap partner
+            does not) are copied to the partner's process, so a lost edge stage can be rebuilt.
     """
 
     num_stages: int
@@ -105,6 +112,7 @@ class PipelineOptions:
     regroup_timeout_s: float = 60.0
     transfer_timeout_s: float = 60.0
     max_recoveries_per_step: int = 2
+    extras_every: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_stages, int) or self.num_stages < 2:
@@ -112,6 +120,15 @@ class PipelineOptions:
         if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
             raise ConfigError(
                 f"PipelineOptions.n_microbatches must be >= 1, got {self.n_microbatches!r}"
+            )
+        if not isinstance(self.extras_every, int) or self.extras_every < 1:
+            raise ConfigError(
+                f"PipelineOptions.extras_every must be >= 1, got {self.extras_every!r}"
+            )
+        if self.checkfree.plus and (self.num_stages < 4 or self.n_microbatches % 2):
+            raise ConfigError(
+                "PipelineOptions: CheckFree+ needs >= 4 stages and an even n_microbatches "
+                f"(got {self.num_stages} and {self.n_microbatches})"
             )
         if self.schedule not in ("gpipe", "1f1b"):
             raise ConfigError(
@@ -164,6 +181,8 @@ class StagePipeline:
             on every call for a step (a redone step reads it again).
         store / membership / heartbeat: the job's store, generation-0 membership and running
             heartbeat (:mod:`recoverkit.distributed.regroup`).
+        split: with ``options.checkfree.plus``: a stage module -> (embedding or None, blocks,
+            head or None), modules over its own parameters (:mod:`.swap_schedule`).
 
     Construct on every member together (it creates the stages' group). Stages call
     :meth:`step`; spares call :meth:`wait_for_role`, which returns True once they hold a
@@ -181,7 +200,11 @@ class StagePipeline:
         membership: Membership,
         heartbeat: Heartbeat,
         options: PipelineOptions,
+        split: Split | None = None,
     ) -> None:
+        if options.checkfree.plus and split is None:
+            raise ConfigError("StagePipeline: CheckFree+ needs split= (embedding, blocks, head)")
+        self.split = split
         self.build_stage, self.make_optimizer = build_stage, make_optimizer
         self.loss_fn, self.batch, self.options = loss_fn, batch, options
         self.store, self.membership, self.heartbeat = store, membership, heartbeat
@@ -201,11 +224,13 @@ class StagePipeline:
         self.steps_done = 0
         self.norms: tuple[float, ...] = (math.nan,) * s
         self.replica: Replica | None = None
+        self.extras: dict[int, Replica] = {}  # edge stage -> its (de)embedding, on its partner
         self.recoveries: list[StageRecovery] = []
         self._templates: dict[int, torch.nn.Module] = {}
         self._replica_layout: int | None = None
         self._group: Any = None
         self._schedule: Any = None
+        self._swapped: Any = None
         self._pipe: Any = None
         self._ring: ProcessGroupTransport | None = None
         self._form()
@@ -231,8 +256,29 @@ class StagePipeline:
         }
         kind = ScheduleGPipe if self.options.schedule == "gpipe" else Schedule1F1B
         self._pipe = pipe
-        self._schedule = kind(pipe, self.options.n_microbatches, loss_fn=self.loss_fn)
-        if self.options.replicate:
+        if self.options.checkfree.plus:
+            # two schedules a step, even and odd micro-batches, the mean over all of them
+            assert self.split is not None
+            n, half = self.options.n_microbatches, self.options.n_microbatches // 2
+            loss_fn = self.loss_fn
+
+            def mean_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return loss_fn(output, target) / n
+
+            self._schedule = kind(pipe, half, loss_fn=mean_loss, scale_grads=False)
+            self._swapped = build_swapped(
+                module=self.module,
+                stage=self.stage,
+                num_stages=s,
+                split=self.split,
+                group=self._group,
+                group_rank_of_stage=dict(pipe.stage_index_to_group_rank),
+                n_microbatches=half,
+                loss_fn=mean_loss,
+            )
+        else:
+            self._schedule = kind(pipe, self.options.n_microbatches, loss_fn=self.loss_fn)
+        if self.options.replicate or self.options.checkfree.plus:
             self._ring = ProcessGroupTransport(
                 group=self._group, timeout_s=self.options.pg_timeout_s
             )
@@ -267,12 +313,13 @@ class StagePipeline:
         x, y = self.batch(k)
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
-        if self.stage == 0:
-            self._schedule.step(x)
-        elif self.stage == s - 1:
-            self._schedule.step(target=y, losses=losses)
-        else:
-            self._schedule.step()
+        if self._swapped is None:
+            self._steps(self._schedule, x, y, losses)
+        else:  # CheckFree+: even micro-batches in order, odd ones with the edge pairs swapped
+            n = self.options.n_microbatches
+            xs, ys = x.tensor_split(n), y.tensor_split(n)
+            self._steps(self._schedule, torch.cat(xs[0::2]), torch.cat(ys[0::2]), losses)
+            self._steps(self._swapped, torch.cat(xs[1::2]), torch.cat(ys[1::2]), losses)
         norm = clip_and_record(self.module.parameters(), self.options.checkfree.max_grad_norm)
         mine = torch.tensor([norm, float(k), float(self.stage)], dtype=torch.float64)
         got = [torch.zeros(3, dtype=torch.float64) for _ in range(s)]
@@ -285,10 +332,45 @@ class StagePipeline:
             norms[stage] = float(t[0].item())
         self.optimizer.step()
         self.steps_done, self.norms = k + 1, tuple(norms)
-        if self._ring is not None:
+        if self._ring is not None and self.options.replicate:
             self._replicate(k + 1)
-        loss = float(torch.stack([v.detach() for v in losses]).mean()) if losses else None
+        if self._ring is not None and self.options.checkfree.plus:
+            if (k + 1) % self.options.extras_every == 0:
+                self._copy_extras(k + 1)
+        scale = self.options.n_microbatches if self._swapped is not None else 1
+        loss = float(torch.stack([v.detach() for v in losses]).mean()) * scale if losses else None
         return StepRecord(k, loss, norm, self.norms, time.perf_counter() - start)
+
+    def _steps(self, schedule: Any, x: torch.Tensor, y: torch.Tensor, losses: list) -> None:
+        s = self.options.num_stages
+        if self.stage == 0:
+            schedule.step(x)
+        elif self.stage == s - 1:
+            schedule.step(target=y, losses=losses)
+        else:
+            schedule.step()
+
+    def _copy_extras(self, step: int) -> None:
+        """CheckFree+: each edge stage's own keys (embedding, head) to its swap partner's process."""
+        assert self.module is not None and self.stage is not None and self._ring is not None
+        s = self.options.num_stages
+        glob = self.membership.members
+        sends: dict[int, torch.Tensor] = {}
+        recvs: dict[int, torch.Tensor] = {}
+        layouts = {}
+        for edge in (0, s - 1):
+            partner = swap_partner(edge, s)
+            assert partner is not None
+            layout = edge_layout(self._template(edge), self._template(partner))
+            if self.stage == edge:
+                sends[glob.index(self.holder[partner])] = pack(self.module.state_dict(), layout)
+            elif self.stage == partner:
+                peer = glob.index(self.holder[edge])
+                recvs[peer] = torch.empty(nbytes(layout), dtype=torch.uint8)
+                layouts[peer] = edge
+        self._ring.exchange(sends, recvs)
+        for peer, buf in recvs.items():
+            self.extras[layouts[peer]] = Replica(layouts[peer], step, buf)
 
     def _replicate(self, step: int) -> None:
         """Ring: this stage's model + optimizer to the next stage's process, the previous one's in."""
@@ -344,8 +426,8 @@ class StagePipeline:
         # background thread, whose destructor closes its sockets, so that a stage still
         # blocked in a point-to-point op with this process fails now, not at pg_timeout_s.
         group = self._group
-        box = [self._schedule, self._pipe, self._ring, group]
-        self._schedule = self._pipe = self._ring = self._group = None
+        box = [self._schedule, self._swapped, self._pipe, self._ring, group]
+        self._schedule = self._swapped = self._pipe = self._ring = self._group = None
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
             try:
                 dist.destroy_process_group(group)
@@ -409,6 +491,7 @@ class StagePipeline:
                     module=self.module,
                     make_optimizer=self.make_optimizer,
                     replicate=self.options.replicate,
+                    template=self._template,
                     options=self.options.checkfree,
                     timeout_s=self.options.transfer_timeout_s,
                 )
@@ -425,6 +508,7 @@ class StagePipeline:
                     step=step,
                     norm=self.norms[self.stage] if self.stage is not None else 0.0,
                     replica=self.replica,
+                    extras=self.extras,
                     template=self._template,
                     timeout_s=self.options.transfer_timeout_s,
                 )

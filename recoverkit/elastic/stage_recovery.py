@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..distributed.transport import PeerTransport
-from ..errors import IntegrityError, RecoverkitError
+from ..errors import IncompatibleCheckpointError, IntegrityError, RecoverkitError
 from ..recovery.base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T, Use
 from ..recovery.chain import RecoveryChain
 from ..recovery.checkfree import (
@@ -37,20 +37,24 @@ from ..recovery.checkfree import (
     CheckFreeRecovery,
     NeighbourState,
     fresh_optimizer,
+    swap_partner,
 )
 from .stage_wire import (
     DONE,
+    EXTRAS,
     NEIGHBOUR,
     REFUSED,
     REPLICA,
     SERVED,
     Layout,
     Message,
+    edge_layout,
     layout_of,
     load_optimizer_entries,
     nbytes,
     optimizer_layout,
     pack,
+    shared_layout,
     unpack,
 )
 
@@ -142,6 +146,7 @@ def serve_requests(
     replica: Replica | None,
     template: Callable[[int], torch.nn.Module],
     timeout_s: float,
+    extras: Mapping[int, Replica] | None = None,
 ) -> list[str]:
     """A survivor's side: answer ``requester`` (global rank) until DONE; returns what was served."""
     served: list[str] = []
@@ -153,28 +158,32 @@ def serve_requests(
         if msg.kind == DONE:
             return served
         payload: torch.Tensor | None = None
+        reply_step = step
         if msg.kind == NEIGHBOUR and stage is not None and module is not None:
             if msg.stage == stage and msg.step == step and msg.lost != stage:
-                keys = list(template(msg.lost).state_dict())
-                mine = module.state_dict()
-                layout = tuple((k, tuple(mine[k].shape), mine[k].dtype) for k in keys if k in mine)
-                if len(layout) == len(keys):
-                    payload = pack(mine, layout)
+                layout = shared_layout(template(msg.lost), module)
+                try:
+                    payload = pack(module.state_dict(), layout) if layout else None
+                except IncompatibleCheckpointError:  # shapes differ: refused, not sent
+                    payload = None
         elif msg.kind == REPLICA and replica is not None:
             if replica.stage == msg.lost and replica.step == msg.step:
                 payload = replica.data
+        elif msg.kind == EXTRAS and extras and msg.lost in extras:
+            copy = extras[msg.lost]
+            if copy.step <= msg.step:  # refreshed every N steps: the newest, never a later one
+                payload, reply_step = copy.data, copy.step
         status = SERVED if payload is not None else REFUSED
         mine_stage = -1 if stage is None else stage
         transport.send(
             requester,
-            Message(status, mine_stage, msg.lost, step, norm).encode(),
+            Message(status, mine_stage, msg.lost, reply_step, norm).encode(),
             timeout_s=timeout_s,
         )
         if payload is not None:
             transport.send(requester, payload, timeout_s=timeout_s)
-            served.append(
-                f"{'neighbour' if msg.kind == NEIGHBOUR else 'replica'} of stage {msg.lost}"
-            )
+            kind = {NEIGHBOUR: "neighbour", REPLICA: "replica", EXTRAS: "edge copy"}[msg.kind]
+            served.append(f"{kind} of stage {msg.lost}")
 
 
 def rebuild_stage(
@@ -190,6 +199,7 @@ def rebuild_stage(
     replicate: bool,
     options: CheckFreeOptions,
     timeout_s: float,
+    template: Callable[[int], torch.nn.Module],
 ) -> Recovered[torch.optim.Optimizer]:
     """The replacement's side: ``module`` (freshly built for ``stage``) gets the stage's state
     back, and the returned Recovered's value is its optimizer (exact, or fresh and scaled).
@@ -197,10 +207,13 @@ def rebuild_stage(
     Args:
         ranks: stage -> global rank of the process holding it now (the survivors').
         others: every other member's global rank (each gets DONE at the end).
+        template: stage -> a module built as that stage (for the layouts of its entries).
     """
     model_layout, opt_layout = full_layout(module, make_optimizer)
 
-    def ask(peer_stage: int, kind: int, layout: Layout) -> tuple[Message, torch.Tensor | None]:
+    def ask(
+        peer_stage: int, kind: int, layout: Layout, *, exact_step: bool = True
+    ) -> tuple[Message, torch.Tensor | None]:
         peer = ranks[peer_stage]
         transport.send(peer, Message(kind, peer_stage, stage, step).encode(), timeout_s=timeout_s)
         buf = Message.buffer()
@@ -208,17 +221,28 @@ def rebuild_stage(
         reply = Message.decode(buf, num_stages=num_stages, what=f"the reply of stage {peer_stage}")
         if reply.kind != SERVED:
             return reply, None
-        if reply.stage != peer_stage or reply.lost != stage or reply.step != step:
+        late = reply.step != step if exact_step else reply.step > step
+        if reply.stage != peer_stage or reply.lost != stage or late:
             raise IntegrityError(f"stage {peer_stage} answered for another request: {reply}")
         data = torch.empty(nbytes(layout), dtype=torch.uint8)
         transport.recv_into(peer, data, timeout_s=timeout_s)
         return reply, data
 
     def neighbour(peer_stage: int) -> NeighbourState:
-        reply, data = ask(peer_stage, NEIGHBOUR, model_layout)
+        layout = shared_layout(module, template(peer_stage))
+        reply, data = ask(peer_stage, NEIGHBOUR, layout)
         if data is None:
             raise IntegrityError(f"stage {peer_stage} refused its state for step {step}")
-        return NeighbourState(peer_stage, reply.step, unpack(data, model_layout), reply.norm)
+        return NeighbourState(peer_stage, reply.step, unpack(data, layout), reply.norm)
+
+    def edge_copy(edge: int) -> dict[str, torch.Tensor]:
+        partner = swap_partner(edge, num_stages)
+        assert partner is not None
+        layout = edge_layout(module, template(partner))
+        _, data = ask(partner, EXTRAS, layout, exact_step=False)
+        if data is None:
+            raise IntegrityError(f"stage {partner} holds no copy of stage {edge}'s own layers")
+        return unpack(data, layout)
 
     holder = (stage + 1) % num_stages
 
@@ -240,6 +264,7 @@ def rebuild_stage(
             num_stages=num_stages,
             fetch=neighbour,
             keys=[k for k, _, _ in model_layout],
+            replicated=edge_copy,
             options=options,
         )
     )

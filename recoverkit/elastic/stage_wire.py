@@ -25,13 +25,16 @@ from ..errors import IncompatibleCheckpointError, IntegrityError
 
 __all__ = [
     "DONE",
+    "EXTRAS",
     "Layout",
     "Message",
     "NEIGHBOUR",
     "REFUSED",
     "REPLICA",
     "SERVED",
+    "edge_layout",
     "layout_of",
+    "shared_layout",
     "nbytes",
     "optimizer_entries",
     "optimizer_layout",
@@ -43,7 +46,7 @@ __all__ = [
 Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
 # request kinds (replacement -> survivor) and reply statuses (survivor -> replacement)
-DONE, NEIGHBOUR, REPLICA = 0, 1, 2
+DONE, NEIGHBOUR, REPLICA, EXTRAS = 0, 1, 2, 3
 SERVED, REFUSED = 1, 0
 _MAX_INDEX = 2**31
 _MAX_STEP = 2**52
@@ -52,6 +55,19 @@ _MAX_STEP = 2**52
 def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
     """The layout of ``tensors`` in their order."""
     return tuple((k, tuple(t.shape), t.dtype) for k, t in tensors.items())
+
+
+def shared_layout(lost: torch.nn.Module, peer: torch.nn.Module) -> Layout:
+    """The lost stage's entries that ``peer`` (a neighbour or swap partner) also holds, in the
+    lost stage's order and with its shapes (the receiver's, built by itself)."""
+    theirs = peer.state_dict()
+    return tuple(e for e in layout_of(lost.state_dict()) if e[0] in theirs)
+
+
+def edge_layout(edge: torch.nn.Module, partner: torch.nn.Module) -> Layout:
+    """The entries an edge stage holds and its swap partner does not (embedding, head)."""
+    theirs = partner.state_dict()
+    return tuple(e for e in layout_of(edge.state_dict()) if e[0] not in theirs)
 
 
 def nbytes(layout: Layout) -> int:
@@ -163,7 +179,7 @@ class Message:
         ints = (kind, stage, lost, step)
         if not all(v.is_integer() for v in ints):
             raise IntegrityError(f"{what}: non-integer fields in {values}")
-        if not (0 <= kind <= 2 and -1 <= stage < num_stages and -1 <= lost < num_stages):
+        if not (0 <= kind <= 3 and -1 <= stage < num_stages and -1 <= lost < num_stages):
             raise IntegrityError(f"{what}: fields out of range in {values}")
         if not (-1 <= step <= _MAX_STEP and norm >= 0):
             raise IntegrityError(f"{what}: step or norm out of range in {values}")

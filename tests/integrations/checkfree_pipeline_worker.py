@@ -4,7 +4,10 @@
 processes (torchrun): launch ranks 0-3 hold stages 0-3, launch rank 4 is the spare. MODE:
 ``free`` (nothing fails), ``checkfree`` (no replica: a lost stage is rebuilt from its
 neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
-lost stage comes back exactly). The process holding stage ``VICTIM`` stops inside the first
+lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
+swapped, the edge stages' embedding and head copied to their partners every step; a lost edge
+stage copies its partner). An optional fifth argument names the victim stage (default
+``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
 for the test's SIGKILL of its node.
 
@@ -68,6 +71,17 @@ class Stage(torch.nn.Module):
         return x
 
 
+def split(
+    module: torch.nn.Module,
+) -> tuple[torch.nn.Module | None, torch.nn.Module, torch.nn.Module | None]:
+    """CheckFree+'s parts of a stage: its embedding, its blocks, its head (the same parameters)."""
+    assert isinstance(module, Stage)
+    head = None
+    if module.head is not None and module.head_norm is not None:
+        head = torch.nn.Sequential(module.head_norm, module.head)
+    return module.embed, torch.nn.Sequential(*module.blocks), head
+
+
 def build_stage(index: int) -> torch.nn.Module:
     torch.manual_seed(100 + index)
     return Stage(index)
@@ -128,11 +142,12 @@ def _finish(code: int, group: bool) -> None:
     os._exit(code)
 
 
-def main(out: str, mode: str, kill_step: int, steps: int) -> None:
+def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
     import torch.distributed as dist
 
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
     from recoverkit.elastic.pipeline import PipelineOptions, StagePipeline
+    from recoverkit.recovery.checkfree import CheckFreeOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
     signal.signal(
@@ -151,6 +166,7 @@ def main(out: str, mode: str, kill_step: int, steps: int) -> None:
         num_stages=NUM_STAGES,
         n_microbatches=MICRO,
         replicate=mode == "replica",
+        checkfree=CheckFreeOptions(plus=mode == "plus"),
         pg_timeout_s=PG_TIMEOUT_S,
         regroup_timeout_s=40.0,
         transfer_timeout_s=30.0,
@@ -164,9 +180,10 @@ def main(out: str, mode: str, kill_step: int, steps: int) -> None:
         membership=membership,
         heartbeat=heartbeat,
         options=options,
+        split=split if mode == "plus" else None,
     )
 
-    if pipe.stage == VICTIM and mode != "free" and pipe.module is not None:
+    if pipe.stage == victim and mode != "free" and pipe.module is not None:
 
         def pause(_module: Any, _args: Any) -> None:
             if pipe.steps_done == kill_step:
@@ -236,4 +253,4 @@ def main(out: str, mode: str, kill_step: int, steps: int) -> None:
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), int(a[3]))
+    main(a[0], a[1], int(a[2]), int(a[3]), *(int(v) for v in a[4:5]))

@@ -53,7 +53,7 @@ def _torchrun() -> list[str]:
     return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _worker_args(out: str, mode: str) -> list[str]:
+def _worker_args(out: str, mode: str, victim: int = W.VICTIM) -> list[str]:
     return [
         "-m",
         "tests.integrations.checkfree_pipeline_worker",
@@ -61,6 +61,7 @@ def _worker_args(out: str, mode: str) -> list[str]:
         mode,
         str(KILL_STEP),
         str(STEPS),
+        str(victim),
     ]
 
 
@@ -114,8 +115,8 @@ def _wait_files(out: str, names: list[str], timeout_s: float, base: str) -> None
         time.sleep(0.05)
 
 
-def run_failure(base: str, mode: str) -> tuple[str, str]:
-    """Five agents; the node of stage 2 SIGKILLed inside step KILL_STEP. Returns (out, logs)."""
+def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]:
+    """Five agents; the node of stage ``victim`` SIGKILLed inside step KILL_STEP. Returns (out, logs)."""
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
@@ -133,7 +134,7 @@ def run_failure(base: str, mode: str) -> tuple[str, str]:
                     "--max-restarts=0",
                     "--monitor-interval=0.1",
                 ]
-                + _worker_args(out, mode)
+                + _worker_args(out, mode, victim)
             )
             log = open(os.path.join(base, f"agent-{node}.log"), "w")
             env = dict(torchrun_env(), RECOVERKIT_NODE=node)
@@ -154,7 +155,7 @@ def run_failure(base: str, mode: str) -> tuple[str, str]:
         deadline = time.monotonic() + 30
         while len(_pids(out)) < len(NODES) and time.monotonic() < deadline:
             time.sleep(0.05)
-        node, pid = _pids(out)[W.VICTIM]
+        node, pid = _pids(out)[victim]
         assert node != "a", "the victim's node hosts the rendezvous"
         killed = time.time()
         os.killpg(procs[NODES.index(node)].pid, signal.SIGKILL)
@@ -165,7 +166,7 @@ def run_failure(base: str, mode: str) -> tuple[str, str]:
         with open(os.path.join(out, "killed.tmp"), "w") as f:
             f.write(repr(killed))
         os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
-        survivors = [r for r in range(len(NODES)) if r != W.VICTIM]
+        survivors = [r for r in range(len(NODES)) if r != victim]
         _wait_files(
             out,
             [f"exit-{r}" for r in survivors],
@@ -210,10 +211,10 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def figures(free: str, failed: str) -> dict:
+def figures(free: str, failed: str, victim: int = W.VICTIM) -> dict:
     """Per-step time (failure-free run), detection, regroup, rebuild, recovery (failure run)."""
     step_s = [s["seconds"] for r in range(W.NUM_STAGES) for s in _steps(free, r)[1:]]
-    results = {r: _result(failed, r) for r in range(len(NODES)) if r != W.VICTIM}
+    results = {r: _result(failed, r) for r in range(len(NODES)) if r != victim}
     rows = []
     for r, res in sorted(results.items()):
         for rec in res["recoveries"]:
@@ -342,3 +343,114 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_checkfree_plus_a_lost_last_stage_copies_its_partner(tmp_path):
+    """CheckFree+ on the real pipeline (odd micro-batches through the swapped order), the
+    last stage's node SIGKILLed: the spare rebuilds it as stage 2's blocks after step
+    KILL_STEP-1 plus its own head as copied to stage 2's process after that step. (Stage 0
+    cannot be the victim here: its process hosts the job's store.)"""
+    last = W.NUM_STAGES - 1
+    out, logs = run_failure(str(tmp_path), "plus", victim=last)
+    k, spare = KILL_STEP, len(NODES) - 1
+    res = _result(out, spare)
+    assert res["took_stage"] == last and res["steps_done"] == STEPS, res
+    (rec,) = res["recoveries"]
+    assert rec["strategy"] == "checkfree+" and rec["step"] == k and rec["lost"] == [last], rec
+    assert "recovered step 2 with checkfree+ from CheckFree+ copy of stage 2 at step 2" in logs
+    partner, lost = _state(out, last - 1, k - 1), _state(out, last, k - 1)
+    rebuilt = torch.load(os.path.join(out, f"rebuilt-{last}.pt"), weights_only=True)
+    assert sorted(rebuilt) == sorted(lost)
+    for key, value in rebuilt.items():
+        want = partner[key] if key.startswith("blocks.") else lost[key]
+        assert torch.equal(value, want), key
+    assert res["lr"] == [pytest.approx(3e-3 * 1.1)]
+    served = _result(out, last - 1)["recoveries"][0]["served"]
+    assert sorted(served) == ["edge copy of stage 3", "neighbour of stage 3"], served
+    for stage in range(last):
+        r = _result(out, stage)
+        assert r["steps_done"] == STEPS and [s["step"] for s in _steps(out, stage)] == list(
+            range(STEPS)
+        )
+
+
+def _swapped_step_grads(rank: int, world: int) -> dict[str, bytes]:
+    """One CheckFree+ step of the 4-stage pipeline (no clipping); this stage's gradients as
+    float32 bytes (plain bytes: a tensor sent through the result queue shares its storage by
+    a file descriptor that the worker's exit may close before the parent reads it)."""
+    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
+    from recoverkit.elastic.pipeline import PipelineOptions, StagePipeline
+    from recoverkit.recovery.checkfree import CheckFreeOptions
+
+    store = job_store(timeout_s=30.0)
+    membership = Membership.initial(store)
+    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=5.0).start()
+    try:
+        options = PipelineOptions(
+            num_stages=W.NUM_STAGES,
+            n_microbatches=W.MICRO,
+            checkfree=CheckFreeOptions(plus=True, max_grad_norm=float("inf")),
+        )
+        pipe = StagePipeline(
+            W.build_stage,
+            W.make_optimizer,
+            W.loss_fn,
+            W.batch,
+            store=store,
+            membership=membership,
+            heartbeat=heartbeat,
+            options=options,
+            split=W.split,
+        )
+        pipe.step()
+        assert pipe.module is not None
+        return {
+            n: p.grad.detach().contiguous().numpy().tobytes()
+            for n, p in pipe.module.named_parameters()
+            if p.grad is not None
+        }
+    finally:
+        heartbeat.stop()
+
+
+def test_checkfree_plus_swapped_micro_batches_have_the_hand_computed_gradients():
+    """The gradients of one step whose odd micro-batches run the blocks in the order
+    1, 0, 3, 2 (embedding first, head last) equal those of running the blocks in that order by
+    hand, bit for bit, and differ from the order 0, 1, 2, 3 for every micro-batch."""
+    from tests.distributed.harness import run_world
+
+    raw = run_world(W.NUM_STAGES, _swapped_step_grads, timeout_s=120)
+
+    def by_hand(swap: bool) -> list[dict[str, torch.Tensor]]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            stages = [W.build_stage(i) for i in range(W.NUM_STAGES)]
+            parts = [W.split(m) for m in stages]
+            x, y = W.batch(0)
+            xs, ys = x.tensor_split(W.MICRO), y.tensor_split(W.MICRO)
+            for m in [*range(0, W.MICRO, 2), *range(1, W.MICRO, 2)]:  # the pipeline's order
+                order = [1, 0, 3, 2] if swap and m % 2 else [0, 1, 2, 3]
+                embed, head = parts[0][0], parts[-1][2]
+                assert embed is not None and head is not None
+                h = embed(xs[m])
+                for i in order:
+                    h = parts[i][1](h)
+                (W.loss_fn(head(h), ys[m]) / W.MICRO).backward()
+            return [{n: p.grad for n, p in s.named_parameters()} for s in stages]
+        finally:
+            torch.set_num_threads(threads)
+
+    swapped, ordered = by_hand(True), by_hand(False)
+    got = [
+        {
+            n: torch.frombuffer(bytearray(b), dtype=torch.float32).view_as(swapped[s][n])
+            for n, b in raw[s].items()
+        }
+        for s in range(W.NUM_STAGES)
+    ]
+    for stage in range(W.NUM_STAGES):
+        assert sorted(got[stage]) == sorted(swapped[stage])
+        for name, grad in got[stage].items():
+            assert torch.equal(grad, swapped[stage][name]), (stage, name)
+        assert not all(torch.equal(got[stage][n], ordered[stage][n]) for n in got[stage]), stage
