@@ -73,6 +73,12 @@ pytorch/pytorch#130345 asks for a gloo ``shutdown`` for faster recovery, pytorch
 (gloo abort) is still open, and pytorch/gloo#520 is a lazy-init connect that ignores its
 timeout after a peer dies (this module does not use ``TORCH_GLOO_LAZY_INIT``).
 
+Growing back is the other direction (:mod:`recoverkit.elastic.admit`): a process started
+outside torchrun's rendezvous takes a fresh launch rank from ``<ns>/launch_ranks`` (opened at
+the launch world's size by :meth:`Membership.initial`), and the members admit it at an agreed
+step boundary into a generation whose ``previous`` does not hold it (:attr:`Membership.joined`).
+A new torchrun *agent* instead makes torchrun restart every worker (the restart path).
+
 Every value read from the store is hostile: sizes are capped, integers and membership lists
 are validated against the previous generation before they are used.
 """
@@ -89,7 +95,7 @@ from typing import Any
 
 from ..errors import ConfigError, PeerLostError, PeerTimeoutError, RegroupError
 
-__all__ = ["Membership", "Heartbeat", "regroup", "wait_alive", "retire", "job_store", "NAMESPACE"]
+__all__ = ["Membership", "Heartbeat", "regroup", "wait_alive", "retire", "job_store", "NAMESPACE", "LAUNCH_RANKS"]
 
 #: the root of every key this module writes
 NAMESPACE = "recoverkit/regroup"
@@ -97,6 +103,9 @@ NAMESPACE = "recoverkit/regroup"
 MAX_VALUE_BYTES = 1 << 20
 #: the largest world a membership may name
 MAX_WORLD = 1 << 16
+#: under a job's namespace: the next launch rank to hand out (starts at the launch world size;
+#: a process joining later takes one with ``add``, :func:`recoverkit.elastic.admit.join`)
+LAUNCH_RANKS = "launch_ranks"
 _POLL_S = 0.01
 
 
@@ -175,12 +184,18 @@ class Membership:
     @property
     def rank_map(self) -> dict[int, int]:
         """Rank in the previous generation -> rank in this one, for every survivor."""
-        return {self.previous.index(r): i for i, r in enumerate(self.members)}
+        return {self.previous.index(r): i for i, r in enumerate(self.members) if r in self.previous}
 
     @property
     def lost(self) -> tuple[int, ...]:
         """Launch ranks of the previous generation that are not in this one."""
         return tuple(r for r in self.previous if r not in self.members)
+
+    @property
+    def joined(self) -> tuple[int, ...]:
+        """Launch ranks admitted in this generation (:mod:`recoverkit.elastic.admit`): members
+        that were not in the previous one."""
+        return tuple(r for r in self.members if r not in self.previous)
 
     @classmethod
     def initial(cls, store: Any) -> Membership:
@@ -203,6 +218,8 @@ class Membership:
         epoch = torch.zeros(1, dtype=torch.int64)
         if rank == 0:
             epoch[0] = _store_call("take an epoch", store.add, f"{NAMESPACE}/epoch", 1)
+            # the launch ranks of joiners count on from the launch world (elastic/admit)
+            _store_call("open the launch ranks", store.add, f"{NAMESPACE}/{int(epoch[0])}/{LAUNCH_RANKS}", world)
         dist.broadcast(epoch, 0)
         e = _check_int(int(epoch.item()), "regroup epoch", 1, 2**62)
         members = tuple(range(world))

@@ -47,8 +47,12 @@ class ElasticOptions:
         max_recoveries_per_step: re-formings one step may go through before the trainer
             gives up with the last failure (a failure that a new group does not cure).
         sync_max_bytes: the most bytes of model + optimizer state a rank accepts from a
-            peer when survivors disagree on the last completed step (``None``: eight times
-            this rank's own parameters and buffers, plus 1 MiB).
+            peer when survivors disagree on the last completed step, or a newcomer from the
+            survivors (``None``: eight times this rank's own parameters and buffers, plus 1 MiB).
+        admit_timeout_s: admitting joiners (:mod:`~recoverkit.elastic.admit`): how long the
+            members wait for the joiners' acknowledgements and for the new group's
+            rendezvous (a joiner that died meanwhile costs at most this, then it is dropped),
+            and how long a launch rank taken without its record is waited for.
 
     Example:
         >>> ElasticOptions(mode="ordered", collective_timeout_s=5.0).mode
@@ -67,11 +71,12 @@ class ElasticOptions:
     poll_s: float = 0.05
     max_recoveries_per_step: int = 3
     sync_max_bytes: int | None = None
+    admit_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in REDUCE_MODES:
             raise ConfigError(f"ElasticOptions.mode must be one of {list(REDUCE_MODES)}, got {self.mode!r}")
-        for name in ("regroup_timeout_s", "join_window_s", "pg_timeout_s", "poll_s"):
+        for name in ("regroup_timeout_s", "join_window_s", "pg_timeout_s", "poll_s", "admit_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
                 raise ConfigError(f"ElasticOptions.{name} must be a number of seconds in (0, 1e6), got {value!r}")

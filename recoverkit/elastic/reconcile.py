@@ -109,6 +109,12 @@ def _pad(n: int) -> int:
 
 def _pack(state: Mapping[str, Any]) -> tuple[bytes, torch.Tensor]:
     """The source's header (typed JSON) and payload (one uint8 tensor)."""
+    doc, payload = _pack_doc(state)
+    return encode(doc), payload
+
+
+def _pack_doc(state: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The header before encoding (:mod:`.grow` adds its piece table) and the payload."""
     skeleton, refs = flatten(capture(state))
     table: list[list[Any]] = []
     parts: list[torch.Tensor] = []
@@ -127,8 +133,7 @@ def _pack(state: Mapping[str, Any]) -> tuple[bytes, torch.Tensor]:
         payload[offset : offset + p.numel()].copy_(p)
         offset += p.numel() + _pad(p.numel())
     crc = crc32c(payload.numpy()) if total else 0
-    header = encode({"skeleton": skeleton, "tensors": table, "nbytes": total, "crc32c": crc})
-    return header, payload
+    return {"skeleton": skeleton, "tensors": table, "nbytes": total, "crc32c": crc}, payload
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
