@@ -44,9 +44,19 @@ PAUSE_LIMIT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 5.0
 
 
+#: ``RECOVERKIT_FSDP2_HIDDEN=H`` (a multiple of 12) adds an H x H layer: a larger state for the
+#: printed figures (the test's default: none)
+HIDDEN = int(os.environ.get("RECOVERKIT_FSDP2_HIDDEN", "0"))
+
+
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     # 24 and 12 rows: 6 and 3 per rank at world 4, 8 and 4 at world 3
+    if HIDDEN:
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, HIDDEN), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(HIDDEN, HIDDEN),
+            torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 12),
+        ).double()
     return torch.nn.Sequential(
         torch.nn.Linear(6, 24), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(24, 12)
     ).double()
@@ -100,7 +110,7 @@ def checkpoint_options(shm_dir: str) -> Any:
         capture_rng=False,  # the random streams are keyed to the micro-batch
         commit_timeout_s=20.0,
         tiers=[TierSpec.shm(slots=3, shm_dir=shm_dir), TierSpec.replica(k=1), TierSpec.local(every_steps=0)],
-        staging=StagingPolicy(budget_bytes=8 << 20),
+        staging=StagingPolicy(budget_bytes=max(8 << 20, 4 * 8 * (HIDDEN + 8) ** 2)),
     )
 
 
