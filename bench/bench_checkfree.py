@@ -342,13 +342,15 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
     CheckFree's recovery and checkpoint-restart's restart (the same machinery brings a
     spare in; they differ in where the state comes from and in the rollback).
     """
-    reps = int(measured["reps"])
+    def n(key: str) -> str:
+        return f"median of {int(measured.get(key, measured['reps']))}"
+
     tm = Timing(step_s=measured["step_s"], save_s=measured["save_s"], restore_s=measured["restore_s"],
                 detection_s=0.0, relaunch_s=0.0, fetch_s=0.0)
     tm.sources = {
-        "step_s": f"measured here: one simulated pipeline step (every stage in one process), median of {reps}",
-        "save_s": f"measured here: blocking Checkpointer.save of every stage to local disk, median of {reps}",
-        "restore_s": f"measured here: a new Checkpointer restoring every stage from disk, median of {reps}",
+        "step_s": f"measured here: one simulated pipeline step (every stage in one process), {n('step_n')}",
+        "save_s": f"measured here: blocking Checkpointer.save of every stage to local disk, {n('save_n')}",
+        "restore_s": f"measured here: a new Checkpointer restoring every stage from disk, {n('restore_n')}",
         "detection_s": "not measured (no bench_mttr results): 0",
         "relaunch_s": "not measured (no bench_mttr results): 0",
         "fetch_s": "not measured: 0",
@@ -452,6 +454,8 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     failures: list[dict[str, Any]] = []
     train_losses: list[float] = []
     step_times: list[float] = []
+    save_times: list[float] = []
+    restore_times: list[float] = []
     lost_steps = 0
     t0 = time.perf_counter()
     reached = False
@@ -463,8 +467,10 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
                 assert ckpt is not None
                 ckpt.close()  # the job is gone; a new one restores the newest checkpoint from disk
                 sim = Sim(**sim_args, swap=False)
+                w = time.perf_counter()
                 with Checkpointer(root, options=opts, coordinator=LocalCoordinator()) as reader:
                     back = int(reader.restore(sim.state()))
+                restore_times.append(time.perf_counter() - w)
                 ckpt = Checkpointer(root, options=opts, coordinator=LocalCoordinator())
                 failures.append({"iteration": it, "stages": lost, "step": step,
                                  "action": f"rolled back to step {back}"})
@@ -483,7 +489,9 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
             step += 1
             n["iteration"] += 1
             if ckpt is not None and step % ckpt_every == 0:
+                w = time.perf_counter()
                 ckpt.save(step, sim.state())
+                save_times.append(time.perf_counter() - w)
                 n["saves"] += 1
             if mode == PLUS and step % z["replicate_every"] == 0:
                 sim.refresh_replica()
@@ -500,6 +508,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
         "stage_failures": sum(len(f["stages"]) for f in failures),
         "ckpt_every": ckpt_every if mode in RESTARTS else None,
         "lost_steps": lost_steps, "train_loss_last": train_losses[-1] if train_losses else None,
+        "step_times": step_times, "save_times": save_times, "restore_times": restore_times,
         "step_s_measured": median(step_times) if step_times else None, "runtime_s": time.perf_counter() - t0,
     }
 
@@ -633,10 +642,24 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
     return finish(r, dirs)
 
 
+def whole_run(r: dict[str, Any]) -> dict[str, float]:
+    """Step, save and restore times: the medians over every step, save and restore of the whole
+    benchmark (hundreds of each: steadier on a shared machine than the few calibration samples,
+    which only choose the Young/Daly interval up front)."""
+    out = dict(r["measured"])
+    runs = [run_ for i, pr in enumerate(r["per_rate"].values()) for m, run_ in pr["runs"].items()
+            if m != NO_FAILURE or i == 0]  # the reference is shared by every rate
+    for key, name in (("step_s", "step_times"), ("save_s", "save_times"), ("restore_s", "restore_times")):
+        samples = [x for run_ in runs for x in run_.get(name, ())]
+        if samples:
+            out[key], out[key.replace("_s", "_n")] = median(samples), float(len(samples))
+    return out
+
+
 def finish(r: dict[str, Any], dirs: tuple[str, ...]) -> dict[str, Any]:
     """Charges the clock (from the figures published now) and summarises every rate; ``--retime``
     calls it again on a published result when the real pipeline's figures arrive."""
-    tm = charged(r["measured"], dirs, r["stages"], r["sizes"]["spec"]["dim"])
+    tm = charged(whole_run(r), dirs, r["stages"], r["sizes"]["spec"]["dim"])
     r["timing"] = {**asdict(tm), "restart_s": tm.restart_s, "recover_s": tm.recover_s}
     for pr in r["per_rate"].values():
         pr["per_stage_per_h_sim"] = pr["p_step"] * 3600.0 / tm.step_s  # the rate in this simulated clock
@@ -745,6 +768,39 @@ def _plot(r: dict[str, Any]) -> Any:
     return draw
 
 
+def rate_plots(r: dict[str, Any], out_dir: str | None) -> list[str]:
+    """One figure per failure rate, ``checkfree_<rate>pct.png``: loss vs step and vs wall clock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    os.makedirs(out_dir or RESULTS_DIR, exist_ok=True)
+    for rate in r["per_rate"]:
+        one = {**r, "per_rate": {rate: r["per_rate"][rate]}}
+        fig = plt.figure(figsize=(9, 3.8), dpi=100)
+        try:
+            _plot(one)(fig)
+            fig.tight_layout()
+            path = os.path.join(out_dir or RESULTS_DIR, f"checkfree_{rate}pct.png")
+            tmp = f"{path}.tmp.{os.getpid()}.png"
+            fig.savefig(tmp)
+            os.replace(tmp, path)
+            paths.append(path)
+        finally:
+            plt.close(fig)
+    return paths
+
+
+def _publish(r: dict[str, Any], out_dir: str | None) -> None:
+    text = table(r)
+    extra = rate_plots(r, out_dir)
+    text += "\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in extra)
+    print(text)
+    publish("checkfree", r, text, plot=_plot(r), out_dir=out_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, seconds")
@@ -769,9 +825,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--retime: {path} is not a checkfree result")
         old.pop("machine", None)
         r = finish(old, dirs)
-        text = table(r)
-        print(text)
-        publish("checkfree", r, text, plot=_plot(r), out_dir=a.out_dir)
+        _publish(r, a.out_dir)
         return r
     modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
     unknown = sorted(set(modes) - set(MODES))
@@ -789,9 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.steps is not None and a.steps < 10:
         ap.error("--steps must be >= 10")
     r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps)
-    text = table(r)
-    print(text)
-    publish("checkfree", r, text, plot=_plot(r), out_dir=a.out_dir)
+    _publish(r, a.out_dir)
     return r
 
 
