@@ -329,8 +329,15 @@ class ElasticTrainer:
         for i, mb in enumerate(mbs):
             reduces = ddp is not None and summer is None and i == len(mbs) - 1
             sync = ddp.no_sync() if ddp is not None and not reduces else nullcontext()  # type: ignore[operator]
-            # a sharded model's forward and backward run collectives in every micro-batch
-            watch = "DDP reduction in backward" if reduces else "sharded model's collectives" if self._rebuild else None
+            # a sharded model's forward and backward run collectives in every micro-batch; so does
+            # a DDP forward in the wrapper's second step (the bucket rebuild broadcast), on every
+            # new group: a peer lost there is a lost collective too
+            watch = (
+                "DDP reduction in backward" if reduces
+                else "sharded model's collectives" if self._rebuild
+                else "DDP forward" if ddp is not None
+                else None
+            )
             try:
                 with reducing(watch) if watch else nullcontext(), sync, keyed_rng(self.seed, *mb.key):
                     loss = self.loss_fn(ddp if ddp is not None else self.model, mb) / scale

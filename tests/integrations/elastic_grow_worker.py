@@ -4,7 +4,8 @@ Launched ranks (one torchrun agent per simulated node, ``RECOVERKIT_NODE``)::
 
     python -m tests.integrations.elastic_grow_worker run OUT MODE VICTIM KILL_STEP JOIN_BEFORE STEPS PG_TIMEOUT_S
 
-train as elastic_worker does (the rank whose launch rank is ``VICTIM`` pauses inside step
+train as elastic_worker does (``MODE`` ending in ``-ddp``: a DDP model, re-wrapped on each
+new group, the newcomer's after its state came; the rank whose launch rank is ``VICTIM`` pauses inside step
 ``KILL_STEP`` until the test SIGKILLs its node), and rank 0 writes ``master`` (the store's
 ``MASTER_ADDR``/``MASTER_PORT``). Before step ``JOIN_BEFORE`` every member waits (bounded)
 until a joiner has announced itself in the store, so that the admission comes at a known
@@ -48,9 +49,14 @@ MISS_S = 2.0  # a loaded 2-core machine: a beat 1 s late is not a loss here
 def _options(mode: str, pg_timeout_s: float) -> Any:
     from recoverkit.elastic import ElasticOptions
 
-    return ElasticOptions(mode=mode, regroup_timeout_s=2 * pg_timeout_s, join_window_s=5.0,  # type: ignore[arg-type]
+    return ElasticOptions(mode=mode.removesuffix("-ddp"), regroup_timeout_s=2 * pg_timeout_s, join_window_s=5.0,  # type: ignore[arg-type]
                           pg_timeout_s=pg_timeout_s, collective_timeout_s=W.COLLECTIVE_TIMEOUT_S,
                           admit_timeout_s=ADMIT_TIMEOUT_S)
+
+
+def _wrap(mode: str, heartbeat: Any) -> Any:
+    """``MODE`` ending in ``-ddp``: elastic_worker's DDP wrapper (mode "global": the SUM hook)."""
+    return W._ddp(mode.removesuffix("-ddp"), heartbeat) if mode.endswith("-ddp") else None
 
 
 def _train(out: str, trainer: Any, model: torch.nn.Module, steps: int, before_step: Any = None) -> dict[str, Any]:
@@ -117,7 +123,8 @@ def run(out: str, mode: str, victim: int, kill_step: int, join_before: int, step
 
     model = W.make_model()
     trainer = ElasticTrainer(model, W.make_optimizer(model), W.make_sampler(), loss_fn, store=store,
-                             membership=membership, seed=W.SEED, options=_options(mode, pg_timeout_s), heartbeat=heartbeat)
+                             membership=membership, seed=W.SEED, options=_options(mode, pg_timeout_s), heartbeat=heartbeat,
+                             wrap=_wrap(mode, heartbeat))
     result = _train(out, trainer, model, steps, before_step)
     W._write(os.path.join(out, f"result-{rank}.json"), result)
     heartbeat.stop()
@@ -159,7 +166,7 @@ def join(out: str, mode: str, steps: int, pg_timeout_s: float, fate: str) -> Non
         return W.loss_sum(m, x, y, mb.samples)
 
     trainer = ElasticTrainer(model, opt, W.make_sampler(), loss_fn, store=store, membership=membership, seed=W.SEED,
-                             options=_options(mode, pg_timeout_s), heartbeat=heartbeat)
+                             options=_options(mode, pg_timeout_s), heartbeat=heartbeat, wrap=_wrap(mode, heartbeat))
     result = _train(out, trainer, model, steps)
     W._write(os.path.join(out, f"result-{me}.json"), result)
     heartbeat.stop()
