@@ -183,6 +183,9 @@ class StagePipeline:
             heartbeat (:mod:`recoverkit.distributed.regroup`).
         split: with ``options.checkfree.plus``: a stage module -> (embedding or None, blocks,
             head or None), modules over its own parameters (:mod:`.swap_schedule`).
+        stage: this process's stage, or ``"spare"``; ``"auto"``: launch ranks
+            0..num_stages-1 hold the stages in order, the others are spares. Every stage must
+            be held by exactly one process (checked on every member alike).
 
     Construct on every member together (it creates the stages' group). Stages call
     :meth:`step`; spares call :meth:`wait_for_role`, which returns True once they hold a
@@ -201,6 +204,7 @@ class StagePipeline:
         heartbeat: Heartbeat,
         options: PipelineOptions,
         split: Split | None = None,
+        stage: int | Literal["auto", "spare"] = "auto",
     ) -> None:
         if options.checkfree.plus and split is None:
             raise ConfigError("StagePipeline: CheckFree+ needs split= (embedding, blocks, head)")
@@ -213,9 +217,9 @@ class StagePipeline:
             raise ConfigError(
                 f"{s} stages need at least {s} processes, got {membership.world_size}"
             )
-        self.holder = {i: i for i in range(s)}  # stage -> launch rank
+        self.holder = _holders(stage, membership, s)  # stage -> launch rank
         me = membership.launch_rank
-        self.stage: int | None = me if me < s else None
+        self.stage: int | None = next((i for i, r in self.holder.items() if r == me), None)
         self.module: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if self.stage is not None:
@@ -528,3 +532,33 @@ class StagePipeline:
                 served=tuple(served),
             )
         )
+
+
+def _holders(stage: int | str, membership: Membership, num_stages: int) -> dict[int, int]:
+    """Stage -> launch rank, from every member's choice (a collective over the launch world)."""
+    me = membership.launch_rank
+    if stage == "auto":
+        mine = me if me < num_stages else -1
+    elif stage == "spare":
+        mine = -1
+    elif isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage < num_stages:
+        mine = stage
+    else:
+        raise ConfigError(
+            f"StagePipeline: stage must be in [0, {num_stages}), 'auto' or 'spare', got {stage!r}"
+        )
+    if membership.generation != 0:
+        raise ConfigError("StagePipeline starts from the launch membership (generation 0)")
+    got = [torch.zeros(1, dtype=torch.int64) for _ in membership.members]
+    dist.all_gather(got, torch.tensor([mine], dtype=torch.int64))
+    holder: dict[int, int] = {}
+    for launch, t in zip(membership.members, got):
+        role = int(t.item())
+        if role in holder:
+            raise ConfigError(f"stage {role} is held by launch ranks {holder[role]} and {launch}")
+        if role >= 0:
+            holder[role] = launch
+    missing = [i for i in range(num_stages) if i not in holder]
+    if missing:
+        raise ConfigError(f"StagePipeline: no process holds stage(s) {missing}")
+    return holder

@@ -1,7 +1,8 @@
 """The job of test_checkfree_pipeline.py: a 4-stage byte-level model on torch.distributed.pipelining.
 
-``python -m tests.integrations.checkfree_pipeline_worker OUT MODE KILL_STEP STEPS`` on 5
-processes (torchrun): launch ranks 0-3 hold stages 0-3, launch rank 4 is the spare. MODE:
+``python -m tests.integrations.checkfree_pipeline_worker OUT MODE KILL_STEP STEPS [VICTIM]`` on
+5 processes (torchrun): 4 hold stages 0-3, one is the spare (by launch rank, or by local rank
+from ``RECOVERKIT_STAGES``, e.g. ``0,1,3,spare`` on one node and ``2`` on another). MODE:
 ``free`` (nothing fails), ``checkfree`` (no replica: a lost stage is rebuilt from its
 neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
 lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
@@ -11,11 +12,12 @@ stage copies its partner). An optional fifth argument names the victim stage (de
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
 for the test's SIGKILL of its node.
 
-Every stage process writes, after each completed step, ``state-<stage>-<step>.pt`` (its stage's
-state dict after that step) and a line of ``steps-<launch rank>.jsonl`` (step, loss, norms,
-seconds); a replacement writes ``rebuilt-<stage>.pt`` (the state it was rebuilt to, before
-redoing the step); every process writes ``result-<launch rank>.json`` (its recoveries) and ends
-with ``barrier(); destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
+Files are named by each process's first role (its stage, or ``spare``). Every stage process
+writes, after each completed step, ``state-<stage>-<step>.pt`` (its stage's state dict after
+that step) and a line of ``steps-<role>.jsonl`` (step, loss, norms, seconds); a replacement
+writes ``rebuilt-<stage>.pt`` (the state it was rebuilt to, before redoing the step); every
+process writes ``result-<role>.json`` (its recoveries) and ends with ``barrier();
+destroy_process_group(); os._exit(0)`` (``exit-<role>`` just before).
 
 The model, data and optimizer are the functions below (the test uses them for its checks).
 """
@@ -171,6 +173,12 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         regroup_timeout_s=40.0,
         transfer_timeout_s=30.0,
     )
+    # RECOVERKIT_STAGES: this node's roles by local rank ("0,1,3,spare"); default: by launch rank
+    roles = os.environ.get("RECOVERKIT_STAGES", "")
+    role: Any = "auto"
+    if roles:
+        picked = roles.split(",")[int(os.environ.get("LOCAL_RANK", "0"))]
+        role = "spare" if picked == "spare" else int(picked)
     pipe = StagePipeline(
         build_stage,
         make_optimizer,
@@ -181,7 +189,10 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         heartbeat=heartbeat,
         options=options,
         split=split if mode == "plus" else None,
+        stage=role,
     )
+    name = "spare" if pipe.stage is None else str(pipe.stage)  # files are named by first role
+    _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
     if pipe.stage == victim and mode != "free" and pipe.module is not None:
 
@@ -193,13 +204,13 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
 
         pipe.module.register_forward_pre_hook(pause)
 
-    result: dict[str, Any] = {"launch_rank": rank, "stage": pipe.stage}
+    result: dict[str, Any] = {"launch_rank": rank, "node": node, "stage": pipe.stage}
     if pipe.stage is None:
         took = pipe.wait_for_role(timeout_s=240.0)
         result["took_stage"] = pipe.stage if took else None
         if took and pipe.module is not None:
             _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
-    log_path = os.path.join(out, f"steps-{rank}.jsonl")
+    log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
         assert pipe.module is not None
@@ -245,9 +256,9 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     result["lr"] = (
         [g["lr"] for g in pipe.optimizer.param_groups] if pipe.optimizer is not None else None
     )
-    _write(os.path.join(out, f"result-{rank}.json"), result)
+    _write(os.path.join(out, f"result-{name}.json"), result)
     heartbeat.stop()
-    _write(os.path.join(out, f"exit-{rank}"), 0)
+    _write(os.path.join(out, f"exit-{name}"), 0)
     _finish(0, True)
 
 

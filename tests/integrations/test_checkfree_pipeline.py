@@ -2,10 +2,10 @@
 
 A 4-stage byte-level model (tests/integrations/checkfree_pipeline_worker.py) trains with
 PyTorch's ScheduleGPipe over gloo, one stage per process, plus one spare process. The
-failure-free run is one torchrun agent with 5 workers. The failure runs are five torchrun
-agents on this machine, one per simulated node (``--nnodes 5 --nproc-per-node 1``, c10d
-rendezvous on localhost, no restarts); the process of stage 2 stops inside step ``KILL_STEP``
-and the test SIGKILLs its node (agent and worker). The survivors see their pipeline's
+failure-free run is one torchrun agent with 5 workers. The failure runs are two torchrun
+agents on this machine, simulated nodes (``--nnodes 2``, c10d rendezvous on localhost, no
+restarts): node a runs the other three stages and the spare, node b the victim stage alone;
+the victim stops inside step ``KILL_STEP`` and the test SIGKILLs node b (agent and worker). The survivors see their pipeline's
 point-to-point ops fail, the spare sees the heartbeat stop; all re-form the group in process,
 the spare takes stage 2 and rebuilds it, the failed step is redone, the job finishes.
 
@@ -41,7 +41,7 @@ from tests.distributed.harness import free_port
 from tests.integrations import checkfree_pipeline_worker as W
 from tests.integrations.test_torchrun_restart import REPO, torchrun_env
 
-NODES = "abcde"
+NODES = "ab"
 STEPS = 5
 KILL_STEP = 2
 SLACK_S = 60.0  # a loaded 2-core machine
@@ -98,10 +98,8 @@ def _pids(out: str) -> dict[int, tuple[str, int]]:
 
 
 def _logs(base: str) -> str:
-    return "\n".join(
-        f"--- agent {n}:\n" + open(os.path.join(base, f"agent-{n}.log")).read()[-3000:]
-        for n in NODES
-    )
+    paths = [os.path.join(base, f"agent-{n}.log") for n in NODES]
+    return "\n".join(f"--- {p}:\n" + open(p).read()[-3000:] for p in paths if os.path.exists(p))
 
 
 def _wait_files(out: str, names: list[str], timeout_s: float, base: str) -> None:
@@ -115,21 +113,41 @@ def _wait_files(out: str, names: list[str], timeout_s: float, base: str) -> None
         time.sleep(0.05)
 
 
+def _wait_listening(port: int, timeout_s: float, agent: subprocess.Popen, base: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and agent.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"node a's agent does not listen on {port}\n{_logs(base)}")
+
+
 def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]:
-    """Five agents; the node of stage ``victim`` SIGKILLed inside step KILL_STEP. Returns (out, logs)."""
+    """Two agents: node a runs the three other stages and the spare, node b the stage
+    ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. Returns
+    (out, the agents' logs)."""
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
+    others = [str(i) for i in range(W.NUM_STAGES) if i != victim]
+    # node a: local address 127.0.0.1 sorts first, so its worker of local rank 0 (stage 0)
+    # is launch rank 0 and hosts the store; node b (localhost) holds the victim alone
+    layout = {"a": ("127.0.0.1", [*others, "spare"]), "b": ("localhost", [str(victim)])}
     procs: list[subprocess.Popen] = []
     try:
-        for node in NODES:
+        for node, (addr, roles) in layout.items():
             cmd = (
                 _torchrun()
                 + [
-                    "--nnodes=5",
-                    "--nproc-per-node=1",
+                    "--nnodes=2",
+                    f"--nproc-per-node={len(roles)}",
                     "--rdzv-backend=c10d",
                     f"--rdzv-endpoint=127.0.0.1:{port}",
+                    f"--rdzv-conf=is_host={int(node == 'a')}",
+                    f"--local-addr={addr}",
                     "--rdzv-id=checkfree",
                     "--max-restarts=0",
                     "--monitor-interval=0.1",
@@ -137,7 +155,7 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
                 + _worker_args(out, mode, victim)
             )
             log = open(os.path.join(base, f"agent-{node}.log"), "w")
-            env = dict(torchrun_env(), RECOVERKIT_NODE=node)
+            env = dict(torchrun_env(), RECOVERKIT_NODE=node, RECOVERKIT_STAGES=",".join(roles))
             procs.append(
                 subprocess.Popen(
                     cmd,
@@ -149,16 +167,12 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
                 )
             )
             log.close()
-            if node == "a":
-                time.sleep(1.0)  # its agent binds the rendezvous port first
+            if node == "a":  # its agent hosts the rendezvous: b connects once it listens
+                _wait_listening(port, 60.0, procs[0], base)
         _wait_files(out, ["paused"], JOB_TIMEOUT_S, base)
-        deadline = time.monotonic() + 30
-        while len(_pids(out)) < len(NODES) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        node, pid = _pids(out)[victim]
-        assert node != "a", "the victim's node hosts the rendezvous"
+        (pid,) = [pid for node, pid in _pids(out).values() if node == "b"]
         killed = time.time()
-        os.killpg(procs[NODES.index(node)].pid, signal.SIGKILL)
+        os.killpg(procs[1].pid, signal.SIGKILL)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -166,10 +180,9 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
         with open(os.path.join(out, "killed.tmp"), "w") as f:
             f.write(repr(killed))
         os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
-        survivors = [r for r in range(len(NODES)) if r != victim]
         _wait_files(
             out,
-            [f"exit-{r}" for r in survivors],
+            [f"exit-{r}" for r in [*others, "spare"]],
             W.PG_TIMEOUT_S + JOB_TIMEOUT_S / 2 + SLACK_S,
             base,
         )
@@ -194,16 +207,17 @@ def _state(out: str, stage: int, step: int) -> dict[str, torch.Tensor]:
     return torch.load(os.path.join(out, f"state-{stage}-{step}.pt"), weights_only=True)
 
 
-def _steps(out: str, rank: int) -> list[dict]:
-    path = os.path.join(out, f"steps-{rank}.jsonl")
+def _steps(out: str, role: int | str) -> list[dict]:
+    """The steps logged by the process whose first role was ``role`` (a stage, or "spare")."""
+    path = os.path.join(out, f"steps-{role}.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _result(out: str, rank: int) -> dict:
-    with open(os.path.join(out, f"result-{rank}.json")) as f:
+def _result(out: str, role: int | str) -> dict:
+    with open(os.path.join(out, f"result-{role}.json")) as f:
         return json.load(f)
 
 
@@ -214,14 +228,15 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def figures(free: str, failed: str, victim: int = W.VICTIM) -> dict:
     """Per-step time (failure-free run), detection, regroup, rebuild, recovery (failure run)."""
     step_s = [s["seconds"] for r in range(W.NUM_STAGES) for s in _steps(free, r)[1:]]
-    results = {r: _result(failed, r) for r in range(len(NODES)) if r != victim}
+    roles: list[int | str] = [r for r in range(W.NUM_STAGES) if r != victim]
+    results = {str(r): _result(failed, r) for r in [*roles, "spare"]}
     rows = []
     for r, res in sorted(results.items()):
         for rec in res["recoveries"]:
             rows.append(
                 {
-                    "launch_rank": r,
-                    "stage": res.get("stage"),
+                    "role": r,
+                    "launch_rank": res["launch_rank"],
                     "detect_s": rec["detected_at"] - res["killed"],
                     "regroup_s": rec["regroup_s"],
                     "rebuild_s": rec["rebuild_s"],
@@ -231,7 +246,7 @@ def figures(free: str, failed: str, victim: int = W.VICTIM) -> dict:
                 }
             )
     spare = [row for row in rows if row["strategy"] is not None]
-    redo = [s["seconds"] for s in _steps(failed, len(NODES) - 1) if s["step"] == KILL_STEP]
+    redo = [s["seconds"] for s in _steps(failed, "spare") if s["step"] == KILL_STEP]
     detect = max(row["detect_s"] for row in rows)
     return {
         "summary": {
@@ -257,7 +272,7 @@ def test_a_lost_stage_is_rebuilt_from_its_neighbours(tmp_path, free):
 
     out, logs = run_failure(str(tmp_path), "checkfree")
     k = KILL_STEP
-    spare = len(NODES) - 1
+    spare = "spare"
     res = _result(out, spare)
     assert res["took_stage"] == W.VICTIM and res["steps_done"] == STEPS, res
     (rec,) = res["recoveries"]
@@ -295,7 +310,7 @@ def test_a_lost_stage_is_rebuilt_from_its_neighbours(tmp_path, free):
 
 def test_a_surviving_replica_is_preferred_and_exact(tmp_path, free):
     out, logs = run_failure(str(tmp_path), "replica")
-    spare = len(NODES) - 1
+    spare = "spare"
     res = _result(out, spare)
     (rec,) = res["recoveries"]
     assert rec["strategy"] == "stage replica" and rec["step"] == KILL_STEP, rec
@@ -332,7 +347,7 @@ def main() -> None:
         "kill_step": KILL_STEP,
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-        "launch": "5 torchrun agents (one per simulated node), the victim's node SIGKILLed",
+        "launch": "2 torchrun agents (simulated nodes: the victim's alone), its node SIGKILLed",
     }
     path = os.path.join(REPO, "bench", "results", "checkfree_pipeline.json")
     with open(path, "w") as f:
@@ -352,7 +367,7 @@ def test_checkfree_plus_a_lost_last_stage_copies_its_partner(tmp_path):
     cannot be the victim here: its process hosts the job's store.)"""
     last = W.NUM_STAGES - 1
     out, logs = run_failure(str(tmp_path), "plus", victim=last)
-    k, spare = KILL_STEP, len(NODES) - 1
+    k, spare = KILL_STEP, "spare"
     res = _result(out, spare)
     assert res["took_stage"] == last and res["steps_done"] == STEPS, res
     (rec,) = res["recoveries"]
