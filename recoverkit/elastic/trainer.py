@@ -482,6 +482,13 @@ class ElasticTrainer:
         except FormationFailed as e:  # the old group is gone: re-form from the old members
             self.ddp = None
             self.membership = e.fallback
+            failed = time.monotonic() - start
+            self.grows.append(Grow(
+                step=self.sampler.step, epoch=self.sampler.epoch, joined=(), dropped=proposal.joiners,
+                generation=e.fallback.generation, world_size=e.fallback.world_size, admit_s=failed,
+                admit_phases_s=(("sync", synced - start),), transfer_s=0.0, nbytes=0, pieces=(), failed=str(e)[:500],
+            ))
+            log.warning("elastic: admitting launch rank(s) %s failed after %.3f s: %s", list(proposal.joiners), failed, e)
             raise Lost(f"grow: {e}; the joiners are dropped") from None
         new = self.membership = adm.membership
         admitted = time.monotonic()

@@ -18,7 +18,8 @@ The joiner, a plain process started by the test (not torchrun)::
 builds its model, connects to the store by ``master``, joins (``admit.join``), starts its
 heartbeat, builds its ElasticTrainer (which receives the state) and trains to ``STEPS``.
 ``FATE`` holds ``die``: it SIGKILLs itself right after the group formed, before taking its
-state; ``garble``: before joining, it takes a launch rank of its own and writes a malformed
+state; ``ackdie``: it acknowledges its admission and SIGKILLs itself before the group
+forms; ``garble``: before joining, it takes a launch rank of its own and writes a malformed
 record under it (a hostile announcement the members must refuse), then joins normally.
 
 Every process that trains writes ``steps-<launch rank>.jsonl`` and ``result-<launch
@@ -132,6 +133,19 @@ def run(out: str, mode: str, victim: int, kill_step: int, join_before: int, step
     W._finish(0, True)
 
 
+def _ack_and_die(out: str, store: Any) -> None:
+    from recoverkit.distributed.regroup import LAUNCH_RANKS, NAMESPACE
+
+    ns = f"{NAMESPACE}/{int(store.get(f'{NAMESPACE}/epoch'))}"
+    me = store.add(f"{ns}/{LAUNCH_RANKS}", 1) - 1
+    store.set(f"{ns}/joiners/{me}", json.dumps({"pid": os.getpid(), "host": "here"}))
+    store.wait([f"{ns}/joiners/{me}/admit"], timedelta(seconds=JOIN_WAIT_S))
+    generation = json.loads(store.get(f"{ns}/joiners/{me}/admit"))["generation"]
+    store.set(f"{ns}/g{generation}/grow/ack/{me}", "1")
+    W._write(os.path.join(out, f"acked-{me}"), generation)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def join(out: str, mode: str, steps: int, pg_timeout_s: float, fate: str) -> None:
     from recoverkit.distributed.regroup import LAUNCH_RANKS, NAMESPACE, Heartbeat, job_store
     from recoverkit.elastic import ElasticTrainer
@@ -153,6 +167,8 @@ def join(out: str, mode: str, steps: int, pg_timeout_s: float, fate: str) -> Non
         bad = store.add(f"{ns}/{LAUNCH_RANKS}", 1) - 1
         store.set(f"{ns}/joiners/{bad}", b"\xff{not json" * 3)
     started = time.time()
+    if "ackdie" in fates:  # admit.join's steps up to its acknowledgement, then a SIGKILL
+        _ack_and_die(out, store)
     membership = join_job(store, timeout_s=JOIN_WAIT_S + 30, form_timeout_s=ADMIT_TIMEOUT_S, pg_timeout_s=pg_timeout_s)
     me = membership.launch_rank
     W._write(os.path.join(out, f"pid-j-{me}"), os.getpid())

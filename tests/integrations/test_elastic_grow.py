@@ -22,7 +22,9 @@ Compared with the failure-free run (test_elastic_shrink.reference):
 A joiner that dies right after the new group formed (before taking its state), next to a
 hostile announcement (a launch rank taken with a malformed record): the record is refused,
 the survivors' transfer fails, they re-form without the dead joiner and finish the epoch
-at 3, still bit-identical to the failure-free run.
+at 3, still bit-identical to the failure-free run. One that acknowledges its admission and
+dies before the group forms: the formation fails within ``admit_timeout_s``, the survivors
+re-form from the old members and finish the same way.
 
 The admission and transfer figures are printed, never asserted.
 
@@ -199,23 +201,36 @@ def test_a_joiner_grows_the_world_back_and_the_run_tracks_the_failure_free_one(t
 
 
 @pytest.mark.slow
-def test_a_joiner_that_dies_while_admitted_and_a_garbled_record_leave_the_survivors_training(tmp_path):
+@pytest.mark.parametrize("fate", ["garble-die", "ackdie"])
+def test_a_joiner_that_dies_while_admitted_leaves_the_survivors_training(tmp_path, fate):
+    """``garble-die``: a malformed record under launch rank 4 is refused; the joiner (5) dies
+    after the group formed: the state transfer fails and the survivors recover without it.
+    ``ackdie``: the joiner (4) acknowledges and dies before the group forms: the formation
+    fails within ``admit_timeout_s`` and the survivors re-form from the old members."""
     ref_losses, ref_params, _ = reference(STEPS)
     survivors = [0, 1, 3]
-    results, out = _run(str(tmp_path), "ordered", "garble-die", survivors)
-    print("\nelastic grow, the joiner dies after the group formed:", json.dumps(_times(out, results)),
-          json.dumps({r: res["recoveries"] for r, res in results.items()}))
-    assert os.path.exists(os.path.join(out, "joined-5")), "the joiner took launch rank 5 (4 was the garbled record)"
+    results, out = _run(str(tmp_path), "ordered", fate, survivors)
+    print(f"\nelastic grow, the joiner dies ({fate}):", json.dumps(_times(out, results)),
+          json.dumps({r: [{k: v for k, v in rec.items() if k != "detected_by"} | {"by": rec["detected_by"][:50]}
+                          for rec in res["recoveries"]] for r, res in results.items()}))
+    joiner = 5 if fate == "garble-die" else 4
+    assert os.path.exists(os.path.join(out, f"joined-{joiner}" if fate == "garble-die" else f"acked-{joiner}"))
     for res in results.values():
         assert res["members"] == survivors and res["steps_done"] == STEPS, res
-        assert [g["joined"] for g in res["grows"]] == [[5]], res["grows"]
-        assert res["grows"][0]["failed"] and "state transfer" in res["grows"][0]["failed"], res["grows"]
-        assert _losses(res) == [[VICTIM], [5]], res["recoveries"]
+        assert len(res["grows"]) == 1 and res["grows"][0]["failed"], res["grows"]
+        grow = res["grows"][0]
+        if fate == "garble-die":
+            assert grow["joined"] == [joiner] and "state transfer" in grow["failed"], grow
+            assert _losses(res) == [[VICTIM], [joiner]], res["recoveries"]
+        else:
+            assert grow["joined"] == [] and grow["dropped"] == [joiner] and "did not form" in grow["failed"], grow
+            assert _losses(res) == [[VICTIM]], res["recoveries"]
+            assert res["recoveries"][-1]["detected_by"].startswith("grow: "), res["recoveries"]
         assert res["params"] == ref_params  # still the failure-free run, bit for bit
     logs = {r: _steps(out, r) for r in survivors}
     assert all(s["world"] == 3 for s in logs[0][KILL_STEP:]), logs[0]
     assert [float.fromhex(s["loss"]) for s in logs[0]] == ref_losses
-    assert not os.path.exists(os.path.join(out, "steps-5.jsonl"))
+    assert not os.path.exists(os.path.join(out, f"steps-{joiner}.jsonl"))
 
 
 # ---------------------------------------------------------------------- admission without torchrun
