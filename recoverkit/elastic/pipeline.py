@@ -21,7 +21,8 @@ A lost stage (its process SIGKILLed)::
 
     neighbours' p2p fails at once (socket reset); the others when the stages' group of a
     failed survivor is dropped (its sockets close), at the latest at pg_timeout_s; a spare
-    sees it through the heartbeat
+    joins once a survivor has started the regroup (it never starts one on its own: a
+    heartbeat thread starved on a loaded host must not split the job)
     -> regroup (survivors + spares), the lost stage handed to a spare
     -> the members agree on steps_done (every survivor must have completed the same step)
     -> the spare rebuilds the stage (stage_recovery.rebuild_stage), the others serve it
@@ -62,7 +63,7 @@ from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
 from ..recovery.checkfree import CheckFreeOptions, clip_and_record, swap_partner
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
-from .stage_wire import edge_layout, nbytes, optimizer_entries, pack, stage_template
+from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
 
 __all__ = [
@@ -386,8 +387,6 @@ class StagePipeline:
             model_l, opt_l = full_layout(self._template(prev), self.make_optimizer)
             self._replica_layout = nbytes(model_l + opt_l)
         mine = {**self.module.state_dict(), **optimizer_entries(self.optimizer)}
-        from .stage_wire import layout_of
-
         data = pack(mine, layout_of(mine))
         buf = torch.empty(self._replica_layout, dtype=torch.uint8)
         glob = self.membership.members  # launch ranks by global rank

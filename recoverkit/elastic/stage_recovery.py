@@ -279,9 +279,16 @@ def rebuild_stage(
         return fresh_optimizer(opt, lr_scale=options.lr_scale)
 
     loss = Loss(step=step, stages=frozenset({stage}))
+    done = Message(DONE, -1, stage, step).encode()
     try:
         got = RecoveryChain(strategies).run(loss, Survivors(transport=transport), use)
-    finally:
-        for peer in others:
-            transport.send(peer, Message(DONE, -1, stage, step).encode(), timeout_s=timeout_s)
+    except BaseException:
+        for peer in others:  # release the survivors still waiting; the chain's error wins
+            try:
+                transport.send(peer, done, timeout_s=timeout_s)
+            except (RecoverkitError, OSError, RuntimeError):
+                pass
+        raise
+    for peer in others:
+        transport.send(peer, done, timeout_s=timeout_s)
     return got

@@ -336,6 +336,14 @@ def main() -> None:
         fig = figures(free, out)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    fig["definitions"] = {
+        "step_s": "one training step, median over the failure-free run's steps after the first, every stage",
+        "detection_s": "SIGKILL of the victim's node -> the slowest survivor's failed pipeline op",
+        "relaunch_s": "the spare's share: joining the survivors' regroup until the new group formed",
+        "fetch_s": "the spare rebuilding the stage: neighbours' weights and norms fetched point to point, averaged, fresh optimizer, new schedules",
+        "recovery_s": "detection -> pipeline re-formed, the slowest process",
+        "redo_step_s": "the failed step, redone by the rebuilt stage",
+    }
     fig["setup"] = {
         "stages": W.NUM_STAGES,
         "spares": 1,

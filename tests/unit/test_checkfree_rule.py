@@ -283,3 +283,75 @@ def test_checkfree_refuses_what_it_cannot_rebuild():
     down = CheckFreeRecovery(stage=2, num_stages=4, fetch=broken)
     out = down.recover(Loss(stages={2}), Survivors(), use)
     assert isinstance(out, CannotRecover) and "stage 1 is gone" in out.reason
+
+
+# ------------------------------------------------------------------ the pipeline's wire format
+def test_stage_bytes_are_sized_by_the_receiver_and_messages_parsed_as_hostile():
+    from recoverkit.elastic.stage_wire import (
+        Message,
+        edge_layout,
+        layout_of,
+        nbytes,
+        pack,
+        shared_layout,
+        unpack,
+    )
+    from recoverkit.errors import IntegrityError
+
+    state = {"w": torch.arange(6, dtype=torch.float32).view(2, 3), "n": torch.tensor([7])}
+    layout = layout_of(state)
+    assert nbytes(layout) == 6 * 4 + 8
+    back = unpack(pack(state, layout), layout)
+    assert torch.equal(back["w"], state["w"]) and back["n"].item() == 7
+    with pytest.raises(IntegrityError, match="31 bytes .* takes 32"):
+        unpack(torch.zeros(31, dtype=torch.uint8), layout)
+    with pytest.raises(IncompatibleCheckpointError, match="'w' is torch.float32 \\(3,\\)"):
+        pack({"w": torch.zeros(3), "n": torch.tensor([7])}, layout)
+    with pytest.raises(IncompatibleCheckpointError, match="no 'n' to send"):
+        pack({"w": state["w"]}, layout)
+    edge = torch.nn.ModuleDict({"block": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 3)})
+    partner = torch.nn.ModuleDict({"block": torch.nn.Linear(2, 2)})
+    assert [k for k, _, _ in shared_layout(edge, partner)] == ["block.weight", "block.bias"]
+    assert [k for k, _, _ in edge_layout(edge, partner)] == ["head.weight", "head.bias"]
+    msg = Message(1, 2, 3, 40, 0.5)
+    assert Message.decode(msg.encode(), num_stages=4, what="t") == msg
+    for bad in (
+        [9, 0, 0, 0, 0],
+        [1, 4, 0, 0, 0],
+        [1, 0, 0, 0.5, 0],
+        [1, 0, 0, 0, -1],
+        [1, 0, 0, 0, math.nan],
+    ):
+        with pytest.raises(IntegrityError, match="t: "):
+            Message.decode(torch.tensor(bad, dtype=torch.float64), num_stages=4, what="t")
+    with pytest.raises(IntegrityError, match="malformed"):
+        Message.decode(torch.zeros(4, dtype=torch.float64), num_stages=4, what="t")
+
+
+def test_pipeline_options_are_validated():
+    from recoverkit.elastic.pipeline import PipelineOptions
+
+    assert PipelineOptions(num_stages=4, n_microbatches=4).schedule == "gpipe"
+    with pytest.raises(ConfigError, match="num_stages"):
+        PipelineOptions(num_stages=1, n_microbatches=4)
+    with pytest.raises(ConfigError, match="CheckFree\\+ needs >= 4 stages and an even"):
+        PipelineOptions(num_stages=4, n_microbatches=3, checkfree=CheckFreeOptions(plus=True))
+    with pytest.raises(ConfigError, match="pg_timeout_s"):
+        PipelineOptions(num_stages=4, n_microbatches=4, pg_timeout_s=0)
+
+
+def test_the_swapped_path_keeps_embedding_first_and_head_last():
+    from recoverkit.elastic.swap_schedule import swap_path
+
+    assert swap_path(6) == [
+        ("embed", 0),
+        ("blocks", 1),
+        ("blocks", 0),
+        ("blocks", 2),
+        ("blocks", 3),
+        ("blocks", 5),
+        ("blocks", 4),
+        ("head", 5),
+    ]
+    with pytest.raises(ConfigError, match=">= 4 stages"):
+        swap_path(3)
