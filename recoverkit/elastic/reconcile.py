@@ -113,8 +113,9 @@ def _pack(state: Mapping[str, Any]) -> tuple[bytes, torch.Tensor]:
     return encode(doc), payload
 
 
-def _pack_doc(state: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-    """The header before encoding (:mod:`.grow` adds its piece table) and the payload."""
+def _pack_doc(state: Mapping[str, Any], *, checksum: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
+    """The header before encoding and the payload; :mod:`.grow` adds its piece table, whose
+    per-piece checksums replace the whole payload's (``checksum=False``: ``crc32c`` is 0)."""
     skeleton, refs = flatten(capture(state))
     table: list[list[Any]] = []
     parts: list[torch.Tensor] = []
@@ -132,7 +133,7 @@ def _pack_doc(state: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
     for p in parts:
         payload[offset : offset + p.numel()].copy_(p)
         offset += p.numel() + _pad(p.numel())
-    crc = crc32c(payload.numpy()) if total else 0
+    crc = crc32c(payload.numpy()) if total and checksum else 0
     return {"skeleton": skeleton, "tensors": table, "nbytes": total, "crc32c": crc}, payload
 
 
