@@ -135,6 +135,17 @@ class PipelineOptions:
             raise ConfigError(
                 f"PipelineOptions.schedule must be 'gpipe' or '1f1b', got {self.schedule!r}"
             )
+        per_schedule = self.n_microbatches // (2 if self.checkfree.plus else 1)
+        if self.schedule == "1f1b" and per_schedule < self.num_stages:
+            raise ConfigError(
+                f"PipelineOptions: Schedule1F1B needs at least num_stages ({self.num_stages}) "
+                f"micro-batches per schedule, got {per_schedule}"
+                + (
+                    " (CheckFree+ runs half of them in each of its two)"
+                    if self.checkfree.plus
+                    else ""
+                )
+            )
         for name in ("pg_timeout_s", "regroup_timeout_s", "transfer_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:

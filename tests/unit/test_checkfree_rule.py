@@ -336,6 +336,11 @@ def test_pipeline_options_are_validated():
         PipelineOptions(num_stages=1, n_microbatches=4)
     with pytest.raises(ConfigError, match="CheckFree\\+ needs >= 4 stages and an even"):
         PipelineOptions(num_stages=4, n_microbatches=3, checkfree=CheckFreeOptions(plus=True))
+    with pytest.raises(ConfigError, match="Schedule1F1B needs at least num_stages \\(4\\)"):
+        PipelineOptions(
+            num_stages=4, n_microbatches=4, schedule="1f1b", checkfree=CheckFreeOptions(plus=True)
+        )
+    assert PipelineOptions(num_stages=4, n_microbatches=4, schedule="1f1b").schedule == "1f1b"
     with pytest.raises(ConfigError, match="pg_timeout_s"):
         PipelineOptions(num_stages=4, n_microbatches=4, pg_timeout_s=0)
 
