@@ -19,9 +19,8 @@ from recoverkit.state import (
     check,
     decode,
     encode,
-    flatten,
-    unflatten,
 )
+from recoverkit.state.flatten import flatten, unflatten
 
 
 def _save_load(captured):
