@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -61,7 +60,8 @@ import torch.distributed as dist
 from ..distributed.regroup import Heartbeat, Membership, regroup, retire
 from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
-from ..recovery.checkfree import CheckFreeOptions, clip_and_record, swap_partner
+from ..recovery.checkfree import clip_and_record, swap_partner
+from .pipeline_options import PipelineOptions, PipelineRecoveryError, StageRecovery, StepRecord
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
@@ -75,110 +75,6 @@ __all__ = [
 ]
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-
-
-class PipelineRecoveryError(RecoverkitError, RuntimeError):
-    """The pipeline cannot recover in process (too many stages lost, survivors at different
-    steps, or no spare left); the caller falls back to restarting the job from a checkpoint."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PipelineOptions:
-    """How a :class:`StagePipeline` runs and recovers.
-
-    Attributes:
-        num_stages: stages of the pipeline (launch ranks 0..num_stages-1 hold them; the
-            launch ranks above are spares).
-        n_microbatches: micro-batches per step.
-        schedule: ``"gpipe"`` or ``"1f1b"`` (PyTorch's ScheduleGPipe / Schedule1F1B).
-        checkfree: the rule's options (per-stage clipping bound, weights, learning-rate scale).
-        replicate: each step, send every stage's model and optimizer to the next stage's
-            process: a lost stage then comes back exactly (CheckFree only if that copy is
-            gone too). Costs one state-sized transfer per stage per step.
-        pg_timeout_s: the stages' group timeout: bound on every pipeline wait (a frozen peer).
-        regroup_timeout_s: bound on re-forming the group.
-        transfer_timeout_s: bound on each recovery transfer.
-        max_recoveries_per_step: recoveries one step may go through before giving up.
-        extras_every: with ``checkfree.plus``: every this many steps, the first stage's
-            embedding and the last stage's head (the keys a stage holds and its swap partner
-            does not) are copied to the partner's process, so a lost edge stage can be rebuilt.
-    """
-
-    num_stages: int
-    n_microbatches: int
-    schedule: Literal["gpipe", "1f1b"] = "gpipe"
-    checkfree: CheckFreeOptions = field(default_factory=CheckFreeOptions)
-    replicate: bool = False
-    pg_timeout_s: float = 30.0
-    regroup_timeout_s: float = 60.0
-    transfer_timeout_s: float = 60.0
-    max_recoveries_per_step: int = 2
-    extras_every: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_stages, int) or self.num_stages < 2:
-            raise ConfigError(f"PipelineOptions.num_stages must be >= 2, got {self.num_stages!r}")
-        if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
-            raise ConfigError(
-                f"PipelineOptions.n_microbatches must be >= 1, got {self.n_microbatches!r}"
-            )
-        if not isinstance(self.extras_every, int) or self.extras_every < 1:
-            raise ConfigError(
-                f"PipelineOptions.extras_every must be >= 1, got {self.extras_every!r}"
-            )
-        if self.checkfree.plus and (self.num_stages < 4 or self.n_microbatches % 2):
-            raise ConfigError(
-                "PipelineOptions: CheckFree+ needs >= 4 stages and an even n_microbatches "
-                f"(got {self.num_stages} and {self.n_microbatches})"
-            )
-        if self.schedule not in ("gpipe", "1f1b"):
-            raise ConfigError(
-                f"PipelineOptions.schedule must be 'gpipe' or '1f1b', got {self.schedule!r}"
-            )
-        per_schedule = self.n_microbatches // (2 if self.checkfree.plus else 1)
-        if self.schedule == "1f1b" and per_schedule < self.num_stages:
-            raise ConfigError(
-                f"PipelineOptions: Schedule1F1B needs at least num_stages ({self.num_stages}) "
-                f"micro-batches per schedule, got {per_schedule}"
-                + (
-                    " (CheckFree+ runs half of them in each of its two)"
-                    if self.checkfree.plus
-                    else ""
-                )
-            )
-        for name in ("pg_timeout_s", "regroup_timeout_s", "transfer_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
-                raise ConfigError(f"PipelineOptions.{name} must be seconds in (0, 1e6), got {v!r}")
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One completed step: its index, the last stage's mean loss (None elsewhere), this
-    stage's clipped gradient norm and every stage's, and its seconds."""
-
-    step: int
-    loss: float | None
-    norm: float
-    norms: tuple[float, ...]
-    seconds: float
-
-
-@dataclass(frozen=True)
-class StageRecovery:
-    """One recovery as this process saw it (times are ``time.time()`` / seconds)."""
-
-    step: int
-    lost_stages: tuple[int, ...]
-    replaced_by: dict[int, int]
-    detected_at: float
-    detected_by: str
-    regroup_s: float
-    rebuild_s: float
-    total_s: float
-    strategy: str | None
-    source: str | None
-    served: tuple[str, ...]
 
 
 class StagePipeline:
