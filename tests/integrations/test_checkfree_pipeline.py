@@ -133,8 +133,8 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
     os.makedirs(out, exist_ok=True)
     port = free_port()
     others = [str(i) for i in range(W.NUM_STAGES) if i != victim]
-    # node a: local address 127.0.0.1 sorts first, so its worker of local rank 0 (stage 0)
-    # is launch rank 0 and hosts the store; node b (localhost) holds the victim alone
+    # node a: local address 127.0.0.1 sorts first, so its worker of local rank 0 is launch
+    # rank 0 and hosts the store; node b (localhost) holds the victim alone
     layout = {"a": ("127.0.0.1", [*others, "spare"]), "b": ("localhost", [str(victim)])}
     procs: list[subprocess.Popen] = []
     try:
@@ -368,33 +368,43 @@ if __name__ == "__main__":
     main()
 
 
-def test_checkfree_plus_a_lost_last_stage_copies_its_partner(tmp_path):
-    """CheckFree+ on the real pipeline (odd micro-batches through the swapped order), the
-    last stage's node SIGKILLed: the spare rebuilds it as stage 2's blocks after step
-    KILL_STEP-1 plus its own head as copied to stage 2's process after that step. (Stage 0
-    cannot be the victim here: its process hosts the job's store.)"""
-    last = W.NUM_STAGES - 1
-    out, logs = run_failure(str(tmp_path), "plus", victim=last)
+@pytest.mark.parametrize("edge", ["first", "last"])
+def test_checkfree_plus_a_lost_edge_stage_copies_its_partner(tmp_path, edge):
+    """CheckFree+ on the real pipeline (odd micro-batches through the swapped order), an edge
+    stage's node SIGKILLed: the spare rebuilds it as its partner's blocks after step
+    KILL_STEP-1 plus its own embedding or head as copied to the partner's process after that
+    step. (The first stage's process is then not launch rank 0, which hosts the store.)"""
+    lost_stage = 0 if edge == "first" else W.NUM_STAGES - 1
+    partner_stage = 1 if edge == "first" else W.NUM_STAGES - 2
+    out, logs = run_failure(str(tmp_path), "plus", victim=lost_stage)
     k, spare = KILL_STEP, "spare"
     res = _result(out, spare)
-    assert res["took_stage"] == last and res["steps_done"] == STEPS, res
+    assert res["took_stage"] == lost_stage and res["steps_done"] == STEPS, res
     (rec,) = res["recoveries"]
-    assert rec["strategy"] == "checkfree+" and rec["step"] == k and rec["lost"] == [last], rec
-    assert "recovered step 2 with checkfree+ from CheckFree+ copy of stage 2 at step 2" in logs
-    partner, lost = _state(out, last - 1, k - 1), _state(out, last, k - 1)
-    rebuilt = torch.load(os.path.join(out, f"rebuilt-{last}.pt"), weights_only=True)
+    assert rec["strategy"] == "checkfree+" and rec["step"] == k and rec["lost"] == [lost_stage]
+    assert (
+        f"recovered step 2 with checkfree+ from CheckFree+ copy of stage {partner_stage} at step 2"
+        in logs
+    )
+    partner, lost = _state(out, partner_stage, k - 1), _state(out, lost_stage, k - 1)
+    rebuilt = torch.load(os.path.join(out, f"rebuilt-{lost_stage}.pt"), weights_only=True)
     assert sorted(rebuilt) == sorted(lost)
+    own = {"first": ("embed.",), "last": ("head.", "head_norm.")}[edge]
+    assert any(key.startswith(own) for key in rebuilt)
     for key, value in rebuilt.items():
-        want = partner[key] if key.startswith("blocks.") else lost[key]
+        want = lost[key] if key.startswith(own) else partner[key]
         assert torch.equal(value, want), key
     assert res["lr"] == [pytest.approx(3e-3 * 1.1)]
-    served = _result(out, last - 1)["recoveries"][0]["served"]
-    assert sorted(served) == ["edge copy of stage 3", "neighbour of stage 3"], served
-    for stage in range(last):
-        r = _result(out, stage)
-        assert r["steps_done"] == STEPS and [s["step"] for s in _steps(out, stage)] == list(
-            range(STEPS)
-        )
+    served = _result(out, partner_stage)["recoveries"][0]["served"]
+    assert sorted(served) == [
+        f"edge copy of stage {lost_stage}",
+        f"neighbour of stage {lost_stage}",
+    ]
+    for stage in range(W.NUM_STAGES):
+        if stage != lost_stage:
+            r = _result(out, stage)
+            assert r["steps_done"] == STEPS
+            assert [s["step"] for s in _steps(out, stage)] == list(range(STEPS))
 
 
 def _swapped_step_grads(rank: int, world: int) -> dict[str, bytes]:
