@@ -32,7 +32,12 @@ A lost stage (its process SIGKILLed)::
 Limits: one stage lost at a time (a second loss during a recovery fails with
 :class:`PipelineRecoveryError`), one spare per lost stage; torchrun's restart of a single
 rank cannot be used (its agent restarts every local worker, rolling every stage back), so the
-replacement is a spare launched with the job.
+replacement is a spare launched with the job. A loss inside the norms' all-gather that lets
+some survivors complete the step and not others is refused the same way (the survivors must
+agree on the completed step); the process hosting the job's store (launch rank 0) must
+survive (:func:`~recoverkit.distributed.regroup.regroup`). No learning-rate schedule is run
+here: ``make_optimizer`` gives each stage its optimizer, and a rebuilt stage's is fresh, its
+rate ``lr_scale`` times that one's.
 
 CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
 embedding, blocks and head): a single-stage schedule cannot express it, since a
