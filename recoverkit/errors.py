@@ -147,7 +147,10 @@ class RegroupError(RecoverkitError, RuntimeError):
     ``"diverged"`` (the survivors' positions cannot be reconciled,
     :func:`~recoverkit.elastic.reconcile.reconcile`: their completed steps differ by more than
     one, their membership generations differ, the ranks ahead disagree on the data position,
-    or a rank could not apply the state it received; raised on every rank alike).
+    or a rank could not apply the state it received; raised on every rank alike) or
+    ``"restore"`` (a sharded model's survivors could not restore one step from memory at the
+    new world size, :class:`~recoverkit.elastic.reshard.Reshard`; raised on every rank alike,
+    the snapshots kept for the restart path).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

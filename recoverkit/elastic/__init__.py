@@ -4,7 +4,10 @@ The survivors re-form the default group (:mod:`recoverkit.distributed.regroup`),
 the last completed step (:mod:`.reconcile`) and redo the step with the lost rank's micro-
 batches moved to them, the global batch, the gradient scale and every micro-batch's random
 stream kept (:mod:`.trainer`). ``ElasticOptions(mode="shrink")`` is TorchFT's behaviour
-(the lost share dropped), for comparison.
+(the lost share dropped), for comparison. A sharded (FSDP2) model is rebuilt on the new
+group and restored from the newest step complete in memory, resharded (:mod:`.reshard`,
+:mod:`.sharded`). A pipeline whose stage is lost is recovered by a spare that rebuilds the
+stage from a surviving replica, or by CheckFree from its neighbours (:mod:`.pipeline`).
 
 Example::
 
@@ -16,9 +19,34 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 from .options import ElasticOptions, ReduceMode
 from .reconcile import Reconciled, reconcile
 from .trainer import ElasticTrainer, LossFn, Recovery, StepResult
+
+#: name -> submodule, imported on first use (the pipeline imports torch's pipelining engine)
+_LAZY = {
+    "Rebuilt": "reshard",
+    "Reshard": "reshard",
+    "Resharded": "reshard",
+    "ShardedSync": "sharded",
+    "fsdp_wrap": "sharded",
+    "StagePipeline": "pipeline",
+    "PipelineOptions": "pipeline_options",
+    "PipelineRecoveryError": "pipeline_options",
+    "StageRecovery": "pipeline_options",
+    "StepRecord": "pipeline_options",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ElasticTrainer",
@@ -29,4 +57,5 @@ __all__ = [
     "Reconciled",
     "reconcile",
     "LossFn",
+    *_LAZY,
 ]

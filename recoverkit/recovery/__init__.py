@@ -6,17 +6,22 @@ strategies in order, and each strategy is one module: ``tier_fallback`` (the dis
 newest valid step, fastest first) and ``memory`` (collective: the newest step complete in
 shared memory across ranks, own snapshots and peer replicas, fetched over the peer
 transport where a node lacks a copy, every region verified before anything is applied;
-``memory_source`` holds the tier its bytes are read through); redistribution and CheckFree
-stage recovery plug in the same way.
+``memory_source`` holds the tier its bytes are read through); ``checkfree``
+(CheckFree / CheckFree+: a lost pipeline stage rebuilt from its neighbours, the last
+resort of a chain) plugs in the same way.
 """
 
 from .base import CannotRecover, Loss, Recovered, RecoveryStrategy, Source, Survivors, Use
 from .chain import RecoveryChain
+from .checkfree import CheckFreeOptions, CheckFreeRecovery, average_neighbours
 from .memory import MemoryRestore, MemorySkippedWarning
 from .tier_fallback import StepDeletedWarning, TierFallback, TierSource
 
 __all__ = [
     "CannotRecover",
+    "CheckFreeOptions",
+    "CheckFreeRecovery",
+    "average_neighbours",
     "Loss",
     "MemoryRestore",
     "MemorySkippedWarning",
