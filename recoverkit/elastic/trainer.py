@@ -428,7 +428,7 @@ class ElasticTrainer:
                     Proposal(at=self.steps_done + 1, joiners=tuple(joiners), next=nxt),
                 )
                 log.warning(
-                    "elastic: launch rank(s) %s to be admitted at the boundary after step %d",
+                    "elastic: launch rank(s) %s to be admitted once %d steps are done",
                     list(agreed.joiners),
                     agreed.at,
                 )

@@ -2,14 +2,15 @@
 
 Launched ranks (one torchrun agent per simulated node, ``RECOVERKIT_NODE``)::
 
-    python -m tests.integrations.elastic_grow_worker run OUT MODE VICTIM KILL_STEP JOIN_BEFORE STEPS PG_TIMEOUT_S
+    python -m tests.integrations.elastic_grow_worker run OUT MODE VICTIM KILL_STEP WAITS STEPS PG_TIMEOUT_S
 
 train as elastic_worker does (``MODE`` ending in ``-ddp``: a DDP model, re-wrapped on each
 new group, the newcomer's after its state came; the rank whose launch rank is ``VICTIM`` pauses inside step
 ``KILL_STEP`` until the test SIGKILLs its node), and rank 0 writes ``master`` (the store's
-``MASTER_ADDR``/``MASTER_PORT``). Before step ``JOIN_BEFORE`` every member waits (bounded)
-until a joiner has announced itself in the store, so that the admission comes at a known
-boundary (the one after: admit.py's proposal names the next boundary).
+``MASTER_ADDR``/``MASTER_PORT``). ``WAITS`` is ``step:launch_rank[,step:launch_rank]``: before
+that step every member waits (bounded) until that joiner has announced itself in the store,
+so that its admission comes at a known boundary (the one after: admit.py's proposal names
+the next boundary).
 
 The joiner, a plain process started by the test (not torchrun)::
 
@@ -19,7 +20,8 @@ builds its model, connects to the store by ``master``, joins (``admit.join``), s
 heartbeat, builds its ElasticTrainer (which receives the state) and trains to ``STEPS``.
 ``FATE`` holds ``die``: it SIGKILLs itself right after the group formed, before taking its
 state; ``ackdie``: it acknowledges its admission and SIGKILLs itself before the group
-forms; ``garble``: before joining, it takes a launch rank of its own and writes a malformed
+forms; ``afterack``: it announces itself only once another joiner acknowledged its admission;
+``garble``: before joining, it takes a launch rank of its own and writes a malformed
 record under it (a hostile announcement the members must refuse), then joins normally.
 
 Every process that trains writes ``steps-<launch rank>.jsonl`` and ``result-<launch
@@ -42,7 +44,7 @@ import torch
 
 from tests.integrations import elastic_worker as W
 
-ADMIT_TIMEOUT_S = 5.0
+ADMIT_TIMEOUT_S = 3.0
 JOIN_WAIT_S = 60.0
 MISS_S = 2.0  # a loaded 2-core machine: a beat 1 s late is not a loss here
 
@@ -86,7 +88,7 @@ def _train(out: str, trainer: Any, model: torch.nn.Module, steps: int, before_st
     }
 
 
-def run(out: str, mode: str, victim: int, kill_step: int, join_before: int, steps: int, pg_timeout_s: float) -> None:
+def run(out: str, mode: str, victim: int, kill_step: int, waits: str, steps: int, pg_timeout_s: float) -> None:
     import torch.distributed as dist
 
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
@@ -97,7 +99,7 @@ def run(out: str, mode: str, victim: int, kill_step: int, join_before: int, step
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as elastic_worker: report, do not be ended by the agent
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=pg_timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     W._write(os.path.join(out, f"pid-{node}-{rank}"), os.getpid())
     store = job_store(timeout_s=10.0)
     membership = Membership.initial(store)
@@ -113,14 +115,15 @@ def run(out: str, mode: str, victim: int, kill_step: int, join_before: int, step
             W._finish(4, False)
         return W.loss_sum(model, x, y, mb.samples)
 
+    expected = dict(tuple(int(v) for v in w.split(":")) for w in waits.split(","))  # step -> launch rank
+
     def before_step(trainer: Any) -> None:
-        if trainer.steps_done != join_before:
+        if trainer.steps_done not in expected:
             return
-        key = f"{membership.namespace}/joiners/{world}"  # the first joiner's launch rank is the launch world's size
+        key = f"{membership.namespace}/joiners/{expected[trainer.steps_done]}"
         deadline = time.monotonic() + JOIN_WAIT_S
         while not store.check([key]) and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.2)  # a garbled record and the joiner's own, both there
 
     model = W.make_model()
     trainer = ElasticTrainer(model, W.make_optimizer(model), W.make_sampler(), loss_fn, store=store,
@@ -166,6 +169,12 @@ def join(out: str, mode: str, steps: int, pg_timeout_s: float, fate: str) -> Non
         ns = f"{NAMESPACE}/{epoch}"
         bad = store.add(f"{ns}/{LAUNCH_RANKS}", 1) - 1
         store.set(f"{ns}/joiners/{bad}", b"\xff{not json" * 3)
+    if "afterack" in fates:  # announced only once another joiner acknowledged its admission
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while not any(n.startswith("acked-") and not n.endswith(".tmp") for n in os.listdir(out)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no joiner acknowledged its admission")
+            time.sleep(0.01)
     started = time.time()
     if "ackdie" in fates:  # admit.join's steps up to its acknowledgement, then a SIGKILL
         _ack_and_die(out, store)
@@ -193,6 +202,6 @@ def join(out: str, mode: str, steps: int, pg_timeout_s: float, fate: str) -> Non
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "run":
-        run(a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]), float(a[7]))
+        run(a[1], a[2], int(a[3]), int(a[4]), a[5], int(a[6]), float(a[7]))
     else:
         join(a[1], a[2], int(a[3]), float(a[4]), a[5])

@@ -19,12 +19,12 @@ Compared with the failure-free run (test_elastic_shrink.reference):
   its state came): within 1e-12 relative;
 - every sample of the epoch trained on exactly once across the shrink and the grow.
 
-A joiner that dies right after the new group formed (before taking its state), next to a
-hostile announcement (a launch rank taken with a malformed record): the record is refused,
-the survivors' transfer fails, they re-form without the dead joiner and finish the epoch
-at 3, still bit-identical to the failure-free run. One that acknowledges its admission and
-dies before the group forms: the formation fails within ``admit_timeout_s``, the survivors
-re-form from the old members and finish the same way.
+Joiners that die while admitted, in one job, after a hostile announcement (a launch rank
+taken with a malformed record, refused): one acknowledges its admission and dies before the
+group forms (the formation fails within ``admit_timeout_s``, the survivors re-form from the
+old members); the next dies right after the group formed, before taking its state (the
+transfer fails, the survivors recover without it). They finish the epoch at 3, still
+bit-identical to the failure-free run.
 
 The admission and transfer figures are printed, never asserted.
 
@@ -70,7 +70,7 @@ PG_TIMEOUT_S = 20.0
 SLACK_S = 30.0
 
 
-def _launch(base: str, mode: str) -> tuple[list[subprocess.Popen], str]:
+def _launch(base: str, mode: str, waits: str) -> tuple[list[subprocess.Popen], str]:
     out = os.path.join(base, "out")
     os.makedirs(out, exist_ok=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -81,7 +81,7 @@ def _launch(base: str, mode: str) -> tuple[list[subprocess.Popen], str]:
         cmd += ["--nnodes=3:4", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=elastic-grow", "--max-restarts=0", "--monitor-interval=0.1",
                 "-m", "tests.integrations.elastic_grow_worker", "run",
-                out, mode, str(VICTIM), str(KILL_STEP), str(JOIN_BEFORE), str(STEPS), str(PG_TIMEOUT_S)]
+                out, mode, str(VICTIM), str(KILL_STEP), waits, str(STEPS), str(PG_TIMEOUT_S)]
         log = open(os.path.join(base, f"agent-{node}.log"), "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=dict(torchrun_env(), RECOVERKIT_NODE=node), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
@@ -94,39 +94,42 @@ def _launch(base: str, mode: str) -> tuple[list[subprocess.Popen], str]:
 def _joiner(base: str, out: str, mode: str, fate: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tests.integrations.elastic_grow_worker", "join", out, mode, str(STEPS),
            str(PG_TIMEOUT_S), fate]
-    log = open(os.path.join(base, "joiner.log"), "w")
+    log = open(os.path.join(base, f"joiner-{fate}.log"), "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(torchrun_env()), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log.close()
     return proc
 
 
-def _run(base: str, mode: str, fate: str, finishers: list[int]) -> tuple[dict[int, dict], str]:
-    procs, out = _launch(base, mode)
-    joiner = None
+def _run(base: str, mode: str, fates: list[str], finishers: list[int], waits: str) -> tuple[dict[int, dict], str]:
+    """The job, the victim's node killed, then the joiners: once the survivors redid the
+    failed step (``fates == ["join"]``) or at once (they order themselves: ``afterack``)."""
+    procs, out = _launch(base, mode, waits)
+    joiners: list[subprocess.Popen] = []
     try:
         _wait_files(out, ["paused", "master"], 150, base)
         deadline = time.monotonic() + 30
         while len(_pids(out)) < len(NODES) and time.monotonic() < deadline:
             time.sleep(0.05)
         _kill_node_of(procs, out, VICTIM)
-        if fate == "join":  # after the redone step: the admission comes at a known boundary
+        if fates[0] == "join":  # after the redone step: the admission comes at a known boundary
             _wait_steps(out, 0, KILL_STEP + 1, base)
-        joiner = _joiner(base, out, mode, fate)
+        joiners.extend(_joiner(base, out, mode, fate) for fate in fates)
         try:
             _wait_files(out, [f"exit-{r}" for r in finishers], PG_TIMEOUT_S + 60 + SLACK_S, base)
         except AssertionError as e:
-            with open(os.path.join(base, "joiner.log")) as f:
-                raise AssertionError(f"{e}\n--- joiner:\n{f.read()[-3000:]}") from None
+            tails = "".join(f"\n--- joiner {f}:\n" + open(os.path.join(base, f"joiner-{f}.log")).read()[-3000:] for f in fates)
+            raise AssertionError(f"{e}{tails}") from None
         results = {}
         for r in finishers:
             with open(os.path.join(out, f"result-{r}.json")) as f:
                 results[r] = json.load(f)
         return results, out
     finally:
-        if joiner is not None and joiner.poll() is None:
-            os.killpg(joiner.pid, signal.SIGKILL)
-            joiner.wait(timeout=30)
+        for joiner in joiners:
+            if joiner.poll() is None:
+                os.killpg(joiner.pid, signal.SIGKILL)
+                joiner.wait(timeout=30)
         _end(procs, out)
 
 
@@ -163,7 +166,7 @@ def _losses(res: dict) -> list[list[int]]:
 def test_a_joiner_grows_the_world_back_and_the_run_tracks_the_failure_free_one(tmp_path, mode):
     ref_losses, ref_params, _ = reference(STEPS)
     members = [0, 1, 3, 4]
-    results, out = _run(str(tmp_path), mode, "join", members)
+    results, out = _run(str(tmp_path), mode, ["join"], members, f"{JOIN_BEFORE}:4")
     print(f"\nelastic grow ({mode}, 4 -> 3 at step {KILL_STEP} -> 4 at step {JOIN_BEFORE + 1}):", json.dumps(_times(out, results)))
     for r, res in results.items():
         # a loaded machine may add a re-forming of the same members (a heartbeat late): not counted
@@ -201,36 +204,32 @@ def test_a_joiner_grows_the_world_back_and_the_run_tracks_the_failure_free_one(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fate", ["garble-die", "ackdie"])
-def test_a_joiner_that_dies_while_admitted_leaves_the_survivors_training(tmp_path, fate):
-    """``garble-die``: a malformed record under launch rank 4 is refused; the joiner (5) dies
-    after the group formed: the state transfer fails and the survivors recover without it.
-    ``ackdie``: the joiner (4) acknowledges and dies before the group forms: the formation
-    fails within ``admit_timeout_s`` and the survivors re-form from the old members."""
+def test_joiners_that_die_while_admitted_leave_the_survivors_training(tmp_path):
+    """A malformed record under launch rank 4 is refused. The joiner of launch rank 5
+    acknowledges its admission at the boundary of step 3 and dies before the group forms: the
+    formation fails within ``admit_timeout_s`` and the survivors re-form from the old members.
+    The joiner of launch rank 6, announced meanwhile, is admitted at the boundary of step 4 and
+    dies right after the group formed: the state transfer fails and the survivors recover
+    without it."""
     ref_losses, ref_params, _ = reference(STEPS)
     survivors = [0, 1, 3]
-    results, out = _run(str(tmp_path), "ordered", fate, survivors)
-    print(f"\nelastic grow, the joiner dies ({fate}):", json.dumps(_times(out, results)),
+    results, out = _run(str(tmp_path), "ordered", ["garble-ackdie", "afterack-die"], survivors, f"{JOIN_BEFORE}:5")
+    print("\nelastic grow, joiners that die:", json.dumps(_times(out, results)),
           json.dumps({r: [{k: v for k, v in rec.items() if k != "detected_by"} | {"by": rec["detected_by"][:50]}
                           for rec in res["recoveries"]] for r, res in results.items()}))
-    joiner = 5 if fate == "garble-die" else 4
-    assert os.path.exists(os.path.join(out, f"joined-{joiner}" if fate == "garble-die" else f"acked-{joiner}"))
+    assert os.path.exists(os.path.join(out, "acked-5")) and os.path.exists(os.path.join(out, "joined-6"))
     for res in results.values():
         assert res["members"] == survivors and res["steps_done"] == STEPS, res
-        assert len(res["grows"]) == 1 and res["grows"][0]["failed"], res["grows"]
-        grow = res["grows"][0]
-        if fate == "garble-die":
-            assert grow["joined"] == [joiner] and "state transfer" in grow["failed"], grow
-            assert _losses(res) == [[VICTIM], [joiner]], res["recoveries"]
-        else:
-            assert grow["joined"] == [] and grow["dropped"] == [joiner] and "did not form" in grow["failed"], grow
-            assert _losses(res) == [[VICTIM]], res["recoveries"]
-            assert res["recoveries"][-1]["detected_by"].startswith("grow: "), res["recoveries"]
+        assert [(g["step"], g["joined"], g["dropped"]) for g in res["grows"]] == [(3, [], [5]), (4, [6], [])], res["grows"]
+        formation, transfer = res["grows"]
+        assert "did not form" in formation["failed"] and "state transfer" in transfer["failed"], res["grows"]
+        assert _losses(res) == [[VICTIM], [6]], res["recoveries"]
+        assert any(rec["detected_by"].startswith("grow: ") for rec in res["recoveries"]), res["recoveries"]
         assert res["params"] == ref_params  # still the failure-free run, bit for bit
     logs = {r: _steps(out, r) for r in survivors}
     assert all(s["world"] == 3 for s in logs[0][KILL_STEP:]), logs[0]
     assert [float.fromhex(s["loss"]) for s in logs[0]] == ref_losses
-    assert not os.path.exists(os.path.join(out, f"steps-{joiner}.jsonl"))
+    assert not any(os.path.exists(os.path.join(out, f"steps-{r}.jsonl")) for r in (5, 6))
 
 
 # ---------------------------------------------------------------------- admission without torchrun
