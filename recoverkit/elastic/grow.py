@@ -1,14 +1,20 @@
-"""Give a newcomer its state: disjoint pieces spread over the survivors, verified on arrival.
+"""Grow the world at a step boundary: admit joiners and give them their state, disjoint
+pieces spread over the survivors, verified on arrival.
 
-Where it sits: right after :func:`~recoverkit.elastic.admit.admit` formed a generation that
-admitted joiners, :class:`~recoverkit.elastic.trainer.ElasticTrainer` calls
-:func:`transfer` on every rank of it: the survivors (members of the previous generation)
-send, the newcomers receive model, optimizer and trainer position (a data-parallel model is
-replicated: every survivor holds the same bytes). Reconcile's packing is reused (typed-JSON
-skeleton, tensor table, one aligned payload).
+Where it sits: the trainer's side of :mod:`.admit`. :class:`~recoverkit.elastic.trainer.ElasticTrainer`
+calls :func:`at_boundary` before every step: it proposes admitting announced joiners at the
+next boundary or, at the agreed one, checks the members' positions on the old group (one
+all-gather), runs :func:`~recoverkit.elastic.admit.admit` and then :func:`transfer` on every
+rank of the new group: the survivors (members of the previous generation) send, the
+newcomers receive model, optimizer and trainer position (a data-parallel model is
+replicated: every survivor holds the same bytes). A newcomer's trainer calls
+:func:`receive` when it is built. A failure after the old group is gone is raised as
+:class:`~recoverkit.elastic.waits.Lost`: the trainer's recovery re-forms without the
+joiners, as for a lost rank. Each admission leaves a :class:`Grow` record (and a log line).
+Reconcile's packing is reused (typed-JSON skeleton, tensor table, one aligned payload).
 
-The flow (every rank of the new group; every wait bounded by ``timeout_s`` and cut short by
-``abort``, the heartbeat)::
+The transfer, on every rank of the new group, every wait bounded by ``timeout_s`` and cut
+short by ``abort`` (the heartbeat)::
 
     senders = the survivors' ranks, src = the lowest; newcomers = the others
     every sender: capture {model, optimizer, trainer} -> header + payload (reconcile)
@@ -33,10 +39,11 @@ to each newcomer.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,9 +55,16 @@ from ..format.checksum import crc32c, hexcrc
 from ..state.codec import decode, encode
 from ..state.flatten import unflatten
 from ..state.stateful import apply
+from .admit import FormationFailed, Proposal, admit, pending, propose, read_proposal
 from .reconcile import HEADER_MAX_BYTES, _pack_doc, _plan, _tensors
+from .waits import Lost, reducing
 
-__all__ = ["Grow", "Transferred", "transfer"]
+if TYPE_CHECKING:
+    from .trainer import ElasticTrainer
+
+log = logging.getLogger("recoverkit")
+
+__all__ = ["Grow", "Transferred", "transfer", "at_boundary", "receive"]
 
 _STATE_KEYS = ("skeleton", "tensors", "nbytes", "crc32c")
 
@@ -303,3 +317,222 @@ def transfer(
         extra=got_extra,
         seconds=time.monotonic() - start,
     )
+
+# ---------------------------------------------------------------------- the trainer's side
+
+
+def at_boundary(trainer: ElasticTrainer) -> Grow | None:
+    """At a step boundary: admit the joiners proposed for it, or propose the next boundary
+    for joiners that announced themselves (one or two store calls when nobody joins)."""
+    if trainer.store is None or trainer._rebuild is not None:
+        return None  # no store (a test's world), or a sharded model: grow is for replicated ones
+    m = trainer.membership
+    proposal = read_proposal(trainer.store, m)
+    if proposal is None:
+        try:
+            joiners, nxt, refused = pending(
+                trainer.store,
+                m,
+                trainer._scan_from,
+                trainer._first_seen,
+                patience_s=trainer.options.admit_timeout_s,
+            )
+        except RegroupError as e:  # a malformed counter: no admission, training goes on
+            if e.reason != "invalid":
+                raise
+            log.warning("elastic: joiners not looked for at step %d: %s", trainer.steps_done, e)
+            return None
+        if refused:
+            log.warning(
+                "elastic: joiner launch rank(s) %s refused (malformed or missing record, or withdrawn)",
+                refused,
+            )
+        if joiners:
+            agreed = propose(
+                trainer.store,
+                m,
+                Proposal(at=trainer.steps_done + 1, joiners=tuple(joiners), next=nxt),
+            )
+            log.warning(
+                "elastic: launch rank(s) %s to be admitted once %d steps are done",
+                list(agreed.joiners),
+                agreed.at,
+            )
+        else:
+            trainer._scan_from = nxt  # refused ones are not looked at again
+        return None
+    if proposal.at > trainer.steps_done:
+        return None
+    if proposal.at < trainer.steps_done:
+        raise RegroupError(
+            f"elastic: the admission agreed for step {proposal.at} was missed at step "
+            f"{trainer.steps_done}",
+            reason="diverged",
+        )
+    return _admit(trainer, proposal)
+
+def _admit(trainer: ElasticTrainer, proposal: Proposal) -> Grow:
+    """Every member at the agreed boundary: check the positions on the old group, admit
+    the joiners that answer, send them their state (a failure: :class:`Lost`)."""
+    o, old = trainer.options, trainer.membership
+    start = time.monotonic()
+    mine = torch.tensor(
+        [trainer.steps_done, trainer.sampler.epoch, trainer.sampler.step, old.generation],
+        dtype=torch.int64,
+    )
+    rows = [torch.zeros_like(mine) for _ in range(old.world_size)]
+    with reducing("grow: the boundary all-gather"):
+        wait_collective(
+            dist.all_gather(rows, mine, async_op=True),
+            "grow: the boundary all-gather",
+            **trainer._wait_kw(),
+        )
+    if any(not torch.equal(r, mine) for r in rows):
+        raise RegroupError(
+            f"elastic: members reached the admission boundary at different positions "
+            f"{[r.tolist() for r in rows][:16]}",
+            reason="diverged",
+        )
+    synced = time.monotonic()
+    trainer._next_launch_rank = proposal.next
+    trainer._scan_from = max(trainer._scan_from, proposal.next)
+    try:
+        adm = admit(
+            trainer.store,
+            old,
+            proposal,
+            form_timeout_s=o.admit_timeout_s,
+            pg_timeout_s=o.pg_timeout_s,
+            heartbeat=trainer.heartbeat,
+        )
+    except FormationFailed as e:  # the old group is gone: re-form from the old members
+        trainer.ddp = None
+        trainer.membership = e.fallback
+        failed = time.monotonic() - start
+        trainer.grows.append(Grow(
+            step=trainer.sampler.step, epoch=trainer.sampler.epoch, joined=(), dropped=proposal.joiners,
+            generation=e.fallback.generation, world_size=e.fallback.world_size, admit_s=failed,
+            admit_phases_s=(("sync", synced - start),), transfer_s=0.0, nbytes=0, pieces=(), failed=str(e)[:500],
+        ))
+        log.warning("elastic: admitting launch rank(s) %s failed after %.3f s: %s", list(proposal.joiners), failed, e)
+        raise Lost(f"grow: {e}; the joiners are dropped") from None
+    new = trainer.membership = adm.membership
+    admitted = time.monotonic()
+    nbytes, moved_s = 0, 0.0
+    pieces: tuple[tuple[int, int], ...] = ()
+
+    def record(failed: str | None = None) -> Grow:
+        grow = Grow(
+            step=trainer.sampler.step,
+            epoch=trainer.sampler.epoch,
+            joined=adm.joined,
+            dropped=adm.dropped,
+            generation=new.generation,
+            world_size=new.world_size,
+            admit_s=admitted - start,
+            admit_phases_s=(("sync", synced - start), *adm.phases_s),
+            transfer_s=moved_s,
+            nbytes=nbytes,
+            pieces=pieces,
+            failed=failed,
+        )
+        trainer.grows.append(grow)
+        return grow
+
+    if adm.joined:
+        trainer.ddp = None  # bound to the old group
+        slots = list(trainer.launch_members)
+        for r in adm.joined:  # mode "shrink": a newcomer takes a lost rank's share, or a new one
+            free = [i for i, s in enumerate(slots) if s not in new.members]
+            if free:
+                slots[free[0]] = r
+            else:
+                slots.append(r)
+        trainer.launch_members = tuple(slots)
+        try:
+            with reducing("grow: the state transfer"):
+                sent = transfer(
+                    {"model": trainer.model, "optimizer": trainer.optimizer, "trainer": trainer},
+                    newcomers=tuple(new.members.index(r) for r in adm.joined),
+                    extra={"slots": slots, "next_launch_rank": proposal.next},
+                    max_bytes=trainer._sync_max_bytes(),
+                    timeout_s=o.pg_timeout_s,
+                    abort=trainer._seen_lost,
+                    poll_s=o.poll_s,
+                )
+            if sent.refused:
+                raise Lost(f"grow: newcomer rank(s) {list(sent.refused)} refused the state")
+        except Lost as lost:  # recovered like a lost rank: the newcomers are left out
+            moved_s = time.monotonic() - admitted
+            record(lost.how)
+            log.warning(
+                "elastic: generation %d at step %d: the state transfer to launch rank(s) %s failed "
+                "after %.3f s: %s",
+                new.generation,
+                trainer.sampler.step,
+                list(adm.joined),
+                moved_s,
+                lost.how,
+            )
+            raise
+        nbytes, pieces, moved_s = sent.nbytes, sent.pieces, sent.seconds
+        if trainer._wrap is not None:
+            trainer.ddp = trainer._wrap(trainer.model)
+    grow = record()
+    log.warning(
+        "elastic: generation %d at step %d: launch rank(s) %s joined%s, world %d -> %d; admitted in %.3f s (%s), "
+        "state sent in %.3f s (%d bytes each, pieces %s)",
+        new.generation,
+        grow.step,
+        list(adm.joined),
+        f" ({list(adm.dropped)} dropped)" if adm.dropped else "",
+        old.world_size,
+        new.world_size,
+        grow.admit_s,
+        ", ".join(f"{n} {t:.3f} s" for n, t in grow.admit_phases_s),
+        moved_s,
+        nbytes,
+        [f"{b} from rank {r}" for r, b in pieces],
+    )
+    return grow
+
+def receive(trainer: ElasticTrainer) -> Grow:
+    """A newcomer (:func:`~recoverkit.elastic.admit.join`): model, optimizer and position from the survivors."""
+    o, m = trainer.options, trainer.membership
+    sent = transfer(
+        {"model": trainer.model, "optimizer": trainer.optimizer, "trainer": trainer},
+        newcomers=tuple(m.members.index(r) for r in m.joined),
+        extra={"slots": list(m.members), "next_launch_rank": trainer._next_launch_rank},
+        max_bytes=trainer._sync_max_bytes(),
+        timeout_s=o.pg_timeout_s,
+        abort=trainer._seen_lost,
+        poll_s=o.poll_s,
+    )
+    trainer.launch_members = tuple(sent.extra["slots"])
+    trainer._next_launch_rank = trainer._scan_from = sent.extra["next_launch_rank"]
+    grow = Grow(
+        step=trainer.sampler.step,
+        epoch=trainer.sampler.epoch,
+        joined=m.joined,
+        dropped=(),
+        generation=m.generation,
+        world_size=m.world_size,
+        admit_s=m.formed_in_s,
+        admit_phases_s=m.phases_s,
+        transfer_s=sent.seconds,
+        nbytes=sent.nbytes,
+        pieces=sent.pieces,
+    )
+    log.warning(
+        "elastic: launch rank %d joined generation %d at step %d (world %d) in %.3f s; state received in "
+        "%.3f s (%d bytes, pieces %s)",
+        m.launch_rank,
+        m.generation,
+        grow.step,
+        m.world_size,
+        grow.admit_s,
+        grow.transfer_s,
+        grow.nbytes,
+        [f"{b} from rank {r}" for r, b in grow.pieces],
+    )
+    return grow

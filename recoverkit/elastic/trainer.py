@@ -84,14 +84,12 @@ from ..distributed.global_grad import (
     OrderedGradSum,
     allreduce_grads_sum,
     allreduce_sum,
-    wait_collective,
 )
 from ..distributed.regroup import Heartbeat, Membership, regroup
-from ..errors import IncompatibleCheckpointError, RegroupError
+from ..errors import IncompatibleCheckpointError
 from ..state.global_batch import GlobalBatchSampler, MicroBatch
 from ..state.keyed_rng import keyed_rng
-from .admit import FormationFailed, Proposal, admit, pending, propose, read_proposal
-from .grow import Grow, transfer
+from .grow import Grow, at_boundary, receive
 from .options import ElasticOptions
 from .reconcile import Reconciled, reconcile
 from .reshard import Reshard
@@ -254,7 +252,7 @@ class ElasticTrainer:
         self._next_launch_rank = self._scan_from = max(membership.members) + 1
         self._first_seen: dict[int, float] = {}
         if joining:
-            self.grows.append(self._receive())
+            self.grows.append(receive(self))  # the newcomer's state, from the survivors
             if wrap is not None:
                 self.ddp = wrap(model)
 
@@ -285,7 +283,7 @@ class ElasticTrainer:
                 seen = self._seen_lost()
                 if seen is not None:
                     raise Lost(f"heartbeat (between steps): {seen}")
-                grew = self._boundary()
+                grew = at_boundary(self)  # admit joiners, or propose admitting them
                 if grew is not None:
                     grown.append(grew)
                 result = self._attempt()
@@ -392,224 +390,6 @@ class ElasticTrainer:
             return f"the store is unreachable ({type(hb.store_error).__name__})"
         dead = hb.dead()
         return f"launch rank(s) {sorted(dead)} stopped beating" if dead else None
-
-    # ------------------------------------------------------------------ grow (admit.py, grow.py)
-
-    def _boundary(self) -> Grow | None:
-        """At a step boundary: admit the joiners proposed for it, or propose the next boundary
-        for joiners that announced themselves (one or two store calls when nobody joins)."""
-        if self.store is None or self._rebuild is not None:
-            return None  # no store (a test's world), or a sharded model: grow is for replicated ones
-        m = self.membership
-        proposal = read_proposal(self.store, m)
-        if proposal is None:
-            try:
-                joiners, nxt, refused = pending(
-                    self.store,
-                    m,
-                    self._scan_from,
-                    self._first_seen,
-                    patience_s=self.options.admit_timeout_s,
-                )
-            except RegroupError as e:  # a malformed counter: no admission, training goes on
-                if e.reason != "invalid":
-                    raise
-                log.warning("elastic: joiners not looked for at step %d: %s", self.steps_done, e)
-                return None
-            if refused:
-                log.warning(
-                    "elastic: joiner launch rank(s) %s refused (malformed or missing record, or withdrawn)",
-                    refused,
-                )
-            if joiners:
-                agreed = propose(
-                    self.store,
-                    m,
-                    Proposal(at=self.steps_done + 1, joiners=tuple(joiners), next=nxt),
-                )
-                log.warning(
-                    "elastic: launch rank(s) %s to be admitted once %d steps are done",
-                    list(agreed.joiners),
-                    agreed.at,
-                )
-            else:
-                self._scan_from = nxt  # refused ones are not looked at again
-            return None
-        if proposal.at > self.steps_done:
-            return None
-        if proposal.at < self.steps_done:
-            raise RegroupError(
-                f"elastic: the admission agreed for step {proposal.at} was missed at step "
-                f"{self.steps_done}",
-                reason="diverged",
-            )
-        return self._admit(proposal)
-
-    def _admit(self, proposal: Proposal) -> Grow:
-        """Every member at the agreed boundary: check the positions on the old group, admit
-        the joiners that answer, send them their state (a failure: :class:`Lost`)."""
-        o, old = self.options, self.membership
-        start = time.monotonic()
-        mine = torch.tensor(
-            [self.steps_done, self.sampler.epoch, self.sampler.step, old.generation],
-            dtype=torch.int64,
-        )
-        rows = [torch.zeros_like(mine) for _ in range(old.world_size)]
-        with reducing("grow: the boundary all-gather"):
-            wait_collective(
-                dist.all_gather(rows, mine, async_op=True),
-                "grow: the boundary all-gather",
-                **self._wait_kw(),
-            )
-        if any(not torch.equal(r, mine) for r in rows):
-            raise RegroupError(
-                f"elastic: members reached the admission boundary at different positions "
-                f"{[r.tolist() for r in rows][:16]}",
-                reason="diverged",
-            )
-        synced = time.monotonic()
-        self._next_launch_rank = proposal.next
-        self._scan_from = max(self._scan_from, proposal.next)
-        try:
-            adm = admit(
-                self.store,
-                old,
-                proposal,
-                form_timeout_s=o.admit_timeout_s,
-                pg_timeout_s=o.pg_timeout_s,
-                heartbeat=self.heartbeat,
-            )
-        except FormationFailed as e:  # the old group is gone: re-form from the old members
-            self.ddp = None
-            self.membership = e.fallback
-            failed = time.monotonic() - start
-            self.grows.append(Grow(
-                step=self.sampler.step, epoch=self.sampler.epoch, joined=(), dropped=proposal.joiners,
-                generation=e.fallback.generation, world_size=e.fallback.world_size, admit_s=failed,
-                admit_phases_s=(("sync", synced - start),), transfer_s=0.0, nbytes=0, pieces=(), failed=str(e)[:500],
-            ))
-            log.warning("elastic: admitting launch rank(s) %s failed after %.3f s: %s", list(proposal.joiners), failed, e)
-            raise Lost(f"grow: {e}; the joiners are dropped") from None
-        new = self.membership = adm.membership
-        admitted = time.monotonic()
-        nbytes, moved_s = 0, 0.0
-        pieces: tuple[tuple[int, int], ...] = ()
-
-        def record(failed: str | None = None) -> Grow:
-            grow = Grow(
-                step=self.sampler.step,
-                epoch=self.sampler.epoch,
-                joined=adm.joined,
-                dropped=adm.dropped,
-                generation=new.generation,
-                world_size=new.world_size,
-                admit_s=admitted - start,
-                admit_phases_s=(("sync", synced - start), *adm.phases_s),
-                transfer_s=moved_s,
-                nbytes=nbytes,
-                pieces=pieces,
-                failed=failed,
-            )
-            self.grows.append(grow)
-            return grow
-
-        if adm.joined:
-            self.ddp = None  # bound to the old group
-            slots = list(self.launch_members)
-            for r in adm.joined:  # mode "shrink": a newcomer takes a lost rank's share, or a new one
-                free = [i for i, s in enumerate(slots) if s not in new.members]
-                if free:
-                    slots[free[0]] = r
-                else:
-                    slots.append(r)
-            self.launch_members = tuple(slots)
-            try:
-                with reducing("grow: the state transfer"):
-                    sent = transfer(
-                        {"model": self.model, "optimizer": self.optimizer, "trainer": self},
-                        newcomers=tuple(new.members.index(r) for r in adm.joined),
-                        extra={"slots": slots, "next_launch_rank": proposal.next},
-                        max_bytes=self._sync_max_bytes(),
-                        timeout_s=o.pg_timeout_s,
-                        abort=self._seen_lost,
-                        poll_s=o.poll_s,
-                    )
-                if sent.refused:
-                    raise Lost(f"grow: newcomer rank(s) {list(sent.refused)} refused the state")
-            except Lost as lost:  # recovered like a lost rank: the newcomers are left out
-                moved_s = time.monotonic() - admitted
-                record(lost.how)
-                log.warning(
-                    "elastic: generation %d at step %d: the state transfer to launch rank(s) %s failed "
-                    "after %.3f s: %s",
-                    new.generation,
-                    self.sampler.step,
-                    list(adm.joined),
-                    moved_s,
-                    lost.how,
-                )
-                raise
-            nbytes, pieces, moved_s = sent.nbytes, sent.pieces, sent.seconds
-            if self._wrap is not None:
-                self.ddp = self._wrap(self.model)
-        grow = record()
-        log.warning(
-            "elastic: generation %d at step %d: launch rank(s) %s joined%s, world %d -> %d; admitted in %.3f s (%s), "
-            "state sent in %.3f s (%d bytes each, pieces %s)",
-            new.generation,
-            grow.step,
-            list(adm.joined),
-            f" ({list(adm.dropped)} dropped)" if adm.dropped else "",
-            old.world_size,
-            new.world_size,
-            grow.admit_s,
-            ", ".join(f"{n} {t:.3f} s" for n, t in grow.admit_phases_s),
-            moved_s,
-            nbytes,
-            [f"{b} from rank {r}" for r, b in pieces],
-        )
-        return grow
-
-    def _receive(self) -> Grow:
-        """A newcomer (:func:`~recoverkit.elastic.admit.join`): model, optimizer and position from the survivors."""
-        o, m = self.options, self.membership
-        sent = transfer(
-            {"model": self.model, "optimizer": self.optimizer, "trainer": self},
-            newcomers=tuple(m.members.index(r) for r in m.joined),
-            extra={"slots": list(m.members), "next_launch_rank": self._next_launch_rank},
-            max_bytes=self._sync_max_bytes(),
-            timeout_s=o.pg_timeout_s,
-            abort=self._seen_lost,
-            poll_s=o.poll_s,
-        )
-        self.launch_members = tuple(sent.extra["slots"])
-        self._next_launch_rank = self._scan_from = sent.extra["next_launch_rank"]
-        grow = Grow(
-            step=self.sampler.step,
-            epoch=self.sampler.epoch,
-            joined=m.joined,
-            dropped=(),
-            generation=m.generation,
-            world_size=m.world_size,
-            admit_s=m.formed_in_s,
-            admit_phases_s=m.phases_s,
-            transfer_s=sent.seconds,
-            nbytes=sent.nbytes,
-            pieces=sent.pieces,
-        )
-        log.warning(
-            "elastic: launch rank %d joined generation %d at step %d (world %d) in %.3f s; state received in "
-            "%.3f s (%d bytes, pieces %s)",
-            m.launch_rank,
-            m.generation,
-            grow.step,
-            m.world_size,
-            grow.admit_s,
-            grow.transfer_s,
-            grow.nbytes,
-            [f"{b} from rank {r}" for r, b in grow.pieces],
-        )
-        return grow
 
     # ------------------------------------------------------------------ recovery
 
