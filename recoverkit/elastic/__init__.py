@@ -8,6 +8,9 @@ stream kept (:mod:`.trainer`). ``ElasticOptions(mode="shrink")`` is TorchFT's be
 group and restored from the newest step complete in memory, resharded (:mod:`.reshard`,
 :mod:`.sharded`). A pipeline whose stage is lost is recovered by a spare that rebuilds the
 stage from a surviving replica, or by CheckFree from its neighbours (:mod:`.pipeline`).
+A process started outside torchrun grows the job back in process: :func:`join` in the
+job's store, admitted by the members at a step boundary, the state sent to it in pieces
+(:mod:`.admit`, :mod:`.grow`).
 
 Example::
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .admit import join
+from .grow import Grow
 from .options import ElasticOptions, ReduceMode
 from .reconcile import Reconciled, reconcile
 from .trainer import ElasticTrainer, LossFn, Recovery, StepResult
@@ -57,5 +62,7 @@ __all__ = [
     "Reconciled",
     "reconcile",
     "LossFn",
+    "join",
+    "Grow",
     *_LAZY,
 ]
