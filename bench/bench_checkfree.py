@@ -90,7 +90,7 @@ SIZES: dict[bool, dict[str, Any]] = {
     False: {"spec": {"stages": 8, "layers_per_stage": 1, "dim": 128, "heads": 4, "ffn": 344, "seq_len": 64},
             "micro_batch": 8, "micro_batches": 2, "steps": 400, "eval_every": 20, "valid_windows": 128,
             "corpus_bytes": 8 << 20, "ckpt_every": 50, "replicate_every": 10, "lr": 2e-3, "warmup": 20,
-            "rates": "5,10", "fail_scale": 1.0, "target_frac": 0.9, "max_extra": 0.35},
+            "rates": "5,10,16", "fail_scale": 1.0, "target_frac": 0.9, "max_extra": 0.35},
 }
 SEED = 1234
 PIPELINE_JSON = "checkfree_pipeline.json"
@@ -831,13 +831,15 @@ def _publish(r: dict[str, Any], out_dir: str | None, name: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, seconds")
-    ap.add_argument("--rates", default=None, help=f"failure rates in %%/h, of {sorted(PAPER_P_STEP)} (default 5,10)")
+    ap.add_argument("--rates", default=None, help=f"failure rates in %%/h, of {sorted(PAPER_P_STEP)} (default 5,10,16)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--steps", type=int, default=None, help="steps of the failure-free run (default 400)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="checkfree",
                     help="file stem of the results (default checkfree; e.g. checkfree_extra for a run of other modes)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these rates to the published <name>.json of the same run (deterministic training)")
     ap.add_argument("--retime", action="store_true",
                     help="re-charge the clock of the published checkfree.json in --out-dir (no training): "
                          "after the real pipeline's figures are published")
@@ -873,9 +875,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"unknown rate(s) {bad}; known: {sorted(PAPER_P_STEP)}")
     if a.steps is not None and a.steps < 10:
         ap.error("--steps must be >= 10")
+    old = None
+    if a.merge:
+        path = os.path.join(a.out_dir or RESULTS_DIR, f"{a.name}.json")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--merge: cannot read {path}: {e}")
     r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps)
+    if old is not None:
+        r = merge(old, r)
+        r = finish(r, dirs)
     _publish(r, a.out_dir, a.name)
     return r
+
+
+def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != key}
+
+
+def merge(old: Any, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s rates added to a published result of the same run (same sizes, modes, corpus and a
+    bit-identical failure-free curve: the training is deterministic), the old rates kept."""
+    same = (isinstance(old, dict) and old.get("scenario") == "checkfree" and isinstance(old.get("per_rate"), dict)
+            and isinstance(old.get("sizes"), dict) and _without(old["sizes"], "rates") == _without(new["sizes"], "rates")
+            and old.get("modes") == new["modes"]
+            and old.get("corpus", {}).get("sha256") == new["corpus"]["sha256"])
+    ref_old = next(iter(old["per_rate"].values()))["runs"][NO_FAILURE]["curve"] if same and old["per_rate"] else None
+    ref_new = next(iter(new["per_rate"].values()))["runs"][NO_FAILURE]["curve"]
+    if not same or ref_old is None or [p["val"] for p in ref_old] != [p["val"] for p in ref_new]:
+        raise SystemExit("--merge: the published result is not of the same run (sizes, modes, corpus or the "
+                         "failure-free curve differ); run every rate at once instead")
+    out = dict(new)
+    out["per_rate"] = {**{k: v for k, v in old["per_rate"].items() if k not in new["per_rate"]}, **new["per_rate"]}
+    out["per_rate"] = dict(sorted(out["per_rate"].items(), key=lambda kv: int(kv[0])))
+    out["rates"] = [int(k) for k in out["per_rate"]]
+    out["runtime_s"] = old.get("runtime_s", 0.0) + new["runtime_s"]
+    return out
 
 
 if __name__ == "__main__":
