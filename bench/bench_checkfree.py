@@ -772,11 +772,12 @@ def table(r: dict[str, Any]) -> str:
 def _plot(r: dict[str, Any]) -> Any:
     def draw(fig: Any) -> None:
         rates = list(r["per_rate"])
-        axes = fig.subplots(len(rates), 2, squeeze=False)
+        # one column per rate: loss vs step above, vs wall clock below (one rate: side by side)
+        axes = fig.subplots(1, 2, squeeze=False) if len(rates) == 1 else fig.subplots(2, len(rates), squeeze=False)
         for i, rate in enumerate(rates):
             pr = r["per_rate"][rate]
             for j, key in enumerate(("step", "t")):
-                ax = axes[i][j]
+                ax = axes[0][j] if len(rates) == 1 else axes[j][i]
                 for n, mode in enumerate(MODES):
                     run_ = pr["runs"].get(mode)
                     if not run_:
