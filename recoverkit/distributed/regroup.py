@@ -267,8 +267,12 @@ class Heartbeat:
     even while the training thread is still blocked in a collective. :func:`regroup` waits
     for the members that acknowledged and closes the membership without the others after
     ``ack_s``: a dead process never acknowledges, so the survivors agree within a few beats
-    instead of a long join window. A member is also *dead* once its counter has not moved
-    for ``miss_s`` (on this process's monotonic clock: the nodes' clocks need not agree).
+    instead of a long join window. A member is also *dead* once this thread has read its
+    counter unchanged over ``miss_s`` (on this process's monotonic clock: the nodes' clocks
+    need not agree). Both verdicts rest on reads, never on the time since the last one: a
+    watching thread starved on a loaded host (it read nothing meanwhile) sees nobody dead,
+    and :func:`regroup` keeps waiting for a member whose counter this thread saw move after
+    the regroup started (that beat's own check acknowledges it).
 
     The thread uses its own connection to the store (``store.clone()``), so the training
     loop's store calls never delay a beat; every store call fails within the store's timeout
@@ -300,7 +304,9 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._seen: dict[int, tuple[int, float]] = {}
+        # launch rank -> (counter, read that saw it change, latest read, read before that change):
+        # the start times of this thread's reads
+        self._seen: dict[int, tuple[int, float, float, float]] = {}
         self._dead_since: float | None = None
         self._acked = False
         self.store_error: BaseException | None = None
@@ -313,7 +319,7 @@ class Heartbeat:
             self._next = f"{membership.namespace}/g{membership.generation + 1}"
             self._me = membership.launch_rank
             now = time.monotonic()
-            self._seen = {r: (-1, now) for r in membership.members if r != self._me}
+            self._seen = {r: (-1, now, now, now) for r in membership.members if r != self._me}
             self._acked = False
 
     def start(self) -> Heartbeat:
@@ -353,17 +359,19 @@ class Heartbeat:
                     self._acked = True
                     if self._dead_since is None:
                         self._dead_since = time.monotonic()
-        now = time.monotonic()
         for r in others:
+            now = time.monotonic()  # before the read: the counter is at least this fresh
             count = self._count(f"{prefix}/{r}", f"heartbeat of rank {r}")
             with self._lock:
                 if r not in self._seen:
                     continue
-                last, since = self._seen[r]
+                last, since, read, _ = self._seen[r]
                 if count >= 0 and count != last:
-                    self._seen[r] = (count, now)
-                elif now - since > self.miss_s and self._dead_since is None:
-                    self._dead_since = now
+                    self._seen[r] = (count, now, now, read)
+                else:
+                    self._seen[r] = (last, since, now, self._seen[r][3])
+                    if now - since > self.miss_s and self._dead_since is None:
+                        self._dead_since = now
 
     def _count(self, key: str, what: str) -> int:
         """A counter; -1 when its value is malformed (an unreadable beat is no beat)."""
@@ -373,13 +381,23 @@ class Heartbeat:
             return -1
 
     def dead(self) -> set[int]:
-        """Launch ranks whose counter has not moved for ``miss_s``."""
-        now = time.monotonic()
+        """Launch ranks whose counter this thread read unchanged over more than ``miss_s``.
+
+        Measured between this thread's reads, not up to now: when the thread itself was
+        starved (it read nothing for a while), nobody is dead until its next reads say so.
+        """
         with self._lock:
-            dead = {r for r, (_, since) in self._seen.items() if now - since > self.miss_s}
+            dead = {r for r, (_, since, read, _) in self._seen.items() if read - since > self.miss_s}
             if dead and self._dead_since is None:
-                self._dead_since = now
+                self._dead_since = time.monotonic()
             return dead
+
+    def beat_since(self, rank: int, t: float) -> bool:
+        """True when this thread saw ``rank``'s counter move between two of its reads that
+        both started after ``t`` (``time.monotonic()``): that beat began after ``t``."""
+        with self._lock:
+            seen = self._seen.get(rank)
+            return seen is not None and seen[3] >= t
 
     def lost(self) -> bool:
         """True once a watched member is dead, another survivor started a regroup, or the store is gone."""
@@ -502,7 +520,8 @@ def regroup(
         join_window_s: without a heartbeat, how long a survivor waits for old members that
             have not joined, counted from its own arrival. With one, it waits for the members
             whose heartbeat acknowledged the regroup (until ``timeout_s``), and for the others
-            ``heartbeat.ack_s`` (or until their beats stop for ``heartbeat.miss_s``).
+            ``heartbeat.ack_s`` (or until their beats stop for ``heartbeat.miss_s``), unless
+            the heartbeat saw one beat after the regroup started (it acknowledges then).
         heartbeat: a running :class:`Heartbeat`; it is switched to the new generation.
         backend: the new group's backend.
         pg_timeout_s: the new group's collective timeout (default: ``timeout_s``).
@@ -537,6 +556,7 @@ def regroup(
     me, previous = membership.launch_rank, membership.members
     _store_call("join", store.set, f"{ns}/join/{me}", "1")
     _store_call("count", store.add, f"{ns}/count", 1)
+    counted = time.monotonic()  # a beat that starts after this sees the regroup and acknowledges
     decided_key = f"{ns}/decided"
 
     def present(kind: str, ranks: set[int]) -> set[int]:
@@ -554,13 +574,17 @@ def regroup(
         elif heartbeat is None:
             close = waited >= join_window_s
         else:
-            # wait for the members alive (acknowledged, still beating); not for the dead
+            # wait for the members alive (acknowledged, or seen beating since the regroup
+            # started: that beat acknowledges it); not for the dead
             if joined[0] != count:
                 joined = (count, present("join", set(previous)))
             missing = set(previous) - joined[1]
             unacked = missing - present("alive", missing)
             dead = heartbeat.dead()
-            close = all(r in dead or (r in unacked and waited >= heartbeat.ack_s) for r in missing)
+            close = all(
+                r in dead or (r in unacked and waited >= heartbeat.ack_s and not heartbeat.beat_since(r, counted))
+                for r in missing
+            )
         if close:
             proposal = json.dumps(sorted(present("join", set(previous))))
             _store_call("decide", store.compare_set, decided_key, "", proposal)

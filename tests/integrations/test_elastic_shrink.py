@@ -450,3 +450,48 @@ def test_the_options_examples_run_and_bad_options_are_named():
                 {"max_recoveries_per_step": 0}, {"sync_max_bytes": 0}, {"poll_s": -1.0}):
         with pytest.raises(ConfigError):
             ElasticOptions(**bad)
+
+
+# ---------------------------------------------------------------------- the heartbeat's verdicts under load
+
+
+def test_a_starved_watcher_sees_nobody_dead_and_a_beat_since_a_time_is_seen():
+    """The heartbeat's verdicts rest on its thread's reads: with that thread starved (here the
+    interpreter's lock held past ``miss_s``, as a loaded host can do), a member that kept
+    beating is not dead; stopped, it is, after ``miss_s`` of reads. ``beat_since`` (what
+    :func:`~recoverkit.distributed.regroup.regroup` waits on) sees a beat begun after a time."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from recoverkit.distributed.regroup import Heartbeat, Membership
+
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    m = [Membership(namespace="s", generation=0, members=(0, 1), launch_rank=r, previous=(0, 1)) for r in (0, 1)]
+    a = Heartbeat(store, m[0], interval_s=0.05, miss_s=0.3).start()
+    b = Heartbeat(store, m[1], interval_s=0.05, miss_s=0.3).start()
+    try:
+        t = time.monotonic()
+        deadline = t + 20
+        while not a.beat_since(1, t) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.beat_since(1, t) and not a.dead()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(60.0)  # no other thread runs until this one waits
+        try:
+            end = time.monotonic() + 1.0  # > miss_s: the watcher read nothing meanwhile
+            while time.monotonic() < end:
+                pass
+            starved = a.dead()
+        finally:
+            sys.setswitchinterval(switch)
+        assert starved == set(), starved
+        b.stop()
+        t = time.monotonic()
+        deadline = t + 20
+        while not a.dead() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.dead() == {1} and not a.beat_since(1, t)
+    finally:
+        a.stop()
+        b.stop()
