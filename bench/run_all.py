@@ -84,6 +84,15 @@ How to run:
   (N-1)/N, for `ElasticTrainer` in modes ordered and global (global batch kept), shrink
   (TorchFT's behaviour: the batch shrinks) and checkpoint-restart (resubmitted at world 3 from
   the last Checkpointer save); `mttr`'s same-world restart and torchft rows beside it.
+* `checkfree` (`python -m bench.bench_checkfree [--rates 5,10,16] [--modes ...]`): convergence
+  in wall-clock time of an 8-stage LLaMa-style decoder trained on the Python standard library's
+  own sources, simulated in one process under the same seeded stage failures (the paper's
+  per-step probabilities): no failure, CheckFree, CheckFree+, and checkpoint-restart at its
+  Young/Daly interval and every 50 steps (real saves and restores). The clock is charged from
+  `checkfree_pipeline.json` (detection, spare, fetch: the real `torch.distributed.pipelining`
+  job of the tests) and this run's own step, save and restore medians; `--retime` re-charges
+  a published result, `--merge` adds rates, and `--name checkfree_extra --modes
+  no-failure,uniform,copy,checkfree+-no-failure` writes the other modes beside it.
 
 Scenarios, in order: {order}.
 """
