@@ -79,6 +79,7 @@ import torch.distributed as dist
 from ..distributed.global_grad import wait_collective
 from ..distributed.regroup import Membership
 from ..errors import RegroupError
+from ..state.sharded import ShardedTensor
 from .reconcile import Reconciled
 
 if TYPE_CHECKING:
@@ -272,6 +273,8 @@ def _local_bytes(tree: Any) -> int:
         return sum(_local_bytes(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return sum(_local_bytes(v) for v in tree)
+    if isinstance(tree, ShardedTensor):  # an explicitly sharded partition (ZeroOptimizer's)
+        return int(tree.local.numel() * tree.local.element_size())
     if isinstance(tree, torch.Tensor):
         local = tree.to_local() if hasattr(tree, "to_local") else tree
         return int(local.numel() * local.element_size())

@@ -27,6 +27,7 @@ The flow of :meth:`ElasticTrainer.step` (step ``k`` of epoch ``e``, ``G`` sample
       while a collective is pending (global_grad's waits with abort=, elastic/waits), or
       a wait passes collective_timeout_s  -> recover, redo step k
     optimizer.step(); sampler.advance(); steps_done += 1
+      (a step with a collective, ZeroOptimizer's all-gather: watched as one, a failure -> recover)
 
     recover:  destroy the old group; one with an operation given up while pending is
               kept referenced (freeing it would join its stuck thread)
@@ -86,7 +87,8 @@ from ..distributed.global_grad import (
     allreduce_sum,
 )
 from ..distributed.regroup import Heartbeat, Membership, regroup
-from ..errors import IncompatibleCheckpointError
+from ..errors import IncompatibleCheckpointError, RegroupError
+from ..state.dtensor import is_dtensor
 from ..state.global_batch import GlobalBatchSampler, MicroBatch
 from ..state.keyed_rng import keyed_rng
 from .grow import Grow, at_boundary, receive
@@ -204,7 +206,11 @@ class ElasticTrainer:
             complete in memory, resharded, the trainer's position included (steps after it
             are redone). Every micro-batch then counts as a collective (FSDP's all-gathers);
             :func:`~recoverkit.elastic.sharded.fsdp_wrap` as ``wrap=`` makes its backward
-            reduce (mode "global" or "shrink"; "ordered" is refused).
+            reduce (mode "global" or "shrink"; "ordered" is refused for DTensor
+            parameters). Also a replicated model whose optimizer state is partitioned
+            (:class:`~recoverkit.elastic.zero.ZeroOptimizer`, any mode, "ordered" bit for bit
+            across a shrink): its step's all-gather is watched as a collective; without
+            ``rebuild`` a loss there raises RegroupError, reason "restore" (the restart path).
 
     Stateful: ``state_dict()`` holds ``steps_done``, the sampler's state and the membership
     (generation, launch ranks) for the record; ``load_state_dict`` restores the first two
@@ -231,7 +237,7 @@ class ElasticTrainer:
         self._wrap = wrap
         #: a sharded model: rebuilt and restored from memory after a re-forming (not reconciled)
         self._rebuild = rebuild
-        if rebuild is not None and options is not None and options.mode == "ordered":
+        if rebuild is not None and options is not None and options.mode == "ordered" and any(is_dtensor(p) for p in model.parameters()):
             raise ValueError("ElasticTrainer: a sharded model (rebuild=) reduces in its backward pass: mode 'global' or 'shrink'")
         joining = membership.launch_rank in membership.joined  # a newcomer: DDP after its state came
         self.ddp: torch.nn.Module | None = wrap(model) if wrap is not None and not joining else None
@@ -362,7 +368,9 @@ class ElasticTrainer:
             with reducing("loss all-reduce"):
                 allreduce_sum([t], mean=mode == "shrink", what="the loss all-reduce", **self._wait_kw())
             value = float(t.item())
-        self.optimizer.step()
+        # an optimizer whose step runs a collective (ZeroOptimizer's all-gather): a failure there is a loss
+        with reducing("optimizer step") if getattr(self.optimizer, "collective_step", False) else nullcontext():
+            self.optimizer.step()
         s.advance()
         self.steps_done += 1
         return StepResult(
@@ -420,6 +428,12 @@ class ElasticTrainer:
         if self._rebuild is not None:  # sharded: rebuilt, restored from memory (trainer position too)
             rec: Reconciled = self._rebuild.recover(self, new)
             self._params = [p for p in self.model.parameters() if p.requires_grad]
+        elif getattr(self.optimizer, "collective_step", False):  # partitioned: no rank holds it all
+            raise RegroupError(
+                "elastic: the optimizer's state is partitioned over the ranks (a collective step, e.g. "
+                "ZeroOptimizer): the lost rank's part is only in the snapshots; pass rebuild=Reshard(...)",
+                reason="restore",
+            )
         else:
             rec = reconcile(
                 {"model": self.model, "optimizer": self.optimizer, "trainer": self},
