@@ -37,6 +37,10 @@ The flow (every survivor, the same calls in the same order)::
                                                 Checkpointer is abandoned too, nothing of
                                                 shared memory deleted)
 
+The same path serves a replicated model whose optimizer state is partitioned over the ranks
+(:class:`~recoverkit.elastic.zero.ZeroOptimizer`: its slices of Adam's moments are
+ShardedTensors, repartitioned by the same restore).
+
 The trainer then adopts the new model and optimizer and redoes every step after the
 snapshot with the new assignment (the global batch and its gradient scale kept). Nothing of
 the old model is reused: its DTensors are bound to the broken group.
@@ -96,8 +100,10 @@ class Rebuilt:
     """What the user's ``build(membership)`` returns: everything bound to the current group.
 
     Attributes:
-        model: the sharded model (``fully_shard`` applied on the current default group).
-        optimizer: its optimizer.
+        model: the sharded model (``fully_shard`` applied on the current default group), or
+            a replicated plain module whose optimizer partitions its state
+            (:class:`~recoverkit.elastic.zero.ZeroOptimizer`, ZeRO-1).
+        optimizer: its optimizer (built on the current default group too).
         checkpointer: a Checkpointer over the job's root with the job's tiers (shared memory
             every step, peer replicas): built collectively on the current group.
         extra: other Stateful entries saved and restored with them (an LR scheduler).
