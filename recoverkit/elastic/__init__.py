@@ -37,6 +37,7 @@ _LAZY = {
     "Resharded": "reshard",
     "ShardedSync": "sharded",
     "fsdp_wrap": "sharded",
+    "ZeroOptimizer": "zero",
     "StagePipeline": "pipeline",
     "PipelineOptions": "pipeline_options",
     "PipelineRecoveryError": "pipeline_options",
