@@ -231,11 +231,19 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
             )
     if pipe.stage == NUM_STAGES - 1:
         pipe.finish()
-    try:
-        with open(os.path.join(out, "killed")) as f:
-            result["killed"] = float(f.read())
-    except (OSError, ValueError):
-        result["killed"] = None
+    # the test writes ``killed`` just after its SIGKILL; a process that recovered may get
+    # here first on a loaded host: wait for it (bounded), as figures() needs it
+    result["killed"] = None
+    deadline = time.monotonic() + (30.0 if pipe.recoveries else 0.0)
+    while True:
+        try:
+            with open(os.path.join(out, "killed")) as f:
+                result["killed"] = float(f.read())
+            break
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
     result["steps_done"] = pipe.steps_done
     result["recoveries"] = [
         {
