@@ -30,11 +30,17 @@ of this simulated clock. Methods (rows):
   since; its loss curve vs step is the reference's, bit for bit (checked);
 * optional (``--modes``): **uniform** (checkfree with 0.5/0.5 weights), **copy** (the previous
   neighbour copied; the next one for the first stage), **random** (re-initialised),
-  **checkfree+-no-failure** (the swap schedule with no failure: its own cost in convergence).
+  **checkfree+-no-failure** (the swap schedule with no failure: its own cost in convergence),
+  **snapshot** (exact recovery: every step each stage's model and AdamW are copied in memory, as
+  the real pipeline's replica mode copies them to the next stage's process; a lost stage is a
+  new stage loaded from that copy, so its loss vs step is the failure-free run's, bit for bit,
+  computed and checked, not assumed).
 
 Wall-clock charged: per step, per save, per restart (detection, a spare brought in, every stage
 restored from disk) and per CheckFree recovery (detection, a spare brought in, the neighbours'
-weights fetched and the stage rebuilt). Detection, the spare and the fetch come from
+weights fetched and the stage rebuilt); snapshot: per step the replica's overhead, as the ratio
+of the real pipeline's replica step to its plain step (measured on that pipeline's small test
+model) times this step, and per recovery the replica mode's detection, re-forming and fetch. Detection, the spare and the fetch come from
 ``checkfree_pipeline.json`` (the real ``torch.distributed.pipelining`` pipeline's measured
 figures) when it exists, else from bench_mttr's restart phases; the per-step time from the real
 pipeline only when it ran this model, else measured here; save and restore are measured here.
@@ -54,6 +60,7 @@ Run: ``python -m bench.bench_checkfree [--smoke] [--rates 5,10] [--modes ...] [-
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -76,7 +83,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_FAILURE, CHECKFREE, PLUS = "no-failure", "checkfree", "checkfree+"
 CKPT, CKPT_FIXED = "checkpoint-restart", "checkpoint-restart-fixed"
 SWAP_ONLY = "checkfree+-no-failure"  # the swap schedule's own effect on convergence
-EXTRA = ("uniform", "copy", "random", SWAP_ONLY)
+SNAPSHOT = "snapshot"  # exact: the lost stage restored from its per-step in-memory replica
+EXTRA = (SNAPSHOT, "uniform", "copy", "random", SWAP_ONLY)
 MODES = (NO_FAILURE, CHECKFREE, PLUS, CKPT, CKPT_FIXED, *EXTRA)
 DEFAULT_MODES = (NO_FAILURE, CHECKFREE, PLUS, CKPT, CKPT_FIXED)
 RESTARTS = (CKPT, CKPT_FIXED)
@@ -114,6 +122,8 @@ class Sim:
         self.norms = [0.0] * spec.stages  # clipped gradient norm of the last completed step
         self.rebuilt = 0  # stages rebuilt so far (seeds a re-initialised stage)
         self.replica: dict[int, dict[str, torch.Tensor]] = {}  # edge stage -> its (de)embedding copy
+        # snapshot mode: every stage's model and optimizer state after the last completed step
+        self.snapshots: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
 
     def _adamw(self, stage: Stage) -> torch.optim.Optimizer:
         return torch.optim.AdamW(stage.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -160,6 +170,30 @@ class Sim:
         order = list(range(self.spec.stages))
         losses = [float(self.loss(b, order)) * b.shape[0] for b in batches]
         return sum(losses) / sum(b.shape[0] for b in batches)
+
+    def take_snapshot(self) -> None:
+        """Snapshot mode: every stage's model and AdamW state copied in memory (the real
+        pipeline's replica mode sends the same to the next stage's process every step)."""
+        self.snapshots = [({n: t.detach().clone() for n, t in s.state_dict().items()}, copy.deepcopy(o.state_dict()))
+                          for s, o in zip(self.stages, self.opts)]
+
+    def restore_snapshot(self, k: int) -> str:
+        """Stage ``k`` lost: a new process builds the stage and loads the model and AdamW state of
+        its last snapshot (exact: the state after the last completed step)."""
+        if k >= len(self.snapshots):
+            raise RuntimeError(f"snapshot: no snapshot of stage {k} to restore from")
+        model, opt_state = self.snapshots[k]
+        new = Stage(self.spec, k)
+        new.load_state_dict(model)
+        opt = self._adamw(new)
+        opt.load_state_dict(copy.deepcopy(opt_state))
+        self.stages[k], self.opts[k] = new, opt
+        return f"restored from its per-step snapshot (exact; optimizer step {self._opt_step(opt)})"
+
+    @staticmethod
+    def _opt_step(opt: torch.optim.Optimizer) -> int:
+        steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
+        return max(steps) if steps else 0
 
     def refresh_replica(self) -> None:
         """CheckFree+: the edges' (de)embedding copied to the partner's host."""
@@ -235,6 +269,8 @@ class Timing:
     detection_s: float
     relaunch_s: float  # a new process (or job) up and its model built, before any state arrives
     fetch_s: float  # the neighbours' weights to the replacement process
+    replica_overhead: float = 0.0  # snapshot: the per-step replica's cost over a plain step (fraction)
+    replica_recover_s: float = 0.0  # snapshot: detection + re-forming + the replica's state loaded
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -282,6 +318,13 @@ def pipeline_figures(dirs: tuple[str, ...]) -> tuple[dict[str, Any], str] | None
         stages, model = setup.get("stages"), setup.get("model")
         got["stages"] = stages if isinstance(stages, int) and not isinstance(stages, bool) else None
         got["model"] = model[:200] if isinstance(model, str) else None
+        rep = r.get("replica") if isinstance(r.get("replica"), dict) else {}
+        got["replica_step_s"] = _num(rep, "step_s")
+        got["replica_overhead"] = _num(rep, "step_overhead")
+        if got["replica_overhead"] is None and got["replica_step_s"] and got["step_s"]:
+            got["replica_overhead"] = max(0.0, got["replica_step_s"] / got["step_s"] - 1.0)
+        parts = [_num(rep, k) for k in ("detection_s", "relaunch_s", "fetch_s")]
+        got["replica_recover_s"] = None if None in parts else sum(p for p in parts if p is not None)
         if any(got[k] is not None for k in ("step_s", "detection_s", "relaunch_s", "fetch_s")):
             return got, path
     return None
@@ -349,6 +392,7 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
 
     tm = Timing(step_s=measured["step_s"], save_s=measured["save_s"], restore_s=measured["restore_s"],
                 detection_s=0.0, relaunch_s=0.0, fetch_s=0.0)
+    replica_recover_src = None
     tm.sources = {
         "step_s": f"measured here: one simulated pipeline step (every stage in one process), {n('step_n')}",
         "save_s": f"measured here: blocking Checkpointer.save of every stage to local disk, {n('save_n')}",
@@ -356,6 +400,7 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
         "detection_s": "not measured (no bench_mttr results): 0",
         "relaunch_s": "not measured (no bench_mttr results): 0",
         "fetch_s": "not measured: 0",
+        "replica_overhead": "not measured (no real pipeline replica figures): 0",
     }
     mt = mttr_figures(dirs)
     if mt:
@@ -393,13 +438,32 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
         elif fig["step_s"] is not None:
             tm.sources["step_s"] += (f"; the real pipeline's {fig['step_s'] * 1e3:.1f} ms is of another model "
                                      f"({fig['stages']} stages, {fig['model']}), not charged")
+        model = f"its small test model ({fig['stages']} stages, {fig['model']})"
+        if fig["replica_overhead"] is not None:
+            tm.replica_overhead = fig["replica_overhead"]
+            ratio = (f"{fig['replica_step_s'] * 1e3:.1f} ms / {fig['step_s'] * 1e3:.1f} ms"
+                     if fig["replica_step_s"] and fig["step_s"] else "its step_overhead")
+            tm.sources["replica_overhead"] = (
+                f"the real pipeline's replica mode (model + AdamW of every stage copied to the next stage's process "
+                f"every step): replica step / plain step - 1 = {ratio} - 1, measured on {model}; charged as this "
+                f"fraction x step_s on every step ({rel})")
+        if fig["replica_recover_s"] is not None:
+            tm.replica_recover_s = fig["replica_recover_s"]
+            replica_recover_src = (f"the real pipeline's replica mode: detection + group re-formed + the replica's "
+                                   f"state loaded, measured on {model} ({rel})")
+    if replica_recover_src is None:
+        tm.replica_recover_s = tm.recover_s
+        replica_recover_src = "no replica figures: CheckFree's recovery (detection + relaunch + fetch)"
+    tm.sources["replica_recover_s"] = replica_recover_src
     return tm
 
 
 def clock(point: dict[str, Any], tm: Timing) -> float:
     """Simulated seconds at a curve point: its iterations, saves, restarts and recoveries charged."""
     return (point["iteration"] * tm.step_s + point["saves"] * tm.save_s
-            + point["restarts"] * tm.restart_s + point["recoveries"] * tm.recover_s)
+            + point["restarts"] * tm.restart_s + point["recoveries"] * tm.recover_s
+            + point.get("replica_steps", 0) * tm.step_s * tm.replica_overhead
+            + point.get("exact_recoveries", 0) * tm.replica_recover_s)
 
 
 # --------------------------------------------------------------------------- failures
@@ -451,7 +515,10 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
         ckpt = Checkpointer(root, options=opts, coordinator=LocalCoordinator())
         ckpt.save(0, sim.state())  # the initial state: a failure before the first save restarts from it
     steps, step = z["steps"], 0
-    n = {"iteration": 0, "saves": 0, "restarts": 0, "recoveries": 0}  # what the clock is charged for
+    n = {"iteration": 0, "saves": 0, "restarts": 0, "recoveries": 0,  # what the clock is charged for
+         "replica_steps": 0, "exact_recoveries": 0}
+    if mode == SNAPSHOT:
+        sim.take_snapshot()  # the initial state: a failure before the first step restores it
     curve = [{"step": 0, "val": sim.evaluate(valid), **n}]
     failures: list[dict[str, Any]] = []
     train_losses: list[float] = []
@@ -462,7 +529,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     t0 = time.perf_counter()
     reached = False
     try:
-        while step < max_steps and not (step >= steps and (target is None or reached or mode in (NO_FAILURE, *RESTARTS))):
+        while step < max_steps and not (step >= steps and (target is None or reached or mode in (NO_FAILURE, SNAPSHOT, *RESTARTS))):
             it = n["iteration"]
             lost = [] if mode in (NO_FAILURE, SWAP_ONLY) else schedule.pop(it, [])
             if lost and mode in RESTARTS:
@@ -479,6 +546,11 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
                 lost_steps += step - back
                 step = back
                 n["restarts"] += 1
+            elif lost and mode == SNAPSHOT:
+                for k in lost:
+                    did = sim.restore_snapshot(k)
+                    failures.append({"iteration": it, "stages": [k], "step": step, "action": did})
+                n["exact_recoveries"] += 1  # one replacement per stage, in parallel: one recovery time
             elif lost:
                 for k in lost:
                     did = sim.rebuild(k, how or "random", CheckFreeOptions().lr_scale)
@@ -490,6 +562,9 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
             step_times.append(time.perf_counter() - w)
             step += 1
             n["iteration"] += 1
+            if mode == SNAPSHOT:  # outside the timed step: its cost is charged from the real pipeline's replica
+                sim.take_snapshot()
+                n["replica_steps"] += 1
             if ckpt is not None and step % ckpt_every == 0:
                 w = time.perf_counter()
                 ckpt.save(step, sim.state())
@@ -551,9 +626,11 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
             "final_val": final, "final_val_minus_ref": None if final is None else final - ref["final_val"],
             "failures": r["stage_failures"],
             "edge_failures": sum(1 for f in r["failures"] for k in f["stages"] if k in (0, stages - 1)),
-            "saves": r["saves_total"], "restarts": r["restarts_total"], "recoveries": r["recoveries_total"],
+            "saves": r["saves_total"], "restarts": r["restarts_total"],
+            "recoveries": r["recoveries_total"] + r.get("exact_recoveries_total", 0),
             "lost_steps": r["lost_steps"], "iterations": r["iteration_total"], "steps": r["steps"],
-            "sim_seconds": clock({k: r[k + "_total"] for k in ("iteration", "saves", "restarts", "recoveries")}, tm),
+            "sim_seconds": clock({k: r.get(k + "_total", 0) for k in ("iteration", "saves", "restarts", "recoveries",
+                                                                      "replica_steps", "exact_recoveries")}, tm),
         }
         for m, ct in ckpt_t.items():
             if tt is not None and ct:
@@ -566,9 +643,16 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
                     even = tm.save_s + (tt - ct) / saves
                     row[f"break_even_save_s_{m}"] = even
                     row[f"break_even_save_steps_{m}"] = even / tm.step_s
-        if mode in RESTARTS:
+                # snapshot: the per-step replica overhead at which it reaches the target with that
+                # checkpoint-restart (its time to target is linear in the overhead)
+                replicated = crossing(c, target, "replica_steps") if mode == SNAPSHOT else None
+                if replicated:
+                    base = tt - replicated * tm.step_s * tm.replica_overhead
+                    row[f"break_even_replica_overhead_{m}"] = (ct - base) / (replicated * tm.step_s)
+        if mode in (*RESTARTS, SNAPSHOT):
             # a rollback replays the same steps with the same data: the curve vs step is the reference's
             row["ckpt_every"] = r["ckpt_every"]
+            # its loss vs step is the reference's, bit for bit, at every evaluation
             row["bit_identical_to_ref"] = all(val_at_step(ref_curve, p["step"]) == p["val"] for p in c)
         out[mode] = row
     return out
@@ -704,6 +788,11 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {tm[name]:.4f} | {tm['sources'].get(name, '-')} |")
     lines.append(f"| restart (detection + relaunch + restore) | {tm['restart_s']:.3f} | |")
     lines.append(f"| CheckFree recovery (detection + relaunch + fetch) | {tm['recover_s']:.3f} | |")
+    if SNAPSHOT in r["modes"]:
+        lines.append(f"| snapshot: replica overhead per step (fraction of step_s) | {tm['replica_overhead']:.4f} | "
+                     f"{tm['sources'].get('replica_overhead', '-')} |")
+        lines.append(f"| snapshot: exact recovery (detection + re-forming + replica loaded) | "
+                     f"{tm['replica_recover_s']:.3f} | {tm['sources'].get('replica_recover_s', '-')} |")
     lines += ["", f"Target validation loss {ref['target']:.4f}: the failure-free run's at step {ref['target_step']}; "
               f"its final {ref['final_val']:.4f} at step {z['steps']}; evaluation noise (std) {ref['noise']:.4f}.", ""]
     for rate, pr in r["per_rate"].items():
@@ -729,6 +818,9 @@ def table(r: dict[str, Any]) -> str:
                     vs.append(f"{row[f'time_vs_{m}']:.3f} ({abs(pct):.1f} % {'faster' if pct >= 0 else 'slower'})")
                 else:
                     vs.append("-")
+            if mode == SNAPSHOT:
+                mode = (f"{mode} (per-step replica, +{100 * tm['replica_overhead']:.0f} % per step; vs step "
+                        f"{'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)")
             if mode in RESTARTS:
                 mode = f"{mode} (every {row['ckpt_every']}; vs step {'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)"
             rec = f"{row['recoveries']} / {row['restarts']}"
@@ -753,6 +845,20 @@ def table(r: dict[str, Any]) -> str:
                             f"; against a save every {pr['ckpt_every_fixed']} steps it breaks even when a save takes "
                             f"{even:.2f} s ({row[f'break_even_save_steps_{CKPT_FIXED}']:.1f} steps; measured here "
                             f"{r['timing']['save_s']:.3f} s to local disk)"))
+        row = pr["summary"].get(SNAPSHOT)
+        if row is not None:
+            parts = []
+            for m in RESTARTS:
+                x, even = row.get(f"faster_than_{m}_pct"), row.get(f"break_even_replica_overhead_{m}")
+                if x is None:
+                    continue
+                parts.append(f"{abs(x):.1f} % {'faster' if x >= 0 else 'slower'} than {m}"
+                             + ("" if even is None else
+                                f" (it breaks even at a replica overhead of {100 * even:+.0f} % per step)"))
+            lines.append(f"- snapshot at {rate} %/h: to the target: {'; '.join(parts) if parts else 'not reached'}; "
+                         f"charged the real pipeline's replica overhead of {100 * tm['replica_overhead']:.0f} % per step "
+                         "(measured on its small test model) and its exact recovery; final validation loss "
+                         f"{_f(row['final_val_minus_ref'], '+.4f')} vs no failure")
         lines.append("")
     lines += [
         "- checkfree: an edge stage lost is re-initialised at random (CheckFree's averaging needs two neighbours; "
@@ -766,6 +872,11 @@ def table(r: dict[str, Any]) -> str:
         "step counts again); the recovery (or restart) is charged, then the step runs. Evaluation time is not "
         "charged. checkfree+ also trains differently when nothing fails (the swapped micro-batches).",
     ]
+    if SNAPSHOT in r["modes"]:
+        lines.append("- snapshot: every step each stage's model and AdamW state are copied in memory; a lost stage is a "
+                     "new stage loaded from that copy (exact, simulated for real: its curve vs step is computed and "
+                     "checked against no failure). Charged per step: the real pipeline's replica step / plain step "
+                     "ratio (its small test model; a larger stage's compute would dilute it) x this step.")
     return "\n".join(lines)
 
 
@@ -840,7 +951,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--name", default="checkfree",
                     help="file stem of the results (default checkfree; e.g. checkfree_extra for a run of other modes)")
     ap.add_argument("--merge", action="store_true",
-                    help="add these rates to the published <name>.json of the same run (deterministic training)")
+                    help="add these rates and modes to the published <name>.json of the same run (deterministic "
+                         "training)")
     ap.add_argument("--retime", action="store_true",
                     help="re-charge the clock of the published checkfree.json in --out-dir (no training): "
                          "after the real pipeline's figures are published")
@@ -897,11 +1009,12 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def merge(old: Any, new: dict[str, Any]) -> dict[str, Any]:
-    """``new``'s rates added to a published result of the same run (same sizes, modes, corpus and a
-    bit-identical failure-free curve: the training is deterministic), the old rates kept."""
+    """``new``'s rates and modes added to a published result of the same run (same sizes, corpus
+    and a bit-identical failure-free curve: the training is deterministic, the failures seeded by
+    the rate), the old rates and modes kept; a mode run again replaces the old one."""
     same = (isinstance(old, dict) and old.get("scenario") == "checkfree" and isinstance(old.get("per_rate"), dict)
             and isinstance(old.get("sizes"), dict) and _without(old["sizes"], "rates") == _without(new["sizes"], "rates")
-            and old.get("modes") == new["modes"]
+            and isinstance(old.get("modes"), list)
             and old.get("corpus", {}).get("sha256") == new["corpus"]["sha256"])
     ref_old = next(iter(old["per_rate"].values()))["runs"][NO_FAILURE]["curve"] if same and old["per_rate"] else None
     ref_new = next(iter(new["per_rate"].values()))["runs"][NO_FAILURE]["curve"]
@@ -909,7 +1022,17 @@ def merge(old: Any, new: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit("--merge: the published result is not of the same run (sizes, modes, corpus or the "
                          "failure-free curve differ); run every rate at once instead")
     out = dict(new)
-    out["per_rate"] = {**{k: v for k, v in old["per_rate"].items() if k not in new["per_rate"]}, **new["per_rate"]}
+    rates = dict(old["per_rate"])
+    for k, pr in new["per_rate"].items():
+        prev = rates.get(k)
+        if isinstance(prev, dict) and isinstance(prev.get("runs"), dict):
+            both = {**prev, **pr, "runs": {**prev["runs"], **pr["runs"]}}
+            if CKPT in prev["runs"] and CKPT not in pr["runs"]:  # its interval is the old run's
+                both["ckpt_every_young_daly"] = prev["ckpt_every_young_daly"]
+            pr = both
+        rates[k] = pr
+    out["per_rate"] = rates
+    out["modes"] = [m for m in MODES if m in set(old["modes"]) | set(new["modes"])]
     out["per_rate"] = dict(sorted(out["per_rate"].items(), key=lambda kv: int(kv[0])))
     out["rates"] = [int(k) for k in out["per_rate"]]
     out["runtime_s"] = old.get("runtime_s", 0.0) + new["runtime_s"]

@@ -1,0 +1,113 @@
+"""bench_checkfree's optional modes: the exact per-step snapshot, random re-initialisation, and
+``--merge`` adding modes to a published result.
+
+The snapshot mode restores a lost stage's model and AdamW from an in-memory copy taken every step:
+the restored stage must equal the one that never failed bit for bit (checked on the simulator's
+parameters and optimizer state), and the benchmark's loss-vs-step curve must equal the
+failure-free one bit for bit. The smoke run (``--smoke``: a 4-stage decoder, 24 steps, seeded
+failures) is checked for structure and for the clock's accounting (the replica overhead and the
+exact recovery charged from the published figures); timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.bench_helpers import REPO, numbers
+
+
+def _sim():
+    from bench._llama import ModelSpec, corpus
+    from bench.bench_checkfree import SEED, SIZES, Sim
+
+    z = SIZES[True]
+    spec = ModelSpec(**z["spec"])
+    from bench._llama import Batches
+
+    batches = Batches(corpus(z["corpus_bytes"]), spec.seq_len, z["micro_batch"], SEED)
+    return Sim(spec, seed=SEED, lr=z["lr"], warmup=z["warmup"], swap=False), batches, z["micro_batches"]
+
+
+def test_snapshot_restore_is_bit_exact():
+    torch.set_num_threads(1)
+    a, batches, mb = _sim()
+    b, _, _ = _sim()
+    for step in range(6):
+        mbs = [batches.train(step, m) for m in range(mb)]
+        if step == 3:  # stage 1 of b is lost before step 3: a new stage loaded from the last snapshot
+            did = b.restore_snapshot(1)
+            assert "snapshot" in did
+        la, lb = a.train_step(step, mbs), b.train_step(step, mbs)
+        assert la == lb, step
+        b.take_snapshot()
+    for sa, sb in zip(a.stages, b.stages):
+        for (na, ta), (nb, tb) in zip(sa.state_dict().items(), sb.state_dict().items()):
+            assert na == nb and torch.equal(ta, tb), na
+    for oa, ob in zip(a.opts, b.opts):
+        sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            for key in sa[k]:
+                assert torch.equal(torch.as_tensor(sa[k][key]), torch.as_tensor(sb[k][key])), (k, key)
+    # no snapshot yet: a clear error, not a silent random stage
+    c, _, _ = _sim()
+    with pytest.raises(RuntimeError, match="no snapshot of stage 2"):
+        c.restore_snapshot(2)
+
+
+def _run(out, tmp_path, modes, *extra):
+    cmd = [sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--modes", modes, "--out-dir", str(out),
+           "--workdir", str(tmp_path), "--name", "checkfree_modes", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "checkfree_modes.json").read_text())
+
+
+@pytest.mark.slow
+def test_snapshot_and_random_modes_smoke(tmp_path):
+    out = tmp_path / "out"
+    r = _run(out, tmp_path, "no-failure,snapshot,random")
+    assert r["modes"] == ["no-failure", "snapshot", "random"]
+    assert all(math.isfinite(x) for x in numbers(r))
+    assert (out / "checkfree_modes.md").read_text().startswith("### checkfree_modes")
+    tm = r["timing"]
+    assert tm["replica_overhead"] >= 0 and tm["replica_recover_s"] > 0
+    assert "replica" in tm["sources"]["replica_overhead"] and tm["sources"]["replica_recover_s"]
+    for rate, pr in r["per_rate"].items():
+        runs, s = pr["runs"], pr["summary"]
+        assert set(s) == set(runs) == {"no-failure", "snapshot", "random"}, rate
+        ref = [(p["step"], p["val"]) for p in runs["no-failure"]["curve"]]
+        snap = runs["snapshot"]
+        # exact recovery: the computed loss-vs-step curve is the failure-free one, bit for bit
+        assert [(p["step"], p["val"]) for p in snap["curve"]] == ref
+        assert s["snapshot"]["bit_identical_to_ref"] is True
+        assert s["snapshot"]["failures"] >= 2 and s["snapshot"]["edge_failures"] >= 1, s["snapshot"]
+        assert s["snapshot"]["restarts"] == 0 and s["snapshot"]["lost_steps"] == 0
+        assert s["snapshot"]["recoveries"] == snap["exact_recoveries_total"] >= 1
+        assert snap["recoveries_total"] == 0 and snap["replica_steps_total"] == snap["iteration_total"]
+        assert all("per-step snapshot" in f["action"] for f in snap["failures"]), snap["failures"]
+        # the clock: every step charged step_s x (1 + the replica overhead), each recovery the replica's
+        want = (snap["iteration_total"] * tm["step_s"] * (1 + tm["replica_overhead"])
+                + snap["exact_recoveries_total"] * tm["replica_recover_s"])
+        assert math.isclose(s["snapshot"]["sim_seconds"], want, rel_tol=1e-9), (s["snapshot"]["sim_seconds"], want)
+        # random re-initialisation met the same failures and is not exact
+        rnd = runs["random"]
+        assert [f["iteration"] for f in rnd["failures"]] == [f["iteration"] for f in snap["failures"]]
+        assert all(f["action"] == "re-initialised at random" for f in rnd["failures"])
+        assert [p["val"] for p in rnd["curve"]] != [p["val"] for p in runs["no-failure"]["curve"]]
+
+    # --merge adds another mode to the published result of the same run, keeping the old ones
+    before = r["per_rate"]
+    m = _run(out, tmp_path, "no-failure,uniform", "--merge")
+    assert m["modes"] == ["no-failure", "snapshot", "uniform", "random"]
+    for rate, pr in m["per_rate"].items():
+        assert set(pr["runs"]) == {"no-failure", "snapshot", "random", "uniform"}, rate
+        assert pr["runs"]["snapshot"]["curve"][-1]["val"] == before[rate]["runs"]["snapshot"]["curve"][-1]["val"]
+        assert pr["summary"]["snapshot"]["bit_identical_to_ref"] is True
+    assert "| snapshot (per-step replica" in (out / "checkfree_modes.md").read_text()
