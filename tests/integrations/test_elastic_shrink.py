@@ -468,8 +468,8 @@ def test_a_starved_watcher_sees_nobody_dead_and_a_beat_since_a_time_is_seen():
 
     store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
     m = [Membership(namespace="s", generation=0, members=(0, 1), launch_rank=r, previous=(0, 1)) for r in (0, 1)]
-    a = Heartbeat(store, m[0], interval_s=0.05, miss_s=0.3).start()
-    b = Heartbeat(store, m[1], interval_s=0.05, miss_s=0.3).start()
+    a = Heartbeat(store, m[0], interval_s=0.05, miss_s=1.0).start()
+    b = Heartbeat(store, m[1], interval_s=0.05, miss_s=1.0).start()
     try:
         t = time.monotonic()
         deadline = t + 20
@@ -479,7 +479,7 @@ def test_a_starved_watcher_sees_nobody_dead_and_a_beat_since_a_time_is_seen():
         switch = sys.getswitchinterval()
         sys.setswitchinterval(60.0)  # no other thread runs until this one waits
         try:
-            end = time.monotonic() + 1.0  # > miss_s: the watcher read nothing meanwhile
+            end = time.monotonic() + 2.0  # > miss_s: the watcher read nothing meanwhile
             while time.monotonic() < end:
                 pass
             starved = a.dead()
