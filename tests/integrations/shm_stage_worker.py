@@ -8,7 +8,8 @@ staged straight into its shared-memory slot*.
 * ``HOLD_AT``: once the shm tier lent a slot as the arena of that step's save (its
   ``shm_stage`` phase: the slot's index is gone, nothing is staged yet), write
   ``OUT/holding-ATTEMPT`` and block in ``save_async`` (the test SIGKILLs the process
-  there); a hold is bounded (120 s, then exit 3).
+  there); a hold is bounded (120 s, then exit 3). The saves before it are waited for first,
+  so the held save finds a free slot on a loaded machine too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(root: str, out: str, attempt: int, total: int, hold_at: int) -> None:
             time.sleep(STEP_S)
             emit(step=step, loss=float(loss.detach()).hex())
             state["step"] = step
+            if step == hold_at:
+                # both slots free: this save is staged in its slot whatever the machine's load
+                # (a slot still being drained would send it down the copy path, never held)
+                ckpt.wait()
             ckpt.save_async(step, state)
         ckpt.wait()
         shm = ckpt.tiers["shm"]

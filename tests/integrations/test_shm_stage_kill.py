@@ -54,8 +54,10 @@ def test_sigkill_mid_staging_into_a_slot_resumes_from_the_step_before(tmp_path):
     ref = _events(ref_out, 0)
     ref_losses = {e["step"]: e["loss"] for e in ref if "step" in e}
     paths = next(e for e in ref if e.get("event") == "paths")
-    # the fast path from the 2nd save on, unless a slot was still in use (then copied)
-    assert paths["in_place"] + paths["copied"] == TOTAL and paths["in_place"] >= TOTAL // 2, paths
+    # every save reached shared memory, staged in its slot or (a slot still in use: how many is
+    # the machine's timing) copied; the held run below proves the staged path, which the worker
+    # makes certain at the held step by letting the saves before it settle
+    assert paths["in_place"] + paths["copied"] == TOTAL, paths
 
     root, out, shm = str(tmp_path / "ckpt"), str(tmp_path / "out"), str(tmp_path / "shm")
     os.makedirs(out)
