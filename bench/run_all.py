@@ -92,7 +92,14 @@ How to run:
   `checkfree_pipeline.json` (detection, spare, fetch: the real `torch.distributed.pipelining`
   job of the tests) and this run's own step, save and restore medians; `--retime` re-charges
   a published result, `--merge` adds rates, and `--name checkfree_extra --modes
-  no-failure,uniform,copy,checkfree+-no-failure` writes the other modes beside it.
+  no-failure,uniform,copy,checkfree+-no-failure` writes the other modes beside it. Mode
+  `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW
+  (the real pipeline's replica mode), its loss curve checked bit for bit against no failure,
+  charged the replica/plain step ratio and the replica recovery time from
+  `checkfree_pipeline.json` (measured on that pipeline's small test model), with the per-step
+  overhead at which it breaks even with checkpoint-restart; `--merge` adds modes as well as
+  rates to a published result of the same run, e.g. `python -m bench.bench_checkfree --rates 10
+  --modes no-failure,snapshot,random,checkpoint-restart --name checkfree_extra --merge`.
 
 Scenarios, in order: {order}.
 """
