@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from tests.integrations.elastic_fsdp2_worker import _finish, _wait_replica, _write
+
 SEED = 11
 NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH = 120, 24, 2  # 5 steps an epoch, 12 micro-batches a step
 STEPS = 5
@@ -132,37 +134,6 @@ def checkpoint_options(shm_dir: str) -> Any:
         ],
         staging=StagingPolicy(budget_bytes=max(8 << 20, 4 * 8 * (HIDDEN + 8) ** 2)),
     )
-
-
-def _write(path: str, payload: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-
-
-def _finish(code: int, group: bool) -> None:
-    if group:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _wait_replica(reshard: Any, rank: int, step: int, limit_s: float) -> bool:
-    """The victim: wait until a holder publishes this rank's replica of ``step``."""
-    reshard.checkpointer.wait(limit_s)
-    replica = reshard.checkpointer.tiers["replica"]
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        held = replica.holdings().get(rank, {})
-        if any(s >= step for s in held.values()):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def train(
