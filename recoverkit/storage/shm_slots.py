@@ -1,4 +1,4 @@
-"""Slots of one owner in shared memory: the writer, the reader's views, and their mappings.
+"""Slots of one owner in shared memory: the writer and the reader's views.
 
 Where it sits: below :mod:`recoverkit.storage.shm` (the store: names, job directories,
 budget, listing for gc), which hands out one :class:`SlotSet` per owner directory. The
@@ -13,23 +13,23 @@ flow of a slot (see ``storage.shm`` for the layout)::
 
 Pins are per process and per data file: a view from any store of this process keeps the
 slot from being rewritten; a mapping still referenced by a memoryview is unmapped (and
-unpinned) once the last one is released.
+unpinned) once the last one is released. The mappings, pins and directory checks are
+:mod:`recoverkit.storage.shm_map`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 import re
 import stat
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError, IntegrityError, StorageError
 from ..format.shm_index import MAX_DATA_BYTES, MAX_INDEX_BYTES, ShmIndex, decode_index
-from .fs import LocalFS, file_kind, open_regular
+from .fs import LocalFS, open_regular
+from .shm_map import _Mapping, _pin, _pinned, _real_dir, _refuse, _refuse_read
 
 if TYPE_CHECKING:
     from .shm import ShmStore
@@ -39,125 +39,9 @@ __all__ = ["MAX_SLOTS", "SlotBusyError", "SlotSet", "SlotWriter", "SnapshotView"
 MAX_SLOTS = 16
 _SLOT_INDEX = re.compile(r"slot-(\d{1,2})\.index")
 
+
 class SlotBusyError(StorageError):
     """Every slot of an owner holds the newest complete snapshot or is open in this process."""
-
-
-# ------------------------------------------------------------------ raw memory
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
-    ]  # fmt: skip
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def _address(obj: Any) -> int:
-    """The address of a buffer's first byte (read-only buffers too); 0 for an empty one."""
-    view = _PyBuffer()
-    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # pragma: no cover - raised as an exception
-        raise BufferError("no buffer")
-    try:
-        return int(view.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
-#: data files this process has mapped read-only, by path -> open views (pins against reuse)
-_PINS: dict[str, int] = {}
-_PINS_LOCK = threading.Lock()
-
-
-def _pin(path: str, delta: int) -> None:
-    with _PINS_LOCK:
-        n = _PINS.get(path, 0) + delta
-        if n > 0:
-            _PINS[path] = n
-        else:
-            _PINS.pop(path, None)
-
-
-def _pinned(path: str) -> bool:
-    with _PINS_LOCK:
-        return path in _PINS
-
-
-class _Mapping:
-    """One mapping of a data file; closed only when no memoryview of it is left."""
-
-    def __init__(self, fd: int, nbytes: int, *, write: bool) -> None:
-        self.nbytes = nbytes
-        if nbytes == 0:
-            self.mm: mmap.mmap | None = None
-            self.address = 0
-            return
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-        self.mm = mmap.mmap(fd, nbytes, flags=flags, prot=prot)
-        self.address = _address(self.mm)
-
-    def view(self, readonly: bool) -> memoryview:
-        if self.mm is None:
-            return memoryview(b"" if readonly else bytearray())
-        v = memoryview(self.mm)
-        return v.toreadonly() if readonly else v
-
-    def close(self) -> bool:
-        """Unmap; False (still mapped) while a memoryview of it is alive."""
-        if self.mm is None:
-            return True
-        try:
-            self.mm.close()
-        except BufferError:
-            return False
-        self.mm = None
-        return True
-
-
-def _refuse(path: str, kind: str) -> StorageError:
-    code = errno.ELOOP if kind == "a symbolic link" else errno.EINVAL
-    return StorageError(code, f"{path}: found {kind}, expected a regular file (shared memory is never followed)", path)
-
-
-def _refuse_read(path: str, kind: str) -> IntegrityError:
-    return IntegrityError(f"{path}: found {kind}, expected a regular file", path=path)
-
-
-def _real_dir(path: str, *, create: bool, shared: bool = False) -> None:
-    """``path`` is a directory of its own (not a symlink), created if ``create``.
-
-    ``shared``: a directory every user of the machine creates entries in (``recoverkit/``
-    and a node's directory under ``/dev/shm``): made 1777 (sticky, like /tmp). Otherwise a
-    job's own (0700): it must belong to this user, so nobody else can plant or swap its
-    files.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            raise
-        try:
-            os.mkdir(path, 0o700)
-            if shared:
-                os.chmod(path, 0o1777)  # not through the umask
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(errno.ENOTDIR, f"{path}: found {file_kind(st.st_mode)}, expected a directory", path)
-    if not shared and st.st_uid != os.getuid():
-        raise StorageError(
-            errno.EPERM, f"{path}: belongs to user {st.st_uid}, not this process's user {os.getuid()} (remove it)", path
-        )
 
 
 # ------------------------------------------------------------------ one owner's slots
