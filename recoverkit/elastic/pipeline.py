@@ -35,9 +35,10 @@ rank cannot be used (its agent restarts every local worker, rolling every stage 
 replacement is a spare launched with the job. A loss inside the norms' all-gather that lets
 some survivors complete the step and not others is refused the same way (the survivors must
 agree on the completed step); the process hosting the job's store (launch rank 0) must
-survive (:func:`~recoverkit.distributed.regroup.regroup`). No learning-rate schedule is run
-here: ``make_optimizer`` gives each stage its optimizer, and a rebuilt stage's is fresh, its
-rate ``lr_scale`` times that one's.
+survive (:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: ``make_optimizer``
+gives each stage its optimizer and base rate; a rebuilt stage's optimizer is fresh, its base
+``lr_scale`` times that one's; ``options.lr_schedule`` scales every base by a factor of the
+global step, so the rebuilt stage continues the schedule where the others are.
 
 CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
 embedding, blocks and head): a single-stage schedule cannot express it, since a
@@ -227,6 +228,7 @@ class StagePipeline:
         assert self.module is not None and self.optimizer is not None and self.stage is not None
         start = time.perf_counter()
         s = self.options.num_stages
+        self._set_lr(k)
         x, y = self.batch(k)
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
@@ -257,6 +259,27 @@ class StagePipeline:
         scale = self.options.n_microbatches if self._swapped is not None else 1
         loss = float(torch.stack([v.detach() for v in losses]).mean()) * scale if losses else None
         return StepRecord(k, loss, norm, self.norms, time.perf_counter() - start)
+
+    def _set_lr(self, k: int) -> None:
+        """Step ``k``'s learning rates: each group's base (``initial_lr``, set from its rate
+        the first time) times ``lr_schedule(k)``. Called before the step's first collective,
+        so a schedule that fails fails alike on every stage."""
+        schedule = self.options.lr_schedule
+        if schedule is None:
+            return
+        assert self.optimizer is not None
+        factor = schedule(k)
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not (math.isfinite(factor) and factor >= 0)
+        ):
+            raise ConfigError(
+                f"PipelineOptions.lr_schedule({k}) returned {factor!r}: a finite number >= 0 "
+                "is needed"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def _steps(self, schedule: Any, x: torch.Tensor, y: torch.Tensor, losses: list) -> None:
         s = self.options.num_stages

@@ -6,6 +6,7 @@ value is named before the first step rather than at the first failure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +41,13 @@ class PipelineOptions:
         extras_every: with ``checkfree.plus``: every this many steps, the first stage's
             embedding and the last stage's head (the keys a stage holds and its swap partner
             does not) are copied to the partner's process, so a lost edge stage can be rebuilt.
+        lr_schedule: ``lr_schedule(step)`` -> the factor on each parameter group's base
+            learning rate at that step (LambdaLR's convention; the base is the group's
+            ``initial_lr``, its rate when the optimizer was built). It runs on the pipeline's
+            global step, so a stage rebuilt by CheckFree continues the schedule at the step it
+            resumes, its base ``lr_scale`` times the others' (no warm-up restart). ``None``:
+            the optimizers' own rates, unchanged. Use this rather than a torch scheduler over
+            ``make_optimizer``'s optimizer: a rebuilt stage gets a new optimizer.
     """
 
     num_stages: int
@@ -52,8 +60,13 @@ class PipelineOptions:
     transfer_timeout_s: float = 60.0
     max_recoveries_per_step: int = 2
     extras_every: int = 1
+    lr_schedule: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
+        if self.lr_schedule is not None and not callable(self.lr_schedule):
+            raise ConfigError(
+                f"PipelineOptions.lr_schedule must be a function of the step, got {self.lr_schedule!r}"
+            )
         if not isinstance(self.num_stages, int) or self.num_stages < 2:
             raise ConfigError(f"PipelineOptions.num_stages must be >= 2, got {self.num_stages!r}")
         if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:

@@ -12,9 +12,11 @@ stage copies its partner). An optional fifth argument names the victim stage (de
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
 for the test's SIGKILL of its node.
 
-Files are named by each process's first role (its stage, or ``spare``). Every stage process
-writes, after each completed step, ``state-<stage>-<step>.pt`` (its stage's state dict after
-that step) and a line of ``steps-<role>.jsonl`` (step, loss, norms, seconds); a replacement
+Every mode runs ``lr_factor``, a warm-up on the global step, as the pipeline's
+``lr_schedule``. Files are named by each process's first role (its stage, or ``spare``).
+Every stage process writes, after each completed step, ``state-<stage>-<step>.pt`` (its
+stage's state dict after that step) and a line of ``steps-<role>.jsonl`` (step, loss, norms,
+seconds, the learning rates the step used); a replacement
 writes ``rebuilt-<stage>.pt`` (the state it was rebuilt to, before redoing the step); every
 process writes ``result-<role>.json`` (its recoveries) and ends with ``barrier();
 destroy_process_group(); os._exit(0)`` (``exit-<role>`` just before).
@@ -91,6 +93,12 @@ def build_stage(index: int) -> torch.nn.Module:
 
 def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.01)
+
+
+def lr_factor(step: int) -> float:
+    """The learning-rate schedule on the global step: a linear warm-up over the first 4 steps
+    (a failure at KILL_STEP lands inside it, so a rebuilt stage must continue it, not restart it)."""
+    return min(1.0, (step + 1) / 4)
 
 
 def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -172,6 +180,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         pg_timeout_s=PG_TIMEOUT_S,
         regroup_timeout_s=40.0,
         transfer_timeout_s=30.0,
+        lr_schedule=lr_factor,
     )
     # RECOVERKIT_STAGES: this node's roles by local rank ("0,1,3,spare"); default: by launch rank
     roles = os.environ.get("RECOVERKIT_STAGES", "")
@@ -213,7 +222,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
-        assert pipe.module is not None
+        assert pipe.module is not None and pipe.optimizer is not None
         _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
         with open(log_path, "a") as f:
             f.write(
@@ -225,6 +234,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
                         "norm": rec.norm,
                         "norms": list(rec.norms),
                         "seconds": rec.seconds,
+                        "lr": [g["lr"] for g in pipe.optimizer.param_groups],
                     }
                 )
                 + "\n"

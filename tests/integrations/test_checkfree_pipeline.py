@@ -13,7 +13,9 @@ the spare takes stage 2 and rebuilds it, the failed step is redone, the job fini
   ``average_neighbours`` of stages 1 and 3 of the failure-free run after step KILL_STEP-1,
   weighted by their clipped gradient norms of that step; the other stages' states match the
   failure-free run bit for bit up to that step (none rolled back); the rebuilt stage's
-  optimizer is fresh with the learning rate x 1.1; the chain's log says CheckFree was used.
+  optimizer is fresh with the learning rate x 1.1, and continues the warm-up schedule at the
+  failure step (the others' rates unchanged by the recovery); the chain's log says CheckFree
+  was used.
 - ``replica`` (each stage's model and optimizer copied to the next stage's process every
   step): the exact copy is used, not CheckFree, and every stage's state after every step, and
   every loss, is bit-identical to the failure-free run.
@@ -291,8 +293,10 @@ def test_a_lost_stage_is_rebuilt_from_its_neighbours(tmp_path, free):
     rebuilt = torch.load(os.path.join(out, f"rebuilt-{W.VICTIM}.pt"), weights_only=True)
     assert _same(rebuilt, expect)
     assert not _same(rebuilt, _state(free, W.VICTIM, k - 1))  # an approximation, not the lost state
-    # fresh optimizer, lr x 1.1 kept for that stage
+    # fresh optimizer, lr x 1.1 kept for that stage, the warm-up continued on the global step
     assert res["lr"] == [pytest.approx(3e-3 * 1.1)], res["lr"]
+    for s in _steps(out, spare):
+        assert s["lr"] == [pytest.approx(3e-3 * 1.1 * W.lr_factor(s["step"]))], s
     # no survivor rolled back: their states match the failure-free run up to the failure step
     for stage in (0, 1, 3):
         r = _result(out, stage)
@@ -301,6 +305,8 @@ def test_a_lost_stage_is_rebuilt_from_its_neighbours(tmp_path, free):
         for step in range(k):
             assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
         assert [s["step"] for s in _steps(out, stage)] == list(range(STEPS))
+        for s in _steps(out, stage):
+            assert s["lr"] == [pytest.approx(3e-3 * W.lr_factor(s["step"]))], (stage, s)
     assert [s["step"] for s in _steps(out, spare)] == list(range(k, STEPS))
     served = sorted(x for r in (1, 3) for x in _result(out, r)["recoveries"][0]["served"])
     assert served == ["neighbour of stage 2", "neighbour of stage 2"], served

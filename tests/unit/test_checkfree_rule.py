@@ -343,6 +343,8 @@ def test_pipeline_options_are_validated():
     assert PipelineOptions(num_stages=4, n_microbatches=4, schedule="1f1b").schedule == "1f1b"
     with pytest.raises(ConfigError, match="pg_timeout_s"):
         PipelineOptions(num_stages=4, n_microbatches=4, pg_timeout_s=0)
+    with pytest.raises(ConfigError, match="lr_schedule must be a function of the step"):
+        PipelineOptions(num_stages=4, n_microbatches=4, lr_schedule=0.5)  # type: ignore[arg-type]
 
 
 def test_the_swapped_path_keeps_embedding_first_and_head_last():
