@@ -11,8 +11,8 @@ from them. Layout, under ``RECOVERKIT_SHM_DIR`` (default ``/dev/shm``)::
                       slot-1.data slot-1.index
         replica-RRRRR/ ...                      replicas of rank R received from a peer
 
-The slots themselves (writer, views, mappings, pins) are :mod:`recoverkit.storage.shm_slots`;
-their names are re-exported here. The node is ``RECOVERKIT_NODE`` (default: the host name). Each owner directory holds at most
+The slots themselves (writer, views, mappings, pins) are :mod:`recoverkit.storage.shm_slots`
+(their raw mappings and pins :mod:`recoverkit.storage.shm_map`); their names are re-exported here. The node is ``RECOVERKIT_NODE`` (default: the host name). Each owner directory holds at most
 ``slots`` slots (2: double buffering). A slot's data file is reused across steps (mapped
 once, grown only within the store's budget, checked before growing); its index
 (``format/shm_index``) is written last, by tmp + rename. The writer flow::
