@@ -252,9 +252,9 @@ def test_saving_works_whatever_imported_the_flatten_module_first(tmp_path):
 
     code = (
         "import recoverkit.state.flatten, recoverkit.restore.in_place, torch, recoverkit\n"
-        "with recoverkit.Checkpointer(%r) as c:\n"
-        "    c.save(1, {'m': torch.nn.Linear(2, 2)})\n"
-        "    print(c.restore({'m': torch.nn.Linear(2, 2)}))\n"
-    ) % str(tmp_path / "ckpt")
+        "with recoverkit.Checkpointer({!r}) as c:\n"
+        "    c.save(1, {{'m': torch.nn.Linear(2, 2)}})\n"
+        "    print(c.restore({{'m': torch.nn.Linear(2, 2)}}))\n"
+    ).format(str(tmp_path / "ckpt"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
