@@ -29,10 +29,13 @@ A lost stage (its process SIGKILLed)::
     -> a new stages' group, new PipelineStage objects and schedule; the failed step is
        redone from its start by every stage. No surviving stage rolls back.
 
-Limits: one stage lost at a time (a second loss during a recovery fails with
-:class:`PipelineRecoveryError`), one spare per lost stage; torchrun's restart of a single
-rank cannot be used (its agent restarts every local worker, rolling every stage back), so the
-replacement is a spare launched with the job. A loss inside the norms' all-gather that lets
+The replacement is a spare launched with the job or, with
+``options.replacement_timeout_s``, a process started after the loss that joins through the
+job's store (:func:`~recoverkit.elastic.admit.join`, then ``StagePipeline(...,
+stage="joiner")``; :mod:`.stage_join`): the survivors wait for it, bounded, after they
+re-formed. torchrun's restart of a single rank cannot be used (its agent restarts every
+local worker, rolling every stage back). Limits: one stage lost at a time (a second loss
+during a recovery fails with :class:`PipelineRecoveryError`). A loss inside the norms' all-gather that lets
 some survivors complete the step and not others is refused the same way (the survivors must
 agree on the completed step); the process hosting the job's store (launch rank 0) must
 survive (:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: ``make_optimizer``
@@ -54,6 +57,7 @@ rebuilt as its partner's blocks plus that copy (:func:`~recoverkit.recovery.chec
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -63,11 +67,12 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from ..distributed.regroup import Heartbeat, Membership, regroup, retire
+from ..distributed.regroup import MAX_WORLD, Heartbeat, Membership, regroup, retire
 from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
 from ..recovery.checkfree import clip_and_record, swap_partner
 from .pipeline_options import PipelineOptions, PipelineRecoveryError, StageRecovery, StepRecord
+from .stage_join import await_replacement
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
@@ -81,6 +86,8 @@ __all__ = [
 ]
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+log = logging.getLogger("recoverkit.elastic")
 
 
 class StagePipeline:
@@ -99,7 +106,10 @@ class StagePipeline:
             head or None), modules over its own parameters (:mod:`.swap_schedule`).
         stage: this process's stage, or ``"spare"``; ``"auto"``: launch ranks
             0..num_stages-1 hold the stages in order, the others are spares. Every stage must
-            be held by exactly one process (checked on every member alike).
+            be held by exactly one process (checked on every member alike). ``"joiner"``: a
+            replacement started after a loss, ``membership`` the one
+            :func:`~recoverkit.elastic.admit.join` returned; the constructor takes the lost
+            stage and rebuilds it with the survivors (they wait for it in their recovery).
 
     Construct on every member together (it creates the stages' group). Stages call
     :meth:`step`; spares call :meth:`wait_for_role`, which returns True once they hold a
@@ -118,7 +128,7 @@ class StagePipeline:
         heartbeat: Heartbeat,
         options: PipelineOptions,
         split: Split | None = None,
-        stage: int | Literal["auto", "spare"] = "auto",
+        stage: int | Literal["auto", "spare", "joiner"] = "auto",
     ) -> None:
         if options.checkfree.plus and split is None:
             raise ConfigError("StagePipeline: CheckFree+ needs split= (embedding, blocks, head)")
@@ -131,14 +141,24 @@ class StagePipeline:
             raise ConfigError(
                 f"{s} stages need at least {s} processes, got {membership.world_size}"
             )
-        self.holder = _holders(stage, membership, s)  # stage -> launch rank
         me = membership.launch_rank
-        self.stage: int | None = next((i for i, r in self.holder.items() if r == me), None)
+        self.holder: dict[int, int] = {}  # stage -> launch rank
+        self.stage: int | None = None
         self.module: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        if stage == "joiner":
+            if membership.generation == 0:
+                raise ConfigError(
+                    "StagePipeline(stage='joiner') takes the membership admit.join returned"
+                )
+        else:
+            self.holder = _holders(stage, membership, s)
+            self.stage = next((i for i, r in self.holder.items() if r == me), None)
         if self.stage is not None:
             self.module = build_stage(self.stage)
             self.optimizer = make_optimizer(self.module)
+        # joiners get fresh launch ranks, counted up from the launch world's size
+        self._scan_from = me + 1 if stage == "joiner" else membership.world_size
         self.steps_done = 0
         self.norms: tuple[float, ...] = (math.nan,) * s
         self.replica: Replica | None = None
@@ -151,7 +171,10 @@ class StagePipeline:
         self._swapped: Any = None
         self._pipe: Any = None
         self._ring: ProcessGroupTransport | None = None
-        self._form()
+        if stage == "joiner":  # the survivors are in their recovery: take the lost stage
+            self._reassign("joined the job", time.time(), time.perf_counter(), 0.0)
+        else:
+            self._form()
 
     # ------------------------------------------------------------------ the stages' group
     def _rank(self, launch_rank: int) -> int:
@@ -373,43 +396,77 @@ class StagePipeline:
                 pass
         del group
         retire(box)
-        before = self.membership
         self.membership = regroup(
             self.store,
-            before,
+            self.membership,
             timeout_s=self.options.regroup_timeout_s,
             heartbeat=self.heartbeat,
             pg_timeout_s=self.options.pg_timeout_s,
         )
-        regroup_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
         members = self.membership.members
         lost = [i for i in range(self.options.num_stages) if self.holder[i] not in members]
-        spares = sorted(r for r in members if r not in self.holder.values())
+        spares = [r for r in members if r not in self.holder.values()]
+        if len(lost) > len(spares) and len(lost) == 1 and self.options.replacement_timeout_s > 0:
+            log.warning("pipeline: stage %s lost and no spare left: waiting for a replacement", lost)
+            got = await_replacement(
+                self.store,
+                self.membership,
+                needed=len(lost) - len(spares),
+                scan_from=self._scan_from,
+                timeout_s=self.options.replacement_timeout_s,
+                form_timeout_s=self.options.admit_timeout_s,
+                pg_timeout_s=self.options.pg_timeout_s,
+                regroup_timeout_s=self.options.regroup_timeout_s,
+                heartbeat=self.heartbeat,
+            )
+            self.membership, self._scan_from = got.membership, got.scan_from
+        self._reassign(why, detected_at, t0, time.perf_counter() - t0)
+
+    def _reassign(self, why: str, detected_at: float, t0: float, regroup_s: float) -> None:
+        """Every member of the new group, a joiner too: who holds which stage (an all-gather
+        of each member's stage, step and joiner scan), the lost stage to the first member
+        holding none, the step agreed; then the rebuild and a new stages' group."""
+        t1 = time.perf_counter()
+        s = self.options.num_stages
+        members = self.membership.members
+        held = self.stage if self.stage is not None and self.optimizer is not None else -1
+        mine = torch.tensor(
+            [held, self.steps_done if held >= 0 else -1, self._scan_from], dtype=torch.int64
+        )
+        got = [torch.zeros(3, dtype=torch.int64) for _ in members]
+        dist.all_gather(got, mine)
+        holder: dict[int, int] = {}
+        steps: set[int] = set()
+        for launch, row in zip(members, got):
+            stage, step, scan = (int(v) for v in row.tolist())
+            if not -1 <= stage < s or stage in holder or not 0 <= scan <= MAX_WORLD:
+                raise PipelineRecoveryError(
+                    f"launch rank {launch} reports stage {stage}, joiner scan {scan} "
+                    f"(held: {sorted(holder.items())})"
+                )
+            if stage >= 0:
+                holder[stage] = launch
+                steps.add(step)
+            self._scan_from = max(self._scan_from, scan)
+        lost = [i for i in range(s) if i not in holder]
+        free = [r for r in members if r not in holder.values()]  # spares and joiners
         if len(lost) > 1:
             raise PipelineRecoveryError(
                 f"stages {lost} were lost at once: one at a time is supported"
             )
-        if len(lost) > len(spares):
+        if len(lost) > len(free):
             raise PipelineRecoveryError(f"stage(s) {lost} lost and no spare left")
-        replaced = dict(zip(lost, spares))
-        self.holder.update(replaced)
+        if len(steps) != 1:
+            raise PipelineRecoveryError(f"the survivors completed different steps {sorted(steps)}")
+        step = steps.pop()
+        replaced = dict(zip(lost, free))
+        self.holder = {**holder, **replaced}
         me = self.membership.launch_rank
         rebuilding = [i for i, r in replaced.items() if r == me]
         if rebuilding:
             self.stage = rebuilding[0]
             self.module = self.build_stage(self.stage)
             self.optimizer = None
-        # agree on the step: every survivor holding a stage must have completed the same one
-        mine = torch.tensor(
-            [self.steps_done if self.optimizer is not None else -1], dtype=torch.int64
-        )
-        got = [torch.zeros(1, dtype=torch.int64) for _ in members]
-        dist.all_gather(got, mine)
-        steps = {int(t.item()) for t in got} - {-1}
-        if len(steps) != 1:
-            raise PipelineRecoveryError(f"the survivors completed different steps {sorted(steps)}")
-        step = steps.pop()
         transport = ProcessGroupTransport(
             group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
         )

@@ -41,6 +41,11 @@ class PipelineOptions:
         extras_every: with ``checkfree.plus``: every this many steps, the first stage's
             embedding and the last stage's head (the keys a stage holds and its swap partner
             does not) are copied to the partner's process, so a lost edge stage can be rebuilt.
+        replacement_timeout_s: when a stage is lost and no spare is left, how long the
+            survivors wait for a replacement process started after the loss (it joins with
+            :func:`~recoverkit.elastic.admit.join` and builds ``StagePipeline(...,
+            stage="joiner")``); 0: spares only, the recovery fails at once.
+        admit_timeout_s: bound on admitting a joiner (its acknowledgement, the new group).
         lr_schedule: ``lr_schedule(step)`` -> the factor on each parameter group's base
             learning rate at that step (LambdaLR's convention; the base is the group's
             ``initial_lr``, its rate when the optimizer was built). It runs on the pipeline's
@@ -61,6 +66,8 @@ class PipelineOptions:
     max_recoveries_per_step: int = 2
     extras_every: int = 1
     lr_schedule: Callable[[int], float] | None = None
+    replacement_timeout_s: float = 0.0
+    admit_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule is not None and not callable(self.lr_schedule):
@@ -97,7 +104,12 @@ class PipelineOptions:
                     else ""
                 )
             )
-        for name in ("pg_timeout_s", "regroup_timeout_s", "transfer_timeout_s"):
+        v = self.replacement_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e6:
+            raise ConfigError(
+                f"PipelineOptions.replacement_timeout_s must be seconds in [0, 1e6), got {v!r}"
+            )
+        for name in ("pg_timeout_s", "regroup_timeout_s", "transfer_timeout_s", "admit_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
                 raise ConfigError(f"PipelineOptions.{name} must be seconds in (0, 1e6), got {v!r}")

@@ -7,7 +7,9 @@ from ``RECOVERKIT_STAGES``, e.g. ``0,1,3,spare`` on one node and ``2`` on anothe
 neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
 lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
 swapped, the edge stages' embedding and head copied to their partners every step; a lost edge
-stage copies its partner). An optional fifth argument names the victim stage (default
+stage copies its partner), ``replace`` (``replica``'s copies, no spare launched: the survivors
+wait for a replacement started after the loss, ``replacement_timeout_s``). An optional fifth
+argument names the victim stage (default
 ``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
 for the test's SIGKILL of its node.
@@ -20,6 +22,14 @@ seconds, the learning rates the step used); a replacement
 writes ``rebuilt-<stage>.pt`` (the state it was rebuilt to, before redoing the step); every
 process writes ``result-<role>.json`` (its recoveries) and ends with ``barrier();
 destroy_process_group(); os._exit(0)`` (``exit-<role>`` just before).
+
+The replacement, a plain process the test starts after the kill (not torchrun)::
+
+    python -m tests.integrations.checkfree_pipeline_worker OUT join KILL_STEP STEPS
+
+reads ``master`` (launch rank 0 writes the store's address), joins the job
+(``admit.join``), builds ``StagePipeline(..., stage="joiner")`` (which takes the lost stage)
+and trains like the others; its files are named ``joiner``.
 
 The model, data and optimizer are the functions below (the test uses them for its checks).
 """
@@ -41,6 +51,7 @@ NUM_STAGES, VICTIM = 4, 2
 D, LAYERS, SEQ, BATCH, MICRO = 32, 1, 16, 8, 4
 PAUSE_LIMIT_S = 90.0
 PG_TIMEOUT_S = 20.0
+REPLACEMENT_TIMEOUT_S = 120.0  # the survivors' wait for a replacement started after the loss
 
 
 class Block(torch.nn.Module):
@@ -152,43 +163,28 @@ def _finish(code: int, group: bool) -> None:
     os._exit(code)
 
 
-def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
-    import torch.distributed as dist
-
-    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
-    from recoverkit.elastic.pipeline import PipelineOptions, StagePipeline
+def _options(mode: str) -> Any:
+    from recoverkit.elastic.pipeline import PipelineOptions
     from recoverkit.recovery.checkfree import CheckFreeOptions
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
-    signal.signal(
-        signal.SIGTERM, signal.SIG_IGN
-    )  # agents of a lost node: the workers end themselves
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
-    rank = dist.get_rank()
-    node = os.environ.get("RECOVERKIT_NODE", "single")
-    _write(os.path.join(out, f"pid-{node}-{rank}"), os.getpid())
-    store = job_store(timeout_s=30.0)
-    membership = Membership.initial(store)
-    # generous on a loaded host: a starved heartbeat thread must not look dead
-    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=2.0, ack_s=1.0).start()
-    options = PipelineOptions(
+    return PipelineOptions(
         num_stages=NUM_STAGES,
         n_microbatches=MICRO,
-        replicate=mode == "replica",
+        replicate=mode in ("replica", "replace"),
         checkfree=CheckFreeOptions(plus=mode == "plus"),
         pg_timeout_s=PG_TIMEOUT_S,
         regroup_timeout_s=40.0,
         transfer_timeout_s=30.0,
         lr_schedule=lr_factor,
+        replacement_timeout_s=REPLACEMENT_TIMEOUT_S if mode == "replace" else 0.0,
+        admit_timeout_s=20.0,
     )
-    # RECOVERKIT_STAGES: this node's roles by local rank ("0,1,3,spare"); default: by launch rank
-    roles = os.environ.get("RECOVERKIT_STAGES", "")
-    role: Any = "auto"
-    if roles:
-        picked = roles.split(",")[int(os.environ.get("LOCAL_RANK", "0"))]
-        role = "spare" if picked == "spare" else int(picked)
-    pipe = StagePipeline(
+
+
+def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any) -> Any:
+    from recoverkit.elastic.pipeline import StagePipeline
+
+    return StagePipeline(
         build_stage,
         make_optimizer,
         loss_fn,
@@ -196,10 +192,43 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         store=store,
         membership=membership,
         heartbeat=heartbeat,
-        options=options,
+        options=_options(mode),
         split=split if mode == "plus" else None,
         stage=role,
     )
+
+
+def _setup() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
+    signal.signal(
+        signal.SIGTERM, signal.SIG_IGN
+    )  # agents of a lost node: the workers end themselves
+    torch.set_num_threads(1)
+
+
+def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
+    import torch.distributed as dist
+
+    from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
+
+    _setup()
+    dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    rank = dist.get_rank()
+    node = os.environ.get("RECOVERKIT_NODE", "single")
+    _write(os.path.join(out, f"pid-{node}-{rank}"), os.getpid())
+    if rank == 0:  # where a replacement started later finds the job's store
+        _write(os.path.join(out, "master"), {"addr": os.environ["MASTER_ADDR"], "port": os.environ["MASTER_PORT"]})
+    store = job_store(timeout_s=30.0)
+    membership = Membership.initial(store)
+    # generous on a loaded host: a starved heartbeat thread must not look dead
+    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=2.0, ack_s=1.0).start()
+    # RECOVERKIT_STAGES: this node's roles by local rank ("0,1,3,spare"); default: by launch rank
+    roles = os.environ.get("RECOVERKIT_STAGES", "")
+    role: Any = "auto"
+    if roles:
+        picked = roles.split(",")[int(os.environ.get("LOCAL_RANK", "0"))]
+        role = "spare" if picked == "spare" else int(picked)
+    pipe = _pipeline(store, membership, heartbeat, mode, role)
     name = "spare" if pipe.stage is None else str(pipe.stage)  # files are named by first role
     _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
@@ -219,6 +248,31 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         result["took_stage"] = pipe.stage if took else None
         if took and pipe.module is not None:
             _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
+    _train(pipe, out, name, steps, result, heartbeat)
+
+
+def join(out: str, steps: int) -> None:
+    """A replacement started after the loss: joins through the job's store, takes the lost stage."""
+    from recoverkit.distributed.regroup import Heartbeat, job_store
+    from recoverkit.elastic.admit import join as join_job
+
+    _setup()
+    with open(os.path.join(out, "master")) as f:
+        master = json.load(f)
+    os.environ.update(MASTER_ADDR=master["addr"], MASTER_PORT=str(master["port"]))
+    store = job_store(timeout_s=30.0)
+    membership = join_job(store, timeout_s=REPLACEMENT_TIMEOUT_S, form_timeout_s=20.0, pg_timeout_s=PG_TIMEOUT_S)
+    _write(os.path.join(out, f"pid-joiner-{membership.launch_rank}"), os.getpid())
+    heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=2.0, ack_s=1.0).start()
+    pipe = _pipeline(store, membership, heartbeat, "replace", "joiner")
+    result: dict[str, Any] = {"launch_rank": membership.launch_rank, "node": "joiner", "stage": None,
+                              "took_stage": pipe.stage}  # fmt: skip
+    assert pipe.module is not None
+    _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
+    _train(pipe, out, "joiner", steps, result, heartbeat)
+
+
+def _train(pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], heartbeat: Any) -> None:
     log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
@@ -282,4 +336,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), int(a[3]), *(int(v) for v in a[4:5]))
+    if a[1] == "join":
+        join(a[0], int(a[3]))
+    else:
+        main(a[0], a[1], int(a[2]), int(a[3]), *(int(v) for v in a[4:5]))

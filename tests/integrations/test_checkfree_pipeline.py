@@ -19,6 +19,10 @@ the spare takes stage 2 and rebuilds it, the failed step is redone, the job fini
 - ``replica`` (each stage's model and optimizer copied to the next stage's process every
   step): the exact copy is used, not CheckFree, and every stage's state after every step, and
   every loss, is bit-identical to the failure-free run.
+- ``replace`` (replica copies, no spare launched): the survivors re-form and wait; the test
+  starts a replacement after the kill, a plain process that joins through the job's store
+  (``admit.join``) with a fresh launch rank; it takes stage 2 from its replica and the run is
+  again bit-identical to the failure-free one.
 
 Figures (printed, never asserted): per-step time, detection (SIGKILL -> each survivor's
 error), regroup, rebuild and total recovery; written to bench/results/checkfree_pipeline.json
@@ -100,7 +104,7 @@ def _pids(out: str) -> dict[int, tuple[str, int]]:
 
 
 def _logs(base: str) -> str:
-    paths = [os.path.join(base, f"agent-{n}.log") for n in NODES]
+    paths = [os.path.join(base, f"{n}.log") for n in [*(f"agent-{n}" for n in NODES), "joiner"]]
     return "\n".join(f"--- {p}:\n" + open(p).read()[-3000:] for p in paths if os.path.exists(p))
 
 
@@ -129,15 +133,18 @@ def _wait_listening(port: int, timeout_s: float, agent: subprocess.Popen, base: 
 
 def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]:
     """Two agents: node a runs the three other stages and the spare, node b the stage
-    ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. Returns
-    (out, the agents' logs)."""
+    ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. In mode
+    ``replace`` node a has no spare: the test starts the replacement (a plain process that
+    joins through the job's store) once node b is killed. Returns (out, the logs)."""
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
     others = [str(i) for i in range(W.NUM_STAGES) if i != victim]
     # node a: local address 127.0.0.1 sorts first, so its worker of local rank 0 is launch
     # rank 0 and hosts the store; node b (localhost) holds the victim alone
-    layout = {"a": ("127.0.0.1", [*others, "spare"]), "b": ("localhost", [str(victim)])}
+    late = mode == "replace"
+    extra = "joiner" if late else "spare"
+    layout = {"a": ("127.0.0.1", others if late else [*others, "spare"]), "b": ("localhost", [str(victim)])}
     procs: list[subprocess.Popen] = []
     try:
         for node, (addr, roles) in layout.items():
@@ -182,9 +189,22 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
         with open(os.path.join(out, "killed.tmp"), "w") as f:
             f.write(repr(killed))
         os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
+        if late:  # the replacement, started after the loss, outside torchrun
+            log = open(os.path.join(base, "joiner.log"), "w")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *_worker_args(out, "join")[:6]],
+                    cwd=REPO,
+                    env=torchrun_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
         _wait_files(
             out,
-            [f"exit-{r}" for r in [*others, "spare"]],
+            [f"exit-{r}" for r in [*others, extra]],
             W.PG_TIMEOUT_S + JOB_TIMEOUT_S / 2 + SLACK_S,
             base,
         )
@@ -328,6 +348,44 @@ def test_a_surviving_replica_is_preferred_and_exact(tmp_path, free):
             assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
     assert [s["loss"] for s in _steps(out, 3)] == [s["loss"] for s in _steps(free, 3)]
     print("\nreplica pipeline figures:", json.dumps(figures(free, out), indent=1))
+
+
+def test_a_replacement_started_after_the_loss_takes_the_stage(tmp_path, free):
+    """No spare: the survivors re-form, wait for a replacement, admit the process the test
+    starts after the kill; it takes stage 2 from its replica on stage 3's process (exact),
+    and the run is bit-identical to the failure-free one."""
+    out, logs = run_failure(str(tmp_path), "replace")
+    res = _result(out, "joiner")
+    assert res["took_stage"] == W.VICTIM and res["steps_done"] == STEPS, (res, logs[-3000:])
+    (rec,) = res["recoveries"]
+    assert rec["strategy"] == "stage replica" and rec["step"] == KILL_STEP, rec
+    assert rec["detected_by"] == "joined the job" and rec["replaced_by"] == {"2": res["launch_rank"]}, rec
+    assert res["launch_rank"] >= W.NUM_STAGES  # a fresh launch rank, never the lost one's
+    for stage in (0, 1, 3):
+        r = _result(out, stage)
+        assert r["steps_done"] == STEPS and len(r["recoveries"]) == 1, r
+        assert r["recoveries"][0]["replaced_by"] == {"2": res["launch_rank"]}, r["recoveries"]
+        assert [s["step"] for s in _steps(out, stage)] == list(range(STEPS))
+    assert [s["step"] for s in _steps(out, "joiner")] == list(range(KILL_STEP, STEPS))
+    for stage in range(W.NUM_STAGES):
+        for step in range(STEPS):
+            assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
+    assert [s["loss"] for s in _steps(out, 3)] == [s["loss"] for s in _steps(free, 3)]
+    killed = _result(out, 0)["killed"]
+    print(
+        "\nreplacement after the loss:",
+        json.dumps(
+            {
+                "survivors_back_s": {
+                    str(r): round(_result(out, r)["recoveries"][0]["total_s"], 3) for r in (0, 1, 3)
+                },
+                "joiner_rebuild_s": round(rec["rebuild_s"], 3),
+                "joiner_ready_after_kill_s": round(rec["detected_at"] + rec["total_s"] - killed, 3)
+                if killed
+                else None,
+            }
+        ),
+    )
 
 
 def main() -> None:

@@ -345,6 +345,11 @@ def test_pipeline_options_are_validated():
         PipelineOptions(num_stages=4, n_microbatches=4, pg_timeout_s=0)
     with pytest.raises(ConfigError, match="lr_schedule must be a function of the step"):
         PipelineOptions(num_stages=4, n_microbatches=4, lr_schedule=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="replacement_timeout_s must be seconds in \\[0, 1e6\\)"):
+        PipelineOptions(num_stages=4, n_microbatches=4, replacement_timeout_s=-1)
+    with pytest.raises(ConfigError, match="admit_timeout_s"):
+        PipelineOptions(num_stages=4, n_microbatches=4, admit_timeout_s=0)
+    assert PipelineOptions(num_stages=4, n_microbatches=4).replacement_timeout_s == 0.0  # spares only
 
 
 def test_the_swapped_path_keeps_embedding_first_and_head_last():
