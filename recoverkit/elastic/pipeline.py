@@ -233,8 +233,16 @@ class StagePipeline:
         if self.stage is None:
             raise PipelineRecoveryError("a spare holds no stage: call wait_for_role first")
         tries = 0
+        why: str | None = None
         while True:
             try:
+                if why is not None:
+                    # outside the except clause: the traceback's frames (holding the stages'
+                    # group) are gone, so dropping the group closes its sockets now. A peer
+                    # lost during the recovery (a replacement dying as it takes the stage)
+                    # counts as one more failure: the recovery starts over from the regroup.
+                    self._recover(why)
+                    why = None
                 return self._run(self.steps_done)
             except (RuntimeError, ConnectionError, TimeoutError) as e:
                 if isinstance(e, RecoverkitError) and not isinstance(e, ConnectionError):
@@ -243,9 +251,6 @@ class StagePipeline:
                 if tries > self.options.max_recoveries_per_step:
                     raise
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            # outside the except clause: the traceback's frames (holding the stages' group)
-            # are gone, so dropping the group closes its sockets now
-            self._recover(why)
 
     def _run(self, k: int) -> StepRecord:
         assert self.module is not None and self.optimizer is not None and self.stage is not None

@@ -25,11 +25,12 @@ destroy_process_group(); os._exit(0)`` (``exit-<role>`` just before).
 
 The replacement, a plain process the test starts after the kill (not torchrun)::
 
-    python -m tests.integrations.checkfree_pipeline_worker OUT join KILL_STEP STEPS
+    python -m tests.integrations.checkfree_pipeline_worker OUT join KILL_STEP STEPS [die]
 
 reads ``master`` (launch rank 0 writes the store's address), joins the job
 (``admit.join``), builds ``StagePipeline(..., stage="joiner")`` (which takes the lost stage)
-and trains like the others; its files are named ``joiner``.
+and trains like the others; its files are named ``joiner``. With ``die`` it SIGKILLs itself
+right after it was admitted (``admitted-<launch rank>`` written first).
 
 The model, data and optimizer are the functions below (the test uses them for its checks).
 """
@@ -251,8 +252,9 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     _train(pipe, out, name, steps, result, heartbeat)
 
 
-def join(out: str, steps: int) -> None:
-    """A replacement started after the loss: joins through the job's store, takes the lost stage."""
+def join(out: str, steps: int, fate: str = "") -> None:
+    """A replacement started after the loss: joins through the job's store, takes the lost
+    stage; with ``fate`` ``die``, it SIGKILLs itself once admitted, before taking it."""
     from recoverkit.distributed.regroup import Heartbeat, job_store
     from recoverkit.elastic.admit import join as join_job
 
@@ -263,6 +265,9 @@ def join(out: str, steps: int) -> None:
     store = job_store(timeout_s=30.0)
     membership = join_job(store, timeout_s=REPLACEMENT_TIMEOUT_S, form_timeout_s=20.0, pg_timeout_s=PG_TIMEOUT_S)
     _write(os.path.join(out, f"pid-joiner-{membership.launch_rank}"), os.getpid())
+    if fate == "die":
+        _write(os.path.join(out, f"admitted-{membership.launch_rank}"), membership.generation)
+        os.kill(os.getpid(), signal.SIGKILL)
     heartbeat = Heartbeat(store, membership, interval_s=0.1, miss_s=2.0, ack_s=1.0).start()
     pipe = _pipeline(store, membership, heartbeat, "replace", "joiner")
     result: dict[str, Any] = {"launch_rank": membership.launch_rank, "node": "joiner", "stage": None,
@@ -337,6 +342,6 @@ def _train(pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], h
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[1] == "join":
-        join(a[0], int(a[3]))
+        join(a[0], int(a[3]), *a[4:5])
     else:
         main(a[0], a[1], int(a[2]), int(a[3]), *(int(v) for v in a[4:5]))

@@ -131,11 +131,15 @@ def _wait_listening(port: int, timeout_s: float, agent: subprocess.Popen, base: 
     raise AssertionError(f"node a's agent does not listen on {port}\n{_logs(base)}")
 
 
-def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]:
+def run_failure(
+    base: str, mode: str, victim: int = W.VICTIM, joiners: tuple[str, ...] = ("",)
+) -> tuple[str, str]:
     """Two agents: node a runs the three other stages and the spare, node b the stage
     ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. In mode
     ``replace`` node a has no spare: the test starts the replacement (a plain process that
-    joins through the job's store) once node b is killed. Returns (out, the logs)."""
+    joins through the job's store) once node b is killed; ``joiners`` are their fates in
+    order (``die``: it dies once admitted; the next starts when it is gone). Returns (out,
+    the logs)."""
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
@@ -189,19 +193,20 @@ def run_failure(base: str, mode: str, victim: int = W.VICTIM) -> tuple[str, str]
         with open(os.path.join(out, "killed.tmp"), "w") as f:
             f.write(repr(killed))
         os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
-        if late:  # the replacement, started after the loss, outside torchrun
-            log = open(os.path.join(base, "joiner.log"), "w")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, *_worker_args(out, "join")[:6]],
-                    cwd=REPO,
-                    env=torchrun_env(),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        for fate in joiners if late else ():  # replacements, started after the loss, outside torchrun
+            log = open(os.path.join(base, "joiner.log"), "a")
+            proc = subprocess.Popen(
+                [sys.executable, *_worker_args(out, "join")[:6], fate],
+                cwd=REPO,
+                env=torchrun_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             log.close()
+            procs.append(proc)
+            if fate == "die":
+                proc.wait(timeout=JOB_TIMEOUT_S)
         _wait_files(
             out,
             [f"exit-{r}" for r in [*others, extra]],
@@ -386,6 +391,24 @@ def test_a_replacement_started_after_the_loss_takes_the_stage(tmp_path, free):
             }
         ),
     )
+
+
+def test_a_replacement_that_dies_as_it_joins_is_followed_by_the_next(tmp_path, free):
+    """The first replacement is admitted and dies before taking the stage: the survivors'
+    recovery fails on it, starts over (regroup, wait) and admits the next one, which takes
+    stage 2 exactly; the run is still bit-identical to the failure-free one."""
+    out, logs = run_failure(str(tmp_path), "replace", joiners=("die", ""))
+    (first,) = [n for n in os.listdir(out) if n.startswith("admitted-")]
+    res = _result(out, "joiner")
+    assert res["took_stage"] == W.VICTIM and res["steps_done"] == STEPS, (res, logs[-3000:])
+    assert res["launch_rank"] > int(first.split("-")[1]) >= W.NUM_STAGES, (first, res)
+    assert res["recoveries"][0]["strategy"] == "stage replica", res["recoveries"]
+    for stage in (0, 1, 3):
+        recs = _result(out, stage)["recoveries"]
+        assert recs[-1]["replaced_by"] == {"2": res["launch_rank"]} and recs[-1]["step"] == KILL_STEP, recs
+    for stage in range(W.NUM_STAGES):
+        for step in range(STEPS):
+            assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
 
 
 def main() -> None:
