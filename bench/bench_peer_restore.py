@@ -30,6 +30,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,7 +53,21 @@ def _state(size_mib: int, rank: int) -> dict[str, Any]:
     return {"w": replicated({f"t{i}": torch.randn(per, generator=g) for i in range(n)})}
 
 
-def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str, q: Any) -> None:
+def _save_and_crash(ckpt: Any, state: Any) -> None:
+    """Node loss, first world: save, wait until every replica is held, end without closing
+    (a crash: the shared memory and the replicas stay)."""
+    ckpt.save_async(1, state)
+    ckpt.wait()
+    replica = ckpt.tiers["replica"]
+    deadline = time.monotonic() + 300
+    while not all(replica.holdings().get(o, {}).get(h) == 1 for o, hs in replica.placement.items() for h in hs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas not held after 300 s: {replica.holdings()}")
+        time.sleep(0.05)
+    replica.close()  # its thread and group end; what it holds stays in shared memory
+
+
+def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str, q: Any, phase: str = "both") -> None:
     try:
         os.environ["RECOVERKIT_NODE"] = f"node{rank}"  # shm: one simulated node per rank
         os.environ["RECOVERKIT_SHM_DIR"] = os.path.join(root, "shm")
@@ -80,8 +95,19 @@ def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str
         want = {k: v.clone() for k, v in live.items()}
         nbytes = sum(v.numel() * 4 for v in want.values())
         memory_tier = TierSpec.host() if tier == "host" else TierSpec.shm()
-        opts = CheckpointOptions(capture_rng=False, tiers=[memory_tier, TierSpec.local(every_steps=0)],
+        tiers = [memory_tier, TierSpec.local(every_steps=0)]
+        if phase != "both":  # a node loss: the shm tier and a replica of each rank on the other node
+            tiers = [TierSpec.shm(), TierSpec.replica(k=1), TierSpec.local(every_steps=0)]
+        opts = CheckpointOptions(capture_rng=False, tiers=tiers,
                                  staging=StagingPolicy(budget_bytes=2 * nbytes + (64 << 20)))  # fmt: skip
+        if phase == "save":
+            _save_and_crash(Checkpointer(root, options=opts), state)
+            q.put(("ok", rank, {}))
+            dist.barrier()
+            dist.destroy_process_group()
+            q.close()
+            q.join_thread()
+            os._exit(0)
         fetched: list[tuple[float, int]] = []
         real = attempt.run_transfers
 
@@ -119,8 +145,9 @@ def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str
             for name in names:
                 clocked(owner, name)
         with Checkpointer(root, options=opts) as ckpt:
-            ckpt.save_async(1, state)
-            ckpt.wait()
+            if phase == "both":
+                ckpt.save_async(1, state)
+                ckpt.wait()
             restores = []
             for _ in range(reps + 1):
                 for v in live.values():
@@ -132,7 +159,10 @@ def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str
                 got = state["w"].obj if hasattr(state["w"], "obj") else state["w"]
                 bad = [k for k in want if not torch.equal(got[k], want[k])]
                 assert step == 1 and not bad, f"step {step}: not bit-exact: {bad} {type(state['w'])}"
-        moved = fetched[-1][1]
+        moved = fetched[-1][1] if fetched else 0
+        most = torch.tensor([moved], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)  # the p2p moves what the fetching rank fetched
+        moved = int(most.item())
         buf = torch.ones(max(moved, 1), dtype=torch.uint8)
         back = torch.empty_like(buf)
         one_way, both_ways = [], []
@@ -167,35 +197,45 @@ def _worker(rank: int, port: int, root: str, size_mib: int, reps: int, tier: str
     os._exit(0)
 
 
-def run(size_mib: int, reps: int, tier: str = "host", timeout_s: float = 600.0) -> dict[str, Any]:
+def _world(root: str, size_mib: int, reps: int, tier: str, phase: str, timeout_s: float) -> dict[int, Any]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="rk-bench-peer-") as root:
-        procs = [ctx.Process(target=_worker, args=(r, port, root, size_mib, reps, tier, q)) for r in (0, 1)]
+    procs = [ctx.Process(target=_worker, args=(r, port, root, size_mib, reps, tier, q, phase)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        while len(got) < 2:
+            status, rank, value = q.get(timeout=timeout_s)
+            if status != "ok":
+                raise RuntimeError(f"rank {rank}: {value}")
+            got[rank] = value
+    finally:
         for p in procs:
-            p.start()
-        got: dict[int, Any] = {}
-        try:
-            while len(got) < 2:
-                status, rank, value = q.get(timeout=timeout_s)
-                if status != "ok":
-                    raise RuntimeError(f"rank {rank}: {value}")
-                got[rank] = value
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def run(size_mib: int, reps: int, tier: str = "host", timeout_s: float = 600.0, lose_node: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="rk-bench-peer-") as root:
+        if lose_node:  # one world saves and crashes; node1's memory is deleted; a new world restores
+            _world(root, size_mib, reps, "shm", "save", timeout_s)
+            shutil.rmtree(os.path.join(root, "shm", "recoverkit", "node1"))
+            got = _world(root, size_mib, reps, "shm", "restore", timeout_s)
+        else:
+            got = _world(root, size_mib, reps, tier, "both", timeout_s)
     r1 = got[1]  # the receiving rank of the one-way p2p
     fetch = r1["fetched_bytes"] / median(r1["fetch_s"]) / 1e9
     one = r1["fetched_bytes"] / median(r1["p2p_one_way_s"]) / 1e9
     both = r1["fetched_bytes"] / median(r1["p2p_both_ways_s"]) / 1e9
     restore = r1["state_bytes"] / median(r1["restore_s"]) / 1e9
     return {
-        "size_mib": size_mib, "reps": reps, "tier": tier, "state_bytes": r1["state_bytes"], "fetched_bytes": r1["fetched_bytes"],
+        "size_mib": size_mib, "reps": reps, "tier": tier, "lose_node": lose_node, "state_bytes": r1["state_bytes"], "fetched_bytes": r1["fetched_bytes"],
         "fetch_gbps": fetch, "p2p_one_way_gbps": one, "p2p_both_ways_gbps": both, "restore_gbps": restore,
         "fetch_vs_p2p_one_way": fetch / one, "fetch_vs_p2p_both_ways": fetch / both, "ranks": got,
     }
@@ -203,8 +243,11 @@ def run(size_mib: int, reps: int, tier: str = "host", timeout_s: float = 600.0) 
 
 def table(r: dict[str, Any]) -> str:
     return "\n".join([
-        f"{r['tier']} tier, state {r['state_bytes'] / 2**20:.0f} MiB, {r['fetched_bytes'] / 2**20:.0f} MiB fetched per rank, "
-        f"median of {r['reps']}",
+        (f"node lost: rank 1's shared memory deleted, its state from rank 0's replica and snapshot, "
+         f"{r['fetched_bytes'] / 2**20:.0f} MiB fetched by rank 1 alone, state {r['state_bytes'] / 2**20:.0f} MiB, "
+         f"median of {r['reps']}" if r.get("lose_node") else
+         f"{r['tier']} tier, state {r['state_bytes'] / 2**20:.0f} MiB, {r['fetched_bytes'] / 2**20:.0f} MiB fetched per rank, "
+         f"median of {r['reps']}"),
         "| | GB/s |", "|---|---:|",
         f"| gloo p2p one way | {r['p2p_one_way_gbps']:.2f} |",
         f"| gloo p2p both ways at once | {r['p2p_both_ways_gbps']:.2f} |",
@@ -221,9 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size-mib", type=int, default=None, help="state size (default 256; smoke 8)")
     ap.add_argument("--reps", type=int, default=None, help="restores (default 3; smoke 1)")
     ap.add_argument("--tier", default="host", choices=["host", "shm"], help="the memory tier restored from")
+    ap.add_argument("--lose-node", action="store_true",
+                    help="shm tier with a replica of each rank on the other node; rank 1's node memory is lost "
+                         "between a saving world and a restoring one, so rank 1 fetches its whole state one way")
     ap.add_argument("--json", default=None, help="also write the result here")
     a = ap.parse_args(argv)
-    r = run(a.size_mib or (8 if a.smoke else 256), a.reps or (1 if a.smoke else 3), a.tier)
+    r = run(a.size_mib or (8 if a.smoke else 256), a.reps or (1 if a.smoke else 3), a.tier, lose_node=a.lose_node)
     print(table(r))
     if a.json:
         with open(a.json, "w") as f:
