@@ -34,14 +34,22 @@ The replacement is a spare launched with the job or, with
 job's store (:func:`~recoverkit.elastic.admit.join`, then ``StagePipeline(...,
 stage="joiner")``; :mod:`.stage_join`): the survivors wait for it, bounded, after they
 re-formed. torchrun's restart of a single rank cannot be used (its agent restarts every
-local worker, rolling every stage back). Limits: one stage lost at a time (a second loss
-during a recovery fails with :class:`PipelineRecoveryError`). A loss inside the norms' all-gather that lets
-some survivors complete the step and not others is refused the same way (the survivors must
-agree on the completed step); the process hosting the job's store (launch rank 0) must
-survive (:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: ``make_optimizer``
-gives each stage its optimizer and base rate; a rebuilt stage's optimizer is fresh, its base
-``lr_scale`` times that one's; ``options.lr_schedule`` scales every base by a factor of the
-global step, so the rebuilt stage continues the schedule where the others are.
+local worker, rolling every stage back). A peer lost during a recovery (the replacement
+dying as it takes the stage) counts as one more failure of the step: the recovery starts
+over from the regroup, on the survivors and on waiting spares alike, up to
+``max_recoveries_per_step`` failures per step; a rebuild that every strategy refuses tells
+the survivors, which raise at once. Every failure the pipeline does not recover from is a
+:class:`PipelineRecoveryError` (the caller falls back to a checkpoint). Limits: one stage
+lost at a time; a loss inside the norms' all-gather that lets some survivors complete the
+step and not others is refused (the survivors must agree on the completed step); the
+process hosting the job's store (launch rank 0) must survive
+(:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: ``make_optimizer`` gives
+each stage its optimizer and base rate; a stage rebuilt by CheckFree gets a fresh optimizer,
+its base ``lr_scale`` times that one's; an exact copy keeps the base the stage had (the
+replica carries it); ``options.lr_schedule`` scales every base by a factor of the global
+step, so the rebuilt stage continues the schedule where the others are. A rebuilt stage
+also gets the survivors' gradient norms of the last step, so CheckFree can rebuild a
+neighbour of it lost before it completed a step of its own.
 
 CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
 embedding, blocks and head): a single-stage schedule cannot express it, since a
@@ -245,12 +253,16 @@ class StagePipeline:
                     why = None
                 return self._run(self.steps_done)
             except (RuntimeError, ConnectionError, TimeoutError) as e:
-                if isinstance(e, RecoverkitError) and not isinstance(e, ConnectionError):
+                if not _lost_peer(e):
                     raise
                 tries += 1
-                if tries > self.options.max_recoveries_per_step:
-                    raise
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                if tries > self.options.max_recoveries_per_step:
+                    raise PipelineRecoveryError(
+                        f"step {self.steps_done}: {tries} failures, more than "
+                        f"max_recoveries_per_step ({self.options.max_recoveries_per_step}); "
+                        f"the last: {why}"
+                    ) from e
 
     def _run(self, k: int) -> StepRecord:
         assert self.module is not None and self.optimizer is not None and self.stage is not None
@@ -370,7 +382,18 @@ class StagePipeline:
             # a starved heartbeat thread on a loaded host must not start a regroup alone.
             started = f"{self.membership.namespace}/g{self.membership.generation + 1}/count"
             if self.store.check([started]):
-                self._recover("a survivor started a regroup")
+                try:
+                    self._recover("a survivor started a regroup")
+                except (RuntimeError, ConnectionError, TimeoutError) as e:
+                    if not _lost_peer(e):
+                        raise
+                    # a peer lost during the recovery (the spare rebuilding the stage, say):
+                    # the survivors start over; this process stays a spare for that one
+                    log.warning("pipeline: a recovery failed on a spare (%s); waiting for the next", e)
+                    if self.optimizer is None:
+                        self.stage, self.module = None, None
+                    deadline = time.monotonic() + timeout_s
+                    continue
                 if self.stage is not None:
                     return True
                 deadline = time.monotonic() + timeout_s
@@ -435,23 +458,32 @@ class StagePipeline:
         s = self.options.num_stages
         members = self.membership.members
         held = self.stage if self.stage is not None and self.optimizer is not None else -1
+        # float64 holds the integers exactly; the norms of the last step travel to a rebuilder
         mine = torch.tensor(
-            [held, self.steps_done if held >= 0 else -1, self._scan_from], dtype=torch.int64
+            [held, self.steps_done if held >= 0 else -1, self._scan_from, *self.norms],
+            dtype=torch.float64,
         )
-        got = [torch.zeros(3, dtype=torch.int64) for _ in members]
+        got = [torch.zeros(3 + s, dtype=torch.float64) for _ in members]
         dist.all_gather(got, mine)
         holder: dict[int, int] = {}
         steps: set[int] = set()
+        norms: tuple[float, ...] | None = None
         for launch, row in zip(members, got):
-            stage, step, scan = (int(v) for v in row.tolist())
-            if not -1 <= stage < s or stage in holder or not 0 <= scan <= MAX_WORLD:
+            values = row.tolist()
+            head, tail = values[:3], values[3:]
+            ok = all(math.isfinite(v) and v.is_integer() for v in head) and all(
+                math.isnan(v) or (math.isfinite(v) and v >= 0) for v in tail
+            )
+            stage, step, scan = (int(v) if ok else -2 for v in head)
+            if not ok or not -1 <= stage < s or stage in holder or not 0 <= scan <= MAX_WORLD:
                 raise PipelineRecoveryError(
-                    f"launch rank {launch} reports stage {stage}, joiner scan {scan} "
-                    f"(held: {sorted(holder.items())})"
+                    f"launch rank {launch} reports {values[:3]} (stage, step, joiner scan) "
+                    f"and norms {values[3:8]} (held: {sorted(holder.items())})"
                 )
             if stage >= 0:
                 holder[stage] = launch
                 steps.add(step)
+                norms = norms or tuple(tail)
             self._scan_from = max(self._scan_from, scan)
         lost = [i for i in range(s) if i not in holder]
         free = [r for r in members if r not in holder.values()]  # spares and joiners
@@ -472,6 +504,8 @@ class StagePipeline:
             self.stage = rebuilding[0]
             self.module = self.build_stage(self.stage)
             self.optimizer = None
+            if norms is not None:  # the survivors' norms of the last step, as a stage of its own
+                self.norms = norms
         transport = ProcessGroupTransport(
             group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
         )
@@ -528,6 +562,12 @@ class StagePipeline:
                 served=tuple(served),
             )
         )
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """An error a lost or frozen peer causes (a broken collective, a transport's lost peer):
+    recovered from. recoverkit's other errors (a refused recovery, bad input) are not."""
+    return not isinstance(e, RecoverkitError) or isinstance(e, ConnectionError)
 
 
 def _holders(stage: int | str, membership: Membership, num_stages: int) -> dict[int, int]:

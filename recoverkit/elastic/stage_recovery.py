@@ -13,7 +13,8 @@ The flow, on the replacement (:func:`rebuild_stage`)::
                      continuation; it refuses when it holds none, or one of another step
     CheckFreeRecovery ask the two neighbours for their weights (the lost stage's keys) and
                      their recorded gradient norms of that step; average; fresh optimizer
-    then DONE to every survivor
+    then DONE to every survivor (FAILED when every strategy refused: the survivors raise
+    PipelineRecoveryError too, at once, instead of timing out waiting for the stage)
 
 and on each survivor (:func:`serve_requests`): receive a request, answer it (a reply message,
 then the bytes if served), until DONE. Every size is the receiver's (:mod:`.stage_wire`),
@@ -39,9 +40,11 @@ from ..recovery.checkfree import (
     fresh_optimizer,
     swap_partner,
 )
+from .pipeline_options import PipelineRecoveryError
 from .stage_wire import (
     DONE,
     EXTRAS,
+    FAILED,
     NEIGHBOUR,
     REFUSED,
     REPLICA,
@@ -157,6 +160,11 @@ def serve_requests(
         msg = Message.decode(buf, num_stages=num_stages, what=what)
         if msg.kind == DONE:
             return served
+        if msg.kind == FAILED:
+            raise PipelineRecoveryError(
+                f"rank {requester} could not rebuild stage {msg.lost} at step {msg.step} "
+                "(its log names why)"
+            )
         payload: torch.Tensor | None = None
         reply_step = step
         if msg.kind == NEIGHBOUR and stage is not None and module is not None:
@@ -283,9 +291,10 @@ def rebuild_stage(
     try:
         got = RecoveryChain(strategies).run(loss, Survivors(transport=transport), use)
     except BaseException:
-        for peer in others:  # release the survivors still waiting; the chain's error wins
+        failed = Message(FAILED, -1, stage, step).encode()
+        for peer in others:  # the survivors stop waiting and fail too; the chain's error wins
             try:
-                transport.send(peer, done, timeout_s=timeout_s)
+                transport.send(peer, failed, timeout_s=timeout_s)
             except (RecoverkitError, OSError, RuntimeError):
                 pass
         raise

@@ -26,6 +26,7 @@ from ..errors import IncompatibleCheckpointError, IntegrityError
 __all__ = [
     "DONE",
     "EXTRAS",
+    "FAILED",
     "Layout",
     "Message",
     "NEIGHBOUR",
@@ -46,7 +47,7 @@ __all__ = [
 Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
 # request kinds (replacement -> survivor) and reply statuses (survivor -> replacement)
-DONE, NEIGHBOUR, REPLICA, EXTRAS = 0, 1, 2, 3
+DONE, NEIGHBOUR, REPLICA, EXTRAS, FAILED = 0, 1, 2, 3, 4  # FAILED: the rebuild gave up
 SERVED, REFUSED = 1, 0
 _MAX_INDEX = 2**31
 _MAX_STEP = 2**52
@@ -109,9 +110,13 @@ def unpack(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 def optimizer_entries(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as named tensors (``opt.<index>.<key>``)."""
+    """The optimizer's per-parameter state as named tensors (``opt.<index>.<key>``), and
+    each group's base learning rate (``lr.<group>``: its ``initial_lr``, else its rate), so
+    an exact copy keeps a rate a CheckFree rebuild scaled."""
     state = optimizer.state_dict()["state"]
     out = {}
+    for i, group in enumerate(optimizer.param_groups):
+        out[f"lr.{i}"] = torch.tensor(float(group.get("initial_lr", group["lr"])), dtype=torch.float64)
     for index in sorted(state):
         for key in sorted(state[index]):
             value = state[index][key]
@@ -140,13 +145,25 @@ def optimizer_layout(
 def load_optimizer_entries(
     optimizer: torch.optim.Optimizer, entries: Mapping[str, torch.Tensor]
 ) -> None:
-    """Load state from :func:`optimizer_entries` into ``optimizer`` (its hyperparameters kept)."""
+    """Load state from :func:`optimizer_entries` into ``optimizer`` (its other hyperparameters
+    kept; each group's base learning rate set, as received, checked finite and > 0)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
+    rates: dict[int, float] = {}
     for name, value in entries.items():
+        if name.startswith("lr."):
+            rate = float(value.item())
+            if not (math.isfinite(rate) and rate > 0):
+                raise IntegrityError(f"stage state: learning rate {name!r} is {rate}")
+            rates[int(name[3:])] = rate
+            continue
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = value
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for i, rate in rates.items():
+        if not 0 <= i < len(optimizer.param_groups):
+            raise IntegrityError(f"stage state: a learning rate for group {i} of {len(optimizer.param_groups)}")
+        optimizer.param_groups[i]["initial_lr"] = optimizer.param_groups[i]["lr"] = rate
 
 
 @dataclass(frozen=True)
@@ -179,7 +196,7 @@ class Message:
         ints = (kind, stage, lost, step)
         if not all(v.is_integer() for v in ints):
             raise IntegrityError(f"{what}: non-integer fields in {values}")
-        if not (0 <= kind <= 3 and -1 <= stage < num_stages and -1 <= lost < num_stages):
+        if not (0 <= kind <= 4 and -1 <= stage < num_stages and -1 <= lost < num_stages):
             raise IntegrityError(f"{what}: fields out of range in {values}")
         if not (-1 <= step <= _MAX_STEP and norm >= 0):
             raise IntegrityError(f"{what}: step or norm out of range in {values}")

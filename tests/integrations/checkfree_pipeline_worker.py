@@ -2,7 +2,8 @@
 
 ``python -m tests.integrations.checkfree_pipeline_worker OUT MODE KILL_STEP STEPS [VICTIM]`` on
 5 processes (torchrun): 4 hold stages 0-3, one is the spare (by launch rank, or by local rank
-from ``RECOVERKIT_STAGES``, e.g. ``0,1,3,spare`` on one node and ``2`` on another). MODE:
+from ``RECOVERKIT_STAGES``, e.g. ``0,1,3,spare`` on one node and ``2`` on another; a
+``dyingspare`` is a spare that SIGKILLs itself as it takes a stage, writing ``dying``). MODE:
 ``free`` (nothing fails), ``checkfree`` (no replica: a lost stage is rebuilt from its
 neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
 lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
@@ -182,11 +183,11 @@ def _options(mode: str) -> Any:
     )
 
 
-def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any) -> Any:
+def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any, build: Any = None) -> Any:
     from recoverkit.elastic.pipeline import StagePipeline
 
     return StagePipeline(
-        build_stage,
+        build or build_stage,
         make_optimizer,
         loss_fn,
         batch,
@@ -226,11 +227,23 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     # RECOVERKIT_STAGES: this node's roles by local rank ("0,1,3,spare"); default: by launch rank
     roles = os.environ.get("RECOVERKIT_STAGES", "")
     role: Any = "auto"
+    picked = ""
     if roles:
         picked = roles.split(",")[int(os.environ.get("LOCAL_RANK", "0"))]
-        role = "spare" if picked == "spare" else int(picked)
-    pipe = _pipeline(store, membership, heartbeat, mode, role)
-    name = "spare" if pipe.stage is None else str(pipe.stage)  # files are named by first role
+        role = "spare" if picked in ("spare", "dyingspare") else int(picked)
+    built = [False]
+
+    def build(index: int) -> torch.nn.Module:
+        # "dyingspare": a spare that dies as it takes a stage (after the members agreed on it)
+        if picked == "dyingspare" and built[0]:
+            _write(os.path.join(out, "dying"), index)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return build_stage(index)
+
+    pipe = _pipeline(store, membership, heartbeat, mode, role, build)
+    built[0] = True
+    # files are named by first role
+    name = (picked if picked == "dyingspare" else "spare") if pipe.stage is None else str(pipe.stage)
     _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
     if pipe.stage == victim and mode != "free" and pipe.module is not None:

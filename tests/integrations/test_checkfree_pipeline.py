@@ -132,14 +132,19 @@ def _wait_listening(port: int, timeout_s: float, agent: subprocess.Popen, base: 
 
 
 def run_failure(
-    base: str, mode: str, victim: int = W.VICTIM, joiners: tuple[str, ...] = ("",)
+    base: str,
+    mode: str,
+    victim: int = W.VICTIM,
+    joiners: tuple[str, ...] = ("",),
+    spares: tuple[str, ...] = ("spare",),
 ) -> tuple[str, str]:
     """Two agents: node a runs the three other stages and the spare, node b the stage
     ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. In mode
     ``replace`` node a has no spare: the test starts the replacement (a plain process that
     joins through the job's store) once node b is killed; ``joiners`` are their fates in
-    order (``die``: it dies once admitted; the next starts when it is gone). Returns (out,
-    the logs)."""
+    order (``die``: it dies once admitted; the next starts when it is gone). ``spares``: the
+    spares' roles on node a (``dyingspare`` dies as it takes the stage). Returns (out, the
+    logs)."""
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
@@ -148,7 +153,7 @@ def run_failure(
     # rank 0 and hosts the store; node b (localhost) holds the victim alone
     late = mode == "replace"
     extra = "joiner" if late else "spare"
-    layout = {"a": ("127.0.0.1", others if late else [*others, "spare"]), "b": ("localhost", [str(victim)])}
+    layout = {"a": ("127.0.0.1", others if late else [*others, *spares]), "b": ("localhost", [str(victim)])}
     procs: list[subprocess.Popen] = []
     try:
         for node, (addr, roles) in layout.items():
@@ -406,6 +411,23 @@ def test_a_replacement_that_dies_as_it_joins_is_followed_by_the_next(tmp_path, f
     for stage in (0, 1, 3):
         recs = _result(out, stage)["recoveries"]
         assert recs[-1]["replaced_by"] == {"2": res["launch_rank"]} and recs[-1]["step"] == KILL_STEP, recs
+    for stage in range(W.NUM_STAGES):
+        for step in range(STEPS):
+            assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)
+
+
+def test_a_spare_that_dies_as_it_takes_the_stage_is_followed_by_the_next(tmp_path, free):
+    """Two spares; the first dies after the members handed it stage 2: the survivors' and
+    the other spare's recovery fails on it and starts over, the second spare takes the stage
+    from its replica, and the run is bit-identical to the failure-free one."""
+    out, logs = run_failure(str(tmp_path), "replica", spares=("dyingspare", "spare"))
+    assert os.path.exists(os.path.join(out, "dying")), logs[-3000:]
+    res = _result(out, "spare")
+    assert res["took_stage"] == W.VICTIM and res["steps_done"] == STEPS, (res, logs[-3000:])
+    assert res["recoveries"][-1]["strategy"] == "stage replica", res["recoveries"]
+    for stage in (0, 1, 3):
+        r = _result(out, stage)
+        assert r["recoveries"][-1]["replaced_by"] == {"2": res["launch_rank"]}, r["recoveries"]
     for stage in range(W.NUM_STAGES):
         for step in range(STEPS):
             assert _same(_state(out, stage, step), _state(free, stage, step)), (stage, step)

@@ -367,3 +367,43 @@ def test_the_swapped_path_keeps_embedding_first_and_head_last():
     ]
     with pytest.raises(ConfigError, match=">= 4 stages"):
         swap_path(3)
+
+
+def test_a_stage_replica_carries_the_learning_rate_a_checkfree_rebuild_scaled():
+    """The replica ring's optimizer entries hold each group's base rate: a stage rebuilt by
+    CheckFree (1.1x) and later restored exactly from its replica keeps 1.1x; a hostile rate
+    (not finite, <= 0, or for a group the optimizer lacks) is refused."""
+    from recoverkit.elastic.stage_wire import (
+        layout_of,
+        load_optimizer_entries,
+        optimizer_entries,
+        optimizer_layout,
+        pack,
+        unpack,
+    )
+    from recoverkit.errors import IntegrityError
+    from recoverkit.recovery.checkfree import fresh_optimizer
+
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(m.parameters(), lr=0.005)
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    rebuilt = fresh_optimizer(make(module), lr_scale=1.1)
+    module(torch.randn(4, 3)).sum().backward()
+    rebuilt.step()
+    entries = optimizer_entries(rebuilt)
+    layout = optimizer_layout(module, make)  # what the receiver sizes from its own optimizer
+    assert layout == layout_of(entries)
+    arrived = unpack(pack(entries, layout), layout)
+    restored = make(module)
+    load_optimizer_entries(restored, arrived)
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.0055)
+    assert restored.param_groups[0]["initial_lr"] == pytest.approx(0.0055)
+    for key, value in rebuilt.state_dict()["state"][0].items():
+        assert torch.equal(restored.state_dict()["state"][0][key], value), key
+    for bad in ({"lr.0": torch.tensor(float("nan"), dtype=torch.float64)},
+                {"lr.0": torch.tensor(0.0, dtype=torch.float64)},
+                {"lr.3": torch.tensor(0.1, dtype=torch.float64)}):  # fmt: skip
+        with pytest.raises(IntegrityError, match="learning rate"):
+            load_optimizer_entries(make(module), {**arrived, **bad})
