@@ -70,9 +70,12 @@ How to run:
   scenario; `--help` lists its sizes and step counts.
 * `make bench-micro`: the pytest-benchmark micro-benchmarks in `micro/` (copy engine,
   CRC-32C, segment I/O, manifest, codec) compared with the saved baselines in `baselines/`.
-* `python -m bench.bench_peer_restore [--tier host|shm] [--size-mib N]`: a memory restore's
-  peer transfer next to gloo point-to-point (one way and both ways) in the same two
-  processes, with where each restore's time goes (`--json`); not part of the run above.
+* `python -m bench.bench_peer_restore [--tier host|shm] [--lose-node] [--size-mib N]`: a
+  memory restore's peer transfer next to gloo point-to-point (one way and both ways) in the
+  same two processes, with where each restore's time goes (`--json`); not part of the run
+  above. `--lose-node`: one world saves to shared memory with a replica of each rank on the
+  other simulated node and crashes, node 1's shared memory is deleted, and a new world
+  restores, so rank 1 fetches its whole state one way (the node-loss case).
 * `overhead` records which path each shared-memory save took (`staged_in_shm`,
   `staged_in_pool`, `shm_in_place`, `shm_copied` in its JSON); `--methods recoverkit_host`
   adds the host tier alone as the in-memory reference. `restore_memory`'s restarted-process
