@@ -45,6 +45,7 @@ import torch
 
 from tests.distributed.harness import free_port
 from tests.integrations import checkfree_pipeline_worker as W
+from tests.integrations.test_elastic_shrink import _end, _pids
 from tests.integrations.test_torchrun_restart import REPO, torchrun_env
 
 NODES = "ab"
@@ -91,16 +92,6 @@ def run_free(base: str) -> str:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
-
-
-def _pids(out: str) -> dict[int, tuple[str, int]]:
-    found = {}
-    for name in os.listdir(out):
-        if name.startswith("pid-") and not name.endswith(".tmp"):
-            _, node, rank = name.split("-")
-            with open(os.path.join(out, name)) as f:
-                found[int(rank)] = (node, int(json.load(f)))
-    return found
 
 
 def _logs(base: str) -> str:
@@ -221,18 +212,7 @@ def run_failure(
         time.sleep(0.5)  # the final barrier's output
         return out, _logs(base)
     finally:
-        for p in procs:  # agents wait in torchrun's exit barrier for the lost node: end them
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait(timeout=30)
-        for _, pid in _pids(out).values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _end(procs, out)  # agents wait in torchrun's exit barrier for the lost node: end them
 
 
 def _state(out: str, stage: int, step: int) -> dict[str, torch.Tensor]:
