@@ -144,23 +144,28 @@ def test_fsdp2_survivors_reshard_from_memory_in_process_and_match_the_failure_fr
     assert rel < 1e-12, rel
     assert loss_rel <= 1e-12, (losses, ref_losses)
 
-    # nothing left in shared memory after the normal end (old-world snapshots included)
+    check_the_end(out, shm, survivors, len(NODES), VICTIM, W.STEPS, W.NUM_SAMPLES)
+
+
+def check_the_end(out: str, shm: str, survivors: list[int], nodes: int, victim: int, steps: int, samples: int) -> None:
+    """After a 4 -> 3 run with the victim lost inside step 2: nothing left in shared memory
+    (old-world snapshots included); every sample of the epoch trained once in the final
+    timeline (every step's samples from the generation that completed it last); steps 2 and
+    3 redone at world 3 and step 4 run there on every survivor."""
     left = [os.path.join(d, f) for d, _, files in os.walk(shm) for f in files]
     assert left == [], left
-
-    # the final timeline: every step's samples from the generation that completed it last
-    logs = {r: _steps(out, r) for r in range(len(NODES))}
-    assert [s["step"] for s in logs[VICTIM]] == [0, 1, 2], logs[VICTIM]
-    last = {}  # step -> the newest generation that completed it
+    logs = {r: _steps(out, r) for r in range(nodes)}
+    assert [s["step"] for s in logs[victim]] == [0, 1, 2], logs[victim]
+    last: dict[int, int] = {}  # step -> the newest generation that completed it
     for r in logs:
         for s in logs[r]:
             last[s["step"]] = max(last.get(s["step"], -1), s["generation"])
     timeline = {k: [i for r in logs for s in logs[r] if (s["step"], s["generation"]) == (k, g) for i in s["samples"]]
                 for k, g in last.items()}  # fmt: skip
-    assert sorted(timeline) == list(range(W.STEPS))
+    assert sorted(timeline) == list(range(steps))
     seen = sorted(i for v in timeline.values() for i in v)
-    assert seen == list(range(W.NUM_SAMPLES)), (len(seen), len(set(seen)))
-    for r in survivors:  # steps 2 and 3 redone at world 3, step 4 run there
+    assert seen == list(range(samples)), (len(seen), len(set(seen)))
+    for r in survivors:
         assert [(s["step"], s["world"]) for s in logs[r]] == [(0, 4), (1, 4), (2, 4), (2, 3), (3, 3), (4, 3)], logs[r]
 
 

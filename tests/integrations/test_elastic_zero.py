@@ -49,7 +49,8 @@ import torch
 
 from tests.distributed.harness import free_port, run_world
 from tests.integrations import elastic_zero_worker as W
-from tests.integrations.test_elastic_shrink import _end, _kill_node_of, _pids, _steps, _wait_files
+from tests.integrations.test_elastic_fsdp2 import check_the_end
+from tests.integrations.test_elastic_shrink import _end, _kill_node_of, _pids, _wait_files
 from tests.integrations.test_torchrun_restart import REPO, torchrun_env
 
 NODES = "abcd"
@@ -208,31 +209,7 @@ def test_zero_survivors_repartition_from_memory_in_process_and_match_the_failure
     ):  # the gradients summed in micro-batch order at any world; Adam is elementwise
         assert exact, (rel, moments_rel, loss_rel)
 
-    # nothing left in shared memory after the normal end (old-world snapshots included)
-    left = [os.path.join(d, f) for d, _, files in os.walk(shm) for f in files]
-    assert left == [], left
-
-    # the final timeline: every step's samples from the generation that completed it last
-    logs = {r: _steps(out, r) for r in range(len(NODES))}
-    assert [s["step"] for s in logs[VICTIM]] == [0, 1, 2], logs[VICTIM]
-    last = {}  # step -> the newest generation that completed it
-    for r in logs:
-        for s in logs[r]:
-            last[s["step"]] = max(last.get(s["step"], -1), s["generation"])
-    timeline = {k: [i for r in logs for s in logs[r] if (s["step"], s["generation"]) == (k, g) for i in s["samples"]]
-                for k, g in last.items()}  # fmt: skip
-    assert sorted(timeline) == list(range(W.STEPS))
-    seen = sorted(i for v in timeline.values() for i in v)
-    assert seen == list(range(W.NUM_SAMPLES)), (len(seen), len(set(seen)))
-    for r in survivors:  # steps 2 and 3 redone at world 3, step 4 run there
-        assert [(s["step"], s["world"]) for s in logs[r]] == [
-            (0, 4),
-            (1, 4),
-            (2, 4),
-            (2, 3),
-            (3, 3),
-            (4, 3),
-        ], logs[r]
+    check_the_end(out, shm, survivors, len(NODES), VICTIM, W.STEPS, W.NUM_SAMPLES)
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
