@@ -47,13 +47,10 @@ _POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Replacement:
-    """The membership with the joiners admitted, the launch rank to scan from next time,
-    and the joiners admitted and refused on the way."""
+    """The membership with the joiners admitted, and the launch rank to scan from next time."""
 
     membership: Membership
     scan_from: int
-    joined: tuple[int, ...]
-    refused: tuple[int, ...]
 
 
 def await_replacement(
@@ -136,7 +133,7 @@ def await_replacement(
         membership = adm.membership
         if adm.joined:
             log.warning("pipeline: launch rank(s) %s admitted to replace lost stage(s)", list(adm.joined))
-            return Replacement(membership, scan_from, adm.joined, tuple(refused))
+            return Replacement(membership, scan_from)
 
 
 def _decision(store: Any, key: str, membership: Membership) -> Proposal | str | None:
