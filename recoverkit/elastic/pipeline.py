@@ -79,7 +79,14 @@ from ..distributed.regroup import MAX_WORLD, Heartbeat, Membership, regroup, ret
 from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
 from ..recovery.checkfree import clip_and_record, swap_partner
-from .pipeline_options import PipelineOptions, PipelineRecoveryError, StageRecovery, StepRecord
+from .pipeline_options import (
+    POSITION_KEYS,
+    PipelineOptions,
+    PipelineRecoveryError,
+    StageRecovery,
+    StepRecord,
+    validate_position,
+)
 from .stage_join import await_replacement
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
@@ -406,6 +413,25 @@ class StagePipeline:
     def finish(self) -> None:
         """The last stage's process tells the spares the job ended (call after the last step)."""
         self.store.set(f"{self.membership.namespace}/pipeline/done", "1")
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's position, for a checkpoint beside its module and optimizer (the
+        fallback when a loss cannot be recovered in process): the stage, the completed steps
+        and the last step's gradient norms (CheckFree's weights after a restart)."""
+        if self.stage is None:
+            raise PipelineRecoveryError("a spare holds no stage: it has no position to save")
+        values = (self.stage, self.options.num_stages, self.steps_done, list(self.norms))
+        return dict(zip(POSITION_KEYS, values, strict=True))
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Resume at a saved position: the next :meth:`step` runs step ``steps_done`` (every
+        stage must restore the same one; the checkpoint's commit makes them agree)."""
+        if self.stage is None:
+            raise PipelineRecoveryError("a spare holds no stage: it cannot take a position")
+        self.steps_done, self.norms = validate_position(
+            state_dict, self.stage, self.options.num_stages
+        )
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, why: str) -> None:

@@ -6,14 +6,24 @@ value is named before the first step rather than at the first failure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from ..errors import ConfigError, RecoverkitError
+from ..errors import ConfigError, IncompatibleCheckpointError, RecoverkitError
 from ..recovery.checkfree import CheckFreeOptions
 
-__all__ = ["PipelineOptions", "PipelineRecoveryError", "StageRecovery", "StepRecord"]
+__all__ = [
+    "PipelineOptions",
+    "PipelineRecoveryError",
+    "StageRecovery",
+    "StepRecord",
+    "validate_position",
+]
+
+POSITION_KEYS = ("stage", "num_stages", "steps_done", "norms")
+_MAX_STEPS = 1 << 62
 
 
 class PipelineRecoveryError(RecoverkitError, RuntimeError):
@@ -142,3 +152,41 @@ class StageRecovery:
     strategy: str | None
     source: str | None
     served: tuple[str, ...]
+
+
+def validate_position(state: Any, stage: int, num_stages: int) -> tuple[int, tuple[float, ...]]:
+    """A saved pipeline position (``StagePipeline.state_dict``), read back as hostile input:
+    its keys and types, the stage and stage count this process has, a step in range, one
+    norm per stage (finite >= 0, or NaN before the first step). Returns (steps_done, norms);
+    raises :class:`IncompatibleCheckpointError` naming what is wrong."""
+    if not isinstance(state, dict) or set(state) != set(POSITION_KEYS):
+        got = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise IncompatibleCheckpointError(f"pipeline position needs keys {list(POSITION_KEYS)}, got {got}")
+    for key, want in (("stage", stage), ("num_stages", num_stages)):
+        v = state[key]
+        if type(v) is not int or v != want:
+            raise IncompatibleCheckpointError(
+                f"pipeline position: saved {key} {str(v)[:40]}, this process has {want} "
+                "(a checkpoint of another stage or pipeline)"
+            )
+    steps = state["steps_done"]
+    if type(steps) is not int or not 0 <= steps < _MAX_STEPS:
+        raise IncompatibleCheckpointError(
+            f"pipeline position: steps_done must be an int in [0, 2**62), got {str(steps)[:40]}"
+        )
+    norms = state["norms"]
+    if (
+        not isinstance(norms, list)
+        or len(norms) != num_stages
+        or any(
+            isinstance(n, bool)
+            or not isinstance(n, float)
+            or not (math.isnan(n) or (math.isfinite(n) and n >= 0))
+            for n in norms
+        )
+    ):
+        raise IncompatibleCheckpointError(
+            f"pipeline position: norms must be {num_stages} floats (finite >= 0, or NaN), "
+            f"got {str(norms)[:80]}"
+        )
+    return steps, tuple(norms)

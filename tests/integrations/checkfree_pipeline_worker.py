@@ -9,7 +9,12 @@ neighbours), ``replica`` (every stage's state copied to the next stage's process
 lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
 swapped, the edge stages' embedding and head copied to their partners every step; a lost edge
 stage copies its partner), ``replace`` (``replica``'s copies, no spare launched: the survivors
-wait for a replacement started after the loss, ``replacement_timeout_s``). An optional fifth
+wait for a replacement started after the loss, ``replacement_timeout_s``), ``restart``
+(checkpoint-restart: 4 processes, no spare; every stage saves its module, optimizer and
+pipeline position with a :class:`recoverkit.Checkpointer` to local disk after every step;
+torchrun restarts every worker after the loss and each restores the newest committed
+checkpoint, writing ``restart-<stage>.json``: when it started, imported, formed the pipeline,
+restored, and completed its first step). An optional fifth
 argument names the victim stage (default
 ``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
@@ -44,10 +49,13 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
-from typing import Any
 
-import torch
+STARTED = time.time()  # this process, before torch is imported (restart mode's figures)
+
+from datetime import timedelta  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 NUM_STAGES, VICTIM = 4, 2
 D, LAYERS, SEQ, BATCH, MICRO = 32, 1, 16, 8, 4
@@ -200,12 +208,21 @@ def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any,
     )
 
 
-def _setup() -> None:
+def _setup(mode: str = "") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
-    signal.signal(
-        signal.SIGTERM, signal.SIG_IGN
-    )  # agents of a lost node: the workers end themselves
+    if mode != "restart":  # agents of a lost node: the workers end themselves
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # (restart: torchrun stops the other workers with SIGTERM before it restarts them all)
     torch.set_num_threads(1)
+
+
+def _checkpointer(out: str, pipe: Any) -> tuple[Any, dict[str, Any]]:
+    """Restart mode: a Checkpointer saving to local disk after every step, and the state."""
+    from recoverkit import Checkpointer, CheckpointOptions, TierSpec
+
+    opts = CheckpointOptions(tiers=[TierSpec.local(every_steps=1)], commit_timeout_s=PG_TIMEOUT_S)
+    state = {"model": pipe.module, "optimizer": pipe.optimizer, "pipeline": pipe}
+    return Checkpointer(os.path.join(out, "ckpt"), options=opts), state
 
 
 def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
@@ -213,7 +230,9 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
 
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
 
-    _setup()
+    imported = time.time()
+    _setup(mode)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
     rank = dist.get_rank()
     node = os.environ.get("RECOVERKIT_NODE", "single")
@@ -246,7 +265,17 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     name = (picked if picked == "dyingspare" else "spare") if pipe.stage is None else str(pipe.stage)
     _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
-    if pipe.stage == victim and mode != "free" and pipe.module is not None:
+    ckpt = None
+    if mode == "restart":
+        formed = time.time()
+        ckpt = _checkpointer(out, pipe)
+        if attempt > 0:
+            ckpt[0].restore(ckpt[1])
+            timing = {"started": STARTED, "imported": imported, "formed": formed,
+                      "restored": time.time(), "resumed_at": pipe.steps_done}  # fmt: skip
+            _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
+
+    if pipe.stage == victim and mode != "free" and pipe.module is not None and attempt == 0:
 
         def pause(_module: Any, _args: Any) -> None:
             if pipe.steps_done == kill_step:
@@ -262,7 +291,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         result["took_stage"] = pipe.stage if took else None
         if took and pipe.module is not None:
             _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
-    _train(pipe, out, name, steps, result, heartbeat)
+    _train(pipe, out, name, steps, result, heartbeat, ckpt)
 
 
 def join(out: str, steps: int, fate: str = "") -> None:
@@ -290,11 +319,21 @@ def join(out: str, steps: int, fate: str = "") -> None:
     _train(pipe, out, "joiner", steps, result, heartbeat)
 
 
-def _train(pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], heartbeat: Any) -> None:
+def _train(
+    pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], heartbeat: Any, ckpt: Any = None
+) -> None:
     log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
         assert pipe.module is not None and pipe.optimizer is not None
+        if ckpt is not None:  # restart mode: blocking, committed by every stage before the next step
+            ckpt[0].save(pipe.steps_done, ckpt[1])
+            path = os.path.join(out, f"restart-{pipe.stage}.json")
+            if os.path.exists(path):  # the first step after the restore: when it was done
+                with open(path) as f:
+                    timing = json.load(f)
+                if "first_step" not in timing:
+                    _write(path, {**timing, "first_step": time.time()})
         _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
         with open(log_path, "a") as f:
             f.write(
@@ -348,6 +387,8 @@ def _train(pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], h
     )
     _write(os.path.join(out, f"result-{name}.json"), result)
     heartbeat.stop()
+    if ckpt is not None:
+        ckpt[0].close()
     _write(os.path.join(out, f"exit-{name}"), 0)
     _finish(0, True)
 

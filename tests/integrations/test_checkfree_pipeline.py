@@ -418,6 +418,8 @@ def main() -> None:
     import platform
     import tempfile
 
+    from tests.integrations.test_pipeline_checkpoint_restart import restart_figures, run_restart
+
     global STEPS, KILL_STEP
     STEPS, KILL_STEP = 24, 12  # longer than the tests' runs, for steadier step medians
     base = tempfile.mkdtemp(prefix="checkfree-pipeline-")
@@ -436,6 +438,7 @@ def main() -> None:
         replica["step_s"] = statistics.median(steps)
         replica["step_overhead"] = replica["step_s"] / fig["summary"]["step_s"] - 1.0
         fig["replica"] = replica
+        fig["restart"] = restart_figures(run_restart(base))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     fig["definitions"] = {
@@ -446,6 +449,7 @@ def main() -> None:
         "recovery_s": "detection -> pipeline re-formed, the slowest process",
         "redo_step_s": "the failed step, redone by the rebuilt stage",
         "replica": "the same failure with a per-step replica of every stage (model + AdamW) on the next stage's process: exact recovery; step_s and step_overhead are that mode's step and its cost over step_s",
+        "restart": "checkpoint-restart of the same pipeline (4 workers, one torchrun agent, --max-restarts=1, a Checkpointer save to local disk after every step): the victim's worker SIGKILLed, torchrun stops the others and restarts all four; each figure is the SIGKILL -> the slowest worker's phase: relaunched_s (its process started), imported_s (interpreter and imports), job_ready_s (process group, job store and pipeline formed; building the first optimizer imports torch._dynamo), restored_s (the newest checkpoint restored), first_step_s (the first step after it done); restore_s: the restore alone, import_s: the interpreter and imports alone",
     }
     fig["setup"] = {
         "stages": W.NUM_STAGES,
