@@ -36,8 +36,10 @@ of this simulated clock. Methods (rows):
   new stage loaded from that copy, so its loss vs step is the failure-free run's, bit for bit,
   computed and checked, not assumed).
 
-Wall-clock charged: per step, per save, per restart (detection, a spare brought in, every stage
-restored from disk) and per CheckFree recovery (detection, a spare brought in, the neighbours'
+Wall-clock charged: per step, per save, per restart (torchrun restarting every worker of the
+real pipeline until it formed again, as measured there, plus every stage restored from disk;
+without that figure, or shown beside it: the in-process restart, detection, a spare brought in
+and every stage restored) and per CheckFree recovery (detection, a spare brought in, the neighbours'
 weights fetched and the stage rebuilt); snapshot: per step the replica's overhead, as the ratio
 of the real pipeline's replica step to its plain step (measured on that pipeline's small test
 model) times this step, and per recovery the replica mode's detection, re-forming and fetch. Detection, the spare and the fetch come from
@@ -53,7 +55,7 @@ target validation loss (the reference's at ``target_frac`` of its steps, interpo
 evaluations) and its ratio to checkpoint-restart's (the paper reports CheckFree > 12 % faster);
 the final validation loss at the reference's last step.
 
-Run: ``python -m bench.bench_checkfree [--smoke] [--rates 5,10] [--modes ...] [--steps N]
+Run: ``python -m bench.bench_checkfree [--smoke] [--rates 5,10] [--modes ...] [--steps N] [--failure-seed N]
 [--out-dir DIR] [--workdir DIR]``.
 
 Modules, by stage: :mod:`bench._checkfree_sim` (the methods, the sizes, the simulator, the
@@ -158,8 +160,9 @@ __all__ = [
 
 
 def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | None, dirs: tuple[str, ...],
-        steps: int | None = None) -> dict[str, Any]:
-    """Trains every method at every rate; the clock is charged afterwards (:func:`finish`)."""
+        steps: int | None = None, failure_seed: int = 0) -> dict[str, Any]:
+    """Trains every method at every rate; the clock is charged afterwards (:func:`finish`).
+    ``failure_seed`` draws another failure schedule (0: the published one)."""
     t_start = time.perf_counter()
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # the simulator is sequential; one thread is the least disturbed by a loaded machine
@@ -187,7 +190,7 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
         per_rate: dict[str, Any] = {}
         for rate in rates:
             p_step = PAPER_P_STEP[rate] * z["fail_scale"]
-            schedule = failure_schedule(p_step, spec.stages, 3 * max_steps, SEED + rate)
+            schedule = failure_schedule(p_step, spec.stages, 3 * max_steps, SEED + rate + 1000 * failure_seed)
             k_opt = young_daly(tm.save_s, tm.step_s, p_step, spec.stages, z["steps"])
             runs: dict[str, dict[str, Any]] = {NO_FAILURE: ref}
             for mode in modes:
@@ -210,6 +213,7 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
         shutil.rmtree(base, ignore_errors=True)
     r = {
         "scenario": "checkfree", "smoke": smoke, "sizes": z, "modes": list(modes), "rates": rates,
+        "failure_seed": failure_seed,
         "corpus": {"root": data.root, "python": sys.version.split()[0], "train_bytes": data.train.numel(),
                    "valid_bytes": data.valid.numel(), "files_train": data.files_train,
                    "files_valid": data.files_valid, "sha256": data.sha256},
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--retime", action="store_true",
                     help="re-charge the clock of the published checkfree.json in --out-dir (no training): "
                          "after the real pipeline's figures are published")
+    ap.add_argument("--failure-seed", type=int, default=0,
+                    help="another seeded failure schedule, the same training (default 0: the published one)")
     a = ap.parse_args(argv)
     if not re.fullmatch(r"checkfree[a-z0-9_]*", a.name):
         ap.error(f"--name must be checkfree followed by [a-z0-9_], got {a.name!r}")
@@ -280,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             ap.error(f"--merge: cannot read {path}: {e}")
-    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps)
+    if not 0 <= a.failure_seed < 1000:
+        ap.error("--failure-seed must be in [0, 1000)")
+    if a.merge and a.failure_seed:
+        ap.error("--merge adds to a run of the published failures: without --failure-seed")
+    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed)
     if old is not None:
         r = merge(old, r)
         r = finish(r, dirs)

@@ -93,7 +93,9 @@ How to run:
   per-step probabilities): no failure, CheckFree, CheckFree+, and checkpoint-restart at its
   Young/Daly interval and every 50 steps (real saves and restores). The clock is charged from
   `checkfree_pipeline.json` (detection, spare, fetch: the real `torch.distributed.pipelining`
-  job of the tests) and this run's own step, save and restore medians; `--retime` re-charges
+  job of the tests; checkpoint-restart's restart: torchrun restarting every worker of that
+  job, measured there, the in-process restart shown beside it) and this run's own step, save
+  and restore medians; `--retime` re-charges
   a published result, `--merge` adds rates, and `--name checkfree_extra --modes
   no-failure,uniform,copy,checkfree+-no-failure` writes the other modes beside it. Mode
   `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW

@@ -111,3 +111,30 @@ def test_snapshot_and_random_modes_smoke(tmp_path):
         assert pr["runs"]["snapshot"]["curve"][-1]["val"] == before[rate]["runs"]["snapshot"]["curve"][-1]["val"]
         assert pr["summary"]["snapshot"]["bit_identical_to_ref"] is True
     assert "| snapshot (per-step replica" in (out / "checkfree_modes.md").read_text()
+
+
+def test_restart_is_charged_torchruns_job_restart_where_measured(tmp_path):
+    """checkpoint-restart's restart: the real pipeline's job restart (torchrun restarting every
+    worker) plus this model's restore where published, else the in-process restart; a hostile
+    figure (negative, NaN, a string, a bool) is not charged."""
+    from bench._checkfree_clock import charged, clock, pipeline_figures
+
+    measured = {"step_s": 0.2, "save_s": 0.05, "restore_s": 0.04, "stage_bytes": 1e6, "reps": 3.0}
+    base = {"summary": {"step_s": 0.01, "detection_s": 0.05, "relaunch_s": 1.0, "fetch_s": 0.02}}
+
+    def timing(restart):
+        (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "restart": restart}))
+        return charged(measured, (str(tmp_path),), 4, 128)
+
+    tm = timing({"job_ready_s": 5.0})
+    assert tm.job_relaunch_s == 5.0 and math.isclose(tm.restart_s, 5.04)
+    assert math.isclose(tm.inprocess_restart_s, 0.05 + 1.0 + 0.04)
+    assert "torchrun" in tm.sources["job_relaunch_s"]
+    point = {"iteration": 10, "saves": 2, "restarts": 1, "recoveries": 0}
+    assert math.isclose(clock(point, tm), 10 * 0.2 + 2 * 0.05 + 5.04)
+    for bad in (-1.0, float("nan"), "5", True, None):
+        tm = timing({"job_ready_s": bad})
+        assert tm.job_relaunch_s is None and math.isclose(tm.restart_s, tm.inprocess_restart_s), bad
+    (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "restart": [5.0]}))
+    got = pipeline_figures((str(tmp_path),))
+    assert got is not None and got[0]["job_relaunch_s"] is None
