@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._checkfree_sim import CHECKFREE, CKPT, CKPT_FIXED, MODES, PLUS, RESTARTS, SNAPSHOT
+from ._checkfree_sim import CHECKFREE, CKPT, CKPT_FIXED, FALLBACK, MODES, PLUS, RESTARTS, SNAPSHOT
 from ._checkfree_summary import GOAL_PCT
 from .report import RESULTS_DIR, publish
 
@@ -86,6 +86,8 @@ def table(r: dict[str, Any]) -> str:
             if mode == SNAPSHOT:
                 mode = (f"{mode} (per-step replica, +{100 * tm['replica_overhead']:.0f} % per step; vs step "
                         f"{'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)")
+            if mode == FALLBACK:
+                mode = f"{mode} (edges: checkpoint-restart, saves every {row['ckpt_every']})"
             if mode in RESTARTS:
                 mode = f"{mode} (every {row['ckpt_every']}; vs step {'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)"
             rec = f"{row['recoveries']} / {row['restarts']}"
@@ -93,7 +95,7 @@ def table(r: dict[str, Any]) -> str:
                          f"{row['iterations']} | {_f(row['final_val'], '.4f')} | {_f(row['final_val_minus_ref'], '+.4f')} | "
                          f"{_f(row['time_to_target_s'], '.1f')} | {_f(row['steps_to_target'], '.0f')} | {vs[0]} | {vs[1]} |")
         lines.append("")
-        for mode in (CHECKFREE, PLUS):
+        for mode in (CHECKFREE, PLUS, FALLBACK):
             row = pr["summary"].get(mode)
             if row is None:
                 continue

@@ -31,6 +31,7 @@ __all__ = [
     "PLUS",
     "CKPT",
     "CKPT_FIXED",
+    "FALLBACK",
     "SWAP_ONLY",
     "SNAPSHOT",
     "EXTRA",
@@ -49,7 +50,10 @@ NO_FAILURE, CHECKFREE, PLUS = "no-failure", "checkfree", "checkfree+"
 CKPT, CKPT_FIXED = "checkpoint-restart", "checkpoint-restart-fixed"
 SWAP_ONLY = "checkfree+-no-failure"  # the swap schedule's own effect on convergence
 SNAPSHOT = "snapshot"  # exact: the lost stage restored from its per-step in-memory replica
-EXTRA = (SNAPSHOT, "uniform", "copy", "random", SWAP_ONLY)
+# CheckFree as the recoverkit chain deploys it: interior stages rebuilt from their neighbours,
+# an edge stage (which plain CheckFree refuses) by checkpoint-restart from saves kept for it
+FALLBACK = "checkfree-fallback"
+EXTRA = (FALLBACK, SNAPSHOT, "uniform", "copy", "random", SWAP_ONLY)
 MODES = (NO_FAILURE, CHECKFREE, PLUS, CKPT, CKPT_FIXED, *EXTRA)
 DEFAULT_MODES = (NO_FAILURE, CHECKFREE, PLUS, CKPT, CKPT_FIXED)
 RESTARTS = (CKPT, CKPT_FIXED)
@@ -215,11 +219,30 @@ class Sim:
         return did
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint holds: every stage and its optimizer."""
+        """What a checkpoint holds: every stage and its optimizer (and each stage's rate
+        scale, which a CheckFree rebuild set: a rollback before the rebuild undoes it)."""
         out: dict[str, Any] = {}
         for k, (s, o) in enumerate(zip(self.stages, self.opts)):
             out[f"stage{k}"], out[f"opt{k}"] = s, o
+        out["lr_scale"] = _Scales(self.lr_scale)
         return out
+
+
+class _Scales:
+    """Stateful: the stages' learning-rate scales, restored in place."""
+
+    def __init__(self, scales: list[float]) -> None:
+        self.scales = scales
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scales": list(self.scales)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        got = state.get("scales") if isinstance(state, dict) else None
+        if not isinstance(got, list) or len(got) != len(self.scales) or not all(
+                isinstance(x, float) and math.isfinite(x) and x > 0 for x in got):
+            raise ValueError(f"lr_scale: {len(self.scales)} finite positive floats needed, got {str(got)[:80]}")
+        self.scales[:] = got
 
 
 # --------------------------------------------------------------------------- failures

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ._checkfree_clock import Timing, charged, clock
-from ._checkfree_sim import CKPT, MODES, NO_FAILURE, RESTARTS, SNAPSHOT
+from ._checkfree_sim import CKPT, FALLBACK, MODES, NO_FAILURE, RESTARTS, SNAPSHOT
 from .machine import median
 
 GOAL_PCT = 20.0  # the issue's goal: CheckFree this much sooner than checkpoint-restart at 10 %/h
@@ -97,10 +97,15 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
             if mode not in RESTARTS and tt is not None and ci:  # vs the in-process restart's
                 row[f"faster_than_{m}_inprocess_pct"] = 100.0 * (1.0 - tt / ci)
             # the restart time at which this method reaches the target GOAL_PCT % sooner than that
-            # checkpoint-restart (its time to target grows by each restart it made)
+            # checkpoint-restart: each time to target grows by the restarts made before it
             restarts = crossing(runs[m]["curve"], target, "restarts") if mode not in RESTARTS else None
             if tt is not None and ct and restarts:
-                row[f"goal_restart_s_{m}"] = tm.restart_s + (tt / (1.0 - GOAL_PCT / 100.0) - ct) / restarts
+                keep = 1.0 - GOAL_PCT / 100.0
+                own = crossing(c, target, "restarts") or 0.0  # checkfree-fallback restarts too
+                if keep * restarts > own:
+                    row[f"goal_restart_s_{m}"] = tm.restart_s + (tt - keep * ct) / (keep * restarts - own)
+        if mode == FALLBACK:
+            row["ckpt_every"] = r["ckpt_every"]
         if mode in (*RESTARTS, SNAPSHOT):
             # a rollback replays the same steps with the same data: the curve vs step is the reference's
             row["ckpt_every"] = r["ckpt_every"]
@@ -152,18 +157,18 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def merge(old: Any, new: dict[str, Any]) -> dict[str, Any]:
-    """``new``'s rates and modes added to a published result of the same run (same sizes, corpus
-    and a bit-identical failure-free curve: the training is deterministic, the failures seeded by
+    """``new``'s rates and modes added to a published result of the same run (same sizes, corpus,
+    failure seed and a bit-identical failure-free curve: the training is deterministic, the failures seeded by
     the rate), the old rates and modes kept; a mode run again replaces the old one."""
     same = (isinstance(old, dict) and old.get("scenario") == "checkfree" and isinstance(old.get("per_rate"), dict)
             and isinstance(old.get("sizes"), dict) and _without(old["sizes"], "rates") == _without(new["sizes"], "rates")
-            and isinstance(old.get("modes"), list)
+            and isinstance(old.get("modes"), list) and old.get("failure_seed", 0) == new.get("failure_seed", 0)
             and old.get("corpus", {}).get("sha256") == new["corpus"]["sha256"])
     ref_old = next(iter(old["per_rate"].values()))["runs"][NO_FAILURE]["curve"] if same and old["per_rate"] else None
     ref_new = next(iter(new["per_rate"].values()))["runs"][NO_FAILURE]["curve"]
     if not same or ref_old is None or [p["val"] for p in ref_old] != [p["val"] for p in ref_new]:
         raise SystemExit("--merge: the published result is not of the same run (sizes, modes, corpus or the "
-                         "failure-free curve differ); run every rate at once instead")
+                         "failure seed or failure-free curve differ); run every rate at once instead")
     out = dict(new)
     rates = dict(old["per_rate"])
     for k, pr in new["per_rate"].items():

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 
 from ._checkfree_clock import Timing
-from ._checkfree_sim import CHECKFREE, NO_FAILURE, PLUS, RESTARTS, SEED, SNAPSHOT, SWAP_ONLY, Sim
+from ._checkfree_sim import (
+    CHECKFREE,
+    FALLBACK,
+    NO_FAILURE,
+    PLUS,
+    RESTARTS,
+    SEED,
+    SNAPSHOT,
+    SWAP_ONLY,
+    Sim,
+)
 from ._llama import Batches, ModelSpec
 from .machine import median
 
@@ -40,11 +50,12 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     sim = Sim(**sim_args, swap=mode in (PLUS, SWAP_ONLY))
     if mode == PLUS:
         sim.refresh_replica()
-    how = {CHECKFREE: "checkfree", PLUS: "plus", "uniform": "uniform", "copy": "copy", "random": "random"}.get(mode)
+    how = {CHECKFREE: "checkfree", FALLBACK: "checkfree", PLUS: "plus", "uniform": "uniform", "copy": "copy", "random": "random"}.get(mode)
     ckpt = None
     root = os.path.join(workdir, f"ckpt-{mode}")
     opts = CheckpointOptions(tiers=[TierSpec.local(every_steps=1)])
-    if mode in RESTARTS:
+    saving = mode in RESTARTS or mode == FALLBACK
+    if saving:
         shutil.rmtree(root, ignore_errors=True)
         ckpt = Checkpointer(root, options=opts, coordinator=LocalCoordinator())
         ckpt.save(0, sim.state())  # the initial state: a failure before the first save restarts from it
@@ -66,7 +77,9 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
         while step < max_steps and not (step >= steps and (target is None or reached or mode in (NO_FAILURE, SNAPSHOT, *RESTARTS))):
             it = n["iteration"]
             lost = [] if mode in (NO_FAILURE, SWAP_ONLY) else schedule.pop(it, [])
-            if lost and mode in RESTARTS:
+            # checkfree-fallback: an edge stage lost (CheckFree refuses it) restarts the job
+            edge_lost = mode == FALLBACK and any(k in (0, spec.stages - 1) for k in lost)
+            if lost and (mode in RESTARTS or edge_lost):
                 assert ckpt is not None
                 ckpt.close()  # the job is gone; a new one restores the newest checkpoint from disk
                 sim = Sim(**sim_args, swap=False)
@@ -117,7 +130,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     return {
         "mode": mode, "curve": curve, "failures": failures, "steps": step, **{k + "_total": v for k, v in n.items()},
         "stage_failures": sum(len(f["stages"]) for f in failures),
-        "ckpt_every": ckpt_every if mode in RESTARTS else None,
+        "ckpt_every": ckpt_every if saving else None,
         "lost_steps": lost_steps, "train_loss_last": train_losses[-1] if train_losses else None,
         "step_times": step_times, "save_times": save_times, "restore_times": restore_times,
         "step_s_measured": median(step_times) if step_times else None, "runtime_s": time.perf_counter() - t0,

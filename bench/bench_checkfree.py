@@ -31,6 +31,9 @@ of this simulated clock. Methods (rows):
 * optional (``--modes``): **uniform** (checkfree with 0.5/0.5 weights), **copy** (the previous
   neighbour copied; the next one for the first stage), **random** (re-initialised),
   **checkfree+-no-failure** (the swap schedule with no failure: its own cost in convergence),
+  **checkfree-fallback** (CheckFree as the recoverkit chain deploys it: an interior stage rebuilt
+  by CheckFree, a lost edge stage, which CheckFree refuses, by checkpoint-restart from blocking
+  saves every K steps, K from Young/Daly for the edge stages' failure rate alone),
   **snapshot** (exact recovery: every step each stage's model and AdamW are copied in memory, as
   the real pipeline's replica mode copies them to the next stage's process; a lost stage is a
   new stage loaded from that copy, so its loss vs step is the failure-free run's, bit for bit,
@@ -98,6 +101,7 @@ from ._checkfree_sim import (
     CKPT_FIXED,
     DEFAULT_MODES,
     EXTRA,
+    FALLBACK,
     MODES,
     NO_FAILURE,
     PAPER_P_STEP,
@@ -192,11 +196,12 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
             p_step = PAPER_P_STEP[rate] * z["fail_scale"]
             schedule = failure_schedule(p_step, spec.stages, 3 * max_steps, SEED + rate + 1000 * failure_seed)
             k_opt = young_daly(tm.save_s, tm.step_s, p_step, spec.stages, z["steps"])
+            k_edge = young_daly(tm.save_s, tm.step_s, p_step, 2, z["steps"])  # only the edges restart
             runs: dict[str, dict[str, Any]] = {NO_FAILURE: ref}
             for mode in modes:
                 if mode == NO_FAILURE:
                     continue
-                every = k_opt if mode == CKPT else z["ckpt_every"] if mode == CKPT_FIXED else 0
+                every = {CKPT: k_opt, CKPT_FIXED: z["ckpt_every"], FALLBACK: k_edge}.get(mode, 0)
                 r = run_method(mode, z, spec, batches, valid, tm, dict(schedule), base, max_steps, target, every)
                 runs[mode] = r
                 print(f"[checkfree] {rate} %/h {mode}: {r['stage_failures']} stage failures, steps {r['steps']}, "
@@ -207,6 +212,7 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
                 "expected_failures": p_step * spec.stages * z["steps"],
                 "failures_in_first_steps": sum(len(v) for it, v in schedule.items() if it < z["steps"]),
                 "ckpt_every_young_daly": k_opt, "ckpt_every_fixed": z["ckpt_every"],
+                "ckpt_every_fallback": k_edge,
                 "runs": runs,
             }
     finally:
@@ -288,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--merge: cannot read {path}: {e}")
     if not 0 <= a.failure_seed < 1000:
         ap.error("--failure-seed must be in [0, 1000)")
-    if a.merge and a.failure_seed:
-        ap.error("--merge adds to a run of the published failures: without --failure-seed")
     r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed)
     if old is not None:
         r = merge(old, r)

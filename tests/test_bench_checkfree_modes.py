@@ -138,3 +138,29 @@ def test_restart_is_charged_torchruns_job_restart_where_measured(tmp_path):
     (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "restart": [5.0]}))
     got = pipeline_figures((str(tmp_path),))
     assert got is not None and got[0]["job_relaunch_s"] is None
+
+
+def test_checkfree_fallback_rebuilds_interior_stages_and_restarts_for_the_edges(tmp_path):
+    """checkfree-fallback: an interior stage lost is rebuilt by CheckFree (no rollback), an edge
+    stage lost restarts every stage from the newest save (rolled back); the clock charges both."""
+    out = tmp_path / "out"
+    r = _run(out, tmp_path, "no-failure,checkfree-fallback", "--failure-seed", "5")
+    assert r["failure_seed"] == 5
+    tm = r["timing"]
+    for rate, pr in r["per_rate"].items():
+        run_ = pr["runs"]["checkfree-fallback"]
+        assert run_["ckpt_every"] == pr["ckpt_every_fallback"] >= 1
+        edge = [f for f in run_["failures"] if set(f["stages"]) & {0, r["stages"] - 1}]
+        inner = [f for f in run_["failures"] if f not in edge]
+        assert edge and inner, (rate, run_["failures"])  # the seed gives both kinds
+        assert all(f["action"].startswith("rolled back to step") for f in edge), edge
+        assert all(f["action"].startswith("average of") for f in inner), inner
+        assert run_["restarts_total"] >= 1 and run_["recoveries_total"] >= 1 and run_["saves_total"] >= 1
+        want = (run_["iteration_total"] * tm["step_s"] + run_["saves_total"] * tm["save_s"]
+                + run_["restarts_total"] * tm["restart_s"] + run_["recoveries_total"] * tm["recover_s"])
+        assert math.isclose(pr["summary"]["checkfree-fallback"]["sim_seconds"], want, rel_tol=1e-9)
+    # a merge keeps to the same failure schedule
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--modes", "no-failure,random",
+                           "--out-dir", str(out), "--workdir", str(tmp_path), "--name", "checkfree_modes", "--merge"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "failure seed" in proc.stderr, proc.stderr[-2000:]
