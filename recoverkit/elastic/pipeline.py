@@ -52,15 +52,11 @@ also gets the survivors' gradient norms of the last step, so CheckFree can rebui
 neighbour of it lost before it completed a step of its own.
 
 CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
-embedding, blocks and head): a single-stage schedule cannot express it, since a
-``PipelineStage`` sends to the next stage index on one stage-to-rank map for every
-micro-batch, and a swapped micro-batch visits the first stage's process twice (embedding,
-then the partner's blocks, then its own). So each step runs two schedules over the same
-parameters: the even micro-batches in order (``ScheduleGPipe``) and the odd ones through
-:mod:`.swap_schedule`'s pipeline of S + 2 virtual stages (torch's schedule runtime), each loss
-divided by the step's micro-batch count. Every ``extras_every`` steps the edge stages' own
-keys (embedding, head) are copied to their partners' processes; a lost edge stage is then
-rebuilt as its partner's blocks plus that copy (:func:`~recoverkit.recovery.checkfree.copy_partner`).
+embedding, blocks and head): each step runs the even micro-batches in order and the odd ones
+through :mod:`.swap_schedule` (which says why one schedule cannot), each loss divided by the
+step's micro-batch count; every ``extras_every`` steps the edge stages' embedding and head are
+copied to their partners' processes, so a lost edge stage is rebuilt as its partner's blocks
+plus that copy (:func:`~recoverkit.recovery.checkfree.copy_partner`).
 """
 
 from __future__ import annotations
@@ -89,6 +85,7 @@ from .pipeline_options import (
 )
 from .stage_join import await_replacement
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
+from .stage_roles import launch_holders
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
 
@@ -167,7 +164,7 @@ class StagePipeline:
                     "StagePipeline(stage='joiner') takes the membership admit.join returned"
                 )
         else:
-            self.holder = _holders(stage, membership, s)
+            self.holder = launch_holders(stage, membership, s)
             self.stage = next((i for i, r in self.holder.items() if r == me), None)
         if self.stage is not None:
             self.module = build_stage(self.stage)
@@ -594,33 +591,3 @@ def _lost_peer(e: BaseException) -> bool:
     """An error a lost or frozen peer causes (a broken collective, a transport's lost peer):
     recovered from. recoverkit's other errors (a refused recovery, bad input) are not."""
     return not isinstance(e, RecoverkitError) or isinstance(e, ConnectionError)
-
-
-def _holders(stage: int | str, membership: Membership, num_stages: int) -> dict[int, int]:
-    """Stage -> launch rank, from every member's choice (a collective over the launch world)."""
-    me = membership.launch_rank
-    if stage == "auto":
-        mine = me if me < num_stages else -1
-    elif stage == "spare":
-        mine = -1
-    elif isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage < num_stages:
-        mine = stage
-    else:
-        raise ConfigError(
-            f"StagePipeline: stage must be in [0, {num_stages}), 'auto' or 'spare', got {stage!r}"
-        )
-    if membership.generation != 0:
-        raise ConfigError("StagePipeline starts from the launch membership (generation 0)")
-    got = [torch.zeros(1, dtype=torch.int64) for _ in membership.members]
-    dist.all_gather(got, torch.tensor([mine], dtype=torch.int64))
-    holder: dict[int, int] = {}
-    for launch, t in zip(membership.members, got):
-        role = int(t.item())
-        if role in holder:
-            raise ConfigError(f"stage {role} is held by launch ranks {holder[role]} and {launch}")
-        if role >= 0:
-            holder[role] = launch
-    missing = [i for i in range(num_stages) if i not in holder]
-    if missing:
-        raise ConfigError(f"StagePipeline: no process holds stage(s) {missing}")
-    return holder

@@ -8,6 +8,10 @@ the odd ones through a second pipeline of ``S + 2`` virtual stages built here::
 
     embedding(0) -> blocks(1) -> blocks(0) -> blocks(2) ... blocks(S-3) -> blocks(S-1) -> blocks(S-2) -> head(S-1)
 
+One schedule over the stages cannot express it: a ``PipelineStage`` sends to the next stage
+index on one stage-to-rank map for every micro-batch, and a swapped micro-batch visits the
+first stage's process twice (embedding, then the partner's blocks, then its own).
+
 The embedding still runs first and the head last; the first stage's process computes two
 virtual stages (the embedding and its own blocks), and so does the last stage's (its blocks
 and the head). One ``PipelineStage`` per virtual stage, each over a part of the stage's own
