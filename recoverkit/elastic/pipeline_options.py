@@ -15,6 +15,7 @@ from ..errors import ConfigError, IncompatibleCheckpointError, RecoverkitError
 from ..recovery.checkfree import CheckFreeOptions
 
 __all__ = [
+    "POSITION_KEYS",
     "PipelineOptions",
     "PipelineRecoveryError",
     "StageRecovery",
