@@ -100,7 +100,7 @@ How to run:
   no-failure,uniform,copy,checkfree+-no-failure` writes the other modes beside it;
   `checkfree-fallback` is CheckFree as recoverkit's chain deploys it (interior stages rebuilt,
   an edge stage by checkpoint-restart from saves at the edges' own Young/Daly interval), and
-  `--failure-seed N` draws another failure schedule (`checkfree_seed1`, `checkfree_seed2`:
+  `--failure-seed N` draws another failure schedule (`checkfree_seed1` to `checkfree_seed4`:
   10 %/h, no-failure, checkfree, checkfree-fallback, checkpoint-restart). Mode
   `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW
   (the real pipeline's replica mode), its loss curve checked bit for bit against no failure,
