@@ -104,11 +104,10 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
                 own = crossing(c, target, "restarts") or 0.0  # checkfree-fallback restarts too
                 if keep * restarts > own:
                     row[f"goal_restart_s_{m}"] = tm.restart_s + (tt - keep * ct) / (keep * restarts - own)
-        if mode == FALLBACK:
+        if mode in (*RESTARTS, SNAPSHOT, FALLBACK):
             row["ckpt_every"] = r["ckpt_every"]
         if mode in (*RESTARTS, SNAPSHOT):
             # a rollback replays the same steps with the same data: the curve vs step is the reference's
-            row["ckpt_every"] = r["ckpt_every"]
             # its loss vs step is the reference's, bit for bit, at every evaluation
             row["bit_identical_to_ref"] = all(val_at_step(ref_curve, p["step"]) == p["val"] for p in c)
         out[mode] = row

@@ -216,13 +216,14 @@ def _setup(mode: str = "") -> None:
     torch.set_num_threads(1)
 
 
-def _checkpointer(out: str, pipe: Any) -> tuple[Any, dict[str, Any]]:
-    """Restart mode: a Checkpointer saving to local disk after every step, and the state."""
+def _checkpointer(out: str, pipe: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Restart mode: a Checkpointer saving to local disk after every step, the state, and the
+    restarted attempt's timing (filled in by main and _train)."""
     from recoverkit import Checkpointer, CheckpointOptions, TierSpec
 
     opts = CheckpointOptions(tiers=[TierSpec.local(every_steps=1)], commit_timeout_s=PG_TIMEOUT_S)
     state = {"model": pipe.module, "optimizer": pipe.optimizer, "pipeline": pipe}
-    return Checkpointer(os.path.join(out, "ckpt"), options=opts), state
+    return Checkpointer(os.path.join(out, "ckpt"), options=opts), state, {}
 
 
 def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
@@ -271,9 +272,8 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         ckpt = _checkpointer(out, pipe)
         if attempt > 0:
             ckpt[0].restore(ckpt[1])
-            timing = {"started": STARTED, "imported": imported, "formed": formed,
-                      "restored": time.time(), "resumed_at": pipe.steps_done}  # fmt: skip
-            _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
+            ckpt[2].update(started=STARTED, imported=imported, formed=formed, restored=time.time(),
+                           resumed_at=pipe.steps_done)  # fmt: skip
 
     if pipe.stage == victim and mode != "free" and pipe.module is not None and attempt == 0:
 
@@ -328,12 +328,10 @@ def _train(
         assert pipe.module is not None and pipe.optimizer is not None
         if ckpt is not None:  # restart mode: blocking, committed by every stage before the next step
             ckpt[0].save(pipe.steps_done, ckpt[1])
-            path = os.path.join(out, f"restart-{pipe.stage}.json")
-            if os.path.exists(path):  # the first step after the restore: when it was done
-                with open(path) as f:
-                    timing = json.load(f)
-                if "first_step" not in timing:
-                    _write(path, {**timing, "first_step": time.time()})
+            timing = ckpt[2]
+            if timing and "first_step" not in timing:  # the first step after the restore, saved
+                timing["first_step"] = time.time()
+                _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
         _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
         with open(log_path, "a") as f:
             f.write(
