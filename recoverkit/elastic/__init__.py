@@ -7,7 +7,9 @@ stream kept (:mod:`.trainer`). ``ElasticOptions(mode="shrink")`` is TorchFT's be
 (the lost share dropped), for comparison. A sharded (FSDP2) model is rebuilt on the new
 group and restored from the newest step complete in memory, resharded (:mod:`.reshard`,
 :mod:`.sharded`). A pipeline whose stage is lost is recovered by a spare that rebuilds the
-stage from a surviving replica, or by CheckFree from its neighbours (:mod:`.pipeline`).
+stage from a surviving replica, or by CheckFree from its neighbours (:mod:`.pipeline`);
+one that neither can rebuild rolls every stage back to its checkpoints in process
+(:mod:`.stage_checkpoints`).
 A process started outside torchrun grows the job back in process: :func:`join` in the
 job's store, admitted by the members at a step boundary, the state sent to it in pieces
 (:mod:`.admit`, :mod:`.grow`).
@@ -43,6 +45,7 @@ _LAZY = {
     "PipelineRecoveryError": "pipeline_options",
     "StageRecovery": "pipeline_options",
     "StepRecord": "pipeline_options",
+    "StageCheckpoints": "stage_checkpoints",
 }
 
 

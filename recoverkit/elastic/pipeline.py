@@ -37,26 +37,21 @@ re-formed. torchrun's restart of a single rank cannot be used (its agent restart
 local worker, rolling every stage back). A peer lost during a recovery (the replacement
 dying as it takes the stage) counts as one more failure of the step: the recovery starts
 over from the regroup, on the survivors and on waiting spares alike, up to
-``max_recoveries_per_step`` failures per step; a rebuild that every strategy refuses tells
-the survivors, which raise at once. Every failure the pipeline does not recover from is a
-:class:`PipelineRecoveryError` (the caller falls back to a checkpoint). Limits: one stage
-lost at a time; a loss inside the norms' all-gather that lets some survivors complete the
-step and not others is refused (the survivors must agree on the completed step); the
-process hosting the job's store (launch rank 0) must survive
-(:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: ``make_optimizer`` gives
-each stage its optimizer and base rate; a stage rebuilt by CheckFree gets a fresh optimizer,
-its base ``lr_scale`` times that one's; an exact copy keeps the base the stage had (the
-replica carries it); ``options.lr_schedule`` scales every base by a factor of the global
-step, so the rebuilt stage continues the schedule where the others are. A rebuilt stage
-also gets the survivors' gradient norms of the last step, so CheckFree can rebuild a
-neighbour of it lost before it completed a step of its own.
-
-CheckFree+ (``CheckFreeOptions(plus=True)``, and a ``split`` of each stage module into
-embedding, blocks and head): each step runs the even micro-batches in order and the odd ones
-through :mod:`.swap_schedule` (which says why one schedule cannot), each loss divided by the
-step's micro-batch count; every ``extras_every`` steps the edge stages' embedding and head are
-copied to their partners' processes, so a lost edge stage is rebuilt as its partner's blocks
-plus that copy (:func:`~recoverkit.recovery.checkfree.copy_partner`).
+``max_recoveries_per_step`` failures per step. A lost stage that every strategy refuses
+(an edge stage without CheckFree+, say): with ``checkpoints=`` (:mod:`.stage_checkpoints`,
+each stage saved by :meth:`StagePipeline.save`) every stage rolls back in process to the
+newest step all stages committed (strategy ``checkpoint rollback``; no process restarts);
+without, the survivors are told and raise at once. Every failure the pipeline does not
+recover from is a :class:`PipelineRecoveryError` (the caller restarts the job, and
+:meth:`StagePipeline.resume` rolls it back). Limits: one stage lost at a time; a loss inside
+the norms' all-gather that lets some survivors complete the step and not others is refused;
+the process hosting the job's store (launch rank 0) must survive
+(:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: see
+:func:`~.pipeline_options.apply_lr_schedule`. A rebuilt stage also gets the survivors'
+gradient norms of the last step, so CheckFree can rebuild a neighbour of it lost before it
+completed a step of its own. CheckFree+ (``CheckFreeOptions(plus=True)`` and a ``split``):
+each step runs the odd micro-batches through :mod:`.swap_schedule`; every ``extras_every``
+steps the edge stages' embedding and head are copied to their partners' processes.
 """
 
 from __future__ import annotations
@@ -64,14 +59,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from ..distributed.regroup import MAX_WORLD, Heartbeat, Membership, regroup, retire
+from ..distributed.regroup import Heartbeat, Membership, regroup, retire
 from ..distributed.transport import ProcessGroupTransport
 from ..errors import ConfigError, RecoverkitError
 from ..recovery.checkfree import clip_and_record, swap_partner
@@ -79,13 +74,16 @@ from .pipeline_options import (
     POSITION_KEYS,
     PipelineOptions,
     PipelineRecoveryError,
+    RollbackNeeded,
     StageRecovery,
     StepRecord,
+    apply_lr_schedule,
     validate_position,
 )
+from .stage_checkpoints import StageCheckpoints
 from .stage_join import await_replacement
 from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
-from .stage_roles import launch_holders
+from .stage_roles import gather_roles, launch_holders
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
 
@@ -122,6 +120,10 @@ class StagePipeline:
             replacement started after a loss, ``membership`` the one
             :func:`~recoverkit.elastic.admit.join` returned; the constructor takes the lost
             stage and rebuilds it with the survivors (they wait for it in their recovery).
+        checkpoints: the job's :class:`StageCheckpoints` (the same root on every member):
+            :meth:`save` writes this stage to it, :meth:`resume` rolls every stage back to
+            the newest step all committed, and a lost stage that no strategy can rebuild
+            rolls every stage back in process instead of raising PipelineRecoveryError.
 
     Construct on every member together (it creates the stages' group). Stages call
     :meth:`step`; spares call :meth:`wait_for_role`, which returns True once they hold a
@@ -141,6 +143,7 @@ class StagePipeline:
         options: PipelineOptions,
         split: Split | None = None,
         stage: int | Literal["auto", "spare", "joiner"] = "auto",
+        checkpoints: StageCheckpoints | None = None,
     ) -> None:
         if options.checkfree.plus and split is None:
             raise ConfigError("StagePipeline: CheckFree+ needs split= (embedding, blocks, head)")
@@ -148,6 +151,7 @@ class StagePipeline:
         self.build_stage, self.make_optimizer = build_stage, make_optimizer
         self.loss_fn, self.batch, self.options = loss_fn, batch, options
         self.store, self.membership, self.heartbeat = store, membership, heartbeat
+        self.checkpoints = checkpoints
         s = options.num_stages
         if membership.world_size < s:
             raise ConfigError(
@@ -272,7 +276,8 @@ class StagePipeline:
         assert self.module is not None and self.optimizer is not None and self.stage is not None
         start = time.perf_counter()
         s = self.options.num_stages
-        self._set_lr(k)
+        if self.options.lr_schedule is not None:  # before the step's first collective
+            apply_lr_schedule(self.optimizer, self.options.lr_schedule, k)
         x, y = self.batch(k)
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
@@ -303,27 +308,6 @@ class StagePipeline:
         scale = self.options.n_microbatches if self._swapped is not None else 1
         loss = float(torch.stack([v.detach() for v in losses]).mean()) * scale if losses else None
         return StepRecord(k, loss, norm, self.norms, time.perf_counter() - start)
-
-    def _set_lr(self, k: int) -> None:
-        """Step ``k``'s learning rates: each group's base (``initial_lr``, set from its rate
-        the first time) times ``lr_schedule(k)``. Called before the step's first collective,
-        so a schedule that fails fails alike on every stage."""
-        schedule = self.options.lr_schedule
-        if schedule is None:
-            return
-        assert self.optimizer is not None
-        factor = schedule(k)
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, (int, float))
-            or not (math.isfinite(factor) and factor >= 0)
-        ):
-            raise ConfigError(
-                f"PipelineOptions.lr_schedule({k}) returned {factor!r}: a finite number >= 0 "
-                "is needed"
-            )
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def _steps(self, schedule: Any, x: torch.Tensor, y: torch.Tensor, losses: list) -> None:
         s = self.options.num_stages
@@ -430,6 +414,39 @@ class StagePipeline:
             state_dict, self.stage, self.options.num_stages
         )
 
+    def save(self) -> None:
+        """Save this stage (module, optimizer, position) as step ``steps_done`` of its run in
+        ``checkpoints``; blocking, committed when it returns. Every stage calls it after the
+        same steps; a spare holds no stage and saves nothing."""
+        if self.checkpoints is None:
+            raise ConfigError("StagePipeline.save needs checkpoints= (a StageCheckpoints)")
+        if self.stage is not None:
+            self.checkpoints.save(self.stage, self.steps_done, self._saved())
+
+    def resume(self) -> int | None:
+        """Every member together (spares too), before the first step of a restarted job:
+        every stage goes back to the newest step all stages committed. Returns that step,
+        or None when there is none (nothing restored: a fresh start)."""
+        if self.checkpoints is None:
+            raise ConfigError("StagePipeline.resume needs checkpoints= (a StageCheckpoints)")
+        return self._roll_back(None)
+
+    def _saved(self) -> dict[str, Any]:
+        return {"model": self.module, "optimizer": self.optimizer, "pipeline": self}
+
+    def _roll_back(self, upto: int | None) -> int | None:
+        """Collective: every stage back to the newest step (<= ``upto``) all committed (a
+        replacement's optimizer built for it first); copies of other stages dropped."""
+        assert self.checkpoints is not None
+        if self.module is not None and self.optimizer is None:
+            self.optimizer = self.make_optimizer(self.module)
+        state = self._saved() if self.stage is not None else None
+        step = self.checkpoints.roll_back(self.stage, self.options.num_stages, state, upto)
+        if step is not None and self.stage is not None and self.steps_done != step:
+            raise PipelineRecoveryError(f"stage {self.stage}'s step {step} holds position {self.steps_done}")
+        self.replica, self.extras = (None, {}) if step is not None else (self.replica, self.extras)
+        return step
+
     # ------------------------------------------------------------------ recovery
     def _recover(self, why: str) -> None:
         detected_at = time.time()
@@ -481,44 +498,12 @@ class StagePipeline:
         s = self.options.num_stages
         members = self.membership.members
         held = self.stage if self.stage is not None and self.optimizer is not None else -1
-        # float64 holds the integers exactly; the norms of the last step travel to a rebuilder
-        mine = torch.tensor(
-            [held, self.steps_done if held >= 0 else -1, self._scan_from, *self.norms],
-            dtype=torch.float64,
+        roles = gather_roles(
+            self.membership, held, self.steps_done, self._scan_from, self.norms, s
         )
-        got = [torch.zeros(3 + s, dtype=torch.float64) for _ in members]
-        dist.all_gather(got, mine)
-        holder: dict[int, int] = {}
-        steps: set[int] = set()
-        norms: tuple[float, ...] | None = None
-        for launch, row in zip(members, got):
-            values = row.tolist()
-            head, tail = values[:3], values[3:]
-            ok = all(math.isfinite(v) and v.is_integer() for v in head) and all(
-                math.isnan(v) or (math.isfinite(v) and v >= 0) for v in tail
-            )
-            stage, step, scan = (int(v) if ok else -2 for v in head)
-            if not ok or not -1 <= stage < s or stage in holder or not 0 <= scan <= MAX_WORLD:
-                raise PipelineRecoveryError(
-                    f"launch rank {launch} reports {values[:3]} (stage, step, joiner scan) "
-                    f"and norms {values[3:8]} (held: {sorted(holder.items())})"
-                )
-            if stage >= 0:
-                holder[stage] = launch
-                steps.add(step)
-                norms = norms or tuple(tail)
-            self._scan_from = max(self._scan_from, scan)
+        holder, step, norms, self._scan_from = roles.holder, roles.step, roles.norms, roles.scan_from
         lost = [i for i in range(s) if i not in holder]
         free = [r for r in members if r not in holder.values()]  # spares and joiners
-        if len(lost) > 1:
-            raise PipelineRecoveryError(
-                f"stages {lost} were lost at once: one at a time is supported"
-            )
-        if len(lost) > len(free):
-            raise PipelineRecoveryError(f"stage(s) {lost} lost and no spare left")
-        if len(steps) != 1:
-            raise PipelineRecoveryError(f"the survivors completed different steps {sorted(steps)}")
-        step = steps.pop()
         replaced = dict(zip(lost, free))
         self.holder = {**holder, **replaced}
         me = self.membership.launch_rank
@@ -529,46 +514,21 @@ class StagePipeline:
             self.optimizer = None
             if norms is not None:  # the survivors' norms of the last step, as a stage of its own
                 self.norms = norms
-        transport = ProcessGroupTransport(
-            group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
-        )
         strategy = source = None
         served: list[str] = []
-        if lost:
-            lost_stage, repl = lost[0], self._rank(replaced[lost[0]])
-            if rebuilding:
-                assert self.module is not None
-                got_back = rebuild_stage(
-                    transport,
-                    stage=lost_stage,
-                    num_stages=self.options.num_stages,
-                    step=step,
-                    ranks={i: self._rank(r) for i, r in self.holder.items() if i != lost_stage},
-                    others=[i for i in range(len(members)) if i != self.membership.rank],
-                    module=self.module,
-                    make_optimizer=self.make_optimizer,
-                    replicate=self.options.replicate,
-                    template=self._template,
-                    options=self.options.checkfree,
-                    timeout_s=self.options.transfer_timeout_s,
-                )
-                self.optimizer = got_back.value
-                self.steps_done = step
-                strategy, source = got_back.strategy, got_back.source.describe()
-            else:
-                served = serve_requests(
-                    transport,
-                    repl,
-                    num_stages=self.options.num_stages,
-                    stage=self.stage,
-                    module=self.module,
-                    step=step,
-                    norm=self.norms[self.stage] if self.stage is not None else 0.0,
-                    replica=self.replica,
-                    extras=self.extras,
-                    template=self._template,
-                    timeout_s=self.options.transfer_timeout_s,
-                )
+        rolled: int | None = None
+        try:
+            if lost:
+                strategy, source, served = self._rebuild(lost[0], replaced, rebuilding, step, members)
+        except RollbackNeeded as e:  # every strategy refused the lost stage
+            if self.checkpoints is None:
+                raise
+            log.warning("pipeline: %s; every stage rolls back to its checkpoints", e)
+            rolled = self._roll_back(step)
+            if rolled is None:
+                raise PipelineRecoveryError(f"{e}, and no step is committed by every stage") from e
+            strategy = "checkpoint rollback"
+            source = f"step {rolled} of every stage's run under {self.checkpoints.root}"
         self._form()
         self.recoveries.append(
             StageRecovery(
@@ -583,8 +543,52 @@ class StagePipeline:
                 strategy=strategy,
                 source=source,
                 served=tuple(served),
+                rolled_back_to=rolled,
             )
         )
+
+    def _rebuild(
+        self, lost_stage: int, replaced: dict[int, int], rebuilding: list[int], step: int, members: Sequence[int]
+    ) -> tuple[str | None, str | None, list[str]]:
+        """The replacement rebuilds ``lost_stage`` (returns the strategy and its source), the
+        others serve it (returns what they served)."""
+        transport = ProcessGroupTransport(
+            group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
+        )
+        if rebuilding:
+            assert self.module is not None
+            got_back = rebuild_stage(
+                transport,
+                stage=lost_stage,
+                num_stages=self.options.num_stages,
+                step=step,
+                ranks={i: self._rank(r) for i, r in self.holder.items() if i != lost_stage},
+                others=[i for i in range(len(members)) if i != self.membership.rank],
+                module=self.module,
+                make_optimizer=self.make_optimizer,
+                replicate=self.options.replicate,
+                template=self._template,
+                options=self.options.checkfree,
+                timeout_s=self.options.transfer_timeout_s,
+                rollback=self.checkpoints is not None,
+            )
+            self.optimizer = got_back.value
+            self.steps_done = step
+            return got_back.strategy, got_back.source.describe(), []
+        served = serve_requests(
+            transport,
+            self._rank(replaced[lost_stage]),
+            num_stages=self.options.num_stages,
+            stage=self.stage,
+            module=self.module,
+            step=step,
+            norm=self.norms[self.stage] if self.stage is not None else 0.0,
+            replica=self.replica,
+            extras=self.extras,
+            template=self._template,
+            timeout_s=self.options.transfer_timeout_s,
+        )
+        return None, None, served
 
 
 def _lost_peer(e: BaseException) -> bool:

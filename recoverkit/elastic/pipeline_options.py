@@ -18,8 +18,10 @@ __all__ = [
     "POSITION_KEYS",
     "PipelineOptions",
     "PipelineRecoveryError",
+    "RollbackNeeded",
     "StageRecovery",
     "StepRecord",
+    "apply_lr_schedule",
     "validate_position",
 ]
 
@@ -30,6 +32,11 @@ _MAX_STEPS = 1 << 62
 class PipelineRecoveryError(RecoverkitError, RuntimeError):
     """The pipeline cannot recover in process (too many stages lost, survivors at different
     steps, or no spare left); the caller falls back to restarting the job from a checkpoint."""
+
+
+class RollbackNeeded(PipelineRecoveryError):
+    """Every strategy refused to rebuild the lost stage and the job keeps stage checkpoints:
+    every member rolls back to the newest step every stage committed, in process."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +147,9 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class StageRecovery:
-    """One recovery as this process saw it (times are ``time.time()`` / seconds)."""
+    """One recovery as this process saw it (times are ``time.time()`` / seconds).
+    ``rolled_back_to``: the step every stage went back to when the lost stage could not be
+    rebuilt (strategy ``checkpoint rollback``), else None."""
 
     step: int
     lost_stages: tuple[int, ...]
@@ -153,6 +162,7 @@ class StageRecovery:
     strategy: str | None
     source: str | None
     served: tuple[str, ...]
+    rolled_back_to: int | None = None
 
 
 def validate_position(state: Any, stage: int, num_stages: int) -> tuple[int, tuple[float, ...]]:
@@ -191,3 +201,25 @@ def validate_position(state: Any, stage: int, num_stages: int) -> tuple[int, tup
             f"got {str(norms)[:80]}"
         )
     return steps, tuple(norms)
+
+
+def apply_lr_schedule(optimizer: Any, schedule: Callable[[int], float], k: int) -> None:
+    """Step ``k``'s learning rates: each group's base (``initial_lr``, set from its rate the
+    first time) times ``schedule(k)``; a factor that is not a finite number >= 0 is a
+    ConfigError (raised before the step's first collective, so alike on every stage).
+
+    The bases: ``make_optimizer`` gives each stage its optimizer and base rate; a stage
+    rebuilt by CheckFree gets a fresh optimizer, its base ``lr_scale`` times that one's; an
+    exact copy keeps the base the stage had (the replica carries it). The factor is of the
+    global step, so a rebuilt stage continues the schedule where the others are."""
+    factor = schedule(k)
+    if (
+        isinstance(factor, bool)
+        or not isinstance(factor, (int, float))
+        or not (math.isfinite(factor) and factor >= 0)
+    ):
+        raise ConfigError(
+            f"PipelineOptions.lr_schedule({k}) returned {factor!r}: a finite number >= 0 is needed"
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor

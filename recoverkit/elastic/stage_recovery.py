@@ -14,7 +14,9 @@ The flow, on the replacement (:func:`rebuild_stage`)::
     CheckFreeRecovery ask the two neighbours for their weights (the lost stage's keys) and
                      their recorded gradient norms of that step; average; fresh optimizer
     then DONE to every survivor (FAILED when every strategy refused: the survivors raise
-    PipelineRecoveryError too, at once, instead of timing out waiting for the stage)
+    PipelineRecoveryError too, at once, instead of timing out waiting for the stage;
+    ROLLBACK instead when the job keeps stage checkpoints: every member raises
+    RollbackNeeded and the pipeline rolls every stage back, in process)
 
 and on each survivor (:func:`serve_requests`): receive a request, answer it (a reply message,
 then the bytes if served), until DONE. Every size is the receiver's (:mod:`.stage_wire`),
@@ -40,7 +42,7 @@ from ..recovery.checkfree import (
     fresh_optimizer,
     swap_partner,
 )
-from .pipeline_options import PipelineRecoveryError
+from .pipeline_options import PipelineRecoveryError, RollbackNeeded
 from .stage_wire import (
     DONE,
     EXTRAS,
@@ -48,6 +50,7 @@ from .stage_wire import (
     NEIGHBOUR,
     REFUSED,
     REPLICA,
+    ROLLBACK,
     SERVED,
     Layout,
     Message,
@@ -160,11 +163,12 @@ def serve_requests(
         msg = Message.decode(buf, num_stages=num_stages, what=what)
         if msg.kind == DONE:
             return served
-        if msg.kind == FAILED:
-            raise PipelineRecoveryError(
+        if msg.kind in (FAILED, ROLLBACK):
+            why = (
                 f"rank {requester} could not rebuild stage {msg.lost} at step {msg.step} "
                 "(its log names why)"
             )
+            raise RollbackNeeded(why) if msg.kind == ROLLBACK else PipelineRecoveryError(why)
         payload: torch.Tensor | None = None
         reply_step = step
         if msg.kind == NEIGHBOUR and stage is not None and module is not None:
@@ -208,9 +212,14 @@ def rebuild_stage(
     options: CheckFreeOptions,
     timeout_s: float,
     template: Callable[[int], torch.nn.Module],
+    rollback: bool = False,
 ) -> Recovered[torch.optim.Optimizer]:
     """The replacement's side: ``module`` (freshly built for ``stage``) gets the stage's state
     back, and the returned Recovered's value is its optimizer (exact, or fresh and scaled).
+    When every strategy refuses: with ``rollback`` (the job keeps stage checkpoints) every
+    other member is told to roll back and :class:`RollbackNeeded` is raised here too;
+    without it they are told the rebuild failed and the chain's error is raised. A lost
+    peer (the transport's error) is neither: it is raised for the pipeline to regroup.
 
     Args:
         ranks: stage -> global rank of the process holding it now (the survivors').
@@ -290,13 +299,18 @@ def rebuild_stage(
     done = Message(DONE, -1, stage, step).encode()
     try:
         got = RecoveryChain(strategies).run(loss, Survivors(transport=transport), use)
-    except BaseException:
-        failed = Message(FAILED, -1, stage, step).encode()
+    except BaseException as e:
+        # refused (not a lost peer): the job rolls back to its stage checkpoints if it has them
+        refused = isinstance(e, RecoverkitError) and not isinstance(e, ConnectionError)
+        roll = rollback and refused
+        failed = Message(ROLLBACK if roll else FAILED, -1, stage, step).encode()
         for peer in others:  # the survivors stop waiting and fail too; the chain's error wins
             try:
                 transport.send(peer, failed, timeout_s=timeout_s)
             except (RecoverkitError, OSError, RuntimeError):
                 pass
+        if roll:
+            raise RollbackNeeded(f"stage {stage} could not be rebuilt at step {step}: {e}") from e
         raise
     for peer in others:
         transport.send(peer, done, timeout_s=timeout_s)

@@ -11,10 +11,13 @@ swapped, the edge stages' embedding and head copied to their partners every step
 stage copies its partner), ``replace`` (``replica``'s copies, no spare launched: the survivors
 wait for a replacement started after the loss, ``replacement_timeout_s``), ``restart``
 (checkpoint-restart: 4 processes, no spare; every stage saves its module, optimizer and
-pipeline position with a :class:`recoverkit.Checkpointer` to local disk after every step;
-torchrun restarts every worker after the loss and each restores the newest committed
-checkpoint, writing ``restart-<stage>.json``: when it started, imported, formed the pipeline,
-restored, and completed its first step). An optional fifth
+pipeline position to its run of a :class:`recoverkit.elastic.StageCheckpoints` on local disk
+after every step (``pipe.save()``); torchrun restarts every worker after the loss and each
+rolls back to the newest step every stage committed (``pipe.resume()``), writing
+``restart-<stage>.json``: when it started, imported, formed the pipeline, restored, and
+completed its first step), ``rollback`` (``checkfree``'s job with stage checkpoints saved
+after every odd step: a lost stage CheckFree refuses, an edge stage, rolls every stage back
+in process to the newest step all committed). An optional fifth
 argument names the victim stage (default
 ``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
@@ -191,9 +194,16 @@ def _options(mode: str) -> Any:
     )
 
 
-def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any, build: Any = None) -> Any:
+def _pipeline(
+    store: Any, membership: Any, heartbeat: Any, mode: str, role: Any, build: Any = None, out: str = ""
+) -> Any:
+    """The job's pipeline; with ``out`` (modes restart and rollback) its stage checkpoints
+    under ``out/ckpt`` (blocking saves to local disk, committed by every stage's run)."""
+    from recoverkit import CheckpointOptions, TierSpec
+    from recoverkit.elastic import StageCheckpoints
     from recoverkit.elastic.pipeline import StagePipeline
 
+    opts = CheckpointOptions(tiers=[TierSpec.local(every_steps=1)], commit_timeout_s=PG_TIMEOUT_S)
     return StagePipeline(
         build or build_stage,
         make_optimizer,
@@ -205,6 +215,7 @@ def _pipeline(store: Any, membership: Any, heartbeat: Any, mode: str, role: Any,
         options=_options(mode),
         split=split if mode == "plus" else None,
         stage=role,
+        checkpoints=StageCheckpoints(os.path.join(out, "ckpt"), options=opts) if out else None,
     )
 
 
@@ -214,16 +225,6 @@ def _setup(mode: str = "") -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # (restart: torchrun stops the other workers with SIGTERM before it restarts them all)
     torch.set_num_threads(1)
-
-
-def _checkpointer(out: str, pipe: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Restart mode: a Checkpointer saving to local disk after every step, the state, and the
-    restarted attempt's timing (filled in by main and _train)."""
-    from recoverkit import Checkpointer, CheckpointOptions, TierSpec
-
-    opts = CheckpointOptions(tiers=[TierSpec.local(every_steps=1)], commit_timeout_s=PG_TIMEOUT_S)
-    state = {"model": pipe.module, "optimizer": pipe.optimizer, "pipeline": pipe}
-    return Checkpointer(os.path.join(out, "ckpt"), options=opts), state, {}
 
 
 def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) -> None:
@@ -260,20 +261,18 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
             os.kill(os.getpid(), signal.SIGKILL)
         return build_stage(index)
 
-    pipe = _pipeline(store, membership, heartbeat, mode, role, build)
+    saving = mode in ("restart", "rollback")
+    pipe = _pipeline(store, membership, heartbeat, mode, role, build, out if saving else "")
     built[0] = True
     # files are named by first role
     name = (picked if picked == "dyingspare" else "spare") if pipe.stage is None else str(pipe.stage)
     _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
-    ckpt = None
-    if mode == "restart":
-        formed = time.time()
-        ckpt = _checkpointer(out, pipe)
-        if attempt > 0:
-            ckpt[0].restore(ckpt[1])
-            ckpt[2].update(started=STARTED, imported=imported, formed=formed, restored=time.time(),
-                           resumed_at=pipe.steps_done)  # fmt: skip
+    timing: dict[str, Any] | None = None
+    formed = time.time()
+    if saving and pipe.resume() is not None and attempt > 0:  # a fresh start: nothing committed
+        timing = dict(started=STARTED, imported=imported, formed=formed, restored=time.time(),
+                      resumed_at=pipe.steps_done)  # fmt: skip
 
     if pipe.stage == victim and mode != "free" and pipe.module is not None and attempt == 0:
 
@@ -291,7 +290,8 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         result["took_stage"] = pipe.stage if took else None
         if took and pipe.module is not None:
             _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
-    _train(pipe, out, name, steps, result, heartbeat, ckpt)
+    every = {"restart": 1, "rollback": 2}.get(mode, 0)
+    _train(pipe, out, name, steps, result, heartbeat, every, timing)
 
 
 def join(out: str, steps: int, fate: str = "") -> None:
@@ -320,18 +320,27 @@ def join(out: str, steps: int, fate: str = "") -> None:
 
 
 def _train(
-    pipe: Any, out: str, name: str, steps: int, result: dict[str, Any], heartbeat: Any, ckpt: Any = None
+    pipe: Any,
+    out: str,
+    name: str,
+    steps: int,
+    result: dict[str, Any],
+    heartbeat: Any,
+    every: int = 0,
+    timing: dict[str, Any] | None = None,
 ) -> None:
+    """Steps to ``steps``; with ``every`` (restart: 1, rollback: 2) a blocking save of the
+    stage after each step whose count ``every`` divides minus one (every step, or the odd ones:
+    a loss inside step KILL_STEP=2 then rolls back to step 1)."""
     log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
         assert pipe.module is not None and pipe.optimizer is not None
-        if ckpt is not None:  # restart mode: blocking, committed by every stage before the next step
-            ckpt[0].save(pipe.steps_done, ckpt[1])
-            timing = ckpt[2]
-            if timing and "first_step" not in timing:  # the first step after the restore, saved
-                timing["first_step"] = time.time()
-                _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
+        if every and pipe.steps_done % every == 1 % every:
+            pipe.save()
+        if timing is not None and "first_step" not in timing:  # the first step after the restore, saved
+            timing["first_step"] = time.time()
+            _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
         _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
         with open(log_path, "a") as f:
             f.write(
@@ -377,6 +386,7 @@ def _train(
             "strategy": r.strategy,
             "source": r.source,
             "served": list(r.served),
+            "rolled_back_to": r.rolled_back_to,
         }
         for r in pipe.recoveries
     ]
@@ -385,8 +395,8 @@ def _train(
     )
     _write(os.path.join(out, f"result-{name}.json"), result)
     heartbeat.stop()
-    if ckpt is not None:
-        ckpt[0].close()
+    if pipe.checkpoints is not None:
+        pipe.checkpoints.close()
     _write(os.path.join(out, f"exit-{name}"), 0)
     _finish(0, True)
 

@@ -418,7 +418,11 @@ def main() -> None:
     import platform
     import tempfile
 
-    from tests.integrations.test_pipeline_checkpoint_restart import restart_figures, run_restart
+    from tests.integrations.test_pipeline_checkpoint_restart import (
+        restart_figures,
+        rollback_figures,
+        run_restart,
+    )
 
     global STEPS, KILL_STEP
     STEPS, KILL_STEP = 24, 12  # longer than the tests' runs, for steadier step medians
@@ -439,6 +443,7 @@ def main() -> None:
         replica["step_overhead"] = replica["step_s"] / fig["summary"]["step_s"] - 1.0
         fig["replica"] = replica
         fig["restart"] = restart_figures(run_restart(base))
+        fig["rollback"] = rollback_figures(run_failure(base, "rollback", victim=0)[0])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     fig["definitions"] = {
@@ -449,7 +454,8 @@ def main() -> None:
         "recovery_s": "detection -> pipeline re-formed, the slowest process",
         "redo_step_s": "the failed step, redone by the rebuilt stage",
         "replica": "the same failure with a per-step replica of every stage (model + AdamW) on the next stage's process: exact recovery; step_s and step_overhead are that mode's step and its cost over step_s",
-        "restart": "checkpoint-restart of the same pipeline (4 workers, one torchrun agent, --max-restarts=1, a Checkpointer save to local disk after every step): the victim's worker SIGKILLed, torchrun stops the others and restarts all four; each figure is the SIGKILL -> the slowest worker's phase: relaunched_s (its process started), imported_s (interpreter and imports), job_ready_s (process group, job store and pipeline formed; building the first optimizer imports torch._dynamo), restored_s (the newest checkpoint restored), first_step_s (the first step after it done); restore_s: the restore alone, import_s: the interpreter and imports alone",
+        "restart": "checkpoint-restart of the same pipeline (4 workers, one torchrun agent, --max-restarts=1, a StageCheckpoints save of every stage to local disk after every step): the victim's worker SIGKILLed, torchrun stops the others and restarts all four; each figure is the SIGKILL -> the slowest worker's phase: relaunched_s (its process started), imported_s (interpreter and imports), job_ready_s (process group, job store and pipeline formed; building the first optimizer imports torch._dynamo), restored_s (the newest checkpoint restored), first_step_s (the first step after it done); restore_s: the restore alone, import_s: the interpreter and imports alone",
+        "rollback": "the same pipeline with a spare and stage checkpoints saved after every odd step; stage 0 (an edge: CheckFree refuses it, no replica) lost inside the kill step: every stage rolls back in process (no process restarted) to the newest step all committed. detection_s: SIGKILL -> the slowest process's failed op; regroup_s: the group re-formed with the spare; rollback_s: the step agreed and every stage restored from disk; recovery_s: detection -> pipeline re-formed, the slowest process",
     }
     fig["setup"] = {
         "stages": W.NUM_STAGES,

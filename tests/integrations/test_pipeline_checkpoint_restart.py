@@ -3,10 +3,12 @@
 The 4-stage byte-level pipeline of test_checkfree_pipeline.py (ScheduleGPipe over gloo, one
 stage per process, no spare) runs under one torchrun agent with ``--max-restarts=1``. Every
 stage saves its module, its AdamW and its :class:`~recoverkit.elastic.pipeline.StagePipeline`
-position (completed steps, the last step's gradient norms) with a :class:`recoverkit.Checkpointer`
-to local disk after every step. The test SIGKILLs stage 2's worker inside step ``KILL_STEP``;
-torchrun stops the other workers and restarts all four, each restores the newest committed
-checkpoint and the job finishes.
+position (completed steps, the last step's gradient norms) to its run of a
+:class:`~recoverkit.elastic.StageCheckpoints` on local disk after every step. The test SIGKILLs
+stage 2's worker inside step ``KILL_STEP``; torchrun stops the other workers and restarts all
+four, each rolls back to the newest step every stage committed (``StagePipeline.resume``) and
+the job finishes. The in-process variant: a lost stage that no strategy can rebuild (an edge
+stage, without CheckFree+ or a replica) rolls every stage back without a restart.
 
 Checked: every stage resumes at ``KILL_STEP`` (a save every step loses no step), and every
 stage's state after every step, every loss and every learning rate equal the failure-free
@@ -177,3 +179,48 @@ def test_a_checkpointed_position_round_trips_through_the_checkpointer(tmp_path):
     steps, norms = validate_position(got.value, 3, 4)
     assert steps == 12 and norms[0] == 0.125 and norms[2] == 2.5 and norms[3] == 1e-9
     assert norms[1] != norms[1]
+
+
+def rollback_figures(out: str) -> dict:
+    """The in-process rollback as each process saw it: detection (SIGKILL -> its failed op),
+    regroup, rollback (agreement + restore from disk), total; the slowest process's."""
+    with open(os.path.join(out, "killed")) as f:
+        killed = float(f.read())
+    recs = [P._result(out, r)["recoveries"][0] for r in ("spare", *range(1, W.NUM_STAGES))]
+    return {
+        "detection_s": max(r["detected_at"] - killed for r in recs),
+        "regroup_s": max(r["regroup_s"] for r in recs),
+        "rollback_s": max(r["rebuild_s"] for r in recs),
+        "recovery_s": max(r["total_s"] for r in recs),
+        "rolled_back_to": sorted({r["rolled_back_to"] for r in recs}),
+    }
+
+
+def test_a_stage_no_strategy_can_rebuild_rolls_every_stage_back_in_process(tmp_path, free):
+    """Stage 0, an edge stage (CheckFree refuses it; no replica), is lost inside step
+    KILL_STEP; the job keeps stage checkpoints after every odd step. The spare takes stage 0
+    and every stage rolls back in process to step KILL_STEP-1, the newest all committed (no
+    process restarts: torchrun has --max-restarts=0); the steps redone and the rest of the
+    run are bit-identical to the failure-free run."""
+    out, logs = P.run_failure(str(tmp_path), "rollback", victim=0)
+    k = P.KILL_STEP
+    assert "checkfree cannot recover step 2: stage 0 is an edge stage" in logs
+    res = P._result(out, "spare")
+    assert res["took_stage"] == 0 and res["steps_done"] == P.STEPS, res
+    (rec,) = res["recoveries"]
+    assert rec["strategy"] == "checkpoint rollback" and rec["step"] == k and rec["lost"] == [0], rec
+    assert rec["rolled_back_to"] == k - 1 and rec["source"].startswith(f"step {k - 1} of every stage's run")
+    assert [s["step"] for s in P._steps(out, "spare")] == list(range(k - 1, P.STEPS))
+    for stage in range(1, W.NUM_STAGES):
+        r = P._result(out, stage)
+        assert [x["rolled_back_to"] for x in r["recoveries"]] == [k - 1], r
+        assert r["steps_done"] == P.STEPS
+        # steps 0..k-1 once, step k-1 again after the rollback, then the rest
+        assert [s["step"] for s in P._steps(out, stage)] == [*range(k), *range(k - 1, P.STEPS)]
+    for stage in range(W.NUM_STAGES):
+        for step in range(P.STEPS):
+            assert P._same(P._state(out, stage, step), P._state(free, stage, step)), (stage, step)
+    ran = {s["step"]: s for s in P._steps(out, W.NUM_STAGES - 1)}  # the last line of each step
+    assert [ran[s]["loss"] for s in range(P.STEPS)] == [s["loss"] for s in P._steps(free, W.NUM_STAGES - 1)]
+    assert [ran[s]["lr"] for s in range(P.STEPS)] == [s["lr"] for s in P._steps(free, W.NUM_STAGES - 1)]
+    print("in-process rollback of the pipeline:", json.dumps(rollback_figures(out)))

@@ -1,0 +1,114 @@
+"""A pipeline's stage checkpoints (one run per stage) and the stages' agreement on a step.
+
+Real files, a real gloo world of 3 processes (two stage holders and a spare); a hostile
+member sends its own crafted offer through the same all-gather, and every honest member
+refuses it by name instead of rolling back to a step that is not there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from recoverkit import CheckpointOptions, RetentionPolicy, TierSpec
+from recoverkit.elastic.stage_checkpoints import MAX_OFFERED, StageCheckpoints, agree_step
+from recoverkit.errors import CheckpointNotFoundError, ConfigError, IntegrityError
+from tests.distributed.harness import run_world
+
+
+class Position:
+    """A Stateful stand-in for the pipeline's position (any Stateful entry is saved alike)."""
+
+    def __init__(self, steps: int = 0) -> None:
+        self.steps = steps
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def _model(seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 3)
+
+
+def test_each_stage_has_its_own_run_and_a_step_comes_back_exactly(tmp_path):
+    ckpts = StageCheckpoints(str(tmp_path))
+    models = {}
+    for step in (1, 2, 3):
+        models[step] = _model(step)
+        ckpts.save(1, step, {"model": models[step], "pipeline": Position(step)})
+    ckpts.save(0, 1, {"model": _model(9), "pipeline": Position(1)})
+    ckpts.close()
+    assert sorted(os.listdir(tmp_path)) == ["stage-0", "stage-1"]
+    other = StageCheckpoints(str(tmp_path))  # another process: reads, never locks
+    assert other.steps(1) == [1, 2, 3] and other.steps(0) == [1] and other.steps(7) == []
+    target, pos = _model(0), Position()
+    assert other.restore(1, 2, {"model": target, "pipeline": pos}) == 2
+    assert pos.steps == 2
+    for name, t in target.state_dict().items():
+        assert torch.equal(t, models[2].state_dict()[name]), name
+    with pytest.raises(CheckpointNotFoundError):
+        other.restore(1, 5, {"model": _model(0), "pipeline": Position()})
+    with pytest.raises(Exception, match="lacks"):  # an entry the saved step does not hold
+        other.restore(0, 1, {"model": _model(0), "pipeline": Position(), "optimizer": Position()})
+
+
+def test_bad_settings_are_refused_by_name(tmp_path):
+    keep_one = CheckpointOptions(tiers=[TierSpec.local()], retention=RetentionPolicy(keep_last=1))
+    with pytest.raises(ConfigError, match="keep the 2 newest"):
+        StageCheckpoints(str(tmp_path), options=keep_one)
+    with pytest.raises(ConfigError):
+        StageCheckpoints("")
+    ckpts = StageCheckpoints(str(tmp_path))
+    for bad in (-1, True, "0", 2**40):
+        with pytest.raises(ConfigError):
+            ckpts.path(bad)  # type: ignore[arg-type]
+
+
+def _agree(rank: int, world: int, case: str) -> object:
+    import torch.distributed as dist
+
+    held = {0: [1, 3, 5, 6], 1: [1, 3, 5]}
+    stage = rank if rank < 2 else None
+    if case == "honest":
+        return [
+            agree_step(held.get(rank), stage=stage, num_stages=2),
+            agree_step(held.get(rank), stage=stage, num_stages=2, upto=4),
+            agree_step({0: [2], 1: [1]}.get(rank), stage=stage, num_stages=2),
+        ]
+    if rank == 2:  # the hostile member: its own row through the same all-gather
+        row = torch.full((2 + MAX_OFFERED,), -1.0, dtype=torch.float64)
+        row[0], row[1], row[2] = {
+            "twice": (0.0, 1.0, 5.0),  # claims stage 0, which rank 0 holds
+            "count": (1.0, 99.0, 5.0),  # more steps than the row holds
+            "nan": (1.0, 1.0, math.nan),
+            "late": (1.0, 1.0, 7.0),  # a step past the bound asked for
+            "stage": (5.0, 1.0, 1.0),  # no such stage
+        }[case]
+        got = [torch.zeros_like(row) for _ in range(world)]
+        dist.all_gather(got, row)
+        return "sent"
+    try:
+        agree_step(held.get(rank), stage=stage, num_stages=2, upto=6)
+    except IntegrityError as e:
+        return f"refused: {e}"
+    return "accepted"
+
+
+def test_the_stages_agree_on_the_newest_step_every_run_committed():
+    results = run_world(3, _agree, "honest")
+    assert results == [[5, 3, None]] * 3, results
+
+
+@pytest.mark.parametrize("case", ["twice", "count", "nan", "late", "stage"])
+def test_a_crafted_offer_is_refused_by_every_honest_member(case):
+    results = run_world(3, _agree, case)
+    assert results[2] == "sent"
+    for got in results[:2]:
+        assert isinstance(got, str) and got.startswith("refused: rank 2 offered"), results
