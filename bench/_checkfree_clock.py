@@ -56,6 +56,10 @@ class Timing:
     # checkpoint-restart on the real pipeline: SIGKILL -> torchrun restarted every worker and
     # the pipeline formed again, before the restore (None: not measured, the in-process one)
     job_relaunch_s: float | None = None
+    # recoverkit's in-process rollback on the real pipeline (StagePipeline with stage
+    # checkpoints): SIGKILL -> the group re-formed with a spare, before the restore (None: not
+    # measured, CheckFree's detection + relaunch)
+    rollback_ready_s: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -68,9 +72,12 @@ class Timing:
 
     @property
     def inprocess_restart_s(self) -> float:
-        """checkpoint-restart with the job's processes kept: a spare brought in as CheckFree's
-        is, every stage restored from disk (what no stock launcher does; the cheapest restart)."""
-        return self.detection_s + self.relaunch_s + self.restore_s
+        """checkpoint-restart with the job's processes kept (recoverkit's in-process rollback,
+        ``StagePipeline(checkpoints=...)``): a spare brought in as CheckFree's is, every stage
+        restored from disk; measured on the real pipeline where published, plus this model's
+        restore. What checkfree-fallback's edge stages get; no stock launcher does it."""
+        ready = self.rollback_ready_s if self.rollback_ready_s is not None else self.detection_s + self.relaunch_s
+        return ready + self.restore_s
 
     @property
     def recover_s(self) -> float:
@@ -121,6 +128,9 @@ def pipeline_figures(dirs: tuple[str, ...]) -> tuple[dict[str, Any], str] | None
         got["replica_recover_s"] = None if None in parts else sum(p for p in parts if p is not None)
         restart = r.get("restart") if isinstance(r.get("restart"), dict) else {}
         got["job_relaunch_s"] = _num(restart, "job_ready_s")
+        rollback = r.get("rollback") if isinstance(r.get("rollback"), dict) else {}
+        ready = [_num(rollback, k) for k in ("detection_s", "regroup_s")]
+        got["rollback_ready_s"] = None if None in ready else sum(x for x in ready if x is not None)
         if any(got[k] is not None for k in ("step_s", "detection_s", "relaunch_s", "fetch_s")):
             return got, path
     return None
@@ -251,6 +261,12 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
                 f"checkpoint-restart of the real pipeline (torchrun --max-restarts=1, {model}): the SIGKILL -> "
                 "torchrun saw the dead worker, stopped the others, restarted all, and the slowest formed the "
                 f"pipeline again (interpreter, imports, process group), before its restore ({rel})")
+        if fig["rollback_ready_s"] is not None:
+            tm.rollback_ready_s = fig["rollback_ready_s"]
+            tm.sources["rollback_ready_s"] = (
+                f"recoverkit's in-process rollback on the real pipeline ({model}, stage checkpoints, an edge stage "
+                "lost that CheckFree refuses): SIGKILL -> the slowest survivor's failed op -> the group re-formed with "
+                f"the spare, before every stage restored its checkpoint ({rel})")
         if fig["replica_recover_s"] is not None:
             tm.replica_recover_s = fig["replica_recover_s"]
             replica_recover_src = (f"the real pipeline's replica mode: detection + group re-formed + the replica's "

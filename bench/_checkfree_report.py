@@ -48,8 +48,12 @@ def table(r: dict[str, Any]) -> str:
     if tm.get("job_relaunch_s") is not None:
         lines.append(f"| job_relaunch_s | {tm['job_relaunch_s']:.4f} | {tm['sources'].get('job_relaunch_s', '-')} |")
         lines.append(f"| restart (job_relaunch + restore): checkpoint-restart's | {tm['restart_s']:.3f} | |")
-        lines.append(f"| in-process restart (detection + relaunch + restore): shown, not charged | "
-                     f"{tm['inprocess_restart_s']:.3f} | the job's processes kept, a spare brought in |")
+        if tm.get("rollback_ready_s") is not None:
+            lines.append(f"| rollback_ready_s | {tm['rollback_ready_s']:.4f} | {tm['sources'].get('rollback_ready_s', '-')} |")
+        lines.append(f"| in-process rollback ({'rollback_ready' if tm.get('rollback_ready_s') is not None else 'detection + relaunch'} "
+                     f"+ restore): checkfree-fallback's edge stages; shown beside checkpoint-restart | "
+                     f"{tm['inprocess_restart_s']:.3f} | the job's processes kept, a spare brought in, every stage "
+                     "restored (StagePipeline with stage checkpoints) |")
     else:
         lines.append(f"| restart (detection + relaunch + restore) | {tm['restart_s']:.3f} | |")
     lines.append(f"| CheckFree recovery (detection + relaunch + fetch) | {tm['recover_s']:.3f} | |")
@@ -58,8 +62,12 @@ def table(r: dict[str, Any]) -> str:
                      f"{tm['sources'].get('replica_overhead', '-')} |")
         lines.append(f"| snapshot: exact recovery (detection + re-forming + replica loaded) | "
                      f"{tm['replica_recover_s']:.3f} | {tm['sources'].get('replica_recover_s', '-')} |")
+    seeds = ref.get("seeds") or {}
+    spread = (f"; over {seeds['seeds']} seeds (initialisation and data order) its final loss has a std of "
+              f"{seeds['std']:.4f} ({seeds['source']})") if seeds.get("std") else ""
     lines += ["", f"Target validation loss {ref['target']:.4f}: the failure-free run's at step {ref['target_step']}; "
-              f"its final {ref['final_val']:.4f} at step {z['steps']}; evaluation noise (std) {ref['noise']:.4f}.", ""]
+              f"its final {ref['final_val']:.4f} at step {z['steps']}; evaluation noise (std) {ref['noise']:.4f}"
+              f"{spread}.", ""]
     for rate, pr in r["per_rate"].items():
         lines += [
             f"**{rate} %/h** (the paper's p = {pr['p_step']:g} per stage per step; {pr['per_stage_per_h_sim']:.1f} "
@@ -87,7 +95,8 @@ def table(r: dict[str, Any]) -> str:
                 mode = (f"{mode} (per-step replica, +{100 * tm['replica_overhead']:.0f} % per step; vs step "
                         f"{'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)")
             if mode == FALLBACK:
-                mode = f"{mode} (edges: checkpoint-restart, saves every {row['ckpt_every']})"
+                how = "in-process rollback" if tm.get("job_relaunch_s") is not None else "checkpoint-restart"
+                mode = f"{mode} (edges: {how} to saves every {row['ckpt_every']})"
             if mode in RESTARTS:
                 mode = f"{mode} (every {row['ckpt_every']}; vs step {'bit-identical to' if row['bit_identical_to_ref'] else 'DIFFERS from'} no failure)"
             rec = f"{row['recoveries']} / {row['restarts']}"
@@ -104,17 +113,19 @@ def table(r: dict[str, Any]) -> str:
             inproc = [f"{abs(x):.1f} % {'faster' if x >= 0 else 'slower'} than {m}"
                       for m in RESTARTS if (x := row.get(f"faster_than_{m}_inprocess_pct")) is not None]
             if margins and inproc:
-                margins.append(f"with an in-process restart charged instead ({tm['inprocess_restart_s']:.2f} s): "
-                               + ", ".join(inproc))
+                margins.append(f"with an in-process rollback charged to {'both' if mode == FALLBACK else 'checkpoint-restart'} "
+                               f"instead ({tm['inprocess_restart_s']:.2f} s): " + ", ".join(inproc))
             goal = row.get(f"goal_restart_s_{CKPT}")
             if goal is not None:
                 margins.append(f"{GOAL_PCT:.0f} % sooner than {CKPT} whenever its restart takes "
                                + (f">= {goal:.2f} s" if goal > 0 else "any time"))
             reached = "; ".join(margins) if margins else "not reached"
             even = row.get(f"break_even_save_s_{CKPT_FIXED}")
+            sig = row.get("final_val_seed_sigmas")
             lines.append(f"- {mode} at {rate} %/h: to the target: {reached} (the paper: > 12 % faster; the issue's goal: "
                          f">= 20 % at 10 %/h); final validation loss {_f(row['final_val_minus_ref'], '+.4f')} vs no "
-                         f"failure (evaluation noise {ref['noise']:.4f})"
+                         f"failure (evaluation noise {ref['noise']:.4f}"
+                         + ("" if sig is None else f"; {sig:+.1f} seed-to-seed stds") + ")"
                          + ("" if even is None else
                             f"; against a save every {pr['ckpt_every_fixed']} steps it is faster even with free saves"
                             if even <= 0 else
@@ -152,7 +163,9 @@ def table(r: dict[str, Any]) -> str:
         + ("; a failure is charged torchrun's restart of every worker as measured on the real pipeline, plus this "
            "model's restore (the in-process restart, shown beside it, keeps the job's processes and brings a spare "
            "in, as CheckFree's recovery does)" if tm.get("job_relaunch_s") is not None else "")
-        + "; CheckFree methods "
+        + "; checkfree-fallback's edge stages roll back in process (recoverkit's StagePipeline with stage "
+        "checkpoints: no process restarts; charged the in-process rollback) to saves every K steps (Young/Daly for "
+        "the edges' failure rate alone); CheckFree methods "
         f"keep training past the failure-free run's steps (at most {int(z['steps'] * (1 + z['max_extra']))}) "
         "until they reach the target.",
         "- A stage fails before an iteration with probability p (the same iterations for every method; a redone "

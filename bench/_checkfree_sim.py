@@ -50,8 +50,8 @@ NO_FAILURE, CHECKFREE, PLUS = "no-failure", "checkfree", "checkfree+"
 CKPT, CKPT_FIXED = "checkpoint-restart", "checkpoint-restart-fixed"
 SWAP_ONLY = "checkfree+-no-failure"  # the swap schedule's own effect on convergence
 SNAPSHOT = "snapshot"  # exact: the lost stage restored from its per-step in-memory replica
-# CheckFree as the recoverkit chain deploys it: interior stages rebuilt from their neighbours,
-# an edge stage (which plain CheckFree refuses) by checkpoint-restart from saves kept for it
+# CheckFree as recoverkit's pipeline deploys it: interior stages rebuilt from their neighbours,
+# an edge stage (which plain CheckFree refuses) by an in-process rollback to saves kept for it
 FALLBACK = "checkfree-fallback"
 EXTRA = (FALLBACK, SNAPSHOT, "uniform", "copy", "random", SWAP_ONLY)
 MODES = (NO_FAILURE, CHECKFREE, PLUS, CKPT, CKPT_FIXED, *EXTRA)

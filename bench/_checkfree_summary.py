@@ -14,17 +14,23 @@ reference's evaluation noise. ``--retime`` calls :func:`finish` again on a publi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import asdict
 from typing import Any
 
-from ._checkfree_clock import Timing, charged, clock
-from ._checkfree_sim import CKPT, FALLBACK, MODES, NO_FAILURE, RESTARTS, SNAPSHOT
+from ._checkfree_clock import REPO, Timing, charged, clock
+from ._checkfree_sim import CKPT, FALLBACK, MODES, NO_FAILURE, RESTARTS, SEED, SNAPSHOT
 from .machine import median
 
 GOAL_PCT = 20.0  # the issue's goal: CheckFree this much sooner than checkpoint-restart at 10 %/h
 
-__all__ = ["GOAL_PCT", "crossing", "val_at_step", "summarize", "noise", "whole_run", "finish", "merge"]
+__all__ = ["GOAL_PCT", "NOISE_JSON", "crossing", "val_at_step", "summarize", "noise", "seed_spread", "whole_run",
+           "finish", "merge"]
+
+#: the failure-free run's final loss over other seeds (``bench_checkfree --noise-seeds N``)
+NOISE_JSON = "checkfree_noise.json"
 
 
 def crossing(curve: list[dict[str, Any]], target: float, key: str) -> float | None:
@@ -48,9 +54,11 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
               stages: int, tm: Timing) -> dict[str, Any]:
     """Per method: time and steps to the target, final loss, what happened; adds ``t`` to every curve point."""
     inproc = dataclasses.replace(tm, job_relaunch_s=None) if tm.job_relaunch_s is not None else None
-    for r in runs.values():
+    for mode, r in runs.items():
         for p in r["curve"]:
-            p["t"] = clock(p, tm)
+            # checkfree-fallback's edge stages roll back in process (StagePipeline with stage
+            # checkpoints): charged the in-process rollback, not torchrun's restart of the job
+            p["t"] = clock(p, inproc if inproc is not None and mode == FALLBACK else tm)
             if inproc is not None:  # checkpoint-restart charged the in-process restart instead
                 p["t_inprocess"] = clock(p, inproc)
     ckpt_t = {m: crossing(runs[m]["curve"], target, "t") for m in RESTARTS if m in runs}
@@ -65,13 +73,17 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
         row = {
             "time_to_target_s": tt, "steps_to_target": crossing(c, target, "step"),
             "final_val": final, "final_val_minus_ref": None if final is None else final - ref["final_val"],
+            # that difference in seed-to-seed stds of the failure-free final loss (when measured)
+            "final_val_seed_sigmas": (None if final is None or not (ref.get("seeds") or {}).get("std")
+                                      else (final - ref["final_val"]) / ref["seeds"]["std"]),
             "failures": r["stage_failures"],
             "edge_failures": sum(1 for f in r["failures"] for k in f["stages"] if k in (0, stages - 1)),
             "saves": r["saves_total"], "restarts": r["restarts_total"],
             "recoveries": r["recoveries_total"] + r.get("exact_recoveries_total", 0),
             "lost_steps": r["lost_steps"], "iterations": r["iteration_total"], "steps": r["steps"],
             "sim_seconds": clock({k: r.get(k + "_total", 0) for k in ("iteration", "saves", "restarts", "recoveries",
-                                                                      "replica_steps", "exact_recoveries")}, tm),
+                                                                      "replica_steps", "exact_recoveries")},
+                                 inproc if inproc is not None and mode == FALLBACK else tm),
         }
         for m, ct in ckpt_t.items():
             if tt is not None and ct:
@@ -101,7 +113,8 @@ def summarize(runs: dict[str, dict[str, Any]], ref: dict[str, Any], target: floa
             restarts = crossing(runs[m]["curve"], target, "restarts") if mode not in RESTARTS else None
             if tt is not None and ct and restarts:
                 keep = 1.0 - GOAL_PCT / 100.0
-                own = crossing(c, target, "restarts") or 0.0  # checkfree-fallback restarts too
+                # checkfree-fallback's own rollbacks are in process: they do not scale with the restart
+                own = 0.0 if mode == FALLBACK else crossing(c, target, "restarts") or 0.0
                 if keep * restarts > own:
                     row[f"goal_restart_s_{m}"] = tm.restart_s + (tt - keep * ct) / (keep * restarts - own)
         if mode in (*RESTARTS, SNAPSHOT, FALLBACK):
@@ -124,6 +137,35 @@ def noise(curve: list[dict[str, Any]]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
 
 
+def seed_spread(dirs: tuple[str, ...], r: dict[str, Any]) -> dict[str, Any] | None:
+    """The failure-free run's final validation loss over other seeds (model initialisation and
+    data order; the same held-out windows), from ``checkfree_noise.json`` when it is of this
+    run's sizes and corpus, with this run's own: the seed-to-seed std (the noise a final loss
+    is judged against, beside the evaluation noise of one curve). Read as hostile input."""
+    for d in dirs:
+        path = os.path.join(d, NOISE_JSON)
+        try:
+            with open(path) as f:
+                got = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(got, dict) or got.get("sizes") != r["sizes"] or got.get("corpus_sha256") != r["corpus"]["sha256"]:
+            continue
+        finals = got.get("finals")
+        if not isinstance(finals, dict):
+            continue
+        vals = [float(v) for v in finals.values() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v)]
+        vals = [r["reference"]["final_val"], *vals]
+        if len(vals) < 3:
+            continue
+        m = sum(vals) / len(vals)
+        std = math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1))
+        return {"finals": {**{str(SEED): r["reference"]["final_val"]}, **{str(k): v for k, v in finals.items()}},
+                "std": std, "seeds": len(vals), "source": os.path.relpath(path, REPO)}
+    return None
+
+
 def whole_run(r: dict[str, Any]) -> dict[str, float]:
     """Step, save and restore times: the medians over every step, save and restore of the whole
     benchmark (hundreds of each: steadier on a shared machine than the few calibration samples,
@@ -142,6 +184,7 @@ def finish(r: dict[str, Any], dirs: tuple[str, ...]) -> dict[str, Any]:
     """Charges the clock (from the figures published now) and summarises every rate; ``--retime``
     calls it again on a published result when the real pipeline's figures arrive."""
     tm = charged(whole_run(r), dirs, r["stages"], r["sizes"]["spec"]["dim"])
+    r["reference"]["seeds"] = seed_spread(dirs, r)
     r["timing"] = {**asdict(tm), "restart_s": tm.restart_s, "recover_s": tm.recover_s,
                    "inprocess_restart_s": tm.inprocess_restart_s}
     for pr in r["per_rate"].values():

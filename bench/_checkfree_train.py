@@ -40,13 +40,14 @@ __all__ = ["run_method"]
 
 def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, valid: list[torch.Tensor],
                timing: Timing, schedule: dict[int, list[int]], workdir: str, max_steps: int,
-               target: float | None, ckpt_every: int = 0) -> dict[str, Any]:
-    """Trains one method against one failure schedule; returns its curve and what happened."""
+               target: float | None, ckpt_every: int = 0, seed: int = SEED) -> dict[str, Any]:
+    """Trains one method against one failure schedule; returns its curve and what happened.
+    ``seed``: the model's initialisation (``batches`` carries the data order's)."""
     from recoverkit import Checkpointer, CheckpointOptions, TierSpec
     from recoverkit.distributed.coordinator import LocalCoordinator
     from recoverkit.recovery.checkfree import CheckFreeOptions
 
-    sim_args = {"spec": spec, "seed": SEED, "lr": z["lr"], "warmup": z["warmup"]}
+    sim_args = {"spec": spec, "seed": seed, "lr": z["lr"], "warmup": z["warmup"]}
     sim = Sim(**sim_args, swap=mode in (PLUS, SWAP_ONLY))
     if mode == PLUS:
         sim.refresh_replica()
@@ -77,7 +78,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
         while step < max_steps and not (step >= steps and (target is None or reached or mode in (NO_FAILURE, SNAPSHOT, *RESTARTS))):
             it = n["iteration"]
             lost = [] if mode in (NO_FAILURE, SWAP_ONLY) else schedule.pop(it, [])
-            # checkfree-fallback: an edge stage lost (CheckFree refuses it) restarts the job
+            # checkfree-fallback: an edge stage lost (CheckFree refuses it) rolls every stage back
             edge_lost = mode == FALLBACK and any(k in (0, spec.stages - 1) for k in lost)
             if lost and (mode in RESTARTS or edge_lost):
                 assert ckpt is not None

@@ -31,9 +31,11 @@ of this simulated clock. Methods (rows):
 * optional (``--modes``): **uniform** (checkfree with 0.5/0.5 weights), **copy** (the previous
   neighbour copied; the next one for the first stage), **random** (re-initialised),
   **checkfree+-no-failure** (the swap schedule with no failure: its own cost in convergence),
-  **checkfree-fallback** (CheckFree as the recoverkit chain deploys it: an interior stage rebuilt
-  by CheckFree, a lost edge stage, which CheckFree refuses, by checkpoint-restart from blocking
-  saves every K steps, K from Young/Daly for the edge stages' failure rate alone),
+  **checkfree-fallback** (CheckFree as recoverkit's pipeline deploys it: an interior stage rebuilt
+  by CheckFree; a lost edge stage, which CheckFree refuses, rolls every stage back in process
+  (``StagePipeline(checkpoints=...)``: no process restarts; charged the in-process rollback
+  measured on the real pipeline) to blocking saves every K steps, K from Young/Daly for the edge
+  stages' failure rate alone),
   **snapshot** (exact recovery: every step each stage's model and AdamW are copied in memory, as
   the real pipeline's replica mode copies them to the next stage's process; a lost stage is a
   new stage loaded from that copy, so its loss vs step is the failure-free run's, bit for bit,
@@ -41,8 +43,8 @@ of this simulated clock. Methods (rows):
 
 Wall-clock charged: per step, per save, per restart (torchrun restarting every worker of the
 real pipeline until it formed again, as measured there, plus every stage restored from disk;
-without that figure, or shown beside it: the in-process restart, detection, a spare brought in
-and every stage restored) and per CheckFree recovery (detection, a spare brought in, the neighbours'
+without that figure, or shown beside it: the in-process rollback, as measured on the real
+pipeline (else detection and a spare brought in), plus every stage restored) and per CheckFree recovery (detection, a spare brought in, the neighbours'
 weights fetched and the stage rebuilt); snapshot: per step the replica's overhead, as the ratio
 of the real pipeline's replica step to its plain step (measured on that pipeline's small test
 model) times this step, and per recovery the replica mode's detection, re-forming and fetch. Detection, the spare and the fetch come from
@@ -59,7 +61,9 @@ evaluations) and its ratio to checkpoint-restart's (the paper reports CheckFree 
 the final validation loss at the reference's last step.
 
 Run: ``python -m bench.bench_checkfree [--smoke] [--rates 5,10] [--modes ...] [--steps N] [--failure-seed N]
-[--out-dir DIR] [--workdir DIR]``.
+[--out-dir DIR] [--workdir DIR]``; ``--noise-seeds N`` trains only the failure-free run with N
+other seeds (``checkfree_noise.json``: the seed-to-seed std of its final loss, which every
+result's final loss is then also judged against).
 
 Modules, by stage: :mod:`bench._checkfree_sim` (the methods, the sizes, the simulator, the
 failure schedule, Young/Daly), :mod:`bench._checkfree_clock` (what is measured here and what is
@@ -115,7 +119,16 @@ from ._checkfree_sim import (
     failure_schedule,
     young_daly,
 )
-from ._checkfree_summary import crossing, finish, merge, noise, summarize, val_at_step, whole_run
+from ._checkfree_summary import (
+    NOISE_JSON,
+    crossing,
+    finish,
+    merge,
+    noise,
+    summarize,
+    val_at_step,
+    whole_run,
+)
 from ._checkfree_train import run_method
 from ._llama import Batches, ModelSpec, build_stages, corpus
 from .report import RESULTS_DIR
@@ -234,6 +247,33 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
     return finish(r, dirs)
 
 
+def noise_seeds(n: int, smoke: bool, workdir: str | None, steps: int | None = None) -> dict[str, Any]:
+    """The failure-free run trained with ``n`` other seeds (initialisation and data order; the
+    same corpus, sizes and held-out windows): its final validation loss per seed, the noise
+    a method's final loss is judged against (:func:`bench._checkfree_summary.seed_spread`)."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)
+    z = dict(SIZES[smoke])
+    if steps:
+        z["steps"] = steps
+    spec = ModelSpec(**z["spec"])
+    data = corpus(z["corpus_bytes"])
+    valid = Batches(data, spec.seq_len, z["micro_batch"], SEED).valid(z["valid_windows"])
+    tm = Timing(step_s=0.0, save_s=0.0, restore_s=0.0, detection_s=0.0, relaunch_s=0.0, fetch_s=0.0)  # not charged
+    base = tempfile.mkdtemp(prefix="rk-bench-checkfree-noise-", dir=workdir)
+    finals: dict[str, float | None] = {}
+    try:
+        for seed in range(SEED + 1, SEED + 1 + n):
+            batches = Batches(data, spec.seq_len, z["micro_batch"], seed)
+            ref = run_method(NO_FAILURE, z, spec, batches, valid, tm, {}, base, z["steps"], None, seed=seed)
+            finals[str(seed)] = val_at_step(ref["curve"], z["steps"])
+            print(f"[checkfree] noise: seed {seed}: final {finals[str(seed)]}", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"scenario": "checkfree-noise", "sizes": z, "corpus_sha256": data.sha256, "finals": finals,
+            "runtime_s": time.perf_counter() - t_start}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, seconds")
@@ -250,12 +290,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--retime", action="store_true",
                     help="re-charge the clock of the published checkfree.json in --out-dir (no training): "
                          "after the real pipeline's figures are published")
+    ap.add_argument("--noise-seeds", type=int, default=0,
+                    help="train only the failure-free run with N other seeds and publish its final losses "
+                         f"({NOISE_JSON}: the seed-to-seed noise every result's final loss is judged against)")
     ap.add_argument("--failure-seed", type=int, default=0,
                     help="another seeded failure schedule, the same training (default 0: the published one)")
     a = ap.parse_args(argv)
     if not re.fullmatch(r"checkfree[a-z0-9_]*", a.name):
         ap.error(f"--name must be checkfree followed by [a-z0-9_], got {a.name!r}")
     dirs = tuple(d for d in (a.out_dir, RESULTS_DIR) if d)
+    if a.noise_seeds:
+        if not 2 <= a.noise_seeds <= 64:
+            ap.error("--noise-seeds must be in [2, 64]")
+        out = noise_seeds(a.noise_seeds, a.smoke, a.workdir, a.steps)
+        for d in dirs[:1]:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, NOISE_JSON), "w") as f:
+                json.dump(out, f, indent=1)
+                f.write("\n")
+        return out
     if a.retime:
         path = os.path.join(a.out_dir or RESULTS_DIR, f"{a.name}.json")
         try:

@@ -138,11 +138,22 @@ def test_restart_is_charged_torchruns_job_restart_where_measured(tmp_path):
     (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "restart": [5.0]}))
     got = pipeline_figures((str(tmp_path),))
     assert got is not None and got[0]["job_relaunch_s"] is None
+    # the in-process rollback measured on the real pipeline: its detection + regroup, this restore
+    rollback = {"detection_s": 0.06, "regroup_s": 1.2}
+    (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "rollback": rollback}))
+    tm = charged(measured, (str(tmp_path),), 4, 128)
+    assert math.isclose(tm.inprocess_restart_s, 0.06 + 1.2 + 0.04) and "rollback" in tm.sources["rollback_ready_s"]
+    for bad in (-1.0, float("nan"), "1", True, None):
+        (tmp_path / "checkfree_pipeline.json").write_text(json.dumps({**base, "rollback": {**rollback, "regroup_s": bad}}))
+        tm = charged(measured, (str(tmp_path),), 4, 128)
+        assert tm.rollback_ready_s is None and math.isclose(tm.inprocess_restart_s, 0.05 + 1.0 + 0.04), bad
 
 
-def test_checkfree_fallback_rebuilds_interior_stages_and_restarts_for_the_edges(tmp_path):
+def test_checkfree_fallback_rebuilds_interior_stages_and_rolls_back_for_the_edges(tmp_path):
     """checkfree-fallback: an interior stage lost is rebuilt by CheckFree (no rollback), an edge
-    stage lost restarts every stage from the newest save (rolled back); the clock charges both."""
+    stage lost rolls every stage back to the newest save; the clock charges both, the rollback
+    at the in-process rollback's time where the real pipeline's job restart is published (the
+    pipeline rolls back in process; checkpoint-restart is charged torchrun's restart)."""
     out = tmp_path / "out"
     r = _run(out, tmp_path, "no-failure,checkfree-fallback", "--failure-seed", "5")
     assert r["failure_seed"] == 5
@@ -156,11 +167,40 @@ def test_checkfree_fallback_rebuilds_interior_stages_and_restarts_for_the_edges(
         assert all(f["action"].startswith("rolled back to step") for f in edge), edge
         assert all(f["action"].startswith("average of") for f in inner), inner
         assert run_["restarts_total"] >= 1 and run_["recoveries_total"] >= 1 and run_["saves_total"] >= 1
+        rollback = tm["inprocess_restart_s"] if tm["job_relaunch_s"] is not None else tm["restart_s"]
         want = (run_["iteration_total"] * tm["step_s"] + run_["saves_total"] * tm["save_s"]
-                + run_["restarts_total"] * tm["restart_s"] + run_["recoveries_total"] * tm["recover_s"])
+                + run_["restarts_total"] * rollback + run_["recoveries_total"] * tm["recover_s"])
         assert math.isclose(pr["summary"]["checkfree-fallback"]["sim_seconds"], want, rel_tol=1e-9)
     # a merge keeps to the same failure schedule
     proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--modes", "no-failure,random",
                            "--out-dir", str(out), "--workdir", str(tmp_path), "--name", "checkfree_modes", "--merge"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "failure seed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_noise_seeds_give_the_seed_to_seed_spread_every_result_is_judged_against(tmp_path):
+    """--noise-seeds trains the failure-free run with other seeds (initialisation, data order)
+    and publishes its final losses; a result of the same sizes and corpus then reports the
+    seed-to-seed std and each method's final-loss difference in those stds. A file of other
+    sizes, or with hostile values, is not used."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--noise-seeds", "2",
+                           "--out-dir", str(out), "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = json.loads((out / "checkfree_noise.json").read_text())
+    assert sorted(noise["finals"]) == ["1235", "1236"] and len(set(noise["finals"].values())) == 2
+    r = _run(out, tmp_path, "no-failure,checkfree")
+    seeds = r["reference"]["seeds"]
+    vals = [r["reference"]["final_val"], *noise["finals"].values()]
+    m = sum(vals) / 3
+    assert seeds["seeds"] == 3 and math.isclose(seeds["std"], math.sqrt(sum((v - m) ** 2 for v in vals) / 2))
+    for pr in r["per_rate"].values():
+        row = pr["summary"]["checkfree"]
+        assert math.isclose(row["final_val_seed_sigmas"], row["final_val_minus_ref"] / seeds["std"])
+    assert "seed-to-seed stds" in (out / "checkfree_modes.md").read_text()
+    from bench._checkfree_summary import seed_spread
+
+    for bad in ({**noise, "sizes": {"steps": 1}}, {**noise, "finals": {"1": "x", "2": float("nan")}}):
+        (out / "checkfree_noise.json").write_text(json.dumps(bad))
+        assert seed_spread((str(out),), r) is None
