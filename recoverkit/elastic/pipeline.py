@@ -43,7 +43,8 @@ each stage saved by :meth:`StagePipeline.save`) every stage rolls back in proces
 newest step all stages committed (strategy ``checkpoint rollback``; no process restarts);
 without, the survivors are told and raise at once. Every failure the pipeline does not
 recover from is a :class:`PipelineRecoveryError` (the caller restarts the job, and
-:meth:`StagePipeline.resume` rolls it back). Limits: one stage lost at a time; a loss inside
+:meth:`StagePipeline.resume` rolls it back). Limits: one stage lost at a time (several, each
+taken by a spare, roll every stage back when the job keeps stage checkpoints); a loss inside
 the norms' all-gather that lets some survivors complete the step and not others is refused;
 the process hosting the job's store (launch rank 0) must survive
 (:func:`~recoverkit.distributed.regroup.regroup`). Learning rates: see
@@ -427,8 +428,6 @@ class StagePipeline:
         """Every member together (spares too), before the first step of a restarted job:
         every stage goes back to the newest step all stages committed. Returns that step,
         or None when there is none (nothing restored: a fresh start)."""
-        if self.checkpoints is None:
-            raise ConfigError("StagePipeline.resume needs checkpoints= (a StageCheckpoints)")
         return self._roll_back(None)
 
     def _saved(self) -> dict[str, Any]:
@@ -437,7 +436,8 @@ class StagePipeline:
     def _roll_back(self, upto: int | None) -> int | None:
         """Collective: every stage back to the newest step (<= ``upto``) all committed (a
         replacement's optimizer built for it first); copies of other stages dropped."""
-        assert self.checkpoints is not None
+        if self.checkpoints is None:
+            raise ConfigError("StagePipeline.resume needs checkpoints= (a StageCheckpoints)")
         if self.module is not None and self.optimizer is None:
             self.optimizer = self.make_optimizer(self.module)
         state = self._saved() if self.stage is not None else None
@@ -498,8 +498,9 @@ class StagePipeline:
         s = self.options.num_stages
         members = self.membership.members
         held = self.stage if self.stage is not None and self.optimizer is not None else -1
-        roles = gather_roles(
-            self.membership, held, self.steps_done, self._scan_from, self.norms, s
+        roles = gather_roles(  # several stages lost at once: all roll back, given checkpoints
+            self.membership, held, self.steps_done, self._scan_from, self.norms, s,
+            many=self.checkpoints is not None,
         )
         holder, step, norms, self._scan_from = roles.holder, roles.step, roles.norms, roles.scan_from
         lost = [i for i in range(s) if i not in holder]
@@ -518,9 +519,11 @@ class StagePipeline:
         served: list[str] = []
         rolled: int | None = None
         try:
+            if len(lost) > 1:  # no strategy rebuilds several stages: every member rolls back
+                raise RollbackNeeded(f"stages {lost} were lost at once")
             if lost:
                 strategy, source, served = self._rebuild(lost[0], replaced, rebuilding, step, members)
-        except RollbackNeeded as e:  # every strategy refused the lost stage
+        except RollbackNeeded as e:  # every strategy refused the lost stage(s)
             if self.checkpoints is None:
                 raise
             log.warning("pipeline: %s; every stage rolls back to its checkpoints", e)
@@ -550,8 +553,7 @@ class StagePipeline:
     def _rebuild(
         self, lost_stage: int, replaced: dict[int, int], rebuilding: list[int], step: int, members: Sequence[int]
     ) -> tuple[str | None, str | None, list[str]]:
-        """The replacement rebuilds ``lost_stage`` (returns the strategy and its source), the
-        others serve it (returns what they served)."""
+        """The replacement rebuilds ``lost_stage`` (strategy, source); the others serve it."""
         transport = ProcessGroupTransport(
             group=dist.group.WORLD, timeout_s=self.options.transfer_timeout_s
         )

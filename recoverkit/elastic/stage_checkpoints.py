@@ -20,6 +20,7 @@ between two stages' commits of a step still finds the step before in every run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -29,9 +30,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import CheckpointOptions, TierSpec
-from ..errors import ConfigError, IncompatibleCheckpointError, IntegrityError
+from ..errors import ConfigError, IncompatibleCheckpointError, IntegrityError, RecoverkitError
 
 __all__ = ["StageCheckpoints", "agree_step", "MAX_OFFERED"]
+
+log = logging.getLogger("recoverkit.elastic")
 
 #: the newest committed steps each stage offers to the agreement (fixed size on the wire)
 MAX_OFFERED = 16
@@ -117,12 +120,30 @@ class StageCheckpoints:
     ) -> int | None:
         """Collective (:func:`agree_step`; ``stage`` None on a member holding none): the
         newest step every stage's run committed (<= ``upto``), loaded into ``state``; None
-        when there is none (nothing loaded)."""
+        when there is none (nothing loaded). A step some stage cannot load (damaged, or
+        refused as another stage's) is given up by every member together, and the next
+        older one agreed on: a restore changes nothing unless it succeeds, so each member
+        holds the same step's state in the end."""
         held = self.steps(stage) if stage is not None else None
-        step = agree_step(held, stage=stage, num_stages=num_stages, upto=upto)
-        if step is not None and stage is not None and state is not None:
-            self.restore(stage, step, state)
-        return step
+        while True:
+            step = agree_step(held, stage=stage, num_stages=num_stages, upto=upto)
+            if step is None:
+                return None
+            error: BaseException | None = None
+            if stage is not None and state is not None:
+                try:
+                    self.restore(stage, step, state)
+                except (RecoverkitError, OSError, ValueError) as e:
+                    error = e
+            failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if not int(failed.item()):
+                return step
+            log.warning(
+                "recoverkit: step %d of the stage checkpoints cannot be restored on every stage%s; "
+                "trying an older one", step, "" if error is None else f" (stage {stage}: {error})",
+            )  # fmt: skip
+            upto = step - 1
 
     def close(self) -> None:
         """Close the runs this process writes."""

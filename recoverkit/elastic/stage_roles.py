@@ -7,7 +7,8 @@ all-gather shares the choices, and every process checks alike that each stage is
 exactly one process. After a regroup, every member of the new group (a joiner too) calls
 :func:`gather_roles` in ``StagePipeline._reassign``: each says the stage it holds, the step
 it completed, its joiner scan and the last step's gradient norms, checked as hostile input;
-the survivors must agree on the step, and at most one stage may be lost.
+the survivors must agree on the step, and at most one stage may be lost (any number, each
+with a free member to take it, when the job keeps stage checkpoints: they roll back).
 """
 
 from __future__ import annotations
@@ -73,11 +74,14 @@ def gather_roles(
     scan_from: int,
     norms: tuple[float, ...],
     num_stages: int,
+    *,
+    many: bool = False,
 ) -> Roles:
     """Every member's stage (``held``, -1: none), completed step, joiner scan and norms (an
     all-gather over the new group), validated; raises PipelineRecoveryError when a row is
-    malformed, two members hold a stage, more than one stage or more stages than free
-    members are lost, or the holders completed different steps."""
+    malformed, two members hold a stage, more than one stage (unless ``many``: the job
+    rolls back to its stage checkpoints) or more stages than free members are lost, or the
+    holders completed different steps."""
     s = num_stages
     members = membership.members
     # float64 holds the integers exactly; the norms of the last step travel to a rebuilder
@@ -108,8 +112,10 @@ def gather_roles(
         scan_from = max(scan_from, scan)
     lost = [i for i in range(s) if i not in holder]
     free = [r for r in members if r not in holder.values()]  # spares and joiners
-    if len(lost) > 1:
-        raise PipelineRecoveryError(f"stages {lost} were lost at once: one at a time is supported")
+    if len(lost) > 1 and not many:
+        raise PipelineRecoveryError(
+            f"stages {lost} were lost at once: one at a time is supported without stage checkpoints"
+        )
     if len(lost) > len(free):
         raise PipelineRecoveryError(f"stage(s) {lost} lost and no spare left")
     if len(steps) != 1:

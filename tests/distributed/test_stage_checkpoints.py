@@ -112,3 +112,35 @@ def test_a_crafted_offer_is_refused_by_every_honest_member(case):
     assert results[2] == "sent"
     for got in results[:2]:
         assert isinstance(got, str) and got.startswith("refused: rank 2 offered"), results
+
+
+def _damaged(rank: int, world: int, root: str) -> object:
+    """Stage 0's step 2 is torn on disk; stage 1's is whole. Every member gives step 2 up
+    together and both stages load step 1 (a member holding none, rank 2, takes part)."""
+    ckpts = StageCheckpoints(root)
+    stage = rank if rank < 2 else None
+    target = {"model": _model(0), "pipeline": Position()} if stage is not None else None
+    got = ckpts.roll_back(stage, 2, target, None)
+    if target is None:
+        return [got, None]
+    return [got, target["pipeline"].steps, [t.tolist() for t in target["model"].state_dict().values()]]
+
+
+def test_a_step_one_stage_cannot_load_is_given_up_by_every_member(tmp_path):
+    ckpts = StageCheckpoints(str(tmp_path))
+    saved = {}
+    for stage in (0, 1):
+        for step in (1, 2):
+            saved[stage, step] = _model(10 * stage + step)
+            ckpts.save(stage, step, {"model": saved[stage, step], "pipeline": Position(step)})
+    ckpts.close()
+    seg = tmp_path / "stage-0" / "step-000000002" / "rank-00000.seg"
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensors' bytes: the checksum catches it
+    seg.write_bytes(bytes(data))
+    results = run_world(3, _damaged, str(tmp_path))
+    assert results[2] == [1, None]
+    for stage in (0, 1):
+        step, pos, tensors = results[stage]
+        assert step == 1 and pos == 1, results[stage]
+        assert tensors == [t.tolist() for t in saved[stage, 1].state_dict().values()]

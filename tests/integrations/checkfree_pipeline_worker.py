@@ -3,7 +3,8 @@
 ``python -m tests.integrations.checkfree_pipeline_worker OUT MODE KILL_STEP STEPS [VICTIM]`` on
 5 processes (torchrun): 4 hold stages 0-3, one is the spare (by launch rank, or by local rank
 from ``RECOVERKIT_STAGES``, e.g. ``0,1,3,spare`` on one node and ``2`` on another; a
-``dyingspare`` is a spare that SIGKILLs itself as it takes a stage, writing ``dying``). MODE:
+``dyingspare`` is a spare that SIGKILLs itself as it takes a stage, writing ``dying``; a
+``spare2`` is a second spare, its files named so). MODE:
 ``free`` (nothing fails), ``checkfree`` (no replica: a lost stage is rebuilt from its
 neighbours), ``replica`` (every stage's state copied to the next stage's process each step: a
 lost stage comes back exactly), ``plus`` (CheckFree+: odd micro-batches run the edge pairs
@@ -251,7 +252,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     picked = ""
     if roles:
         picked = roles.split(",")[int(os.environ.get("LOCAL_RANK", "0"))]
-        role = "spare" if picked in ("spare", "dyingspare") else int(picked)
+        role = "spare" if picked in ("spare", "spare2", "dyingspare") else int(picked)
     built = [False]
 
     def build(index: int) -> torch.nn.Module:
@@ -265,7 +266,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
     pipe = _pipeline(store, membership, heartbeat, mode, role, build, out if saving else "")
     built[0] = True
     # files are named by first role
-    name = (picked if picked == "dyingspare" else "spare") if pipe.stage is None else str(pipe.stage)
+    name = (picked if picked in ("dyingspare", "spare2") else "spare") if pipe.stage is None else str(pipe.stage)
     _write(os.path.join(out, f"role-{node}-{rank}"), name)
 
     timing: dict[str, Any] | None = None

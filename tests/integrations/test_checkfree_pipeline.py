@@ -128,9 +128,11 @@ def run_failure(
     victim: int = W.VICTIM,
     joiners: tuple[str, ...] = ("",),
     spares: tuple[str, ...] = ("spare",),
+    also: tuple[int, ...] = (),
 ) -> tuple[str, str]:
-    """Two agents: node a runs the three other stages and the spare, node b the stage
-    ``victim``; node b is SIGKILLed (agent and worker) inside step KILL_STEP. In mode
+    """Two agents: node a runs the other stages and the spare, node b the stage ``victim``
+    (and the stages ``also``, lost with it); node b is SIGKILLed (agents and workers) inside
+    step KILL_STEP. In mode
     ``replace`` node a has no spare: the test starts the replacement (a plain process that
     joins through the job's store) once node b is killed; ``joiners`` are their fates in
     order (``die``: it dies once admitted; the next starts when it is gone). ``spares``: the
@@ -139,12 +141,13 @@ def run_failure(
     out = os.path.join(base, mode)
     os.makedirs(out, exist_ok=True)
     port = free_port()
-    others = [str(i) for i in range(W.NUM_STAGES) if i != victim]
+    lost = [victim, *also]
+    others = [str(i) for i in range(W.NUM_STAGES) if i not in lost]
     # node a: local address 127.0.0.1 sorts first, so its worker of local rank 0 is launch
-    # rank 0 and hosts the store; node b (localhost) holds the victim alone
+    # rank 0 and hosts the store; node b (localhost) holds the victim (and ``also``) alone
     late = mode == "replace"
-    extra = "joiner" if late else "spare"
-    layout = {"a": ("127.0.0.1", others if late else [*others, *spares]), "b": ("localhost", [str(victim)])}
+    extra = ["joiner"] if late else [r for r in spares if r != "dyingspare"]
+    layout = {"a": ("127.0.0.1", others if late else [*others, *spares]), "b": ("localhost", [str(i) for i in lost])}
     procs: list[subprocess.Popen] = []
     try:
         for node, (addr, roles) in layout.items():
@@ -179,13 +182,15 @@ def run_failure(
             if node == "a":  # its agent hosts the rendezvous: b connects once it listens
                 _wait_listening(port, 60.0, procs[0], base)
         _wait_files(out, ["paused"], JOB_TIMEOUT_S, base)
-        (pid,) = [pid for node, pid in _pids(out).values() if node == "b"]
+        pids = [pid for node, pid in _pids(out).values() if node == "b"]
+        assert len(pids) == len(lost), pids
         killed = time.time()
         os.killpg(procs[1].pid, signal.SIGKILL)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         with open(os.path.join(out, "killed.tmp"), "w") as f:
             f.write(repr(killed))
         os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
@@ -205,7 +210,7 @@ def run_failure(
                 proc.wait(timeout=JOB_TIMEOUT_S)
         _wait_files(
             out,
-            [f"exit-{r}" for r in [*others, extra]],
+            [f"exit-{r}" for r in [*others, *extra]],
             W.PG_TIMEOUT_S + JOB_TIMEOUT_S / 2 + SLACK_S,
             base,
         )

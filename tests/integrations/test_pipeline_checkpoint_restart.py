@@ -8,7 +8,8 @@ position (completed steps, the last step's gradient norms) to its run of a
 stage 2's worker inside step ``KILL_STEP``; torchrun stops the other workers and restarts all
 four, each rolls back to the newest step every stage committed (``StagePipeline.resume``) and
 the job finishes. The in-process variant: a lost stage that no strategy can rebuild (an edge
-stage, without CheckFree+ or a replica) rolls every stage back without a restart.
+stage, without CheckFree+ or a replica), or several stages lost with one node, roll every
+stage back without a restart.
 
 Checked: every stage resumes at ``KILL_STEP`` (a save every step loses no step), and every
 stage's state after every step, every loss and every learning rate equal the failure-free
@@ -224,3 +225,24 @@ def test_a_stage_no_strategy_can_rebuild_rolls_every_stage_back_in_process(tmp_p
     assert [ran[s]["loss"] for s in range(P.STEPS)] == [s["loss"] for s in P._steps(free, W.NUM_STAGES - 1)]
     assert [ran[s]["lr"] for s in range(P.STEPS)] == [s["lr"] for s in P._steps(free, W.NUM_STAGES - 1)]
     print("in-process rollback of the pipeline:", json.dumps(rollback_figures(out)))
+
+
+def test_several_stages_lost_at_once_roll_back_in_process(tmp_path, free):
+    """Stages 1 and 2 share the node that is lost (no strategy rebuilds two stages at once;
+    CheckFree needs both neighbours of each): the two spares take them and every stage rolls
+    back in process to step KILL_STEP-1; the run stays bit-identical to the failure-free one."""
+    out, logs = P.run_failure(str(tmp_path), "rollback", victim=1, also=(2,), spares=("spare", "spare2"))
+    k = P.KILL_STEP
+    assert "stages [1, 2] were lost at once" in logs
+    took = {P._result(out, s)["took_stage"] for s in ("spare", "spare2")}
+    assert took == {1, 2}, took
+    for role in ("spare", "spare2", 0, 3):
+        r = P._result(out, role)
+        (rec,) = r["recoveries"]
+        assert rec["strategy"] == "checkpoint rollback" and rec["lost"] == [1, 2], (role, rec)
+        assert rec["rolled_back_to"] == k - 1 and r["steps_done"] == P.STEPS, (role, rec)
+    for stage in range(W.NUM_STAGES):
+        for step in range(P.STEPS):
+            assert P._same(P._state(out, stage, step), P._state(free, stage, step)), (stage, step)
+    ran = {s["step"]: s for s in P._steps(out, W.NUM_STAGES - 1)}
+    assert [ran[s]["loss"] for s in range(P.STEPS)] == [s["loss"] for s in P._steps(free, W.NUM_STAGES - 1)]
