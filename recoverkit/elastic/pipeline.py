@@ -406,14 +406,17 @@ class StagePipeline:
         values = (self.stage, self.options.num_stages, self.steps_done, list(self.norms))
         return dict(zip(POSITION_KEYS, values, strict=True))
 
+    def validate_state_dict(self, state_dict: Any) -> tuple[int, tuple[float, ...]]:
+        """Check a saved position before anything of a restore is loaded (all or nothing);
+        returns its (steps_done, norms)."""
+        if self.stage is None:
+            raise PipelineRecoveryError("a spare holds no stage: it cannot take a position")
+        return validate_position(state_dict, self.stage, self.options.num_stages)
+
     def load_state_dict(self, state_dict: Any) -> None:
         """Resume at a saved position: the next :meth:`step` runs step ``steps_done`` (every
         stage must restore the same one; the checkpoint's commit makes them agree)."""
-        if self.stage is None:
-            raise PipelineRecoveryError("a spare holds no stage: it cannot take a position")
-        self.steps_done, self.norms = validate_position(
-            state_dict, self.stage, self.options.num_stages
-        )
+        self.steps_done, self.norms = self.validate_state_dict(state_dict)
 
     def save(self) -> None:
         """Save this stage (module, optimizer, position) as step ``steps_done`` of its run in
@@ -422,7 +425,8 @@ class StagePipeline:
         if self.checkpoints is None:
             raise ConfigError("StagePipeline.save needs checkpoints= (a StageCheckpoints)")
         if self.stage is not None:
-            self.checkpoints.save(self.stage, self.steps_done, self._saved())
+            state = {"model": self.module, "optimizer": self.optimizer, "pipeline": self}
+            self.checkpoints.save(self.stage, self.steps_done, state)
 
     def resume(self) -> int | None:
         """Every member together (spares too), before the first step of a restarted job:
@@ -430,21 +434,17 @@ class StagePipeline:
         or None when there is none (nothing restored: a fresh start)."""
         return self._roll_back(None)
 
-    def _saved(self) -> dict[str, Any]:
-        return {"model": self.module, "optimizer": self.optimizer, "pipeline": self}
-
     def _roll_back(self, upto: int | None) -> int | None:
-        """Collective: every stage back to the newest step (<= ``upto``) all committed (a
-        replacement's optimizer built for it first); copies of other stages dropped."""
+        """Collective: every stage back to the newest step (<= ``upto``) all committed."""
         if self.checkpoints is None:
             raise ConfigError("StagePipeline.resume needs checkpoints= (a StageCheckpoints)")
-        if self.module is not None and self.optimizer is None:
-            self.optimizer = self.make_optimizer(self.module)
-        state = self._saved() if self.stage is not None else None
-        step = self.checkpoints.roll_back(self.stage, self.options.num_stages, state, upto)
-        if step is not None and self.stage is not None and self.steps_done != step:
-            raise PipelineRecoveryError(f"stage {self.stage}'s step {step} holds position {self.steps_done}")
-        self.replica, self.extras = (None, {}) if step is not None else (self.replica, self.extras)
+        opt = self.optimizer or (self.make_optimizer(self.module) if self.module is not None else None)
+        state = {"model": self.module, "optimizer": opt, "pipeline": self} if self.stage is not None else None
+        step = self.checkpoints.roll_back(
+            self.stage, self.options.num_stages, state, upto, position=lambda: self.steps_done
+        )
+        if step is not None:
+            self.optimizer, self.replica, self.extras = opt, None, {}
         return step
 
     # ------------------------------------------------------------------ recovery

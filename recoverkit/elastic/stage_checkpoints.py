@@ -16,6 +16,14 @@ usable when every stage's run committed it; :func:`agree_step` finds the newest 
 over the job's process group (every stage's committed steps, gathered and checked as
 hostile input). The runs' retention keeps at least the two newest steps, so a job lost
 between two stages' commits of a step still finds the step before in every run.
+
+Limits: steps newer than a rollback stay in the runs until the job saves them again (a
+re-save replaces a committed step); a second loss inside the window where some stages
+re-saved such a step and others still hold the abandoned one agrees on a mix of the two
+(identical when nothing but the rollback happened in between: the replay is deterministic).
+A stage's writer is opened by its holder's first save: a holder that froze and was dropped
+from the group keeps the run's lock, and the new holder's save raises
+CheckpointLockedError naming it. Each stage offers its newest :data:`MAX_OFFERED` steps.
 """
 
 from __future__ import annotations
@@ -23,14 +31,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config import CheckpointOptions, TierSpec
-from ..errors import ConfigError, IncompatibleCheckpointError, IntegrityError, RecoverkitError
+from ..errors import ConfigError, IncompatibleCheckpointError, IntegrityError
 
 __all__ = ["StageCheckpoints", "agree_step", "MAX_OFFERED"]
 
@@ -116,24 +124,46 @@ class StageCheckpoints:
         return int(got)
 
     def roll_back(
-        self, stage: int | None, num_stages: int, state: MutableMapping[str, Any] | None, upto: int | None
+        self,
+        stage: int | None,
+        num_stages: int,
+        state: MutableMapping[str, Any] | None,
+        upto: int | None,
+        position: Callable[[], int] | None = None,
     ) -> int | None:
         """Collective (:func:`agree_step`; ``stage`` None on a member holding none): the
-        newest step every stage's run committed (<= ``upto``), loaded into ``state``; None
-        when there is none (nothing loaded). A step some stage cannot load (damaged, or
-        refused as another stage's) is given up by every member together, and the next
-        older one agreed on: a restore changes nothing unless it succeeds, so each member
-        holds the same step's state in the end."""
-        held = self.steps(stage) if stage is not None else None
+        newest step every stage's run committed (<= ``upto``), loaded into ``state`` (whose
+        restored position, ``position()``, must be that step); None when no step was ever committed by every stage
+        (nothing loaded). A step some stage cannot load or check (damaged, or refused as
+        another stage's) is given up by every member together and the next older one agreed
+        on; when none is left, every member raises IntegrityError (each holds a different
+        state then). A run whose steps cannot be listed fails every member alike."""
+        held: list[int] | None = None
+        if stage is not None:
+            try:
+                held = self.steps(stage)
+            except Exception as e:  # noqa: BLE001 - told to every member through the offer
+                log.warning("recoverkit: the steps of stage %d's run cannot be listed: %s", stage, e)
+                held = None  # offered as unreadable
+        gave_up: list[int] = []
         while True:
-            step = agree_step(held, stage=stage, num_stages=num_stages, upto=upto)
+            step = agree_step(held, stage=stage, num_stages=num_stages, upto=upto, unreadable=stage is not None and held is None)
             if step is None:
+                if gave_up:
+                    raise IntegrityError(
+                        f"stage checkpoints under {self.root}: step(s) {gave_up} could not be restored on "
+                        "every stage and no older step is committed by all"
+                    )
                 return None
             error: BaseException | None = None
             if stage is not None and state is not None:
                 try:
                     self.restore(stage, step, state)
-                except (RecoverkitError, OSError, ValueError) as e:
+                    if position is not None and position() != step:
+                        raise IncompatibleCheckpointError(
+                            f"step {step} of stage {stage}'s run holds the position of step {position()}"
+                        )
+                except Exception as e:  # noqa: BLE001 - told to every member below
                     error = e
             failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
@@ -143,6 +173,7 @@ class StageCheckpoints:
                 "recoverkit: step %d of the stage checkpoints cannot be restored on every stage%s; "
                 "trying an older one", step, "" if error is None else f" (stage {stage}: {error})",
             )  # fmt: skip
+            gave_up.append(step)
             upto = step - 1
 
     def close(self) -> None:
@@ -153,20 +184,26 @@ class StageCheckpoints:
 
 
 def agree_step(
-    held: Sequence[int] | None, *, stage: int | None, num_stages: int, upto: int | None = None
+    held: Sequence[int] | None,
+    *,
+    stage: int | None,
+    num_stages: int,
+    upto: int | None = None,
+    unreadable: bool = False,
 ) -> int | None:
     """The newest step every stage's run committed (at most ``upto``); None when there is none.
 
     Collective over the default process group (every member calls it; a member holding no
     stage passes ``stage=None``). Each stage holder offers the newest :data:`MAX_OFFERED`
     steps of ``held`` that are <= ``upto``; what arrives is validated (integers in range,
-    each stage offered by exactly one member) before it is used.
+    each stage offered by exactly one member) before it is used. ``unreadable``: this
+    member's run could not be listed; every member then raises IntegrityError naming it.
     """
     top = _MAX_STEP if upto is None else min(upto, _MAX_STEP)
     offered = sorted({s for s in (held or ()) if 0 <= s <= top})[-MAX_OFFERED:]
     mine = torch.full((2 + MAX_OFFERED,), -1.0, dtype=torch.float64)
     mine[0] = -1 if stage is None else stage
-    mine[1] = len(offered)
+    mine[1] = -1 if unreadable else len(offered)
     if offered:
         mine[2 : 2 + len(offered)] = torch.tensor(offered, dtype=torch.float64)
     got = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
@@ -179,6 +216,8 @@ def agree_step(
         who, n = int(values[0]), int(values[1])
         if who == -1:
             continue
+        if n == -1 and 0 <= who < num_stages:
+            raise IntegrityError(f"rank {rank} cannot list the committed steps of stage {who}'s run")
         steps = [int(v) for v in values[2 : 2 + n]] if 0 <= n <= MAX_OFFERED else None
         if (
             not 0 <= who < num_stages

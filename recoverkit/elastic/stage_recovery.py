@@ -16,7 +16,8 @@ The flow, on the replacement (:func:`rebuild_stage`)::
     then DONE to every survivor (FAILED when every strategy refused: the survivors raise
     PipelineRecoveryError too, at once, instead of timing out waiting for the stage;
     ROLLBACK instead when the job keeps stage checkpoints: every member raises
-    RollbackNeeded and the pipeline rolls every stage back, in process)
+    RollbackNeeded and the pipeline rolls every stage back, in process; RETRY when a peer
+    was lost on the way: every member raises PeerLostError and the recovery starts over)
 
 and on each survivor (:func:`serve_requests`): receive a request, answer it (a reply message,
 then the bytes if served), until DONE. Every size is the receiver's (:mod:`.stage_wire`),
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from ..distributed.transport import PeerTransport
-from ..errors import IncompatibleCheckpointError, IntegrityError, RecoverkitError
+from ..errors import IncompatibleCheckpointError, IntegrityError, PeerLostError, RecoverkitError
 from ..recovery.base import CannotRecover, Loss, Recovered, RecoveryStrategy, Survivors, T, Use
 from ..recovery.chain import RecoveryChain
 from ..recovery.checkfree import (
@@ -50,6 +51,7 @@ from .stage_wire import (
     NEIGHBOUR,
     REFUSED,
     REPLICA,
+    RETRY,
     ROLLBACK,
     SERVED,
     Layout,
@@ -163,6 +165,12 @@ def serve_requests(
         msg = Message.decode(buf, num_stages=num_stages, what=what)
         if msg.kind == DONE:
             return served
+        if msg.kind == RETRY:  # a lost peer: regroup with the others, as after any loss
+            raise PeerLostError(
+                f"rank {requester} lost a peer while rebuilding stage {msg.lost} at step "
+                f"{msg.step}: the recovery starts over",
+                peer=requester,
+            )
         if msg.kind in (FAILED, ROLLBACK):
             why = (
                 f"rank {requester} could not rebuild stage {msg.lost} at step {msg.step} "
@@ -300,17 +308,23 @@ def rebuild_stage(
     try:
         got = RecoveryChain(strategies).run(loss, Survivors(transport=transport), use)
     except BaseException as e:
-        # refused (not a lost peer): the job rolls back to its stage checkpoints if it has them
-        refused = isinstance(e, RecoverkitError) and not isinstance(e, ConnectionError)
-        roll = rollback and refused
-        failed = Message(ROLLBACK if roll else FAILED, -1, stage, step).encode()
-        for peer in others:  # the survivors stop waiting and fail too; the chain's error wins
+        # a lost peer (the transport's error): every member regroups and starts over; any
+        # other error refuses the rebuild: the job rolls back to its stage checkpoints if it
+        # has them, else every member raises PipelineRecoveryError
+        lost = isinstance(e, ConnectionError)
+        roll = rollback and not lost and isinstance(e, Exception)
+        kind = RETRY if lost else ROLLBACK if roll else FAILED
+        failed = Message(kind, -1, stage, step).encode()
+        for peer in others:  # the survivors stop waiting; the chain's error wins
             try:
                 transport.send(peer, failed, timeout_s=timeout_s)
             except (RecoverkitError, OSError, RuntimeError):
                 pass
+        why = f"stage {stage} could not be rebuilt at step {step}: {e}"
         if roll:
-            raise RollbackNeeded(f"stage {stage} could not be rebuilt at step {step}: {e}") from e
+            raise RollbackNeeded(why) from e
+        if not lost and isinstance(e, Exception) and not isinstance(e, RecoverkitError):
+            raise PipelineRecoveryError(why) from e  # a refusal, not a lost peer, to the pipeline
         raise
     for peer in others:
         transport.send(peer, done, timeout_s=timeout_s)

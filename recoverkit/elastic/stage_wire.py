@@ -32,6 +32,7 @@ __all__ = [
     "NEIGHBOUR",
     "REFUSED",
     "REPLICA",
+    "RETRY",
     "ROLLBACK",
     "SERVED",
     "edge_layout",
@@ -50,6 +51,7 @@ Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 # request kinds (replacement -> survivor) and reply statuses (survivor -> replacement)
 DONE, NEIGHBOUR, REPLICA, EXTRAS, FAILED = 0, 1, 2, 3, 4  # FAILED: the rebuild gave up
 ROLLBACK = 5  # every strategy refused and the job has stage checkpoints: every stage rolls back
+RETRY = 6  # a peer was lost during the rebuild: every member starts the recovery over
 SERVED, REFUSED = 1, 0
 _MAX_INDEX = 2**31
 _MAX_STEP = 2**52
@@ -198,7 +200,7 @@ class Message:
         ints = (kind, stage, lost, step)
         if not all(v.is_integer() for v in ints):
             raise IntegrityError(f"{what}: non-integer fields in {values}")
-        if not (0 <= kind <= ROLLBACK and -1 <= stage < num_stages and -1 <= lost < num_stages):
+        if not (0 <= kind <= RETRY and -1 <= stage < num_stages and -1 <= lost < num_stages):
             raise IntegrityError(f"{what}: fields out of range in {values}")
         if not (-1 <= step <= _MAX_STEP and norm >= 0):
             raise IntegrityError(f"{what}: step or norm out of range in {values}")

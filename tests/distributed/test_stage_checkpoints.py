@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def _agree(rank: int, world: int, case: str) -> object:
             "nan": (1.0, 1.0, math.nan),
             "late": (1.0, 1.0, 7.0),  # a step past the bound asked for
             "stage": (5.0, 1.0, 1.0),  # no such stage
+            "unreadable": (1.0, -1.0, -1.0),  # its run could not be listed
         }[case]
         got = [torch.zeros_like(row) for _ in range(world)]
         dist.all_gather(got, row)
@@ -106,41 +108,56 @@ def test_the_stages_agree_on_the_newest_step_every_run_committed():
     assert results == [[5, 3, None]] * 3, results
 
 
-@pytest.mark.parametrize("case", ["twice", "count", "nan", "late", "stage"])
+@pytest.mark.parametrize("case", ["twice", "count", "nan", "late", "stage", "unreadable"])
 def test_a_crafted_offer_is_refused_by_every_honest_member(case):
     results = run_world(3, _agree, case)
     assert results[2] == "sent"
+    want = "refused: rank 2 cannot list" if case == "unreadable" else "refused: rank 2 offered"
     for got in results[:2]:
-        assert isinstance(got, str) and got.startswith("refused: rank 2 offered"), results
+        assert isinstance(got, str) and got.startswith(want), results
 
 
 def _damaged(rank: int, world: int, root: str) -> object:
-    """Stage 0's step 2 is torn on disk; stage 1's is whole. Every member gives step 2 up
-    together and both stages load step 1 (a member holding none, rank 2, takes part)."""
+    """Stage 0's step 2 is torn on disk (or holds the position of another step); stage 1's is
+    whole. Every member gives step 2 up together and both stages load step 1 (a member
+    holding none, rank 2, takes part); with no older step every member raises."""
     ckpts = StageCheckpoints(root)
     stage = rank if rank < 2 else None
     target = {"model": _model(0), "pipeline": Position()} if stage is not None else None
-    got = ckpts.roll_back(stage, 2, target, None)
+    pipeline = target["pipeline"] if target is not None else None
+    try:
+        got = ckpts.roll_back(stage, 2, target, None, position=lambda: pipeline.steps if pipeline else -1)
+    except IntegrityError as e:
+        return f"raised: {e}"
     if target is None:
         return [got, None]
     return [got, target["pipeline"].steps, [t.tolist() for t in target["model"].state_dict().values()]]
 
 
-def test_a_step_one_stage_cannot_load_is_given_up_by_every_member(tmp_path):
+@pytest.mark.parametrize("fault", ["torn", "position"])
+def test_a_step_one_stage_cannot_load_is_given_up_by_every_member(tmp_path, fault):
     ckpts = StageCheckpoints(str(tmp_path))
     saved = {}
     for stage in (0, 1):
         for step in (1, 2):
             saved[stage, step] = _model(10 * stage + step)
-            ckpts.save(stage, step, {"model": saved[stage, step], "pipeline": Position(step)})
+            pos = 3 if (fault, stage, step) == ("position", 0, 2) else step  # a crafted position
+            ckpts.save(stage, step, {"model": saved[stage, step], "pipeline": Position(pos)})
     ckpts.close()
-    seg = tmp_path / "stage-0" / "step-000000002" / "rank-00000.seg"
-    data = bytearray(seg.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # inside the tensors' bytes: the checksum catches it
-    seg.write_bytes(bytes(data))
+    if fault == "torn":
+        seg = tmp_path / "stage-0" / "step-000000002" / "rank-00000.seg"
+        data = bytearray(seg.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside the tensors' bytes: the checksum catches it
+        seg.write_bytes(bytes(data))
     results = run_world(3, _damaged, str(tmp_path))
     assert results[2] == [1, None]
     for stage in (0, 1):
         step, pos, tensors = results[stage]
         assert step == 1 and pos == 1, results[stage]
         assert tensors == [t.tolist() for t in saved[stage, 1].state_dict().values()]
+    # with no older step left, every member raises, naming the steps given up
+    for stage in (0, 1):
+        shutil.rmtree(tmp_path / f"stage-{stage}" / "step-000000001")
+    results = run_world(3, _damaged, str(tmp_path))
+    for got in results:
+        assert isinstance(got, str) and got.startswith("raised: ") and "step(s) [2]" in got, results
