@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "REPO",
     "PIPELINE_JSON",
     "Timing",
+    "published",
     "pipeline_figures",
     "mttr_figures",
     "measure",
@@ -96,18 +98,24 @@ def _num(d: Any, *keys: str) -> float | None:
     return None
 
 
+def published(dirs: tuple[str, ...], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, object) of every ``name`` in ``dirs`` that reads as a JSON object, in order
+    (one that is missing or malformed is skipped; its fields are the caller's to check)."""
+    for d in dirs:
+        path = os.path.join(d, name)
+        try:
+            with open(path) as f:
+                got = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(got, dict):
+            yield path, got
+
+
 def pipeline_figures(dirs: tuple[str, ...]) -> tuple[dict[str, Any], str] | None:
     """The real pipeline's published figures (``checkfree_pipeline.json``): per step, detection,
     re-forming the group with the spare, the neighbours' weights fetched; and its model."""
-    for d in dirs:
-        path = os.path.join(d, PIPELINE_JSON)
-        try:
-            with open(path) as f:
-                r = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(r, dict):
-            continue
+    for path, r in published(dirs, PIPELINE_JSON):
         src = r.get("summary") if isinstance(r.get("summary"), dict) else r
         got: dict[str, Any] = {
             "step_s": _num(src, "step_s", "per_step_s", "step_median_s"),
@@ -138,13 +146,9 @@ def pipeline_figures(dirs: tuple[str, ...]) -> tuple[dict[str, Any], str] | None
 
 def mttr_figures(dirs: tuple[str, ...]) -> tuple[dict[str, float], str] | None:
     """bench_mttr's restart phases from local disk (one process): detection, relaunch + import."""
-    for d in dirs:
-        path = os.path.join(d, "mttr.json")
-        try:
-            with open(path) as f:
-                row = json.load(f)["summary"]["local"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    for path, r in published(dirs, "mttr.json"):
+        summary = r.get("summary")
+        row = summary.get("local") if isinstance(summary, dict) else None
         det, rel, imp, start = (_num(row, k) for k in ("detection", "relaunch", "import", "startup"))
         if None not in (det, rel, imp, start):
             assert det is not None and rel is not None and imp is not None and start is not None

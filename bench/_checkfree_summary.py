@@ -14,13 +14,12 @@ reference's evaluation noise. ``--retime`` calls :func:`finish` again on a publi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import asdict
 from typing import Any
 
-from ._checkfree_clock import REPO, Timing, charged, clock
+from ._checkfree_clock import REPO, Timing, charged, clock, published
 from ._checkfree_sim import CKPT, FALLBACK, MODES, NO_FAILURE, RESTARTS, SEED, SNAPSHOT
 from .machine import median
 
@@ -142,14 +141,8 @@ def seed_spread(dirs: tuple[str, ...], r: dict[str, Any]) -> dict[str, Any] | No
     data order; the same held-out windows), from ``checkfree_noise.json`` when it is of this
     run's sizes and corpus, with this run's own: the seed-to-seed std (the noise a final loss
     is judged against, beside the evaluation noise of one curve). Read as hostile input."""
-    for d in dirs:
-        path = os.path.join(d, NOISE_JSON)
-        try:
-            with open(path) as f:
-                got = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(got, dict) or got.get("sizes") != r["sizes"] or got.get("corpus_sha256") != r["corpus"]["sha256"]:
+    for path, got in published(dirs, NOISE_JSON):
+        if got.get("sizes") != r["sizes"] or got.get("corpus_sha256") != r["corpus"]["sha256"]:
             continue
         finals = got.get("finals")
         if not isinstance(finals, dict):
