@@ -342,7 +342,7 @@ def _overhead_rank(rank: int, port: int, lh_addr: str, cfg: dict[str, Any], q: A
         os.environ.setdefault("RUST_LOG", "warn")  # torchft's manager logs every quorum at info
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
         dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=300))
-        from .bench_lazy import _fwd_bwd, _model, _opt_step
+        from ._lazy_model import _fwd_bwd, _model, _opt_step
 
         model, opt, side = _model(cfg["size_mib"])
         x = torch.randn(cfg["batch"], side, generator=torch.Generator().manual_seed(2 + rank))
