@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from recoverkit.recovery.checkfree import CheckFreeOptions
+
 from ._checkfree_sim import CHECKFREE, CKPT, CKPT_FIXED, FALLBACK, MODES, PLUS, RESTARTS, SNAPSHOT
 from ._checkfree_summary import GOAL_PCT
 from .report import RESULTS_DIR, publish
@@ -32,7 +34,8 @@ def table(r: dict[str, Any]) -> str:
         f"LLaMa-style decoder, {s['stages']} stages x {s['layers_per_stage']} block (d={s['dim']}, {s['heads']} heads, "
         f"SwiGLU {s['ffn']}, seq {s['seq_len']}, byte-level), {sum(r['params_per_stage'])} parameters; "
         f"{z['micro_batches']} micro-batches of {z['micro_batch']} per step, AdamW lr {z['lr']} "
-        f"(warm-up {z['warmup']}, then constant), per-stage clipping at 1.0; {z['steps']} steps"
+        f"(warm-up {z['warmup']}, then constant), per-stage clipping at 1.0; a rebuilt stage's rate "
+        f"{z.get('lr_scale', CheckFreeOptions().lr_scale)} x the base; {z['steps']} steps"
         + (" [smoke]" if r["smoke"] else "") + f"; runtime {r['runtime_s']:.0f} s",
         f"Corpus: the Python {c['python']} standard library's sources ({c['files_train']} files, "
         f"{c['train_bytes']} bytes; held out: every tenth file, {c['files_valid']} files, {c['valid_bytes']} bytes; "

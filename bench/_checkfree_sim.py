@@ -216,7 +216,7 @@ class Sim:
         self.opts[k] = fresh_optimizer(self.opts[k], lr_scale=lr_scale, params=[list(new.parameters())])
         self.stages[k] = new
         self.lr_scale[k] = lr_scale
-        return did
+        return f"{did}; lr x {lr_scale:g}"
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds: every stage and its optimizer (and each stage's rate

@@ -48,6 +48,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     from recoverkit.recovery.checkfree import CheckFreeOptions
 
     sim_args = {"spec": spec, "seed": seed, "lr": z["lr"], "warmup": z["warmup"]}
+    lr_scale = float(z.get("lr_scale", CheckFreeOptions().lr_scale))  # the rebuilt stage's rate factor
     sim = Sim(**sim_args, swap=mode in (PLUS, SWAP_ONLY))
     if mode == PLUS:
         sim.refresh_replica()
@@ -101,7 +102,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
                 n["exact_recoveries"] += 1  # one replacement per stage, in parallel: one recovery time
             elif lost:
                 for k in lost:
-                    did = sim.rebuild(k, how or "random", CheckFreeOptions().lr_scale)
+                    did = sim.rebuild(k, how or "random", lr_scale)
                     failures.append({"iteration": it, "stages": [k], "step": step, "action": did})
                 n["recoveries"] += 1  # one replacement per stage, in parallel: one recovery time
             mbs = [batches.train(step, m) for m in range(z["micro_batches"])]

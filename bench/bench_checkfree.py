@@ -88,6 +88,8 @@ from typing import Any
 
 import torch
 
+from recoverkit.recovery.checkfree import CheckFreeOptions
+
 from ._checkfree_clock import (
     PIPELINE_JSON,
     REPO,
@@ -177,15 +179,18 @@ __all__ = [
 
 
 def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | None, dirs: tuple[str, ...],
-        steps: int | None = None, failure_seed: int = 0) -> dict[str, Any]:
+        steps: int | None = None, failure_seed: int = 0, lr_scale: float | None = None) -> dict[str, Any]:
     """Trains every method at every rate; the clock is charged afterwards (:func:`finish`).
-    ``failure_seed`` draws another failure schedule (0: the published one)."""
+    ``failure_seed`` draws another failure schedule (0: the published one); ``lr_scale``: a
+    rebuilt stage's learning-rate factor (default :class:`CheckFreeOptions`'s, the paper's 1.1)."""
     t_start = time.perf_counter()
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # the simulator is sequential; one thread is the least disturbed by a loaded machine
     z = dict(SIZES[smoke])
     if steps:
         z["steps"] = steps
+    if lr_scale is not None:  # else the default, as every result published before the option
+        z["lr_scale"] = lr_scale
     spec = ModelSpec(**z["spec"])
     data = corpus(z["corpus_bytes"])
     batches = Batches(data, spec.seq_len, z["micro_batch"], SEED)
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--noise-seeds", type=int, default=0,
                     help="train only the failure-free run with N other seeds and publish its final losses "
                          f"({NOISE_JSON}: the seed-to-seed noise every result's final loss is judged against)")
+    ap.add_argument("--lr-scale", type=float, default=None,
+                    help="a rebuilt stage's learning rate as a factor of the base rate (default: "
+                         "CheckFreeOptions's, 1.1 as in the paper's code; the paper used 1.2 at 500M)")
     ap.add_argument("--failure-seed", type=int, default=0,
                     help="another seeded failure schedule, the same training (default 0: the published one)")
     a = ap.parse_args(argv)
@@ -347,7 +355,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--merge: cannot read {path}: {e}")
     if not 0 <= a.failure_seed < 1000:
         ap.error("--failure-seed must be in [0, 1000)")
-    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed)
+    if a.lr_scale is not None:
+        try:
+            CheckFreeOptions(lr_scale=a.lr_scale)
+        except ValueError as e:
+            ap.error(f"--lr-scale: {e}")
+    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed, a.lr_scale)
     if old is not None:
         r = merge(old, r)
         r = finish(r, dirs)

@@ -178,6 +178,22 @@ def test_checkfree_fallback_rebuilds_interior_stages_and_rolls_back_for_the_edge
     assert proc.returncode != 0 and "failure seed" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_lr_scale_reaches_every_rebuilt_stage_and_is_recorded(tmp_path):
+    """--lr-scale sets a rebuilt stage's learning-rate factor (the default is CheckFreeOptions's,
+    the paper's 1.1): every rebuild logs the factor it gave its fresh optimizer, the result
+    records it and the table names it; runs of the default record nothing, as before."""
+    out = tmp_path / "out"
+    r = _run(out, tmp_path, "no-failure,checkfree", "--lr-scale", "1.7")
+    assert r["sizes"]["lr_scale"] == 1.7
+    actions = [f["action"] for pr in r["per_rate"].values() for f in pr["runs"]["checkfree"]["failures"]]
+    assert actions and all(a.endswith("; lr x 1.7") for a in actions), actions
+    assert "a rebuilt stage's rate 1.7 x the base" in (out / "checkfree_modes.md").read_text()
+    r = _run(out, tmp_path, "no-failure,checkfree")
+    assert "lr_scale" not in r["sizes"]
+    actions = [f["action"] for pr in r["per_rate"].values() for f in pr["runs"]["checkfree"]["failures"]]
+    assert actions and all(a.endswith("; lr x 1.1") for a in actions), actions
+
+
 def test_noise_seeds_give_the_seed_to_seed_spread_every_result_is_judged_against(tmp_path):
     """--noise-seeds trains the failure-free run with other seeds (initialisation, data order)
     and publishes its final losses; a result of the same sizes and corpus then reports the

@@ -69,7 +69,7 @@ def test_checkfree_smoke_every_method_runs(tmp_path):
 
 def test_bad_arguments_are_named(tmp_path):
     for args, word in ((["--modes", "checkfree,bogus"], "bogus"), (["--modes", "checkfree"], "no-failure"),
-                       (["--rates", "7"], "7"), (["--retime"], "checkfree")):
+                       (["--rates", "7"], "7"), (["--retime"], "checkfree"), (["--lr-scale", "0"], "lr-scale")):
         proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", *args, "--out-dir", str(tmp_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and word in proc.stderr, (args, proc.stderr[-2000:])
