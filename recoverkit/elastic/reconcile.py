@@ -34,6 +34,14 @@ The flow (every rank of the new group, every collective bounded by ``timeout_s``
       raises RegroupError(reason="diverged") on every rank before the next broadcast, so
       no collective is left unmatched and no rank redoes the step alone
 
+A collective that fails midway (a second peer lost) leaves every rank either untouched or
+wholly at the source's position: a rank behind applies only after the whole payload arrived,
+its CRC32C matched and :func:`~recoverkit.state.stateful.apply` checked every part; the
+collectives after that (the last outcome all-gather) change nothing. So the trainer may
+re-form and reconcile again (the spread stays at most one step). A rank whose own part
+failed (a refused header, a failed apply) raises RegroupError even if the outcome all-gather
+fails too.
+
 Ranks ahead other than the source receive the broadcast too but keep their own state
 (identical to the source's); every rank takes part in every collective, so nobody waits on a
 rank that went on.
@@ -190,8 +198,18 @@ def _plan(doc: Any, max_bytes: int) -> tuple[Any, list[tuple[str, torch.dtype, t
 
 
 def _agreed(error: BaseException | None, src: int, what: str, timeout_s: float) -> None:
-    """Every rank says whether its part of ``what`` went well; any failure fails all ranks alike."""
-    oks = _gather([0 if error is None else 1], timeout_s, f"the outcome all-gather after {what}")
+    """Every rank says whether its part of ``what`` went well; any failure fails all ranks alike.
+
+    A rank that failed its part raises RegroupError even when this all-gather fails too (a
+    second peer lost): its state may be half-applied (a load that failed after the checks),
+    so it must not be reconciled again as if untouched."""
+    try:
+        oks = _gather([0 if error is None else 1], timeout_s, f"the outcome all-gather after {what}")
+    except Exception as e:
+        if error is None:
+            raise  # untouched, or wholly at the source's position: a re-forming may retry
+        raise _diverged(f"this rank failed at {what} from rank {src} ({type(error).__name__}: {error}), "
+                        f"and the outcome all-gather failed too ({type(e).__name__})") from error
     failed = [i for i, r in enumerate(oks) if r[0]]
     if failed:
         here = f" (here: {type(error).__name__}: {error})" if error is not None else ""

@@ -215,11 +215,17 @@ class Reshard:
             RegroupError: ``reason="restore"`` on every survivor alike when the build or the
                 restore failed on any of them (no step complete in memory across the old
                 world, nothing on disk either): fall back to the restart path.
+            RuntimeError, TimeoutError: the outcome all-gather failed (a second peer lost);
+                the new Checkpointer, if built, is abandoned (its memory kept), so the
+                trainer may re-form and call this again (the old one is not closed twice).
         """
         start = time.monotonic()
         old = self.current
-        closed = old.checkpointer.abandon(self.close_timeout_s)
-        self.abandoned.append(old.checkpointer)
+        if any(c is old.checkpointer for c in self.abandoned):  # a recovery retried after a second loss
+            closed = True
+        else:
+            closed = old.checkpointer.abandon(self.close_timeout_s)
+            self.abandoned.append(old.checkpointer)
         closed_at = time.monotonic()
         error: BaseException | None = None
         rebuilt: Rebuilt | None = None
@@ -235,7 +241,13 @@ class Reshard:
             restored_at = time.monotonic()
         except Exception as e:  # noqa: BLE001 - every survivor learns of it below, then raises alike
             error = e
-        rows = _gather([0 if error is None else 1, trainer.steps_done, step], self.timeout_s)
+        try:
+            rows = _gather([0 if error is None else 1, trainer.steps_done, step], self.timeout_s)
+        except BaseException:  # a second peer lost: the trainer may re-form and recover again
+            if rebuilt is not None:  # keep its memory, release its lock for the next build
+                rebuilt.checkpointer.abandon(self.close_timeout_s)
+                self.abandoned.append(rebuilt.checkpointer)
+            raise
         failed = [r for r, row in enumerate(rows) if row[0]]
         if failed or len({(row[1], row[2]) for row in rows}) != 1:
             if rebuilt is not None:  # the restart path restores from the memory it holds: keep it

@@ -37,6 +37,10 @@ The flow of :meth:`ElasticTrainer.step` (step ``k`` of epoch ``e``, ``G`` sample
                                             ahead (see reconcile's module doc)
               log: who was lost, how it was detected, how long re-forming and the
                    agreement took, which micro-batches of the step moved to this rank
+              a collective of the recovery fails (a second rank lost in reconcile, in
+              the rebuild or in DDP's construction: elastic/waits' recovering, by type)
+                                            -> log it, recover again from the membership
+                                               just formed, then redo step k
 
 A step is redone from scratch (gradients cleared) with the new assignment: the lost rank's
 micro-batches move to the survivors, so the global batch, its gradient scale and every
@@ -46,13 +50,13 @@ and in step ``k``'s on others; reconcile makes them agree before anything is red
 
 Every wait is bounded: collectives by ``collective_timeout_s`` or the group's timeout
 (``pg_timeout_s`` for re-formed groups), the re-forming by ``regroup_timeout_s``; a step
-gives up after ``max_recoveries_per_step`` re-formings. Detection, measured under torchrun
-on one host (tests/integrations/test_elastic_shrink.py): the survivors next to a SIGKILLed
-rank see their collective fail within ~20 ms; one whose pending collective never talks to
-it (the far side of gloo's ring, waiting for a send) is not woken by any reset and sees the
-loss through the heartbeat (``miss_s``) in every mode; a DDP model's reduction in the
-backward pass asks it only through a ``SumHookState(abort=...)`` hook (otherwise: the
-group's timeout).
+gives up after ``max_recoveries_per_step`` re-formings (one whose recovery failed counts).
+Detection, measured under torchrun on one host (tests/integrations/test_elastic_shrink.py):
+the survivors next to a SIGKILLed rank see their collective fail within ~20 ms; one whose
+pending collective never talks to it (the far side of gloo's ring, waiting for a send) is
+not woken by any reset and sees the loss through the heartbeat (``miss_s``) in every mode;
+a DDP model's reduction in the backward pass asks it only through a
+``SumHookState(abort=...)`` hook (otherwise: the group's timeout).
 Keep ``regroup_timeout_s`` above those bounds, or a late survivor is left out.
 
 Example::
@@ -79,7 +83,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..distributed.global_grad import (
     OrderedGradSum,
@@ -95,7 +98,7 @@ from .grow import Grow, at_boundary, receive
 from .options import ElasticOptions
 from .reconcile import Reconciled, reconcile
 from .reshard import Reshard
-from .waits import Lost, reducing
+from .waits import Lost, recovering, reducing, release_group
 
 __all__ = ["ElasticTrainer", "StepResult", "Recovery", "LossFn"]
 
@@ -117,13 +120,21 @@ class Recovery:
         detected_at: ``time.time()`` when the failure surfaced on this rank.
         heartbeat_lost_at: ``time.monotonic()`` when the heartbeat first saw a dead member
             (``None``: no heartbeat, or it saw nothing).
-        lost: launch ranks lost in this re-forming.
+        lost: launch ranks lost in this re-forming (the previous generation's members not
+            in the new one). A step that re-forms more than once has one record per
+            re-forming, each naming its own losses: the union over the step's records names
+            every launch rank lost during the step.
         generation, world_size: the new membership.
         regroup_s: seconds :func:`regroup` took; ``regroup_phases_s`` its split.
         reconcile: what the agreement on the completed step did.
         moved: global micro-batch indices of the redone step this rank runs now and did
             not run before the failure.
         redo_s: seconds the redone step took (``None`` until it completed).
+        failed: ``None``, or how the recovery itself failed after this generation formed
+            (a collective of the agreement, of the rebuild or of DDP's construction: a
+            second rank lost): the trainer re-formed again (the next record). Such a record
+            has ``moved=()``; if the agreement itself failed, a ``reconcile`` that agreed
+            nothing (this rank's ``steps_done``, the seconds until the failure).
     """
 
     step: int
@@ -139,6 +150,7 @@ class Recovery:
     reconcile: Reconciled
     moved: tuple[int, ...]
     redo_s: float | None = None
+    failed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,8 @@ class StepResult:
         micro_batches: their global micro-batch indices.
         world_size: the world the step completed in.
         seconds: wall time of the step, recoveries included.
-        recoveries: the recoveries this step went through.
+        recoveries: the recoveries this step went through, one per re-forming (a failed
+            one included, :attr:`Recovery.failed`).
         grows: the admissions of joiners at this step's boundary (:mod:`.admit`, :mod:`.grow`).
     """
 
@@ -211,6 +224,13 @@ class ElasticTrainer:
             (:class:`~recoverkit.elastic.zero.ZeroOptimizer`, any mode, "ordered" bit for bit
             across a shrink): its step's all-gather is watched as a collective; without
             ``rebuild`` a loss there raises RegroupError, reason "restore" (the restart path).
+
+    A second rank lost while a recovery runs (after the new group formed: in the agreement,
+    the rebuild or DDP's construction) is a loss like any other: the trainer re-forms again
+    from the membership just formed and then redoes the step, within
+    ``max_recoveries_per_step`` re-formings. The agreement applies a received state only
+    once it all arrived and was checked, so a recovery cut short leaves every rank either
+    untouched or wholly at the source's position.
 
     Stateful: ``state_dict()`` holds ``steps_done``, the sampler's state and the membership
     (generation, launch ranks) for the record; ``load_state_dict`` restores the first two
@@ -274,12 +294,20 @@ class ElasticTrainer:
     def step(self) -> StepResult:
         """Runs the next step of the sampler; recovers from lost ranks and redoes it.
 
+        A collective that fails during a recovery, after the new group formed (a second
+        rank lost in the agreement, the rebuild or DDP's construction), is a loss too: the
+        trainer re-forms again and redoes the step; each re-forming counts, failed or not.
+
         Raises:
             RegroupError: in-process recovery is impossible (the store's node was lost,
-                this rank was left out, no agreement in time, or the survivors diverged):
-                fall back to the restart path.
-            RuntimeError, TimeoutError: a collective failed ``max_recoveries_per_step``
-                times in a row, each time after a re-forming.
+                this rank was left out, no agreement in time, the survivors diverged or a
+                rank could not apply the state it received, a sharded model's survivors
+                could not restore one step): fall back to the restart path. Raised as it is
+                also when it arises inside a recovery; so is every other recoverkit error
+                (``IntegrityError`` ...).
+            RuntimeError, TimeoutError: a collective failed (in a step or in a recovery)
+                after ``max_recoveries_per_step`` re-formings of this step: the last
+                failure's own error.
         """
         start = time.monotonic()
         done: list[Recovery] = []
@@ -294,10 +322,15 @@ class ElasticTrainer:
                     grown.append(grew)
                 result = self._attempt()
             except Lost as lost:
-                lost.release()
-                if len(done) >= self.options.max_recoveries_per_step:
-                    raise (lost.cause or RuntimeError(lost.how)) from lost
-                done.append(self._recover(lost))
+                k = self.sampler.step  # what this rank ran (or was to run) before the failure
+                before = (k, frozenset(mb.index for mb in self.assignment(k)))
+                again: Lost | None = lost
+                while again is not None:  # a recovery cut short by a second loss: re-form again
+                    again.release()
+                    if len(done) >= self.options.max_recoveries_per_step:
+                        raise (again.cause or RuntimeError(again.how)) from again
+                    recovery, again = self._recover(again, before, len(done) + 1)
+                    done.append(recovery)
                 continue
             if done:
                 redo = time.monotonic() - self._attempt_started
@@ -401,10 +434,12 @@ class ElasticTrainer:
 
     # ------------------------------------------------------------------ recovery
 
-    def _recover(self, lost: Lost) -> Recovery:
+    def _recover(self, lost: Lost, before: tuple[int, frozenset[int]], nth: int) -> tuple[Recovery, Lost | None]:
+        """One re-forming (the ``nth`` of this step): its record, and the loss that cut its
+        recovery short after the new group formed (``None``: recovered). ``before``: the
+        step and micro-batches this rank ran when the step first failed."""
         o, old = self.options, self.membership
         epoch, k = self.sampler.epoch, self.sampler.step
-        before = {mb.index for mb in self.assignment(k)}
         log.warning(
             "elastic: step %d (epoch %d, generation %d, world %d): %s; re-forming the group",
             k, epoch, old.generation, old.world_size, lost.how,
@@ -414,7 +449,7 @@ class ElasticTrainer:
         if lost.group is not None:  # a collective may still be pending on it: never join its threads
             self._abandoned.append(lost.group)
         lost.group = None
-        _release_group()
+        release_group()
         teardown = time.monotonic() - teardown
         self.membership = regroup(
             self.store,
@@ -425,29 +460,21 @@ class ElasticTrainer:
             pg_timeout_s=o.pg_timeout_s,
         )  # RegroupError propagates: the restart path
         new = self.membership
-        if self._rebuild is not None:  # sharded: rebuilt, restored from memory (trainer position too)
-            rec: Reconciled = self._rebuild.recover(self, new)
-            self._params = [p for p in self.model.parameters() if p.requires_grad]
-        elif getattr(self.optimizer, "collective_step", False):  # partitioned: no rank holds it all
-            raise RegroupError(
-                "elastic: the optimizer's state is partitioned over the ranks (a collective step, e.g. "
-                "ZeroOptimizer): the lost rank's part is only in the snapshots; pass rebuild=Reshard(...)",
-                reason="restore",
-            )
-        else:
-            rec = reconcile(
-                {"model": self.model, "optimizer": self.optimizer, "trainer": self},
-                steps_done=self.steps_done,
-                epoch=self.sampler.epoch,
-                step=self.sampler.step,
-                generation=new.generation,
-                max_bytes=self._sync_max_bytes(),
-                timeout_s=o.pg_timeout_s,
-            )
-        if self._wrap is not None:
-            self.ddp = self._wrap(self.model)  # DDP binds its group when built: on the new one
+        agreeing = time.monotonic()
+        failed: Lost | None = None
+        rec: Reconciled | None = None
+        try:  # a collective failing here, on the new group, is a second loss (RegroupError is not)
+            with recovering("the rebuild" if self._rebuild is not None else "the agreement on the completed step"):
+                rec = self._agree(new)
+            if self._wrap is not None:
+                with recovering("DDP's construction on the new group"):
+                    self.ddp = self._wrap(self.model)  # DDP binds its group when built: on the new one
+        except Lost as e:
+            failed = e
+        if rec is None:  # the agreement itself failed: it agreed nothing
+            rec = Reconciled(steps_done=self.steps_done, seconds=time.monotonic() - agreeing)
         k2 = self.sampler.step
-        moved = tuple(sorted({mb.index for mb in self.assignment(k2)} - (before if k2 == k else set())))
+        moved = () if failed else tuple(sorted({mb.index for mb in self.assignment(k2)} - (before[1] if k2 == before[0] else set())))
         recovery = Recovery(
             step=k2,
             epoch=self.sampler.epoch,
@@ -461,7 +488,17 @@ class ElasticTrainer:
             regroup_phases_s=(("teardown", teardown), *((n, t) for n, t in new.phases_s if n != "teardown")),
             reconcile=rec,
             moved=moved,
+            failed=failed.how if failed else None,
         )
+        self.recoveries.append(recovery)
+        if failed is not None:
+            log.warning(
+                "elastic: step %d: the recovery into generation %d (lost launch rank(s) %s, world %d) failed "
+                "after the group formed: %s; %s (re-formings of this step: %d of at most %d)",
+                k2, new.generation, list(new.lost), new.world_size, failed.how,
+                "re-forming again" if nth < o.max_recoveries_per_step else "giving up", nth, o.max_recoveries_per_step,
+            )
+            return recovery, failed
         log.warning(
             "elastic: generation %d formed: lost launch rank(s) %s, world %d -> %d, this rank %d -> %d; "
             "detected by %s, re-formed in %.3f s (%s) %.3f s after detection; steps agreed at %d "
@@ -472,8 +509,30 @@ class ElasticTrainer:
             "all equal" if rec.source is None else f"rank(s) {list(rec.behind)} took {rec.nbytes} bytes from rank {rec.source}",
             rec.seconds, k2, [mb.index for mb in self.assignment(k2)], list(moved),
         )
-        self.recoveries.append(recovery)
-        return recovery
+        return recovery, None
+
+    def _agree(self, new: Membership) -> Reconciled:
+        """After a re-forming: a sharded model rebuilt and restored from memory (the trainer's
+        position too), or the survivors' agreement on the completed step (:func:`reconcile`)."""
+        if self._rebuild is not None:
+            rec: Reconciled = self._rebuild.recover(self, new)
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+            return rec
+        if getattr(self.optimizer, "collective_step", False):  # partitioned: no rank holds it all
+            raise RegroupError(
+                "elastic: the optimizer's state is partitioned over the ranks (a collective step, e.g. "
+                "ZeroOptimizer): the lost rank's part is only in the snapshots; pass rebuild=Reshard(...)",
+                reason="restore",
+            )
+        return reconcile(
+            {"model": self.model, "optimizer": self.optimizer, "trainer": self},
+            steps_done=self.steps_done,
+            epoch=self.sampler.epoch,
+            step=self.sampler.step,
+            generation=new.generation,
+            max_bytes=self._sync_max_bytes(),
+            timeout_s=self.options.pg_timeout_s,
+        )
 
     def _sync_max_bytes(self) -> int:
         if self.options.sync_max_bytes is not None:
@@ -519,19 +578,3 @@ class ElasticTrainer:
         self.sampler.load_state_dict(state_dict["sampler"])
         self.steps_done = state_dict["steps_done"]
         self.resumed_membership = (state_dict["generation"], tuple(state_dict["members"]))
-
-
-def _release_group() -> None:
-    """Destroys the failed default group (its state is dropped even if it is broken).
-
-    Not followed by a full ``gc.collect()``: freeing the group would close its connections
-    and wake a peer blocked *receiving* from this rank (measured outside the trainer: ~0.2 s
-    instead of the group's timeout), but in the trainer the group outlived a full collection
-    (a holder outside Python's reach), so the collection only cost 0.1-0.6 s of every
-    recovery on a loaded 2-core machine. Far-side survivors are woken by the heartbeat.
-    """
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001, S110 - a broken group: its state is dropped all the same
-            pass

@@ -1,6 +1,6 @@
 """The job of test_elastic_shrink.py: a float64 MLP trained by ElasticTrainer on 4 nodes.
 
-``python -m tests.integrations.elastic_worker OUT MODE VICTIM KILL_STEP STEPS PG_TIMEOUT_S [ddp]``
+``python -m tests.integrations.elastic_worker OUT MODE VICTIM KILL_STEP STEPS PG_TIMEOUT_S [ddp] [second=R:WHERE]``
 under one torchrun agent per simulated node (``RECOVERKIT_NODE``), one rank each. Each rank
 writes ``pid-<node>-<rank>`` (its pid), trains ``STEPS`` steps with
 :class:`~recoverkit.elastic.ElasticTrainer` in ``MODE`` and, after each completed step,
@@ -14,6 +14,13 @@ destroy_process_group(); os._exit(0)`` (``exit-<launch rank>`` just before).
 
 With ``ddp``, the trainer wraps the model in DDP (re-wrapped on the new group after the
 re-forming); mode "global" registers the SUM hook with a state whose waits ask the heartbeat.
+
+With ``second=R:WHERE`` (tests/integrations/test_elastic_second_loss.py), launch rank ``R``
+is a second victim, lost while the survivors recover from the first: on that rank only, the
+recovery after the re-forming stops, writes ``paused2`` and waits (bounded) for the test's
+SIGKILL of its node, where ``WHERE`` says: ``reconcile`` (entering the agreement on the
+completed step: the ``reconcile`` the trainer module imported, wrapped) or ``wrap`` (the
+second call of the DDP ``wrap=``, on the new group, after the agreement completed).
 
 The model, data, sampler and loss are built by the functions below, which the test process
 uses for its failure-free reference.
@@ -119,7 +126,32 @@ def _ddp(mode: str, heartbeat: Any) -> Any:
     return wrap
 
 
-def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeout_s: float, ddp: bool) -> None:
+def _second_victim(out: str, rank: int, where: str, wrap: Any) -> Any:
+    """Failure injection on the second victim only: its recovery stops where ``where`` says
+    (module doc) until the test kills its node; returns the ``wrap=`` to use."""
+    import recoverkit.elastic.trainer as trainer_module
+
+    def pause(*_: Any, **__: Any) -> Any:
+        _write(os.path.join(out, "paused2"), rank)
+        time.sleep(PAUSE_LIMIT_S)  # the test SIGKILLs this node meanwhile
+        _finish(4, False)
+
+    if where == "reconcile":
+        trainer_module.reconcile = pause  # type: ignore[assignment]
+        return wrap
+    if where != "wrap" or wrap is None:
+        raise SystemExit(f"second victim: unknown stop {where!r} (or 'wrap' without ddp)")
+    calls = [0]
+
+    def paused_wrap(model: torch.nn.Module) -> torch.nn.Module:
+        calls[0] += 1
+        return wrap(model) if calls[0] == 1 else pause()
+
+    return paused_wrap
+
+
+def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeout_s: float, ddp: bool,
+         second: tuple[int, str] | None = None) -> None:
     import torch.distributed as dist
 
     from recoverkit.distributed.regroup import Heartbeat, Membership, job_store
@@ -156,9 +188,12 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
     # waits longer than any of them
     options = ElasticOptions(mode=mode, regroup_timeout_s=2 * pg_timeout_s, join_window_s=5.0,  # type: ignore[arg-type]
                              pg_timeout_s=pg_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    wrap = _ddp(mode, heartbeat) if ddp else None
+    if second is not None and second[0] == rank:
+        wrap = _second_victim(out, rank, second[1], wrap)
     trainer = ElasticTrainer(
         model, opt, make_sampler(), loss_fn, store=store, membership=membership, seed=SEED,
-        options=options, heartbeat=heartbeat, wrap=_ddp(mode, heartbeat) if ddp else None,
+        options=options, heartbeat=heartbeat, wrap=wrap,
     )
     log_path = os.path.join(out, f"steps-{rank}.jsonl")
     result: dict[str, Any] = {"launch_rank": rank}
@@ -189,6 +224,7 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
                 "lost": list(rec.lost), "world_size": rec.world_size, "regroup_s": rec.regroup_s,
                 "regroup_phases_s": dict(rec.regroup_phases_s), "reconcile_s": rec.reconcile.seconds,
                 "reconcile_source": rec.reconcile.source, "moved": list(rec.moved), "redo_s": rec.redo_s,
+                "generation": rec.generation, "failed": rec.failed,
             }
             for rec in trainer.recoveries
         ],
@@ -202,4 +238,7 @@ def main(out: str, mode: str, victim: int, kill_step: int, steps: int, pg_timeou
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), float(a[5]), a[6:] == ["ddp"])
+    flags = a[6:]
+    spec = next((f.removeprefix("second=") for f in flags if f.startswith("second=")), None)
+    main(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), float(a[5]), "ddp" in flags,
+         (int(spec.split(":")[0]), spec.split(":")[1]) if spec else None)

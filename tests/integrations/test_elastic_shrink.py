@@ -104,7 +104,7 @@ def reference(steps: int = STEPS) -> tuple[list[float], dict[str, str], list[tor
 
 
 def _launch(base: str, mode: str, victim: int, env_extra: dict[str, str], pg_timeout_s: float = PG_TIMEOUT_S,
-            ddp: bool = False) -> tuple[list[subprocess.Popen], str]:
+            ddp: bool = False, flags: tuple[str, ...] = ()) -> tuple[list[subprocess.Popen], str]:
     out = os.path.join(base, "out")
     os.makedirs(out, exist_ok=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -115,7 +115,7 @@ def _launch(base: str, mode: str, victim: int, env_extra: dict[str, str], pg_tim
         cmd += ["--nnodes=3:4", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=elastic", "--max-restarts=0", "--monitor-interval=0.1",
                 "-m", "tests.integrations.elastic_worker",
-                out, mode, str(victim), str(KILL_STEP), str(STEPS), str(pg_timeout_s)] + (["ddp"] if ddp else [])
+                out, mode, str(victim), str(KILL_STEP), str(STEPS), str(pg_timeout_s)] + (["ddp"] if ddp else []) + list(flags)
         env = dict(torchrun_env(), RECOVERKIT_NODE=node, **env_extra)
         log = open(os.path.join(base, f"agent-{node}.log"), "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -149,8 +149,9 @@ def _pids(out: str) -> dict[int, tuple[str, int]]:
     return found
 
 
-def _kill_node_of(procs: list[subprocess.Popen], out: str, rank: int) -> None:
-    """SIGKILL the node running launch rank ``rank``: its agent's process group and its worker."""
+def _kill_node_of(procs: list[subprocess.Popen], out: str, rank: int, marker: str = "killed") -> None:
+    """SIGKILL the node running launch rank ``rank``: its agent's process group and its worker;
+    the time of the kill goes to ``out/<marker>``."""
     node, pid = _pids(out)[rank]
     t = time.time()
     os.killpg(procs[NODES.index(node)].pid, signal.SIGKILL)
@@ -158,9 +159,9 @@ def _kill_node_of(procs: list[subprocess.Popen], out: str, rank: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    with open(os.path.join(out, "killed.tmp"), "w") as f:
+    with open(os.path.join(out, f"{marker}.tmp"), "w") as f:
         f.write(repr(t))
-    os.replace(os.path.join(out, "killed.tmp"), os.path.join(out, "killed"))
+    os.replace(os.path.join(out, f"{marker}.tmp"), os.path.join(out, marker))
 
 
 def _end(procs: list[subprocess.Popen], out: str) -> None:
