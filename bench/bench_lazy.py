@@ -43,15 +43,12 @@ from ._lazy_model import (
     FWD_BWD_PER_MEMCPY,
     LAYERS,
     _calibrate,
-    _fwd_bwd,
     _model,
     _nbytes,
-    _opt_step,
     _state_dict,
     _tensors,
 )
 from ._lazy_phases import (
-    _dcp_stager,
     _iterations,
     _process_group,
     _restore_dcp_load,
@@ -66,25 +63,7 @@ from ._lazy_report import _plot, table
 from .machine import describe, median
 from .report import publish
 
-# the public names, and the private ones other modules imported from here before the split into
-# stage modules (bench._torchft: _model, _fwd_bwd, _opt_step; bench_overhead: the others), still
-# importable
-__all__ = [
-    "TARGETS",
-    "FWD_BWD_PER_MEMCPY",
-    "LAYERS",
-    "_model",
-    "_tensors",
-    "_nbytes",
-    "_fwd_bwd",
-    "_opt_step",
-    "_calibrate",
-    "_state_dict",
-    "_dcp_stager",
-    "run",
-    "table",
-    "main",
-]
+__all__ = ["TARGETS", "FWD_BWD_PER_MEMCPY", "LAYERS", "run", "table", "main"]
 
 TARGETS = {
     "stall_vs_torch_save": 0.02,
