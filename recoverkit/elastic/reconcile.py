@@ -11,7 +11,8 @@ reached the others, whose step ``k`` collective then failed. That rank's step ``
 correct (its reduction had every contribution); the others must not redo ``k`` on their
 own, or the replicas would part for good.
 
-The flow (every rank of the new group, every collective bounded by ``timeout_s``)::
+The flow (every rank of the new group, every collective bounded by ``timeout_s`` and given up
+when ``abort``, the trainer's heartbeat, sees a member lost meanwhile)::
 
     all_gather (steps_done, epoch, step, generation)   each survivor's position
       all equal                      -> nothing to do
@@ -57,7 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed.global_grad import wait_collective
+from ..distributed.global_grad import POLL_S, Abort, wait_collective
 from ..errors import IntegrityError, RecoverkitError, RegroupError
 from ..format.checksum import crc32c, hexcrc
 from ..format.dtypes import dtype_name, from_bytes, itemsize, storable_by_name, to_bytes_view
@@ -95,20 +96,30 @@ class Reconciled:
     seconds: float = 0.0
 
 
-def _wait(work: Any, timeout_s: float, what: str) -> None:
-    wait_collective(work, f"reconcile: {what}", timeout_s=timeout_s)
+@dataclass(frozen=True)
+class _Waits:
+    """How every collective of one agreement is waited for: at most ``timeout_s``, and given
+    up once ``abort`` (asked every ``poll_s``) names a reason (the trainer's heartbeat: a
+    member lost meanwhile)."""
+
+    timeout_s: float
+    abort: Abort | None = None
+    poll_s: float = POLL_S
+
+    def __call__(self, work: Any, what: str) -> None:
+        wait_collective(work, f"reconcile: {what}", timeout_s=self.timeout_s, abort=self.abort, poll_s=self.poll_s)
 
 
-def _gather(values: list[int], timeout_s: float, what: str) -> list[list[int]]:
+def _gather(values: list[int], wait: _Waits, what: str) -> list[list[int]]:
     world = dist.get_world_size()
     mine = torch.tensor(values, dtype=torch.int64)
     out = [torch.zeros_like(mine) for _ in range(world)]
-    _wait(dist.all_gather(out, mine, async_op=True), timeout_s, what)
+    wait(dist.all_gather(out, mine, async_op=True), what)
     return [[int(v) for v in t.tolist()] for t in out]
 
 
-def _broadcast(t: torch.Tensor, src: int, timeout_s: float, what: str) -> None:
-    _wait(dist.broadcast(t, src, async_op=True), timeout_s, what)
+def _broadcast(t: torch.Tensor, src: int, wait: _Waits, what: str) -> None:
+    wait(dist.broadcast(t, src, async_op=True), what)
 
 
 def _pad(n: int) -> int:
@@ -197,14 +208,14 @@ def _plan(doc: Any, max_bytes: int) -> tuple[Any, list[tuple[str, torch.dtype, t
     return doc["skeleton"], plan, nbytes, crc
 
 
-def _agreed(error: BaseException | None, src: int, what: str, timeout_s: float) -> None:
+def _agreed(error: BaseException | None, src: int, what: str, wait: _Waits) -> None:
     """Every rank says whether its part of ``what`` went well; any failure fails all ranks alike.
 
     A rank that failed its part raises RegroupError even when this all-gather fails too (a
     second peer lost): its state may be half-applied (a load that failed after the checks),
     so it must not be reconciled again as if untouched."""
     try:
-        oks = _gather([0 if error is None else 1], timeout_s, f"the outcome all-gather after {what}")
+        oks = _gather([0 if error is None else 1], wait, f"the outcome all-gather after {what}")
     except Exception as e:
         if error is None:
             raise  # untouched, or wholly at the source's position: a re-forming may retry
@@ -216,13 +227,13 @@ def _agreed(error: BaseException | None, src: int, what: str, timeout_s: float) 
         raise _diverged(f"rank(s) {failed[:16]} failed at {what} from rank {src}{here}") from error
 
 
-def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_bytes: int, timeout_s: float) -> int:
+def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_bytes: int, wait: _Waits) -> int:
     """Sizes, header, payload from ``src``; an outcome all-gather after each, so a rank that
     refuses what it got stops every rank before the next broadcast (no collective left
     unmatched). Returns the payload bytes."""
     header, payload = _pack(state) if rank == src else (b"", torch.empty(0, dtype=torch.uint8))
     sizes = torch.tensor([len(header), payload.numel()], dtype=torch.int64)
-    _broadcast(sizes, src, timeout_s, "the size broadcast")
+    _broadcast(sizes, src, wait, "the size broadcast")
     n, nbytes = (int(v) for v in sizes.tolist())
     limit = min(HEADER_MAX_BYTES, max_bytes)
     error: BaseException | None = None
@@ -231,9 +242,9 @@ def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_b
             f"reconcile: rank {src} announced a {n}-byte header and a {nbytes}-byte payload; "
             f"accepted: 1..{limit} and 0..{max_bytes} (ElasticOptions.sync_max_bytes)"
         )
-    _agreed(error, src, "the size broadcast", timeout_s)
+    _agreed(error, src, "the size broadcast", wait)
     buf = torch.frombuffer(bytearray(header), dtype=torch.uint8) if rank == src else torch.empty(n, dtype=torch.uint8)
-    _broadcast(buf, src, timeout_s, "the header broadcast")
+    _broadcast(buf, src, wait, "the header broadcast")
     plan: Any = None
     if rank != src:
         try:
@@ -242,11 +253,11 @@ def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_b
                 raise IntegrityError(f"reconcile: the header describes {plan[2]} payload bytes; {nbytes} were announced")
         except RecoverkitError as e:  # decode and _plan raise IntegrityError only
             error = e
-    _agreed(error, src, "the header", timeout_s)
+    _agreed(error, src, "the header", wait)
     if rank != src:
         payload = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
-        _broadcast(payload, src, timeout_s, "the state broadcast")
+        _broadcast(payload, src, wait, "the state broadcast")
     if rank != src and behind:
         try:
             skeleton, entries, _, crc = plan
@@ -258,7 +269,7 @@ def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_b
             apply(dict(state), unflatten(skeleton, _tensors(entries, payload)))
         except Exception as e:  # noqa: BLE001 - any refusal must reach every rank, not strand them
             error = e
-    _agreed(error, src, "applying the state", timeout_s)
+    _agreed(error, src, "applying the state", wait)
     return nbytes
 
 
@@ -288,6 +299,8 @@ def reconcile(
     generation: int,
     max_bytes: int,
     timeout_s: float,
+    abort: Abort | None = None,
+    poll_s: float = POLL_S,
 ) -> Reconciled:
     """Agree with every rank of the default group on the completed steps; bring the ranks
     one step behind to the state of the ranks ahead (module doc for the protocol).
@@ -304,6 +317,9 @@ def reconcile(
         max_bytes: the most payload bytes this rank accepts (the header is also capped by
             :data:`HEADER_MAX_BYTES`).
         timeout_s: bound on each collective's wait.
+        abort: asked every ``poll_s`` while a collective is pending; a reason it names gives
+            the collective up (the trainer's heartbeat: a member lost during the agreement,
+            which a rank not talking to it would otherwise wait ``timeout_s`` for).
 
     Raises:
         RegroupError: ``reason="diverged"``: the positions cannot be reconciled (more than
@@ -311,6 +327,8 @@ def reconcile(
             could not apply the state it received. Raised on every rank alike.
         TimeoutError: a collective did not complete within ``timeout_s``
             (:class:`~recoverkit.errors.PeerTimeoutError`).
+        PeerLostError: ``abort`` named a reason while a collective was pending (it may
+            still be pending in the group's thread).
         RuntimeError: a collective failed (a peer's connection reset), the backend's error.
 
     Example:
@@ -320,7 +338,8 @@ def reconcile(
     """
     start = time.monotonic()
     rank = dist.get_rank()
-    rows = _gather([steps_done, epoch, step, generation], timeout_s, "the position all-gather")
+    wait = _Waits(timeout_s, abort, poll_s)
+    rows = _gather([steps_done, epoch, step, generation], wait, "the position all-gather")
     done = [r[0] for r in rows]
     top, low = max(done), min(done)
     if top == low and len({tuple(r) for r in rows}) == 1:
@@ -335,5 +354,5 @@ def reconcile(
         raise _diverged(f"the ranks that completed step {top} disagree on the data position ({table})")
     src = ahead[0]
     behind = tuple(i for i, r in enumerate(rows) if r[0] != top)
-    nbytes = _transfer(state, rank, src, rank in behind, max_bytes, timeout_s)
+    nbytes = _transfer(state, rank, src, rank in behind, max_bytes, wait)
     return Reconciled(steps_done=top, source=src, behind=behind, nbytes=nbytes, seconds=time.monotonic() - start)

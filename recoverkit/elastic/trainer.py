@@ -532,6 +532,8 @@ class ElasticTrainer:
             generation=new.generation,
             max_bytes=self._sync_max_bytes(),
             timeout_s=self.options.pg_timeout_s,
+            abort=self._seen_lost,  # a member lost during the agreement: given up at the heartbeat's miss
+            poll_s=self.options.poll_s,
         )
 
     def _sync_max_bytes(self) -> int:

@@ -439,6 +439,41 @@ def test_a_state_over_a_receivers_cap_fails_every_rank_alike_without_a_hang():
         assert res.startswith("diverged: ") and "rank(s) [2]" in res, res
 
 
+def _far_side(rank: int, world: int) -> dict:
+    import time
+
+    from recoverkit.elastic import reconcile
+    from recoverkit.errors import PeerLostError
+
+    if rank == 2:  # alive but never joins the agreement, as a member frozen during it
+        time.sleep(8.0)
+        return {"absent": True}
+    t = _trainer(rank, world)
+    start = time.monotonic()
+    verdict = lambda: "launch rank(s) [2] stopped beating" if time.monotonic() - start > 0.5 else None  # noqa: E731
+    try:
+        reconcile({"model": t.model, "optimizer": t.optimizer, "trainer": t}, steps_done=t.steps_done,
+                  epoch=t.sampler.epoch, step=t.sampler.step, generation=0, max_bytes=1 << 24,
+                  timeout_s=60, abort=verdict, poll_s=0.05)
+    except PeerLostError as e:
+        return {"error": "PeerLostError", "message": str(e), "after_s": time.monotonic() - start}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": type(e).__name__, "message": str(e), "after_s": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_the_agreement_gives_up_a_pending_collective_when_the_heartbeat_sees_a_member_lost():
+    """A member lost during the agreement (after the new group formed) is seen by the ranks
+    waiting for it through the heartbeat's verdict (abort=), not after the collective's whole
+    timeout (60 s here): they raise PeerLostError, which the trainer turns into another
+    re-forming. Rank 2 stays alive for 8 s so that no connection reset wakes the others."""
+    results = run_world(3, _far_side, timeout_s=120, final_barrier=False)
+    assert results[2] == {"absent": True}
+    for res in results[:2]:
+        assert res["error"] == "PeerLostError" and "stopped beating" in res["message"], res
+        assert res["after_s"] < 5.0, res
+
+
 def test_the_options_examples_run_and_bad_options_are_named():
     import doctest
 
