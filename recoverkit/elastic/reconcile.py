@@ -65,6 +65,7 @@ from ..format.dtypes import dtype_name, from_bytes, itemsize, storable_by_name, 
 from ..state.codec import decode, encode
 from ..state.flatten import flatten, unflatten
 from ..state.stateful import apply, capture
+from .waits import lost_peer
 
 __all__ = ["Reconciled", "reconcile", "HEADER_MAX_BYTES"]
 
@@ -107,7 +108,12 @@ class _Waits:
     poll_s: float = POLL_S
 
     def __call__(self, work: Any, what: str) -> None:
-        wait_collective(work, f"reconcile: {what}", timeout_s=self.timeout_s, abort=self.abort, poll_s=self.poll_s)
+        try:
+            wait_collective(work, f"reconcile: {what}", timeout_s=self.timeout_s, abort=self.abort, poll_s=self.poll_s)
+        except RecoverkitError:  # given up (the heartbeat, the timeout): a lost peer already
+            raise
+        except RuntimeError as e:  # the backend's error: a peer's reset, the group's timeout
+            raise lost_peer(f"reconcile: {what}", e) from e
 
 
 def _gather(values: list[int], wait: _Waits, what: str) -> list[list[int]]:
@@ -231,13 +237,18 @@ def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_b
     """Sizes, header, payload from ``src``; an outcome all-gather after each, so a rank that
     refuses what it got stops every rank before the next broadcast (no collective left
     unmatched). Returns the payload bytes."""
-    header, payload = _pack(state) if rank == src else (b"", torch.empty(0, dtype=torch.uint8))
+    header, payload = b"", torch.empty(0, dtype=torch.uint8)
+    error: BaseException | None = None
+    if rank == src:
+        try:
+            header, payload = _pack(state)
+        except Exception as e:  # noqa: BLE001 - an empty header announced: every rank refuses it below
+            error = e
     sizes = torch.tensor([len(header), payload.numel()], dtype=torch.int64)
     _broadcast(sizes, src, wait, "the size broadcast")
     n, nbytes = (int(v) for v in sizes.tolist())
     limit = min(HEADER_MAX_BYTES, max_bytes)
-    error: BaseException | None = None
-    if not (0 < n <= limit and 0 <= nbytes <= max_bytes):
+    if error is None and not (0 < n <= limit and 0 <= nbytes <= max_bytes):
         error = IntegrityError(
             f"reconcile: rank {src} announced a {n}-byte header and a {nbytes}-byte payload; "
             f"accepted: 1..{limit} and 0..{max_bytes} (ElasticOptions.sync_max_bytes)"
@@ -251,11 +262,11 @@ def _transfer(state: Mapping[str, Any], rank: int, src: int, behind: bool, max_b
             plan = _plan(decode(buf.numpy().tobytes()), nbytes)
             if plan[2] != nbytes:
                 raise IntegrityError(f"reconcile: the header describes {plan[2]} payload bytes; {nbytes} were announced")
-        except RecoverkitError as e:  # decode and _plan raise IntegrityError only
+            # allocated before the outcome is agreed: a rank that cannot fails every rank alike
+            payload = torch.empty(nbytes, dtype=torch.uint8)
+        except (RecoverkitError, RuntimeError, MemoryError) as e:  # IntegrityError; an allocation
             error = e
     _agreed(error, src, "the header", wait)
-    if rank != src:
-        payload = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         _broadcast(payload, src, wait, "the state broadcast")
     if rank != src and behind:

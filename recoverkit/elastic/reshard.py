@@ -82,9 +82,10 @@ import torch.distributed as dist
 
 from ..distributed.global_grad import wait_collective
 from ..distributed.regroup import Membership
-from ..errors import RegroupError
+from ..errors import RecoverkitError, RegroupError
 from ..state.sharded import ShardedTensor
 from .reconcile import Reconciled
+from .waits import lost_peer
 
 if TYPE_CHECKING:
     from ..checkpointer import Checkpointer
@@ -281,7 +282,12 @@ class Reshard:
 def _gather(values: list[int], timeout_s: float) -> list[list[int]]:
     mine = torch.tensor(values, dtype=torch.int64)
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    wait_collective(dist.all_gather(out, mine, async_op=True), "reshard: the outcome all-gather", timeout_s=timeout_s)
+    try:
+        wait_collective(dist.all_gather(out, mine, async_op=True), "reshard: the outcome all-gather", timeout_s=timeout_s)
+    except RecoverkitError:  # given up: the timeout
+        raise
+    except RuntimeError as e:  # the backend's error: a peer's reset, the group's timeout
+        raise lost_peer("reshard: the outcome all-gather", e) from e
     return [[int(v) for v in t.tolist()] for t in out]
 
 

@@ -305,9 +305,14 @@ class ElasticTrainer:
                 could not restore one step): fall back to the restart path. Raised as it is
                 also when it arises inside a recovery; so is every other recoverkit error
                 (``IntegrityError`` ...).
-            RuntimeError, TimeoutError: a collective failed (in a step or in a recovery)
-                after ``max_recoveries_per_step`` re-formings of this step: the last
-                failure's own error.
+            RuntimeError, TimeoutError, ConnectionError: a collective failed (in a step or
+                in a recovery) after ``max_recoveries_per_step`` re-formings of this step:
+                the last failure's own error (the backend's ``RuntimeError``;
+                :class:`~recoverkit.errors.PeerTimeoutError`, a ``TimeoutError``;
+                :class:`~recoverkit.errors.PeerLostError`, a ``ConnectionError``, when the
+                heartbeat gave it up).
+            Any other error of a recovery (an allocation, a user's ``wrap``): as it is; a
+                local failure is not a lost peer and is never retried.
         """
         start = time.monotonic()
         done: list[Recovery] = []
@@ -432,6 +437,15 @@ class ElasticTrainer:
         dead = hb.dead()
         return f"launch rank(s) {sorted(dead)} stopped beating" if dead else None
 
+    def _seen_regroup(self) -> str | None:
+        """:meth:`_seen_lost`, or another survivor already re-forming (the heartbeat answered
+        a regroup of the next generation): a recovery's wait gives up then too, instead of
+        waiting for a member that left it for the next group."""
+        seen = self._seen_lost()
+        if seen is None and self.heartbeat is not None and self.heartbeat.lost():
+            return "another survivor started the next regroup"
+        return seen
+
     # ------------------------------------------------------------------ recovery
 
     def _recover(self, lost: Lost, before: tuple[int, frozenset[int]], nth: int) -> tuple[Recovery, Lost | None]:
@@ -467,7 +481,7 @@ class ElasticTrainer:
             with recovering("the rebuild" if self._rebuild is not None else "the agreement on the completed step"):
                 rec = self._agree(new)
             if self._wrap is not None:
-                with recovering("DDP's construction on the new group"):
+                with recovering("DDP's construction on the new group", backend=True):
                     self.ddp = self._wrap(self.model)  # DDP binds its group when built: on the new one
         except Lost as e:
             failed = e
@@ -532,7 +546,7 @@ class ElasticTrainer:
             generation=new.generation,
             max_bytes=self._sync_max_bytes(),
             timeout_s=self.options.pg_timeout_s,
-            abort=self._seen_lost,  # a member lost during the agreement: given up at the heartbeat's miss
+            abort=self._seen_regroup,  # a member lost during the agreement: given up at the heartbeat's miss
             poll_s=self.options.poll_s,
         )
 

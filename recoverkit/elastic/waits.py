@@ -34,11 +34,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ..errors import PeerLostError, PeerTimeoutError, RecoverkitError
 
-__all__ = ["Lost", "reducing", "recovering", "release_group"]
+__all__ = ["Lost", "reducing", "recovering", "RecoveryCollectiveError", "lost_peer", "release_group"]
 
 
 class Lost(Exception):
@@ -124,25 +125,35 @@ def reducing(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def recovering(what: str) -> Iterator[None]:
+def recovering(what: str, *, backend: bool = False) -> Iterator[None]:
     """:func:`reducing` for a collective of the recovery itself, run on the group just
     formed (``what`` names it): a lost peer there is a :class:`Lost`, so the trainer
-    re-forms again. Classified by type: ``PeerLostError``, ``PeerTimeoutError`` (both
-    abandoned: the group is kept referenced) and a ``RuntimeError`` that is not a
-    :class:`~recoverkit.errors.RecoverkitError` (the backend's own error: a peer's reset,
-    the group's timeout). Every other ``RecoverkitError`` propagates unchanged, the
-    ``RuntimeError`` ones included (``RegroupError``: "diverged", "restore", a store lost,
-    this rank left out; ``CommitError``, ``RankFailure``, ``CopyError``), and so does any
-    other error (``IntegrityError`` is a ``ValueError``).
+    re-forms again. Classified by type and origin: ``PeerLostError`` and ``PeerTimeoutError``
+    (both abandoned: the group is kept referenced) and :class:`RecoveryCollectiveError`, which
+    the recovery's own waits raise for a collective that was given up or failed in the
+    backend (:func:`lost_peer`); with ``backend=True`` (code
+    whose collectives run inside torch, e.g. DDP's construction) also a ``RuntimeError`` that
+    is neither a :class:`~recoverkit.errors.RecoverkitError` nor ``torch.OutOfMemoryError``
+    (the backend's own error: a peer's reset, the group's timeout). Everything else
+    propagates unchanged: a local failure (an allocation, a user's ``wrap``) is not a lost
+    peer and must not make every survivor wait for it; so does every other
+    ``RecoverkitError`` (``RegroupError``: "diverged", "restore", a store lost, this rank
+    left out; ``IntegrityError``, ``CommitError``, ...).
 
     Example:
         >>> from recoverkit.errors import RegroupError
         >>> try:
-        ...     with recovering("reconcile"):
+        ...     with recovering("DDP's construction", backend=True):
         ...         raise RuntimeError("Connection reset by peer")
         ... except Lost as lost:
         ...     lost.how
-        'collective (reconcile): RuntimeError: Connection reset by peer'
+        "collective (DDP's construction): RuntimeError: Connection reset by peer"
+        >>> try:
+        ...     with recovering("reconcile"):
+        ...         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        ... except RuntimeError as e:
+        ...     str(e)
+        "DefaultCPUAllocator: can't allocate memory"
         >>> try:
         ...     with recovering("reconcile"):
         ...         raise RegroupError("the survivors diverged", reason="diverged")
@@ -152,11 +163,30 @@ def recovering(what: str) -> Iterator[None]:
     """
     try:
         yield
+    except RecoveryCollectiveError as e:  # it ended (with an error): nothing left pending
+        raise Lost(f"collective ({what}): {e}", e) from None
     except PeerLostError as e:  # before RecoverkitError: both are TransportErrors
         raise Lost(f"heartbeat: {e}", e, abandoned=True) from None
     except PeerTimeoutError as e:
         raise Lost(f"collective: {e}", e, abandoned=True) from None
     except RecoverkitError:
         raise
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as e:
+        if not backend:
+            raise
         raise Lost(f"collective ({what}): {_describe(e)}", e) from None
+
+
+class RecoveryCollectiveError(PeerLostError):
+    """A collective of a recovery failed in the backend (a peer's reset, the group's
+    timeout): what the recovery's own waits raise instead of the backend's ``RuntimeError``
+    (:func:`lost_peer`), so that :func:`recovering` tells a lost peer from a local
+    ``RuntimeError`` (an allocation) by type."""
+
+
+def lost_peer(what: str, e: BaseException) -> RecoveryCollectiveError:
+    """The backend's error ``e`` of the recovery's collective ``what``, as a
+    :class:`RecoveryCollectiveError`."""
+    return RecoveryCollectiveError(f"{what}: {_describe(e)}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -39,7 +40,18 @@ DDP_PG_TIMEOUT_S = S.DDP_PG_TIMEOUT_S
 SLACK_S = S.SLACK_S
 
 
-def _run_job(base: str, mode: str, ddp: bool, where: str) -> tuple[dict[int, dict], str, float]:
+def _freeze(out: str) -> None:
+    """SIGSTOP the second victim's worker (its heartbeat thread stops too; no socket closes):
+    a frozen node. The time goes to ``out/killed2``; the job's end SIGKILLs it."""
+    _, pid = S._pids(out)[SECOND]
+    t = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    with open(os.path.join(out, "killed2.tmp"), "w") as f:
+        f.write(repr(t))
+    os.replace(os.path.join(out, "killed2.tmp"), os.path.join(out, "killed2"))
+
+
+def _run_job(base: str, mode: str, ddp: bool, where: str, freeze: bool = False) -> tuple[dict[int, dict], str, float]:
     pg_timeout_s = DDP_PG_TIMEOUT_S if ddp else PG_TIMEOUT_S
     procs, out = S._launch(base, mode, S.VICTIM, {}, pg_timeout_s, ddp, flags=(f"second={SECOND}:{where}",))
     survivors = [r for r in range(len(S.NODES)) if r not in (S.VICTIM, SECOND)]
@@ -51,7 +63,10 @@ def _run_job(base: str, mode: str, ddp: bool, where: str) -> tuple[dict[int, dic
         S._kill_node_of(procs, out, S.VICTIM)
         # the first recovery: detection, re-forming as a world of 3, then the second victim stops
         S._wait_files(out, ["paused2"], PG_TIMEOUT_S + 60 + SLACK_S, base)
-        S._kill_node_of(procs, out, SECOND, marker="killed2")
+        if freeze:
+            _freeze(out)
+        else:
+            S._kill_node_of(procs, out, SECOND, marker="killed2")
         with open(os.path.join(out, "killed2")) as f:
             killed2 = float(f.read())
         S._wait_files(out, [f"exit-{r}" for r in survivors], PG_TIMEOUT_S + 60 + SLACK_S, base)
@@ -86,7 +101,11 @@ def test_a_second_rank_lost_during_the_recovery_is_recovered_from_too(tmp_path, 
         # the first re-forming's recovery failed in a collective with the second victim
         want = "DDP's construction" if where == "wrap" else "agreement on the completed step"
         assert first["failed"] and first["moved"] == [] and first["redo_s"] is None, first
-        assert want in first["failed"] or first["failed"].startswith(("collective: ", "heartbeat: ")), first
+        if where == "wrap":  # DDP's own collectives: the backend's error
+            assert first["failed"].startswith(f"collective ({want}"), first
+        else:  # reconcile's waits: the backend's error, or given up at the heartbeat's verdict
+            assert (first["failed"].startswith("collective (the agreement on the completed step): reconcile: ")
+                    or first["failed"].startswith("heartbeat: reconcile: ")), first
         assert final["failed"] is None and final["redo_s"] is not None and final["moved"], final
         assert sorted(x for rec in recs for x in rec["lost"]) == [S.VICTIM, SECOND]
         # bounded: the second loss was seen within the group's timeout of the kill
@@ -118,14 +137,42 @@ def test_a_second_rank_lost_during_the_recovery_is_recovered_from_too(tmp_path, 
         assert all(abs(a - b) <= 1e-12 * abs(b) for a, b in zip(losses, ref_losses)), (losses, ref_losses)
 
 
+@pytest.mark.timeout(280)
+def test_a_member_frozen_during_the_agreement_is_given_up_at_the_heartbeats_miss(tmp_path):
+    """The second victim is frozen (SIGSTOP), not killed, while the survivors wait for it in
+    the agreement's first all-gather: no socket closes, so only the heartbeat can tell them.
+    The agreement's waits ask it (reconcile's ``abort=``), so they give the all-gather up
+    after ``miss_s`` (1 s) instead of the group's timeout (20 s), re-form without the frozen
+    rank and finish, bit-identical to the failure-free run."""
+    ref_losses, ref_params, _ = S.reference()
+    results, out, stopped = _run_job(str(tmp_path), "ordered", False, "reconcile", freeze=True)
+    for res in results.values():
+        assert "error" not in res, res
+        assert res["generation"] == 2 and res["members"] == [0, 1] and res["steps_done"] == S.STEPS, res
+        first, final = res["recoveries"]
+        assert first["failed"].startswith("heartbeat: reconcile: "), first  # the heartbeat's verdict
+        assert final["failed"] is None and final["lost"] == [SECOND], final
+        assert 0 <= final["detected_at"] - stopped < PG_TIMEOUT_S / 2, (final, stopped)
+        assert res["params"] == ref_params
+    logs = {r: S._steps(out, r) for r in results}
+    for r in results:
+        assert [s["step"] for s in logs[r]] == list(range(S.STEPS)), logs[r]
+        assert [float.fromhex(s["loss"]) for s in logs[r]] == ref_losses
+
+
 # ---------------------------------------------------------------------- what counts as a second loss
 
 
 def test_a_recovery_failure_is_a_loss_only_when_a_peer_was_lost():
-    """``recovering`` classifies by type: the backend's RuntimeError and the waits' peer
-    errors are losses (re-form again); recoverkit's own errors, RuntimeError subclasses
-    included, propagate unchanged (RegroupError's reasons, IntegrityError, CommitError ...)."""
-    from recoverkit.elastic.waits import Lost, recovering
+    """``recovering`` classifies by type and origin: the recovery's own waits' errors (a
+    collective given up, or failed in the backend: RecoveryCollectiveError) are losses
+    (re-form again), and so is the backend's RuntimeError of code whose collectives run
+    inside torch (``backend=True``: DDP's construction); a local failure (an allocation, out
+    of memory) is not a lost peer and propagates, as do recoverkit's own errors, RuntimeError
+    subclasses included (RegroupError's reasons, IntegrityError, CommitError ...)."""
+    import torch
+
+    from recoverkit.elastic.waits import Lost, lost_peer, recovering
     from recoverkit.errors import (
         CommitError,
         CopyError,
@@ -136,13 +183,29 @@ def test_a_recovery_failure_is_a_loss_only_when_a_peer_was_lost():
         RegroupError,
     )
 
-    for error, abandoned in ((RuntimeError("Connection reset by peer"), False),
+    reset = RuntimeError("Connection reset by peer")
+    for error, abandoned in ((lost_peer("reconcile: the position all-gather", reset), False),
                              (PeerLostError("launch rank(s) [3] stopped beating"), True),
                              (PeerTimeoutError("reconcile: the position all-gather: no answer in 20 s"), True)):
         with pytest.raises(Lost) as caught:
             with recovering("the agreement on the completed step"):
                 raise error
         assert caught.value.cause is error and caught.value.abandoned is abandoned, caught.value.how
+    assert caught.value.how.startswith("collective: ")
+    with pytest.raises(Lost) as caught:
+        with recovering("DDP's construction on the new group", backend=True):
+            raise reset
+    assert caught.value.cause is reset and not caught.value.abandoned
+    assert caught.value.how == "collective (DDP's construction on the new group): RuntimeError: Connection reset by peer"
+    local = [RuntimeError("DefaultCPUAllocator: can't allocate memory"), torch.OutOfMemoryError("CUDA out of memory")]
+    for error in local:  # not a lost peer: never retried, even where the backend's errors are
+        for backend in (False, True):
+            if backend and type(error) is RuntimeError:
+                continue  # indistinguishable from the backend's by type: DDP's construction retries it
+            with pytest.raises(type(error)) as caught_local:
+                with recovering("the agreement on the completed step", backend=backend):
+                    raise error
+            assert caught_local.value is error
     passing = [RegroupError("x", reason=r) for r in ("diverged", "restore", "store_lost", "excluded", "timeout")]
     passing += [IntegrityError("bad header"), CommitError("commit"), RankFailure("ranks", failures={1: "x"}),
                 CopyError("copy"), ValueError("v"), KeyError("k")]
@@ -163,13 +226,14 @@ def test_a_rank_that_failed_its_part_of_the_agreement_is_never_retried_as_untouc
 
     R = importlib.import_module("recoverkit.elastic.reconcile")  # the package exports the function
 
-    def lost_peer(*_):
-        raise RuntimeError("Connection reset by peer")
+    from recoverkit.elastic.waits import RecoveryCollectiveError
 
-    monkeypatch.setattr(R, "_gather", lost_peer)
-    with pytest.raises(RuntimeError) as caught:
-        R._agreed(None, 0, "applying the state", 1.0)
-    assert not isinstance(caught.value, RegroupError)
+    def peer_reset(*_):  # what reconcile's waits raise for a peer's reset
+        raise R.lost_peer("reconcile: the outcome all-gather", RuntimeError("Connection reset by peer"))
+
+    monkeypatch.setattr(R, "_gather", peer_reset)
+    with pytest.raises(RecoveryCollectiveError):
+        R._agreed(None, 0, "applying the state", R._Waits(1.0))
     with pytest.raises(RegroupError) as refused:
-        R._agreed(IntegrityError("the CRC did not match"), 0, "applying the state", 1.0)
+        R._agreed(IntegrityError("the CRC did not match"), 0, "applying the state", R._Waits(1.0))
     assert refused.value.reason == "diverged" and "outcome all-gather failed too" in str(refused.value)
