@@ -57,8 +57,9 @@ def flatten(tree: Any, *, prefix: str = "") -> tuple[Any, list[TensorRef]]:
     subclasses keep their type, and a module state dict keeps its ``_metadata``), ``list``,
     ``tuple`` and namedtuples (which keep their type here; the codec stores them as tuples).
     Anything else, including sets and dict keys, is left as it is. Keys are the path
-    segments (``str(dict_key)`` or the list index) joined by ``"/"`` under ``prefix``; when
-    two paths give the same string (keys ``1`` and ``"1"``) the later one gets ``#1``,
+    segments (``str(dict_key)`` or the list index) joined by ``"/"`` under ``prefix``; a NUL
+    character in a segment is written ``\\x00`` (a manifest refuses one in a tensor key);
+    when two paths give the same string (keys ``1`` and ``"1"``) the later one gets ``#1``,
     ``#2``... appended.
 
     Args:
@@ -176,6 +177,8 @@ class _Flattener:
         return node
 
     def _leaf(self, t: torch.Tensor, path: str) -> TensorLeaf:
+        if "\x00" in path:  # a manifest never names a tensor with a NUL (it may reach native code)
+            path = path.replace("\x00", "\\x00")
         key = path if path not in self._used else self._unique(path)
         self._used.add(key)
         _check_storable(t, key)
