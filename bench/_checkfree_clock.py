@@ -62,6 +62,9 @@ class Timing:
     # checkpoints): SIGKILL -> the group re-formed with a spare, before the restore (None: not
     # measured, CheckFree's detection + relaunch)
     rollback_ready_s: float | None = None
+    # a CheckFree rebuild's fit (distill_steps), per fitting step: one stage's forward and
+    # backward over the step's m micro-batches, m of a pipeline step's m + S - 1 slots
+    distill_step_s: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -188,7 +191,8 @@ def measure(sim_args: dict[str, Any], batches: Batches, micro_batches: int, work
             "stage_bytes": float(stage_bytes), "reps": float(reps)}
 
 
-def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim: int) -> Timing:
+def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim: int,
+            micro_batches: int = 1) -> Timing:
     """The seconds charged: the real pipeline's figures where published, else this run's own
     measurements and bench_mttr's restart phases (every figure names its source).
 
@@ -275,6 +279,12 @@ def charged(measured: dict[str, float], dirs: tuple[str, ...], stages: int, dim:
             tm.replica_recover_s = fig["replica_recover_s"]
             replica_recover_src = (f"the real pipeline's replica mode: detection + group re-formed + the replica's "
                                    f"state loaded, measured on {model} ({rel})")
+    slots = micro_batches + stages - 1
+    tm.distill_step_s = tm.step_s * micro_batches / slots
+    tm.sources["distill_step_s"] = (
+        f"a rebuilt stage's fit, per fitting step: one stage's forward and backward over the step's {micro_batches} "
+        f"micro-batches, {micro_batches} of a pipeline step's {slots} slots (GPipe: micro-batches + stages - 1): "
+        f"step_s x {micro_batches}/{slots}, the whole pipeline waiting for the replacement")
     if replica_recover_src is None:
         tm.replica_recover_s = tm.recover_s
         replica_recover_src = "no replica figures: CheckFree's recovery (detection + relaunch + fetch)"
@@ -287,4 +297,5 @@ def clock(point: dict[str, Any], tm: Timing) -> float:
     return (point["iteration"] * tm.step_s + point["saves"] * tm.save_s
             + point["restarts"] * tm.restart_s + point["recoveries"] * tm.recover_s
             + point.get("replica_steps", 0) * tm.step_s * tm.replica_overhead
-            + point.get("exact_recoveries", 0) * tm.replica_recover_s)
+            + point.get("exact_recoveries", 0) * tm.replica_recover_s
+            + point.get("distill_steps", 0) * tm.distill_step_s)

@@ -35,7 +35,10 @@ def table(r: dict[str, Any]) -> str:
         f"SwiGLU {s['ffn']}, seq {s['seq_len']}, byte-level), {sum(r['params_per_stage'])} parameters; "
         f"{z['micro_batches']} micro-batches of {z['micro_batch']} per step, AdamW lr {z['lr']} "
         f"(warm-up {z['warmup']}, then constant), per-stage clipping at 1.0; a rebuilt stage's rate "
-        f"{z.get('lr_scale', CheckFreeOptions().lr_scale)} x the base; {z['steps']} steps"
+        f"{z.get('lr_scale', CheckFreeOptions().lr_scale)} x the base"
+        + (f", then fitted in {z['distill_steps']} steps to the lost stage's last-step input -> output pairs "
+           "(held by its neighbours)" if z.get("distill_steps") else "")
+        + f"; {z['steps']} steps"
         + (" [smoke]" if r["smoke"] else "") + f"; runtime {r['runtime_s']:.0f} s",
         f"Corpus: the Python {c['python']} standard library's sources ({c['files_train']} files, "
         f"{c['train_bytes']} bytes; held out: every tenth file, {c['files_valid']} files, {c['valid_bytes']} bytes; "
@@ -60,6 +63,9 @@ def table(r: dict[str, Any]) -> str:
     else:
         lines.append(f"| restart (detection + relaunch + restore) | {tm['restart_s']:.3f} | |")
     lines.append(f"| CheckFree recovery (detection + relaunch + fetch) | {tm['recover_s']:.3f} | |")
+    if z.get("distill_steps"):
+        lines.append(f"| distill_step_s: a rebuilt stage's fit, per fitting step ({z['distill_steps']} a rebuild) | "
+                     f"{tm.get('distill_step_s', 0.0):.4f} | {tm['sources'].get('distill_step_s', '-')} |")
     if SNAPSHOT in r["modes"]:
         lines.append(f"| snapshot: replica overhead per step (fraction of step_s) | {tm['replica_overhead']:.4f} | "
                      f"{tm['sources'].get('replica_overhead', '-')} |")

@@ -81,9 +81,16 @@ class Sim:
     """
 
     def __init__(self, spec: ModelSpec, *, seed: int, lr: float, warmup: int, swap: bool,
-                 max_grad_norm: float = 1.0) -> None:
+                 max_grad_norm: float = 1.0, record: bool = False) -> None:
         self.spec, self.seed, self.lr, self.warmup, self.swap = spec, seed, lr, warmup, swap
         self.max_grad_norm = max_grad_norm
+        # record: each stage's (input, output) per micro-batch of the last completed step, as
+        # its neighbours hold them (the previous stage sent the input, the next received the
+        # output); only micro-batches run in pipeline order, where that is so. A CheckFree
+        # rebuild with distill_steps fits the new stage to its lost predecessor's pairs.
+        self.record = record
+        self.pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._recording: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.stages: list[Stage] = build_stages(spec, seed)
         self.opts = [self._adamw(s) for s in self.stages]
         self.lr_scale = [1.0] * spec.stages
@@ -107,8 +114,12 @@ class Sim:
 
     def loss(self, batch: torch.Tensor, order: list[int]) -> torch.Tensor:
         x = self.stages[0].embed_tokens(batch[:, :-1])
+        keep = self._recording if order == sorted(order) else None
         for k in order:
+            given = x
             x = self.stages[k].run_blocks(x)
+            if keep is not None:
+                keep[k].append((given.detach(), x.detach()))
         logits = self.stages[-1].logits(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
@@ -122,10 +133,14 @@ class Sim:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         total = 0.0
-        for m, batch in enumerate(micro_batches):
-            loss = self.loss(batch, self.order(m)) / len(micro_batches)
-            loss.backward()
-            total += float(loss.detach())
+        self._recording = [[] for _ in self.stages] if self.record else None
+        try:
+            for m, batch in enumerate(micro_batches):
+                loss = self.loss(batch, self.order(m)) / len(micro_batches)
+                loss.backward()
+                total += float(loss.detach())
+        finally:
+            self.pairs, self._recording = self._recording or [], None
         for k, (stage, opt) in enumerate(zip(self.stages, self.opts)):
             self.norms[k] = clip_and_record(stage.parameters(), self.max_grad_norm)
             for g in opt.param_groups:
@@ -168,18 +183,21 @@ class Sim:
         for k in (0, self.spec.stages - 1):
             self.replica[k] = {n: t.detach().clone() for n, t in edge_state(self.stages[k]).items()}
 
-    def rebuild(self, k: int, how: str, lr_scale: float) -> str:
+    def rebuild(self, k: int, how: str, lr_scale: float, distill_steps: int = 0, lr: float | None = None) -> str:
         """Stage ``k`` lost: a new process builds it (random init) and loads what ``how`` says.
 
         ``how``: ``checkfree`` / ``uniform`` (neighbour average; an edge stays random),
         ``plus`` (average; an edge copies its swap partner and the replicated (de)embedding),
         ``copy`` (a neighbour's blocks; the edges' own layers random), ``random``.
-        Returns what was done, for the log.
+        ``distill_steps``: an averaged interior stage is then fitted to the lost stage's pairs
+        of the last step (:func:`~recoverkit.recovery.checkfree.distill_stage`, at ``lr``,
+        the base rate of the step; the simulator must ``record``). Returns what was done, for the log.
         """
         from recoverkit.recovery.checkfree import (
             CheckFreeOptions,
             average_neighbours,
             copy_partner,
+            distill_stage,
             fresh_optimizer,
             swap_partner,
         )
@@ -196,6 +214,10 @@ class Sim:
                                        self.norms[k - 1], self.norms[k + 1], options)
             new.load_state_dict(state, strict=False)
             did = f"average of {k - 1} and {k + 1} (norms {self.norms[k - 1]:.3g} / {self.norms[k + 1]:.3g})"
+            if distill_steps and k < len(self.pairs) and self.pairs[k]:
+                given, made = zip(*self.pairs[k])
+                fit = distill_stage(_Blocks(new), given, made, steps=distill_steps, lr=lr or self.lr)
+                did += f", {fit.describe()}"
         elif how == "plus" and edge:
             partner = swap_partner(k, self.spec.stages)
             assert partner is not None
@@ -225,6 +247,18 @@ class Sim:
         for k, (s, o) in enumerate(zip(self.stages, self.opts)):
             out[f"stage{k}"], out[f"opt{k}"] = s, o
         out["lr_scale"] = _Scales(self.lr_scale)
+        return out
+
+
+class _Blocks(torch.nn.Module):
+    """A stage's blocks as one module, the part CheckFree rebuilds and a fit runs."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.stage.run_blocks(x)
         return out
 
 

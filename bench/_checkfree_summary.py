@@ -28,6 +28,8 @@ GOAL_PCT = 20.0  # the issue's goal: CheckFree this much sooner than checkpoint-
 __all__ = ["GOAL_PCT", "NOISE_JSON", "crossing", "val_at_step", "summarize", "noise", "seed_spread", "whole_run",
            "finish", "merge"]
 
+#: the sizes that change only how a lost stage is rebuilt (the failure-free run is the same)
+REBUILD_KEYS = ("lr_scale", "distill_steps")
 #: the failure-free run's final loss over other seeds (``bench_checkfree --noise-seeds N``)
 NOISE_JSON = "checkfree_noise.json"
 
@@ -143,7 +145,7 @@ def seed_spread(dirs: tuple[str, ...], r: dict[str, Any]) -> dict[str, Any] | No
     is judged against, beside the evaluation noise of one curve). Read as hostile input."""
     for path, got in published(dirs, NOISE_JSON):
         sizes = got.get("sizes")  # the failure-free run does not depend on a rebuilt stage's rate
-        if (not isinstance(sizes, dict) or _without(sizes, "lr_scale") != _without(r["sizes"], "lr_scale")
+        if (not isinstance(sizes, dict) or _without(sizes, *REBUILD_KEYS) != _without(r["sizes"], *REBUILD_KEYS)
                 or got.get("corpus_sha256") != r["corpus"]["sha256"]):
             continue
         finals = got.get("finals")
@@ -178,7 +180,7 @@ def whole_run(r: dict[str, Any]) -> dict[str, float]:
 def finish(r: dict[str, Any], dirs: tuple[str, ...]) -> dict[str, Any]:
     """Charges the clock (from the figures published now) and summarises every rate; ``--retime``
     calls it again on a published result when the real pipeline's figures arrive."""
-    tm = charged(whole_run(r), dirs, r["stages"], r["sizes"]["spec"]["dim"])
+    tm = charged(whole_run(r), dirs, r["stages"], r["sizes"]["spec"]["dim"], r["sizes"]["micro_batches"])
     r["reference"]["seeds"] = seed_spread(dirs, r)
     r["timing"] = {**asdict(tm), "restart_s": tm.restart_s, "recover_s": tm.recover_s,
                    "inprocess_restart_s": tm.inprocess_restart_s}
@@ -189,8 +191,8 @@ def finish(r: dict[str, Any], dirs: tuple[str, ...]) -> dict[str, Any]:
     return r
 
 
-def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k != key}
+def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
 
 
 def merge(old: Any, new: dict[str, Any]) -> dict[str, Any]:

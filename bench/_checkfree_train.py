@@ -47,8 +47,9 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
     from recoverkit.distributed.coordinator import LocalCoordinator
     from recoverkit.recovery.checkfree import CheckFreeOptions
 
-    sim_args = {"spec": spec, "seed": seed, "lr": z["lr"], "warmup": z["warmup"]}
     lr_scale = float(z.get("lr_scale", CheckFreeOptions().lr_scale))  # the rebuilt stage's rate factor
+    distill = int(z.get("distill_steps", CheckFreeOptions().distill_steps))  # a rebuilt stage's fit
+    sim_args = {"spec": spec, "seed": seed, "lr": z["lr"], "warmup": z["warmup"], "record": distill > 0}
     sim = Sim(**sim_args, swap=mode in (PLUS, SWAP_ONLY))
     if mode == PLUS:
         sim.refresh_replica()
@@ -63,7 +64,7 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
         ckpt.save(0, sim.state())  # the initial state: a failure before the first save restarts from it
     steps, step = z["steps"], 0
     n = {"iteration": 0, "saves": 0, "restarts": 0, "recoveries": 0,  # what the clock is charged for
-         "replica_steps": 0, "exact_recoveries": 0}
+         "replica_steps": 0, "exact_recoveries": 0, "distill_steps": 0}
     if mode == SNAPSHOT:
         sim.take_snapshot()  # the initial state: a failure before the first step restores it
     curve = [{"step": 0, "val": sim.evaluate(valid), **n}]
@@ -101,10 +102,13 @@ def run_method(mode: str, z: dict[str, Any], spec: ModelSpec, batches: Batches, 
                     failures.append({"iteration": it, "stages": [k], "step": step, "action": did})
                 n["exact_recoveries"] += 1  # one replacement per stage, in parallel: one recovery time
             elif lost:
+                fits = 0
                 for k in lost:
-                    did = sim.rebuild(k, how or "random", lr_scale)
+                    did = sim.rebuild(k, how or "random", lr_scale, distill, sim.lr_at(step))
                     failures.append({"iteration": it, "stages": [k], "step": step, "action": did})
+                    fits = max(fits, distill if "fitted" in did else 0)
                 n["recoveries"] += 1  # one replacement per stage, in parallel: one recovery time
+                n["distill_steps"] += fits  # the replacements fit in parallel too
             mbs = [batches.train(step, m) for m in range(z["micro_batches"])]
             w = time.perf_counter()
             train_losses.append(sim.train_step(step, mbs))

@@ -41,6 +41,13 @@ of this simulated clock. Methods (rows):
   new stage loaded from that copy, so its loss vs step is the failure-free run's, bit for bit,
   computed and checked, not assumed).
 
+``--distill-steps N`` (default 0, the paper's rule): a CheckFree rebuild of an interior stage
+is then fitted in N Adam steps to the lost stage's input -> output pairs of the last completed
+step, which its neighbours still hold (the previous stage sent the inputs, the next received the
+outputs; :func:`recoverkit.recovery.checkfree.distill_stage`); each fitting step is charged as
+one stage's forward and backward over the step's m micro-batches: m of a pipeline step's
+m + S - 1 slots, the whole pipeline waiting.
+
 Wall-clock charged: per step, per save, per restart (torchrun restarting every worker of the
 real pipeline until it formed again, as measured there, plus every stage restored from disk;
 without that figure, or shown beside it: the in-process rollback, as measured on the real
@@ -61,6 +68,7 @@ evaluations) and its ratio to checkpoint-restart's (the paper reports CheckFree 
 the final validation loss at the reference's last step.
 
 Run: ``python -m bench.bench_checkfree [--smoke] [--rates 5,10] [--modes ...] [--steps N] [--failure-seed N]
+[--lr-scale X] [--distill-steps N]
 [--out-dir DIR] [--workdir DIR]``; ``--noise-seeds N`` trains only the failure-free run with N
 other seeds (``checkfree_noise.json``: the seed-to-seed std of its final loss, which every
 result's final loss is then also judged against).
@@ -179,10 +187,13 @@ __all__ = [
 
 
 def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | None, dirs: tuple[str, ...],
-        steps: int | None = None, failure_seed: int = 0, lr_scale: float | None = None) -> dict[str, Any]:
+        steps: int | None = None, failure_seed: int = 0, lr_scale: float | None = None,
+        distill_steps: int | None = None) -> dict[str, Any]:
     """Trains every method at every rate; the clock is charged afterwards (:func:`finish`).
     ``failure_seed`` draws another failure schedule (0: the published one); ``lr_scale``: a
-    rebuilt stage's learning-rate factor (default :class:`CheckFreeOptions`'s, the paper's 1.1)."""
+    rebuilt stage's learning-rate factor (default :class:`CheckFreeOptions`'s, the paper's 1.1);
+    ``distill_steps``: a rebuilt interior stage's fit to the lost stage's last step (default
+    :class:`CheckFreeOptions`'s, 0: the paper's rule)."""
     t_start = time.perf_counter()
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # the simulator is sequential; one thread is the least disturbed by a loaded machine
@@ -191,6 +202,8 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
         z["steps"] = steps
     if lr_scale is not None:  # else the default, as every result published before the option
         z["lr_scale"] = lr_scale
+    if distill_steps:  # likewise
+        z["distill_steps"] = distill_steps
     spec = ModelSpec(**z["spec"])
     data = corpus(z["corpus_bytes"])
     batches = Batches(data, spec.seq_len, z["micro_batch"], SEED)
@@ -199,7 +212,7 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
     try:
         sim_args = {"spec": spec, "seed": SEED, "lr": z["lr"], "warmup": z["warmup"]}
         measured = measure(sim_args, batches, z["micro_batches"], base, reps=2 if smoke else 5)
-        tm = charged(measured, dirs, spec.stages, spec.dim)  # Young/Daly's interval needs the save and step times up front
+        tm = charged(measured, dirs, spec.stages, spec.dim, z["micro_batches"])  # Young/Daly's interval needs the save and step times up front
         print(f"[checkfree] measured {measured}; charged {asdict(tm)}", flush=True)
         ref = run_method(NO_FAILURE, z, spec, batches, valid, tm, {}, base, z["steps"], None)
         final = val_at_step(ref["curve"], z["steps"])
@@ -301,6 +314,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr-scale", type=float, default=None,
                     help="a rebuilt stage's learning rate as a factor of the base rate (default: "
                          "CheckFreeOptions's, 1.1 as in the paper's code; the paper used 1.2 at 500M)")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="fit a rebuilt interior stage to the lost stage's input -> output pairs of the last step "
+                         "(which its neighbours hold) in N Adam steps, each charged as one stage's forward and "
+                         "backward over the step's micro-batches (default 0: the paper's rule)")
     ap.add_argument("--failure-seed", type=int, default=0,
                     help="another seeded failure schedule, the same training (default 0: the published one)")
     a = ap.parse_args(argv)
@@ -360,7 +377,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             CheckFreeOptions(lr_scale=a.lr_scale)
         except ValueError as e:
             ap.error(f"--lr-scale: {e}")
-    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed, a.lr_scale)
+    if a.distill_steps is not None:
+        try:
+            CheckFreeOptions(distill_steps=a.distill_steps)
+        except ValueError as e:
+            ap.error(f"--distill-steps: {e}")
+    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed, a.lr_scale, a.distill_steps)
     if old is not None:
         r = merge(old, r)
         r = finish(r, dirs)

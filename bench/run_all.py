@@ -103,7 +103,11 @@ How to run:
   `--failure-seed N` draws another failure schedule (`checkfree_seed1` to `checkfree_seed4`:
   10 %/h, no-failure, checkfree, checkfree-fallback, checkpoint-restart); `--lr-scale X` sets a
   rebuilt stage's learning-rate factor (default the paper's 1.1; `checkfree_lr15` and
-  `checkfree_lr15_seed1` to `_seed4`: 1.5, the same five schedules at 10 %/h). Mode
+  `checkfree_lr15_seed1` to `_seed4`: 1.5, the same five schedules at 10 %/h);
+  `--distill-steps N` fits a rebuilt interior stage in N steps to the lost stage's last-step
+  input -> output pairs its neighbours hold, each step charged as one stage's forward and
+  backward over the step's micro-batches (`checkfree_distill64` and `_seed1` to `_seed4`: 64,
+  the same five schedules at 10 %/h). Mode
   `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW
   (the real pipeline's replica mode), its loss curve checked bit for bit against no failure,
   charged the replica/plain step ratio and the replica recovery time from

@@ -194,6 +194,48 @@ def test_lr_scale_reaches_every_rebuilt_stage_and_is_recorded(tmp_path):
     assert actions and all(a.endswith("; lr x 1.1") for a in actions), actions
 
 
+def test_distill_steps_fit_the_rebuilt_stage_and_are_charged(tmp_path):
+    """--distill-steps N: a rebuilt interior stage is fitted to the lost stage's last-step
+    input -> output pairs (its log names the fit, the error falling; a rebuild before any step
+    completed has no pairs and is not fitted); the clock charges N fitting steps a recovery at
+    distill_step_s, the share of a pipeline step (m of its m + S - 1 slots) that one stage's
+    forward and backward over the m micro-batches takes; the table names it. Without the option
+    nothing is fitted or charged."""
+    import dataclasses
+    import re
+
+    from bench._checkfree_clock import Timing, clock
+
+    out = tmp_path / "out"
+    r = _run(out, tmp_path, "no-failure,checkfree", "--distill-steps", "5")
+    z, t = r["sizes"], r["timing"]
+    assert z["distill_steps"] == 5
+    m, stages = z["micro_batches"], r["stages"]
+    assert math.isclose(t["distill_step_s"], t["step_s"] * m / (m + stages - 1))
+    tm = Timing(**{f.name: t[f.name] for f in dataclasses.fields(Timing)})
+    fitted_any = False
+    for pr in r["per_rate"].values():
+        run = pr["runs"]["checkfree"]
+        fitted = [f for f in run["failures"] if "fitted" in f["action"]]
+        fitted_any = fitted_any or bool(fitted)
+        for f in fitted:
+            first, last = re.search(r"mse (\S+) -> (\S+)\)", f["action"]).groups()
+            assert float(last) < float(first), f["action"]
+        assert not [f for f in run["failures"] if f["iteration"] == 0 and "fitted" in f["action"]]
+        point = run["curve"][-1]
+        assert point["distill_steps"] == 5 * len({f["iteration"] for f in fitted})
+        assert math.isclose(point["t"] - clock({**point, "distill_steps": 0}, tm),
+                            point["distill_steps"] * t["distill_step_s"])
+    assert fitted_any
+    assert "then fitted in 5 steps" in (out / "checkfree_modes.md").read_text()
+    r = _run(out, tmp_path, "no-failure,checkfree")
+    assert "distill_steps" not in r["sizes"]
+    for pr in r["per_rate"].values():
+        run = pr["runs"]["checkfree"]
+        assert not [f for f in run["failures"] if "fitted" in f["action"]]
+        assert run["curve"][-1]["distill_steps"] == 0
+
+
 def test_noise_seeds_give_the_seed_to_seed_spread_every_result_is_judged_against(tmp_path):
     """--noise-seeds trains the failure-free run with other seeds (initialisation, data order)
     and publishes its final losses; a result of the same sizes and corpus then reports the

@@ -144,3 +144,45 @@ def test_checkfree_alone_reinitialises_a_lost_edge():
     w = "blocks.0.wq.weight"
     assert not torch.equal(got[w], before[w]) and not torch.equal(got[w], neighbour[w])
     assert got[w].std().item() == pytest.approx(0.02, rel=0.3)  # a fresh init, not a copy
+
+
+def test_recorded_pairs_are_what_the_neighbours_hold_in_pipeline_order_only():
+    """With ``record`` a step keeps each stage's (input, output) per micro-batch: a stage's
+    output is its next stage's input (what that neighbour received), the first stage's input
+    the embedding; under CheckFree+ only the micro-batches run in pipeline order are kept (the
+    swapped ones did not pass between these neighbours)."""
+    for swap, kept in ((False, 2), (True, 1)):
+        sim = Sim(SPEC, seed=3, lr=1e-2, warmup=1, swap=swap, record=True)
+        embed = copy.deepcopy(sim.stages[0])
+        batches = [_batch(30), _batch(31)]
+        sim.train_step(0, batches)
+        assert [len(p) for p in sim.pairs] == [kept] * SPEC.stages
+        for k in range(SPEC.stages - 1):
+            for (_, out), (given, _) in zip(sim.pairs[k], sim.pairs[k + 1]):
+                assert torch.equal(out, given)
+        with torch.no_grad():
+            assert torch.equal(sim.pairs[0][0][0], embed.embed_tokens(batches[0][:, :-1]))
+    assert _sim().pairs == []  # nothing kept without record
+
+
+def test_a_rebuilt_interior_stage_is_fitted_to_the_lost_stages_last_step():
+    """``distill_steps``: after the average, the rebuilt stage maps the lost stage's last-step
+    inputs closer to its outputs than the average did; edge stages and runs without pairs are
+    not fitted."""
+    sim = Sim(SPEC, seed=3, lr=1e-2, warmup=1, swap=False, record=True)
+    for step in range(3):
+        sim.train_step(step, [_batch(40 + 2 * step), _batch(41 + 2 * step)])
+    pairs = sim.pairs[2]
+    plain = copy.deepcopy(sim)
+    plain.rebuild(2, "checkfree", 1.1)
+    did = sim.rebuild(2, "checkfree", 1.1, distill_steps=30, lr=1e-2)
+    assert "fitted to the lost stage's last step in 30 steps" in did
+
+    def err(s: Sim) -> float:
+        with torch.no_grad():
+            return sum(float(F.mse_loss(s.stages[2].run_blocks(x), y)) for x, y in pairs)
+
+    assert err(sim) < err(plain) / 2
+    assert sim.lr_scale[2] == 1.1 and len(sim.opts[2].state) == 0  # the training optimizer is fresh
+    assert "fitted" not in sim.rebuild(0, "checkfree", 1.1, distill_steps=30, lr=1e-2)
+    assert "fitted" not in _trained().rebuild(2, "checkfree", 1.1, distill_steps=30, lr=1e-2)
