@@ -16,6 +16,10 @@ One step, on every stage process::
                                   neighbours' two among them); the step is committed here
     optimizer.step()              steps_done += 1
     replica ring (opt-in)         each stage's model + optimizer to the next stage's process
+    activations (distill_steps>0) this stage's module inputs and outputs of the micro-batches
+                                  run in pipeline order (a forward hook while ``_schedule``
+                                  runs), kept as ``activations`` tagged with the new
+                                  steps_done; a step that fails keeps the previous ones
 
 A lost stage (its process SIGKILLed)::
 
@@ -26,6 +30,8 @@ A lost stage (its process SIGKILLed)::
     -> regroup (survivors + spares), the lost stage handed to a spare
     -> the members agree on steps_done (every survivor must have completed the same step)
     -> the spare rebuilds the stage (stage_recovery.rebuild_stage), the others serve it
+       (their weights and norms; with distill_steps their activations of that step, which
+       the rebuilt interior stage is fitted to)
     -> a new stages' group, new PipelineStage objects and schedule; the failed step is
        redone from its start by every stage. No surviving stage rolls back.
 
@@ -57,6 +63,7 @@ steps the edge stages' embedding and head are copied to their partners' processe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -79,11 +86,20 @@ from .pipeline_options import (
     StageRecovery,
     StepRecord,
     apply_lr_schedule,
+    schedule_factor,
     validate_position,
 )
 from .stage_checkpoints import StageCheckpoints
 from .stage_join import await_replacement
-from .stage_recovery import Replica, full_layout, rebuild_stage, serve_requests
+from .stage_recovery import (
+    Activations,
+    FitPlan,
+    Replica,
+    full_layout,
+    rebuild_stage,
+    record_pairs,
+    serve_requests,
+)
 from .stage_roles import gather_roles, launch_holders
 from .stage_wire import edge_layout, layout_of, nbytes, optimizer_entries, pack, stage_template
 from .swap_schedule import Split, build_swapped
@@ -180,6 +196,8 @@ class StagePipeline:
         self.norms: tuple[float, ...] = (math.nan,) * s
         self.replica: Replica | None = None
         self.extras: dict[int, Replica] = {}  # edge stage -> its (de)embedding, on its partner
+        # CheckFree's fit (distill_steps > 0): this stage's pairs of the last committed step
+        self.activations: Activations | None = None
         self.recoveries: list[StageRecovery] = []
         self._templates: dict[int, torch.nn.Module] = {}
         self._replica_layout: int | None = None
@@ -282,12 +300,20 @@ class StagePipeline:
         x, y = self.batch(k)
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
+        distill = self.options.checkfree.distill_steps > 0
+        recording = (
+            record_pairs(self.module, stage=self.stage, num_stages=s)
+            if distill
+            else contextlib.nullcontext()
+        )
         if self._swapped is None:
-            self._steps(self._schedule, x, y, losses)
+            with recording as pending:
+                self._steps(self._schedule, x, y, losses)
         else:  # CheckFree+: even micro-batches in order, odd ones with the edge pairs swapped
             n = self.options.n_microbatches
             xs, ys = x.tensor_split(n), y.tensor_split(n)
-            self._steps(self._schedule, torch.cat(xs[0::2]), torch.cat(ys[0::2]), losses)
+            with recording as pending:
+                self._steps(self._schedule, torch.cat(xs[0::2]), torch.cat(ys[0::2]), losses)
             self._steps(self._swapped, torch.cat(xs[1::2]), torch.cat(ys[1::2]), losses)
         norm = clip_and_record(self.module.parameters(), self.options.checkfree.max_grad_norm)
         mine = torch.tensor([norm, float(k), float(self.stage)], dtype=torch.float64)
@@ -301,6 +327,10 @@ class StagePipeline:
             norms[stage] = float(t[0].item())
         self.optimizer.step()
         self.steps_done, self.norms = k + 1, tuple(norms)
+        if pending is not None:  # committed: this step's pairs replace the previous ones
+            self.activations = Activations(
+                self.stage, k + 1, tuple(pending.inputs), tuple(pending.outputs)
+            )
         if self._ring is not None and self.options.replicate:
             self._replicate(k + 1)
         if self._ring is not None and self.options.checkfree.plus:
@@ -417,6 +447,7 @@ class StagePipeline:
         """Resume at a saved position: the next :meth:`step` runs step ``steps_done`` (every
         stage must restore the same one; the checkpoint's commit makes them agree)."""
         self.steps_done, self.norms = self.validate_state_dict(state_dict)
+        self.activations = None
 
     def save(self) -> None:
         """Save this stage (module, optimizer, position) as step ``steps_done`` of its run in
@@ -445,6 +476,7 @@ class StagePipeline:
         )
         if step is not None:
             self.optimizer, self.replica, self.extras = opt, None, {}
+            self.activations = None
         return step
 
     # ------------------------------------------------------------------ recovery
@@ -512,7 +544,7 @@ class StagePipeline:
         if rebuilding:
             self.stage = rebuilding[0]
             self.module = self.build_stage(self.stage)
-            self.optimizer = None
+            self.optimizer, self.activations = None, None
             if norms is not None:  # the survivors' norms of the last step, as a stage of its own
                 self.norms = norms
         strategy = source = None
@@ -573,6 +605,7 @@ class StagePipeline:
                 options=self.options.checkfree,
                 timeout_s=self.options.transfer_timeout_s,
                 rollback=self.checkpoints is not None,
+                fit=self._fit_plan(step),
             )
             self.optimizer = got_back.value
             self.steps_done = step
@@ -589,8 +622,31 @@ class StagePipeline:
             extras=self.extras,
             template=self._template,
             timeout_s=self.options.transfer_timeout_s,
+            activations=self.activations,
+            count=self._recorded_count(),
         )
         return None, None, served
+
+    def _recorded_count(self) -> int:
+        """Micro-batches a step runs in pipeline order (CheckFree+: the even half)."""
+        n = self.options.n_microbatches
+        return n // 2 if self.options.checkfree.plus else n
+
+    def _fit_plan(self, step: int) -> FitPlan | None:
+        """CheckFree's fit of a stage rebuilt at ``step`` (None when distill_steps is 0): the
+        pairs were recorded in step ``step - 1``; its batch gives each micro-batch's rows."""
+        steps = self.options.checkfree.distill_steps
+        if steps == 0:
+            return None
+        schedule = self.options.lr_schedule
+        factor = 1.0 if schedule is None else schedule_factor(schedule, step)
+        count, rows = self._recorded_count(), None
+        if step >= 1:
+            x = self.batch(step - 1)[0]
+            if self.options.checkfree.plus:
+                x = torch.cat(x.tensor_split(self.options.n_microbatches)[0::2])
+            rows = tuple(int(c.shape[0]) for c in x.tensor_split(count))
+        return FitPlan(steps=steps, lr_factor=factor, count=count, rows=rows)
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "StageRecovery",
     "StepRecord",
     "apply_lr_schedule",
+    "schedule_factor",
     "validate_position",
 ]
 
@@ -48,7 +49,10 @@ class PipelineOptions:
             launch ranks above are spares).
         n_microbatches: micro-batches per step.
         schedule: ``"gpipe"`` or ``"1f1b"`` (PyTorch's ScheduleGPipe / Schedule1F1B).
-        checkfree: the rule's options (per-stage clipping bound, weights, learning-rate scale).
+        checkfree: the rule's options (per-stage clipping bound, weights, learning-rate scale;
+            ``distill_steps`` > 0: every stage keeps its module's inputs and outputs of the
+            last committed step, and a rebuilt interior stage is fitted to its neighbours'
+            copies of the lost stage's pairs).
         replicate: each step, send every stage's model and optimizer to the next stage's
             process: a lost stage then comes back exactly (CheckFree only if that copy is
             gone too). Costs one state-sized transfer per stage per step.
@@ -212,6 +216,13 @@ def apply_lr_schedule(optimizer: Any, schedule: Callable[[int], float], k: int) 
     rebuilt by CheckFree gets a fresh optimizer, its base ``lr_scale`` times that one's; an
     exact copy keeps the base the stage had (the replica carries it). The factor is of the
     global step, so a rebuilt stage continues the schedule where the others are."""
+    factor = schedule_factor(schedule, k)
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
+def schedule_factor(schedule: Callable[[int], float], k: int) -> float:
+    """``schedule(k)``, checked: a finite number >= 0 (else ConfigError)."""
     factor = schedule(k)
     if (
         isinstance(factor, bool)
@@ -221,5 +232,4 @@ def apply_lr_schedule(optimizer: Any, schedule: Callable[[int], float], k: int) 
         raise ConfigError(
             f"PipelineOptions.lr_schedule({k}) returned {factor!r}: a finite number >= 0 is needed"
         )
-    for group in optimizer.param_groups:
-        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+    return float(factor)

@@ -7,16 +7,25 @@ lost stage's state over a :class:`~recoverkit.distributed.transport.PeerTranspor
 A state is a flat run of raw tensor bytes laid out by a :data:`Layout` (name, shape, dtype
 per entry) that the *receiver* computes from a module it built itself: the sender never
 sizes anything, the transport refuses any other length, and :func:`unpack` checks the length
-again before it views a byte. Messages are four float64 numbers (kind or status, two stage
+again before it views a byte. Messages are five float64 numbers (kind or status, two stage
 indexes, a step, a gradient norm) and are validated field by field: integers in range, the
 norm finite and >= 0.
+
+Activations (CheckFree's optional fit, ``CheckFreeOptions.distill_steps``) are the one thing
+whose sizes the receiver cannot take from a module it built: a neighbour's recorded inputs
+or outputs of the last step. They travel in two parts: a fixed-size float64 header the
+receiver allocates from what it knows (:func:`activation_header_buffer`: the micro-batches it
+expects, at most :data:`MAX_NDIM` dims each), validated field by field as hostile input
+(:func:`activation_layout`: the count, every dim >= 1, a floating dtype from a fixed table,
+the micro-batch rows the receiver knows, the total under :data:`MAX_ACTIVATION_BYTES`), then
+the payload, sized from that validated header and laid out like a state.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +36,21 @@ __all__ = [
     "DONE",
     "EXTRAS",
     "FAILED",
+    "INPUTS",
     "Layout",
+    "MAX_ACTIVATION_BYTES",
+    "MAX_NDIM",
     "Message",
     "NEIGHBOUR",
+    "OUTPUTS",
     "REFUSED",
     "REPLICA",
     "RETRY",
     "ROLLBACK",
     "SERVED",
+    "activation_header",
+    "activation_header_buffer",
+    "activation_layout",
     "edge_layout",
     "layout_of",
     "shared_layout",
@@ -52,6 +68,17 @@ Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 DONE, NEIGHBOUR, REPLICA, EXTRAS, FAILED = 0, 1, 2, 3, 4  # FAILED: the rebuild gave up
 ROLLBACK = 5  # every strategy refused and the job has stage checkpoints: every stage rolls back
 RETRY = 6  # a peer was lost during the rebuild: every member starts the recovery over
+# CheckFree's fit: the recorded outputs of the stage before the lost one (the lost stage's
+# inputs) and the recorded inputs of the stage after it (the lost stage's outputs)
+OUTPUTS, INPUTS = 7, 8
+_LAST_KIND = INPUTS
+#: the most dims of one recorded activation
+MAX_NDIM = 8
+#: the most bytes of activations one neighbour may send in one answer (4 GiB)
+MAX_ACTIVATION_BYTES = 1 << 32
+#: the dtypes activations may travel in, by code
+ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ENTRY = 2 + MAX_NDIM  # dtype code, ndim, MAX_NDIM dims (0 past ndim)
 SERVED, REFUSED = 1, 0
 _MAX_INDEX = 2**31
 _MAX_STEP = 2**52
@@ -200,11 +227,112 @@ class Message:
         ints = (kind, stage, lost, step)
         if not all(v.is_integer() for v in ints):
             raise IntegrityError(f"{what}: non-integer fields in {values}")
-        if not (0 <= kind <= RETRY and -1 <= stage < num_stages and -1 <= lost < num_stages):
+        if not (0 <= kind <= _LAST_KIND and -1 <= stage < num_stages and -1 <= lost < num_stages):
             raise IntegrityError(f"{what}: fields out of range in {values}")
         if not (-1 <= step <= _MAX_STEP and norm >= 0):
             raise IntegrityError(f"{what}: step or norm out of range in {values}")
         return cls(int(kind), int(stage), int(lost), int(step), norm)
+
+
+def activation_header_buffer(count: int) -> torch.Tensor:
+    """The receiver's buffer for the header of ``count`` activations (its own expectation)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"activations: a count >= 1 is needed, got {count!r}")
+    return torch.zeros(1 + count * _ENTRY, dtype=torch.float64)
+
+
+def activation_header(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sender's header of ``tensors`` (one per micro-batch): their count, then each one's
+    dtype code, ndim and dims. Raises ValueError when one cannot travel (a dtype outside
+    :data:`ACTIVATION_DTYPES`, more than :data:`MAX_NDIM` dims, an empty dim, or more than
+    :data:`MAX_ACTIVATION_BYTES` in all): the sender refuses instead of sending it.
+
+    Example:
+        >>> h = activation_header([torch.zeros(2, 3)])
+        >>> activation_layout(h, count=1, rows=[2], what="example")
+        (('0', (2, 3), torch.float32),)
+    """
+    header = activation_header_buffer(len(tensors))
+    header[0] = len(tensors)
+    total = 0
+    for j, t in enumerate(tensors):
+        if t.dtype not in ACTIVATION_DTYPES or not 1 <= t.dim() <= MAX_NDIM or t.numel() == 0:
+            raise ValueError(
+                f"activations: micro-batch {j} is {t.dtype} {tuple(t.shape)}: it cannot travel "
+                f"(a dtype of {[str(d) for d in ACTIVATION_DTYPES]}, 1..{MAX_NDIM} non-empty dims)"
+            )
+        total += t.numel() * t.element_size()
+        at = 1 + j * _ENTRY
+        header[at] = ACTIVATION_DTYPES.index(t.dtype)
+        header[at + 1] = t.dim()
+        header[at + 2 : at + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.float64)
+    if total > MAX_ACTIVATION_BYTES:
+        raise ValueError(f"activations: {total} bytes, more than MAX_ACTIVATION_BYTES ({MAX_ACTIVATION_BYTES})")
+    return header
+
+
+def activation_layout(
+    header: torch.Tensor, *, count: int, rows: Sequence[int] | None, what: str
+) -> Layout:
+    """Read a received activation header as hostile input; returns the payload's layout
+    (entries named ``"0"``, ``"1"``, ...). ``count``: the micro-batches the receiver expects
+    (the header must hold exactly that many); ``rows``: each micro-batch's first dim where
+    the receiver knows it (its own split of the step's batch), else None. Raises
+    IntegrityError naming the field that is wrong.
+
+    Example:
+        >>> bad = activation_header([torch.zeros(2, 3)])
+        >>> bad[3] = -1.0  # the first dim
+        >>> activation_layout(bad, count=1, rows=None, what="stage 1's outputs")
+        Traceback (most recent call last):
+        ...
+        recoverkit.errors.IntegrityError: stage 1's outputs: micro-batch 0's dim 0 is -1.0, not an integer >= 1
+    """
+    want = 1 + count * _ENTRY
+    if header.dtype != torch.float64 or header.dim() != 1 or header.numel() != want:
+        raise IntegrityError(
+            f"{what}: a header of {header.numel()} {header.dtype} values, {want} float64 expected"
+        )
+    values = [float(v) for v in header.tolist()]
+
+    def integer(v: float, name: str, low: int, high: float) -> int:
+        if not (math.isfinite(v) and v.is_integer() and low <= v <= high):
+            raise IntegrityError(f"{what}: {name} is {v!r}, not an integer in [{low}, {high:g}]")
+        return int(v)
+
+    n = integer(values[0], "the count", 0, _MAX_INDEX)
+    if n != count:
+        raise IntegrityError(f"{what}: {n} micro-batches announced, {count} expected")
+    if rows is not None and len(rows) != count:
+        raise ValueError(f"{what}: {len(rows)} rows given for {count} micro-batches")
+    layout = []
+    total = 0
+    for j in range(count):
+        at = 1 + j * _ENTRY
+        code = integer(values[at], f"micro-batch {j}'s dtype code", 0, len(ACTIVATION_DTYPES) - 1)
+        ndim = integer(values[at + 1], f"micro-batch {j}'s ndim", 1, MAX_NDIM)
+        dims = values[at + 2 : at + 2 + MAX_NDIM]
+        shape = []
+        for d, v in enumerate(dims[:ndim]):
+            if not (math.isfinite(v) and v.is_integer() and v >= 1):
+                raise IntegrityError(f"{what}: micro-batch {j}'s dim {d} is {v!r}, not an integer >= 1")
+            shape.append(int(v))
+        if any(v != 0 for v in dims[ndim:]):
+            raise IntegrityError(f"{what}: micro-batch {j} has values past its {ndim} dims: {dims[ndim:]}")
+        dtype = ACTIVATION_DTYPES[code]
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += size
+        if total > MAX_ACTIVATION_BYTES:
+            raise IntegrityError(
+                f"{what}: micro-batch {j}'s shape {tuple(shape)} takes the total past "
+                f"MAX_ACTIVATION_BYTES ({MAX_ACTIVATION_BYTES})"
+            )
+        if rows is not None and shape[0] != rows[j]:
+            raise IntegrityError(
+                f"{what}: micro-batch {j} has {shape[0]} rows, this step's split gives {rows[j]}"
+            )
+        layout.append((str(j), tuple(shape), dtype))
+    return tuple(layout)
 
 
 def stage_template(

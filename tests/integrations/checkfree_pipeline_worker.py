@@ -18,7 +18,12 @@ rolls back to the newest step every stage committed (``pipe.resume()``), writing
 ``restart-<stage>.json``: when it started, imported, formed the pipeline, restored, and
 completed its first step), ``rollback`` (``checkfree``'s job with stage checkpoints saved
 after every odd step: a lost stage CheckFree refuses, an edge stage, rolls every stage back
-in process to the newest step all committed). An optional fifth
+in process to the newest step all committed), ``distill`` (``checkfree`` with
+``distill_steps=DISTILL_STEPS``: the rebuilt stage is fitted to the pairs its neighbours
+recorded; every stage process also writes ``pairs-<stage>-<step>.pt`` after each step, the
+activations it holds then and would serve: ``{"step", "inputs", "outputs"}``),
+``distill_gap`` (``distill``, but stage 3's process drops what it recorded after every step,
+as a stage just rebuilt holds none: the fit is skipped). An optional fifth
 argument names the victim stage (default
 ``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
@@ -66,6 +71,7 @@ D, LAYERS, SEQ, BATCH, MICRO = 32, 1, 16, 8, 4
 PAUSE_LIMIT_S = 90.0
 PG_TIMEOUT_S = 20.0
 REPLACEMENT_TIMEOUT_S = 120.0  # the survivors' wait for a replacement started after the loss
+DISTILL_STEPS = 16  # modes distill and distill_gap: CheckFreeOptions.distill_steps
 
 
 class Block(torch.nn.Module):
@@ -177,6 +183,16 @@ def _save(path: str, module: torch.nn.Module) -> None:
     os.replace(path + ".tmp", path)
 
 
+_gap = [False]  # mode distill_gap: stage 3's process drops its recorded pairs
+
+
+def _save_pairs(path: str, got: Any) -> None:
+    """What this stage would serve a neighbour's rebuild now (its activations, or none)."""
+    payload = None if got is None else {"step": got.step, "inputs": list(got.inputs), "outputs": list(got.outputs)}
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _finish(code: int, group: bool) -> None:
     if group:
         import torch.distributed as dist
@@ -196,7 +212,9 @@ def _options(mode: str) -> Any:
         num_stages=NUM_STAGES,
         n_microbatches=MICRO,
         replicate=mode in ("replica", "replace"),
-        checkfree=CheckFreeOptions(plus=mode == "plus"),
+        checkfree=CheckFreeOptions(
+            plus=mode == "plus", distill_steps=DISTILL_STEPS if mode.startswith("distill") else 0
+        ),
         pg_timeout_s=PG_TIMEOUT_S,
         regroup_timeout_s=40.0,
         transfer_timeout_s=30.0,
@@ -246,6 +264,7 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
 
     imported = time.time()
     _setup(mode)
+    _gap[0] = mode == "distill_gap"
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
     rank = dist.get_rank()
@@ -353,6 +372,10 @@ def _train(
             timing["first_step"] = time.time()
             _write(os.path.join(out, f"restart-{pipe.stage}.json"), timing)
         _save(os.path.join(out, f"state-{pipe.stage}-{rec.step}.pt"), pipe.module)
+        if pipe.options.checkfree.distill_steps:
+            if name == "3" and _gap[0]:
+                pipe.activations = None  # as a stage just rebuilt: it holds no pairs
+            _save_pairs(os.path.join(out, f"pairs-{pipe.stage}-{rec.step}.pt"), pipe.activations)
         with open(log_path, "a") as f:
             f.write(
                 json.dumps(
