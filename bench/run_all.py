@@ -107,7 +107,7 @@ How to run:
   `--distill-steps N` fits a rebuilt interior stage in N steps to the lost stage's last-step
   input -> output pairs its neighbours hold, each step charged as one stage's forward and
   backward over the step's micro-batches (`checkfree_distill64` and `_seed1` to `_seed4`: 64,
-  the same five schedules at 10 %/h). Mode
+  the same five schedules at 10 %/h; `checkfree_distill32*`: 32). Mode
   `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW
   (the real pipeline's replica mode), its loss curve checked bit for bit against no failure,
   charged the replica/plain step ratio and the replica recovery time from
