@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -25,7 +26,7 @@ from .machine import median
 
 GOAL_PCT = 20.0  # the issue's goal: CheckFree this much sooner than checkpoint-restart at 10 %/h
 
-__all__ = ["GOAL_PCT", "NOISE_JSON", "crossing", "val_at_step", "summarize", "noise", "seed_spread", "whole_run",
+__all__ = ["GOAL_PCT", "NOISE_JSON", "noise_name", "noise_files", "crossing", "val_at_step", "summarize", "noise", "seed_spread", "whole_run",
            "finish", "merge"]
 
 #: the sizes that change only how a lost stage is rebuilt (the failure-free run is the same)
@@ -142,8 +143,10 @@ def seed_spread(dirs: tuple[str, ...], r: dict[str, Any]) -> dict[str, Any] | No
     """The failure-free run's final validation loss over other seeds (model initialisation and
     data order; the same held-out windows), from ``checkfree_noise.json`` when it is of this
     run's sizes and corpus, with this run's own: the seed-to-seed std (the noise a final loss
-    is judged against, beside the evaluation noise of one curve). Read as hostile input."""
-    for path, got in published(dirs, NOISE_JSON):
+    is judged against, beside the evaluation noise of one curve), or from another
+    ``checkfree*_noise.json`` of this run's sizes (``--noise-seeds`` with ``--stages``). Read as
+    hostile input."""
+    for path, got in (x for name in noise_files(dirs) for x in published(dirs, name)):
         sizes = got.get("sizes")  # the failure-free run does not depend on a rebuilt stage's rate
         if (not isinstance(sizes, dict) or _without(sizes, *REBUILD_KEYS) != _without(r["sizes"], *REBUILD_KEYS)
                 or got.get("corpus_sha256") != r["corpus"]["sha256"]):
@@ -161,6 +164,23 @@ def seed_spread(dirs: tuple[str, ...], r: dict[str, Any]) -> dict[str, Any] | No
         return {"finals": {**{str(SEED): r["reference"]["final_val"]}, **{str(k): v for k, v in finals.items()}},
                 "std": std, "seeds": len(vals), "source": os.path.relpath(path, REPO)}
     return None
+
+
+def noise_name(stages: int | None) -> str:
+    """Where ``--noise-seeds`` publishes: :data:`NOISE_JSON` for the default sizes, else one
+    file per stage count."""
+    return NOISE_JSON if stages is None else f"checkfree_s{stages}_noise.json"
+
+
+def noise_files(dirs: tuple[str, ...]) -> list[str]:
+    """The noise files' names in ``dirs``: :data:`NOISE_JSON` first, then the others, sorted."""
+    names = set()
+    for d in dirs:
+        try:
+            names.update(n for n in os.listdir(d) if re.fullmatch(r"checkfree_s\d+_noise\.json", n))
+        except OSError:
+            continue
+    return [NOISE_JSON, *sorted(names)]
 
 
 def whole_run(r: dict[str, Any]) -> dict[str, float]:

@@ -135,6 +135,7 @@ from ._checkfree_summary import (
     finish,
     merge,
     noise,
+    noise_name,
     summarize,
     val_at_step,
     whole_run,
@@ -186,9 +187,20 @@ __all__ = [
 ]
 
 
+def sizes(smoke: bool, steps: int | None = None, stages: int | None = None) -> dict[str, Any]:
+    """The run's sizes: :data:`SIZES`' with ``steps`` and ``stages`` (a deeper model of the
+    same blocks) where given."""
+    z = dict(SIZES[smoke])
+    if steps:
+        z["steps"] = steps
+    if stages:
+        z["spec"] = {**z["spec"], "stages": stages}
+    return z
+
+
 def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | None, dirs: tuple[str, ...],
         steps: int | None = None, failure_seed: int = 0, lr_scale: float | None = None,
-        distill_steps: int | None = None) -> dict[str, Any]:
+        distill_steps: int | None = None, stages: int | None = None) -> dict[str, Any]:
     """Trains every method at every rate; the clock is charged afterwards (:func:`finish`).
     ``failure_seed`` draws another failure schedule (0: the published one); ``lr_scale``: a
     rebuilt stage's learning-rate factor (default :class:`CheckFreeOptions`'s, the paper's 1.1);
@@ -197,9 +209,7 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
     t_start = time.perf_counter()
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # the simulator is sequential; one thread is the least disturbed by a loaded machine
-    z = dict(SIZES[smoke])
-    if steps:
-        z["steps"] = steps
+    z = sizes(smoke, steps, stages)
     if lr_scale is not None:  # else the default, as every result published before the option
         z["lr_scale"] = lr_scale
     if distill_steps:  # likewise
@@ -265,15 +275,14 @@ def run(smoke: bool, rates: list[int], modes: tuple[str, ...], workdir: str | No
     return finish(r, dirs)
 
 
-def noise_seeds(n: int, smoke: bool, workdir: str | None, steps: int | None = None) -> dict[str, Any]:
+def noise_seeds(n: int, smoke: bool, workdir: str | None, steps: int | None = None,
+                stages: int | None = None) -> dict[str, Any]:
     """The failure-free run trained with ``n`` other seeds (initialisation and data order; the
     same corpus, sizes and held-out windows): its final validation loss per seed, the noise
     a method's final loss is judged against (:func:`bench._checkfree_summary.seed_spread`)."""
     t_start = time.perf_counter()
     torch.set_num_threads(1)
-    z = dict(SIZES[smoke])
-    if steps:
-        z["steps"] = steps
+    z = sizes(smoke, steps, stages)
     spec = ModelSpec(**z["spec"])
     data = corpus(z["corpus_bytes"])
     valid = Batches(data, spec.seq_len, z["micro_batch"], SEED).valid(z["valid_windows"])
@@ -318,19 +327,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="fit a rebuilt interior stage to the lost stage's input -> output pairs of the last step "
                          "(which its neighbours hold) in N Adam steps, each charged as one stage's forward and "
                          "backward over the step's micro-batches (default 0: the paper's rule)")
+    ap.add_argument("--stages", type=int, default=None,
+                    help="pipeline stages of one block each (default 8; 4 to 16): a deeper model; its "
+                         "--noise-seeds publish checkfree_s<N>_noise.json")
     ap.add_argument("--failure-seed", type=int, default=0,
                     help="another seeded failure schedule, the same training (default 0: the published one)")
     a = ap.parse_args(argv)
     if not re.fullmatch(r"checkfree[a-z0-9_]*", a.name):
         ap.error(f"--name must be checkfree followed by [a-z0-9_], got {a.name!r}")
     dirs = tuple(d for d in (a.out_dir, RESULTS_DIR) if d)
+    if a.stages is not None and not 4 <= a.stages <= 16:
+        ap.error("--stages must be in [4, 16]")
     if a.noise_seeds:
         if not 2 <= a.noise_seeds <= 64:
             ap.error("--noise-seeds must be in [2, 64]")
-        out = noise_seeds(a.noise_seeds, a.smoke, a.workdir, a.steps)
+        out = noise_seeds(a.noise_seeds, a.smoke, a.workdir, a.steps, a.stages)
         for d in dirs[:1]:
             os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, NOISE_JSON), "w") as f:
+            with open(os.path.join(d, noise_name(a.stages)), "w") as f:
                 json.dump(out, f, indent=1)
                 f.write("\n")
         return out
@@ -382,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             CheckFreeOptions(distill_steps=a.distill_steps)
         except ValueError as e:
             ap.error(f"--distill-steps: {e}")
-    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed, a.lr_scale, a.distill_steps)
+    r = run(a.smoke, rates, modes, a.workdir, dirs, a.steps, a.failure_seed, a.lr_scale, a.distill_steps,
+            a.stages)
     if old is not None:
         r = merge(old, r)
         r = finish(r, dirs)

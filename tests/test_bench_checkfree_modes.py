@@ -236,6 +236,29 @@ def test_distill_steps_fit_the_rebuilt_stage_and_are_charged(tmp_path):
         assert run["curve"][-1]["distill_steps"] == 0
 
 
+def test_stages_give_a_deeper_model_judged_against_its_own_seed_noise(tmp_path):
+    """--stages N trains a pipeline of N one-block stages (failures drawn over N stages), and
+    --noise-seeds with it publishes checkfree_s<N>_noise.json, which that run's final loss is
+    judged against; a noise file of the default sizes is not."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--stages", "5",
+                           "--noise-seeds", "2", "--out-dir", str(out), "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "checkfree_noise.json").exists()
+    noise = json.loads((out / "checkfree_s5_noise.json").read_text())
+    assert noise["sizes"]["spec"]["stages"] == 5
+    r = _run(out, tmp_path, "no-failure,checkfree", "--stages", "5")
+    assert r["stages"] == 5 and len(r["params_per_stage"]) == 5
+    assert r["reference"]["seeds"]["source"].endswith("checkfree_s5_noise.json")
+    assert "5 stages x 1 block" in (out / "checkfree_modes.md").read_text()
+    r = _run(out, tmp_path, "no-failure,checkfree")
+    assert r["stages"] == 4 and r["reference"]["seeds"] is None  # the 5-stage noise is not of this run
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_checkfree", "--smoke", "--stages", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--stages must be in [4, 16]" in proc.stderr
+
+
 def test_noise_seeds_give_the_seed_to_seed_spread_every_result_is_judged_against(tmp_path):
     """--noise-seeds trains the failure-free run with other seeds (initialisation, data order)
     and publishes its final losses; a result of the same sizes and corpus then reports the
