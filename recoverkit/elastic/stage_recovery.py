@@ -16,7 +16,8 @@ The flow, on the replacement (:func:`rebuild_stage`)::
                      ``CheckFreeOptions.distill_steps`` N > 0 and an interior stage, ask the
                      previous stage for its recorded outputs and the next one for its recorded
                      inputs of that step (the lost stage's input -> output pairs, :class:`Activations`:
-                     a header, then the bytes it sizes, :mod:`.stage_wire`) and fit the average
+                     a header, the replacement's verdict on it, then the bytes it sizes,
+                     :mod:`.stage_wire`) and fit the average
                      to them (:func:`~recoverkit.recovery.checkfree.distill_stage`, N steps at the
                      stage's base learning rate of that step); a neighbour holding none of that
                      step refuses: no fit, the plain average (the log and the source's
@@ -28,7 +29,8 @@ The flow, on the replacement (:func:`rebuild_stage`)::
     was lost on the way: every member raises PeerLostError and the recovery starts over)
 
 and on each survivor (:func:`serve_requests`): receive a request, answer it (a reply message,
-then the bytes if served; for activations a header, then the bytes), until DONE. Each stage
+then the bytes if served; for activations a header, then the bytes once the requester
+accepted the header: a refused one gets none, and FAILED follows), until DONE. Each stage
 process keeps its own module's inputs and outputs of the last committed step for this
 (:func:`record_pairs`, only with N > 0). Every size is the receiver's (:mod:`.stage_wire`),
 every transfer CRC-checked by the transport, every wait bounded by its timeout.
@@ -334,6 +336,13 @@ def serve_requests(
         if payload is not None:
             if header is not None:
                 transport.send(requester, header, timeout_s=timeout_s)
+                # the requester's verdict on the header: the payload only if it was accepted
+                # (a refused one is followed by FAILED / ROLLBACK, read by the next round)
+                verdict = Message.buffer()
+                transport.recv_into(requester, verdict, timeout_s=timeout_s)
+                ok = Message.decode(verdict, num_stages=num_stages, what=what)
+                if (ok.kind, ok.stage, ok.lost, ok.step) != (SERVED, stage, msg.lost, step):
+                    continue
             transport.send(requester, payload, timeout_s=timeout_s)
             kind = {NEIGHBOUR: "neighbour", REPLICA: "replica", EXTRAS: "edge copy",
                     OUTPUTS: "recorded outputs", INPUTS: "recorded inputs"}[msg.kind]  # fmt: skip
@@ -372,7 +381,8 @@ def rebuild_stage(
             pairs (None, or an edge stage: none). A neighbour that refuses its pairs, or a
             fit that does not fit the stage or diverges: the plain average, and a log line.
             A lost peer during the fetch is raised like any other (RETRY); a header that
-            fails validation (:func:`~.stage_wire.activation_layout`) fails the rebuild.
+            fails validation (:func:`~.stage_wire.activation_layout`) fails the rebuild (the
+            neighbour is told so before its payload, which it then does not send).
     """
     model_layout, opt_layout = full_layout(module, make_optimizer)
 
@@ -425,7 +435,13 @@ def rebuild_stage(
         header = activation_header_buffer(fit.count)
         transport.recv_into(peer, header, timeout_s=timeout_s)
         what = f"stage {peer_stage}'s recorded {side}"  # a bad header fails the rebuild
-        layout = activation_layout(header, count=fit.count, rows=fit.rows, what=what)
+        try:
+            layout = activation_layout(header, count=fit.count, rows=fit.rows, what=what)
+        except IntegrityError:  # the peer learns it sends no payload; FAILED follows
+            verdict = Message(REFUSED, peer_stage, stage, step).encode()
+            transport.send(peer, verdict, timeout_s=timeout_s)
+            raise
+        transport.send(peer, Message(SERVED, peer_stage, stage, step).encode(), timeout_s=timeout_s)
         data = torch.empty(nbytes(layout), dtype=torch.uint8)
         transport.recv_into(peer, data, timeout_s=timeout_s)
         got = unpack(data, layout)
@@ -452,7 +468,9 @@ def rebuild_stage(
         else:
             try:
                 return distill_stage(module, inputs, outputs, steps=fit.steps, lr=lr).describe()
-            except (IncompatibleCheckpointError, ValueError) as e:  # the average kept
+            except (IncompatibleCheckpointError, ValueError, RuntimeError) as e:  # the average kept
+                # (RuntimeError: the stage's own forward refused the pairs, e.g. their width;
+                # local computation only, distill_stage gave the module its weights back)
                 why = f"the fit failed ({e})"
         log.warning("pipeline: stage %d rebuilt at step %d is not fitted: %s", stage, step, why)
         return f"not fitted: {why}"

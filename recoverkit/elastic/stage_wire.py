@@ -13,12 +13,14 @@ norm finite and >= 0.
 
 Activations (CheckFree's optional fit, ``CheckFreeOptions.distill_steps``) are the one thing
 whose sizes the receiver cannot take from a module it built: a neighbour's recorded inputs
-or outputs of the last step. They travel in two parts: a fixed-size float64 header the
+or outputs of the last step. They travel in three parts: a fixed-size float64 header the
 receiver allocates from what it knows (:func:`activation_header_buffer`: the micro-batches it
 expects, at most :data:`MAX_NDIM` dims each), validated field by field as hostile input
 (:func:`activation_layout`: the count, every dim >= 1, a floating dtype from a fixed table,
 the micro-batch rows the receiver knows, the total under :data:`MAX_ACTIVATION_BYTES`), then
-the payload, sized from that validated header and laid out like a state.
+the receiver's verdict (a :class:`Message`: SERVED, or REFUSED when the header failed, and
+then no payload is sent), then the payload, sized from that validated header and laid out
+like a state.
 """
 
 from __future__ import annotations

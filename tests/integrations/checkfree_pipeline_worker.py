@@ -23,7 +23,12 @@ in process to the newest step all committed), ``distill`` (``checkfree`` with
 recorded; every stage process also writes ``pairs-<stage>-<step>.pt`` after each step, the
 activations it holds then and would serve: ``{"step", "inputs", "outputs"}``),
 ``distill_gap`` (``distill``, but stage 3's process drops what it recorded after every step,
-as a stage just rebuilt holds none: the fit is skipped). An optional fifth
+as a stage just rebuilt holds none: the fit is skipped), ``distill_1f1b`` (``distill`` under
+``schedule="1f1b"``), ``distill_plus`` (``distill`` with CheckFree+ on: ``plus``'s split and
+swapped odd micro-batches), ``distill_lost`` (``distill``, but stage 3's process SIGKILLs
+itself the moment a rebuild asks it for its recorded inputs, writing ``asked-inputs`` (the
+time) first; a process whose step or wait for a role raises writes ``failed-<role>.json``
+(``{"type", "message", "time"}``) and exits 3, without the final barrier). An optional fifth
 argument names the victim stage (default
 ``VICTIM``). The process holding the victim stage stops inside the first
 micro-batch of step ``KILL_STEP`` (not in mode ``free``), writes ``paused`` and waits (bounded)
@@ -71,7 +76,8 @@ D, LAYERS, SEQ, BATCH, MICRO = 32, 1, 16, 8, 4
 PAUSE_LIMIT_S = 90.0
 PG_TIMEOUT_S = 20.0
 REPLACEMENT_TIMEOUT_S = 120.0  # the survivors' wait for a replacement started after the loss
-DISTILL_STEPS = 16  # modes distill and distill_gap: CheckFreeOptions.distill_steps
+DISTILL_STEPS = 16  # modes distill*: CheckFreeOptions.distill_steps
+PLUS_MODES = ("plus", "distill_plus")  # CheckFree+ on
 
 
 class Block(torch.nn.Module):
@@ -186,8 +192,24 @@ def _save(path: str, module: torch.nn.Module) -> None:
 _gap = [False]  # mode distill_gap: stage 3's process drops its recorded pairs
 
 
+class _DieWhenAsked:
+    """Mode distill_lost: stage 3's activations as the pipeline holds them, but reading its
+    inputs (only a neighbour's rebuild does, in ``serve_requests``) SIGKILLs this process."""
+
+    def __init__(self, real: Any, out: str) -> None:
+        self.real, self.out = real, out
+        self.stage, self.step, self.outputs = real.stage, real.step, real.outputs
+
+    @property
+    def inputs(self) -> Any:
+        _write(os.path.join(self.out, "asked-inputs"), time.time())
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+
 def _save_pairs(path: str, got: Any) -> None:
     """What this stage would serve a neighbour's rebuild now (its activations, or none)."""
+    got = got.real if isinstance(got, _DieWhenAsked) else got
     payload = None if got is None else {"step": got.step, "inputs": list(got.inputs), "outputs": list(got.outputs)}
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -212,8 +234,9 @@ def _options(mode: str) -> Any:
         num_stages=NUM_STAGES,
         n_microbatches=MICRO,
         replicate=mode in ("replica", "replace"),
+        schedule="1f1b" if mode == "distill_1f1b" else "gpipe",
         checkfree=CheckFreeOptions(
-            plus=mode == "plus", distill_steps=DISTILL_STEPS if mode.startswith("distill") else 0
+            plus=mode in PLUS_MODES, distill_steps=DISTILL_STEPS if mode.startswith("distill") else 0
         ),
         pg_timeout_s=PG_TIMEOUT_S,
         regroup_timeout_s=40.0,
@@ -243,7 +266,7 @@ def _pipeline(
         membership=membership,
         heartbeat=heartbeat,
         options=_options(mode),
-        split=split if mode == "plus" else None,
+        split=split if mode in PLUS_MODES else None,
         stage=role,
         checkpoints=StageCheckpoints(os.path.join(out, "ckpt"), options=opts) if out else None,
     )
@@ -315,13 +338,22 @@ def main(out: str, mode: str, kill_step: int, steps: int, victim: int = VICTIM) 
         pipe.module.register_forward_pre_hook(pause)
 
     result: dict[str, Any] = {"launch_rank": rank, "node": node, "stage": pipe.stage}
-    if pipe.stage is None:
-        took = pipe.wait_for_role(timeout_s=240.0)
-        result["took_stage"] = pipe.stage if took else None
-        if took and pipe.module is not None:
-            _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
-    every = {"restart": 1, "rollback": 2}.get(mode, 0)
-    _train(pipe, out, name, steps, result, heartbeat, every, timing)
+    try:
+        if pipe.stage is None:
+            took = pipe.wait_for_role(timeout_s=240.0)
+            result["took_stage"] = pipe.stage if took else None
+            if took and pipe.module is not None:
+                _save(os.path.join(out, f"rebuilt-{pipe.stage}.pt"), pipe.module)
+        every = {"restart": 1, "rollback": 2}.get(mode, 0)
+        _train(pipe, out, name, steps, result, heartbeat, every, timing, lost=mode == "distill_lost")
+    except Exception as e:
+        if mode != "distill_lost":
+            raise
+        logging.getLogger("worker").exception("%s failed", name)
+        _write(os.path.join(out, f"failed-{name}.json"),
+               {"type": type(e).__name__, "message": str(e), "time": time.time()})  # fmt: skip
+        heartbeat.stop()
+        _finish(3, False)
 
 
 def join(out: str, steps: int, fate: str = "") -> None:
@@ -358,10 +390,12 @@ def _train(
     heartbeat: Any,
     every: int = 0,
     timing: dict[str, Any] | None = None,
+    lost: bool = False,
 ) -> None:
     """Steps to ``steps``; with ``every`` (restart: 1, rollback: 2) a blocking save of the
     stage after each step whose count ``every`` divides minus one (every step, or the odd ones:
-    a loss inside step KILL_STEP=2 then rolls back to step 1)."""
+    a loss inside step KILL_STEP=2 then rolls back to step 1); with ``lost`` (mode
+    distill_lost) stage 3's recorded pairs are held as :class:`_DieWhenAsked`."""
     log_path = os.path.join(out, f"steps-{name}.jsonl")
     while pipe.stage is not None and pipe.steps_done < steps:
         rec = pipe.step()
@@ -375,6 +409,8 @@ def _train(
         if pipe.options.checkfree.distill_steps:
             if name == "3" and _gap[0]:
                 pipe.activations = None  # as a stage just rebuilt: it holds no pairs
+            if name == "3" and lost and pipe.activations is not None:  # dies when asked for them
+                pipe.activations = _DieWhenAsked(pipe.activations, out)
             _save_pairs(os.path.join(out, f"pairs-{pipe.stage}-{rec.step}.pt"), pipe.activations)
         with open(log_path, "a") as f:
             f.write(
