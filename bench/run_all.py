@@ -107,7 +107,10 @@ How to run:
   `--distill-steps N` fits a rebuilt interior stage in N steps to the lost stage's last-step
   input -> output pairs its neighbours hold, each step charged as one stage's forward and
   backward over the step's micro-batches (`checkfree_distill64` and `_seed1` to `_seed4`: 64,
-  the same five schedules at 10 %/h; `checkfree_distill32*`: 32). Mode
+  the same five schedules at 10 %/h; `checkfree_distill32*`: 32); `--stages N` trains a
+  deeper pipeline of the same one-block stages (`checkfree_s12` and `_seed1` to `_seed4`: 12
+  stages, the same five schedule seeds at 10 %/h, judged against `checkfree_s12_noise.json`;
+  `checkfree_s12_distill64_seed1`, `_seed3`: with a 64-step fit). Mode
   `snapshot` is exact recovery from a per-step in-memory copy of each stage's model and AdamW
   (the real pipeline's replica mode), its loss curve checked bit for bit against no failure,
   charged the replica/plain step ratio and the replica recovery time from
