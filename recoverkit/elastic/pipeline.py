@@ -86,18 +86,18 @@ from .pipeline_options import (
     StageRecovery,
     StepRecord,
     apply_lr_schedule,
-    schedule_factor,
     validate_position,
 )
 from .stage_checkpoints import StageCheckpoints
 from .stage_join import await_replacement
 from .stage_recovery import (
     Activations,
-    FitPlan,
     Replica,
+    fit_plan,
     full_layout,
     rebuild_stage,
     record_pairs,
+    recorded_count,
     serve_requests,
 )
 from .stage_roles import gather_roles, launch_holders
@@ -605,7 +605,7 @@ class StagePipeline:
                 options=self.options.checkfree,
                 timeout_s=self.options.transfer_timeout_s,
                 rollback=self.checkpoints is not None,
-                fit=self._fit_plan(step),
+                fit=fit_plan(self.options, self.batch, step),
             )
             self.optimizer = got_back.value
             self.steps_done = step
@@ -623,30 +623,9 @@ class StagePipeline:
             template=self._template,
             timeout_s=self.options.transfer_timeout_s,
             activations=self.activations,
-            count=self._recorded_count(),
+            count=recorded_count(self.options),
         )
         return None, None, served
-
-    def _recorded_count(self) -> int:
-        """Micro-batches a step runs in pipeline order (CheckFree+: the even half)."""
-        n = self.options.n_microbatches
-        return n // 2 if self.options.checkfree.plus else n
-
-    def _fit_plan(self, step: int) -> FitPlan | None:
-        """CheckFree's fit of a stage rebuilt at ``step`` (None when distill_steps is 0): the
-        pairs were recorded in step ``step - 1``; its batch gives each micro-batch's rows."""
-        steps = self.options.checkfree.distill_steps
-        if steps == 0:
-            return None
-        schedule = self.options.lr_schedule
-        factor = 1.0 if schedule is None else schedule_factor(schedule, step)
-        count, rows = self._recorded_count(), None
-        if step >= 1:
-            x = self.batch(step - 1)[0]
-            if self.options.checkfree.plus:
-                x = torch.cat(x.tensor_split(self.options.n_microbatches)[0::2])
-            rows = tuple(int(c.shape[0]) for c in x.tensor_split(count))
-        return FitPlan(steps=steps, lr_factor=factor, count=count, rows=rows)
 
 
 def _lost_peer(e: BaseException) -> bool:

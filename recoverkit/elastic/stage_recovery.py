@@ -60,7 +60,12 @@ from ..recovery.checkfree import (
     fresh_optimizer,
     swap_partner,
 )
-from .pipeline_options import PipelineRecoveryError, RollbackNeeded
+from .pipeline_options import (
+    PipelineOptions,
+    PipelineRecoveryError,
+    RollbackNeeded,
+    schedule_factor,
+)
 from .stage_wire import (
     DONE,
     EXTRAS,
@@ -91,6 +96,8 @@ from .stage_wire import (
 __all__ = [
     "Activations",
     "FitPlan",
+    "fit_plan",
+    "recorded_count",
     "Replica",
     "ReplicaSource",
     "StageReplica",
@@ -167,6 +174,32 @@ class FitPlan:
     lr_factor: float
     count: int
     rows: tuple[int, ...] | None
+
+
+def recorded_count(options: PipelineOptions) -> int:
+    """Micro-batches a step runs in pipeline order, which :func:`record_pairs` keeps
+    (CheckFree+: the even half)."""
+    n = options.n_microbatches
+    return n // 2 if options.checkfree.plus else n
+
+
+def fit_plan(
+    options: PipelineOptions, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], step: int
+) -> FitPlan | None:
+    """CheckFree's fit of a stage rebuilt at ``step`` (None when distill_steps is 0): the
+    pairs were recorded in step ``step - 1``; its batch gives each micro-batch's rows."""
+    steps = options.checkfree.distill_steps
+    if steps == 0:
+        return None
+    schedule = options.lr_schedule
+    factor = 1.0 if schedule is None else schedule_factor(schedule, step)
+    count, rows = recorded_count(options), None
+    if step >= 1:
+        x = batch(step - 1)[0]
+        if options.checkfree.plus:
+            x = torch.cat(x.tensor_split(options.n_microbatches)[0::2])
+        rows = tuple(int(c.shape[0]) for c in x.tensor_split(count))
+    return FitPlan(steps=steps, lr_factor=factor, count=count, rows=rows)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,26 @@ def _wait_listening(port: int, timeout_s: float, agent: subprocess.Popen, base: 
     raise AssertionError(f"node a's agent does not listen on {port}\n{_logs(base)}")
 
 
+def _start_agent(base: str, node: str, addr: str, roles: list[str], nnodes: int, port: int,
+                 worker_args: list[str]) -> subprocess.Popen:
+    """One node's torchrun agent of the job (node ``a`` hosts the c10d rendezvous), running
+    the worker with ``roles`` on it; its output goes to ``base/agent-<node>.log``."""
+    cmd = _torchrun() + [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={len(roles)}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-conf=is_host={int(node == 'a')}",
+        f"--local-addr={addr}",
+        "--rdzv-id=checkfree",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+    ] + worker_args
+    env = dict(torchrun_env(), RECOVERKIT_NODE=node, RECOVERKIT_STAGES=",".join(roles))
+    with open(os.path.join(base, f"agent-{node}.log"), "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def run_failure(
     base: str,
     mode: str,
@@ -151,34 +171,7 @@ def run_failure(
     procs: list[subprocess.Popen] = []
     try:
         for node, (addr, roles) in layout.items():
-            cmd = (
-                _torchrun()
-                + [
-                    "--nnodes=2",
-                    f"--nproc-per-node={len(roles)}",
-                    "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint=127.0.0.1:{port}",
-                    f"--rdzv-conf=is_host={int(node == 'a')}",
-                    f"--local-addr={addr}",
-                    "--rdzv-id=checkfree",
-                    "--max-restarts=0",
-                    "--monitor-interval=0.1",
-                ]
-                + _worker_args(out, mode, victim)
-            )
-            log = open(os.path.join(base, f"agent-{node}.log"), "w")
-            env = dict(torchrun_env(), RECOVERKIT_NODE=node, RECOVERKIT_STAGES=",".join(roles))
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            log.close()
+            procs.append(_start_agent(base, node, addr, roles, len(layout), port, _worker_args(out, mode, victim)))
             if node == "a":  # its agent hosts the rendezvous: b connects once it listens
                 _wait_listening(port, 60.0, procs[0], base)
         _wait_files(out, ["paused"], JOB_TIMEOUT_S, base)
